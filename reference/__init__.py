@@ -1,0 +1,11 @@
+"""Reference SDM loss in plain PyTorch (no Triton): the oracle for tests and benchmarks.
+
+Users can import it in their own tests without a GPU or Triton::
+
+    from reference import sdm_loss
+"""
+
+from .options import NORM_EPS, SDMOptions, SDMRowLosses
+from .sdm import SDMLoss, sdm_loss
+
+__all__ = ["sdm_loss", "SDMLoss", "SDMOptions", "SDMRowLosses", "NORM_EPS"]
