@@ -1,0 +1,165 @@
+"""Public API: ``sdm_loss`` and ``SDMLoss``, with backend dispatch and the final reduction in torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import torch
+
+from reference.options import (
+    SDMOptions,
+    SDMRowLosses,
+    check_values as _check_values,
+    reduce_rows,
+    resolve_scale,
+    validate_inputs,
+)
+
+from .autograd import DEFAULT_WORKSPACE_BYTES, SDMRowsFunction
+from .torch_backend import TorchTiles
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+@dataclasses.dataclass(frozen=True)
+class SDMStats:
+    """Cheap by-products of the loss, for training logs (all detached)."""
+
+    valid_q2g: torch.Tensor        # number of valid query rows (0-dim int64)
+    valid_g2q: torch.Tensor        # number of valid gallery rows
+    pos_prob_q2g: torch.Tensor     # mean over valid rows of the softmax mass on positives
+    pos_prob_g2q: torch.Tensor
+    q_norm_mean: torch.Tensor      # feature norms before normalisation (present samples)
+    q_norm_max: torch.Tensor
+    g_norm_mean: torch.Tensor
+    g_norm_max: torch.Tensor
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_tiles(config_name: Optional[str]):
+    from .launch import TILE_CONFIGS, TritonTiles  # imports triton: only when asked for
+    if config_name is None:
+        return TritonTiles()
+    if config_name not in TILE_CONFIGS:
+        raise ValueError(f"unknown tile config {config_name!r}; choose from {sorted(TILE_CONFIGS)}")
+    return TritonTiles(TILE_CONFIGS[config_name])
+
+
+def _pick_tiles(backend: str, q: torch.Tensor, tile_config: Optional[str]):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if (q.is_cuda and q.dtype != torch.float64) else "torch"
+    if backend == "torch":
+        return TorchTiles()
+    tiles = _triton_tiles(tile_config)
+    tiles.check_supported(q)
+    return tiles
+
+
+def sdm_loss(
+    q: torch.Tensor,
+    g: torch.Tensor,
+    q_ids: Optional[torch.Tensor] = None,
+    g_ids: Optional[torch.Tensor] = None,
+    *,
+    labels: Optional[torch.Tensor] = None,
+    q_mask: Optional[torch.Tensor] = None,
+    g_mask: Optional[torch.Tensor] = None,
+    temperature: float = 0.02,
+    logit_scale: Optional[torch.Tensor] = None,
+    kl: str = "forward",
+    eps: float = 1e-8,
+    direction: str = "both",
+    combine: str = "mean",
+    reduction: str = "mean",
+    normalize: bool = True,
+    backend: str = "auto",
+    check_values: bool = False,
+    return_stats: bool = False,
+    tile_config: Optional[str] = None,
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+):
+    """SDM loss of query features ``q`` [N, D] against gallery features ``g`` [M, D].
+
+    Same arguments and semantics as ``reference.sdm_loss`` (see SPEC.md), plus:
+
+    backend:         "auto" (Triton kernels for CUDA tensors, the chunked torch backend otherwise),
+                     "triton" or "torch".
+    check_values:    also check that features are finite, labels >= 0 and a tensor logit_scale > 0.
+                     These checks read device memory (a host synchronisation), so they are off by default.
+    return_stats:    return ``(loss, SDMStats)``.
+    tile_config:     name of a Triton tile variant (``sdm_triton.launch.TILE_CONFIGS``), for benchmarks.
+    workspace_bytes: bound on the per-chunk workspace; memory beyond inputs and gradients is
+                     O(N + M) plus this.
+    """
+    opts = SDMOptions(kl=kl, eps=eps, direction=direction, combine=combine,
+                      reduction=reduction, normalize=normalize)
+    validate_inputs(q, g, q_ids, g_ids, labels, q_mask, g_mask)
+    scale = resolve_scale(temperature, logit_scale, q)
+    if check_values:
+        _check_values(q, g, labels, scale)
+    tiles = _pick_tiles(backend, q, tile_config)
+    logit_scale_t = scale if isinstance(scale, torch.Tensor) else None
+    scale_value = None if logit_scale_t is not None else scale
+
+    loss_q, loss_g, valid_q, valid_g, pos_q, pos_g = SDMRowsFunction.apply(
+        q, g, logit_scale_t, scale_value, q_ids, g_ids, labels, q_mask, g_mask, opts, tiles, workspace_bytes)
+    out = reduce_rows(
+        loss_q if opts.wants_q2g else None, valid_q if opts.wants_q2g else None,
+        loss_g if opts.wants_g2q else None, valid_g if opts.wants_g2q else None, opts)
+    if not return_stats:
+        return out
+    return out, _stats(q, g, q_mask, g_mask, valid_q, valid_g, pos_q, pos_g)
+
+
+def _masked_mean_max(x: torch.Tensor, keep: Optional[torch.Tensor]):
+    x = x.detach().float()
+    if keep is None:
+        return x.mean(), x.max()
+    count = keep.sum().clamp_min(1)
+    mean = torch.where(keep, x, torch.zeros_like(x)).sum() / count
+    mx = torch.where(keep, x, torch.zeros_like(x)).max()
+    return mean, mx
+
+
+def _stats(q, g, q_mask, g_mask, valid_q, valid_g, pos_q, pos_g) -> SDMStats:
+    nq = torch.linalg.vector_norm(q.detach().float(), dim=1)
+    ng = torch.linalg.vector_norm(g.detach().float(), dim=1)
+    q_mean, q_max = _masked_mean_max(nq, q_mask)
+    g_mean, g_max = _masked_mean_max(ng, g_mask)
+    n_q, n_g = valid_q.sum(), valid_g.sum()
+    return SDMStats(
+        valid_q2g=n_q, valid_g2q=n_g,
+        pos_prob_q2g=pos_q.sum() / n_q.clamp_min(1), pos_prob_g2q=pos_g.sum() / n_g.clamp_min(1),
+        q_norm_mean=q_mean, q_norm_max=q_max, g_norm_mean=g_mean, g_norm_max=g_max)
+
+
+class SDMLoss(torch.nn.Module):
+    """``nn.Module`` over :func:`sdm_loss`, holding its options."""
+
+    def __init__(self, *, temperature: float = 0.02, kl: str = "forward", eps: float = 1e-8,
+                 direction: str = "both", combine: str = "mean", reduction: str = "mean",
+                 normalize: bool = True, backend: str = "auto"):
+        super().__init__()
+        SDMOptions(kl=kl, eps=eps, direction=direction, combine=combine, reduction=reduction,
+                   normalize=normalize)  # fail early on bad options
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+        self.temperature = temperature
+        self.options = dict(kl=kl, eps=eps, direction=direction, combine=combine, reduction=reduction,
+                            normalize=normalize, backend=backend)
+
+    def forward(self, q, g, q_ids=None, g_ids=None, *, labels=None, q_mask=None, g_mask=None,
+                logit_scale=None, return_stats=False):
+        return sdm_loss(q, g, q_ids, g_ids, labels=labels, q_mask=q_mask, g_mask=g_mask,
+                        temperature=self.temperature, logit_scale=logit_scale,
+                        return_stats=return_stats, **self.options)
+
+    def extra_repr(self):
+        return f"temperature={self.temperature}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+__all__ = ["sdm_loss", "SDMLoss", "SDMStats", "SDMRowLosses", "BACKENDS"]

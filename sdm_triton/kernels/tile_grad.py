@@ -1,0 +1,88 @@
+"""Backward: dL/dS for one column chunk, both directions at once.
+
+For row i (side a) and column j (side b), with the saved log-sum-exps and row losses:
+
+    P_ij  = exp(S_ij - lse_a_i),   Y_ij  = y_ij * inv_ysum_a_i
+    P'_ij = exp(S_ij - lse_b_j),   Y'_ij = y_ij * inv_ysum_b_j
+    forward KL:  d_r = P - Y,                           d_c = P' - Y'
+    reverse KL:  d_r = P (log P - log(Y + eps) - L_a_i), d_c likewise with L_b_j
+    dS_ij = ga_i * d_r + gb_j * d_c           (ga, gb: upstream gradients of the row losses,
+                                               zero for invalid rows, pre-divided by g_max)
+
+Each program recomputes one S tile and writes dS (in the workspace dtype) to the
+chunk workspace; the launcher turns it into gradients with two cuBLAS products
+(dQ_hat += dS @ G_hat, dG_hat[chunk] = dS^T @ Q_hat). Dividing ga, gb by their
+largest magnitude keeps dS in [-O(1), O(1)] so an fp16 workspace neither
+overflows nor flushes the useful entries to zero. With WANT_DSCALE, each program
+also writes sum_j dS_ij * cos_ij for the gradient of the logit scale.
+"""
+
+import triton
+import triton.language as tl
+
+from .tile_stats import _label_tile, _similarity_tile
+
+
+@triton.jit
+def _sdm_tile_grad_kernel(
+    a_ptr, b_ptr, ra_ptr, rb_ptr, scale_ptr,
+    a_ids_ptr, b_ids_ptr, labels_ptr,
+    a_valid_ptr, b_valid_ptr, a_inv_ysum_ptr, b_inv_ysum_ptr,
+    lse_a_ptr, lse_b_ptr, loss_a_ptr, loss_b_ptr, ga_ptr, gb_ptr,
+    ds_ptr, dscale_part_ptr,
+    N, col_start, col_end, D,
+    stride_am, stride_ad, stride_bm, stride_bd, stride_lm, stride_ln,
+    stride_dsm, stride_dsn, stride_dscale_blk,
+    eps,
+    DENSE: tl.constexpr, REVERSE: tl.constexpr, WANT_DSCALE: tl.constexpr,
+    IS_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = col_start + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_in = offs_m < N
+    col_in = offs_n < col_end
+
+    S, cos = _similarity_tile(a_ptr, b_ptr, ra_ptr, rb_ptr, scale_ptr, offs_m, offs_n, row_in, col_in, D,
+                              stride_am, stride_ad, stride_bm, stride_bd,
+                              IS_FP32, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    rv = row_in & (tl.load(a_valid_ptr + offs_m, mask=row_in, other=0) != 0)
+    cv = col_in & (tl.load(b_valid_ptr + offs_n, mask=col_in, other=0) != 0)
+    both = rv[:, None] & cv[None, :]
+    y = _label_tile(a_ids_ptr, b_ids_ptr, labels_ptr, stride_lm, stride_ln,
+                    offs_m, offs_n, row_in, col_in, both, DENSE)
+    inv_ya = tl.load(a_inv_ysum_ptr + offs_m, mask=row_in, other=0.0)
+    inv_yb = tl.load(b_inv_ysum_ptr + offs_n, mask=col_in, other=0.0)
+    lse_a = tl.load(lse_a_ptr + offs_m, mask=row_in, other=0.0)
+    lse_b = tl.load(lse_b_ptr + offs_n, mask=col_in, other=0.0)
+    ga = tl.load(ga_ptr + offs_m, mask=row_in, other=0.0)
+    gb = tl.load(gb_ptr + offs_n, mask=col_in, other=0.0)
+    # A row contributes only if it is a valid row of its direction (inv_ysum > 0);
+    # for the others lse may be meaningless, so gate with where, never multiply by 0.
+    on_r = both & (inv_ya > 0)[:, None]
+    on_c = both & (inv_yb > 0)[None, :]
+
+    logp_r = S - lse_a[:, None]
+    p_r = tl.exp(tl.where(on_r, logp_r, 0.0))
+    Y_r = y * inv_ya[:, None]
+    logp_c = S - lse_b[None, :]
+    p_c = tl.exp(tl.where(on_c, logp_c, 0.0))
+    Y_c = y * inv_yb[None, :]
+    if REVERSE:
+        loss_a = tl.load(loss_a_ptr + offs_m, mask=row_in, other=0.0)
+        loss_b = tl.load(loss_b_ptr + offs_n, mask=col_in, other=0.0)
+        d_r = p_r * (logp_r - tl.log(Y_r + eps) - loss_a[:, None])
+        d_c = p_c * (logp_c - tl.log(Y_c + eps) - loss_b[None, :])
+    else:
+        d_r = p_r - Y_r
+        d_c = p_c - Y_c
+    dS = tl.where(on_r, ga[:, None] * d_r, 0.0) + tl.where(on_c, gb[None, :] * d_c, 0.0)
+
+    tile_in = row_in[:, None] & col_in[None, :]
+    tl.store(ds_ptr + offs_m[:, None] * stride_dsm + (offs_n - col_start)[None, :] * stride_dsn,
+             dS.to(ds_ptr.dtype.element_ty), mask=tile_in)
+    if WANT_DSCALE:
+        tl.store(dscale_part_ptr + pid_n * stride_dscale_blk + offs_m,
+                 tl.sum(dS * cos, axis=1), mask=row_in)

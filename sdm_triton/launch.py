@@ -1,0 +1,131 @@
+"""Launchers for the Triton tile kernels: block sizes, workspaces, grids.
+
+`TritonTiles` implements the two primitives the autograd layer drives, for the
+columns [c0, c1) of one chunk:
+
+    stats(...) -> (row statistics [5, N] over the chunk, column statistics [5, c1 - c0])
+    grad(...)  -> (dS workspace [N, c1 - c0], per-row sum dS * cos or None)
+
+`sdm_triton/torch_backend.py` implements the same two in plain torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import triton
+
+from .kernels.tile_grad import _sdm_tile_grad_kernel
+from .kernels.tile_stats import _sdm_tile_stats_kernel
+from .stats import NUM_STATS, merge_partials
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """A kernel variant: tile shape and launch parameters (selectable by name in bench/)."""
+
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+#: Named variants; "default" is what the library uses.
+TILE_CONFIGS = {
+    "default": TileConfig(),
+    "m128n64k64w4": TileConfig(128, 64, 64, 4, 3),
+    "m64n64k64w4": TileConfig(64, 64, 64, 4, 3),
+    "m128n128k32w8": TileConfig(128, 128, 32, 8, 4),
+    "interpreter": TileConfig(16, 16, 16, 1, 1),
+}
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+class TritonTiles:
+    name = "triton"
+
+    def __init__(self, config: TileConfig | None = None):
+        if config is None:
+            config = TILE_CONFIGS["interpreter" if interpreting() else "default"]
+        self.config = config
+
+    @staticmethod
+    def check_supported(q: torch.Tensor):
+        if q.dtype == torch.float64:
+            raise TypeError("backend='triton' supports float32, bfloat16 and float16 features; "
+                            "use backend='torch' (or 'auto') for float64")
+        if q.device.type != "cuda" and not interpreting():
+            raise ValueError(f"backend='triton' needs CUDA tensors (got {q.device}); use backend='torch' "
+                             "on CPU, or set TRITON_INTERPRET=1 before importing triton to interpret the kernels")
+
+    def workspace_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return dtype
+
+    def chunk_columns(self, kind: str, n_rows: int, n_cols: int, dtype: torch.dtype, budget_bytes: int) -> int:
+        """Columns per chunk so that the chunk's workspace stays within ``budget_bytes``."""
+        cfg = self.config
+        if kind == "grad":   # the dS workspace [N, C]
+            per_col = n_rows * torch.empty((), dtype=self.workspace_dtype(dtype)).element_size()
+        else:                # row and column partials (fp32) and their merge temporaries
+            per_col = 3 * NUM_STATS * 4 * (triton.cdiv(n_rows, cfg.block_n) + triton.cdiv(n_rows, cfg.block_m))
+        cols = max(cfg.block_n, (budget_bytes // max(1, per_col)) // cfg.block_n * cfg.block_n)
+        return min(cols, triton.cdiv(n_cols, cfg.block_n) * cfg.block_n)
+
+    def _common(self, a, b, labels, scale_t, c0, c1):
+        cfg = self.config
+        dense = labels is not None
+        fp32 = a.feats.dtype == torch.float32
+        upcast = interpreting() and a.feats.dtype == torch.bfloat16
+        lab = labels if dense else a.inv_norm  # any tensor: unused when not DENSE
+        if lab.dtype == torch.bool:
+            lab = lab.view(torch.uint8)
+        ids_a = a.ids if not dense else a.inv_norm
+        ids_b = b.ids if not dense else b.inv_norm
+        grid = (triton.cdiv(a.feats.shape[0], cfg.block_m), triton.cdiv(c1 - c0, cfg.block_n))
+        args = (a.feats, b.feats, a.inv_norm, b.inv_norm, scale_t, ids_a, ids_b, lab,
+                a.present.view(torch.uint8), b.present.view(torch.uint8), a.inv_ysum, b.inv_ysum)
+        strides = (a.feats.stride(0), a.feats.stride(1), b.feats.stride(0), b.feats.stride(1),
+                   lab.stride(0) if dense else 0, lab.stride(1) if dense else 0)
+        flags = dict(DENSE=dense, IS_FP32=fp32 or upcast, DOT_PRECISION=_dot_precision(a.feats.dtype),
+                     UPCAST=upcast, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return grid, args, strides, flags
+
+    def stats(self, a, b, labels, scale_t, c0, c1, reverse, eps):
+        grid, args, strides, flags = self._common(a, b, labels, scale_t, c0, c1)
+        n = a.feats.shape[0]
+        dev = a.feats.device
+        row_part = torch.empty((NUM_STATS, grid[1], n), dtype=torch.float32, device=dev)
+        col_part = torch.empty((NUM_STATS, grid[0], c1 - c0), dtype=torch.float32, device=dev)
+        _sdm_tile_stats_kernel[grid](
+            *args, row_part, col_part,
+            n, c0, c1, a.feats.shape[1], *strides,
+            row_part.stride(0), row_part.stride(1), col_part.stride(0), col_part.stride(1),
+            float(eps), REVERSE=reverse, **flags)
+        return merge_partials(row_part, reverse), merge_partials(col_part, reverse)
+
+    def grad(self, a, b, labels, scale_t, c0, c1, reverse, eps, lse_a, lse_b, loss_a, loss_b, ga, gb,
+             want_dscale):
+        grid, args, strides, flags = self._common(a, b, labels, scale_t, c0, c1)
+        n = a.feats.shape[0]
+        dev = a.feats.device
+        ds = torch.empty((n, c1 - c0), dtype=self.workspace_dtype(a.feats.dtype), device=dev)
+        dscale_part = torch.empty((grid[1], n) if want_dscale else (1, 1), dtype=torch.float32, device=dev)
+        _sdm_tile_grad_kernel[grid](
+            *args, lse_a, lse_b, loss_a, loss_b, ga, gb, ds, dscale_part,
+            n, c0, c1, a.feats.shape[1], *strides,
+            ds.stride(0), ds.stride(1), dscale_part.stride(0),
+            float(eps), REVERSE=reverse, WANT_DSCALE=want_dscale, **flags)
+        return ds, (dscale_part.sum(0) if want_dscale else None)
