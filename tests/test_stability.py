@@ -1,0 +1,277 @@
+"""SpikeDetector, feature_norm_penalty and check_finite (sdm_triton.stability)."""
+
+import math
+import random
+import statistics
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from sdm_triton.stability import SpikeDetector, check_finite, feature_norm_penalty
+
+
+def _feed(detector, series):
+    return [detector.update(x) for x in series]
+
+
+# --------------------------------------------------------------------------- SpikeDetector
+
+def test_flat_series_never_triggers():
+    det = SpikeDetector()
+    assert not any(_feed(det, [1.0] * 500))
+    assert det.steps == 500 and det.spikes == 0
+
+
+def test_noisy_series_does_not_trigger():
+    rng = random.Random(0)
+    det = SpikeDetector()
+    series = [2.0 + rng.gauss(0.0, 0.1) for _ in range(3000)]
+    assert sum(_feed(det, series)) == 0
+
+
+def test_decaying_training_curve_does_not_trigger():
+    # A typical loss curve: fast decay plus noise; it never rises above its recent median.
+    rng = random.Random(1)
+    det = SpikeDetector()
+    series = [0.3 + 5.0 * math.exp(-t / 40) + rng.gauss(0.0, 0.05) for t in range(1000)]
+    assert sum(_feed(det, series)) == 0
+
+
+def test_real_spike_triggers_once():
+    rng = random.Random(2)
+    det = SpikeDetector()
+    base = [1.0 + rng.gauss(0.0, 0.02) for _ in range(60)]
+    assert not any(_feed(det, base))
+    assert det.update(3.0)
+    assert not det.update(1.0)
+    assert det.spikes == 1 and det.steps == 62
+    assert det.spike_rate == pytest.approx(1 / 62)
+
+
+def test_warmup_transients_do_not_trigger():
+    det = SpikeDetector(warmup=20)
+    early = [10.0, 0.1, 50.0, 3.0, 200.0, 0.5, 1e4, 2.0, 1.0, 0.9,
+             30.0, 1.1, 1.0, 1e3, 0.9, 1.0, 0.95, 1.05, 1.0, 0.98]
+    assert len(early) == 20
+    assert not any(_feed(det, early))
+    assert det.threshold() is not None          # judging starts with the 21st loss
+    assert det.update(1e6)
+
+
+def test_mad_floor_ignores_small_bump_on_constant_series():
+    series = [1.0 + (1e-4 if i % 2 else -1e-4) for i in range(50)]
+    det = SpikeDetector()
+    _feed(det, series)
+    assert not det.update(1.1)   # 1.1 < 1 + 6 * 1.4826 * 0.05; the raw MAD is 1e-4
+    # The same bump does count without the floor and the margin: the floor is what protects it.
+    bare = SpikeDetector(mad_floor=0.0, rel_margin=0.0)
+    _feed(bare, series)
+    assert bare.update(1.1)
+
+
+def test_relative_margin_at_large_loss():
+    det = SpikeDetector()
+    _feed(det, [100.0 + (0.01 if i % 2 else -0.01) for i in range(40)])
+    assert not det.update(105.0)      # far above the MAD threshold, but only +5%
+    assert det.update(120.0)          # +20%
+    no_margin = SpikeDetector(rel_margin=0.0)
+    _feed(no_margin, [100.0 + (0.01 if i % 2 else -0.01) for i in range(40)])
+    assert no_margin.update(105.0)
+
+
+def test_negative_median_uses_its_magnitude():
+    # Reverse-KL SDM can sit slightly below zero.
+    det = SpikeDetector()
+    _feed(det, [-0.01] * 40)
+    assert not det.update(-0.005)
+    assert det.update(1.0)
+    # The margin is 15% of |median| above the median, also for a negative median.
+    det = SpikeDetector()
+    _feed(det, [-10.0] * 40)
+    assert not det.update(-9.0)    # above the floor threshold -9.56, but within -10 + 1.5
+    assert det.update(-8.0)
+
+
+def test_level_shift_is_eventually_accepted():
+    det = SpikeDetector(window=20, warmup=10)
+    _feed(det, [1.0] * 30)
+    flags = _feed(det, [3.0] * 15)
+    assert flags[0]
+    assert not flags[-1]                      # the new level now fills half the window
+    assert flags.index(False) == 10           # accepted once the median moved
+
+
+def test_non_finite_loss_is_a_spike_and_stays_out_of_the_window():
+    det = SpikeDetector(warmup=5)
+    assert det.update(float("nan"))           # even during the warm-up
+    _feed(det, [1.0] * 10)
+    assert det.update(float("inf"))
+    assert all(math.isfinite(x) for x in det.history)
+    assert det.spikes == 2 and det.steps == 12
+    assert not det.update(1.0)
+
+
+def test_window_is_bounded():
+    det = SpikeDetector(window=7, warmup=3)
+    _feed(det, range(20))
+    assert det.history == [13.0, 14.0, 15.0, 16.0, 17.0, 18.0, 19.0]
+
+
+def test_state_dict_round_trip_and_reset():
+    rng = random.Random(3)
+    series = [1.0 + rng.gauss(0, 0.05) for _ in range(80)] + [5.0] + [1.0 + rng.gauss(0, 0.05) for _ in range(40)]
+    full = SpikeDetector()
+    expected = _feed(full, series)
+
+    first = SpikeDetector()
+    got = _feed(first, series[:70])
+    resumed = SpikeDetector()
+    resumed.load_state_dict(first.state_dict())
+    got += _feed(resumed, series[70:])
+    assert got == expected
+    assert (resumed.steps, resumed.spikes) == (full.steps, full.spikes) == (121, 1)
+    assert resumed.history == full.history
+
+    resumed.reset()
+    assert (resumed.steps, resumed.spikes, resumed.history) == (0, 0, [])
+    assert resumed.threshold() is None
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(window=0), dict(warmup=0), dict(window=10, warmup=11), dict(k=-1.0),
+    dict(mad_floor=float("nan")), dict(rel_margin=-0.1), dict(window=2.5),
+])
+def test_invalid_arguments(kwargs):
+    with pytest.raises(ValueError):
+        SpikeDetector(**kwargs)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=1, max_size=120),
+       st.integers(1, 30), st.integers(0, 10))
+def test_loss_at_or_below_median_is_never_a_spike(series, window, warmup_offset):
+    det = SpikeDetector(window=window + warmup_offset, warmup=window)
+    for x in series:
+        med = statistics.median(det.history) if det.history else math.inf
+        flagged = det.update(x)
+        if x <= med:
+            assert not flagged
+
+
+# --------------------------------------------------------------------------- feature_norm_penalty
+
+def _rows_with_norms(norms, dim=5, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(0)
+    f = torch.randn(len(norms), dim, generator=gen, dtype=dtype)
+    return f / f.norm(dim=1, keepdim=True) * torch.tensor(norms, dtype=dtype)[:, None]
+
+
+def test_penalty_against_hand_computation():
+    f = _rows_with_norms([5.0, 8.0, 11.0, 0.0, 20.0, 7.0])
+    # excess = relu(|n - 8| - 2): 1, 0, 1, 6, 10, 0 -> squares 1, 0, 1, 36, 100, 0
+    expected = 5e-3 * (1 + 0 + 1 + 36 + 100 + 0) / 6
+    got = feature_norm_penalty(f)
+    assert got.dim() == 0
+    assert got.item() == pytest.approx(expected, rel=1e-12)
+    got = feature_norm_penalty(f, target=10.0, band=1.0, weight=0.5)
+    # |n - 10| - 1: 4, 1, 0, 9, 9, 2 -> 16, 1, 0, 81, 81, 4
+    assert got.item() == pytest.approx(0.5 * (16 + 1 + 0 + 81 + 81 + 4) / 6, rel=1e-12)
+
+
+def test_penalty_mask_excludes_rows_even_nan_ones():
+    f = _rows_with_norms([5.0, 8.0, 11.0, 20.0]).requires_grad_()
+    mask = torch.tensor([True, True, False, False])
+    garbage = f.detach().clone()
+    garbage[2:] = float("nan")
+    garbage.requires_grad_()
+    for feats in (f, garbage):
+        got = feature_norm_penalty(feats, mask=mask)
+        assert got.item() == pytest.approx(5e-3 * (1 + 0) / 2, rel=1e-12)
+        got.backward()
+        assert torch.isfinite(feats.grad).all()
+        assert (feats.grad[2:] == 0).all()
+        assert (feats.grad[0] != 0).any()
+
+
+def test_penalty_zero_when_no_row_present():
+    f = _rows_with_norms([50.0, 0.0]).requires_grad_()
+    got = feature_norm_penalty(f, mask=torch.zeros(2, dtype=torch.bool))
+    assert got.item() == 0.0
+    got.backward()
+    assert (f.grad == 0).all()
+    assert feature_norm_penalty(torch.empty(0, 4)).item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_penalty_is_fp32_for_low_precision(dtype):
+    f = (_rows_with_norms([3.0, 12.5, 30.0], dtype=torch.float32)).to(dtype).requires_grad_()
+    got = feature_norm_penalty(f)
+    assert got.dtype == torch.float32 and got.dim() == 0
+    norms = f.detach().double().norm(dim=1)
+    expected = 5e-3 * torch.relu((norms - 8).abs() - 2).square().mean()
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    got.backward()
+    assert f.grad.dtype == dtype and torch.isfinite(f.grad.float()).all()
+
+
+def test_penalty_gradcheck():
+    # Norms away from the kinks at target +- band and from zero.
+    f = _rows_with_norms([3.0, 7.0, 11.5, 25.0, 0.5], dim=4).requires_grad_()
+    mask = torch.tensor([True, True, True, False, True])
+    assert torch.autograd.gradcheck(lambda x: feature_norm_penalty(x, weight=0.1), (f,))
+    assert torch.autograd.gradcheck(lambda x: feature_norm_penalty(x, weight=0.1, mask=mask), (f,))
+
+
+def test_penalty_zero_row_has_finite_gradient():
+    f = torch.zeros(3, 4, dtype=torch.float64, requires_grad=True)
+    got = feature_norm_penalty(f)
+    assert got.item() == pytest.approx(5e-3 * 36)
+    got.backward()
+    assert torch.isfinite(f.grad).all()
+
+
+def test_penalty_leading_dims_and_validation():
+    f = _rows_with_norms([5.0, 8.0, 11.0, 20.0]).reshape(2, 2, 5)
+    mask = torch.tensor([[True, False], [True, True]])
+    assert feature_norm_penalty(f, mask=mask).item() == pytest.approx(5e-3 * (1 + 1 + 100) / 3)
+    with pytest.raises(ValueError, match="mask must have shape"):
+        feature_norm_penalty(f, mask=torch.ones(4, dtype=torch.bool))
+    with pytest.raises(TypeError):
+        feature_norm_penalty(f, mask=torch.ones(2, 2))
+    with pytest.raises(TypeError):
+        feature_norm_penalty(torch.ones(3, 4, dtype=torch.int64))
+    with pytest.raises(ValueError):
+        feature_norm_penalty(f, band=-1.0)
+
+
+# --------------------------------------------------------------------------- check_finite
+
+def test_check_finite_passes_on_finite_inputs():
+    check_finite(torch.randn(3, 4), None, torch.arange(5), torch.tensor(True), names=["q", "mask", "ids", "b"])
+    check_finite()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_check_finite_names_first_bad_input(bad):
+    good = torch.randn(4, 3)
+    worse = torch.randn(2, 3)
+    worse[1, 1] = bad
+    also_bad = torch.full((2,), float("nan"))
+    with pytest.raises(ValueError, match=r"^g contains non-finite values"):
+        check_finite(good, worse, also_bad, names=("q", "g", "logit_scale"))
+    with pytest.raises(ValueError, match=r"^tensor 1 contains non-finite"):
+        check_finite(good, worse)
+
+
+def test_check_finite_reports_counts_and_bf16():
+    t = torch.tensor([1.0, float("nan"), float("inf"), float("nan")], dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"2 NaN, 1 Inf"):
+        check_finite(t, names=["feats"])
+
+
+def test_check_finite_argument_errors():
+    with pytest.raises(ValueError, match="names"):
+        check_finite(torch.ones(1), torch.ones(1), names=["only_one"])
+    with pytest.raises(TypeError):
+        check_finite([1.0, float("nan")])
