@@ -169,8 +169,7 @@ def feature_norm_penalty(features: torch.Tensor, target: float = 8.0, band: floa
 def check_finite(*tensors: Optional[torch.Tensor], names: Optional[Sequence[str]] = None) -> None:
     """Raise ``ValueError`` naming the first input that holds NaN or Inf.
 
-    ``None`` entries are skipped (optional inputs), as are integer and bool tensors (always
-    finite). ``names`` labels the inputs in the message (default ``"tensor 0"``, ...).
+    ``None`` entries are skipped (optional inputs); integer and bool tensors always pass. ``names`` labels the inputs in the message (default ``"tensor 0"``, ...).
     This reads device memory, so it synchronises: call it when you want the check (for
     example under a debug flag), not on every step of a fast loop. It exists because the
     seed's loss turned a NaN into a silent zero, which hides the fault.
@@ -186,8 +185,6 @@ def check_finite(*tensors: Optional[torch.Tensor], names: Optional[Sequence[str]
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-        if not (t.is_floating_point() or t.is_complex()):
-            continue
         finite = torch.isfinite(t)
         if not bool(finite.all()):
             n_nan = int(torch.isnan(t).sum())
