@@ -58,6 +58,58 @@ def _chunks(n_cols: int, width: int):
     return [(c0, min(n_cols, c0 + width)) for c0 in range(0, n_cols, width)]
 
 
+def scale_tensor(logit_scale, scale_value, ct: torch.dtype, device) -> torch.Tensor:
+    """The logit scale as a detached [1] tensor in the compute dtype (the tile backends' operand)."""
+    if logit_scale is not None:
+        return logit_scale.detach().to(ct).reshape(1)
+    return torch.full((1,), scale_value, dtype=ct, device=device)
+
+
+def upstream_rows(d_loss, row_valid: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The upstream gradient of per-row losses in ``like``'s dtype: 0 for invalid rows, zeros if None."""
+    if d_loss is None:
+        return like.new_zeros(like.shape[0])
+    return torch.where(row_valid, d_loss.to(like.dtype), torch.zeros((), dtype=like.dtype, device=like.device))
+
+
+def stats_pass(tiles, side_a, side_b, labels, scale_t, opts: SDMOptions, workspace_bytes: int):
+    """Tile statistics of rows ``side_a`` against all columns ``side_b``, chunk by chunk.
+
+    Returns the row statistics [5, n_a] merged over every column (complete) and the
+    column statistics [5, n_b] over the rows of ``side_a`` (complete when ``side_a``
+    holds every row; a partial to merge otherwise, as the distributed path does).
+    """
+    n, m = side_a.feats.shape[0], side_b.feats.shape[0]
+    width = tiles.chunk_columns("stats", n, m, side_a.feats.dtype, workspace_bytes)
+    row_state = None
+    col_stats = torch.empty((NUM_STATS, m), dtype=compute_dtype(side_a.feats.dtype), device=side_a.feats.device)
+    for c0, c1 in _chunks(m, width):
+        rows, cols = tiles.stats(side_a, side_b, labels, scale_t, c0, c1, opts.reverse, opts.eps)
+        row_state = rows if row_state is None else merge_two(row_state, rows, opts.reverse)
+        col_stats[:, c0:c1] = cols
+    return row_state, col_stats
+
+
+def grad_pass(tiles, side_a, side_b, labels, scale_t, opts: SDMOptions, lse_a, lse_b, loss_a, loss_b, ga, gb,
+              a_hat, b_hat, da_hat, db_hat, dscale, workspace_bytes: int):
+    """Accumulate dS @ b_hat into ``da_hat``, dS.T @ a_hat into ``db_hat`` and sum_j dS * cos into ``dscale``.
+
+    dS [n_a, n_b] is produced chunk by chunk by the tile backend from the upstream
+    row gradients ``ga`` [n_a], ``gb`` [n_b]; any of the three accumulators may be None.
+    """
+    n, m = side_a.feats.shape[0], side_b.feats.shape[0]
+    width = tiles.chunk_columns("grad", n, m, side_a.feats.dtype, workspace_bytes)
+    for c0, c1 in _chunks(m, width):
+        ds, ds_cos = tiles.grad(side_a, side_b, labels, scale_t, c0, c1, opts.reverse, opts.eps,
+                                lse_a, lse_b, loss_a, loss_b, ga, gb, dscale is not None)
+        if da_hat is not None:
+            _addmm_fp32(da_hat, ds, b_hat[c0:c1])
+        if db_hat is not None:
+            _addmm_fp32(db_hat[c0:c1], ds.T, a_hat)
+        if dscale is not None:
+            dscale += ds_cos.to(dscale.dtype)
+
+
 class SDMRowsFunction(torch.autograd.Function):
     """(q, g, logit_scale) -> per-row losses (q->g [N], g->q [M]), validity, positive probability."""
 
@@ -65,20 +117,8 @@ class SDMRowsFunction(torch.autograd.Function):
     def forward(ctx, q, g, logit_scale, scale_value, q_ids, g_ids, labels, q_mask, g_mask,
                 opts: SDMOptions, tiles, workspace_bytes: int):
         side_q, side_g = prepare_sides(q, g, q_ids, g_ids, labels, q_mask, g_mask, opts.normalize)
-        ct = compute_dtype(q.dtype)
-        if logit_scale is not None:
-            scale_t = logit_scale.detach().to(ct).reshape(1)
-        else:
-            scale_t = torch.full((1,), scale_value, dtype=ct, device=q.device)
-        n, m = q.shape[0], g.shape[0]
-
-        width = tiles.chunk_columns("stats", n, m, q.dtype, workspace_bytes)
-        row_state = None
-        col_stats = torch.empty((NUM_STATS, m), dtype=ct, device=q.device)
-        for c0, c1 in _chunks(m, width):
-            rows, cols = tiles.stats(side_q, side_g, labels, scale_t, c0, c1, opts.reverse, opts.eps)
-            row_state = rows if row_state is None else merge_two(row_state, rows, opts.reverse)
-            col_stats[:, c0:c1] = cols
+        scale_t = scale_tensor(logit_scale, scale_value, compute_dtype(q.dtype), q.device)
+        row_state, col_stats = stats_pass(tiles, side_q, side_g, labels, scale_t, opts, workspace_bytes)
         loss_q, lse_q, pos_q = finish_rows(row_state, side_q.row_valid, side_q.ylogy, opts.reverse)
         loss_g, lse_g, pos_g = finish_rows(col_stats, side_g.row_valid, side_g.ylogy, opts.reverse)
 
@@ -100,9 +140,8 @@ class SDMRowsFunction(torch.autograd.Function):
         q = side_q.feats
         n, m, d = q.shape[0], side_g.feats.shape[0], q.shape[1]
         ct = lse_q.dtype
-        zero = torch.zeros((), dtype=ct, device=q.device)
-        ga = torch.where(side_q.row_valid, d_loss_q.to(ct), zero) if d_loss_q is not None else lse_q.new_zeros(n)
-        gb = torch.where(side_g.row_valid, d_loss_g.to(ct), zero) if d_loss_g is not None else lse_g.new_zeros(m)
+        ga = upstream_rows(d_loss_q, side_q.row_valid, lse_q)
+        gb = upstream_rows(d_loss_g, side_g.row_valid, lse_g)
         # Normalise the upstream gradients so dS is O(1): safe to hold in an fp16 workspace.
         g_max = torch.maximum(ga.abs().amax(), gb.abs().amax()).clamp_min(torch.finfo(ct).tiny)
         ga, gb = ga / g_max, gb / g_max
@@ -115,16 +154,9 @@ class SDMRowsFunction(torch.autograd.Function):
         dg_hat = torch.zeros((m, d), dtype=ct, device=q.device)
         dscale = torch.zeros((n,), dtype=ct, device=q.device) if want_scale else None
 
-        width = tiles.chunk_columns("grad", n, m, q.dtype, ctx.workspace_bytes)
-        for c0, c1 in _chunks(m, width):
-            ds, ds_cos = tiles.grad(side_q, side_g, ctx.labels, ctx.scale_t, c0, c1, opts.reverse, opts.eps,
-                                    lse_q, lse_g, loss_q, loss_g, ga, gb, want_scale)
-            if want_q:
-                _addmm_fp32(dq_hat, ds, g_hat[c0:c1])
-            if want_g:
-                _addmm_fp32(dg_hat[c0:c1], ds.T, q_hat)
-            if want_scale:
-                dscale += ds_cos.to(ct)
+        grad_pass(tiles, side_q, side_g, ctx.labels, ctx.scale_t, opts, lse_q, lse_g, loss_q, loss_g, ga, gb,
+                  q_hat, g_hat, dq_hat if want_q else None, dg_hat if want_g else None, dscale,
+                  ctx.workspace_bytes)
 
         factor = ctx.scale_t * g_max   # dS was divided by g_max; dS/dx_hat carries the scale s
         dq = dg = d_scale = None
