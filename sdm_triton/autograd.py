@@ -17,30 +17,12 @@ import torch
 
 from reference.options import SDMOptions, compute_dtype
 
+from .matmul import addmm_f32
 from .prepare import normalization_backward, normalized_features, prepare_sides
 from .stats import NUM_STATS, finish_rows, merge_two
 
 #: Bytes of workspace one chunk may use (dS chunk in backward; partial statistics in forward).
 DEFAULT_WORKSPACE_BYTES = 64 * 2**20
-
-_ADDMM_OUT_DTYPE = [True]  # torch.addmm(..., out_dtype=) exists on CUDA in recent PyTorch
-
-
-def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
-    """acc += a @ b with acc's precision for the accumulation (half operands, fp32 acc)."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-        return
-    if a.is_cuda and _ADDMM_OUT_DTYPE[0]:
-        try:
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-            return
-        except (TypeError, RuntimeError, NotImplementedError):
-            _ADDMM_OUT_DTYPE[0] = False
-    if a.is_cuda:  # older PyTorch: a half-precision product, accumulated in fp32
-        acc.add_((a @ b).to(acc.dtype))
-    else:
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def _cast_saturating(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -103,9 +85,9 @@ def grad_pass(tiles, side_a, side_b, labels, scale_t, opts: SDMOptions, lse_a, l
         ds, ds_cos = tiles.grad(side_a, side_b, labels, scale_t, c0, c1, opts.reverse, opts.eps,
                                 lse_a, lse_b, loss_a, loss_b, ga, gb, dscale is not None)
         if da_hat is not None:
-            _addmm_fp32(da_hat, ds, b_hat[c0:c1])
+            addmm_f32(da_hat, ds, b_hat[c0:c1])
         if db_hat is not None:
-            _addmm_fp32(db_hat[c0:c1], ds.T, a_hat)
+            addmm_f32(db_hat[c0:c1], ds.T, a_hat)
         if dscale is not None:
             dscale += ds_cos.to(dscale.dtype)
 

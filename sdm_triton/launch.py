@@ -1,7 +1,9 @@
 """Launchers for the Triton tile kernels: block sizes, workspaces, grids.
 
 `TritonTiles` implements the two primitives the autograd layer drives, for the
-columns [c0, c1) of one chunk:
+columns [c0, c1) of one chunk. Unless the variant fuses the dot product into the
+kernels, each primitive first computes the chunk's raw dot products with cuBLAS
+(fp32 result, `matmul.mm_f32`), which the kernel then reads:
 
     stats(...) -> (row statistics [5, N] over the chunk, column statistics [5, c1 - c0])
     grad(...)  -> (dS workspace [N, c1 - c0], per-row sum dS * cos or None)
@@ -19,6 +21,7 @@ import triton
 
 from .kernels.tile_grad import _sdm_tile_grad_kernel
 from .kernels.tile_stats import _sdm_tile_stats_kernel
+from .matmul import mm_f32
 from .stats import NUM_STATS, merge_partials
 
 
@@ -30,20 +33,26 @@ def interpreting() -> bool:
 class TileConfig:
     """A kernel variant: tile shape and launch parameters (selectable by name in bench/)."""
 
-    block_m: int = 128
-    block_n: int = 128
-    block_k: int = 64
-    num_warps: int = 8
-    num_stages: int = 3
+    block_m: int = 64
+    block_n: int = 64
+    block_k: int = 64       # only used when fused_dot
+    num_warps: int = 4
+    num_stages: int = 1
+    fused_dot: bool = False  # True: tl.dot in the kernels; False: read a cuBLAS fp32 dot chunk
 
 
 #: Named variants; "default" is what the library uses.
 TILE_CONFIGS = {
     "default": TileConfig(),
-    "m128n64k64w4": TileConfig(128, 64, 64, 4, 3),
-    "m64n64k64w4": TileConfig(64, 64, 64, 4, 3),
-    "m128n128k32w8": TileConfig(128, 128, 32, 8, 4),
+    "m64n128w4": TileConfig(64, 128, 64, 4, 1),
+    "m128n64w8": TileConfig(128, 64, 64, 8, 1),
+    "m32n128w4": TileConfig(32, 128, 64, 4, 1),
+    # tl.dot inside the kernels: no dot chunk in memory, but at D = 512 the epilogue of
+    # both softmax directions leaves the tensor cores idle (bench/NOTES.md).
+    "fused_m128n64k64w4": TileConfig(128, 64, 64, 4, 3, fused_dot=True),
+    "fused_m64n64k64w4": TileConfig(64, 64, 64, 4, 3, fused_dot=True),
     "interpreter": TileConfig(16, 16, 16, 1, 1),
+    "interpreter_fused": TileConfig(16, 16, 16, 1, 1, fused_dot=True),
 }
 
 
@@ -76,10 +85,11 @@ class TritonTiles:
     def chunk_columns(self, kind: str, n_rows: int, n_cols: int, dtype: torch.dtype, budget_bytes: int) -> int:
         """Columns per chunk so that the chunk's workspace stays within ``budget_bytes``."""
         cfg = self.config
-        if kind == "grad":   # the dS workspace [N, C]
-            per_col = n_rows * torch.empty((), dtype=self.workspace_dtype(dtype)).element_size()
-        else:                # row and column partials (fp32) and their merge temporaries
-            per_col = 3 * NUM_STATS * 4 * (triton.cdiv(n_rows, cfg.block_n) + triton.cdiv(n_rows, cfg.block_m))
+        per_col = 0 if cfg.fused_dot else 4 * n_rows                 # fp32 dot chunk [N, C]
+        if kind == "grad":                                            # + the dS workspace [N, C]
+            per_col += n_rows * torch.empty((), dtype=self.workspace_dtype(dtype)).element_size()
+        else:                # + row and column partials (fp32) and their merge temporaries
+            per_col += 3 * NUM_STATS * 4 * (triton.cdiv(n_rows, cfg.block_n) + triton.cdiv(n_rows, cfg.block_m))
         cols = max(cfg.block_n, (budget_bytes // max(1, per_col)) // cfg.block_n * cfg.block_n)
         return min(cols, triton.cdiv(n_cols, cfg.block_n) * cfg.block_n)
 
@@ -93,13 +103,17 @@ class TritonTiles:
             lab = lab.view(torch.uint8)
         ids_a = a.ids if not dense else a.inv_norm
         ids_b = b.ids if not dense else b.inv_norm
+        # raw dot products of the chunk, fp32 (exact products of half inputs, fp32 accumulation)
+        dot = a.inv_norm if cfg.fused_dot else mm_f32(a.feats, b.feats[c0:c1].T)
         grid = (triton.cdiv(a.feats.shape[0], cfg.block_m), triton.cdiv(c1 - c0, cfg.block_n))
-        args = (a.feats, b.feats, a.inv_norm, b.inv_norm, scale_t, ids_a, ids_b, lab,
+        args = (a.feats, b.feats, dot, a.inv_norm, b.inv_norm, scale_t, ids_a, ids_b, lab,
                 a.present.view(torch.uint8), b.present.view(torch.uint8), a.inv_ysum, b.inv_ysum)
         strides = (a.feats.stride(0), a.feats.stride(1), b.feats.stride(0), b.feats.stride(1),
+                   dot.stride(0) if not cfg.fused_dot else 0, dot.stride(1) if not cfg.fused_dot else 0,
                    lab.stride(0) if dense else 0, lab.stride(1) if dense else 0)
-        flags = dict(DENSE=dense, IS_FP32=fp32 or upcast, DOT_PRECISION=_dot_precision(a.feats.dtype),
-                     UPCAST=upcast, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        flags = dict(DENSE=dense, FUSED_DOT=cfg.fused_dot, IS_FP32=fp32 or upcast,
+                     DOT_PRECISION=_dot_precision(a.feats.dtype), UPCAST=upcast,
+                     BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return grid, args, strides, flags
 

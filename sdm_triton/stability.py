@@ -49,6 +49,8 @@ class SpikeDetector:
     * A spike still enters the window. A single spike cannot move a median, so the
       detector stays sharp, but a lasting level shift is accepted as the new normal once
       it fills half the window, instead of being flagged forever.
+    * While the loss still falls fast, the window spans the decay and its MAD is large, so
+      only large spikes count then; the threshold tightens as the curve flattens.
     * A non-finite loss is always a spike and never enters the window (it would make the
       median meaningless).
 

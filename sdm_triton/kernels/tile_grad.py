@@ -9,7 +9,8 @@ For row i (side a) and column j (side b), with the saved log-sum-exps and row lo
     dS_ij = ga_i * d_r + gb_j * d_c           (ga, gb: upstream gradients of the row losses,
                                                zero for invalid rows, pre-divided by g_max)
 
-Each program recomputes one S tile and writes dS (in the workspace dtype) to the
+Each program rebuilds one S tile (from the cuBLAS dot chunk, or with tl.dot
+when FUSED_DOT) and writes dS (in the workspace dtype) to the
 chunk workspace; the launcher turns it into gradients with two cuBLAS products
 (dQ_hat += dS @ G_hat, dG_hat[chunk] = dS^T @ Q_hat). Dividing ga, gb by their
 largest magnitude keeps dS in [-O(1), O(1)] so an fp16 workspace neither
@@ -25,16 +26,16 @@ from .tile_stats import _label_tile, _similarity_tile
 
 @triton.jit
 def _sdm_tile_grad_kernel(
-    a_ptr, b_ptr, ra_ptr, rb_ptr, scale_ptr,
+    a_ptr, b_ptr, dot_ptr, ra_ptr, rb_ptr, scale_ptr,
     a_ids_ptr, b_ids_ptr, labels_ptr,
     a_valid_ptr, b_valid_ptr, a_inv_ysum_ptr, b_inv_ysum_ptr,
     lse_a_ptr, lse_b_ptr, loss_a_ptr, loss_b_ptr, ga_ptr, gb_ptr,
     ds_ptr, dscale_part_ptr,
     N, col_start, col_end, D,
-    stride_am, stride_ad, stride_bm, stride_bd, stride_lm, stride_ln,
+    stride_am, stride_ad, stride_bm, stride_bd, stride_dotm, stride_dotn, stride_lm, stride_ln,
     stride_dsm, stride_dsn, stride_dscale_blk,
     eps,
-    DENSE: tl.constexpr, REVERSE: tl.constexpr, WANT_DSCALE: tl.constexpr,
+    DENSE: tl.constexpr, REVERSE: tl.constexpr, FUSED_DOT: tl.constexpr, WANT_DSCALE: tl.constexpr,
     IS_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -45,9 +46,9 @@ def _sdm_tile_grad_kernel(
     row_in = offs_m < N
     col_in = offs_n < col_end
 
-    S, cos = _similarity_tile(a_ptr, b_ptr, ra_ptr, rb_ptr, scale_ptr, offs_m, offs_n, row_in, col_in, D,
-                              stride_am, stride_ad, stride_bm, stride_bd,
-                              IS_FP32, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    S, cos = _similarity_tile(a_ptr, b_ptr, dot_ptr, ra_ptr, rb_ptr, scale_ptr, offs_m, offs_n, row_in, col_in,
+                              col_start, D, stride_am, stride_ad, stride_bm, stride_bd, stride_dotm, stride_dotn,
+                              FUSED_DOT, IS_FP32, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
     rv = row_in & (tl.load(a_valid_ptr + offs_m, mask=row_in, other=0) != 0)
     cv = col_in & (tl.load(b_valid_ptr + offs_n, mask=col_in, other=0) != 0)
     both = rv[:, None] & cv[None, :]

@@ -19,43 +19,52 @@ The column direction is the same along axis 0 with Y'. Keeping A relative to m
 avoids the cancellation of LSE - sum Y S; `sdm_triton/_stats.py` merges the
 partials of all tiles and turns them into row losses.
 
-One program computes one [BLOCK_M, BLOCK_N] tile, looping over D: the N x M
-similarity matrix is never stored, only 5 numbers per (row, column block) and
-per (column, row block) of a bounded column chunk.
+One program handles one [BLOCK_M, BLOCK_N] tile and writes only 5 numbers per
+(row, column block) and per (column, row block) of a bounded column chunk. The
+raw dot products <a_i, b_j> of the tile come from one of two places (a constexpr):
+
+    FUSED_DOT = False  read from a [N, C] fp32 chunk that cuBLAS computed (fp32
+                       accumulation of the raw half inputs, exact products);
+    FUSED_DOT = True   computed in the kernel with tl.dot, looping over D (no
+                       chunk in memory; slower at D = 512, see bench/NOTES.md).
 """
 
 import triton
 import triton.language as tl
 
 # Finite stand-in for -inf: keeps (S - m) and 0 * (S - m) free of NaN for masked entries.
-NEG_BIG = -1.0e30
+NEG_BIG = tl.constexpr(-1.0e30)
 NUM_STATS = 5  # m, l, pos, A, B
 
 
 @triton.jit
 def _similarity_tile(
-    a_ptr, b_ptr, ra_ptr, rb_ptr, scale_ptr,
-    offs_m, offs_n, row_in, col_in, D,
-    stride_am, stride_ad, stride_bm, stride_bd,
-    IS_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    a_ptr, b_ptr, dot_ptr, ra_ptr, rb_ptr, scale_ptr,
+    offs_m, offs_n, row_in, col_in, col_start, D,
+    stride_am, stride_ad, stride_bm, stride_bd, stride_dotm, stride_dotn,
+    FUSED_DOT: tl.constexpr, IS_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Return (S, cos) for the tile: S = s * cos, cos = ra * rb * <a, b> (fp32 [BLOCK_M, BLOCK_N])."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_in = offs_k < D
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ad,
-                    mask=row_in[:, None] & k_in[None, :], other=0.0)           # [BLOCK_M, BLOCK_K]
-        b = tl.load(b_ptr + offs_n[:, None] * stride_bm + offs_k[None, :] * stride_bd,
-                    mask=col_in[:, None] & k_in[None, :], other=0.0)           # [BLOCK_N, BLOCK_K]
-        if UPCAST:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if IS_FP32 or UPCAST:
-            acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
-        else:
-            acc = tl.dot(a, tl.trans(b), acc)
+    if FUSED_DOT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_in = offs_k < D
+            a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ad,
+                        mask=row_in[:, None] & k_in[None, :], other=0.0)       # [BLOCK_M, BLOCK_K]
+            b = tl.load(b_ptr + offs_n[:, None] * stride_bm + offs_k[None, :] * stride_bd,
+                        mask=col_in[:, None] & k_in[None, :], other=0.0)       # [BLOCK_N, BLOCK_K]
+            if UPCAST:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if IS_FP32 or UPCAST:
+                acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+            else:
+                acc = tl.dot(a, tl.trans(b), acc)
+    else:
+        acc = tl.load(dot_ptr + offs_m[:, None] * stride_dotm + (offs_n - col_start)[None, :] * stride_dotn,
+                      mask=row_in[:, None] & col_in[None, :], other=0.0)
     ra = tl.load(ra_ptr + offs_m, mask=row_in, other=0.0)
     rb = tl.load(rb_ptr + offs_n, mask=col_in, other=0.0)
     s = tl.load(scale_ptr).to(tl.float32)
@@ -82,15 +91,15 @@ def _label_tile(
 
 @triton.jit
 def _sdm_tile_stats_kernel(
-    a_ptr, b_ptr, ra_ptr, rb_ptr, scale_ptr,
+    a_ptr, b_ptr, dot_ptr, ra_ptr, rb_ptr, scale_ptr,
     a_ids_ptr, b_ids_ptr, labels_ptr,
     a_valid_ptr, b_valid_ptr, a_inv_ysum_ptr, b_inv_ysum_ptr,
     row_part_ptr, col_part_ptr,
     N, col_start, col_end, D,
-    stride_am, stride_ad, stride_bm, stride_bd, stride_lm, stride_ln,
+    stride_am, stride_ad, stride_bm, stride_bd, stride_dotm, stride_dotn, stride_lm, stride_ln,
     stride_rp_stat, stride_rp_blk, stride_cp_stat, stride_cp_blk,
     eps,
-    DENSE: tl.constexpr, REVERSE: tl.constexpr,
+    DENSE: tl.constexpr, REVERSE: tl.constexpr, FUSED_DOT: tl.constexpr,
     IS_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -101,9 +110,9 @@ def _sdm_tile_stats_kernel(
     row_in = offs_m < N
     col_in = offs_n < col_end
 
-    S, cos = _similarity_tile(a_ptr, b_ptr, ra_ptr, rb_ptr, scale_ptr, offs_m, offs_n, row_in, col_in, D,
-                              stride_am, stride_ad, stride_bm, stride_bd,
-                              IS_FP32, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    S, cos = _similarity_tile(a_ptr, b_ptr, dot_ptr, ra_ptr, rb_ptr, scale_ptr, offs_m, offs_n, row_in, col_in,
+                              col_start, D, stride_am, stride_ad, stride_bm, stride_bd, stride_dotm, stride_dotn,
+                              FUSED_DOT, IS_FP32, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
     rv = row_in & (tl.load(a_valid_ptr + offs_m, mask=row_in, other=0) != 0)   # [BLOCK_M]
     cv = col_in & (tl.load(b_valid_ptr + offs_n, mask=col_in, other=0) != 0)   # [BLOCK_N]
     both = rv[:, None] & cv[None, :]
