@@ -1,0 +1,57 @@
+"""Smoke tests of examples/train_multimodal.py (CPU, torch backend, a few seconds)."""
+
+import importlib.util
+import pathlib
+
+import pytest
+import torch
+
+EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train_multimodal.py"
+
+
+@pytest.fixture(scope="module")
+def example():
+    spec = importlib.util.spec_from_file_location("train_multimodal", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(example, tmp_path, *extra):
+    out = tmp_path / "plot.png"
+    threads = torch.get_num_threads()
+    metrics = example.main(["--device", "cpu", "--backend", "torch", "--out", str(out), "--log-every", "0", *extra])
+    assert torch.get_num_threads() == threads          # main() restores the thread setting
+    return metrics, out
+
+
+def test_short_run_learns_and_writes_the_plot(example, tmp_path, capsys):
+    metrics, out = _run(example, tmp_path, "--steps", "30", "--check-finite")
+    assert metrics["final_loss"] < 0.6 * metrics["first_loss"]
+    assert metrics["history"]["pos_prob"][-1] > 2 * metrics["history"]["pos_prob"][0]
+    assert metrics["r1_after"]["text"] > metrics["r1_before"]["text"] + 0.2
+    assert metrics["spikes"] == 0 and metrics["optimizer_steps"] == 30
+    assert metrics["plot"] == str(out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    assert "done in" in capsys.readouterr().out
+
+
+def test_corrupted_batch_is_flagged_and_skipped(example, tmp_path):
+    metrics, _ = _run(example, tmp_path, "--steps", "130", "--corrupt-step", "120", "--log-every", "10")
+    assert metrics["spike_steps"] == [120]
+    assert metrics["optimizer_steps"] == 129
+    loss = metrics["history"]["loss"]
+    assert loss[119] > 2 * max(loss[100:119])
+
+
+def test_progress_is_printed_every_step(example, tmp_path, capsys):
+    out = tmp_path / "p.png"
+    example.main(["--device", "cpu", "--steps", "3", "--out", str(out)])
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step ")]
+    assert [l.split()[1] for l in lines] == ["1/3", "2/3", "3/3"]
+    assert all("pos_prob" in l for l in lines)
+
+
+def test_bad_arguments(example, tmp_path):
+    with pytest.raises(SystemExit):
+        example.main(["--steps", "0", "--out", str(tmp_path / "x.png")])
