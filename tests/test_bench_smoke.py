@@ -72,3 +72,16 @@ def test_failed_check_is_never_timed(tmp_path, monkeypatch):
     rows = bench.run(cfg).rows
     assert len(rows) == 3
     assert all(r["status"] == "FAILED" and r["median_ms"] == "" for r in rows)
+
+
+def test_fp32_truth_fallback_agrees_with_float64():
+    """Where the float64 reference would not fit, the gate uses the fp32 chunked backend."""
+    from bench import measure
+    from bench.cases import make_inputs
+    case = Case(40, 24, 20, "bf16", "reverse", "pk4", k=2)
+    inputs = make_inputs(case, torch.device("cpu"))
+    f64 = measure.compute_truth(case, inputs, torch.device("cpu"))
+    f32 = measure.compute_truth(case, inputs, torch.device("cpu"), memory_fraction=0.0)
+    assert (f64.source, f32.source) == ("float64 reference", "fp32 sdm_torch")
+    assert measure.rel_err([f32.loss], [f64.loss]) < 1e-6
+    assert measure.rel_err(f32.grads, f64.grads) < 1e-5
