@@ -57,7 +57,7 @@ def config_from_args(args) -> Config:
     variants = args.variants
     if variants == ("all",):
         from sdm_triton.launch import TILE_CONFIGS, interpreting
-        variants = tuple(v for v in TILE_CONFIGS if interpreting() or v != "interpreter")
+        variants = tuple(v for v in TILE_CONFIGS if interpreting() or not v.startswith("interpreter"))
     return Config(cases=preset.cases(), methods=args.methods or preset.methods, variants=variants,
                   modes=args.modes or preset.modes, out=args.out, plots=not args.no_plots,
                   triton_max_nm=preset.triton_max_nm, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)

@@ -162,11 +162,11 @@ def _tile_config(variant: str) -> Optional[str]:
 
 
 def _tile_note(variant: str) -> str:
+    import dataclasses as dc
     from sdm_triton.launch import TILE_CONFIGS, interpreting
     name = "interpreter" if variant == "default" and interpreting() else variant
-    c = TILE_CONFIGS[name]
-    return (f"tiles {name}: BLOCK_M={c.block_m} BLOCK_N={c.block_n} BLOCK_K={c.block_k} "
-            f"warps={c.num_warps} stages={c.num_stages}" + (" (TRITON_INTERPRET=1)" if interpreting() else ""))
+    fields = ", ".join(f"{k}={v}" for k, v in dc.asdict(TILE_CONFIGS[name]).items())
+    return f"tiles {name}: {fields}" + (" (TRITON_INTERPRET=1)" if interpreting() else "")
 
 
 def _check_triton(case: Case, device: torch.device, variant: str, triton_max_nm: Optional[int]):
