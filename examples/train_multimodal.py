@@ -14,6 +14,7 @@ statistics (``return_stats=True``) give the mean probability on true matches.
 
     python examples/train_multimodal.py                    # CPU: a few seconds
     python examples/train_multimodal.py --corrupt-step 120 # shuffle one batch's ids: a spike
+    python examples/train_multimodal.py --ignore-masks     # the seed's bug: null tokens align too
     python examples/train_multimodal.py --device cuda --amp
 
 Writes a plot of the loss and the positive probability against the step (``--out``).
@@ -99,6 +100,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--penalty-weight", type=float, default=5e-3, help="feature-norm band penalty weight")
     p.add_argument("--corrupt-step", type=int, default=None,
                    help="shuffle the identity labels of this step's batch, to show the spike detector")
+    p.add_argument("--ignore-masks", action="store_true",
+                   help="the seed's original bug: null tokens of missing views take part in the SDM loss")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for the encoders (the loss stays fp32)")
     p.add_argument("--check-finite", action="store_true", help="check features for NaN/Inf every step (syncs)")
     p.add_argument("--log-every", type=int, default=1, help="print every N steps (0: only the summary)")
@@ -147,12 +150,13 @@ def _train(args: argparse.Namespace, device: torch.device) -> dict:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             feats = {m: encoders[m](views[m].to(device)) for m in MODALITIES}
         masks = {m: present[m].to(device) for m in MODALITIES}
+        sdm_masks = {m: None if args.ignore_masks else masks[m] for m in MODALITIES}
         if args.check_finite:
             check_finite(*feats.values(), names=[f"{m} features" for m in MODALITIES])
 
         sdm_terms, pos_probs = [], []
         for m in ("ir", "text"):                                      # every modality against the RGB anchor
-            loss_m, stats = sdm_loss(feats["rgb"], feats[m], ids, ids, q_mask=masks["rgb"], g_mask=masks[m],
+            loss_m, stats = sdm_loss(feats["rgb"], feats[m], ids, ids, q_mask=sdm_masks["rgb"], g_mask=sdm_masks[m],
                                      return_stats=True, **sdm_options)
             sdm_terms.append(loss_m)
             pos_probs.append(0.5 * (stats.pos_prob_q2g + stats.pos_prob_g2q))
@@ -188,6 +192,7 @@ def _train(args: argparse.Namespace, device: torch.device) -> dict:
         "final_loss": sum(history["sdm"][-head:]) / head,
         "final_pos_prob": sum(history["pos_prob"][-head:]) / head,
         "final_feat_norm": history["feat_norm"][-1],
+        "feature_dtype": str(feats["rgb"].dtype).replace("torch.", ""),
         "spikes": detector.spikes,
         "spike_steps": spike_steps,
         "optimizer_steps": int(opt.state[next(encoders.parameters())].get("step", 0)),   # Adam's own count

@@ -25,15 +25,29 @@ def _run(example, tmp_path, *extra):
     return metrics, out
 
 
-def test_short_run_learns_and_writes_the_plot(example, tmp_path, capsys):
-    metrics, out = _run(example, tmp_path, "--steps", "30", "--check-finite")
+@pytest.fixture(scope="module")
+def short_run(example, tmp_path_factory):
+    return _run(example, tmp_path_factory.mktemp("short"), "--steps", "30", "--check-finite")
+
+
+def test_short_run_learns_and_writes_the_plot(short_run):
+    metrics, out = short_run
     assert metrics["final_loss"] < 0.6 * metrics["first_loss"]
     assert metrics["history"]["pos_prob"][-1] > 2 * metrics["history"]["pos_prob"][0]
     assert metrics["r1_after"]["text"] > metrics["r1_before"]["text"] + 0.2
     assert metrics["spikes"] == 0 and metrics["optimizer_steps"] == 30
+    assert metrics["feature_dtype"] == "float32"
     assert metrics["plot"] == str(out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
-    assert "done in" in capsys.readouterr().out
+
+
+def test_ignoring_masks_hurts_retrieval(example, tmp_path, short_run):
+    # The seed's v2 lesson: null tokens of missing views must not take part in alignment.
+    masked, _ = short_run
+    unmasked, _ = _run(example, tmp_path, "--steps", "30", "--ignore-masks")
+    for m in ("ir", "text"):
+        assert unmasked["r1_after"][m] < masked["r1_after"][m] - 0.05
+    assert unmasked["final_pos_prob"] < masked["final_pos_prob"] - 0.1
 
 
 def test_corrupted_batch_is_flagged_and_skipped(example, tmp_path):
@@ -46,10 +60,13 @@ def test_corrupted_batch_is_flagged_and_skipped(example, tmp_path):
 
 def test_progress_is_printed_every_step(example, tmp_path, capsys):
     out = tmp_path / "p.png"
-    example.main(["--device", "cpu", "--steps", "3", "--out", str(out)])
-    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step ")]
+    metrics = example.main(["--device", "cpu", "--steps", "3", "--amp", "--out", str(out)])
+    assert metrics["feature_dtype"] == "bfloat16"          # --amp: bf16 features, the loss still in fp32
+    printed = capsys.readouterr().out
+    lines = [l for l in printed.splitlines() if l.startswith("step ")]
     assert [l.split()[1] for l in lines] == ["1/3", "2/3", "3/3"]
     assert all("pos_prob" in l for l in lines)
+    assert "done in" in printed
 
 
 def test_bad_arguments(example, tmp_path):
