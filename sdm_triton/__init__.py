@@ -7,6 +7,12 @@
 from reference.options import SDMOptions, SDMRowLosses
 
 from .api import BACKENDS, SDMLoss, SDMStats, sdm_loss
+from .presets import PRESETS, SDMPreset, get_preset, preset_kwargs, preset_loss, seed_temperature, tbps_logit_scale
+from .stability import SpikeDetector, check_finite, feature_norm_penalty
 
-__all__ = ["sdm_loss", "SDMLoss", "SDMStats", "SDMOptions", "SDMRowLosses", "BACKENDS"]
+__all__ = [
+    "sdm_loss", "SDMLoss", "SDMStats", "SDMOptions", "SDMRowLosses", "BACKENDS",
+    "SpikeDetector", "feature_norm_penalty", "check_finite",
+    "SDMPreset", "PRESETS", "get_preset", "preset_kwargs", "preset_loss", "seed_temperature", "tbps_logit_scale",
+]
 __version__ = "0.1.0"
