@@ -4,8 +4,8 @@ import argparse
 import dataclasses
 import sys
 
-import bench  # sets TRITON_INTERPRET=1 first when there is no CUDA
-from bench.cases import DTYPES, KL_CHOICES_HELP, LABEL_KINDS, MODES, PRESETS, Case
+import bench  # noqa: F401  (sets TRITON_INTERPRET=1 first when there is no CUDA)
+from bench.cases import DTYPES, KL_CHOICES_HELP, LABEL_KINDS, MODES, PRESETS
 from bench.methods import METHODS
 from bench.suite import Config, default_preset, run
 

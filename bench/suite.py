@@ -17,12 +17,12 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from . import measure, methods as M, report
-from .cases import MODES, PRESETS, Case, Inputs, input_bytes_estimate, make_inputs
+from .cases import MODES, PRESETS, Case, input_bytes_estimate, make_inputs
 
 CSV_COLUMNS = report.CSV_COLUMNS
 
@@ -89,8 +89,12 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
 
 
+_OOM_ERRORS = tuple({getattr(torch, "OutOfMemoryError", MemoryError),
+                     getattr(torch.cuda, "OutOfMemoryError", MemoryError), MemoryError})
+
+
 def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    return isinstance(exc, _OOM_ERRORS) or "out of memory" in str(exc).lower()
 
 
 def _cleanup(device: torch.device):

@@ -7,7 +7,6 @@ was timed in every mode, and that the floor ratio, the plot and the table exist.
 import csv
 import math
 
-import pytest
 import torch
 
 import bench  # sets TRITON_INTERPRET=1 when there is no CUDA, before triton is imported
