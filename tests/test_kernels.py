@@ -74,7 +74,7 @@ def _torch_same_dtype(*args, **kwargs):
 
 
 SMALL = [(13, 29, 19), (40, 7, 33), (1, 5, 3), (24, 24, 64)]
-LARGE = [(300, 457, 512), (1031, 700, 768), (129, 1, 77), (2048, 2048, 512)]
+LARGE = [(300, 457, 512), (1031, 700, 768), (129, 1, 77)]
 
 
 def _dtypes():
@@ -185,7 +185,7 @@ def test_64bit_offsets_beyond_2_pow_31():
     losses = []
     for backend in ("triton", "torch"):
         qa = q.clone().requires_grad_()
-        loss = sdm_triton.sdm_loss(qa, g, **kw, backend=backend)
+        loss = sdm_triton.sdm_loss(qa, g, **kw, backend=backend, workspace_bytes=2**30)
         loss.backward()
         losses.append((loss.detach(), qa.grad.float()))
     assert _rel(losses[0][0], losses[1][0]) < 1e-5
