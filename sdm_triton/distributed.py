@@ -364,7 +364,7 @@ class _SDMDistributedRows(torch.autograd.Function):
             loss_g_all, lse_g_all, pos_g_all = finish_rows(col_stats, side_g_all.row_valid, side_g_all.ylogy,
                                                            opts.reverse)
             side_g = _slice_side(side_g_all, g0, g0 + m)
-            loss_g, pos_g = loss_g_all[g0: g0 + m], pos_g_all[g0: g0 + m]
+            loss_g, pos_g = loss_g_all[g0: g0 + m].clone(), pos_g_all[g0: g0 + m].clone()
             ctx.side_g_all = side_g_all
             ctx.save_for_backward(lse_q, loss_q, lse_g_all, loss_g_all)
         else:
@@ -454,7 +454,7 @@ class _SDMDistributedRows(torch.autograd.Function):
             dg_hat = dg_hat * (factor * comm.grad_factor)
             dg = _cast_saturating(normalization_backward(side_g, dg_hat, opts.normalize), side_g.feats.dtype)
         if want_scale:
-            d_scale = (dscale.sum() * g_max).to(ctx.scale_dtype)
+            d_scale = _all_reduce((dscale.sum() * g_max).reshape(1), comm)[0].to(ctx.scale_dtype)
         return dq, dg, d_scale, *([None] * 11)
 
 
