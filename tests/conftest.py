@@ -1,0 +1,160 @@
+"""Test setup shared by every test module: backend registry, Hypothesis profiles, GPU marker.
+
+Backends. Every test that takes the ``sdm_impl`` fixture runs once per registered
+backend. "reference" (``reference.sdm_loss``) is always there; "torch" and "triton"
+(``functools.partial(sdm_triton.sdm_loss, backend=NAME)``) join automatically once
+``import sdm_triton`` works and the package has ``sdm_loss``. Environment:
+
+* ``SDM_BACKENDS=reference,torch``   run only these backends;
+* ``SDM_REQUIRE_BACKENDS=torch,triton``  fail at start-up when one of them cannot be
+  registered (CI sets it so a broken ``import sdm_triton`` cannot pass silently);
+* ``SDM_HYPOTHESIS_PROFILE=ci|thorough|gpu``  (default ``ci``, see below).
+
+Without CUDA, Triton runs in its interpreter (``TRITON_INTERPRET=1``, set here before
+anything imports triton). That is slow, so the fixture tells tests how large a case
+may be (``sdm_impl.max_rows``, ``sdm_impl.max_dim``) and how many examples to draw
+(``sdm_impl.examples()``).
+"""
+
+import os
+
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    # Must happen before the first `import triton` anywhere (sdm_triton imports it).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import dataclasses  # noqa: E402
+import functools  # noqa: E402
+import inspect  # noqa: E402
+from typing import Callable, Optional  # noqa: E402
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+import reference  # noqa: E402
+
+# --------------------------------------------------------------------------- profiles
+# ci:       reproducible (derandomized), few examples; the whole suite with all three
+#           backends, Triton interpreted, stays within a few minutes on 2 CPU cores.
+# thorough: random seeds, many examples, CPU sizes: for exploring or mutation checks.
+# gpu:      many examples and larger cases, for a machine with CUDA.
+_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=25, derandomize=True, database=None, **_COMMON)
+settings.register_profile("thorough", max_examples=300, **_COMMON)
+settings.register_profile("gpu", max_examples=200, **_COMMON)
+PROFILE = os.environ.get("SDM_HYPOTHESIS_PROFILE", "ci")
+settings.load_profile(PROFILE)
+
+# Case sizes: rows per side and feature dim. The interpreter executes every Triton op
+# in numpy, so interpreted Triton gets small cases and half the examples.
+_SIZES = {"ci": (70, 80), "thorough": (70, 80), "gpu": (300, 300)}
+_INTERPRETED_ROWS = 24
+_INTERPRETED_EXAMPLE_SHARE = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One implementation of the shared ``sdm_loss`` signature, with what tests need to know.
+
+    ``value_check_kwargs``: keyword arguments that make the backend check values that
+    need a device read (labels >= 0, finite features, logit_scale > 0): ``{}`` for the
+    reference (it always checks), ``{"check_values": True}`` for a backend whose
+    ``sdm_loss`` has that parameter, ``None`` when it cannot check (those tests skip).
+    ``dtypes``: the feature dtypes it accepts (Triton has no float64); a property drawn
+    over dtypes the backend lacks skips (see ``strategies.cases``).
+    """
+
+    name: str
+    fn: Callable
+    device: str
+    interpreted: bool
+    max_rows: int
+    max_dim: int
+    value_check_kwargs: Optional[dict]
+    dtypes: tuple
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def examples(self, factor: float = 1.0) -> int:
+        """Hypothesis examples for one property on this backend under the active profile."""
+        n = settings.default.max_examples * factor
+        if self.interpreted:
+            n /= _INTERPRETED_EXAMPLE_SHARE
+        return max(3, round(n))
+
+    def __repr__(self):
+        return f"Backend({self.name})"
+
+
+def _accepts(fn, dtype, device):
+    """Whether ``fn`` takes features of ``dtype`` (an unsupported dtype is a TypeError)."""
+    x = torch.ones(1, 1, dtype=dtype, device=device)
+    ids = torch.zeros(1, dtype=torch.int64, device=device)
+    try:
+        fn(x, x, ids, ids)
+    except TypeError:
+        return False
+    return True
+
+
+def _backend(name, fn, value_check_kwargs):
+    interpreted = name == "triton" and not CUDA
+    device = "cuda" if CUDA else "cpu"
+    rows, dim = _SIZES.get(PROFILE, _SIZES["ci"])
+    dtypes = tuple(t for t in (torch.float32, torch.bfloat16, torch.float16, torch.float64) if _accepts(fn, t, device))
+    return Backend(name=name, fn=fn, device=device, interpreted=interpreted,
+                   max_rows=_INTERPRETED_ROWS if interpreted else rows, max_dim=dim,
+                   value_check_kwargs=value_check_kwargs, dtypes=dtypes)
+
+
+def _registry():
+    backends = {"reference": _backend("reference", reference.sdm_loss, {})}
+    try:
+        import sdm_triton
+    except ImportError as exc:
+        return backends, f"sdm_triton not importable ({exc})"
+    fn = getattr(sdm_triton, "sdm_loss", None)
+    if fn is None:
+        return backends, "sdm_triton has no sdm_loss"
+    checks = {"check_values": True} if "check_values" in inspect.signature(fn).parameters else None
+    for name in ("torch", "triton"):
+        backends[name] = _backend(name, functools.partial(fn, backend=name), checks)
+    return backends, None
+
+
+BACKENDS, MISSING_REASON = _registry()
+
+_required = [b for b in os.environ.get("SDM_REQUIRE_BACKENDS", "").split(",") if b]
+_absent = [b for b in _required if b not in BACKENDS]
+if _absent:
+    raise RuntimeError(f"SDM_REQUIRE_BACKENDS asks for {_absent}, not registered: {MISSING_REASON}")
+_selected = [b for b in os.environ.get("SDM_BACKENDS", "").split(",") if b]
+if _selected:
+    BACKENDS = {name: BACKENDS[name] for name in _selected if name in BACKENDS}
+
+
+@pytest.fixture(scope="session", params=list(BACKENDS), ids=str)
+def sdm_impl(request) -> Backend:
+    """The backend under test (callable with the ``sdm_loss`` signature)."""
+    return BACKENDS[request.param]
+
+
+def pytest_report_header(config):
+    names = [b.name + (" (Triton interpreter)" if b.interpreted else "")
+             + f" [{', '.join(str(t).replace('torch.', '') for t in b.dtypes)}]" for b in BACKENDS.values()]
+    lines = [f"sdm backends: {', '.join(names)}; hypothesis profile: {PROFILE}; cuda: {CUDA}"]
+    if MISSING_REASON:
+        lines.append(f"sdm backends missing: {MISSING_REASON}")
+    return lines
+
+
+def pytest_collection_modifyitems(config, items):
+    if CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
