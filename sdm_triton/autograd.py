@@ -19,7 +19,7 @@ from reference.options import SDMOptions, compute_dtype
 
 from .matmul import addmm_f32
 from .prepare import normalization_backward, normalized_features, prepare_sides
-from .stats import NUM_STATS, finish_rows, merge_two
+from .stats import NUM_STATS, finish_rows
 
 #: Bytes of workspace one chunk may use (dS chunk in backward; partial statistics in forward).
 DEFAULT_WORKSPACE_BYTES = 64 * 2**20
@@ -63,12 +63,15 @@ def stats_pass(tiles, side_a, side_b, labels, scale_t, opts: SDMOptions, workspa
     """
     n, m = side_a.feats.shape[0], side_b.feats.shape[0]
     width = tiles.chunk_columns("stats", n, m, side_a.feats.dtype, workspace_bytes)
-    row_state = None
-    col_stats = torch.empty((NUM_STATS, m), dtype=compute_dtype(side_a.feats.dtype), device=side_a.feats.device)
-    for c0, c1 in _chunks(m, width):
-        rows, cols = tiles.stats(side_a, side_b, labels, scale_t, c0, c1, opts.reverse, opts.eps)
-        row_state = rows if row_state is None else merge_two(row_state, rows, opts.reverse)
-        col_stats[:, c0:c1] = cols
+    chunks = _chunks(m, width)
+    ct = compute_dtype(side_a.feats.dtype)
+    row_parts = torch.empty((NUM_STATS, len(chunks), n), dtype=ct, device=side_a.feats.device)
+    col_stats = torch.empty((NUM_STATS, m), dtype=ct, device=side_a.feats.device)
+    for i, (c0, c1) in enumerate(chunks):
+        row_parts[:, i], col_stats[:, c0:c1] = tiles.stats(side_a, side_b, labels, scale_t, c0, c1,
+                                                           opts.reverse, opts.eps)
+    # one merge over the chunks at the end (a [5, chunks, n] buffer), not one per chunk
+    row_state = row_parts[:, 0] if len(chunks) == 1 else tiles.merge(row_parts, opts.reverse)
     return row_state, col_stats
 
 

@@ -20,9 +20,10 @@ import torch
 import triton
 
 from .kernels.tile_grad import _sdm_tile_grad_kernel
+from .kernels.merge_stats import _sdm_merge_stats_kernel
 from .kernels.tile_stats import _sdm_tile_stats_kernel
 from .matmul import mm_f32
-from .stats import NUM_STATS, merge_partials
+from .stats import NUM_STATS
 
 
 def interpreting() -> bool:
@@ -129,7 +130,19 @@ class TritonTiles:
             n, c0, c1, a.feats.shape[1], *strides,
             row_part.stride(0), row_part.stride(1), col_part.stride(0), col_part.stride(1),
             float(eps), REVERSE=reverse, **flags)
-        return merge_partials(row_part, reverse), merge_partials(col_part, reverse)
+        return self.merge(row_part, reverse), self.merge(col_part, reverse)
+
+    def merge(self, part: torch.Tensor, reverse: bool) -> torch.Tensor:
+        """[5, K, L] partial statistics -> [5, L] (stats.merge_partials in one launch)."""
+        _, k, length = part.shape
+        if part.stride(2) != 1:
+            part = part.contiguous()
+        out = torch.empty((NUM_STATS, length), dtype=torch.float32, device=part.device)
+        block_l = 16 if interpreting() else 128
+        _sdm_merge_stats_kernel[(triton.cdiv(length, block_l),)](
+            part, out, k, length, part.stride(0), part.stride(1), out.stride(0),
+            REVERSE=reverse, BLOCK_K=16 if interpreting() else 32, BLOCK_L=block_l, num_warps=4)
+        return out
 
     def grad(self, a, b, labels, scale_t, c0, c1, reverse, eps, lse_a, lse_b, loss_a, loss_b, ga, gb,
              want_dscale):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .stats import NUM_STATS
+from .stats import NUM_STATS, merge_partials
 
 NEG_BIG = -1.0e30
 
@@ -24,6 +24,10 @@ class TorchTiles:
 
     def workspace_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return torch.float64 if dtype == torch.float64 else torch.float32
+
+    @staticmethod
+    def merge(part: torch.Tensor, reverse: bool) -> torch.Tensor:
+        return merge_partials(part, reverse)
 
     def chunk_columns(self, kind: str, n_rows: int, n_cols: int, dtype: torch.dtype, budget_bytes: int) -> int:
         # About 8 temporaries of [N, C] live at once in the formulas below.
