@@ -36,6 +36,11 @@ Gradient convention (``grad_convention``)
         also fixes the encoders but makes the logit_scale gradient P times too large.
         Without DDP (gradients all-reduced by hand with SUM), use "global".
 
+        # a DDP training step, on every rank:
+        loss = sdm_loss_distributed(img, txt, pid, pid, logit_scale=model.logit_scale.exp(),
+                                    grad_convention="ddp")
+        loss.backward()   # after DDP's averaging: d(global loss)/d(every parameter)
+
 Strategies (layout "global")
     "allgather": g (and the small per-sample vectors) are all-gathered; each rank
         runs the tile primitives on its q rows against all M columns. Row

@@ -62,6 +62,7 @@ CASES = {
     "local_rows-dense-none": dict(layout="local_rows", labels="dense", reduction="none"),
     "local_rows-ddp-sum": dict(layout="local_rows", grad_convention="ddp", combine="sum", masks=True),
 }
+TRITON_SUFFIX = "|triton-fp32"
 ERROR_CASES = ("mismatch-D", "mismatch-kl", "mismatch-logit-scale", "mismatch-requires-grad",
                "local-invalid-input", "labels-width")
 
@@ -76,7 +77,7 @@ def _problem(case: dict, world: int, seed: int, dtype=torch.float64, device="cpu
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(n, d, generator=gen, dtype=torch.float64) * torch.rand(n, 1, generator=gen, dtype=torch.float64) * 3
     g = torch.randn(m, d, generator=gen, dtype=torch.float64) * torch.rand(m, 1, generator=gen, dtype=torch.float64) * 3
-    q[1] = 0.0   # a zero vector
+    # (no zero vector here: its 1/NORM_EPS-sized gradient would dominate the norms the errors are relative to)
     p = dict(n_sizes=n_sizes, m_sizes=m_sizes, q=q.to(dtype).to(device), g=g.to(dtype).to(device))
     if case.get("labels") is None:
         p["q_ids"] = torch.randint(0, 5, (n,), generator=gen).to(device)    # few ids: positives across ranks
@@ -181,7 +182,8 @@ def _reference(p, case, world, backend="torch"):
 
 
 def _rel(a, b, scale_norm):
-    return float((a.detach().double() - b.detach().double()).norm() / max(float(torch.as_tensor(scale_norm).detach()), 1e-30))
+    diff = (a.detach().double() - b.detach().double()).norm()
+    return float(diff / max(float(torch.as_tensor(scale_norm).detach()), 1e-30))
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,7 +312,7 @@ def _run_error_case(name, rank, world, device="cpu"):
     if name == "labels-width":
         expect = "M_global"
         width = sum(ms) + (1 if last else 0)
-        kw_labels = dict(labels=torch.ones(ns[rank], width, dtype=torch.float64))
+        kw_labels = dict(labels=torch.ones(ns[rank], width, dtype=torch.float64, device=device))
         q_ids = g_ids = None
     try:
         sdm_loss_distributed(q, g, q_ids, g_ids, **kw_labels, **kw)
@@ -334,6 +336,8 @@ def _free_port() -> int:
 
 
 def _worker(rank, world, port, out_dir, backend, gpu):
+    if not gpu:   # this child process only: the Triton kernels run in the interpreter on CPU tensors
+        os.environ["TRITON_INTERPRET"] = "1"
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
@@ -343,18 +347,19 @@ def _worker(rank, world, port, out_dir, backend, gpu):
             torch.cuda.set_device(rank)
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
         for i, (name, case) in enumerate(CASES.items()):
-            try:
-                if gpu:
-                    errs = _run_case(name, case, rank, world, 1000 + i, device=f"cuda:{rank}",
-                                     dtype=torch.float32, backend="triton", ref_backend="torch", tol=2e-5)
-                else:
-                    errs = _run_case(name, case, rank, world, 1000 + i)
-            except Exception:   # noqa: BLE001 -- recorded; the other ranks may now fail on a timeout
-                errs = [traceback.format_exc()]
-            results[name] = errs
-        if not gpu:
-            for name in ERROR_CASES:
-                results[name] = _run_error_case(name, rank, world)
+            # float64 with the torch tiles (tolerance 1e-10), then float32 with the Triton tiles
+            # (on the GPU, or interpreted on CPU; fp32 against the float64 truth: 2e-5)
+            device = f"cuda:{rank}" if gpu else "cpu"
+            runs = {name: dict(device=device),
+                    name + TRITON_SUFFIX: dict(dtype=torch.float32, backend="triton", tol=2e-5, device=device)}
+            for key, kw in runs.items():
+                try:
+                    errs = _run_case(name, case, rank, world, 1000 + i, **kw)
+                except Exception:   # noqa: BLE001 -- recorded; the other ranks may now fail on a timeout
+                    errs = [traceback.format_exc()]
+                results[key] = errs
+        for name in ERROR_CASES:
+            results[name] = _run_error_case(name, rank, world, device=f"cuda:{rank}" if gpu else "cpu")
         dist.barrier()
         dist.destroy_process_group()
     except Exception:   # noqa: BLE001
@@ -401,6 +406,13 @@ def test_matches_single_process(world, name):
 
 
 @pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("name", list(CASES))
+def test_triton_tiles_match_single_process(world, name):
+    """The same cases through the Triton tile kernels (interpreted on CPU), float32."""
+    _assert_case(_group_results(world), name + TRITON_SUFFIX, world)
+
+
+@pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("name", ERROR_CASES)
 def test_disagreement_raises_on_every_rank(world, name):
     _assert_case(_group_results(world), name, world)
@@ -427,7 +439,7 @@ def test_needs_initialised_group():
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2
                     or not dist.is_nccl_available(), reason="needs 2 CUDA GPUs and NCCL")
 def test_nccl_triton_two_gpus():
-    """The same comparison over NCCL with the Triton tile kernels (float32, tolerance 2e-5)."""
+    """Every case over NCCL on cuda:0 and cuda:1: float64 torch tiles (1e-10) and float32 Triton kernels (2e-5)."""
     results = _group_results(2, "nccl", True, 300.0)
-    for name in CASES:
+    for name in (*CASES, *(n + TRITON_SUFFIX for n in CASES), *ERROR_CASES):
         _assert_case(results, name, 2)
