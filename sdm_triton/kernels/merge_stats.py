@@ -14,7 +14,9 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# Sizes change from batch to batch (last batch, chunk bounds): no divisibility
+# specialisation on them, or every new size would compile a new kernel.
+@triton.jit(do_not_specialize=["K", "L"])
 def _sdm_merge_stats_kernel(
     part_ptr, out_ptr, K, L,
     stride_ps, stride_pk, stride_os,

@@ -24,7 +24,9 @@ import triton.language as tl
 from .tile_stats import _label_tile, _similarity_tile
 
 
-@triton.jit
+# Sizes change from batch to batch (last batch, chunk bounds): no divisibility
+# specialisation on them, or every new size would compile a new kernel.
+@triton.jit(do_not_specialize=["N", "col_start", "col_end"])
 def _sdm_tile_grad_kernel(
     a_ptr, b_ptr, dot_ptr, ra_ptr, rb_ptr, scale_ptr,
     a_ids_ptr, b_ids_ptr, labels_ptr,

@@ -89,7 +89,9 @@ def _label_tile(
     return tl.where(both, y, 0.0)
 
 
-@triton.jit
+# Sizes change from batch to batch (last batch, chunk bounds): no divisibility
+# specialisation on them, or every new size would compile a new kernel.
+@triton.jit(do_not_specialize=["N", "col_start", "col_end"])
 def _sdm_tile_stats_kernel(
     a_ptr, b_ptr, dot_ptr, ra_ptr, rb_ptr, scale_ptr,
     a_ids_ptr, b_ids_ptr, labels_ptr,
