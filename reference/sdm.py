@@ -68,6 +68,12 @@ def sdm_loss(
 
 
 def _sdm_materialised(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, opts: SDMOptions):
+    # fp32 (float64) math even inside a torch.autocast region: the seed's lesson
+    with torch.autocast(q.device.type, enabled=False):
+        return _sdm_fp32(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, opts)
+
+
+def _sdm_fp32(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, opts: SDMOptions):
     n, m = q.shape[0], g.shape[0]
     ct = compute_dtype(q.dtype)
     qf, gf = q.to(ct), g.to(ct)

@@ -17,6 +17,7 @@ from reference.options import (
     validate_inputs,
 )
 
+from . import ops
 from .autograd import DEFAULT_WORKSPACE_BYTES, SDMRowsFunction
 from .torch_backend import TorchTiles
 
@@ -103,10 +104,16 @@ def sdm_loss(
         _check_values(q, g, labels, scale)
     tiles = _pick_tiles(backend, q, tile_config)
     logit_scale_t = scale if isinstance(scale, torch.Tensor) else None
-    scale_value = None if logit_scale_t is not None else scale
+    scale_value = 0.0 if logit_scale_t is not None else scale
 
-    loss_q, loss_g, valid_q, valid_g, pos_q, pos_g = SDMRowsFunction.apply(
-        q, g, logit_scale_t, scale_value, q_ids, g_ids, labels, q_mask, g_mask, opts, tiles, workspace_bytes)
+    if torch.compiler.is_compiling():
+        # torch.compile sees one custom op with a registered backward (no graph break)
+        loss_q, loss_g, valid_q, valid_g, pos_q, pos_g, _, _ = ops.sdm_rows(
+            q, g, logit_scale_t, scale_value, q_ids, g_ids, labels, q_mask, g_mask, opts.kl, float(opts.eps),
+            opts.normalize, tiles.name, tile_config or "", int(workspace_bytes))
+    else:
+        loss_q, loss_g, valid_q, valid_g, pos_q, pos_g = SDMRowsFunction.apply(
+            q, g, logit_scale_t, scale_value, q_ids, g_ids, labels, q_mask, g_mask, opts, tiles, workspace_bytes)
     out = reduce_rows(
         loss_q if opts.wants_q2g else None, valid_q if opts.wants_q2g else None,
         loss_g if opts.wants_g2q else None, valid_g if opts.wants_g2q else None, opts)

@@ -95,33 +95,29 @@ def grad_pass(tiles, side_a, side_b, labels, scale_t, opts: SDMOptions, lse_a, l
             dscale += ds_cos.to(dscale.dtype)
 
 
-class SDMRowsFunction(torch.autograd.Function):
-    """(q, g, logit_scale) -> per-row losses (q->g [N], g->q [M]), validity, positive probability."""
+def rows_forward(q, g, logit_scale, scale_value, q_ids, g_ids, labels, q_mask, g_mask,
+                 opts: SDMOptions, tiles, workspace_bytes: int):
+    """Per-row losses of both directions. Returns (outputs, saved) where outputs =
+    (loss_q, loss_g, valid_q, valid_g, pos_q, pos_g, lse_q, lse_g) and saved = (side_q, side_g, scale_t).
 
-    @staticmethod
-    def forward(ctx, q, g, logit_scale, scale_value, q_ids, g_ids, labels, q_mask, g_mask,
-                opts: SDMOptions, tiles, workspace_bytes: int):
+    Autocast is off inside: the similarities must be computed in fp32 whatever the
+    surrounding autocast region asks for (the seed's lesson).
+    """
+    with torch.autocast(q.device.type, enabled=False):
         side_q, side_g = prepare_sides(q, g, q_ids, g_ids, labels, q_mask, g_mask, opts.normalize)
         scale_t = scale_tensor(logit_scale, scale_value, compute_dtype(q.dtype), q.device)
         row_state, col_stats = stats_pass(tiles, side_q, side_g, labels, scale_t, opts, workspace_bytes)
         loss_q, lse_q, pos_q = finish_rows(row_state, side_q.row_valid, side_q.ylogy, opts.reverse)
         loss_g, lse_g, pos_g = finish_rows(col_stats, side_g.row_valid, side_g.ylogy, opts.reverse)
+    outputs = (loss_q, loss_g, side_q.row_valid, side_g.row_valid, pos_q, pos_g, lse_q, lse_g)
+    return outputs, (side_q, side_g, scale_t)
 
-        ctx.sides = (side_q, side_g)
-        ctx.labels = labels
-        ctx.scale_t = scale_t
-        ctx.save_for_backward(lse_q, lse_g, loss_q, loss_g)
-        ctx.opts, ctx.tiles, ctx.workspace_bytes = opts, tiles, workspace_bytes
-        ctx.has_logit_scale = logit_scale is not None
-        ctx.scale_dtype = logit_scale.dtype if logit_scale is not None else None
-        ctx.mark_non_differentiable(side_q.row_valid, side_g.row_valid, pos_q, pos_g)
-        return loss_q, loss_g, side_q.row_valid, side_g.row_valid, pos_q, pos_g
 
-    @staticmethod
-    def backward(ctx, d_loss_q, d_loss_g, _vq, _vg, _pq, _pg):
-        side_q, side_g = ctx.sides
-        lse_q, lse_g, loss_q, loss_g = ctx.saved_tensors
-        opts, tiles = ctx.opts, ctx.tiles
+def rows_backward(side_q, side_g, scale_t, labels, opts: SDMOptions, tiles, workspace_bytes: int,
+                  lse_q, lse_g, loss_q, loss_g, d_loss_q, d_loss_g, want_q: bool, want_g: bool,
+                  want_scale: bool):
+    """(dq, dg, d_scale) from the upstream gradients of the per-row losses; each None if not wanted."""
+    with torch.autocast(side_q.feats.device.type, enabled=False):
         q = side_q.feats
         n, m, d = q.shape[0], side_g.feats.shape[0], q.shape[1]
         ct = lse_q.dtype
@@ -131,19 +127,16 @@ class SDMRowsFunction(torch.autograd.Function):
         g_max = torch.maximum(ga.abs().amax(), gb.abs().amax()).clamp_min(torch.finfo(ct).tiny)
         ga, gb = ga / g_max, gb / g_max
 
-        want_q, want_g, want_scale = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         ws_dtype = tiles.workspace_dtype(q.dtype)
         q_hat = normalized_features(side_q, ws_dtype)
         g_hat = normalized_features(side_g, ws_dtype)
-        dq_hat = torch.zeros((n, d), dtype=ct, device=q.device)
-        dg_hat = torch.zeros((m, d), dtype=ct, device=q.device)
+        dq_hat = torch.zeros((n, d), dtype=ct, device=q.device) if want_q else None
+        dg_hat = torch.zeros((m, d), dtype=ct, device=q.device) if want_g else None
         dscale = torch.zeros((n,), dtype=ct, device=q.device) if want_scale else None
+        grad_pass(tiles, side_q, side_g, labels, scale_t, opts, lse_q, lse_g, loss_q, loss_g, ga, gb,
+                  q_hat, g_hat, dq_hat, dg_hat, dscale, workspace_bytes)
 
-        grad_pass(tiles, side_q, side_g, ctx.labels, ctx.scale_t, opts, lse_q, lse_g, loss_q, loss_g, ga, gb,
-                  q_hat, g_hat, dq_hat if want_q else None, dg_hat if want_g else None, dscale,
-                  ctx.workspace_bytes)
-
-        factor = ctx.scale_t * g_max   # dS was divided by g_max; dS/dx_hat carries the scale s
+        factor = scale_t * g_max   # dS was divided by g_max; dS/dx_hat carries the scale s
         dq = dg = d_scale = None
         if want_q:
             dq = _cast_saturating(normalization_backward(side_q, dq_hat * factor, opts.normalize), q.dtype)
@@ -151,5 +144,39 @@ class SDMRowsFunction(torch.autograd.Function):
             dg = _cast_saturating(normalization_backward(side_g, dg_hat * factor, opts.normalize),
                                   side_g.feats.dtype)
         if want_scale:
-            d_scale = (dscale.sum() * g_max).to(ctx.scale_dtype)
+            d_scale = dscale.sum() * g_max
+    return dq, dg, d_scale
+
+
+class SDMRowsFunction(torch.autograd.Function):
+    """(q, g, logit_scale) -> per-row losses (q->g [N], g->q [M]), validity, positive probability.
+
+    The eager path (no dispatcher overhead); under torch.compile, `ops.py` registers the
+    same two functions as custom ops.
+    """
+
+    @staticmethod
+    def forward(ctx, q, g, logit_scale, scale_value, q_ids, g_ids, labels, q_mask, g_mask,
+                opts: SDMOptions, tiles, workspace_bytes: int):
+        outputs, (side_q, side_g, scale_t) = rows_forward(q, g, logit_scale, scale_value, q_ids, g_ids, labels,
+                                                          q_mask, g_mask, opts, tiles, workspace_bytes)
+        loss_q, loss_g, valid_q, valid_g, pos_q, pos_g, lse_q, lse_g = outputs
+        ctx.sides = (side_q, side_g)
+        ctx.labels = labels
+        ctx.scale_t = scale_t
+        ctx.save_for_backward(lse_q, lse_g, loss_q, loss_g)
+        ctx.opts, ctx.tiles, ctx.workspace_bytes = opts, tiles, workspace_bytes
+        ctx.scale_dtype = logit_scale.dtype if logit_scale is not None else None
+        ctx.mark_non_differentiable(valid_q, valid_g, pos_q, pos_g)
+        return loss_q, loss_g, valid_q, valid_g, pos_q, pos_g
+
+    @staticmethod
+    def backward(ctx, d_loss_q, d_loss_g, _vq, _vg, _pq, _pg):
+        side_q, side_g = ctx.sides
+        lse_q, lse_g, loss_q, loss_g = ctx.saved_tensors
+        dq, dg, d_scale = rows_backward(side_q, side_g, ctx.scale_t, ctx.labels, ctx.opts, ctx.tiles,
+                                        ctx.workspace_bytes, lse_q, lse_g, loss_q, loss_g, d_loss_q, d_loss_g,
+                                        *ctx.needs_input_grad[:3])
+        if d_scale is not None:
+            d_scale = d_scale.to(ctx.scale_dtype)
         return dq, dg, d_scale, None, None, None, None, None, None, None, None, None

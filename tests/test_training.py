@@ -1,0 +1,88 @@
+"""Training integration: torch.compile without graph breaks, autocast, the custom ops' registration."""
+
+import pytest
+import torch
+
+import reference
+import sdm_triton
+from sdm_triton import ops
+
+CUDA = torch.cuda.is_available()
+
+
+def _case(n=20, m=24, d=16, device="cpu", dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, d, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    g = torch.randn(m, d, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    qi = torch.randint(0, 5, (n,), generator=gen).to(device)
+    gi = torch.randint(0, 5, (m,), generator=gen).to(device)
+    qm = (torch.rand(n, generator=gen) > 0.2).to(device)
+    ls = torch.tensor(10.0, device=device, requires_grad=True)
+    return q, g, qi, gi, qm, ls
+
+
+def _grads(fn, q, g, qi, gi, qm, ls):
+    for t in (q, g, ls):
+        t.grad = None
+    loss = fn(q, g, qi, gi, ls, qm)
+    loss.backward()
+    return loss.detach(), q.grad.clone(), g.grad.clone(), ls.grad.clone()
+
+
+def _compiled_equals_eager(backend, device):
+    def step(q, g, qi, gi, ls, qm):
+        return sdm_triton.sdm_loss(q, g, qi, gi, logit_scale=ls, q_mask=qm, kl="reverse", backend=backend)
+
+    case = _case(device=device)
+    eager = _grads(step, *case)
+    torch._dynamo.reset()
+    compiled = _grads(torch.compile(step, fullgraph=True), *case)   # fullgraph: a graph break raises
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_compile_fullgraph_torch_backend_cpu():
+    _compiled_equals_eager("torch", "cpu")
+
+
+@pytest.mark.gpu
+def test_compile_fullgraph_triton_backend_gpu():
+    _compiled_equals_eager("triton", "cuda")
+
+
+def test_custom_ops_pass_opcheck():
+    """Schema, fake (meta) implementation and autograd registration agree with the real op."""
+    q, g, qi, gi, qm, ls = _case(n=6, m=7, d=5)
+    args = (q, g, ls, 0.0, qi, gi, None, qm, None, "forward", 1e-8, True, "torch", "", 1 << 26)
+    torch.library.opcheck(ops.sdm_rows, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_computes_in_fp32(dtype):
+    """Under autocast the loss is still computed in fp32 from the given features: the same
+    value as outside autocast on the same (half-valued) inputs, fp32 output, no NaN."""
+    q, g, qi, gi, qm, ls = _case(n=24, m=30, d=12, dtype=dtype)
+    # features whose fp16 products would underflow / lose the logits if S were computed in half
+    with torch.no_grad():
+        q.mul_(1e-3)
+    plain = sdm_triton.sdm_loss(q, g, qi, gi, temperature=0.005, q_mask=qm)
+    with torch.autocast("cpu", dtype=dtype):
+        under = sdm_triton.sdm_loss(q, g, qi, gi, temperature=0.005, q_mask=qm)
+        ref_under = reference.sdm_loss(q, g, qi, gi, temperature=0.005, q_mask=qm)
+    truth = reference.sdm_loss(q.double(), g.double(), qi, gi, temperature=0.005, q_mask=qm)
+    assert under.dtype == torch.float32 and ref_under.dtype == torch.float32
+    assert torch.isfinite(under)
+    assert torch.equal(under, plain)
+    assert abs(under.double() - truth) <= 1e-5 * truth.abs()
+    assert abs(ref_under.double() - truth) <= 1e-5 * truth.abs()
+
+
+def test_autocast_fp32_features_from_a_half_model():
+    """fp32 features inside an autocast region (a matmul there would run in bf16): unchanged loss."""
+    q, g, qi, gi, qm, ls = _case(n=16, m=16, d=32)
+    plain = sdm_triton.sdm_loss(q, g, qi, gi, temperature=0.02)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = sdm_triton.sdm_loss(q, g, qi, gi, temperature=0.02)
+        under.backward()
+    assert torch.equal(under, plain)
+    assert q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
