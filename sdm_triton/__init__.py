@@ -14,5 +14,14 @@ __all__ = [
     "sdm_loss", "SDMLoss", "SDMStats", "SDMOptions", "SDMRowLosses", "BACKENDS",
     "SpikeDetector", "feature_norm_penalty", "check_finite",
     "SDMPreset", "PRESETS", "get_preset", "preset_kwargs", "preset_loss", "seed_temperature", "tbps_logit_scale",
+    "sdm_loss_distributed",
 ]
+
+
+def __getattr__(name):
+    # torch.distributed is imported only by whoever uses it
+    if name == "sdm_loss_distributed":
+        from .distributed import sdm_loss_distributed
+        return sdm_loss_distributed
+    raise AttributeError(name)
 __version__ = "0.1.0"
