@@ -110,8 +110,21 @@ def _backend(name, fn, value_check_kwargs):
                    value_check_kwargs=value_check_kwargs, dtypes=dtypes)
 
 
+def _names(variable):
+    return [name for name in os.environ.get(variable, "").split(",") if name]
+
+
+_SELECTED = _names("SDM_BACKENDS")
+
+
+def _wanted(name):
+    return not _SELECTED or name in _SELECTED
+
+
 def _registry():
-    backends = {"reference": _backend("reference", reference.sdm_loss, {})}
+    backends = {}
+    if _wanted("reference"):
+        backends["reference"] = _backend("reference", reference.sdm_loss, {})
     try:
         import sdm_triton
     except ImportError as exc:
@@ -121,19 +134,15 @@ def _registry():
         return backends, "sdm_triton has no sdm_loss"
     checks = {"check_values": True} if "check_values" in inspect.signature(fn).parameters else None
     for name in ("torch", "triton"):
-        backends[name] = _backend(name, functools.partial(fn, backend=name), checks)
+        if _wanted(name):
+            backends[name] = _backend(name, functools.partial(fn, backend=name), checks)
     return backends, None
 
 
 BACKENDS, MISSING_REASON = _registry()
-
-_required = [b for b in os.environ.get("SDM_REQUIRE_BACKENDS", "").split(",") if b]
-_absent = [b for b in _required if b not in BACKENDS]
+_absent = [name for name in _names("SDM_REQUIRE_BACKENDS") if name not in BACKENDS]
 if _absent:
     raise RuntimeError(f"SDM_REQUIRE_BACKENDS asks for {_absent}, not registered: {MISSING_REASON}")
-_selected = [b for b in os.environ.get("SDM_BACKENDS", "").split(",") if b]
-if _selected:
-    BACKENDS = {name: BACKENDS[name] for name in _selected if name in BACKENDS}
 
 
 @pytest.fixture(scope="session", params=list(BACKENDS), ids=str)
