@@ -7,7 +7,7 @@ backend. "reference" (``reference.sdm_loss``) is always there; "torch" and "trit
 
 * ``SDM_BACKENDS=reference,torch``   run only these backends;
 * ``SDM_REQUIRE_BACKENDS=torch,triton``  fail at start-up when one of them cannot be
-  registered (CI sets it so a broken ``import sdm_triton`` cannot pass silently);
+  registered (.ci/run sets it, so a broken ``import sdm_triton`` cannot pass silently);
 * ``SDM_HYPOTHESIS_PROFILE=ci|thorough|gpu``  (default ``ci``, see below).
 
 Without CUDA, Triton runs in its interpreter (``TRITON_INTERPRET=1``, set here before
