@@ -84,15 +84,35 @@ def grad_pass(tiles, side_a, side_b, labels, scale_t, opts: SDMOptions, lse_a, l
     """
     n, m = side_a.feats.shape[0], side_b.feats.shape[0]
     width = tiles.chunk_columns("grad", n, m, side_a.feats.dtype, workspace_bytes)
+    half = tiles.split_dtype(side_a.feats.dtype)
+    if half is not None and db_hat is not None:
+        a_parts = _split(a_hat, half)
     for c0, c1 in _chunks(m, width):
-        ds, ds_cos = tiles.grad(side_a, side_b, labels, scale_t, c0, c1, opts.reverse, opts.eps,
-                                lse_a, lse_b, loss_a, loss_b, ga, gb, dscale is not None)
-        if da_hat is not None:
-            addmm_f32(da_hat, ds, b_hat[c0:c1])
-        if db_hat is not None:
-            addmm_f32(db_hat[c0:c1], ds.T, a_hat)
+        ds, ds_lo, ds_cos = tiles.grad(side_a, side_b, labels, scale_t, c0, c1, opts.reverse, opts.eps,
+                                       lse_a, lse_b, loss_a, loss_b, ga, gb, dscale is not None)
+        if half is None:
+            if da_hat is not None:
+                addmm_f32(da_hat, ds, b_hat[c0:c1])
+            if db_hat is not None:
+                addmm_f32(db_hat[c0:c1], ds.T, a_hat)
+        else:
+            # (ds + ds_lo) @ (x_hi + x_lo) without the lo @ lo term: ~fp32 accuracy, half tensor cores
+            if da_hat is not None:
+                b_hi, b_lo = _split(b_hat[c0:c1], half)
+                for x, y in ((ds, b_hi), (ds_lo, b_hi), (ds, b_lo)):
+                    addmm_f32(da_hat, x, y)
+            if db_hat is not None:
+                a_hi, a_lo = a_parts
+                for x, y in ((ds, a_hi), (ds_lo, a_hi), (ds, a_lo)):
+                    addmm_f32(db_hat[c0:c1], x.T, y)
         if dscale is not None:
             dscale += ds_cos.to(dscale.dtype)
+
+
+def _split(x: torch.Tensor, half: torch.dtype):
+    """x (fp32) = hi + lo with hi, lo in ``half`` (lo holds the next ~8-11 bits)."""
+    hi = x.to(half)
+    return hi, (x - hi.to(x.dtype)).to(half)
 
 
 def rows_forward(q, g, logit_scale, scale_value, q_ids, g_ids, labels, q_mask, g_mask,
@@ -120,9 +140,9 @@ def rows_backward(side_q, side_g, scale_t, labels, opts: SDMOptions, tiles, work
     with torch.autocast(side_q.feats.device.type, enabled=False):
         q = side_q.feats
         n, m, d = q.shape[0], side_g.feats.shape[0], q.shape[1]
-        ct = lse_q.dtype
-        ga = upstream_rows(d_loss_q, side_q.row_valid, lse_q)
-        gb = upstream_rows(d_loss_g, side_g.row_valid, lse_g)
+        ct = loss_q.dtype   # (lse_* are float64: see stats.finish_rows)
+        ga = upstream_rows(d_loss_q, side_q.row_valid, loss_q)
+        gb = upstream_rows(d_loss_g, side_g.row_valid, loss_g)
         # Normalise the upstream gradients so dS is O(1): safe to hold in an fp16 workspace.
         g_max = torch.maximum(ga.abs().amax(), gb.abs().amax()).clamp_min(torch.finfo(ct).tiny)
         ga, gb = ga / g_max, gb / g_max

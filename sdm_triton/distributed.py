@@ -368,6 +368,9 @@ class _SDMDistributedRows(torch.autograd.Function):
             loss_q, lse_q, pos_q = finish_rows(row_stats, side_q.row_valid, side_q.ylogy, opts.reverse)
             loss_g_all, lse_g_all, pos_g_all = finish_rows(col_stats, side_g_all.row_valid, side_g_all.ylogy,
                                                            opts.reverse)
+            # the distributed path keeps lse in the compute dtype (it travels through collectives
+            # stacked with other compute-dtype vectors); the single-process path keeps float64
+            lse_q, lse_g_all = lse_q.to(loss_q.dtype), lse_g_all.to(loss_q.dtype)
             side_g = _slice_side(side_g_all, g0, g0 + m)
             loss_g, pos_g = loss_g_all[g0: g0 + m].clone(), pos_g_all[g0: g0 + m].clone()
             ctx.side_g_all = side_g_all
@@ -392,6 +395,7 @@ class _SDMDistributedRows(torch.autograd.Function):
                                    lambda s: ((5, comm.g_sizes[s % comm.world]), ct))
             loss_q, lse_q, pos_q = finish_rows(state["rows"], side_q.row_valid, side_q.ylogy, opts.reverse)
             loss_g, lse_g, pos_g = finish_rows(col_stats, side_g.row_valid, side_g.ylogy, opts.reverse)
+            lse_q, lse_g = lse_q.to(loss_q.dtype), lse_g.to(loss_q.dtype)   # see the allgather branch
             ctx.save_for_backward(lse_q, loss_q, lse_g, loss_g)
 
         ctx.sides = (side_q, side_g)
@@ -410,8 +414,8 @@ class _SDMDistributedRows(torch.autograd.Function):
         # requires_grad agrees across ranks (checked in forward), so every rank runs the same collectives.
         want_q, want_g, want_scale = ctx.needs_input_grad[:3]
         lse_q, loss_q, lse_g, loss_g = ctx.saved_tensors
-        ct = lse_q.dtype
-        ga = upstream_rows(d_loss_q, side_q.row_valid, lse_q)                # [N_r]
+        ct = loss_q.dtype   # (lse_* are float64: see stats.finish_rows)
+        ga = upstream_rows(d_loss_q, side_q.row_valid, loss_q)                # [N_r]
         gb = upstream_rows(d_loss_g, side_g.row_valid, side_g.inv_ysum)      # [M_r]
         ws_dtype = tiles.workspace_dtype(q.dtype)
         q_hat = normalized_features(side_q, ws_dtype)

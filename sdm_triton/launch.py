@@ -82,14 +82,19 @@ class TritonTiles:
                              "on CPU, or set TRITON_INTERPRET=1 before importing triton to interpret the kernels")
 
     def workspace_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        return dtype
+        """dtype of the normalised features handed to grad_pass (fp32: it splits them itself)."""
+        return torch.float32
+
+    def split_dtype(self, dtype: torch.dtype):
+        """Half dtype in which dS and the features are split hi + lo for the products (None: fp32)."""
+        return dtype if dtype in (torch.float16, torch.bfloat16) else None
 
     def chunk_columns(self, kind: str, n_rows: int, n_cols: int, dtype: torch.dtype, budget_bytes: int) -> int:
         """Columns per chunk so that the chunk's workspace stays within ``budget_bytes``."""
         cfg = self.config
         per_col = 0 if cfg.fused_dot else 4 * n_rows                 # fp32 dot chunk [N, C]
-        if kind == "grad":                                            # + the dS workspace [N, C]
-            per_col += n_rows * torch.empty((), dtype=self.workspace_dtype(dtype)).element_size()
+        if kind == "grad":            # + the dS workspace [N, C]: fp32, or hi + lo of a half dtype
+            per_col += 4 * n_rows
         else:                # + row and column partials (fp32) and their merge temporaries
             per_col += 3 * NUM_STATS * 4 * (triton.cdiv(n_rows, cfg.block_n) + triton.cdiv(n_rows, cfg.block_m))
         cols = max(cfg.block_n, (budget_bytes // max(1, per_col)) // cfg.block_n * cfg.block_n)
@@ -149,11 +154,13 @@ class TritonTiles:
         grid, args, strides, flags = self._common(a, b, labels, scale_t, c0, c1)
         n = a.feats.shape[0]
         dev = a.feats.device
-        ds = torch.empty((n, c1 - c0), dtype=self.workspace_dtype(a.feats.dtype), device=dev)
+        half = self.split_dtype(a.feats.dtype)
+        ds = torch.empty((n, c1 - c0), dtype=half or torch.float32, device=dev)
+        ds_lo = torch.empty_like(ds) if half is not None else ds
         dscale_part = torch.empty((grid[1], n) if want_dscale else (1, 1), dtype=torch.float32, device=dev)
         _sdm_tile_grad_kernel[grid](
-            *args, lse_a, lse_b, loss_a, loss_b, ga, gb, ds, dscale_part,
+            *args, lse_a, lse_b, loss_a, loss_b, ga, gb, ds, ds_lo, dscale_part,
             n, c0, c1, a.feats.shape[1], *strides,
             ds.stride(0), ds.stride(1), dscale_part.stride(0),
-            float(eps), REVERSE=reverse, WANT_DSCALE=want_dscale, **flags)
-        return ds, (dscale_part.sum(0) if want_dscale else None)
+            float(eps), REVERSE=reverse, WANT_DSCALE=want_dscale, SPLIT=half is not None, **flags)
+        return ds, (ds_lo if half is not None else None), (dscale_part.sum(0) if want_dscale else None)

@@ -58,7 +58,7 @@ def _sdm_rows_fake(q, g, logit_scale, scale_value, q_ids, g_ids, labels, q_mask,
     rows_q, rows_g = q.new_empty((n,), dtype=ct), g.new_empty((m,), dtype=ct)
     return (rows_q, rows_g, q.new_empty((n,), dtype=torch.bool), g.new_empty((m,), dtype=torch.bool),
             q.new_empty((n,), dtype=ct), g.new_empty((m,), dtype=ct),
-            q.new_empty((n,), dtype=ct), g.new_empty((m,), dtype=ct))
+            q.new_empty((n,), dtype=torch.float64), g.new_empty((m,), dtype=torch.float64))  # lse: float64
 
 
 @torch.library.custom_op(_ROWS_BWD, mutates_args=())
@@ -77,7 +77,7 @@ def sdm_rows_backward(d_loss_q: Tensor, d_loss_g: Tensor, q: Tensor, g: Tensor, 
                                     workspace_bytes, lse_q, lse_g, loss_q, loss_g, d_loss_q, d_loss_g,
                                     True, True, want_scale)
     if d_scale is None:
-        d_scale = lse_q.new_zeros(())
+        d_scale = loss_q.new_zeros(())
     return dq, dg, d_scale
 
 
@@ -85,7 +85,7 @@ def sdm_rows_backward(d_loss_q: Tensor, d_loss_g: Tensor, q: Tensor, g: Tensor, 
 def _sdm_rows_backward_fake(d_loss_q, d_loss_g, q, g, logit_scale, scale_value, q_ids, g_ids, labels,
                             q_mask, g_mask, lse_q, lse_g, loss_q, loss_g, kl, eps, normalize, backend,
                             tile_config, workspace_bytes):
-    return torch.empty_like(q), torch.empty_like(g), lse_q.new_empty(())
+    return torch.empty_like(q), torch.empty_like(g), loss_q.new_empty(())
 
 
 def _setup_context(ctx, inputs, output):

@@ -60,6 +60,8 @@ def finish_rows(stats: torch.Tensor, row_valid: torch.Tensor, ylogy: torch.Tenso
         loss = (log_l - stats[A] + ylogy).clamp_min(0.0)
     zero = torch.zeros_like(loss)
     loss = torch.where(row_valid, loss, zero)
-    lse = torch.where(row_valid, stats[M] + log_l, zero)
+    # float64: m + log l in fp32 would absorb a log l below ulp(m) (~1e-5 at m ~ 200), and
+    # the backward's S - lse would lose exactly the small probabilities it differentiates.
+    lse = torch.where(row_valid, stats[M].double() + log_l.double(), zero.double())
     pos_prob = torch.where(row_valid, stats[POS] / safe_l, zero)
     return loss, lse, pos_prob

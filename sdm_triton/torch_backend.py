@@ -25,6 +25,9 @@ class TorchTiles:
     def workspace_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return torch.float64 if dtype == torch.float64 else torch.float32
 
+    def split_dtype(self, dtype: torch.dtype):
+        return None
+
     @staticmethod
     def merge(part: torch.Tensor, reverse: bool) -> torch.Tensor:
         return merge_partials(part, reverse)
@@ -85,8 +88,9 @@ class TorchTiles:
         on_r = both & (inv_ya > 0)
         on_c = both & (inv_yb > 0)
         zero = torch.zeros_like(S)
-        logp_r = torch.where(on_r, S - lse_a.to(ct)[:, None], zero)
-        logp_c = torch.where(on_c, S - lse_b[c0:c1].to(ct)[None, :], zero)
+        # S - lse in float64 (lse is float64: see stats.finish_rows), then back to ct
+        logp_r = torch.where(on_r, (S.double() - lse_a[:, None]).to(ct), zero)
+        logp_c = torch.where(on_c, (S.double() - lse_b[c0:c1][None, :]).to(ct), zero)
         p_r, p_c = torch.exp(logp_r), torch.exp(logp_c)
         Y_r, Y_c = y * inv_ya, y * inv_yb
         if reverse:
@@ -97,4 +101,4 @@ class TorchTiles:
         dS = (torch.where(on_r, ga.to(ct)[:, None] * d_r, zero)
               + torch.where(on_c, gb[c0:c1].to(ct)[None, :] * d_c, zero))
         dscale = (dS * cos).sum(1) if want_dscale else None
-        return dS, dscale
+        return dS, None, dscale

@@ -9,7 +9,11 @@ For row i (side a) and column j (side b), with the saved log-sum-exps and row lo
     dS_ij = ga_i * d_r + gb_j * d_c           (ga, gb: upstream gradients of the row losses,
                                                zero for invalid rows, pre-divided by g_max)
 
-Each program rebuilds one S tile (from the cuBLAS dot chunk, or with tl.dot
+For half inputs dS is stored as hi + lo, two arrays of the input dtype, so the
+launcher's products (hi + lo) @ (x_hi + x_lo) ~ hi@x_hi + lo@x_hi + hi@x_lo keep about
+fp32 accuracy on the tensor cores: rounding dS and the normalised features to bf16
+alone lost the small tangential gradients when the normalisation backward cancels
+the radial part (found by the property tests at s = 200). Each program rebuilds one S tile (from the cuBLAS dot chunk, or with tl.dot
 when FUSED_DOT) and writes dS (in the workspace dtype) to the
 chunk workspace; the launcher turns it into gradients with two cuBLAS products
 (dQ_hat += dS @ G_hat, dG_hat[chunk] = dS^T @ Q_hat). Dividing ga, gb by their
@@ -32,12 +36,13 @@ def _sdm_tile_grad_kernel(
     a_ids_ptr, b_ids_ptr, labels_ptr,
     a_valid_ptr, b_valid_ptr, a_inv_ysum_ptr, b_inv_ysum_ptr,
     lse_a_ptr, lse_b_ptr, loss_a_ptr, loss_b_ptr, ga_ptr, gb_ptr,
-    ds_ptr, dscale_part_ptr,
+    ds_ptr, ds_lo_ptr, dscale_part_ptr,
     N, col_start, col_end, D,
     stride_am, stride_ad, stride_bm, stride_bd, stride_dotm, stride_dotn, stride_lm, stride_ln,
     stride_dsm, stride_dsn, stride_dscale_blk,
     eps,
     DENSE: tl.constexpr, REVERSE: tl.constexpr, FUSED_DOT: tl.constexpr, WANT_DSCALE: tl.constexpr,
+    SPLIT: tl.constexpr,
     IS_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -67,10 +72,12 @@ def _sdm_tile_grad_kernel(
     on_r = both & (inv_ya > 0)[:, None]
     on_c = both & (inv_yb > 0)[None, :]
 
-    logp_r = S - lse_a[:, None]
+    # lse is float64 (stats.finish_rows): S - lse in fp64 keeps log-probabilities near 0
+    # exact, where the small differences P - Y that the gradient is made of live
+    logp_r = (S.to(tl.float64) - lse_a[:, None]).to(tl.float32)
     p_r = tl.exp(tl.where(on_r, logp_r, 0.0))
     Y_r = y * inv_ya[:, None]
-    logp_c = S - lse_b[None, :]
+    logp_c = (S.to(tl.float64) - lse_b[None, :]).to(tl.float32)
     p_c = tl.exp(tl.where(on_c, logp_c, 0.0))
     Y_c = y * inv_yb[None, :]
     if REVERSE:
@@ -84,8 +91,18 @@ def _sdm_tile_grad_kernel(
     dS = tl.where(on_r, ga[:, None] * d_r, 0.0) + tl.where(on_c, gb[None, :] * d_c, 0.0)
 
     tile_in = row_in[:, None] & col_in[None, :]
-    tl.store(ds_ptr + offs_m[:, None] * stride_dsm + (offs_n - col_start)[None, :] * stride_dsn,
-             dS.to(ds_ptr.dtype.element_ty), mask=tile_in)
+    ds_offs = offs_m[:, None] * stride_dsm + (offs_n - col_start)[None, :] * stride_dsn
+    if SPLIT:  # dS = hi + lo, both in the half dtype: products keep ~16 bits instead of 8
+        if ds_ptr.dtype.element_ty == tl.bfloat16:
+            # hi = dS with the low 16 mantissa bits cleared: exact in bf16 (and no bf16 -> fp32
+            # conversion, which the CPU interpreter gets wrong)
+            hi32 = (dS.to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)
+        else:
+            hi32 = dS.to(ds_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(ds_ptr + ds_offs, hi32.to(ds_ptr.dtype.element_ty), mask=tile_in)
+        tl.store(ds_lo_ptr + ds_offs, (dS - hi32).to(ds_lo_ptr.dtype.element_ty), mask=tile_in)
+    else:
+        tl.store(ds_ptr + ds_offs, dS.to(ds_ptr.dtype.element_ty), mask=tile_in)
     if WANT_DSCALE:
         tl.store(dscale_part_ptr + pid_n * stride_dscale_blk + offs_m,
                  tl.sum(dS * cos, axis=1), mask=row_in)
