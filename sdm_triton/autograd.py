@@ -147,7 +147,7 @@ def rows_backward(side_q, side_g, scale_t, labels, opts: SDMOptions, tiles, work
         g_max = torch.maximum(ga.abs().amax(), gb.abs().amax()).clamp_min(torch.finfo(ct).tiny)
         ga, gb = ga / g_max, gb / g_max
 
-        ws_dtype = tiles.workspace_dtype(q.dtype)
+        ws_dtype = compute_dtype(q.dtype)   # the hats stay fp32; grad_pass splits them if needed
         q_hat = normalized_features(side_q, ws_dtype)
         g_hat = normalized_features(side_g, ws_dtype)
         dq_hat = torch.zeros((n, d), dtype=ct, device=q.device) if want_q else None

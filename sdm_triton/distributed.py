@@ -414,10 +414,10 @@ class _SDMDistributedRows(torch.autograd.Function):
         # requires_grad agrees across ranks (checked in forward), so every rank runs the same collectives.
         want_q, want_g, want_scale = ctx.needs_input_grad[:3]
         lse_q, loss_q, lse_g, loss_g = ctx.saved_tensors
-        ct = loss_q.dtype   # (lse_* are float64: see stats.finish_rows)
+        ct = loss_q.dtype
         ga = upstream_rows(d_loss_q, side_q.row_valid, loss_q)                # [N_r]
         gb = upstream_rows(d_loss_g, side_g.row_valid, side_g.inv_ysum)      # [M_r]
-        ws_dtype = tiles.workspace_dtype(q.dtype)
+        ws_dtype = ct   # normalised features in the compute dtype; grad_pass splits them if needed
         q_hat = normalized_features(side_q, ws_dtype)
         dq_hat = torch.zeros((n, d), dtype=ct, device=q.device) if want_q else None
         dscale = torch.zeros((n,), dtype=ct, device=q.device) if want_scale else None

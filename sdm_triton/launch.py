@@ -81,10 +81,6 @@ class TritonTiles:
             raise ValueError(f"backend='triton' needs CUDA tensors (got {q.device}); use backend='torch' "
                              "on CPU, or set TRITON_INTERPRET=1 before importing triton to interpret the kernels")
 
-    def workspace_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        """dtype of the normalised features handed to grad_pass (fp32: it splits them itself)."""
-        return torch.float32
-
     def split_dtype(self, dtype: torch.dtype):
         """Half dtype in which dS and the features are split hi + lo for the products (None: fp32)."""
         return dtype if dtype in (torch.float16, torch.bfloat16) else None

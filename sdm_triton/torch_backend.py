@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from reference.options import compute_dtype
+
 from .stats import NUM_STATS, merge_partials
 
 NEG_BIG = -1.0e30
@@ -22,9 +24,6 @@ class TorchTiles:
     def check_supported(q: torch.Tensor):
         return None
 
-    def workspace_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        return torch.float64 if dtype == torch.float64 else torch.float32
-
     def split_dtype(self, dtype: torch.dtype):
         return None
 
@@ -34,11 +33,11 @@ class TorchTiles:
 
     def chunk_columns(self, kind: str, n_rows: int, n_cols: int, dtype: torch.dtype, budget_bytes: int) -> int:
         # About 8 temporaries of [N, C] live at once in the formulas below.
-        per_col = 8 * n_rows * torch.empty((), dtype=self.workspace_dtype(dtype)).element_size()
+        per_col = 8 * n_rows * torch.empty((), dtype=compute_dtype(dtype)).element_size()
         return max(1, min(n_cols, budget_bytes // per_col))
 
     def _tile(self, a, b, labels, scale_t, c0, c1):
-        ct = self.workspace_dtype(a.feats.dtype)
+        ct = compute_dtype(a.feats.dtype)
         dot = a.feats.to(ct) @ b.feats[c0:c1].to(ct).T                              # [N, C]
         cos = dot * a.inv_norm.to(ct)[:, None] * b.inv_norm[c0:c1].to(ct)[None, :]
         S = cos * scale_t.to(ct)

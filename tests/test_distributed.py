@@ -370,7 +370,20 @@ def _worker(rank, world, port, out_dir, backend, gpu):
 
 @functools.lru_cache(maxsize=None)
 def _group_results(world: int, backend: str = "gloo", gpu: bool = False, deadline_s: float = 150.0):
-    """Run every case in one spawned group; {case: {rank: [errors]}}."""
+    """Run every case in one spawned group; {case: {rank: [errors]}}.
+
+    A child killed by a signal (seen: SIGABRT from gloo's C++ layer, about one full-suite
+    run in three on this 2-core machine, never reproduced in the file alone) is retried
+    once with a fresh port; a second crash fails. Every assertion still runs on the
+    retried results. The crash itself is an open question (closing note of the session).
+    """
+    try:
+        return _spawn_group(world, backend, gpu, deadline_s)
+    except mp.ProcessExitedException:
+        return _spawn_group(world, backend, gpu, deadline_s)
+
+
+def _spawn_group(world: int, backend: str, gpu: bool, deadline_s: float):
     out_dir = tempfile.mkdtemp(prefix="sdm_dist_")
     ctx = mp.start_processes(_worker, args=(world, _free_port(), out_dir, backend, gpu), nprocs=world,
                              join=False, start_method="spawn")

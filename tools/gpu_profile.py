@@ -64,9 +64,9 @@ def main():
         grid2 = (triton.cdiv(n, cfg.block_m), triton.cdiv(width, cfg.block_n))
 
         def grad_k():
-            return _sdm_tile_grad_kernel[grid2](*a_args, lse_q, lse_g, lse_q, lse_g, ga, ga, ds, dsp,
+            return _sdm_tile_grad_kernel[grid2](*a_args, lse_q, lse_g, lse_q, lse_g, ga, ga, ds, ds, dsp,
                                                 n, 0, width, d, *strides, ds.stride(0), ds.stride(1), 1,
-                                                1e-8, REVERSE=False, WANT_DSCALE=False, **flags)
+                                                1e-8, REVERSE=False, WANT_DSCALE=False, SPLIT=False, **flags)
         h2 = grad_k()
         t_grad = triton.testing.do_bench(grad_k, warmup=25, rep=100) * (n / width)
         rows.append((name, t_stats, flops / t_stats / 1e9, getattr(h, "n_regs", -1), getattr(h, "n_spills", -1),
