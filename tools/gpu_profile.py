@@ -99,7 +99,7 @@ def main():
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
     print(f"cuBLAS bf16 mm {t_mm:.3f} ms ({flops / t_mm / 1e9:.0f} TFLOP/s); fp32-out mm {t_mm32:.3f} ms; "
           f"logsumexp over fp32 [N,N] {t_lse:.3f} ms")
-    print(f"| config | stats ms | TFLOP/s | regs | spills | grad ms (full M) | regs | spills |")
+    print("| config | stats ms | TFLOP/s | regs | spills | grad ms (full M) | regs | spills |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]:.3f} | {r[2]:.0f} | {r[3]} | {r[4]} | {r[5]:.3f} | {r[6]} | {r[7]} |")

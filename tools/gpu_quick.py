@@ -13,7 +13,6 @@ import triton
 
 import reference
 import sdm_triton
-from sdm_triton.launch import TILE_CONFIGS
 
 
 def rel(a, b):
