@@ -2,9 +2,10 @@
 
 Forward:  prepare both sides -> for each column chunk, tile statistics of both
           directions -> merge -> per-row losses of q->g and g->q (+ lse, kept for backward).
-Backward: for each column chunk, the backend writes dL/dS into a bounded
-          workspace; two matrix products turn it into dL/dq_hat and dL/dg_hat;
-          the normalisation backward gives dL/dq, dL/dg; sum dS * cos gives dL/ds.
+Backward: for each column chunk, the backend writes W = dL/dS scaled by both inverse
+          norms into a bounded workspace; products with the raw features give
+          inv_norm * dL/dx_hat for both sides, the projection off x_hat gives dL/dq,
+          dL/dg; sum dS * cos gives dL/ds.
 
 Outputs are the per-row losses of both directions, so every reduction, a
 per-sample weighting and grad_output != 1 are handled by autograd upstream.
@@ -17,9 +18,9 @@ import torch
 
 from reference.options import SDMOptions, compute_dtype
 
-from .matmul import addmm_f32
-from .prepare import normalization_backward, normalized_features, prepare_sides
-from .stats import NUM_STATS, finish_rows
+from .matmul import addmm_f32, mm_f32
+from .prepare import prepare_sides, product_operand, projected_gradient
+from .stats import NUM_STATS, finish_rows, split_lse
 
 #: Bytes of workspace one chunk may use (dS chunk in backward; partial statistics in forward).
 DEFAULT_WORKSPACE_BYTES = 64 * 2**20
@@ -76,43 +77,39 @@ def stats_pass(tiles, side_a, side_b, labels, scale_t, opts: SDMOptions, workspa
 
 
 def grad_pass(tiles, side_a, side_b, labels, scale_t, opts: SDMOptions, lse_a, lse_b, loss_a, loss_b, ga, gb,
-              a_hat, b_hat, da_hat, db_hat, dscale, workspace_bytes: int):
-    """Accumulate dS @ b_hat into ``da_hat``, dS.T @ a_hat into ``db_hat`` and sum_j dS * cos into ``dscale``.
+              ua, ub, dscale, workspace_bytes: int, a_op=None, b_op=None):
+    """Accumulate W @ b' into ``ua``, W.T @ a' into ``ub`` and sum_j dS * cos into ``dscale``.
 
-    dS [n_a, n_b] is produced chunk by chunk by the tile backend from the upstream
-    row gradients ``ga`` [n_a], ``gb`` [n_b]; any of the three accumulators may be None.
+    W = dS * pa_i * pb_j (kernels/tile_grad.py) comes chunk by chunk from the tile
+    backend, given the upstream row gradients ``ga`` [n_a], ``gb`` [n_b]; x' and p are the
+    product operands of `prepare.product_operand` (``a_op``, ``b_op`` = (x', p), computed
+    here when not given), so ua = pa * dL/da_hat in units of g_max / s, which
+    `prepare.projected_gradient` turns into dL/da. ``lse_a``, ``lse_b``: float64
+    log-sum-exps, or (hi, lo) pairs from `stats.split_lse`. Any of the three accumulators
+    may be None.
     """
     n, m = side_a.feats.shape[0], side_b.feats.shape[0]
+    ct = compute_dtype(side_a.feats.dtype)
+    gemm_dtype = tiles.gemm_dtype(side_a.feats.dtype) or ct
+    a_x, pa = a_op if a_op is not None else product_operand(side_a, gemm_dtype)[:2]
+    b_x, pb = b_op if b_op is not None else product_operand(side_b, gemm_dtype)[:2]
     width = tiles.chunk_columns("grad", n, m, side_a.feats.dtype, workspace_bytes)
-    half = tiles.split_dtype(side_a.feats.dtype)
-    if half is not None and db_hat is not None:
-        a_parts = _split(a_hat, half)
+    lse_a, lse_b = (x if isinstance(x, tuple) else split_lse(x, ct) for x in (lse_a, lse_b))
     for c0, c1 in _chunks(m, width):
-        ds, ds_lo, ds_cos = tiles.grad(side_a, side_b, labels, scale_t, c0, c1, opts.reverse, opts.eps,
-                                       lse_a, lse_b, loss_a, loss_b, ga, gb, dscale is not None)
-        if half is None:
-            if da_hat is not None:
-                addmm_f32(da_hat, ds, b_hat[c0:c1])
-            if db_hat is not None:
-                addmm_f32(db_hat[c0:c1], ds.T, a_hat)
-        else:
-            # (ds + ds_lo) @ (x_hi + x_lo) without the lo @ lo term: ~fp32 accuracy, half tensor cores
-            if da_hat is not None:
-                b_hi, b_lo = _split(b_hat[c0:c1], half)
-                for x, y in ((ds, b_hi), (ds_lo, b_hi), (ds, b_lo)):
-                    addmm_f32(da_hat, x, y)
-            if db_hat is not None:
-                a_hi, a_lo = a_parts
-                for x, y in ((ds, a_hi), (ds_lo, a_hi), (ds, a_lo)):
-                    addmm_f32(db_hat[c0:c1], x.T, y)
+        ws, n_parts, ds_cos = tiles.grad(side_a, side_b, labels, scale_t, c0, c1, opts.reverse, opts.eps,
+                                         lse_a, lse_b, loss_a, loss_b, ga, gb, pa, pb, dscale is not None)
+        # The workspace [n, P * w] holds W's P parts (hi, lo) side by side, so W_hi @ b' + W_lo @ b'
+        # is ONE product with K = P * w: one read-modify-write of the fp32 accumulator per chunk.
+        if ua is not None:
+            b_chunk = b_x[c0:c1]
+            addmm_f32(ua, ws, b_chunk if n_parts == 1 else torch.cat([b_chunk] * n_parts))
+        if ub is not None:
+            if n_parts == 1:
+                addmm_f32(ub[c0:c1], ws.T, a_x)
+            else:
+                ub[c0:c1] += mm_f32(ws.T, a_x, ub.dtype).view(n_parts, c1 - c0, -1).sum(0)
         if dscale is not None:
             dscale += ds_cos.to(dscale.dtype)
-
-
-def _split(x: torch.Tensor, half: torch.dtype):
-    """x (fp32) = hi + lo with hi, lo in ``half`` (lo holds the next ~8-11 bits)."""
-    hi = x.to(half)
-    return hi, (x - hi.to(x.dtype)).to(half)
 
 
 def rows_forward(q, g, logit_scale, scale_value, q_ids, g_ids, labels, q_mask, g_mask,
@@ -147,21 +144,22 @@ def rows_backward(side_q, side_g, scale_t, labels, opts: SDMOptions, tiles, work
         g_max = torch.maximum(ga.abs().amax(), gb.abs().amax()).clamp_min(torch.finfo(ct).tiny)
         ga, gb = ga / g_max, gb / g_max
 
-        ws_dtype = compute_dtype(q.dtype)   # the hats stay fp32; grad_pass splits them if needed
-        q_hat = normalized_features(side_q, ws_dtype)
-        g_hat = normalized_features(side_g, ws_dtype)
-        dq_hat = torch.zeros((n, d), dtype=ct, device=q.device) if want_q else None
-        dg_hat = torch.zeros((m, d), dtype=ct, device=q.device) if want_g else None
+        gemm_dtype = tiles.gemm_dtype(q.dtype) or ct
+        q_x, p_q, c_q = product_operand(side_q, gemm_dtype)
+        g_x, p_g, c_g = product_operand(side_g, gemm_dtype)
+        ua = torch.zeros((n, d), dtype=ct, device=q.device) if want_q else None
+        ub = torch.zeros((m, d), dtype=ct, device=q.device) if want_g else None
         dscale = torch.zeros((n,), dtype=ct, device=q.device) if want_scale else None
         grad_pass(tiles, side_q, side_g, labels, scale_t, opts, lse_q, lse_g, loss_q, loss_g, ga, gb,
-                  q_hat, g_hat, dq_hat, dg_hat, dscale, workspace_bytes)
+                  ua, ub, dscale, workspace_bytes, (q_x, p_q), (g_x, p_g))
+        del q_x, g_x
 
         factor = scale_t * g_max   # dS was divided by g_max; dS/dx_hat carries the scale s
         dq = dg = d_scale = None
         if want_q:
-            dq = _cast_saturating(normalization_backward(side_q, dq_hat * factor, opts.normalize), q.dtype)
+            dq = _cast_saturating(projected_gradient(side_q, ua * factor, c_q, opts.normalize), q.dtype)
         if want_g:
-            dg = _cast_saturating(normalization_backward(side_g, dg_hat * factor, opts.normalize),
+            dg = _cast_saturating(projected_gradient(side_g, ub * factor, c_g, opts.normalize),
                                   side_g.feats.dtype)
         if want_scale:
             d_scale = dscale.sum() * g_max

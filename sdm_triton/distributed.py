@@ -46,12 +46,12 @@ Strategies (layout "global")
         runs the tile primitives on its q rows against all M columns. Row
         statistics are then complete; column statistics are partial over the
         rank's rows and are merged after an all-gather of the [5, M] partials.
-        Backward: dS [N_r, M] chunks give dq locally and a partial dL/dg_hat for
+        Backward: dS [N_r, M] chunks give dq locally and a partial (inverse-norm scaled) dL/dg_hat for
         every column, reduce-scattered to the owners. Memory: O(M * D) per rank
         (the gathered g is kept for backward) plus O(P * M) for the partials.
     "ring": each rank's g block travels around the ring with point-to-point
         sends (``batch_isend_irecv``), overlapped with the tile work on the block
-        in hand; its column statistics (forward) and its dL/dg_hat accumulator
+        in hand; its column statistics (forward) and its g-gradient accumulator
         (backward) follow one step behind and come home after P steps. Memory:
         O((N_r + max M_r) * D) per rank plus O(N + M) for ids / label masses.
     Both give the numbers of the single-process computation (up to rounding order).
@@ -96,8 +96,8 @@ from .autograd import (
     stats_pass,
     upstream_rows,
 )
-from .prepare import Side, _finish_side, _id_counts, normalization_backward, normalized_features
-from .stats import finish_rows, merge_partials, merge_two
+from .prepare import Side, _finish_side, _id_counts, product_operand, projected_gradient, row_powers
+from .stats import finish_rows, merge_partials, merge_two, split_lse
 
 STRATEGIES = ("allgather", "ring")
 LAYOUTS = ("global", "local_rows")
@@ -368,13 +368,13 @@ class _SDMDistributedRows(torch.autograd.Function):
             loss_q, lse_q, pos_q = finish_rows(row_stats, side_q.row_valid, side_q.ylogy, opts.reverse)
             loss_g_all, lse_g_all, pos_g_all = finish_rows(col_stats, side_g_all.row_valid, side_g_all.ylogy,
                                                            opts.reverse)
-            # the distributed path keeps lse in the compute dtype (it travels through collectives
-            # stacked with other compute-dtype vectors); the single-process path keeps float64
-            lse_q, lse_g_all = lse_q.to(loss_q.dtype), lse_g_all.to(loss_q.dtype)
+            # lse as hi + lo in the compute dtype (stats.split_lse): it travels through
+            # collectives stacked with other compute-dtype vectors
+            lse_q, lse_g_all = split_lse(lse_q, ct), split_lse(lse_g_all, ct)
             side_g = _slice_side(side_g_all, g0, g0 + m)
             loss_g, pos_g = loss_g_all[g0: g0 + m].clone(), pos_g_all[g0: g0 + m].clone()
             ctx.side_g_all = side_g_all
-            ctx.save_for_backward(lse_q, loss_q, lse_g_all, loss_g_all)
+            ctx.save_for_backward(*lse_q, loss_q, *lse_g_all, loss_g_all)
         else:
             side_q, side_g = _prepare(q, g, q_ids, g_ids, labels, q_mask, g_mask, opts, comm, gather_g=False)
             block = [side_g.feats.contiguous(),
@@ -395,8 +395,8 @@ class _SDMDistributedRows(torch.autograd.Function):
                                    lambda s: ((5, comm.g_sizes[s % comm.world]), ct))
             loss_q, lse_q, pos_q = finish_rows(state["rows"], side_q.row_valid, side_q.ylogy, opts.reverse)
             loss_g, lse_g, pos_g = finish_rows(col_stats, side_g.row_valid, side_g.ylogy, opts.reverse)
-            lse_q, lse_g = lse_q.to(loss_q.dtype), lse_g.to(loss_q.dtype)   # see the allgather branch
-            ctx.save_for_backward(lse_q, loss_q, lse_g, loss_g)
+            lse_q, lse_g = split_lse(lse_q, ct), split_lse(lse_g, ct)   # see the allgather branch
+            ctx.save_for_backward(*lse_q, loss_q, *lse_g, loss_g)
 
         ctx.sides = (side_q, side_g)
         ctx.labels, ctx.scale_t, ctx.opts, ctx.tiles = labels, scale_t, opts, tiles
@@ -413,16 +413,16 @@ class _SDMDistributedRows(torch.autograd.Function):
         n, d = q.shape
         # requires_grad agrees across ranks (checked in forward), so every rank runs the same collectives.
         want_q, want_g, want_scale = ctx.needs_input_grad[:3]
-        lse_q, loss_q, lse_g, loss_g = ctx.saved_tensors
+        lse_q_hi, lse_q_lo, loss_q, lse_g_hi, lse_g_lo, loss_g = ctx.saved_tensors
+        lse_q = (lse_q_hi, lse_q_lo)
         ct = loss_q.dtype
         ga = upstream_rows(d_loss_q, side_q.row_valid, loss_q)                # [N_r]
         gb = upstream_rows(d_loss_g, side_g.row_valid, side_g.inv_ysum)      # [M_r]
-        ws_dtype = ct   # normalised features in the compute dtype; grad_pass splits them if needed
-        q_hat = normalized_features(side_q, ws_dtype)
-        dq_hat = torch.zeros((n, d), dtype=ct, device=q.device) if want_q else None
+        q_op = product_operand(side_q, tiles.gemm_dtype(q.dtype) or ct)
+        u_q = torch.zeros((n, d), dtype=ct, device=q.device) if want_q else None
         dscale = torch.zeros((n,), dtype=ct, device=q.device) if want_scale else None
         # One scale for the upstream gradients of every rank, so that dS is O(1) (fp16 workspaces)
-        # and the partial dL/dg_hat of different ranks add up in the same units.
+        # and the partial gradients of different ranks add up in the same units.
         g_max = torch.maximum(ga.abs().amax(), gb.abs().amax()).clamp_min(torch.finfo(ct).tiny)
         g_max = _all_reduce(g_max.reshape(1), comm, dist.ReduceOp.MAX)[0]
         ga = ga / g_max
@@ -430,14 +430,14 @@ class _SDMDistributedRows(torch.autograd.Function):
         if ctx.strategy == "allgather":
             side_g_all = ctx.side_g_all
             gb_all = _all_gather_rows(gb / g_max, comm.g_sizes, comm)
-            g_hat_all = normalized_features(side_g_all, ws_dtype)
-            dg_hat_all = torch.zeros((side_g_all.feats.shape[0], d), dtype=ct, device=q.device) if want_g else None
-            grad_pass(tiles, side_q, side_g_all, ctx.labels, ctx.scale_t, opts, lse_q, lse_g, loss_q, loss_g,
-                      ga, gb_all, q_hat, g_hat_all, dq_hat, dg_hat_all, dscale, ctx.workspace_bytes)
-            dg_hat = _reduce_scatter_rows(dg_hat_all, comm.g_sizes, comm) if want_g else None
+            u_g_all = torch.zeros((side_g_all.feats.shape[0], d), dtype=ct, device=q.device) if want_g else None
+            grad_pass(tiles, side_q, side_g_all, ctx.labels, ctx.scale_t, opts, lse_q, (lse_g_hi, lse_g_lo),
+                      loss_q, loss_g, ga, gb_all, u_q, u_g_all, dscale, ctx.workspace_bytes, a_op=q_op[:2])
+            u_g = _reduce_scatter_rows(u_g_all, comm.g_sizes, comm) if want_g else None
         else:
             block = [side_g.feats.contiguous(),
-                     torch.stack([side_g.inv_norm, side_g.inv_ysum, side_g.present.to(ct), lse_g, loss_g, gb / g_max])]
+                     torch.stack([side_g.inv_norm, side_g.inv_ysum, side_g.present.to(ct), lse_g_hi, lse_g_lo,
+                                  loss_g, gb / g_max])]
             if side_g.ids is not None:
                 block.append(side_g.ids.contiguous())
 
@@ -446,22 +446,22 @@ class _SDMDistributedRows(torch.autograd.Function):
                 side_s = _block_side(blk[0], vec, blk[2] if len(blk) > 2 else None)
                 contribution = torch.zeros((blk[0].shape[0], d), dtype=ct, device=q.device) if want_g else None
                 grad_pass(tiles, side_q, side_s, _label_block(ctx.labels, comm, s), ctx.scale_t, opts,
-                          lse_q, vec[3], loss_q, vec[4], ga, vec[5], q_hat, normalized_features(side_s, ws_dtype),
-                          dq_hat, contribution, dscale, ctx.workspace_bytes)
+                          lse_q, (vec[3], vec[4]), loss_q, vec[5], ga, vec[6], u_q, contribution, dscale,
+                          ctx.workspace_bytes, a_op=q_op[:2])
                 return contribution
 
-            dg_hat = _ring_pass(comm, block, lambda s: _block_like(comm, s, q, ct, side_g.ids is not None, 6),
+            u_g = _ring_pass(comm, block, lambda s: _block_like(comm, s, q, ct, side_g.ids is not None, 7),
                                 compute, lambda acc, c: c.add_(acc),
                                 lambda s: ((comm.g_sizes[s % comm.world], d), ct) if want_g else None)
 
         factor = ctx.scale_t * g_max   # dS was divided by g_max; dS/dx_hat carries the scale s
         dq = dg = d_scale = None
         if want_q:
-            dq_hat = dq_hat * (factor * comm.grad_factor)
-            dq = _cast_saturating(normalization_backward(side_q, dq_hat, opts.normalize), q.dtype)
+            u_q = u_q * (factor * comm.grad_factor)
+            dq = _cast_saturating(projected_gradient(side_q, u_q, q_op[2], opts.normalize), q.dtype)
         if want_g:
-            dg_hat = dg_hat * (factor * comm.grad_factor)
-            dg = _cast_saturating(normalization_backward(side_g, dg_hat, opts.normalize), side_g.feats.dtype)
+            u_g = u_g * (factor * comm.grad_factor)
+            dg = _cast_saturating(projected_gradient(side_g, u_g, 1.0 / row_powers(side_g.inv_norm), opts.normalize), side_g.feats.dtype)
         if want_scale:
             d_scale = _all_reduce((dscale.sum() * g_max).reshape(1), comm)[0].to(ctx.scale_dtype)
         return dq, dg, d_scale, *([None] * 11)

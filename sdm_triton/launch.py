@@ -1,12 +1,17 @@
 """Launchers for the Triton tile kernels: block sizes, workspaces, grids.
 
 `TritonTiles` implements the two primitives the autograd layer drives, for the
-columns [c0, c1) of one chunk. Unless the variant fuses the dot product into the
-kernels, each primitive first computes the chunk's raw dot products with cuBLAS
-(fp32 result, `matmul.mm_f32`), which the kernel then reads:
+columns [c0, c1) of one chunk:
 
     stats(...) -> (row statistics [5, N] over the chunk, column statistics [5, c1 - c0])
-    grad(...)  -> (dS workspace [N, c1 - c0], per-row sum dS * cos or None)
+    grad(...)  -> (workspace W [N, P * (c1 - c0)] of P parts, P, per-row sum dS * cos or None)
+
+Statistics come from one of two kernels (`TileConfig.two_pass`): the two-pass kernel
+(`kernels/direction_stats.py`, one direction per launch, online statistics over all
+columns, no partials: the chunk is every column) or the one-pass tile kernel
+(`kernels/tile_stats.py`, both directions per tile, partials merged per chunk). Unless
+the variant fuses the dot product into the kernels, the one-pass and grad kernels
+read the chunk's raw dot products from a cuBLAS product (fp32, `matmul.mm_f32`).
 
 `sdm_triton/torch_backend.py` implements the same two in plain torch.
 """
@@ -14,11 +19,13 @@ kernels, each primitive first computes the chunk's raw dot products with cuBLAS
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import torch
 import triton
 
+from .kernels.direction_stats import _sdm_direction_stats_kernel
 from .kernels.tile_grad import _sdm_tile_grad_kernel
 from .kernels.merge_stats import _sdm_merge_stats_kernel
 from .kernels.tile_stats import _sdm_tile_stats_kernel
@@ -40,20 +47,25 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 1
     fused_dot: bool = False  # True: tl.dot in the kernels; False: read a cuBLAS fp32 dot chunk
+    two_pass: bool = False   # statistics: one launch per direction (implies tl.dot in that kernel)
 
 
-#: Named variants; "default" is what the library uses. On an H200 at D = 512 (bench/NOTES.md)
-#: the fused variant was 3.3x faster end to end than reading a cuBLAS dot chunk with the
-#: default 64 MiB workspace, whose many small chunks are launch-bound.
+#: Named variants; "default" is what the library uses. bench/NOTES.md has the measurements
+#: behind the choice (H100 / H200, D = 512): the two-pass statistics beat the one-pass tile
+#: kernel, whose two-direction epilogue left the tensor cores idle; a cuBLAS dot chunk
+#: read by the kernels was launch-bound with a 64 MiB workspace.
 TILE_CONFIGS = {
-    "default": TileConfig(128, 64, 64, 4, 3, fused_dot=True),
+    "default": TileConfig(128, 64, 64, 4, 3, fused_dot=True, two_pass=True),
+    "twopass_m128n128w8": TileConfig(128, 128, 64, 8, 3, fused_dot=True, two_pass=True),
+    "twopass_m64n64w4": TileConfig(64, 64, 64, 4, 3, fused_dot=True, two_pass=True),
+    "twopass_m128n64k32w4s4": TileConfig(128, 64, 32, 4, 4, fused_dot=True, two_pass=True),
+    "onepass_m128n64w4": TileConfig(128, 64, 64, 4, 3, fused_dot=True),
+    "onepass_m64n64w4": TileConfig(64, 64, 64, 4, 3, fused_dot=True),
     "cublas_m64n64w4": TileConfig(),
     "cublas_m32n128w4": TileConfig(32, 128, 64, 4, 1),
-    # tl.dot inside the kernels: no dot chunk in memory, but at D = 512 the epilogue of
-    # both softmax directions leaves the tensor cores idle (bench/NOTES.md).
-    "fused_m64n64k64w4": TileConfig(64, 64, 64, 4, 3, fused_dot=True),
-    # small tiles for the CPU interpreter, one per dot path (the first mirrors "default")
-    "interpreter": TileConfig(16, 16, 16, 1, 1, fused_dot=True),
+    # small tiles for the CPU interpreter, one per statistics kernel / dot path
+    "interpreter": TileConfig(16, 16, 16, 1, 1, fused_dot=True, two_pass=True),
+    "interpreter_onepass": TileConfig(16, 16, 16, 1, 1, fused_dot=True),
     "interpreter_cublas": TileConfig(16, 16, 16, 1, 1),
 }
 
@@ -69,7 +81,7 @@ class TritonTiles:
 
     def __init__(self, config: TileConfig | None = None):
         if config is None:
-            config = TILE_CONFIGS["interpreter" if interpreting() else "default"]
+            config = TILE_CONFIGS[os.environ.get("SDM_DEBUG_CFG", "interpreter") if interpreting() else "default"]
         self.config = config
 
     @staticmethod
@@ -81,15 +93,18 @@ class TritonTiles:
             raise ValueError(f"backend='triton' needs CUDA tensors (got {q.device}); use backend='torch' "
                              "on CPU, or set TRITON_INTERPRET=1 before importing triton to interpret the kernels")
 
-    def split_dtype(self, dtype: torch.dtype):
-        """Half dtype in which dS and the features are split hi + lo for the products (None: fp32)."""
+    def gemm_dtype(self, dtype: torch.dtype):
+        """dtype of the backward products: the input dtype (W split hi + lo in it, the features
+        exact in it after a power-of-two row scaling; kernels/tile_grad.py); None for fp32."""
         return dtype if dtype in (torch.float16, torch.bfloat16) else None
 
     def chunk_columns(self, kind: str, n_rows: int, n_cols: int, dtype: torch.dtype, budget_bytes: int) -> int:
         """Columns per chunk so that the chunk's workspace stays within ``budget_bytes``."""
         cfg = self.config
+        if kind == "stats" and cfg.two_pass:
+            return n_cols           # O(N + M) statistics: one chunk
         per_col = 0 if cfg.fused_dot else 4 * n_rows                 # fp32 dot chunk [N, C]
-        if kind == "grad":            # + the dS workspace [N, C]: fp32, or hi + lo of a half dtype
+        if kind == "grad":            # + the workspace W [N, C]: fp32, or hi + lo halves
             per_col += 4 * n_rows
         else:                # + row and column partials (fp32) and their merge temporaries
             per_col += 3 * NUM_STATS * 4 * (triton.cdiv(n_rows, cfg.block_n) + triton.cdiv(n_rows, cfg.block_m))
@@ -121,6 +136,11 @@ class TritonTiles:
         return grid, args, strides, flags
 
     def stats(self, a, b, labels, scale_t, c0, c1, reverse, eps):
+        if self.config.two_pass:
+            n = a.feats.shape[0]
+            rows = self._direction_stats(a, b, labels, False, scale_t, (0, n), (c0, c1), reverse, eps)
+            cols = self._direction_stats(b, a, labels, True, scale_t, (c0, c1), (0, n), reverse, eps)
+            return rows, cols
         grid, args, strides, flags = self._common(a, b, labels, scale_t, c0, c1)
         n = a.feats.shape[0]
         dev = a.feats.device
@@ -132,6 +152,54 @@ class TritonTiles:
             row_part.stride(0), row_part.stride(1), col_part.stride(0), col_part.stride(1),
             float(eps), REVERSE=reverse, **flags)
         return self.merge(row_part, reverse), self.merge(col_part, reverse)
+
+    def _direction_stats(self, a, b, labels, transposed, scale_t, rows, cols, reverse, eps):
+        """Statistics [5, r1 - r0] of rows [r0, r1) of side ``a`` over columns [c0, c1) of side ``b``.
+
+        ``transposed``: ``a`` is the gallery side, so dense labels are read as labels.T.
+        The columns are cut into segments (merged afterwards) only when the row blocks
+        alone would leave SMs idle.
+        """
+        cfg = self.config
+        (r0, r1), (c0, c1) = rows, cols
+        n_rows = r1 - r0
+        dev = a.feats.device
+        row_blocks = triton.cdiv(n_rows, cfg.block_m)
+        col_tiles = max(1, triton.cdiv(c1 - c0, cfg.block_n))
+        segs = min(col_tiles, triton.cdiv(self._target_programs(dev), row_blocks))
+        seg_cols = triton.cdiv(col_tiles, segs) * cfg.block_n
+        segs = max(1, triton.cdiv(c1 - c0, seg_cols))
+        dense = labels is not None
+        lab = labels if dense else a.inv_norm
+        if lab.dtype == torch.bool:
+            lab = lab.view(torch.uint8)
+        stride_lm, stride_ln = (0, 0) if not dense else (
+            (lab.stride(1), lab.stride(0)) if transposed else (lab.stride(0), lab.stride(1)))
+        upcast = interpreting() and a.feats.dtype == torch.bfloat16
+        out = torch.empty((NUM_STATS, segs, n_rows), dtype=torch.float32, device=dev)
+        _sdm_direction_stats_kernel[(row_blocks, segs)](
+            a.feats, b.feats, a.inv_norm, b.inv_norm, scale_t,
+            a.ids if not dense else a.inv_norm, b.ids if not dense else b.inv_norm, lab,
+            a.present.view(torch.uint8), b.present.view(torch.uint8), a.inv_ysum,
+            out,
+            r0, r1, c0, c1, seg_cols, a.feats.shape[1],
+            a.feats.stride(0), a.feats.stride(1), b.feats.stride(0), b.feats.stride(1),
+            stride_lm, stride_ln,
+            out.stride(0), out.stride(1),
+            float(eps),
+            DENSE=dense, REVERSE=reverse, IS_FP32=a.feats.dtype == torch.float32 or upcast,
+            DOT_PRECISION=_dot_precision(a.feats.dtype), UPCAST=upcast,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return out[:, 0] if segs == 1 else self.merge(out, reverse)
+
+    @staticmethod
+    def _target_programs(device: torch.device) -> int:
+        """Programs that fill the GPU (two per SM); a few under the interpreter, so tests
+        exercise the segment merge."""
+        if device.type != "cuda":
+            return 4
+        return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
     def merge(self, part: torch.Tensor, reverse: bool) -> torch.Tensor:
         """[5, K, L] partial statistics -> [5, L] (stats.merge_partials in one launch)."""
@@ -145,18 +213,27 @@ class TritonTiles:
             REVERSE=reverse, BLOCK_K=16 if interpreting() else 32, BLOCK_L=block_l, num_warps=4)
         return out
 
-    def grad(self, a, b, labels, scale_t, c0, c1, reverse, eps, lse_a, lse_b, loss_a, loss_b, ga, gb,
+    def grad(self, a, b, labels, scale_t, c0, c1, reverse, eps, lse_a, lse_b, loss_a, loss_b, ga, gb, pa, pb,
              want_dscale):
         grid, args, strides, flags = self._common(a, b, labels, scale_t, c0, c1)
-        n = a.feats.shape[0]
+        args = args[:6] + (pa, pb) + args[6:]
+        n, w = a.feats.shape[0], c1 - c0
         dev = a.feats.device
-        half = self.split_dtype(a.feats.dtype)
-        ds = torch.empty((n, c1 - c0), dtype=half or torch.float32, device=dev)
-        ds_lo = torch.empty_like(ds) if half is not None else ds
+        gemm = self.gemm_dtype(a.feats.dtype)
+        n_parts = 1 if gemm is None else 2
+        ws = torch.empty((n, n_parts * w), dtype=gemm or torch.float32, device=dev)
+        hi = ws[:, :w]
+        lo = ws[:, w:] if n_parts == 2 else hi
         dscale_part = torch.empty((grid[1], n) if want_dscale else (1, 1), dtype=torch.float32, device=dev)
+        (lse_a_hi, lse_a_lo), (lse_b_hi, lse_b_lo) = lse_a, lse_b
         _sdm_tile_grad_kernel[grid](
-            *args, lse_a, lse_b, loss_a, loss_b, ga, gb, ds, ds_lo, dscale_part,
+            *args, lse_a_hi, lse_a_lo, lse_b_hi, lse_b_lo, loss_a, loss_b, ga, gb, hi, lo, dscale_part,
             n, c0, c1, a.feats.shape[1], *strides,
-            ds.stride(0), ds.stride(1), dscale_part.stride(0),
-            float(eps), REVERSE=reverse, WANT_DSCALE=want_dscale, SPLIT=half is not None, **flags)
-        return ds, (ds_lo if half is not None else None), (dscale_part.sum(0) if want_dscale else None)
+            ws.stride(0), ws.stride(1), dscale_part.stride(0),
+            float(eps), REVERSE=reverse, WANT_DSCALE=want_dscale, SPLIT=n_parts == 2, **flags)
+        return ws, n_parts, (dscale_part.sum(0) if want_dscale else None)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count

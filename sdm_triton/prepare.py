@@ -75,19 +75,37 @@ def prepare_sides(q, g, q_ids, g_ids, labels, q_mask, g_mask, normalize: bool):
     return side_q, side_g
 
 
-def normalized_features(side: Side, dtype: torch.dtype) -> torch.Tensor:
-    """x_hat = x * inv_norm in ``dtype`` (the operand of the gradient products)."""
-    return (side.feats.to(side.inv_norm.dtype) * side.inv_norm[:, None]).to(dtype)
+def product_operand(side: Side, dtype: torch.dtype):
+    """(x', p, c): the backward products' operand for one side and its row factors.
 
-
-def normalization_backward(side: Side, d_hat: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """dL/dx from dL/dx_hat (fp32) through x_hat = x / max(|x|, eps).
-
-    Where |x| > eps:  dx = inv_norm * (d_hat - x_hat <x_hat, d_hat>); else dx = inv_norm * d_hat.
+    2^e is the power of two just above 1 / inv_norm = max(|x|, eps) (torch.frexp), so
+    x' = x * 2^-e in ``dtype`` is exact (a power-of-two scaling, computed in fp32 where
+    2^-e cannot overflow, to rows of norm in [0.5, 1)), p = inv_norm * 2^e in (1, 2] gives
+    x_hat = p * x' exactly, and c = 2^-e turns u = p * dL/dx_hat into dL/dx
+    (projected_gradient).
     """
+    pw = row_powers(side.inv_norm)
+    x = (side.feats.to(pw.dtype) * (1.0 / pw)[:, None]).to(dtype)
+    return x, side.inv_norm * pw, 1.0 / pw
+
+
+def row_powers(inv_norm: torch.Tensor) -> torch.Tensor:
+    """2^e per row, the power of two just above 1 / inv_norm (see product_operand)."""
+    return torch.ldexp(torch.ones_like(inv_norm), torch.frexp(1.0 / inv_norm).exponent)
+
+
+def projected_gradient(side: Side, u: torch.Tensor, c: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """dL/dx from u = p * dL/dx_hat (fp32; p, c from product_operand), through
+    x_hat = x / max(|x|, eps):
+
+        dL/dx = inv_norm * (d_hat - x_hat <x_hat, d_hat>) = c * (u - x_hat <x_hat, u>)  where |x| > eps,
+        dL/dx = inv_norm * d_hat = c * u                                                 elsewhere,
+
+    since inv_norm / p = c. Without normalisation x_hat = x, inv_norm = 1 and dL/dx = c * u.
+    """
+    u = u * c.to(u.dtype)[:, None]
     if not normalize:
-        return d_hat
-    x_hat = side.feats.to(d_hat.dtype) * side.inv_norm[:, None]
-    radial = (x_hat * d_hat).sum(1, keepdim=True)
-    projected = torch.where((side.norm > NORM_EPS)[:, None], d_hat - x_hat * radial, d_hat)
-    return projected * side.inv_norm[:, None]
+        return u
+    x_hat = side.feats.to(u.dtype) * side.inv_norm.to(u.dtype)[:, None]
+    radial = (x_hat * u).sum(1, keepdim=True)
+    return torch.where((side.norm > NORM_EPS)[:, None], u - x_hat * radial, u)

@@ -65,3 +65,16 @@ def finish_rows(stats: torch.Tensor, row_valid: torch.Tensor, ylogy: torch.Tenso
     lse = torch.where(row_valid, stats[M].double() + log_l.double(), zero.double())
     pos_prob = torch.where(row_valid, stats[POS] / safe_l, zero)
     return loss, lse, pos_prob
+
+
+def split_lse(lse: torch.Tensor, ct: torch.dtype):
+    """lse (float64, or already ``ct``) as hi + lo in the compute dtype ``ct``.
+
+    The backward forms S - hi - lo: S - hi is exact near the row maximum, where the
+    log-probabilities whose small differences make the gradient live. For float64
+    compute (the torch backend on float64 inputs) hi is lse itself and lo is 0.
+    """
+    hi = lse.to(ct)
+    if ct == torch.float64 or lse.dtype == ct:
+        return hi, torch.zeros_like(hi)
+    return hi, (lse - hi.to(lse.dtype)).to(ct)

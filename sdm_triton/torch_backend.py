@@ -24,7 +24,8 @@ class TorchTiles:
     def check_supported(q: torch.Tensor):
         return None
 
-    def split_dtype(self, dtype: torch.dtype):
+    def gemm_dtype(self, dtype: torch.dtype):
+        """Products in the compute dtype (fp32, or float64 for float64 inputs)."""
         return None
 
     @staticmethod
@@ -78,7 +79,7 @@ class TorchTiles:
         cols = self._direction_stats(S, y, b.inv_ysum[c0:c1].to(ct)[None, :], rv, 0, reverse, eps)
         return rows, cols
 
-    def grad(self, a, b, labels, scale_t, c0, c1, reverse, eps, lse_a, lse_b, loss_a, loss_b, ga, gb,
+    def grad(self, a, b, labels, scale_t, c0, c1, reverse, eps, lse_a, lse_b, loss_a, loss_b, ga, gb, pa, pb,
              want_dscale):
         S, cos, y, _, _, both = self._tile(a, b, labels, scale_t, c0, c1)
         ct = S.dtype
@@ -87,9 +88,10 @@ class TorchTiles:
         on_r = both & (inv_ya > 0)
         on_c = both & (inv_yb > 0)
         zero = torch.zeros_like(S)
-        # S - lse in float64 (lse is float64: see stats.finish_rows), then back to ct
-        logp_r = torch.where(on_r, (S.double() - lse_a[:, None]).to(ct), zero)
-        logp_c = torch.where(on_c, (S.double() - lse_b[c0:c1][None, :]).to(ct), zero)
+        # lse as hi + lo (stats.split_lse): S - hi is exact near the maximum, then the small lo
+        (lse_a_hi, lse_a_lo), (lse_b_hi, lse_b_lo) = lse_a, lse_b
+        logp_r = torch.where(on_r, (S - lse_a_hi[:, None]) - lse_a_lo[:, None], zero)
+        logp_c = torch.where(on_c, (S - lse_b_hi[c0:c1][None, :]) - lse_b_lo[c0:c1][None, :], zero)
         p_r, p_c = torch.exp(logp_r), torch.exp(logp_c)
         Y_r, Y_c = y * inv_ya, y * inv_yb
         if reverse:
@@ -100,4 +102,6 @@ class TorchTiles:
         dS = (torch.where(on_r, ga.to(ct)[:, None] * d_r, zero)
               + torch.where(on_c, gb[c0:c1].to(ct)[None, :] * d_c, zero))
         dscale = (dS * cos).sum(1) if want_dscale else None
-        return dS, None, dscale
+        # W = dS * pa_i * pb_j, for the products with x' (prepare.product_operand)
+        W = dS * (pa.to(ct)[:, None] * pb[c0:c1].to(ct)[None, :])
+        return W, 1, dscale

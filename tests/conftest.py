@@ -8,7 +8,8 @@ backend. "reference" (``reference.sdm_loss``) is always there; "torch" and "trit
 * ``SDM_BACKENDS=reference,torch``   run only these backends;
 * ``SDM_REQUIRE_BACKENDS=torch,triton``  fail at start-up when one of them cannot be
   registered (.ci/run sets it, so a broken ``import sdm_triton`` cannot pass silently);
-* ``SDM_HYPOTHESIS_PROFILE=ci|thorough|gpu``  (default ``ci``, see below).
+* ``SDM_HYPOTHESIS_PROFILE=ci|thorough|gpu``  (default ``ci``, see below);
+* ``SDM_HYPOTHESIS_NO_SHRINK=1``  report failing examples unshrunk (slow kernels).
 
 Without CUDA, Triton runs in its interpreter (``TRITON_INTERPRET=1``, set here before
 anything imports triton). That is slow, so the fixture tells tests how large a case
@@ -31,7 +32,7 @@ import inspect  # noqa: E402
 from typing import Callable, Optional  # noqa: E402
 
 import pytest  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
 import reference  # noqa: E402
 
@@ -41,6 +42,10 @@ import reference  # noqa: E402
 # thorough: random seeds, many examples, CPU sizes: for exploring or mutation checks.
 # gpu:      many examples and larger cases, for a machine with CUDA.
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# SDM_HYPOTHESIS_NO_SHRINK=1: report a failing example as found. Shrinking a failure of an
+# interpreted or freshly compiling kernel can take many minutes (tools/gpu_suite.sh sets it).
+if os.environ.get("SDM_HYPOTHESIS_NO_SHRINK") == "1":
+    _COMMON["phases"] = [Phase.explicit, Phase.reuse, Phase.generate, Phase.target]
 settings.register_profile("ci", max_examples=25, derandomize=True, database=None, **_COMMON)
 settings.register_profile("thorough", max_examples=300, **_COMMON)
 settings.register_profile("gpu", max_examples=200, **_COMMON)
@@ -167,3 +172,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+_FAILURE_LOG = os.environ.get("SDM_FAILURE_LOG")
+
+
+def pytest_runtest_logreport(report):
+    """With SDM_FAILURE_LOG=path, append each failure's report as it happens (also under
+    pytest-xdist, where this runs in the controller): a run cut off by a time limit
+    still leaves its failures readable (tools/gpu_suite.sh sets it)."""
+    if _FAILURE_LOG and report.failed:
+        with open(_FAILURE_LOG, "a") as f:
+            f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext[-6000:]}\n\n")

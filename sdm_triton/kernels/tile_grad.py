@@ -9,17 +9,24 @@ For row i (side a) and column j (side b), with the saved log-sum-exps and row lo
     dS_ij = ga_i * d_r + gb_j * d_c           (ga, gb: upstream gradients of the row losses,
                                                zero for invalid rows, pre-divided by g_max)
 
-For half inputs dS is stored as hi + lo, two arrays of the input dtype, so the
-launcher's products (hi + lo) @ (x_hi + x_lo) ~ hi@x_hi + lo@x_hi + hi@x_lo keep about
-fp32 accuracy on the tensor cores: rounding dS and the normalised features to bf16
-alone lost the small tangential gradients when the normalisation backward cancels
-the radial part (found by the property tests at s = 200). Each program rebuilds one S tile (from the cuBLAS dot chunk, or with tl.dot
-when FUSED_DOT) and writes dS (in the workspace dtype) to the
-chunk workspace; the launcher turns it into gradients with two cuBLAS products
-(dQ_hat += dS @ G_hat, dG_hat[chunk] = dS^T @ Q_hat). Dividing ga, gb by their
-largest magnitude keeps dS in [-O(1), O(1)] so an fp16 workspace neither
-overflows nor flushes the useful entries to zero. With WANT_DSCALE, each program
-also writes sum_j dS_ij * cos_ij for the gradient of the logit scale.
+Each program rebuilds one S tile (tl.dot over the raw inputs when FUSED_DOT, else from
+the cuBLAS dot chunk) and writes W_ij = dS_ij * pa_i * pb_j to the chunk workspace. The
+launcher's products use x' = x * 2^-e (the raw features scaled by a power of two per row,
+exact in the input dtype) and p = inv_norm * 2^e in (1, 2] (prepare.product_operand), so
+that x_hat = p * x' exactly: W @ b' = pa * dL/da_hat, with no normalised copy rounded to
+half precision, no split of the features, and dS <= W <= 4 dS (scaling by the inverse
+norms themselves would push small entries of dS into fp32's subnormal range, where the
+property tests' floors caught it).
+
+lse arrives as hi + lo pairs in fp32 (stats.split_lse): S - hi - lo keeps the
+log-probability of the best column exact where P ~ 1 and P - Y is tiny, which one fp32
+lse (m + log l rounded) lost. For half inputs W is stored as hi + lo halves of the input
+dtype, so the products keep about 16 bits of dS instead of 8 (11 + 11 for fp16):
+rounding dS alone lost the small tangential gradients when the normalisation backward
+cancels the radial part (found by the property tests at s = 200). Dividing ga, gb by
+their largest magnitude keeps dS in [-O(1), O(1)], safe for an fp16 workspace. With
+WANT_DSCALE, each program also writes sum_j dS_ij * cos_ij for the gradient of the logit
+scale.
 """
 
 import triton
@@ -32,10 +39,10 @@ from .tile_stats import _label_tile, _similarity_tile
 # specialisation on them, or every new size would compile a new kernel.
 @triton.jit(do_not_specialize=["N", "col_start", "col_end"])
 def _sdm_tile_grad_kernel(
-    a_ptr, b_ptr, dot_ptr, ra_ptr, rb_ptr, scale_ptr,
+    a_ptr, b_ptr, dot_ptr, ra_ptr, rb_ptr, scale_ptr, pa_ptr, pb_ptr,
     a_ids_ptr, b_ids_ptr, labels_ptr,
     a_valid_ptr, b_valid_ptr, a_inv_ysum_ptr, b_inv_ysum_ptr,
-    lse_a_ptr, lse_b_ptr, loss_a_ptr, loss_b_ptr, ga_ptr, gb_ptr,
+    lse_a_ptr, lse_a_lo_ptr, lse_b_ptr, lse_b_lo_ptr, loss_a_ptr, loss_b_ptr, ga_ptr, gb_ptr,
     ds_ptr, ds_lo_ptr, dscale_part_ptr,
     N, col_start, col_end, D,
     stride_am, stride_ad, stride_bm, stride_bd, stride_dotm, stride_dotn, stride_lm, stride_ln,
@@ -64,7 +71,9 @@ def _sdm_tile_grad_kernel(
     inv_ya = tl.load(a_inv_ysum_ptr + offs_m, mask=row_in, other=0.0)
     inv_yb = tl.load(b_inv_ysum_ptr + offs_n, mask=col_in, other=0.0)
     lse_a = tl.load(lse_a_ptr + offs_m, mask=row_in, other=0.0)
+    lse_a_lo = tl.load(lse_a_lo_ptr + offs_m, mask=row_in, other=0.0)
     lse_b = tl.load(lse_b_ptr + offs_n, mask=col_in, other=0.0)
+    lse_b_lo = tl.load(lse_b_lo_ptr + offs_n, mask=col_in, other=0.0)
     ga = tl.load(ga_ptr + offs_m, mask=row_in, other=0.0)
     gb = tl.load(gb_ptr + offs_n, mask=col_in, other=0.0)
     # A row contributes only if it is a valid row of its direction (inv_ysum > 0);
@@ -72,12 +81,11 @@ def _sdm_tile_grad_kernel(
     on_r = both & (inv_ya > 0)[:, None]
     on_c = both & (inv_yb > 0)[None, :]
 
-    # lse is float64 (stats.finish_rows): S - lse in fp64 keeps log-probabilities near 0
-    # exact, where the small differences P - Y that the gradient is made of live
-    logp_r = (S.to(tl.float64) - lse_a[:, None]).to(tl.float32)
+    # S - lse_hi is exact near the row's maximum (Sterbenz), then the small lse_lo
+    logp_r = (S - lse_a[:, None]) - lse_a_lo[:, None]
     p_r = tl.exp(tl.where(on_r, logp_r, 0.0))
     Y_r = y * inv_ya[:, None]
-    logp_c = (S.to(tl.float64) - lse_b[None, :]).to(tl.float32)
+    logp_c = (S - lse_b[None, :]) - lse_b_lo[None, :]
     p_c = tl.exp(tl.where(on_c, logp_c, 0.0))
     Y_c = y * inv_yb[None, :]
     if REVERSE:
@@ -90,19 +98,23 @@ def _sdm_tile_grad_kernel(
         d_c = p_c - Y_c
     dS = tl.where(on_r, ga[:, None] * d_r, 0.0) + tl.where(on_c, gb[None, :] * d_c, 0.0)
 
+    pa = tl.load(pa_ptr + offs_m, mask=row_in, other=0.0)
+    pb = tl.load(pb_ptr + offs_n, mask=col_in, other=0.0)
+    W = dS * (pa[:, None] * pb[None, :])
+
     tile_in = row_in[:, None] & col_in[None, :]
     ds_offs = offs_m[:, None] * stride_dsm + (offs_n - col_start)[None, :] * stride_dsn
-    if SPLIT:  # dS = hi + lo, both in the half dtype: products keep ~16 bits instead of 8
+    if SPLIT:  # W = hi + lo, two halves of the input dtype: ~16 bits of W instead of 8
         if ds_ptr.dtype.element_ty == tl.bfloat16:
-            # hi = dS with the low 16 mantissa bits cleared: exact in bf16 (and no bf16 -> fp32
+            # hi = W with the low 16 mantissa bits cleared: exact in bf16 (and no bf16 -> fp32
             # conversion, which the CPU interpreter gets wrong)
-            hi32 = (dS.to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)
+            hi32 = (W.to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)
         else:
-            hi32 = dS.to(ds_ptr.dtype.element_ty).to(tl.float32)
+            hi32 = W.to(ds_ptr.dtype.element_ty).to(tl.float32)
         tl.store(ds_ptr + ds_offs, hi32.to(ds_ptr.dtype.element_ty), mask=tile_in)
-        tl.store(ds_lo_ptr + ds_offs, (dS - hi32).to(ds_lo_ptr.dtype.element_ty), mask=tile_in)
+        tl.store(ds_lo_ptr + ds_offs, (W - hi32).to(ds_lo_ptr.dtype.element_ty), mask=tile_in)
     else:
-        tl.store(ds_ptr + ds_offs, dS.to(ds_ptr.dtype.element_ty), mask=tile_in)
+        tl.store(ds_ptr + ds_offs, W.to(ds_ptr.dtype.element_ty), mask=tile_in)
     if WANT_DSCALE:
         tl.store(dscale_part_ptr + pid_n * stride_dscale_blk + offs_m,
                  tl.sum(dS * cos, axis=1), mask=row_in)

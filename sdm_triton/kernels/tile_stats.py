@@ -68,7 +68,11 @@ def _similarity_tile(
     ra = tl.load(ra_ptr + offs_m, mask=row_in, other=0.0)
     rb = tl.load(rb_ptr + offs_n, mask=col_in, other=0.0)
     s = tl.load(scale_ptr).to(tl.float32)
-    cos = acc * ra[:, None] * rb[None, :]
+    # ra * rb first: the product commutes exactly, so the two-pass statistics (which build
+    # this tile transposed, rows and columns swapped) get bit-identical S to the backward's.
+    # The backward's P = exp(S - lse) must see the S its lse was computed from: where one
+    # column dominates, P - Y is smaller than one rounding of S.
+    cos = acc * (ra[:, None] * rb[None, :])
     return cos * s, cos
 
 

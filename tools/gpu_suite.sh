@@ -1,0 +1,21 @@
+#!/bin/bash
+# The test suite on a CUDA machine, in parallel processes (pytest-xdist): on a fresh
+# machine Triton compilation (CPU-bound, seconds per kernel variant) dominates the run,
+# and each worker compiles what its tests need into the shared Triton cache.
+#
+#   bash tools/gpu_suite.sh [extra pytest args]      (log: $OUT/gpu_suite.log or /tmp)
+#
+# Needs pytest, hypothesis and pytest-xdist; the device machine gets xdist as wheels
+# (.whl/xdist, see bench/NOTES.md). SDM_HYPOTHESIS_PROFILE defaults to "gpu" (200 examples
+# per property, up to 300 rows and D 300; see tests/conftest.py).
+set -u -o pipefail
+out=${OUT:-/tmp}
+workers=${SDM_TEST_WORKERS:-$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export SDM_HYPOTHESIS_PROFILE=${SDM_HYPOTHESIS_PROFILE:-gpu} SDM_HYPOTHESIS_NO_SHRINK=${SDM_HYPOTHESIS_NO_SHRINK:-1}
+export SDM_FAILURE_LOG=${SDM_FAILURE_LOG:-$out/gpu_suite_failures.log}
+export SDM_REQUIRE_BACKENDS=${SDM_REQUIRE_BACKENDS:-reference,torch,triton}
+rev=$(cat .rev 2>/dev/null || git rev-parse --short HEAD 2>/dev/null)
+python3 -c "import torch, triton; print('card:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none', '| torch', torch.__version__, '| triton', triton.__version__, '| rev $rev')" | tee "$out/gpu_suite.log"
+rm -f "$SDM_FAILURE_LOG"
+python3 -m pytest tests -q -p no:cacheprovider -p no:benchmark -n "$workers" --durations=25 -rfEs "$@" 2>&1 | tee -a "$out/gpu_suite.log"
