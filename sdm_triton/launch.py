@@ -43,7 +43,8 @@ class TileConfig:
 
     block_m: int = 64
     block_n: int = 64
-    block_k: int = 64       # only used when fused_dot
+    block_k: int = 64       # only used when fused_dot; 0: one tl.dot over all of D, the rows'
+                            # features loaded once per program (two-pass stats and grad kernels)
     num_warps: int = 4
     num_stages: int = 1
     fused_dot: bool = False  # True: tl.dot in the kernels; False: read a cuBLAS fp32 dot chunk
@@ -55,16 +56,19 @@ class TileConfig:
 #: kernel, whose two-direction epilogue left the tensor cores idle; a cuBLAS dot chunk
 #: read by the kernels was launch-bound with a 64 MiB workspace.
 TILE_CONFIGS = {
-    "default": TileConfig(128, 64, 64, 4, 3, fused_dot=True, two_pass=True),
-    "twopass_m128n128w8": TileConfig(128, 128, 64, 8, 3, fused_dot=True, two_pass=True),
-    "twopass_m64n64w4": TileConfig(64, 64, 64, 4, 3, fused_dot=True, two_pass=True),
-    "twopass_m128n64k32w4s4": TileConfig(128, 64, 32, 4, 4, fused_dot=True, two_pass=True),
+    "default": TileConfig(64, 64, 64, 4, 3, fused_dot=True, two_pass=True),
+    "twopass_m64n64k0w4s2": TileConfig(64, 64, 0, 4, 2, fused_dot=True, two_pass=True),
+    "twopass_m64n32k0w4s3": TileConfig(64, 32, 0, 4, 3, fused_dot=True, two_pass=True),
+    "twopass_m128n64k0w8s2": TileConfig(128, 64, 0, 8, 2, fused_dot=True, two_pass=True),
+    "twopass_m128n32k0w8s2": TileConfig(128, 32, 0, 8, 2, fused_dot=True, two_pass=True),
+    "twopass_m128n64w4": TileConfig(128, 64, 64, 4, 3, fused_dot=True, two_pass=True),
     "onepass_m128n64w4": TileConfig(128, 64, 64, 4, 3, fused_dot=True),
     "onepass_m64n64w4": TileConfig(64, 64, 64, 4, 3, fused_dot=True),
     "cublas_m64n64w4": TileConfig(),
     "cublas_m32n128w4": TileConfig(32, 128, 64, 4, 1),
     # small tiles for the CPU interpreter, one per statistics kernel / dot path
     "interpreter": TileConfig(16, 16, 16, 1, 1, fused_dot=True, two_pass=True),
+    "interpreter_onek": TileConfig(16, 16, 0, 1, 1, fused_dot=True, two_pass=True),
     "interpreter_onepass": TileConfig(16, 16, 16, 1, 1, fused_dot=True),
     "interpreter_cublas": TileConfig(16, 16, 16, 1, 1),
 }
@@ -131,7 +135,7 @@ class TritonTiles:
                    lab.stride(0) if dense else 0, lab.stride(1) if dense else 0)
         flags = dict(DENSE=dense, FUSED_DOT=cfg.fused_dot, IS_FP32=fp32 or upcast,
                      DOT_PRECISION=_dot_precision(a.feats.dtype), UPCAST=upcast,
-                     BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                     BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k or 64,
                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return grid, args, strides, flags
 
@@ -165,10 +169,7 @@ class TritonTiles:
         n_rows = r1 - r0
         dev = a.feats.device
         row_blocks = triton.cdiv(n_rows, cfg.block_m)
-        col_tiles = max(1, triton.cdiv(c1 - c0, cfg.block_n))
-        segs = min(col_tiles, triton.cdiv(self._target_programs(dev), row_blocks))
-        seg_cols = triton.cdiv(col_tiles, segs) * cfg.block_n
-        segs = max(1, triton.cdiv(c1 - c0, seg_cols))
+        segs, seg_cols = self._groups(n_rows, c1 - c0, dev)
         dense = labels is not None
         lab = labels if dense else a.inv_norm
         if lab.dtype == torch.bool:
@@ -187,11 +188,29 @@ class TritonTiles:
             stride_lm, stride_ln,
             out.stride(0), out.stride(1),
             float(eps),
-            DENSE=dense, REVERSE=reverse, IS_FP32=a.feats.dtype == torch.float32 or upcast,
+            DENSE=dense, REVERSE=reverse, ONE_K=self._one_k, IS_FP32=a.feats.dtype == torch.float32 or upcast,
             DOT_PRECISION=_dot_precision(a.feats.dtype), UPCAST=upcast,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=self._block_k(a.feats.shape[1]),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return out[:, 0] if segs == 1 else self.merge(out, reverse)
+
+    @property
+    def _one_k(self) -> bool:
+        return self.config.fused_dot and self.config.block_k == 0
+
+    def _block_k(self, d: int) -> int:
+        """BLOCK_K of the two-pass and grad kernels: all of D (a power of two >= 16) when ONE_K."""
+        return max(16, triton.next_power_of_2(d)) if self._one_k else (self.config.block_k or 64)
+
+    def _groups(self, n_rows: int, n_cols: int, device) -> tuple:
+        """(programs along the columns, columns per program) for rows x [n_cols) columns: enough
+        programs to fill the GPU, each looping over its share of column tiles."""
+        cfg = self.config
+        row_blocks = triton.cdiv(n_rows, cfg.block_m)
+        col_tiles = max(1, triton.cdiv(n_cols, cfg.block_n))
+        groups = min(col_tiles, triton.cdiv(self._target_programs(device), row_blocks))
+        group_cols = triton.cdiv(col_tiles, groups) * cfg.block_n
+        return max(1, triton.cdiv(n_cols, group_cols)), group_cols
 
     @staticmethod
     def _target_programs(device: torch.device) -> int:
@@ -215,22 +234,29 @@ class TritonTiles:
 
     def grad(self, a, b, labels, scale_t, c0, c1, reverse, eps, lse_a, lse_b, loss_a, loss_b, ga, gb, pa, pb,
              want_dscale):
+        cfg = self.config
         grid, args, strides, flags = self._common(a, b, labels, scale_t, c0, c1)
         args = args[:6] + (pa, pb) + args[6:]
         n, w = a.feats.shape[0], c1 - c0
         dev = a.feats.device
+        # ONE_K programs loop over a group of column tiles with the rows' features on chip;
+        # the K-loop variants keep one tile per program.
+        groups, group_cols = self._groups(n, w, dev) if self._one_k else (grid[1], cfg.block_n)
+        grid = (grid[0], groups)
+        flags["BLOCK_K"] = self._block_k(a.feats.shape[1])
         gemm = self.gemm_dtype(a.feats.dtype)
         n_parts = 1 if gemm is None else 2
         ws = torch.empty((n, n_parts * w), dtype=gemm or torch.float32, device=dev)
         hi = ws[:, :w]
         lo = ws[:, w:] if n_parts == 2 else hi
-        dscale_part = torch.empty((grid[1], n) if want_dscale else (1, 1), dtype=torch.float32, device=dev)
+        dscale_part = torch.empty((groups, n) if want_dscale else (1, 1), dtype=torch.float32, device=dev)
         (lse_a_hi, lse_a_lo), (lse_b_hi, lse_b_lo) = lse_a, lse_b
         _sdm_tile_grad_kernel[grid](
             *args, lse_a_hi, lse_a_lo, lse_b_hi, lse_b_lo, loss_a, loss_b, ga, gb, hi, lo, dscale_part,
-            n, c0, c1, a.feats.shape[1], *strides,
+            n, c0, c1, group_cols, a.feats.shape[1], *strides,
             ws.stride(0), ws.stride(1), dscale_part.stride(0),
-            float(eps), REVERSE=reverse, WANT_DSCALE=want_dscale, SPLIT=n_parts == 2, **flags)
+            float(eps), REVERSE=reverse, ONE_K=self._one_k, WANT_DSCALE=want_dscale, SPLIT=n_parts == 2,
+            **flags)
         return ws, n_parts, (dscale_part.sum(0) if want_dscale else None)
 
 

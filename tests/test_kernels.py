@@ -15,8 +15,8 @@ from sdm_triton import launch
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 # Both dot paths: the fused tl.dot variant (default) and the cuBLAS-chunk variant.
-VARIANTS = (["default", "onepass_m128n64w4", "cublas_m64n64w4"] if CUDA
-            else ["interpreter", "interpreter_onepass", "interpreter_cublas"])
+VARIANTS = (["default", "twopass_m64n64k0w4s2", "onepass_m128n64w4", "cublas_m64n64w4"] if CUDA
+            else ["interpreter", "interpreter_onek", "interpreter_onepass", "interpreter_cublas"])
 
 
 def _rel(a, b):

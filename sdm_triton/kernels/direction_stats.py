@@ -24,7 +24,7 @@ when there are few row blocks; the segments' statistics merge with `merge_stats.
 import triton
 import triton.language as tl
 
-from .tile_stats import NEG_BIG, _label_tile, _similarity_tile
+from .tile_stats import NEG_BIG, _label_tile, _load_row_tile, _similarity_tile
 
 
 # Sizes change from batch to batch: no divisibility specialisation on them, or every
@@ -40,7 +40,7 @@ def _sdm_direction_stats_kernel(
     stride_out_stat, stride_out_seg,
     eps,
     DENSE: tl.constexpr, REVERSE: tl.constexpr,
-    IS_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ONE_K: tl.constexpr, IS_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)   # 64-bit: N*D and N*M may pass 2^31
@@ -52,6 +52,9 @@ def _sdm_direction_stats_kernel(
     seg_start = col_start + pid_s * seg_cols
     seg_end = tl.minimum(seg_start + seg_cols, col_end)
 
+    a_rows = 0.0
+    if ONE_K:   # the rows' features stay on chip for the whole column loop
+        a_rows = _load_row_tile(a_ptr, offs_m, row_in, D, stride_am, stride_ad, UPCAST, BLOCK_K)
     m = tl.full((BLOCK_M,), NEG_BIG, dtype=tl.float32)
     l = tl.zeros((BLOCK_M,), dtype=tl.float32)
     pos = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -60,9 +63,9 @@ def _sdm_direction_stats_kernel(
     for n0 in range(seg_start, seg_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         col_in = offs_n < seg_end
-        S, _ = _similarity_tile(a_ptr, b_ptr, a_ptr, ra_ptr, rb_ptr, scale_ptr, offs_m, offs_n, row_in, col_in,
-                                0, D, stride_am, stride_ad, stride_bm, stride_bd, 0, 0,
-                                True, IS_FP32, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+        S, _ = _similarity_tile(a_ptr, b_ptr, a_ptr, ra_ptr, rb_ptr, scale_ptr, a_rows, offs_m, offs_n, row_in,
+                                col_in, 0, D, stride_am, stride_ad, stride_bm, stride_bd, 0, 0,
+                                True, ONE_K, IS_FP32, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
         cv = col_in & (tl.load(b_valid_ptr + offs_n, mask=col_in, other=0) != 0)
         both = rv[:, None] & cv[None, :]
         y = _label_tile(a_ids_ptr, b_ids_ptr, labels_ptr, stride_lm, stride_ln,

@@ -38,30 +38,54 @@ NUM_STATS = 5  # m, l, pos, A, B
 
 
 @triton.jit
+def _load_row_tile(a_ptr, offs_m, row_in, D, stride_am, stride_ad, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The rows' features over all of D (BLOCK_K >= D): loaded once per program when ONE_K."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ad,
+                mask=row_in[:, None] & (offs_k < D)[None, :], other=0.0)
+    if UPCAST:
+        a = a.to(tl.float32)
+    return a
+
+
+@triton.jit
 def _similarity_tile(
-    a_ptr, b_ptr, dot_ptr, ra_ptr, rb_ptr, scale_ptr,
+    a_ptr, b_ptr, dot_ptr, ra_ptr, rb_ptr, scale_ptr, a_rows,
     offs_m, offs_n, row_in, col_in, col_start, D,
     stride_am, stride_ad, stride_bm, stride_bd, stride_dotm, stride_dotn,
-    FUSED_DOT: tl.constexpr, IS_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    FUSED_DOT: tl.constexpr, ONE_K: tl.constexpr,
+    IS_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Return (S, cos) for the tile: S = s * cos, cos = ra * rb * <a, b> (fp32 [BLOCK_M, BLOCK_N])."""
+    """Return (S, cos) for the tile: S = s * cos, cos = ra * rb * <a, b> (fp32 [BLOCK_M, BLOCK_N]).
+
+    ONE_K (BLOCK_K >= D): ``a_rows`` holds the rows' features (`_load_row_tile`), loaded once
+    by a program that visits many column tiles, and the dot is one tl.dot over all of D;
+    otherwise ``a_rows`` is unused and the dot loops over D in BLOCK_K steps.
+    """
     if FUSED_DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_in = offs_k < D
-            a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ad,
-                        mask=row_in[:, None] & k_in[None, :], other=0.0)       # [BLOCK_M, BLOCK_K]
-            b = tl.load(b_ptr + offs_n[:, None] * stride_bm + offs_k[None, :] * stride_bd,
-                        mask=col_in[:, None] & k_in[None, :], other=0.0)       # [BLOCK_N, BLOCK_K]
-            if UPCAST:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
+        if ONE_K:
+            b = _load_row_tile(b_ptr, offs_n, col_in, D, stride_bm, stride_bd, UPCAST, BLOCK_K)
             if IS_FP32 or UPCAST:
-                acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+                acc = tl.dot(a_rows, tl.trans(b), acc, input_precision=DOT_PRECISION)
             else:
-                acc = tl.dot(a, tl.trans(b), acc)
+                acc = tl.dot(a_rows, tl.trans(b), acc)
+        else:
+            for k0 in range(0, D, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_in = offs_k < D
+                a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ad,
+                            mask=row_in[:, None] & k_in[None, :], other=0.0)       # [BLOCK_M, BLOCK_K]
+                b = tl.load(b_ptr + offs_n[:, None] * stride_bm + offs_k[None, :] * stride_bd,
+                            mask=col_in[:, None] & k_in[None, :], other=0.0)       # [BLOCK_N, BLOCK_K]
+                if UPCAST:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                if IS_FP32 or UPCAST:
+                    acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+                else:
+                    acc = tl.dot(a, tl.trans(b), acc)
     else:
         acc = tl.load(dot_ptr + offs_m[:, None] * stride_dotm + (offs_n - col_start)[None, :] * stride_dotn,
                       mask=row_in[:, None] & col_in[None, :], other=0.0)
@@ -116,9 +140,10 @@ def _sdm_tile_stats_kernel(
     row_in = offs_m < N
     col_in = offs_n < col_end
 
-    S, cos = _similarity_tile(a_ptr, b_ptr, dot_ptr, ra_ptr, rb_ptr, scale_ptr, offs_m, offs_n, row_in, col_in,
-                              col_start, D, stride_am, stride_ad, stride_bm, stride_bd, stride_dotm, stride_dotn,
-                              FUSED_DOT, IS_FP32, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    S, cos = _similarity_tile(a_ptr, b_ptr, dot_ptr, ra_ptr, rb_ptr, scale_ptr, 0.0, offs_m, offs_n, row_in,
+                              col_in, col_start, D, stride_am, stride_ad, stride_bm, stride_bd, stride_dotm,
+                              stride_dotn, FUSED_DOT, False, IS_FP32, DOT_PRECISION, UPCAST,
+                              BLOCK_M, BLOCK_N, BLOCK_K)
     rv = row_in & (tl.load(a_valid_ptr + offs_m, mask=row_in, other=0) != 0)   # [BLOCK_M]
     cv = col_in & (tl.load(b_valid_ptr + offs_n, mask=col_in, other=0) != 0)   # [BLOCK_N]
     both = rv[:, None] & cv[None, :]
