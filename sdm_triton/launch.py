@@ -57,10 +57,11 @@ class TileConfig:
 #: read by the kernels was launch-bound with a 64 MiB workspace.
 TILE_CONFIGS = {
     "default": TileConfig(64, 64, 64, 4, 3, fused_dot=True, two_pass=True),
-    "twopass_m64n64k0w4s2": TileConfig(64, 64, 0, 4, 2, fused_dot=True, two_pass=True),
+    "twopass_m64n32k0w4s2": TileConfig(64, 32, 0, 4, 2, fused_dot=True, two_pass=True),
     "twopass_m64n32k0w4s3": TileConfig(64, 32, 0, 4, 3, fused_dot=True, two_pass=True),
-    "twopass_m128n64k0w8s2": TileConfig(128, 64, 0, 8, 2, fused_dot=True, two_pass=True),
-    "twopass_m128n32k0w8s2": TileConfig(128, 32, 0, 8, 2, fused_dot=True, two_pass=True),
+    "twopass_m32n64k0w4s2": TileConfig(32, 64, 0, 4, 2, fused_dot=True, two_pass=True),
+    "twopass_m64n64k0w4s1": TileConfig(64, 64, 0, 4, 1, fused_dot=True, two_pass=True),
+    "twopass_m128n32k0w8s1": TileConfig(128, 32, 0, 8, 1, fused_dot=True, two_pass=True),
     "twopass_m128n64w4": TileConfig(128, 64, 64, 4, 3, fused_dot=True, two_pass=True),
     "onepass_m128n64w4": TileConfig(128, 64, 64, 4, 3, fused_dot=True),
     "onepass_m64n64w4": TileConfig(64, 64, 64, 4, 3, fused_dot=True),
@@ -72,6 +73,12 @@ TILE_CONFIGS = {
     "interpreter_onepass": TileConfig(16, 16, 16, 1, 1, fused_dot=True),
     "interpreter_cublas": TileConfig(16, 16, 16, 1, 1),
 }
+
+
+#: On-chip bytes the ONE_K kernels may plan for the rows' features and the pipelined column
+#: tiles (an H100 / H200 block may use 227 KiB of shared memory; the rest is the epilogue's
+#: layout conversions, which needed ~64 KiB at 64x64 tiles, D = 512).
+ONE_K_SMEM_BYTES = 160 * 1024
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -188,19 +195,27 @@ class TritonTiles:
             stride_lm, stride_ln,
             out.stride(0), out.stride(1),
             float(eps),
-            DENSE=dense, REVERSE=reverse, ONE_K=self._one_k, IS_FP32=a.feats.dtype == torch.float32 or upcast,
+            DENSE=dense, REVERSE=reverse, ONE_K=self._one_k(a.feats), IS_FP32=a.feats.dtype == torch.float32 or upcast,
             DOT_PRECISION=_dot_precision(a.feats.dtype), UPCAST=upcast,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=self._block_k(a.feats.shape[1]),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=self._block_k(a.feats),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return out[:, 0] if segs == 1 else self.merge(out, reverse)
 
-    @property
-    def _one_k(self) -> bool:
-        return self.config.fused_dot and self.config.block_k == 0
+    def _one_k(self, feats: torch.Tensor) -> bool:
+        """Whether the rows' features over all of D fit on chip beside the pipelined column tiles
+        (block_k = 0 asks for it; fp32 inputs and large D fall back to the K loop)."""
+        cfg = self.config
+        if not (cfg.fused_dot and cfg.block_k == 0):
+            return False
+        size = 4 if feats.dtype == torch.float32 or interpreting() else feats.element_size()
+        d_pad = max(16, triton.next_power_of_2(feats.shape[1]))
+        return (cfg.block_m + max(1, cfg.num_stages) * cfg.block_n) * d_pad * size <= ONE_K_SMEM_BYTES
 
-    def _block_k(self, d: int) -> int:
+    def _block_k(self, feats: torch.Tensor) -> int:
         """BLOCK_K of the two-pass and grad kernels: all of D (a power of two >= 16) when ONE_K."""
-        return max(16, triton.next_power_of_2(d)) if self._one_k else (self.config.block_k or 64)
+        if self._one_k(feats):
+            return max(16, triton.next_power_of_2(feats.shape[1]))
+        return self.config.block_k or 64
 
     def _groups(self, n_rows: int, n_cols: int, device) -> tuple:
         """(programs along the columns, columns per program) for rows x [n_cols) columns: enough
@@ -241,9 +256,10 @@ class TritonTiles:
         dev = a.feats.device
         # ONE_K programs loop over a group of column tiles with the rows' features on chip;
         # the K-loop variants keep one tile per program.
-        groups, group_cols = self._groups(n, w, dev) if self._one_k else (grid[1], cfg.block_n)
+        one_k = self._one_k(a.feats)
+        groups, group_cols = self._groups(n, w, dev) if one_k else (grid[1], cfg.block_n)
         grid = (grid[0], groups)
-        flags["BLOCK_K"] = self._block_k(a.feats.shape[1])
+        flags["BLOCK_K"] = self._block_k(a.feats)
         gemm = self.gemm_dtype(a.feats.dtype)
         n_parts = 1 if gemm is None else 2
         ws = torch.empty((n, n_parts * w), dtype=gemm or torch.float32, device=dev)
@@ -255,7 +271,7 @@ class TritonTiles:
             *args, lse_a_hi, lse_a_lo, lse_b_hi, lse_b_lo, loss_a, loss_b, ga, gb, hi, lo, dscale_part,
             n, c0, c1, group_cols, a.feats.shape[1], *strides,
             ws.stride(0), ws.stride(1), dscale_part.stride(0),
-            float(eps), REVERSE=reverse, ONE_K=self._one_k, WANT_DSCALE=want_dscale, SPLIT=n_parts == 2,
+            float(eps), REVERSE=reverse, ONE_K=one_k, WANT_DSCALE=want_dscale, SPLIT=n_parts == 2,
             **flags)
         return ws, n_parts, (dscale_part.sum(0) if want_dscale else None)
 

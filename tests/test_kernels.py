@@ -15,7 +15,7 @@ from sdm_triton import launch
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 # Both dot paths: the fused tl.dot variant (default) and the cuBLAS-chunk variant.
-VARIANTS = (["default", "twopass_m64n64k0w4s2", "onepass_m128n64w4", "cublas_m64n64w4"] if CUDA
+VARIANTS = (["default", "twopass_m64n32k0w4s2", "onepass_m128n64w4", "cublas_m64n64w4"] if CUDA
             else ["interpreter", "interpreter_onek", "interpreter_onepass", "interpreter_cublas"])
 
 

@@ -79,7 +79,12 @@ def correctness(configs):
             for dtype in ((torch.bfloat16, torch.float16, torch.float32) if full and n == 300 else (torch.bfloat16,)):
                 for kl in (("forward", "reverse") if full else ("forward",)):
                     for dense, masks in (((False, False), (True, True), (False, True)) if full else ((False, True),)):
-                        errs, base, finite = case(n, m, d, dtype, kl, dense, masks, seed=n + d, config=config)
+                        try:
+                            errs, base, finite = case(n, m, d, dtype, kl, dense, masks, seed=n + d, config=config)
+                        except Exception as exc:  # noqa: BLE001 - one broken variant must not end the run
+                            print(f"{config}: {type(exc).__name__}: {str(exc).splitlines()[-1][:200]}")
+                            ok = False
+                            continue
                         # tolerance by measurement: no worse than 4x PyTorch's own error, + tiny absolute
                         # (the scalar ds is a sum of N*M terms; hold it to fp32 accuracy, 1e-5)
                         tol = {k: 4 * base[k] + (1e-5 if k == "ds" else 2e-6) for k in errs}
@@ -103,7 +108,8 @@ def bench(n, d, fn_list):
             ms = triton.testing.do_bench(fn, warmup=50, rep=300, quantiles=[0.5, 0.2, 0.8])
             peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
             out.append((name, n, ms[0], ms[1], ms[2], peak))
-        except torch.OutOfMemoryError:
+        except Exception as exc:  # noqa: BLE001 - out of memory or a variant that cannot run
+            print(f"{name} at {n}: {type(exc).__name__}: {str(exc).splitlines()[-1][:200]}")
             out.append((name, n, float("nan"), float("nan"), float("nan"), float("nan")))
             torch.cuda.empty_cache()
     return out
@@ -157,13 +163,14 @@ def main():
     p.add_argument("--sizes", default="4096,16384,32768")
     p.add_argument("--configs", default="default")
     p.add_argument("--skip-correctness", action="store_true")
+    p.add_argument("--time-anyway", action="store_true", help="time the variants even if a check failed")
     args = p.parse_args()
     configs = args.configs.split(",")
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name())
     t0 = time.time()
     ok = True if args.skip_correctness else correctness(configs)
     print(f"correctness {'OK' if ok else 'FAILED'} ({time.time() - t0:.0f}s)")
-    if not ok:
+    if not ok and not args.time_anyway:
         sys.exit(1)
     rows = timings([int(s) for s in args.sizes.split(",")], configs)
     floor = {r[1]: r[2] for r in rows if r[0].startswith("floor")}
