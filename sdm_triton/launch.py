@@ -49,19 +49,21 @@ class TileConfig:
     num_stages: int = 1
     fused_dot: bool = False  # True: tl.dot in the kernels; False: read a cuBLAS fp32 dot chunk
     two_pass: bool = False   # statistics: one launch per direction (implies tl.dot in that kernel)
+    loop_flatten: bool = False     # two-pass statistics: tl.range(flatten=True) over the column loop
+    warp_specialize: bool = False  # two-pass statistics: tl.range(warp_specialize=True)
 
 
 #: Named variants; "default" is what the library uses. bench/NOTES.md has the measurements
-#: behind the choice (H100 / H200, D = 512): the two-pass statistics beat the one-pass tile
-#: kernel, whose two-direction epilogue left the tensor cores idle; a cuBLAS dot chunk
-#: read by the kernels was launch-bound with a 64 MiB workspace.
+#: behind the choice (H100, D = 512, bf16, N = M = 32768, fwd + bwd): two-pass 64x64 K-loop
+#: 44.0 ms; one-pass 128x64 57.4; two-pass 128x64 72.4; ONE_K m128n32 44.2, m64n32 55.4;
+#: loop-flattened 55.5; warp-specialised m128n64w8 50.7 (m64n64w4 does not compile with
+#: Triton 3.6); the cuBLAS-chunk variants were launch-bound on an H200 (NOTES §2).
 TILE_CONFIGS = {
     "default": TileConfig(64, 64, 64, 4, 3, fused_dot=True, two_pass=True),
     "twopass_m64n32k0w4s2": TileConfig(64, 32, 0, 4, 2, fused_dot=True, two_pass=True),
-    "twopass_m64n32k0w4s3": TileConfig(64, 32, 0, 4, 3, fused_dot=True, two_pass=True),
-    "twopass_m32n64k0w4s2": TileConfig(32, 64, 0, 4, 2, fused_dot=True, two_pass=True),
-    "twopass_m64n64k0w4s1": TileConfig(64, 64, 0, 4, 1, fused_dot=True, two_pass=True),
     "twopass_m128n32k0w8s1": TileConfig(128, 32, 0, 8, 1, fused_dot=True, two_pass=True),
+    "twopass_m64n64w4_flat": TileConfig(64, 64, 64, 4, 3, fused_dot=True, two_pass=True, loop_flatten=True),
+    "twopass_m128n64w8_ws": TileConfig(128, 64, 64, 8, 3, fused_dot=True, two_pass=True, warp_specialize=True),
     "twopass_m128n64w4": TileConfig(128, 64, 64, 4, 3, fused_dot=True, two_pass=True),
     "onepass_m128n64w4": TileConfig(128, 64, 64, 4, 3, fused_dot=True),
     "onepass_m64n64w4": TileConfig(64, 64, 64, 4, 3, fused_dot=True),
@@ -195,7 +197,8 @@ class TritonTiles:
             stride_lm, stride_ln,
             out.stride(0), out.stride(1),
             float(eps),
-            DENSE=dense, REVERSE=reverse, ONE_K=self._one_k(a.feats), IS_FP32=a.feats.dtype == torch.float32 or upcast,
+            DENSE=dense, REVERSE=reverse, ONE_K=self._one_k(a.feats), LOOP_FLATTEN=cfg.loop_flatten,
+            WARP_SPECIALIZE=cfg.warp_specialize, IS_FP32=a.feats.dtype == torch.float32 or upcast,
             DOT_PRECISION=_dot_precision(a.feats.dtype), UPCAST=upcast,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=self._block_k(a.feats),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)

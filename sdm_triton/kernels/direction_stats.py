@@ -40,7 +40,7 @@ def _sdm_direction_stats_kernel(
     stride_out_stat, stride_out_seg,
     eps,
     DENSE: tl.constexpr, REVERSE: tl.constexpr,
-    ONE_K: tl.constexpr, IS_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ONE_K: tl.constexpr, LOOP_FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, IS_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)   # 64-bit: N*D and N*M may pass 2^31
@@ -60,7 +60,10 @@ def _sdm_direction_stats_kernel(
     pos = tl.zeros((BLOCK_M,), dtype=tl.float32)
     A = tl.zeros((BLOCK_M,), dtype=tl.float32)
     B = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for n0 in range(seg_start, seg_end, BLOCK_N):
+    # LOOP_FLATTEN / WARP_SPECIALIZE: Triton's loop-nest flattening (one software pipeline
+    # across the column and D loops) and automatic warp specialisation (loads, MMA and the
+    # epilogue in separate warps), as variants (launch.TileConfig)
+    for n0 in tl.range(seg_start, seg_end, BLOCK_N, flatten=LOOP_FLATTEN, warp_specialize=WARP_SPECIALIZE):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         col_in = offs_n < seg_end
         S, _ = _similarity_tile(a_ptr, b_ptr, a_ptr, ra_ptr, rb_ptr, scale_ptr, a_rows, offs_m, offs_n, row_in,
