@@ -359,6 +359,17 @@ def _run_error_case(name, rank, world, device="cpu"):
 # Process groups
 # --------------------------------------------------------------------------------------------
 
+def interpreter_usable() -> bool:
+    """Triton's CPU interpreter before 3.8 fails under numpy >= 2.4 ("only 0-dimensional arrays
+    can be converted to Python scalars"), e.g. on the GPU machine (Triton 3.6, numpy 2.5)."""
+    import numpy
+    import triton
+
+    def version(v):
+        return tuple(int(x) for x in v.split(".")[:2])
+    return version(triton.__version__) >= (3, 8) or version(numpy.__version__) < (2, 4)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -380,8 +391,9 @@ def _worker(rank, world, port, out_dir, backend, gpu):
             # float64 with the torch tiles (tolerance 1e-10), then float32 with the Triton tiles
             # (on the GPU, or interpreted on CPU; fp32 against the float64 truth: 2e-5)
             device = f"cuda:{rank}" if gpu else "cpu"
-            runs = {name: dict(device=device),
-                    name + TRITON_SUFFIX: dict(dtype=torch.float32, backend="triton", tol=2e-5, device=device)}
+            runs = {name: dict(device=device)}
+            if gpu or interpreter_usable():
+                runs[name + TRITON_SUFFIX] = dict(dtype=torch.float32, backend="triton", tol=2e-5, device=device)
             for key, kw in runs.items():
                 try:
                     errs = _run_case(name, case, rank, world, 1000 + i, **kw)
@@ -459,6 +471,8 @@ _ILL_CONDITIONED_FP32 = {("allgather-even-nonormalize", 4): "dlogit_scale:"}
 @pytest.mark.parametrize("name", list(CASES))
 def test_triton_tiles_match_single_process(world, name):
     """The same cases through the Triton tile kernels (interpreted on CPU), float32."""
+    if not interpreter_usable():
+        pytest.skip("Triton's interpreter cannot run with this numpy (Triton < 3.8, numpy >= 2.4)")
     results = _group_results(world)
     skip = _ILL_CONDITIONED_FP32.get((name, world))
     if skip is not None and name + TRITON_SUFFIX in results:
