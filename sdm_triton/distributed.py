@@ -241,20 +241,26 @@ def _ring_pass(comm: _Comm, block, block_like, compute, combine, acc_like):
     acc_like:     s -> (shape, dtype) of block s's accumulator, or None when nothing accumulates
 
     Step k holds block s = rank - k: the next block is received while block s is being
-    computed on; the accumulator of block s arrives from the previous rank (which held
-    block s at step k - 1) and leaves for the next rank after this step's contribution
-    is merged, overlapping the next step. After P steps, the accumulator has every
-    rank's contribution and lands on its owner.
+    computed on. Every step posts ONE group of point-to-point operations, the same on every
+    rank: the accumulator finished in step k - 1 goes to the next rank (which holds that
+    block now) and this step's incoming accumulator comes from the previous rank, beside
+    the block transfers. A final group delivers each accumulator to its owner. (Sending
+    the accumulator in a group of its own after the compute, as an earlier version did,
+    made each rank's send wait on a receive its peer posts only after its own send: the
+    4-H100 NCCL run of tools/dist_scaling.py never finished the ring at 32768 rows per
+    rank, bench/NOTES.md.)
     """
     world, rank = comm.world, comm.rank
     nxt, prv = comm.peer(rank + 1), comm.peer(rank - 1)
     device = block[0].device
     accumulates = acc_like(rank) is not None
-    pending, acc = [], None
+    acc, acc_out = None, None
     for k in range(world):
         s = (rank - k) % world
         ops, acc_in, incoming = [], None, None
-        # Posting order per peer matches the sender's: acc (end of its step k-1), then block.
+        # Per peer, the posting order matches the other side's: accumulator, then block.
+        if acc_out is not None:
+            ops.append(dist.P2POp(dist.isend, acc_out, nxt, comm.group, _TAG_ACC))
         if k > 0 and accumulates:
             shape, dtype = acc_like(s)
             acc_in = torch.empty(shape, dtype=dtype, device=device)
@@ -269,16 +275,15 @@ def _ring_pass(comm: _Comm, block, block_like, compute, combine, acc_like):
             w.wait()
         if accumulates:
             acc = contribution if acc_in is None else combine(acc_in, contribution)
-            if world > 1:
-                pending += dist.batch_isend_irecv([dist.P2POp(dist.isend, acc, nxt, comm.group, _TAG_ACC)])
+            acc_out = acc if world > 1 else None
         block = incoming
     if accumulates and world > 1:
         shape, dtype = acc_like(rank)
         acc = torch.empty(shape, dtype=dtype, device=device)
-        for w in dist.batch_isend_irecv([dist.P2POp(dist.irecv, acc, prv, comm.group, _TAG_ACC)]):
+        ops = [dist.P2POp(dist.isend, acc_out, nxt, comm.group, _TAG_ACC),
+               dist.P2POp(dist.irecv, acc, prv, comm.group, _TAG_ACC)]
+        for w in dist.batch_isend_irecv(ops):
             w.wait()
-    for w in pending:
-        w.wait()
     return acc
 
 
