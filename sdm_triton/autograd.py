@@ -19,22 +19,11 @@ import torch
 from reference.options import SDMOptions, compute_dtype
 
 from .matmul import addmm_f32, mm_f32
-from .prepare import prepare_sides, product_operand, projected_gradient
+from .prepare import input_gradient, prepare_sides, product_operand
 from .stats import NUM_STATS, finish_rows, split_lse
 
 #: Bytes of workspace one chunk may use (dS chunk in backward; partial statistics in forward).
 DEFAULT_WORKSPACE_BYTES = 64 * 2**20
-
-
-def _cast_saturating(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Cast a gradient to the input dtype; values beyond its range saturate instead of becoming inf.
-
-    Only reachable in fp16 for (near-)zero feature vectors, whose gradient is 1/NORM_EPS-scaled.
-    """
-    if dtype in (torch.float16, torch.bfloat16):
-        big = torch.finfo(dtype).max
-        x = x.clamp(-big, big)
-    return x.to(dtype)
 
 
 def _chunks(n_cols: int, width: int):
@@ -84,7 +73,8 @@ def grad_pass(tiles, side_a, side_b, labels, scale_t, opts: SDMOptions, lse_a, l
     backend, given the upstream row gradients ``ga`` [n_a], ``gb`` [n_b]; x' and p are the
     product operands of `prepare.product_operand` (``a_op``, ``b_op`` = (x', p), computed
     here when not given), so ua = pa * dL/da_hat in units of g_max / s, which
-    `prepare.projected_gradient` turns into dL/da. ``lse_a``, ``lse_b``: float64
+    `prepare.input_gradient` turns into dL/da; ``ub`` may also be a callable
+    ``(c0, c1, u_chunk)`` that takes each chunk's complete rows (side_a holds every row). ``lse_a``, ``lse_b``: float64
     log-sum-exps, or (hi, lo) pairs from `stats.split_lse`. Any of the three accumulators
     may be None.
     """
@@ -103,7 +93,10 @@ def grad_pass(tiles, side_a, side_b, labels, scale_t, opts: SDMOptions, lse_a, l
         if ua is not None:
             b_chunk = b_x[c0:c1]
             addmm_f32(ua, ws, b_chunk if n_parts == 1 else torch.cat([b_chunk] * n_parts))
-        if ub is not None:
+        if callable(ub):
+            u = mm_f32(ws.T, a_x, ct)
+            ub(c0, c1, u if n_parts == 1 else u.view(n_parts, c1 - c0, -1).sum(0))
+        elif ub is not None:
             if n_parts == 1:
                 addmm_f32(ub[c0:c1], ws.T, a_x)
             else:
@@ -136,7 +129,7 @@ def rows_backward(side_q, side_g, scale_t, labels, opts: SDMOptions, tiles, work
     """(dq, dg, d_scale) from the upstream gradients of the per-row losses; each None if not wanted."""
     with torch.autocast(side_q.feats.device.type, enabled=False):
         q = side_q.feats
-        n, m, d = q.shape[0], side_g.feats.shape[0], q.shape[1]
+        n, d = q.shape
         ct = loss_q.dtype   # (lse_* are float64: see stats.finish_rows)
         ga = upstream_rows(d_loss_q, side_q.row_valid, loss_q)
         gb = upstream_rows(d_loss_g, side_g.row_valid, loss_g)
@@ -147,20 +140,22 @@ def rows_backward(side_q, side_g, scale_t, labels, opts: SDMOptions, tiles, work
         gemm_dtype = tiles.gemm_dtype(q.dtype) or ct
         q_x, p_q, c_q = product_operand(side_q, gemm_dtype)
         g_x, p_g, c_g = product_operand(side_g, gemm_dtype)
-        ua = torch.zeros((n, d), dtype=ct, device=q.device) if want_q else None
-        ub = torch.zeros((m, d), dtype=ct, device=q.device) if want_g else None
-        dscale = torch.zeros((n,), dtype=ct, device=q.device) if want_scale else None
-        grad_pass(tiles, side_q, side_g, labels, scale_t, opts, lse_q, lse_g, loss_q, loss_g, ga, gb,
-                  ua, ub, dscale, workspace_bytes, (q_x, p_q), (g_x, p_g))
-        del q_x, g_x
-
         factor = scale_t * g_max   # dS was divided by g_max; dS/dx_hat carries the scale s
+        ua = torch.zeros((n, d), dtype=ct, device=q.device) if want_q else None
+        dscale = torch.zeros((n,), dtype=ct, device=q.device) if want_scale else None
         dq = dg = d_scale = None
-        if want_q:
-            dq = _cast_saturating(projected_gradient(side_q, ua * factor, c_q, opts.normalize), q.dtype)
         if want_g:
-            dg = _cast_saturating(projected_gradient(side_g, ub * factor, c_g, opts.normalize),
-                                  side_g.feats.dtype)
+            # a column chunk's rows of g are complete once the chunk is done: turn them into
+            # dL/dg right away instead of holding an fp32 [M, D] accumulator
+            dg = torch.empty(side_g.feats.shape, dtype=side_g.feats.dtype, device=q.device)
+
+            def finish_g(c0, c1, u):
+                dg[c0:c1] = input_gradient(side_g, u, c_g, factor, opts.normalize, dg.dtype, rows=(c0, c1))
+        grad_pass(tiles, side_q, side_g, labels, scale_t, opts, lse_q, lse_g, loss_q, loss_g, ga, gb,
+                  ua, finish_g if want_g else None, dscale, workspace_bytes, (q_x, p_q), (g_x, p_g))
+        del q_x, g_x
+        if want_q:
+            dq = input_gradient(side_q, ua, c_q, factor, opts.normalize, q.dtype)
         if want_scale:
             d_scale = dscale.sum() * g_max
     return dq, dg, d_scale

@@ -90,13 +90,12 @@ from reference.options import (
 from .api import SDMStats, _pick_tiles, sdm_loss
 from .autograd import (
     DEFAULT_WORKSPACE_BYTES,
-    _cast_saturating,
     grad_pass,
     scale_tensor,
     stats_pass,
     upstream_rows,
 )
-from .prepare import Side, _finish_side, _id_counts, product_operand, projected_gradient, row_powers
+from .prepare import Side, _finish_side, _id_counts, input_gradient, product_operand, row_powers
 from .stats import finish_rows, merge_partials, merge_two, split_lse
 
 STRATEGIES = ("allgather", "ring")
@@ -461,12 +460,12 @@ class _SDMDistributedRows(torch.autograd.Function):
 
         factor = ctx.scale_t * g_max   # dS was divided by g_max; dS/dx_hat carries the scale s
         dq = dg = d_scale = None
+        factor = factor * comm.grad_factor
         if want_q:
-            u_q = u_q * (factor * comm.grad_factor)
-            dq = _cast_saturating(projected_gradient(side_q, u_q, q_op[2], opts.normalize), q.dtype)
+            dq = input_gradient(side_q, u_q, q_op[2], factor, opts.normalize, q.dtype)
         if want_g:
-            u_g = u_g * (factor * comm.grad_factor)
-            dg = _cast_saturating(projected_gradient(side_g, u_g, 1.0 / row_powers(side_g.inv_norm), opts.normalize), side_g.feats.dtype)
+            dg = input_gradient(side_g, u_g, 1.0 / row_powers(side_g.inv_norm), factor, opts.normalize,
+                                side_g.feats.dtype)
         if want_scale:
             d_scale = _all_reduce((dscale.sum() * g_max).reshape(1), comm)[0].to(ctx.scale_dtype)
         return dq, dg, d_scale, *([None] * 11)

@@ -75,6 +75,15 @@ def prepare_sides(q, g, q_ids, g_ids, labels, q_mask, g_mask, normalize: bool):
     return side_q, side_g
 
 
+#: Rows per block for the backward's O(rows * D) elementwise temporaries (fp32 copies of the
+#: features, projections), so they stay ~8192 * D * 4 bytes instead of scaling with N.
+ROW_BLOCK = 8192
+
+
+def row_blocks(n: int):
+    return [(r0, min(n, r0 + ROW_BLOCK)) for r0 in range(0, n, ROW_BLOCK)]
+
+
 def product_operand(side: Side, dtype: torch.dtype):
     """(x', p, c): the backward products' operand for one side and its row factors.
 
@@ -82,11 +91,14 @@ def product_operand(side: Side, dtype: torch.dtype):
     x' = x * 2^-e in ``dtype`` is exact (a power-of-two scaling, computed in fp32 where
     2^-e cannot overflow, to rows of norm in [0.5, 1)), p = inv_norm * 2^e in (1, 2] gives
     x_hat = p * x' exactly, and c = 2^-e turns u = p * dL/dx_hat into dL/dx
-    (projected_gradient).
+    (input_gradient).
     """
     pw = row_powers(side.inv_norm)
-    x = (side.feats.to(pw.dtype) * (1.0 / pw)[:, None]).to(dtype)
-    return x, side.inv_norm * pw, 1.0 / pw
+    c = 1.0 / pw
+    x = torch.empty(side.feats.shape, dtype=dtype, device=side.feats.device)
+    for r0, r1 in row_blocks(x.shape[0]):
+        x[r0:r1] = side.feats[r0:r1].to(pw.dtype) * c[r0:r1, None]
+    return x, side.inv_norm * pw, c
 
 
 def row_powers(inv_norm: torch.Tensor) -> torch.Tensor:
@@ -94,18 +106,36 @@ def row_powers(inv_norm: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(inv_norm), torch.frexp(1.0 / inv_norm).exponent)
 
 
-def projected_gradient(side: Side, u: torch.Tensor, c: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """dL/dx from u = p * dL/dx_hat (fp32; p, c from product_operand), through
-    x_hat = x / max(|x|, eps):
+def input_gradient(side: Side, u: torch.Tensor, c: torch.Tensor, factor, normalize: bool,
+                   dtype: torch.dtype, rows=None) -> torch.Tensor:
+    """dL/dx in ``dtype`` for the rows [r0, r1) of ``side`` (all when ``rows`` is None), from
+    u = p * dL/dx_hat / factor (fp32 [r1 - r0, D]; p, c from product_operand), through
+    x_hat = x / max(|x|, eps), block of rows by block of rows:
 
-        dL/dx = inv_norm * (d_hat - x_hat <x_hat, d_hat>) = c * (u - x_hat <x_hat, u>)  where |x| > eps,
-        dL/dx = inv_norm * d_hat = c * u                                                 elsewhere,
+        dL/dx = inv_norm * (d_hat - x_hat <x_hat, d_hat>) = c * (u' - x_hat <x_hat, u'>)  where |x| > eps,
+        dL/dx = inv_norm * d_hat = c * u'                                                   elsewhere,
 
-    since inv_norm / p = c. Without normalisation x_hat = x, inv_norm = 1 and dL/dx = c * u.
+    with u' = factor * u, since inv_norm / p = c. Without normalisation x_hat = x, inv_norm = 1
+    and dL/dx = c * u'. Values beyond a half dtype's range saturate (cast_saturating).
     """
-    u = u * c.to(u.dtype)[:, None]
-    if not normalize:
-        return u
-    x_hat = side.feats.to(u.dtype) * side.inv_norm.to(u.dtype)[:, None]
-    radial = (x_hat * u).sum(1, keepdim=True)
-    return torch.where((side.norm > NORM_EPS)[:, None], u - x_hat * radial, u)
+    r0, r1 = rows if rows is not None else (0, side.feats.shape[0])
+    out = torch.empty((r1 - r0, u.shape[1]), dtype=dtype, device=u.device)
+    for b0, b1 in row_blocks(r1 - r0):
+        g = u[b0:b1] * (factor * c[r0 + b0:r0 + b1, None].to(u.dtype))
+        if normalize:
+            x_hat = side.feats[r0 + b0:r0 + b1].to(u.dtype) * side.inv_norm[r0 + b0:r0 + b1, None].to(u.dtype)
+            radial = (x_hat * g).sum(1, keepdim=True)
+            g = torch.where((side.norm[r0 + b0:r0 + b1] > NORM_EPS)[:, None], g - x_hat * radial, g)
+        out[b0:b1] = cast_saturating(g, dtype)
+    return out
+
+
+def cast_saturating(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast a gradient to the input dtype; values beyond its range saturate instead of becoming inf.
+
+    Only reachable in fp16 for (near-)zero feature vectors, whose gradient is 1/NORM_EPS-scaled.
+    """
+    if dtype in (torch.float16, torch.bfloat16):
+        big = torch.finfo(dtype).max
+        x = x.clamp(-big, big)
+    return x.to(dtype)
