@@ -94,7 +94,7 @@ class TritonTiles:
 
     def __init__(self, config: TileConfig | None = None):
         if config is None:
-            config = TILE_CONFIGS[os.environ.get("SDM_DEBUG_CFG", "interpreter") if interpreting() else "default"]
+            config = TILE_CONFIGS["interpreter" if interpreting() else "default"]
         self.config = config
 
     @staticmethod

@@ -420,14 +420,17 @@ def _group_results(world: int, backend: str = "gloo", gpu: bool = False, deadlin
     retried results. The crash itself is an open question (closing note of the session).
     """
     try:
-        return _spawn_group(world, backend, gpu, deadline_s)
+        return spawn_group(_worker, (backend, gpu), world, deadline_s)
     except mp.ProcessExitedException:
-        return _spawn_group(world, backend, gpu, deadline_s)
+        return spawn_group(_worker, (backend, gpu), world, deadline_s)
 
 
-def _spawn_group(world: int, backend: str, gpu: bool, deadline_s: float):
+def spawn_group(worker, worker_args: tuple, world: int, deadline_s: float) -> dict:
+    """Run ``worker(rank, world, port, out_dir, *worker_args)`` in ``world`` spawned processes;
+    each writes ``rank{r}.json`` (name -> result) into out_dir. Returns name -> {rank: result}.
+    (Also used by tools/gloo_exactness.py.)"""
     out_dir = tempfile.mkdtemp(prefix="sdm_dist_")
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), out_dir, backend, gpu), nprocs=world,
+    ctx = mp.start_processes(worker, args=(world, _free_port(), out_dir, *worker_args), nprocs=world,
                              join=False, start_method="spawn")
     t_end = time.monotonic() + deadline_s
     try:

@@ -33,10 +33,8 @@ import datetime
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 
@@ -50,17 +48,12 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-import test_distributed as T  # noqa: E402  (tests/test_distributed.py: problems, cases, reference)
+import test_distributed as T  # noqa: E402  (tests/test_distributed.py: problems, cases, reference, spawn_group)
+from dist_scaling import _cpu_name  # noqa: E402  (tools/, this script's folder)
 
 FP64, FP32 = "fp64-torch-tiles", "fp32-triton-interpreted"
 U_FP32 = 2.0 ** -24   # unit roundoff of float32
 RUNS = {FP64: dict(tol=T.TOL), FP32: dict(dtype=torch.float32, backend="triton", tol=2e-5)}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _single_process_fp32(name, case, world, seed, ref_backend):
@@ -139,24 +132,7 @@ def _worker(rank, world, port, out_dir, ref_backend, timeout_s):
 
 
 def _run_group(world, ref_backend, deadline_s, timeout_s):
-    out_dir = tempfile.mkdtemp(prefix=f"sdm_gloo_{world}_")
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), out_dir, ref_backend, timeout_s), nprocs=world,
-                             join=False, start_method="spawn")
-    t_end = time.monotonic() + deadline_s
-    try:
-        while not ctx.join(timeout=max(0.1, t_end - time.monotonic())):
-            if time.monotonic() > t_end:
-                raise TimeoutError(f"group of {world} did not finish in {deadline_s} s (a hang?)")
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.kill()
-    merged = {}
-    for rank in range(world):
-        with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
-            for key, res in json.load(f).items():
-                merged.setdefault(key, {})[rank] = res
-    return merged
+    return T.spawn_group(_worker, (ref_backend, timeout_s), world, deadline_s)
 
 
 def _max_over_ranks(per_rank: dict) -> dict:
@@ -165,17 +141,6 @@ def _max_over_ranks(per_rank: dict) -> dict:
         for what, err in res["measured"].items():
             out[what] = max(out.get(what, 0.0), err)
     return out
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def main(argv=None):
