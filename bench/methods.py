@@ -1,7 +1,7 @@
 """The methods compared, each turned into a runner over one case's inputs.
 
 Every loss method computes ``sum_k loss(q, g_k)`` over the case's K galleries
-(K separate calls; ``sdm_triton_multi`` is the hook for a batched API). A
+(K separate calls; ``sdm_triton_multi`` is the batched ``sdm_loss_multi``). A
 runner offers the three timed modes and, for the correctness gate, the loss and
 the gradients of the leaves.
 
@@ -11,7 +11,8 @@ the gradients of the leaves.
     reference           reference.sdm_loss, eager, the N x M matrix materialised
     reference_compiled  torch.compile(reference.sdm_loss)
     inf_cl              Inf-CL's cal_inf_loss (optional import), unique ids only
-    sdm_triton_multi    K galleries against one anchor; today K separate sdm_triton calls
+    sdm_triton_multi    sdm_triton.sdm_loss_multi(...).sum(): K galleries against one anchor in one call
+                        (``sdm_triton`` on the same case is K separate calls)
 """
 
 from __future__ import annotations
@@ -143,17 +144,13 @@ def _sdm_kwargs(case: Case):
 
 
 def sdm_triton_multi_loss(q, gs, *, tile_config=None, **kw):
-    """K galleries against one anchor, ``sum_k sdm_loss(q, g_k)``.
+    """K galleries against one anchor, ``sum_k sdm_loss(q, g_k)``, in one ``sdm_loss_multi`` call.
 
-    HOOK: today K separate calls (the baseline ReID5o pays). Wire the batched
-    multi-gallery API here when it exists; the bench checks it against the
-    same float64 truth before timing it.
+    ``gs`` is the case's K separate leaf tensors, as a user holding one embedding per
+    modality has them: the call concatenates them (a K * M * D copy, included in the time).
     """
-    total = None
-    for g in gs:
-        val = sdm_triton.sdm_loss(q, g, backend="triton", tile_config=tile_config, **kw)
-        total = val if total is None else total + val
-    return total
+    return sdm_triton.sdm_loss_multi(q, list(gs), backend="triton", tile_config=tile_config,
+                                     workspace_bytes=WORKSPACE_BYTES, **kw).sum()
 
 
 def _tile_config(variant: str) -> Optional[str]:
@@ -197,10 +194,13 @@ def build(method: str, variant: str, case: Case, inputs: Inputs, device: torch.d
         if case.k == 1:
             raise SkipMethod("multi-gallery cases only (K > 1)")
         _check_triton(case, device, variant, triton_max_nm)
+        from sdm_triton.launch import TILE_CONFIGS
         cfg = _tile_config(variant)
+        if cfg is not None and not TILE_CONFIGS[cfg].two_pass:
+            raise SkipMethod(f"tile config {variant} has one-pass statistics: no multi-gallery support")
         lk = inputs.label_kwargs()
         return LossRunner(lambda: sdm_triton_multi_loss(inputs.q, inputs.gs, tile_config=cfg, **lk, **kw),
-                          inputs.leaves, f"{case.k} separate calls (batched API not wired yet); " + _tile_note(variant))
+                          inputs.leaves, f"one sdm_loss_multi call for K={case.k}; " + _tile_note(variant))
     if method == "sdm_torch":
         fn = _sum_over_galleries(lambda q, g, **lk: sdm_triton.sdm_loss(
             q, g, backend="torch", workspace_bytes=WORKSPACE_BYTES, **lk, **kw), inputs)

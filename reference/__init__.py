@@ -7,5 +7,6 @@ Users can import it in their own tests without a GPU or Triton::
 
 from .options import NORM_EPS, SDMOptions, SDMRowLosses
 from .sdm import SDMLoss, sdm_loss
+from .galleries import sdm_loss_multi
 
-__all__ = ["sdm_loss", "SDMLoss", "SDMOptions", "SDMRowLosses", "NORM_EPS"]
+__all__ = ["sdm_loss", "sdm_loss_multi", "SDMLoss", "SDMOptions", "SDMRowLosses", "NORM_EPS"]

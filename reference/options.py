@@ -189,7 +189,8 @@ def reduce_rows(loss_q2g, valid_q2g, loss_g2q, valid_g2q, opts: SDMOptions):
     """Reduce per-row losses (invalid rows already 0) to the returned value.
 
     Each direction: mean over its valid rows (0 when it has none) or sum; the two
-    directions combine by ``0.5 * (a + b)`` ("mean") or ``a + b`` ("sum").
+    directions combine by ``0.5 * (a + b)`` ("mean") or ``a + b`` ("sum"). Rows run along
+    the last dim: losses [K, rows] (K galleries) reduce to [K].
     """
     if opts.reduction == "none":
         return SDMRowLosses(loss_q2g, loss_g2q, valid_q2g, valid_g2q)
@@ -197,9 +198,9 @@ def reduce_rows(loss_q2g, valid_q2g, loss_g2q, valid_g2q, opts: SDMOptions):
     for loss, valid in ((loss_q2g, valid_q2g), (loss_g2q, valid_g2q)):
         if loss is None:
             continue
-        total = loss.sum()
+        total = loss.sum(-1)
         if opts.reduction == "mean":
-            total = total / valid.sum().clamp_min(1).to(loss.dtype)
+            total = total / valid.sum(-1).clamp_min(1).to(loss.dtype)
         parts.append(total)
     if len(parts) == 1:
         return parts[0]

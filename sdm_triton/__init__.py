@@ -6,12 +6,12 @@
 
 from reference.options import SDMOptions, SDMRowLosses
 
-from .api import BACKENDS, SDMLoss, SDMStats, sdm_loss
+from .api import BACKENDS, SDMLoss, SDMStats, sdm_loss, sdm_loss_multi
 from .presets import PRESETS, SDMPreset, get_preset, preset_kwargs, preset_loss, seed_temperature, tbps_logit_scale
 from .stability import SpikeDetector, check_finite, feature_norm_penalty
 
 __all__ = [
-    "sdm_loss", "SDMLoss", "SDMStats", "SDMOptions", "SDMRowLosses", "BACKENDS",
+    "sdm_loss", "sdm_loss_multi", "SDMLoss", "SDMStats", "SDMOptions", "SDMRowLosses", "BACKENDS",
     "SpikeDetector", "feature_norm_penalty", "check_finite",
     "SDMPreset", "PRESETS", "get_preset", "preset_kwargs", "preset_loss", "seed_temperature", "tbps_logit_scale",
     "sdm_loss_distributed",

@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from reference.galleries import Galleries, split_galleries
 from reference.options import (
     SDMOptions,
     SDMRowLosses,
@@ -45,7 +46,7 @@ def _triton_tiles(config_name: Optional[str]):
         return TritonTiles()
     if config_name not in TILE_CONFIGS:
         raise ValueError(f"unknown tile config {config_name!r}; choose from {sorted(TILE_CONFIGS)}")
-    return TritonTiles(TILE_CONFIGS[config_name])
+    return TritonTiles(TILE_CONFIGS[config_name], config_name)
 
 
 def _pick_tiles(backend: str, q: torch.Tensor, tile_config: Optional[str]):
@@ -103,23 +104,92 @@ def sdm_loss(
     if check_values:
         _check_values(q, g, labels, scale)
     tiles = _pick_tiles(backend, q, tile_config)
-    logit_scale_t = scale if isinstance(scale, torch.Tensor) else None
-    scale_value = 0.0 if logit_scale_t is not None else scale
-
-    if torch.compiler.is_compiling():
-        # torch.compile sees one custom op with a registered backward (no graph break)
-        loss_q, loss_g, valid_q, valid_g, pos_q, pos_g, _, _ = ops.sdm_rows(
-            q, g, logit_scale_t, scale_value, q_ids, g_ids, labels, q_mask, g_mask, opts.kl, float(opts.eps),
-            opts.normalize, tiles.name, tile_config or "", int(workspace_bytes))
-    else:
-        loss_q, loss_g, valid_q, valid_g, pos_q, pos_g = SDMRowsFunction.apply(
-            q, g, logit_scale_t, scale_value, q_ids, g_ids, labels, q_mask, g_mask, opts, tiles, workspace_bytes)
+    loss_q, loss_g, valid_q, valid_g, pos_q, pos_g = _row_losses(
+        q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, opts, tiles, tile_config, workspace_bytes)
     out = reduce_rows(
         loss_q if opts.wants_q2g else None, valid_q if opts.wants_q2g else None,
         loss_g if opts.wants_g2q else None, valid_g if opts.wants_g2q else None, opts)
     if not return_stats:
         return out
     return out, _stats(q, g, q_mask, g_mask, valid_q, valid_g, pos_q, pos_g)
+
+
+def _row_losses(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, opts, tiles, tile_config, workspace_bytes,
+                galleries: int = 1):
+    """(loss_q, loss_g, valid_q, valid_g, pos_q, pos_g) of the per-row losses (q-side [K, N] with K galleries)."""
+    logit_scale_t = scale if isinstance(scale, torch.Tensor) else None
+    scale_value = 0.0 if logit_scale_t is not None else scale
+    if torch.compiler.is_compiling():
+        # torch.compile sees one custom op with a registered backward (no graph break)
+        return ops.sdm_rows(
+            q, g, logit_scale_t, scale_value, q_ids, g_ids, labels, q_mask, g_mask, opts.kl, float(opts.eps),
+            opts.normalize, tiles.name, tile_config or "", int(workspace_bytes), int(galleries))[:6]
+    return SDMRowsFunction.apply(q, g, logit_scale_t, scale_value, q_ids, g_ids, labels, q_mask, g_mask, opts,
+                                 tiles, workspace_bytes, galleries)
+
+
+def sdm_loss_multi(
+    q: torch.Tensor,
+    gs: Galleries,
+    q_ids: Optional[torch.Tensor] = None,
+    g_ids=None,
+    *,
+    labels=None,
+    q_mask: Optional[torch.Tensor] = None,
+    g_mask=None,
+    temperature: float = 0.02,
+    logit_scale: Optional[torch.Tensor] = None,
+    kl: str = "forward",
+    eps: float = 1e-8,
+    direction: str = "both",
+    combine: str = "mean",
+    reduction: str = "mean",
+    normalize: bool = True,
+    backend: str = "auto",
+    check_values: bool = False,
+    tile_config: Optional[str] = None,
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+):
+    """SDM losses of one anchor ``q`` [N, D] against K galleries, in one call.
+
+    Returns a [K] tensor whose k-th entry equals ``sdm_loss(q, gs[k], q_ids, g_ids[k], ...)``
+    (``.sum()`` is ReID5o's total of 15 losses), or for ``reduction="none"`` an SDMRowLosses
+    with [K, N] and [K, M] fields. ``gs``: a [K, M, D] tensor or K tensors [M, D]; ``g_ids``,
+    ``labels``, ``g_mask``: one shared by all galleries ([M], [N, M], [M]), stacked
+    ([K, M], [K, N, M], [K, M]) or K tensors (``reference.galleries``). Other arguments as
+    in :func:`sdm_loss`.
+
+    The galleries are concatenated into one [K * M, D] problem whose row softmax runs per
+    gallery: the Triton kernels do all K in the launches of one loss (two-pass tile configs;
+    the one-pass ones raise), where K separate calls pay K times the launches and the
+    per-sample preparation.
+    """
+    opts = SDMOptions(kl=kl, eps=eps, direction=direction, combine=combine,
+                      reduction=reduction, normalize=normalize)
+    args = split_galleries(gs, g_ids, labels, g_mask)
+    for g_k, ids_k, labels_k, mask_k in zip(*args):
+        validate_inputs(q, g_k, q_ids, ids_k, labels_k, q_mask, mask_k)
+    k_count, m = args.count, args.gs[0].shape[0]
+    g = gs.reshape(k_count * m, -1) if isinstance(gs, torch.Tensor) else torch.cat(args.gs)
+    g_ids_all = torch.cat(args.g_ids) if args.g_ids[0] is not None else None
+    labels_all = torch.cat(args.labels, dim=1) if args.labels[0] is not None else None
+    g_mask_all = None
+    if any(t is not None for t in args.g_mask):
+        g_mask_all = torch.cat([t if t is not None else torch.ones(m, dtype=torch.bool, device=q.device)
+                                for t in args.g_mask])
+    scale = resolve_scale(temperature, logit_scale, q)
+    if check_values:
+        _check_values(q, g, labels_all, scale)
+    tiles = _pick_tiles(backend, q, tile_config)
+    loss_q, loss_g, valid_q, valid_g, _, _ = _row_losses(
+        q, g, q_ids, g_ids_all, labels_all, q_mask, g_mask_all, scale, opts, tiles, tile_config, workspace_bytes,
+        galleries=k_count)
+    if k_count == 1:   # q-side rows come back [N] for one gallery
+        loss_q, valid_q = loss_q[None], valid_q[None]
+    loss_g, valid_g = loss_g.view(k_count, m), valid_g.view(k_count, m)
+    return reduce_rows(
+        loss_q if opts.wants_q2g else None, valid_q if opts.wants_q2g else None,
+        loss_g if opts.wants_g2q else None, valid_g if opts.wants_g2q else None, opts)
 
 
 def _masked_mean_max(x: torch.Tensor, keep: Optional[torch.Tensor]):
@@ -169,4 +239,4 @@ class SDMLoss(torch.nn.Module):
         return f"temperature={self.temperature}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
 
-__all__ = ["sdm_loss", "SDMLoss", "SDMStats", "SDMRowLosses", "BACKENDS"]
+__all__ = ["sdm_loss", "sdm_loss_multi", "SDMLoss", "SDMStats", "SDMRowLosses", "BACKENDS"]

@@ -40,29 +40,33 @@ def scale_tensor(logit_scale, scale_value, ct: torch.dtype, device) -> torch.Ten
 def upstream_rows(d_loss, row_valid: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The upstream gradient of per-row losses in ``like``'s dtype: 0 for invalid rows, zeros if None."""
     if d_loss is None:
-        return like.new_zeros(like.shape[0])
+        return like.new_zeros(like.shape)
     return torch.where(row_valid, d_loss.to(like.dtype), torch.zeros((), dtype=like.dtype, device=like.device))
 
 
 def stats_pass(tiles, side_a, side_b, labels, scale_t, opts: SDMOptions, workspace_bytes: int):
     """Tile statistics of rows ``side_a`` against all columns ``side_b``, chunk by chunk.
 
-    Returns the row statistics [5, n_a] merged over every column (complete) and the
-    column statistics [5, n_b] over the rows of ``side_a`` (complete when ``side_a``
-    holds every row; a partial to merge otherwise, as the distributed path does).
+    Returns the row statistics [5, n_a] merged over every column (complete; [5, K, n_a]
+    with K galleries, see prepare.prepare_sides) and the column statistics [5, n_b] over
+    the rows of ``side_a`` (complete when ``side_a`` holds every row; a partial to merge
+    otherwise, as the distributed path does).
     """
     n, m = side_a.feats.shape[0], side_b.feats.shape[0]
     width = tiles.chunk_columns("stats", n, m, side_a.feats.dtype, workspace_bytes)
     chunks = _chunks(m, width)
     ct = compute_dtype(side_a.feats.dtype)
-    row_parts = torch.empty((NUM_STATS, len(chunks), n), dtype=ct, device=side_a.feats.device)
+    row_shape = side_a.inv_ysum.shape     # [n] or [K, n]
+    row_parts = torch.empty((NUM_STATS, len(chunks), *row_shape), dtype=ct, device=side_a.feats.device)
     col_stats = torch.empty((NUM_STATS, m), dtype=ct, device=side_a.feats.device)
     for i, (c0, c1) in enumerate(chunks):
         row_parts[:, i], col_stats[:, c0:c1] = tiles.stats(side_a, side_b, labels, scale_t, c0, c1,
                                                            opts.reverse, opts.eps)
     # one merge over the chunks at the end (a [5, chunks, n] buffer), not one per chunk
-    row_state = row_parts[:, 0] if len(chunks) == 1 else tiles.merge(row_parts, opts.reverse)
-    return row_state, col_stats
+    if len(chunks) == 1:
+        return row_parts[:, 0], col_stats
+    merged = tiles.merge(row_parts.view(NUM_STATS, len(chunks), -1), opts.reverse)
+    return merged.view(NUM_STATS, *row_shape), col_stats
 
 
 def grad_pass(tiles, side_a, side_b, labels, scale_t, opts: SDMOptions, lse_a, lse_b, loss_a, loss_b, ga, gb,
@@ -106,15 +110,16 @@ def grad_pass(tiles, side_a, side_b, labels, scale_t, opts: SDMOptions, lse_a, l
 
 
 def rows_forward(q, g, logit_scale, scale_value, q_ids, g_ids, labels, q_mask, g_mask,
-                 opts: SDMOptions, tiles, workspace_bytes: int):
+                 opts: SDMOptions, tiles, workspace_bytes: int, galleries: int = 1):
     """Per-row losses of both directions. Returns (outputs, saved) where outputs =
     (loss_q, loss_g, valid_q, valid_g, pos_q, pos_g, lse_q, lse_g) and saved = (side_q, side_g, scale_t).
+    With ``galleries`` = K > 1 (g is K galleries concatenated), the q-side outputs are [K, N].
 
     Autocast is off inside: the similarities must be computed in fp32 whatever the
     surrounding autocast region asks for (the seed's lesson).
     """
     with torch.autocast(q.device.type, enabled=False):
-        side_q, side_g = prepare_sides(q, g, q_ids, g_ids, labels, q_mask, g_mask, opts.normalize)
+        side_q, side_g = prepare_sides(q, g, q_ids, g_ids, labels, q_mask, g_mask, opts.normalize, galleries)
         scale_t = scale_tensor(logit_scale, scale_value, compute_dtype(q.dtype), q.device)
         row_state, col_stats = stats_pass(tiles, side_q, side_g, labels, scale_t, opts, workspace_bytes)
         loss_q, lse_q, pos_q = finish_rows(row_state, side_q.row_valid, side_q.ylogy, opts.reverse)
@@ -170,9 +175,9 @@ class SDMRowsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, g, logit_scale, scale_value, q_ids, g_ids, labels, q_mask, g_mask,
-                opts: SDMOptions, tiles, workspace_bytes: int):
+                opts: SDMOptions, tiles, workspace_bytes: int, galleries: int = 1):
         outputs, (side_q, side_g, scale_t) = rows_forward(q, g, logit_scale, scale_value, q_ids, g_ids, labels,
-                                                          q_mask, g_mask, opts, tiles, workspace_bytes)
+                                                          q_mask, g_mask, opts, tiles, workspace_bytes, galleries)
         loss_q, loss_g, valid_q, valid_g, pos_q, pos_g, lse_q, lse_g = outputs
         ctx.sides = (side_q, side_g)
         ctx.labels = labels
@@ -192,4 +197,4 @@ class SDMRowsFunction(torch.autograd.Function):
                                         *ctx.needs_input_grad[:3])
         if d_scale is not None:
             d_scale = d_scale.to(ctx.scale_dtype)
-        return dq, dg, d_scale, None, None, None, None, None, None, None, None, None
+        return dq, dg, d_scale, None, None, None, None, None, None, None, None, None, None

@@ -13,6 +13,12 @@ columns, no partials: the chunk is every column) or the one-pass tile kernel
 the variant fuses the dot product into the kernels, the one-pass and grad kernels
 read the chunk's raw dot products from a cuBLAS product (fp32, `matmul.mm_f32`).
 
+Galleries: when the row side's label vectors have a leading dimension K
+(``a.inv_ysum`` [K, N], `prepare.prepare_sides(galleries=K)`), the columns are K
+galleries of equal width, each with its own row softmax: row statistics come back
+[5, K, N]. The two-pass statistics kernel and the grad kernel handle that
+themselves (one launch for all K); the one-pass kernel does not.
+
 `sdm_triton/torch_backend.py` implements the same two in plain torch.
 """
 
@@ -92,10 +98,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
 class TritonTiles:
     name = "triton"
 
-    def __init__(self, config: TileConfig | None = None):
+    def __init__(self, config: TileConfig | None = None, config_name: str | None = None):
         if config is None:
-            config = TILE_CONFIGS["interpreter" if interpreting() else "default"]
+            config_name = "interpreter" if interpreting() else "default"
+            config = TILE_CONFIGS[config_name]
         self.config = config
+        self.config_name = config_name or "custom"
 
     @staticmethod
     def check_supported(q: torch.Tensor):
@@ -149,6 +157,9 @@ class TritonTiles:
         return grid, args, strides, flags
 
     def stats(self, a, b, labels, scale_t, c0, c1, reverse, eps):
+        if a.inv_ysum.dim() == 2 and not self.config.two_pass:
+            raise ValueError(f"tile config {self.config_name!r} (one-pass statistics) does not support several "
+                             "galleries; use a two-pass config such as 'default'")
         if self.config.two_pass:
             n = a.feats.shape[0]
             rows = self._direction_stats(a, b, labels, False, scale_t, (0, n), (c0, c1), reverse, eps)
@@ -178,7 +189,9 @@ class TritonTiles:
         n_rows = r1 - r0
         dev = a.feats.device
         row_blocks = triton.cdiv(n_rows, cfg.block_m)
-        segs, seg_cols = self._groups(n_rows, c1 - c0, dev)
+        gals = a.inv_ysum.shape[0] if a.inv_ysum.dim() == 2 else 1
+        gal_cols = (c1 - c0) // gals
+        segs, seg_cols = self._groups(n_rows, gal_cols, gals, dev)
         dense = labels is not None
         lab = labels if dense else a.inv_norm
         if lab.dtype == torch.bool:
@@ -186,23 +199,25 @@ class TritonTiles:
         stride_lm, stride_ln = (0, 0) if not dense else (
             (lab.stride(1), lab.stride(0)) if transposed else (lab.stride(0), lab.stride(1)))
         upcast = interpreting() and a.feats.dtype == torch.bfloat16
-        out = torch.empty((NUM_STATS, segs, n_rows), dtype=torch.float32, device=dev)
-        _sdm_direction_stats_kernel[(row_blocks, segs)](
+        inv_ysum = a.inv_ysum.contiguous()
+        out = torch.empty((NUM_STATS, segs, gals, n_rows), dtype=torch.float32, device=dev)
+        _sdm_direction_stats_kernel[(row_blocks, gals * segs)](
             a.feats, b.feats, a.inv_norm, b.inv_norm, scale_t,
             a.ids if not dense else a.inv_norm, b.ids if not dense else b.inv_norm, lab,
-            a.present.view(torch.uint8), b.present.view(torch.uint8), a.inv_ysum,
+            a.present.view(torch.uint8), b.present.view(torch.uint8), inv_ysum,
             out,
-            r0, r1, c0, c1, seg_cols, a.feats.shape[1],
+            r0, r1, c0, c1, max(1, gal_cols), seg_cols, segs, a.feats.shape[1],
             a.feats.stride(0), a.feats.stride(1), b.feats.stride(0), b.feats.stride(1),
-            stride_lm, stride_ln,
-            out.stride(0), out.stride(1),
+            stride_lm, stride_ln, inv_ysum.stride(0) if gals > 1 else 0,
+            out.stride(0), out.stride(1), out.stride(2),
             float(eps),
             DENSE=dense, REVERSE=reverse, ONE_K=self._one_k(a.feats), LOOP_FLATTEN=cfg.loop_flatten,
             WARP_SPECIALIZE=cfg.warp_specialize, IS_FP32=a.feats.dtype == torch.float32 or upcast,
             DOT_PRECISION=_dot_precision(a.feats.dtype), UPCAST=upcast,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=self._block_k(a.feats),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        return out[:, 0] if segs == 1 else self.merge(out, reverse)
+        merged = out[:, 0] if segs == 1 else self.merge(out.view(NUM_STATS, segs, gals * n_rows), reverse)
+        return merged.view(NUM_STATS, gals, n_rows) if gals > 1 else merged.view(NUM_STATS, n_rows)
 
     def _one_k(self, feats: torch.Tensor) -> bool:
         """Whether the rows' features over all of D fit on chip beside the pipelined column tiles
@@ -220,13 +235,14 @@ class TritonTiles:
             return max(16, triton.next_power_of_2(feats.shape[1]))
         return self.config.block_k or 64
 
-    def _groups(self, n_rows: int, n_cols: int, device) -> tuple:
-        """(programs along the columns, columns per program) for rows x [n_cols) columns: enough
-        programs to fill the GPU, each looping over its share of column tiles."""
+    def _groups(self, n_rows: int, n_cols: int, n_segments: int, device) -> tuple:
+        """(programs per segment, columns per program) for rows x ``n_segments`` segments of
+        ``n_cols`` columns (galleries): enough programs to fill the GPU, each looping over
+        its share of one segment's column tiles."""
         cfg = self.config
         row_blocks = triton.cdiv(n_rows, cfg.block_m)
         col_tiles = max(1, triton.cdiv(n_cols, cfg.block_n))
-        groups = min(col_tiles, triton.cdiv(self._target_programs(device), row_blocks))
+        groups = min(col_tiles, triton.cdiv(self._target_programs(device), row_blocks * n_segments))
         group_cols = triton.cdiv(col_tiles, groups) * cfg.block_n
         return max(1, triton.cdiv(n_cols, group_cols)), group_cols
 
@@ -257,10 +273,18 @@ class TritonTiles:
         args = args[:6] + (pa, pb) + args[6:]
         n, w = a.feats.shape[0], c1 - c0
         dev = a.feats.device
+        # Galleries (see the module doc): the chunk [c0, c1) touches galleries c0 // gal_cols
+        # to (c1 - 1) // gal_cols; each program stays inside one of them.
+        gals = ga.shape[0] if ga.dim() == 2 else 1
+        gal_cols = max(1, b.feats.shape[0] // gals)
+        touched = (c1 - 1) // gal_cols - c0 // gal_cols + 1
+        seg = min(gal_cols, w)
         # ONE_K programs loop over a group of column tiles with the rows' features on chip;
         # the K-loop variants keep one tile per program.
         one_k = self._one_k(a.feats)
-        groups, group_cols = self._groups(n, w, dev) if one_k else (grid[1], cfg.block_n)
+        subs, group_cols = (self._groups(n, seg, touched, dev) if one_k
+                            else (triton.cdiv(seg, cfg.block_n), cfg.block_n))
+        groups = touched * subs
         grid = (grid[0], groups)
         flags["BLOCK_K"] = self._block_k(a.feats)
         gemm = self.gemm_dtype(a.feats.dtype)
@@ -269,10 +293,13 @@ class TritonTiles:
         hi = ws[:, :w]
         lo = ws[:, w:] if n_parts == 2 else hi
         dscale_part = torch.empty((groups, n) if want_dscale else (1, 1), dtype=torch.float32, device=dev)
+        # the row side's per-gallery vectors share one layout: [K, n] contiguous (or [n])
         (lse_a_hi, lse_a_lo), (lse_b_hi, lse_b_lo) = lse_a, lse_b
+        lse_a_hi, lse_a_lo, loss_a, ga = (x.contiguous() for x in (lse_a_hi, lse_a_lo, loss_a, ga))
+        args = args[:-2] + (a.inv_ysum.contiguous(), args[-1])
         _sdm_tile_grad_kernel[grid](
             *args, lse_a_hi, lse_a_lo, lse_b_hi, lse_b_lo, loss_a, loss_b, ga, gb, hi, lo, dscale_part,
-            n, c0, c1, group_cols, a.feats.shape[1], *strides,
+            n, c0, c1, gal_cols, group_cols, subs, a.feats.shape[1], *strides, n if gals > 1 else 0,
             ws.stride(0), ws.stride(1), dscale_part.stride(0),
             float(eps), REVERSE=reverse, ONE_K=one_k, WANT_DSCALE=want_dscale, SPLIT=n_parts == 2,
             **flags)

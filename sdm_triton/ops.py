@@ -42,23 +42,25 @@ def _tiles(backend: str, q: Tensor, tile_config: str):
 def sdm_rows(q: Tensor, g: Tensor, logit_scale: Optional[Tensor], scale_value: float,
              q_ids: Optional[Tensor], g_ids: Optional[Tensor], labels: Optional[Tensor],
              q_mask: Optional[Tensor], g_mask: Optional[Tensor],
-             kl: str, eps: float, normalize: bool, backend: str, tile_config: str, workspace_bytes: int
-             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss_q, loss_g, valid_q, valid_g, pos_q, pos_g, lse_q, lse_g)."""
+             kl: str, eps: float, normalize: bool, backend: str, tile_config: str, workspace_bytes: int,
+             galleries: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss_q, loss_g, valid_q, valid_g, pos_q, pos_g, lse_q, lse_g); q-side [K, N] for K > 1 galleries."""
     outputs, _ = rows_forward(q, g, logit_scale, scale_value, q_ids, g_ids, labels, q_mask, g_mask,
-                              _options(kl, eps, normalize), _tiles(backend, q, tile_config), workspace_bytes)
+                              _options(kl, eps, normalize), _tiles(backend, q, tile_config), workspace_bytes,
+                              galleries)
     return outputs
 
 
 @sdm_rows.register_fake
 def _sdm_rows_fake(q, g, logit_scale, scale_value, q_ids, g_ids, labels, q_mask, g_mask,
-                   kl, eps, normalize, backend, tile_config, workspace_bytes):
+                   kl, eps, normalize, backend, tile_config, workspace_bytes, galleries):
     ct = compute_dtype(q.dtype)
     n, m = q.shape[0], g.shape[0]
-    rows_q, rows_g = q.new_empty((n,), dtype=ct), g.new_empty((m,), dtype=ct)
-    return (rows_q, rows_g, q.new_empty((n,), dtype=torch.bool), g.new_empty((m,), dtype=torch.bool),
-            q.new_empty((n,), dtype=ct), g.new_empty((m,), dtype=ct),
-            q.new_empty((n,), dtype=torch.float64), g.new_empty((m,), dtype=torch.float64))  # lse: float64
+    shape_q = (n,) if galleries == 1 else (galleries, n)
+    rows_q, rows_g = q.new_empty(shape_q, dtype=ct), g.new_empty((m,), dtype=ct)
+    return (rows_q, rows_g, q.new_empty(shape_q, dtype=torch.bool), g.new_empty((m,), dtype=torch.bool),
+            q.new_empty(shape_q, dtype=ct), g.new_empty((m,), dtype=ct),
+            q.new_empty(shape_q, dtype=torch.float64), g.new_empty((m,), dtype=torch.float64))  # lse: float64
 
 
 @torch.library.custom_op(_ROWS_BWD, mutates_args=())
@@ -67,10 +69,10 @@ def sdm_rows_backward(d_loss_q: Tensor, d_loss_g: Tensor, q: Tensor, g: Tensor, 
                       labels: Optional[Tensor], q_mask: Optional[Tensor], g_mask: Optional[Tensor],
                       lse_q: Tensor, lse_g: Tensor, loss_q: Tensor, loss_g: Tensor,
                       kl: str, eps: float, normalize: bool, backend: str, tile_config: str,
-                      workspace_bytes: int) -> Tuple[Tensor, Tensor, Tensor]:
+                      workspace_bytes: int, galleries: int) -> Tuple[Tensor, Tensor, Tensor]:
     """(dq, dg, d_scale); d_scale is a 0-dim compute-dtype tensor (0 when there is no logit_scale)."""
     opts = _options(kl, eps, normalize)
-    side_q, side_g = prepare_sides(q, g, q_ids, g_ids, labels, q_mask, g_mask, normalize)
+    side_q, side_g = prepare_sides(q, g, q_ids, g_ids, labels, q_mask, g_mask, normalize, galleries)
     scale_t = scale_tensor(logit_scale, scale_value, compute_dtype(q.dtype), q.device)
     want_scale = logit_scale is not None
     dq, dg, d_scale = rows_backward(side_q, side_g, scale_t, labels, opts, _tiles(backend, q, tile_config),
@@ -84,30 +86,30 @@ def sdm_rows_backward(d_loss_q: Tensor, d_loss_g: Tensor, q: Tensor, g: Tensor, 
 @sdm_rows_backward.register_fake
 def _sdm_rows_backward_fake(d_loss_q, d_loss_g, q, g, logit_scale, scale_value, q_ids, g_ids, labels,
                             q_mask, g_mask, lse_q, lse_g, loss_q, loss_g, kl, eps, normalize, backend,
-                            tile_config, workspace_bytes):
+                            tile_config, workspace_bytes, galleries):
     return torch.empty_like(q), torch.empty_like(g), loss_q.new_empty(())
 
 
 def _setup_context(ctx, inputs, output):
     (q, g, logit_scale, scale_value, q_ids, g_ids, labels, q_mask, g_mask,
-     kl, eps, normalize, backend, tile_config, workspace_bytes) = inputs
+     kl, eps, normalize, backend, tile_config, workspace_bytes, galleries) = inputs
     loss_q, loss_g, _, _, _, _, lse_q, lse_g = output
     ctx.save_for_backward(q, g, logit_scale, q_ids, g_ids, labels, q_mask, g_mask, lse_q, lse_g, loss_q, loss_g)
-    ctx.values = (scale_value, kl, eps, normalize, backend, tile_config, workspace_bytes)
+    ctx.values = (scale_value, kl, eps, normalize, backend, tile_config, workspace_bytes, galleries)
 
 
 def _backward(ctx, d_loss_q, d_loss_g, *_unused):
     q, g, logit_scale, q_ids, g_ids, labels, q_mask, g_mask, lse_q, lse_g, loss_q, loss_g = ctx.saved_tensors
-    scale_value, kl, eps, normalize, backend, tile_config, workspace_bytes = ctx.values
+    scale_value, kl, eps, normalize, backend, tile_config, workspace_bytes, galleries = ctx.values
     if d_loss_q is None:
         d_loss_q = torch.zeros_like(loss_q)
     if d_loss_g is None:
         d_loss_g = torch.zeros_like(loss_g)
     dq, dg, d_scale = sdm_rows_backward(d_loss_q, d_loss_g, q, g, logit_scale, scale_value, q_ids, g_ids,
                                         labels, q_mask, g_mask, lse_q, lse_g, loss_q, loss_g,
-                                        kl, eps, normalize, backend, tile_config, workspace_bytes)
+                                        kl, eps, normalize, backend, tile_config, workspace_bytes, galleries)
     d_logit_scale = d_scale.to(logit_scale.dtype) if logit_scale is not None else None
-    return (dq, dg, d_logit_scale) + (None,) * 12
+    return (dq, dg, d_logit_scale) + (None,) * 13
 
 
 sdm_rows.register_autograd(_backward, setup_context=_setup_context)

@@ -35,14 +35,18 @@ def _norms(x: torch.Tensor, normalize: bool):
     return norm, inv
 
 
-def _id_counts(a_ids, b_ids, b_present, dtype) -> torch.Tensor:
-    """For each a_ids[i], how many present b have the same id. Sort + searchsorted, no sync."""
-    sorted_b, order = torch.sort(b_ids)
-    present_sorted = b_present[order].to(torch.int64)
-    cum = torch.cat([present_sorted.new_zeros(1), present_sorted.cumsum(0)])
-    lo = torch.searchsorted(sorted_b, a_ids, right=False)
-    hi = torch.searchsorted(sorted_b, a_ids, right=True)
-    return (cum[hi] - cum[lo]).to(dtype)
+def _id_counts(a_ids, b_ids, b_present, dtype, galleries: int = 1) -> torch.Tensor:
+    """For each a_ids[i], how many present b have the same id: [n_a], or [K, n_a] counted in
+    each of the K equal consecutive parts of b (galleries). Sort + searchsorted, no sync."""
+    b_ids, b_present = b_ids.view(galleries, -1), b_present.view(galleries, -1)
+    sorted_b, order = torch.sort(b_ids, dim=1)
+    present_sorted = b_present.gather(1, order).to(torch.int64)
+    cum = torch.cat([present_sorted.new_zeros(galleries, 1), present_sorted.cumsum(1)], dim=1)
+    a = a_ids.expand(galleries, -1).contiguous()
+    lo = torch.searchsorted(sorted_b, a, right=False)
+    hi = torch.searchsorted(sorted_b, a, right=True)
+    counts = (cum.gather(1, hi) - cum.gather(1, lo)).to(dtype)
+    return counts if galleries > 1 else counts[0]
 
 
 def _finish_side(feats, normalize, present, ids, ysum, ylogy_num):
@@ -55,14 +59,17 @@ def _finish_side(feats, normalize, present, ids, ysum, ylogy_num):
     return Side(feats, inv_norm, norm, present, ids, inv_ysum, row_valid, ylogy)
 
 
-def prepare_sides(q, g, q_ids, g_ids, labels, q_mask, g_mask, normalize: bool):
+def prepare_sides(q, g, q_ids, g_ids, labels, q_mask, g_mask, normalize: bool, galleries: int = 1):
+    """The two sides of the problem. ``galleries`` = K > 1: ``g`` (with g_ids, g_mask and the
+    columns of labels) is K galleries of M / K rows concatenated, each its own softmax domain
+    for q's rows: q's inv_ysum, row_valid and ylogy are then [K, N] (one row per gallery)."""
     n, m = q.shape[0], g.shape[0]
     ct = compute_dtype(q.dtype)
     q_present = q_mask if q_mask is not None else torch.ones(n, dtype=torch.bool, device=q.device)
     g_present = g_mask if g_mask is not None else torch.ones(m, dtype=torch.bool, device=q.device)
     if labels is None:
         qi, gi = q_ids.to(torch.int64), g_ids.to(torch.int64)
-        ysum_q = _id_counts(qi, gi, g_present, ct)
+        ysum_q = _id_counts(qi, gi, g_present, ct, galleries)
         ysum_g = _id_counts(gi, qi, q_present, ct)
         zeros_q, zeros_g = torch.zeros_like(ysum_q), torch.zeros_like(ysum_g)  # binary: y log y = 0
         side_q = _finish_side(q, normalize, q_present, qi, ysum_q, zeros_q)
@@ -70,7 +77,11 @@ def prepare_sides(q, g, q_ids, g_ids, labels, q_mask, g_mask, normalize: bool):
         return side_q, side_g
     y = labels.to(ct) * (q_present[:, None] & g_present[None, :])
     ylogy = torch.xlogy(y, y)
-    side_q = _finish_side(q, normalize, q_present, None, y.sum(1), ylogy.sum(1))
+    if galleries > 1:   # [N, K * M'] -> per gallery [K, N]
+        y_rows, ylogy_rows = (t.view(n, galleries, -1).sum(2).T.contiguous() for t in (y, ylogy))
+    else:
+        y_rows, ylogy_rows = y.sum(1), ylogy.sum(1)
+    side_q = _finish_side(q, normalize, q_present, None, y_rows, ylogy_rows)
     side_g = _finish_side(g, normalize, g_present, None, y.sum(0), ylogy.sum(0))
     return side_q, side_g
 

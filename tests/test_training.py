@@ -53,7 +53,11 @@ def test_compile_fullgraph_triton_backend_gpu():
 def test_custom_ops_pass_opcheck():
     """Schema, fake (meta) implementation and autograd registration agree with the real op."""
     q, g, qi, gi, qm, ls = _case(n=6, m=7, d=5)
-    args = (q, g, ls, 0.0, qi, gi, None, qm, None, "forward", 1e-8, True, "torch", "", 1 << 26)
+    args = (q, g, ls, 0.0, qi, gi, None, qm, None, "forward", 1e-8, True, "torch", "", 1 << 26, 1)
+    torch.library.opcheck(ops.sdm_rows, args)
+    # two galleries of 7 (sdm_loss_multi): q-side outputs [2, N]
+    g2 = torch.cat([g.detach(), g.detach().flip(0)]).requires_grad_()
+    args = (q, g2, ls, 0.0, qi, torch.cat([gi, gi]), None, qm, None, "reverse", 1e-8, True, "torch", "", 1 << 26, 2)
     torch.library.opcheck(ops.sdm_rows, args)
 
 

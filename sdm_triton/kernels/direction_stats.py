@@ -19,6 +19,13 @@ kernel's two-direction epilogue (cross-warp column reductions, twice the live
 [BLOCK_M, BLOCK_N] tensors, partials of every tile) cost more than that on an H100
 (bench/NOTES.md §8). Rows are split into segments of columns only to fill the GPU
 when there are few row blocks; the segments' statistics merge with `merge_stats.py`.
+
+Galleries. The column range may be the concatenation of several galleries of
+``gal_cols`` columns each (K galleries against one anchor, `sdm_loss_multi`): a row's
+softmax then runs over each gallery separately. Program (i, s) handles gallery
+k = s // subs, segment s % subs of it, reads the row label masses of gallery k
+(``a_inv_ysum`` [K, rows], stride ``stride_ya_gal``) and writes statistics [k, row].
+With one gallery (``gal_cols`` >= the range) this is the plain segmented pass.
 """
 
 import triton
@@ -29,15 +36,15 @@ from .tile_stats import NEG_BIG, _label_tile, _load_row_tile, _similarity_tile
 
 # Sizes change from batch to batch: no divisibility specialisation on them, or every
 # new size would compile a new kernel.
-@triton.jit(do_not_specialize=["row_start", "row_end", "col_start", "col_end", "seg_cols"])
+@triton.jit(do_not_specialize=["row_start", "row_end", "col_start", "col_end", "gal_cols", "seg_cols", "subs"])
 def _sdm_direction_stats_kernel(
     a_ptr, b_ptr, ra_ptr, rb_ptr, scale_ptr,
     a_ids_ptr, b_ids_ptr, labels_ptr,
     a_valid_ptr, b_valid_ptr, a_inv_ysum_ptr,
     out_ptr,
-    row_start, row_end, col_start, col_end, seg_cols, D,
-    stride_am, stride_ad, stride_bm, stride_bd, stride_lm, stride_ln,
-    stride_out_stat, stride_out_seg,
+    row_start, row_end, col_start, col_end, gal_cols, seg_cols, subs, D,
+    stride_am, stride_ad, stride_bm, stride_bd, stride_lm, stride_ln, stride_ya_gal,
+    stride_out_stat, stride_out_seg, stride_out_gal,
     eps,
     DENSE: tl.constexpr, REVERSE: tl.constexpr,
     ONE_K: tl.constexpr, LOOP_FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, IS_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -45,12 +52,14 @@ def _sdm_direction_stats_kernel(
 ):
     pid_m = tl.program_id(0).to(tl.int64)   # 64-bit: N*D and N*M may pass 2^31
     pid_s = tl.program_id(1).to(tl.int64)
+    gal = pid_s // subs
     offs_m = row_start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = offs_m < row_end
     rv = row_in & (tl.load(a_valid_ptr + offs_m, mask=row_in, other=0) != 0)
-    inv_ya = tl.load(a_inv_ysum_ptr + offs_m, mask=row_in, other=0.0)
-    seg_start = col_start + pid_s * seg_cols
-    seg_end = tl.minimum(seg_start + seg_cols, col_end)
+    inv_ya = tl.load(a_inv_ysum_ptr + gal * stride_ya_gal + offs_m, mask=row_in, other=0.0)
+    gal_start = col_start + gal * gal_cols
+    seg_start = gal_start + (pid_s % subs) * seg_cols
+    seg_end = tl.minimum(tl.minimum(seg_start + seg_cols, gal_start + gal_cols), col_end)
 
     a_rows = 0.0
     if ONE_K:   # the rows' features stay on chip for the whole column loop
@@ -90,7 +99,7 @@ def _sdm_direction_stats_kernel(
         l = l * alpha + tl.sum(p, axis=1)
         m = m_new
 
-    out = out_ptr + pid_s * stride_out_seg + (offs_m - row_start)
+    out = out_ptr + (pid_s % subs) * stride_out_seg + gal * stride_out_gal + (offs_m - row_start)
     tl.store(out, m, mask=row_in)
     tl.store(out + stride_out_stat, l, mask=row_in)
     tl.store(out + 2 * stride_out_stat, pos, mask=row_in)

@@ -28,6 +28,13 @@ cancels the radial part (found by the property tests at s = 200). Dividing ga, g
 their largest magnitude keeps dS in [-O(1), O(1)], safe for an fp16 workspace. With
 WANT_DSCALE, each program also writes sum_j dS_ij * cos_ij for the gradient of the logit
 scale.
+
+Galleries (as in `direction_stats.py`): the columns may be K galleries of ``gal_cols``
+columns, each with its own row softmax; the row side's per-gallery vectors (inv_ysum,
+lse, loss, upstream gradient) are [K, N] with stride ``stride_a_gal``. Programs along
+axis 1 own a group of column tiles inside ONE gallery: the chunk's piece of gallery
+k = col_start // gal_cols + pid // subs, group pid % subs of it. One gallery:
+``gal_cols`` >= col_end, and the groups simply tile the chunk.
 """
 
 import triton
@@ -38,15 +45,15 @@ from .tile_stats import _label_tile, _load_row_tile, _similarity_tile
 
 # Sizes change from batch to batch (last batch, chunk bounds): no divisibility
 # specialisation on them, or every new size would compile a new kernel.
-@triton.jit(do_not_specialize=["N", "col_start", "col_end", "group_cols"])
+@triton.jit(do_not_specialize=["N", "col_start", "col_end", "gal_cols", "group_cols", "subs"])
 def _sdm_tile_grad_kernel(
     a_ptr, b_ptr, dot_ptr, ra_ptr, rb_ptr, scale_ptr, pa_ptr, pb_ptr,
     a_ids_ptr, b_ids_ptr, labels_ptr,
     a_valid_ptr, b_valid_ptr, a_inv_ysum_ptr, b_inv_ysum_ptr,
     lse_a_ptr, lse_a_lo_ptr, lse_b_ptr, lse_b_lo_ptr, loss_a_ptr, loss_b_ptr, ga_ptr, gb_ptr,
     ds_ptr, ds_lo_ptr, dscale_part_ptr,
-    N, col_start, col_end, group_cols, D,
-    stride_am, stride_ad, stride_bm, stride_bd, stride_dotm, stride_dotn, stride_lm, stride_ln,
+    N, col_start, col_end, gal_cols, group_cols, subs, D,
+    stride_am, stride_ad, stride_bm, stride_bd, stride_dotm, stride_dotn, stride_lm, stride_ln, stride_a_gal,
     stride_dsm, stride_dsn, stride_dscale_blk,
     eps,
     DENSE: tl.constexpr, REVERSE: tl.constexpr, FUSED_DOT: tl.constexpr, ONE_K: tl.constexpr,
@@ -54,25 +61,29 @@ def _sdm_tile_grad_kernel(
     IS_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One program: BLOCK_M rows against the column tiles of [group start, + group_cols)."""
+    """One program: BLOCK_M rows against the column tiles of one group (see the module doc)."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
+    gal = col_start // gal_cols + pid_n // subs
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_ga = gal * stride_a_gal + offs_m     # the row side's per-gallery vectors
     row_in = offs_m < N
     rv = row_in & (tl.load(a_valid_ptr + offs_m, mask=row_in, other=0) != 0)
-    inv_ya = tl.load(a_inv_ysum_ptr + offs_m, mask=row_in, other=0.0)
-    lse_a = tl.load(lse_a_ptr + offs_m, mask=row_in, other=0.0)
-    lse_a_lo = tl.load(lse_a_lo_ptr + offs_m, mask=row_in, other=0.0)
-    ga = tl.load(ga_ptr + offs_m, mask=row_in, other=0.0)
+    inv_ya = tl.load(a_inv_ysum_ptr + offs_ga, mask=row_in, other=0.0)
+    lse_a = tl.load(lse_a_ptr + offs_ga, mask=row_in, other=0.0)
+    lse_a_lo = tl.load(lse_a_lo_ptr + offs_ga, mask=row_in, other=0.0)
+    ga = tl.load(ga_ptr + offs_ga, mask=row_in, other=0.0)
     pa = tl.load(pa_ptr + offs_m, mask=row_in, other=0.0)
     if REVERSE:
-        loss_a = tl.load(loss_a_ptr + offs_m, mask=row_in, other=0.0)
+        loss_a = tl.load(loss_a_ptr + offs_ga, mask=row_in, other=0.0)
     a_rows = 0.0
     if ONE_K:   # the rows' features stay on chip for the whole column loop
         a_rows = _load_row_tile(a_ptr, offs_m, row_in, D, stride_am, stride_ad, UPCAST, BLOCK_K)
     dscale_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    group_start = col_start + pid_n * group_cols
-    group_end = tl.minimum(group_start + group_cols, col_end)
+    seg_start = tl.maximum(col_start, gal * gal_cols)      # this chunk's piece of gallery gal
+    seg_end = tl.minimum(col_end, (gal + 1) * gal_cols)
+    group_start = seg_start + (pid_n % subs) * group_cols
+    group_end = tl.minimum(group_start + group_cols, seg_end)
     for n0 in range(group_start, group_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         col_in = offs_n < group_end
