@@ -10,7 +10,10 @@
 # per property, up to 300 rows and D 300; see tests/conftest.py).
 set -u -o pipefail
 out=${OUT:-/tmp}
-workers=${SDM_TEST_WORKERS:-$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))}
+# at most 14 workers: each one holds a CUDA context on the GPU (62 of them on a 64-core host
+# ran the GPU out of memory before any test started)
+cores=$(nproc)
+workers=${SDM_TEST_WORKERS:-$(( cores > 16 ? 14 : (cores > 2 ? cores - 2 : 1) ))}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export SDM_HYPOTHESIS_PROFILE=${SDM_HYPOTHESIS_PROFILE:-gpu} SDM_HYPOTHESIS_NO_SHRINK=${SDM_HYPOTHESIS_NO_SHRINK:-1}
 export SDM_FAILURE_LOG=${SDM_FAILURE_LOG:-$out/gpu_suite_failures.log}
