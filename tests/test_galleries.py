@@ -168,9 +168,9 @@ def test_gallery_k_equals_a_separate_call(backend):
 
 
 def test_bad_gallery_arguments():
-    q = torch.randn(4, 8)
-    gs = torch.randn(3, 5, 8)
-    qi, gi = torch.arange(4), torch.arange(5)
+    q = torch.randn(4, 8, device=DEVICE)
+    gs = torch.randn(3, 5, 8, device=DEVICE)
+    qi, gi = torch.arange(4, device=DEVICE), torch.arange(5, device=DEVICE)
     with pytest.raises(ValueError, match=r"\[K, M, D\]"):
         sdm_triton.sdm_loss_multi(q, gs[0], qi, gi)
     with pytest.raises(ValueError, match="no gallery"):

@@ -3,7 +3,7 @@
 # machine Triton compilation (CPU-bound, seconds per kernel variant) dominates the run,
 # and each worker compiles what its tests need into the shared Triton cache.
 #
-#   bash tools/gpu_suite.sh [extra pytest args]      (log: $OUT/gpu_suite.log or /tmp)
+#   bash tools/gpu_suite.sh [test paths] [extra pytest args]   (log: $OUT/gpu_suite.log or /tmp)
 #
 # Needs pytest, hypothesis and pytest-xdist; the device machine gets xdist as wheels
 # (.whl/xdist, see bench/NOTES.md). SDM_HYPOTHESIS_PROFILE defaults to "gpu" (200 examples
@@ -21,4 +21,8 @@ export SDM_REQUIRE_BACKENDS=${SDM_REQUIRE_BACKENDS:-reference,torch,triton}
 rev=$(cat .rev 2>/dev/null || git rev-parse --short HEAD 2>/dev/null)
 python3 -c "import torch, triton; print('card:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none', '| torch', torch.__version__, '| triton', triton.__version__, '| rev $rev')" | tee "$out/gpu_suite.log"
 rm -f "$SDM_FAILURE_LOG"
-python3 -m pytest tests -q -p no:cacheprovider -p no:benchmark -n "$workers" --durations=25 -rfEs "$@" 2>&1 | tee -a "$out/gpu_suite.log"
+# test paths first (default: all of tests/), then any pytest options
+paths=()
+while [ $# -gt 0 ] && [ -e "${1%%::*}" ]; do paths+=("$1"); shift; done
+[ ${#paths[@]} -eq 0 ] && paths=(tests)
+python3 -m pytest "${paths[@]}" -q -p no:cacheprovider -p no:benchmark -n "$workers" --durations=25 -rfEs "$@" 2>&1 | tee -a "$out/gpu_suite.log"
