@@ -48,9 +48,16 @@ if os.environ.get("SDM_HYPOTHESIS_NO_SHRINK") == "1":
     _COMMON["phases"] = [Phase.explicit, Phase.reuse, Phase.generate, Phase.target]
 settings.register_profile("ci", max_examples=25, derandomize=True, database=None, **_COMMON)
 settings.register_profile("thorough", max_examples=300, **_COMMON)
+# gpu: 200 examples per property is ~10 min of one H100 for test_properties.py alone (57
+# properties x 3 backends, each new shape compiling); SDM_HYPOTHESIS_MAX_EXAMPLES=N overrides
+# the active profile's count (tools/gpu_suite.sh passes it through) to fit a shorter run.
 settings.register_profile("gpu", max_examples=200, **_COMMON)
 PROFILE = os.environ.get("SDM_HYPOTHESIS_PROFILE", "ci")
 settings.load_profile(PROFILE)
+if os.environ.get("SDM_HYPOTHESIS_MAX_EXAMPLES"):
+    settings.register_profile(PROFILE + "-capped", settings.get_profile(PROFILE),
+                              max_examples=int(os.environ["SDM_HYPOTHESIS_MAX_EXAMPLES"]))
+    settings.load_profile(PROFILE + "-capped")
 
 # Case sizes: rows per side and feature dim. The interpreter executes every Triton op
 # in numpy, so interpreted Triton gets small cases and half the examples.
