@@ -75,15 +75,31 @@ def prepare_sides(q, g, q_ids, g_ids, labels, q_mask, g_mask, normalize: bool, g
         side_q = _finish_side(q, normalize, q_present, qi, ysum_q, zeros_q)
         side_g = _finish_side(g, normalize, g_present, gi, ysum_g, zeros_g)
         return side_q, side_g
-    y = labels.to(ct) * (q_present[:, None] & g_present[None, :])
-    ylogy = torch.xlogy(y, y)
-    if galleries > 1:   # [N, K * M'] -> per gallery [K, N]
-        y_rows, ylogy_rows = (t.view(n, galleries, -1).sum(2).T.contiguous() for t in (y, ylogy))
-    else:
-        y_rows, ylogy_rows = y.sum(1), ylogy.sum(1)
+    # Row and column sums of y and y log y over the present pairs, a block of rows at a time:
+    # the caller's labels are [N, M], but our compute-dtype copies of them stay O(block * M).
+    y_rows = torch.empty((galleries, n), dtype=ct, device=q.device)
+    ylogy_rows = torch.empty_like(y_rows)
+    y_cols = torch.zeros(m, dtype=ct, device=q.device)
+    ylogy_cols = torch.zeros_like(y_cols)
+    block = max(1, LABEL_BLOCK_ELEMENTS // m)
+    for r0 in range(0, n, block):
+        r1 = min(n, r0 + block)
+        y = labels[r0:r1].to(ct) * (q_present[r0:r1, None] & g_present[None, :])
+        ylogy = torch.xlogy(y, y)
+        # [rows, K * M'] -> per gallery [K, rows]
+        y_rows[:, r0:r1] = y.view(r1 - r0, galleries, -1).sum(2).T
+        ylogy_rows[:, r0:r1] = ylogy.view(r1 - r0, galleries, -1).sum(2).T
+        y_cols += y.sum(0)
+        ylogy_cols += ylogy.sum(0)
+    if galleries == 1:
+        y_rows, ylogy_rows = y_rows[0], ylogy_rows[0]
     side_q = _finish_side(q, normalize, q_present, None, y_rows, ylogy_rows)
-    side_g = _finish_side(g, normalize, g_present, None, y.sum(0), ylogy.sum(0))
+    side_g = _finish_side(g, normalize, g_present, None, y_cols, ylogy_cols)
     return side_q, side_g
+
+
+#: Elements of the dense labels converted at once in `prepare_sides` (16 MiB of fp32).
+LABEL_BLOCK_ELEMENTS = 1 << 22
 
 
 #: Rows per block for the backward's O(rows * D) elementwise temporaries (fp32 copies of the
