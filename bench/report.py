@@ -40,10 +40,20 @@ def device_slug(device: torch.device) -> str:
 
 
 def git_revision() -> str:
-    """Short hash of HEAD, '-dirty' if tracked files changed; BENCH_GIT_REV overrides (copies without .git)."""
+    """Short hash of HEAD, '-dirty' if tracked files changed; BENCH_GIT_REV overrides (copies
+    without .git). A ``.rev`` file at the repository root (one line: the revision a working tree
+    sent to a GPU machine was taken from, whose git metadata there may be stale; tools/gpu_suite.sh
+    reads it too) is appended when it names another revision: "<git> (.rev <rev>)"."""
     if os.environ.get("BENCH_GIT_REV"):
         return os.environ["BENCH_GIT_REV"]
     root = Path(__file__).resolve().parent.parent
+    rev_file = root / ".rev"
+    noted = rev_file.read_text().strip().split("\n")[0] if rev_file.is_file() else ""
+    git = _git_head(root)
+    return f"{git} (.rev {noted})" if noted and not git.startswith(noted) else git
+
+
+def _git_head(root: Path) -> str:
     try:
         rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
                              capture_output=True, text=True, timeout=10)
