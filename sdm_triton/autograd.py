@@ -98,15 +98,23 @@ def grad_pass(tiles, side_a, side_b, labels, scale_t, opts: SDMOptions, lse_a, l
             b_chunk = b_x[c0:c1]
             addmm_f32(ua, ws, b_chunk if n_parts == 1 else torch.cat([b_chunk] * n_parts))
         if callable(ub):
-            u = mm_f32(ws.T, a_x, ct)
-            ub(c0, c1, u if n_parts == 1 else u.view(n_parts, c1 - c0, -1).sum(0))
+            ub(c0, c1, _sum_parts(mm_f32(ws.T, a_x, ct), n_parts))
         elif ub is not None:
             if n_parts == 1:
                 addmm_f32(ub[c0:c1], ws.T, a_x)
             else:
-                ub[c0:c1] += mm_f32(ws.T, a_x, ub.dtype).view(n_parts, c1 - c0, -1).sum(0)
+                ub[c0:c1] += _sum_parts(mm_f32(ws.T, a_x, ub.dtype), n_parts)
         if dscale is not None:
             dscale += ds_cos.to(dscale.dtype)
+        # Let this chunk's workspace go before the next chunk allocates its own: bound to `ws`
+        # until reassigned, two workspaces were alive at once (+64 MiB at the default budget,
+        # the constant gap between predicted and measured backward peaks, bench/NOTES.md §16).
+        del ws, ds_cos
+
+
+def _sum_parts(u: torch.Tensor, n_parts: int) -> torch.Tensor:
+    """[P * w, D] products of the P workspace parts -> their sum [w, D]."""
+    return u if n_parts == 1 else u.view(n_parts, -1, u.shape[1]).sum(0)
 
 
 def rows_forward(q, g, logit_scale, scale_value, q_ids, g_ids, labels, q_mask, g_mask,
