@@ -205,3 +205,14 @@ def test_dense_labels_prepared_in_row_blocks(k, monkeypatch):
     ref = _run(reference.sdm_loss_multi, q, gs, kw, torch.float64, kl="reverse")
     for a, b in zip(ours, ref):
         assert _rel(a, b) < 1e-10
+
+
+def test_preset_kwargs_give_each_gallery_the_preset_loss():
+    """ReID5o's use: IRRA's SDM against each gallery, via the preset's keyword arguments."""
+    n, m, d, k = SHAPES[1]
+    q, gs, kw = _problem(n, m, d, k, seed=5, masks=True)
+    multi = sdm_triton.sdm_loss_multi(q, gs, **kw, **sdm_triton.preset_kwargs("irra"))
+    for j in range(k):
+        single = sdm_triton.preset_loss("irra", q, gs[j], kw["q_ids"], kw["g_ids"][j], q_mask=kw["q_mask"],
+                                        g_mask=kw["g_mask"][j])
+        torch.testing.assert_close(multi[j], single, rtol=2e-6, atol=1e-7)
