@@ -6,11 +6,12 @@ random linear map of the latent plus noise. A fraction of the views of every sam
 missing, replaced by a null token and marked absent in a mask (the seed's v2 fix: absent
 modalities must not take part in alignment).
 
-Per step, as in the seed and ReID5o: one SDM call per modality against the RGB anchor
-(``sdm_loss`` with masks, the "seed" preset: forward KL, tau 0.2, mean of the two
-directions), averaged, plus the feature-norm band penalty on every modality. A robust
-spike detector watches the loss and skips the optimizer step on a spike. The SDM
-statistics (``return_stats=True``) give the mean probability on true matches.
+Per step, as in the seed and ReID5o: the SDM loss of every modality against the RGB anchor
+(one ``sdm_loss_multi`` call for both galleries, with masks, the "seed" preset: forward
+KL, tau 0.2, mean of the two directions), averaged, plus the feature-norm band penalty on
+every modality. A robust spike detector watches the loss and skips the optimizer step on
+a spike. The SDM statistics (``return_stats=True``, one per gallery) give the mean
+probability on true matches.
 
     python examples/train_multimodal.py                    # CPU: a few seconds
     python examples/train_multimodal.py --corrupt-step 120 # shuffle one batch's ids: a spike
@@ -30,7 +31,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from sdm_triton import sdm_loss
+from sdm_triton import sdm_loss_multi
 from sdm_triton.presets import preset_kwargs
 from sdm_triton.stability import SpikeDetector, check_finite, feature_norm_penalty
 
@@ -154,13 +155,12 @@ def _train(args: argparse.Namespace, device: torch.device) -> dict:
         if args.check_finite:
             check_finite(*feats.values(), names=[f"{m} features" for m in MODALITIES])
 
-        sdm_terms, pos_probs = [], []
-        for m in ("ir", "text"):                                      # every modality against the RGB anchor
-            loss_m, stats = sdm_loss(feats["rgb"], feats[m], ids, ids, q_mask=sdm_masks["rgb"], g_mask=sdm_masks[m],
-                                     return_stats=True, **sdm_options)
-            sdm_terms.append(loss_m)
-            pos_probs.append(0.5 * (stats.pos_prob_q2g + stats.pos_prob_g2q))
-        sdm = torch.stack(sdm_terms).mean()
+        galleries = ("ir", "text")                                    # every modality against the RGB anchor
+        sdm_terms, stats = sdm_loss_multi(feats["rgb"], [feats[m] for m in galleries], ids, ids,
+                                          q_mask=sdm_masks["rgb"], g_mask=[sdm_masks[m] for m in galleries],
+                                          return_stats=True, **sdm_options)   # [2] losses, [2] statistics
+        pos_probs = 0.5 * (stats.pos_prob_q2g + stats.pos_prob_g2q)
+        sdm = sdm_terms.mean()
         penalty = torch.stack([feature_norm_penalty(feats[m], weight=args.penalty_weight, mask=masks[m])
                                for m in MODALITIES]).mean()
         loss = sdm + penalty
@@ -175,7 +175,7 @@ def _train(args: argparse.Namespace, device: torch.device) -> dict:
 
         feat_norm = float(torch.linalg.vector_norm(feats["rgb"].detach().float(), dim=1)[masks["rgb"]].mean())
         for key, value in (("loss", loss_value), ("sdm", float(sdm.detach())), ("penalty", float(penalty.detach())),
-                           ("pos_prob", float(torch.stack(pos_probs).mean())), ("feat_norm", feat_norm),
+                           ("pos_prob", float(pos_probs.mean())), ("feat_norm", feat_norm),
                            ("spike", spike)):
             history[key].append(value)
         if args.log_every and (step % args.log_every == 0 or spike or step == args.steps):

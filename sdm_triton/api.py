@@ -29,7 +29,7 @@ BACKENDS = ("auto", "triton", "torch")
 class SDMStats:
     """Cheap by-products of the loss, for training logs (all detached)."""
 
-    valid_q2g: torch.Tensor        # number of valid query rows (0-dim int64)
+    valid_q2g: torch.Tensor        # number of valid query rows (0-dim int64; [K] from sdm_loss_multi)
     valid_g2q: torch.Tensor        # number of valid gallery rows
     pos_prob_q2g: torch.Tensor     # mean over valid rows of the softmax mass on positives
     pos_prob_g2q: torch.Tensor
@@ -147,6 +147,7 @@ def sdm_loss_multi(
     normalize: bool = True,
     backend: str = "auto",
     check_values: bool = False,
+    return_stats: bool = False,
     tile_config: Optional[str] = None,
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
 ):
@@ -157,7 +158,8 @@ def sdm_loss_multi(
     with [K, N] and [K, M] fields. ``gs``: a [K, M, D] tensor or K tensors [M, D]; ``g_ids``,
     ``labels``, ``g_mask``: one shared by all galleries ([M], [N, M], [M]), stacked
     ([K, M], [K, N, M], [K, M]) or K tensors (``reference.galleries``). Other arguments as
-    in :func:`sdm_loss`.
+    in :func:`sdm_loss`; ``return_stats=True`` also returns an SDMStats whose fields are [K]
+    (one per gallery; the anchor's norms 0-dim).
 
     The galleries are concatenated into one [K * M, D] problem whose row softmax runs per
     gallery: the Triton kernels do all K in the launches of one loss (two-pass tile configs;
@@ -181,36 +183,41 @@ def sdm_loss_multi(
     if check_values:
         _check_values(q, g, labels_all, scale)
     tiles = _pick_tiles(backend, q, tile_config)
-    loss_q, loss_g, valid_q, valid_g, _, _ = _row_losses(
+    loss_q, loss_g, valid_q, valid_g, pos_q, pos_g = _row_losses(
         q, g, q_ids, g_ids_all, labels_all, q_mask, g_mask_all, scale, opts, tiles, tile_config, workspace_bytes,
         galleries=k_count)
     if k_count == 1:   # q-side rows come back [N] for one gallery
-        loss_q, valid_q = loss_q[None], valid_q[None]
-    loss_g, valid_g = loss_g.view(k_count, m), valid_g.view(k_count, m)
-    return reduce_rows(
+        loss_q, valid_q, pos_q = loss_q[None], valid_q[None], pos_q[None]
+    loss_g, valid_g, pos_g = (t.view(k_count, m) for t in (loss_g, valid_g, pos_g))
+    out = reduce_rows(
         loss_q if opts.wants_q2g else None, valid_q if opts.wants_q2g else None,
         loss_g if opts.wants_g2q else None, valid_g if opts.wants_g2q else None, opts)
+    if not return_stats:
+        return out
+    g_mask_k = g_mask_all.view(k_count, m) if g_mask_all is not None else None
+    return out, _stats(q, g.reshape(k_count, m, -1), q_mask, g_mask_k, valid_q, valid_g, pos_q, pos_g)
 
 
 def _masked_mean_max(x: torch.Tensor, keep: Optional[torch.Tensor]):
+    """Mean and max of ``x`` over its last dim, over the kept entries (0 where none is kept)."""
     x = x.detach().float()
     if keep is None:
-        return x.mean(), x.max()
-    count = keep.sum().clamp_min(1)
-    mean = torch.where(keep, x, torch.zeros_like(x)).sum() / count
-    mx = torch.where(keep, x, torch.zeros_like(x)).max()
-    return mean, mx
+        return x.mean(-1), x.amax(-1)
+    kept = torch.where(keep, x, torch.zeros_like(x))
+    return kept.sum(-1) / keep.sum(-1).clamp_min(1), kept.amax(-1)
 
 
 def _stats(q, g, q_mask, g_mask, valid_q, valid_g, pos_q, pos_g) -> SDMStats:
-    nq = torch.linalg.vector_norm(q.detach().float(), dim=1)
-    ng = torch.linalg.vector_norm(g.detach().float(), dim=1)
+    """SDMStats along the last dim: 0-dim fields, or [K] ones for K galleries (g [K, M, D],
+    g_mask and the rows' tensors [K, rows]; q's norms stay 0-dim: one anchor)."""
+    nq = torch.linalg.vector_norm(q.detach().float(), dim=-1)
+    ng = torch.linalg.vector_norm(g.detach().float(), dim=-1)
     q_mean, q_max = _masked_mean_max(nq, q_mask)
     g_mean, g_max = _masked_mean_max(ng, g_mask)
-    n_q, n_g = valid_q.sum(), valid_g.sum()
+    n_q, n_g = valid_q.sum(-1), valid_g.sum(-1)
     return SDMStats(
         valid_q2g=n_q, valid_g2q=n_g,
-        pos_prob_q2g=pos_q.sum() / n_q.clamp_min(1), pos_prob_g2q=pos_g.sum() / n_g.clamp_min(1),
+        pos_prob_q2g=pos_q.sum(-1) / n_q.clamp_min(1), pos_prob_g2q=pos_g.sum(-1) / n_g.clamp_min(1),
         q_norm_mean=q_mean, q_norm_max=q_max, g_norm_mean=g_mean, g_norm_max=g_max)
 
 

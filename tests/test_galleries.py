@@ -216,3 +216,24 @@ def test_preset_kwargs_give_each_gallery_the_preset_loss():
         single = sdm_triton.preset_loss("irra", q, gs[j], kw["q_ids"], kw["g_ids"][j], q_mask=kw["q_mask"],
                                         g_mask=kw["g_mask"][j])
         torch.testing.assert_close(multi[j], single, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_return_stats_per_gallery(backend):
+    """return_stats=True: every SDMStats field is [K] (the anchor's norms 0-dim) and equals the
+    statistics of the separate call against that gallery."""
+    n, m, d, k = SHAPES[0]
+    q, gs, kw = _problem(n, m, d, k, seed=8, masks=True)
+    losses, stats = sdm_triton.sdm_loss_multi(q, gs, **kw, backend=backend, return_stats=True)
+    for j in range(k):
+        loss_j, stats_j = sdm_triton.sdm_loss(q, gs[j], kw["q_ids"], kw["g_ids"][j], q_mask=kw["q_mask"],
+                                              g_mask=kw["g_mask"][j], backend=backend, return_stats=True)
+        torch.testing.assert_close(losses[j], loss_j, rtol=2e-6, atol=1e-7)
+        for field in stats_j.__dataclass_fields__:
+            ours, single = getattr(stats, field), getattr(stats_j, field)
+            if field.startswith("q_norm"):
+                assert ours.dim() == 0
+                torch.testing.assert_close(ours, single)
+            else:
+                assert ours.shape == (k,), field
+                torch.testing.assert_close(ours[j], single, rtol=2e-6, atol=1e-7)
