@@ -29,8 +29,12 @@ def _grads(fn, q, g, qi, gi, qm, ls):
     return loss.detach(), q.grad.clone(), g.grad.clone(), ls.grad.clone()
 
 
-def _compiled_equals_eager(backend, device):
+def _compiled_equals_eager(backend, device, galleries=False):
     def step(q, g, qi, gi, ls, qm):
+        if galleries:   # three galleries against the anchor: g, its reverse, its negation
+            gs = [g, g.flip(0), -g]
+            return sdm_triton.sdm_loss_multi(q, gs, qi, gi, logit_scale=ls, q_mask=qm, kl="reverse",
+                                             backend=backend).sum()
         return sdm_triton.sdm_loss(q, g, qi, gi, logit_scale=ls, q_mask=qm, kl="reverse", backend=backend)
 
     case = _case(device=device)
@@ -45,9 +49,18 @@ def test_compile_fullgraph_torch_backend_cpu():
     _compiled_equals_eager("torch", "cpu")
 
 
+def test_compile_fullgraph_galleries_torch_backend_cpu():
+    _compiled_equals_eager("torch", "cpu", galleries=True)
+
+
 @pytest.mark.gpu
 def test_compile_fullgraph_triton_backend_gpu():
     _compiled_equals_eager("triton", "cuda")
+
+
+@pytest.mark.gpu
+def test_compile_fullgraph_galleries_triton_backend_gpu():
+    _compiled_equals_eager("triton", "cuda", galleries=True)
 
 
 def test_custom_ops_pass_opcheck():
