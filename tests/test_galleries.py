@@ -44,7 +44,8 @@ def _problem(n, m, d, k, seed, dense=False, masks=False, shared_ids=False, as_li
     if masks:
         kw["q_mask"] = (torch.rand(n, generator=gen) > 0.2).to(DEVICE)
         kw["g_mask"] = (torch.rand(k, m, generator=gen) > 0.25).to(DEVICE)
-        kw["g_mask"][0] = False if k > 2 else kw["g_mask"][0]   # a gallery with no sample at all
+        if k > 2:
+            kw["g_mask"][0] = False      # a gallery with no sample at all
     gs = gs.to(DEVICE)
     if as_list:
         gs = list(gs.unbind(0))
