@@ -104,14 +104,8 @@ def sdm_loss(
     if check_values:
         _check_values(q, g, labels, scale)
     tiles = _pick_tiles(backend, q, tile_config)
-    loss_q, loss_g, valid_q, valid_g, pos_q, pos_g = _row_losses(
-        q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, opts, tiles, tile_config, workspace_bytes)
-    out = reduce_rows(
-        loss_q if opts.wants_q2g else None, valid_q if opts.wants_q2g else None,
-        loss_g if opts.wants_g2q else None, valid_g if opts.wants_g2q else None, opts)
-    if not return_stats:
-        return out
-    return out, _stats(q, g, q_mask, g_mask, valid_q, valid_g, pos_q, pos_g)
+    rows = _row_losses(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, opts, tiles, tile_config, workspace_bytes)
+    return _reduce(rows, opts, return_stats, q, g, q_mask, g_mask)
 
 
 def _row_losses(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, opts, tiles, tile_config, workspace_bytes,
@@ -126,6 +120,18 @@ def _row_losses(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, opts, tiles, 
             opts.normalize, tiles.name, tile_config or "", int(workspace_bytes), int(galleries))[:6]
     return SDMRowsFunction.apply(q, g, logit_scale_t, scale_value, q_ids, g_ids, labels, q_mask, g_mask, opts,
                                  tiles, workspace_bytes, galleries)
+
+
+def _reduce(rows, opts: SDMOptions, return_stats: bool, q, g, q_mask, g_mask):
+    """The returned value from the per-row losses (reduced along the last dim), with SDMStats
+    when asked; ``rows`` = (loss_q, loss_g, valid_q, valid_g, pos_q, pos_g)."""
+    loss_q, loss_g, valid_q, valid_g, pos_q, pos_g = rows
+    out = reduce_rows(
+        loss_q if opts.wants_q2g else None, valid_q if opts.wants_q2g else None,
+        loss_g if opts.wants_g2q else None, valid_g if opts.wants_g2q else None, opts)
+    if not return_stats:
+        return out
+    return out, _stats(q, g, q_mask, g_mask, valid_q, valid_g, pos_q, pos_g)
 
 
 def sdm_loss_multi(
@@ -183,19 +189,12 @@ def sdm_loss_multi(
     if check_values:
         _check_values(q, g, labels_all, scale)
     tiles = _pick_tiles(backend, q, tile_config)
-    loss_q, loss_g, valid_q, valid_g, pos_q, pos_g = _row_losses(
-        q, g, q_ids, g_ids_all, labels_all, q_mask, g_mask_all, scale, opts, tiles, tile_config, workspace_bytes,
-        galleries=k_count)
-    if k_count == 1:   # q-side rows come back [N] for one gallery
-        loss_q, valid_q, pos_q = loss_q[None], valid_q[None], pos_q[None]
-    loss_g, valid_g, pos_g = (t.view(k_count, m) for t in (loss_g, valid_g, pos_g))
-    out = reduce_rows(
-        loss_q if opts.wants_q2g else None, valid_q if opts.wants_q2g else None,
-        loss_g if opts.wants_g2q else None, valid_g if opts.wants_g2q else None, opts)
-    if not return_stats:
-        return out
+    rows = _row_losses(q, g, q_ids, g_ids_all, labels_all, q_mask, g_mask_all, scale, opts, tiles, tile_config,
+                       workspace_bytes, galleries=k_count)
+    # one row of losses per gallery on both sides (the q side comes back [N] when K = 1)
+    rows = [t.view(k_count, -1) for t in rows]
     g_mask_k = g_mask_all.view(k_count, m) if g_mask_all is not None else None
-    return out, _stats(q, g.reshape(k_count, m, -1), q_mask, g_mask_k, valid_q, valid_g, pos_q, pos_g)
+    return _reduce(rows, opts, return_stats, q, g.reshape(k_count, m, -1), q_mask, g_mask_k)
 
 
 def _masked_mean_max(x: torch.Tensor, keep: Optional[torch.Tensor]):

@@ -146,7 +146,7 @@ class TritonTiles:
         dot = a.inv_norm if cfg.fused_dot else mm_f32(a.feats, b.feats[c0:c1].T)
         grid = (triton.cdiv(a.feats.shape[0], cfg.block_m), triton.cdiv(c1 - c0, cfg.block_n))
         args = (a.feats, b.feats, dot, a.inv_norm, b.inv_norm, scale_t, ids_a, ids_b, lab,
-                a.present.view(torch.uint8), b.present.view(torch.uint8), a.inv_ysum, b.inv_ysum)
+                a.present.view(torch.uint8), b.present.view(torch.uint8), a.inv_ysum.contiguous(), b.inv_ysum)
         strides = (a.feats.stride(0), a.feats.stride(1), b.feats.stride(0), b.feats.stride(1),
                    dot.stride(0) if not cfg.fused_dot else 0, dot.stride(1) if not cfg.fused_dot else 0,
                    lab.stride(0) if dense else 0, lab.stride(1) if dense else 0)
@@ -157,7 +157,7 @@ class TritonTiles:
         return grid, args, strides, flags
 
     def stats(self, a, b, labels, scale_t, c0, c1, reverse, eps):
-        if a.inv_ysum.dim() == 2 and not self.config.two_pass:
+        if a.galleries > 1 and not self.config.two_pass:
             raise ValueError(f"tile config {self.config_name!r} (one-pass statistics) does not support several "
                              "galleries; use a two-pass config such as 'default'")
         if self.config.two_pass:
@@ -189,7 +189,7 @@ class TritonTiles:
         n_rows = r1 - r0
         dev = a.feats.device
         row_blocks = triton.cdiv(n_rows, cfg.block_m)
-        gals = a.inv_ysum.shape[0] if a.inv_ysum.dim() == 2 else 1
+        gals = a.galleries
         gal_cols = (c1 - c0) // gals
         segs, seg_cols = self._groups(n_rows, gal_cols, gals, dev)
         dense = labels is not None
@@ -275,7 +275,7 @@ class TritonTiles:
         dev = a.feats.device
         # Galleries (see the module doc): the chunk [c0, c1) touches galleries c0 // gal_cols
         # to (c1 - 1) // gal_cols; each program stays inside one of them.
-        gals = ga.shape[0] if ga.dim() == 2 else 1
+        gals = a.galleries
         gal_cols = max(1, b.feats.shape[0] // gals)
         touched = (c1 - 1) // gal_cols - c0 // gal_cols + 1
         seg = min(gal_cols, w)
@@ -296,7 +296,6 @@ class TritonTiles:
         # the row side's per-gallery vectors share one layout: [K, n] contiguous (or [n])
         (lse_a_hi, lse_a_lo), (lse_b_hi, lse_b_lo) = lse_a, lse_b
         lse_a_hi, lse_a_lo, loss_a, ga = (x.contiguous() for x in (lse_a_hi, lse_a_lo, loss_a, ga))
-        args = args[:-2] + (a.inv_ysum.contiguous(), args[-1])
         _sdm_tile_grad_kernel[grid](
             *args, lse_a_hi, lse_a_lo, lse_b_hi, lse_b_lo, loss_a, loss_b, ga, gb, hi, lo, dscale_part,
             n, c0, c1, gal_cols, group_cols, subs, a.feats.shape[1], *strides, n if gals > 1 else 0,

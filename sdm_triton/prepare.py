@@ -27,6 +27,12 @@ class Side:
     inv_ysum: torch.Tensor        # [n] fp32: 1 / sum_j y_ij over present columns; 0 for invalid rows
     row_valid: torch.Tensor       # [n] bool: present and has a positive among the present columns
     ylogy: torch.Tensor           # [n] fp32: sum_j Y_ij log Y_ij (forward KL constant), 0 if invalid
+    # (inv_ysum, row_valid, ylogy are [K, n] when the other side is K galleries: prepare_sides)
+
+    @property
+    def galleries(self) -> int:
+        """K, the galleries the other side's columns form for this side's rows (1: one softmax)."""
+        return self.inv_ysum.shape[0] if self.inv_ysum.dim() == 2 else 1
 
 
 def _norms(x: torch.Tensor, normalize: bool):

@@ -80,7 +80,7 @@ class TorchTiles:
         S, _, y, rv, cv, _ = self._tile(a, b, labels, scale_t, c0, c1)
         ct = S.dtype
         cols = self._direction_stats(S, y, b.inv_ysum[c0:c1].to(ct)[None, :], rv, 0, reverse, eps)
-        if a.inv_ysum.dim() == 1:
+        if a.galleries == 1:
             return self._direction_stats(S, y, a.inv_ysum.to(ct)[:, None], cv, 1, reverse, eps), cols
         gals, n = a.inv_ysum.shape
         width = b.feats.shape[0] // gals
@@ -96,9 +96,9 @@ class TorchTiles:
     def _row_vectors(a, b, c0, c1, ct, vectors):
         """The row side's vectors as [N, 1], or [N, C] with each column's gallery row when the
         columns are galleries (``a.inv_ysum`` [K, N])."""
-        if a.inv_ysum.dim() == 1:
+        if a.galleries == 1:
             return [v.to(ct)[:, None] for v in vectors]
-        width = b.feats.shape[0] // a.inv_ysum.shape[0]
+        width = b.feats.shape[0] // a.galleries
         gal = torch.arange(c0, c1, device=a.inv_ysum.device) // width
         return [v.to(ct)[gal].T for v in vectors]
 
