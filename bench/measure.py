@@ -23,7 +23,7 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 import torch
 
-import reference
+from sdm_triton import reference
 import sdm_triton
 
 from .cases import EPS, TEMPERATURE, Case, Inputs

@@ -26,7 +26,7 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 
-import reference
+from sdm_triton import reference
 import sdm_triton
 
 from .cases import EPS, TEMPERATURE, Case, Inputs

@@ -5,7 +5,7 @@ Users can import it in their own tests without a GPU or Triton::
     from reference import sdm_loss
 """
 
-from .options import NORM_EPS, SDMOptions, SDMRowLosses
+from sdm_triton.options import NORM_EPS, SDMOptions, SDMRowLosses
 from .sdm import SDMLoss, sdm_loss
 from .galleries import sdm_loss_multi
 

@@ -18,7 +18,7 @@ from typing import List, NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from .options import SDMRowLosses
+from sdm_triton.options import SDMRowLosses
 from .sdm import sdm_loss
 
 Galleries = Union[torch.Tensor, Sequence[torch.Tensor]]

@@ -21,12 +21,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .options import (
+from sdm_triton.options import (
     NORM_EPS,
     SDMOptions,
     check_values,
+    SDMRowLosses,
     compute_dtype,
-    reduce_rows,
+    resolve_ids,
     resolve_scale,
     validate_inputs,
 )
@@ -61,9 +62,10 @@ def sdm_loss(
     """
     opts = SDMOptions(kl=kl, eps=eps, direction=direction, combine=combine,
                       reduction=reduction, normalize=normalize)
+    q_ids, g_ids = resolve_ids(q, g, q_ids, g_ids)
     validate_inputs(q, g, q_ids, g_ids, labels, q_mask, g_mask)
     scale = resolve_scale(temperature, logit_scale, q)
-    check_values(q, g, labels, scale)
+    check_values(q, g, labels, scale, q_mask, g_mask)
     return _sdm_materialised(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, opts)
 
 
@@ -76,25 +78,23 @@ def _sdm_materialised(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, opts: S
 def _sdm_fp32(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, opts: SDMOptions):
     n, m = q.shape[0], g.shape[0]
     ct = compute_dtype(q.dtype)
-    qf, gf = q.to(ct), g.to(ct)
+    q_keep = q_mask if q_mask is not None else torch.ones(n, dtype=torch.bool, device=q.device)
+    g_keep = g_mask if g_mask is not None else torch.ones(m, dtype=torch.bool, device=q.device)
+    # An absent sample is removed as if it were not in the batch, before anything touches its
+    # features: they may hold anything (NaN included) and get a zero gradient.
+    rows = q_keep.nonzero().squeeze(1)
+    cols = g_keep.nonzero().squeeze(1)
+    qf, gf = q.index_select(0, rows).to(ct), g.index_select(0, cols).to(ct)
     if opts.normalize:
         qf = F.normalize(qf, dim=1, eps=NORM_EPS)
         gf = F.normalize(gf, dim=1, eps=NORM_EPS)
     s = scale.to(ct) if isinstance(scale, torch.Tensor) else scale
-    sim = s * (qf @ gf.T)                                                  # [N, M]
+    sim_kept = s * (qf @ gf.T)                                             # [N_kept, M_kept]
 
     if labels is not None:
-        y = labels.to(ct)
+        y_kept = labels.index_select(0, rows).index_select(1, cols).to(ct)
     else:
-        y = (q_ids[:, None] == g_ids[None, :]).to(ct)
-
-    q_keep = q_mask if q_mask is not None else torch.ones(n, dtype=torch.bool, device=q.device)
-    g_keep = g_mask if g_mask is not None else torch.ones(m, dtype=torch.bool, device=q.device)
-    # An absent sample is removed as if it were not in the batch.
-    rows = q_keep.nonzero().squeeze(1)
-    cols = g_keep.nonzero().squeeze(1)
-    sim_kept = sim.index_select(0, rows).index_select(1, cols)
-    y_kept = y.index_select(0, rows).index_select(1, cols)
+        y_kept = (q_ids.index_select(0, rows)[:, None] == g_ids.index_select(0, cols)[None, :]).to(ct)
 
     loss_q2g = valid_q2g = loss_g2q = valid_g2q = None
     if opts.wants_q2g:
@@ -103,7 +103,25 @@ def _sdm_fp32(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, opts: SDMOption
     if opts.wants_g2q:
         kept_loss, kept_valid = _one_direction(sim_kept.T, y_kept.T, opts)
         loss_g2q, valid_g2q = _scatter_rows(kept_loss, kept_valid, cols, m)
-    return reduce_rows(loss_q2g, valid_q2g, loss_g2q, valid_g2q, opts)
+    return _reduce(loss_q2g, valid_q2g, loss_g2q, valid_g2q, opts)
+
+
+def _reduce(loss_q2g, valid_q2g, loss_g2q, valid_g2q, opts: SDMOptions):
+    """SPEC step 6, written out on its own (the package's reduction is tested against it):
+    each direction asked for is the mean of its valid rows' losses (0 without a valid row) or
+    their sum; two directions are averaged (combine="mean") or added (combine="sum")."""
+    if opts.reduction == "none":
+        return SDMRowLosses(loss_q2g, loss_g2q, valid_q2g, valid_g2q)
+    directions = [(loss, valid) for loss, valid in ((loss_q2g, valid_q2g), (loss_g2q, valid_g2q))
+                  if loss is not None]
+    values = []
+    for loss, valid in directions:
+        kept = torch.where(valid, loss, torch.zeros_like(loss)).sum()
+        values.append(kept if opts.reduction == "sum" else kept / valid.sum().clamp_min(1))
+    total = values[0] if len(values) == 1 else values[0] + values[1]
+    if len(values) == 2 and opts.combine == "mean":
+        total = total / 2
+    return total
 
 
 def _one_direction(sim: torch.Tensor, y: torch.Tensor, opts: SDMOptions):

@@ -4,7 +4,8 @@
     loss = sdm_loss(image_feats, text_feats, pids, pids, temperature=0.02)
 """
 
-from reference.options import SDMOptions, SDMRowLosses
+from ._version import __version__
+from .options import SDMOptions, SDMRowLosses
 
 from .api import BACKENDS, SDMLoss, SDMStats, sdm_loss, sdm_loss_multi
 from .presets import PRESETS, SDMPreset, get_preset, preset_kwargs, preset_loss, seed_temperature, tbps_logit_scale
@@ -24,4 +25,3 @@ def __getattr__(name):
         from .distributed import sdm_loss_distributed
         return sdm_loss_distributed
     raise AttributeError(name)
-__version__ = "0.1.0"

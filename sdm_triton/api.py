@@ -8,12 +8,13 @@ from typing import Optional
 
 import torch
 
-from reference.galleries import Galleries, split_galleries
-from reference.options import (
+from .reference.galleries import Galleries, split_galleries
+from .options import (
     SDMOptions,
     SDMRowLosses,
+    SDMStats,
     check_values as _check_values,
-    reduce_rows,
+    resolve_ids,
     resolve_scale,
     validate_inputs,
 )
@@ -23,20 +24,6 @@ from .autograd import DEFAULT_WORKSPACE_BYTES, SDMRowsFunction
 from .torch_backend import TorchTiles
 
 BACKENDS = ("auto", "triton", "torch")
-
-
-@dataclasses.dataclass(frozen=True)
-class SDMStats:
-    """Cheap by-products of the loss, for training logs (all detached)."""
-
-    valid_q2g: torch.Tensor        # number of valid query rows (0-dim int64; [K] from sdm_loss_multi)
-    valid_g2q: torch.Tensor        # number of valid gallery rows
-    pos_prob_q2g: torch.Tensor     # mean over valid rows of the softmax mass on positives
-    pos_prob_g2q: torch.Tensor
-    q_norm_mean: torch.Tensor      # feature norms before normalisation (present samples)
-    q_norm_max: torch.Tensor
-    g_norm_mean: torch.Tensor
-    g_norm_max: torch.Tensor
 
 
 @functools.lru_cache(maxsize=None)
@@ -99,10 +86,11 @@ def sdm_loss(
     """
     opts = SDMOptions(kl=kl, eps=eps, direction=direction, combine=combine,
                       reduction=reduction, normalize=normalize)
+    q_ids, g_ids = resolve_ids(q, g, q_ids, g_ids)
     validate_inputs(q, g, q_ids, g_ids, labels, q_mask, g_mask)
     scale = resolve_scale(temperature, logit_scale, q)
     if check_values:
-        _check_values(q, g, labels, scale)
+        _check_values(q, g, labels, scale, q_mask, g_mask)
     tiles = _pick_tiles(backend, q, tile_config)
     rows = _row_losses(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, opts, tiles, tile_config, workspace_bytes)
     return _reduce(rows, opts, return_stats, q, g, q_mask, g_mask)
@@ -246,3 +234,21 @@ class SDMLoss(torch.nn.Module):
 
 
 __all__ = ["sdm_loss", "sdm_loss_multi", "SDMLoss", "SDMStats", "SDMRowLosses", "BACKENDS"]
+
+
+def reduce_rows(loss_q2g, valid_q2g, loss_g2q, valid_g2q, opts: SDMOptions):
+    """Reduce per-row losses (invalid rows already 0) along the last dim to the returned value."""
+    if opts.reduction == "none":
+        return SDMRowLosses(loss_q2g, loss_g2q, valid_q2g, valid_g2q)
+    parts = []
+    for loss, valid in ((loss_q2g, valid_q2g), (loss_g2q, valid_g2q)):
+        if loss is None:
+            continue
+        total = loss.sum(-1)
+        if opts.reduction == "mean":
+            total = total / valid.sum(-1).clamp_min(1).to(loss.dtype)
+        parts.append(total)
+    if len(parts) == 1:
+        return parts[0]
+    out = parts[0] + parts[1]
+    return 0.5 * out if opts.combine == "mean" else out

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from reference.options import SDMOptions, compute_dtype
+from .options import SDMOptions, compute_dtype
 
 from .matmul import addmm_f32, mm_f32
 from .prepare import input_gradient, prepare_sides, product_operand

@@ -77,17 +77,16 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from reference.options import (
+from .options import (
     SDMOptions,
     SDMRowLosses,
     check_values as _check_values,
     compute_dtype,
-    reduce_rows,
     resolve_scale,
     validate_inputs,
 )
 
-from .api import SDMStats, _pick_tiles, sdm_loss
+from .api import SDMStats, _pick_tiles, reduce_rows, sdm_loss
 from .autograd import (
     DEFAULT_WORKSPACE_BYTES,
     grad_pass,

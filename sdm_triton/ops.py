@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from reference.options import SDMOptions, compute_dtype
+from .options import SDMOptions, compute_dtype
 
 from .autograd import rows_backward, rows_forward, scale_tensor
 from .prepare import prepare_sides

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from reference.options import NORM_EPS, compute_dtype
+from .options import NORM_EPS, compute_dtype
 
 
 @dataclasses.dataclass

@@ -36,7 +36,7 @@ from typing import Callable, Optional
 
 import torch
 
-from reference.options import SDMOptions
+from .options import SDMOptions
 
 
 @dataclasses.dataclass(frozen=True)

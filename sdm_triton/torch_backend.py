@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from reference.options import compute_dtype
+from .options import compute_dtype
 
 from .stats import NUM_STATS, merge_partials
 

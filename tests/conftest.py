@@ -34,7 +34,7 @@ from typing import Callable, Optional  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
-import reference  # noqa: E402
+from sdm_triton import reference  # noqa: E402
 
 # --------------------------------------------------------------------------- profiles
 # ci:       reproducible (derandomized), few examples; the whole suite with all three

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import reference
+from sdm_triton import reference
 import sdm_triton
 from sdm_triton.distributed import sdm_loss_distributed
 

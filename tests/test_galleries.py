@@ -11,9 +11,9 @@ across galleries.
 import pytest
 import torch
 
-import reference
+from sdm_triton import reference
 import sdm_triton
-from reference.options import SDMRowLosses
+from sdm_triton.options import SDMRowLosses
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-import reference
+from sdm_triton import reference
 import sdm_triton
 from sdm_triton import launch
 

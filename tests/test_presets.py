@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import reference
+from sdm_triton import reference
 import sdm_triton
 from sdm_triton.presets import (
     PRESETS,

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from hypothesis import assume
 from hypothesis import strategies as st
 
-from reference import SDMRowLosses
+from sdm_triton.reference import SDMRowLosses
 from strategies import FAST_DTYPES, HALF_DTYPES, backend_property, cases, log_uniform, sdm_options
 
 F64 = torch.float64

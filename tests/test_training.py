@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import reference
+from sdm_triton import reference
 import sdm_triton
 from sdm_triton import ops
 

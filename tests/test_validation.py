@@ -92,7 +92,10 @@ BAD_INPUTS = [
     ("temperature", TypeError, dict(temperature=lambda d: torch.tensor(0.02, device=d))),
     ("temperature", TypeError, dict(temperature="0.02")),
     ("temperature", TypeError, dict(temperature=True)),
-    ("logit_scale", TypeError, dict(logit_scale=50.0)),
+    ("logit_scale", TypeError, dict(logit_scale="50")),
+    ("logit_scale", ValueError, dict(logit_scale=-50.0)),
+    ("logit_scale", ValueError, dict(logit_scale=math.inf)),
+    ("temperature", ValueError, dict(temperature=1e-300)),
     ("logit_scale", ValueError, dict(logit_scale=_t([50.0]))),
     ("logit_scale", TypeError, dict(logit_scale=_t(50))),
     # options

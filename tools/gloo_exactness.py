@@ -77,8 +77,8 @@ def _scale_condition(case, world, seed):
     """
     if case.get("layout", "global") != "global" or not case.get("logit_scale", True):
         return None
-    from reference.options import SDMOptions
-    from reference.sdm import _sdm_materialised
+    from sdm_triton.options import SDMOptions
+    from sdm_triton.reference.sdm import _sdm_materialised
     p = T._problem(case, world, seed, torch.float64)
     kw = T._loss_kwargs(case)
     opts = SDMOptions(**{k: v for k, v in kw.items() if k in ("kl", "eps", "direction", "combine", "reduction",

@@ -41,7 +41,7 @@ def _graphed(step):
 def main():
     import triton.testing
 
-    import reference
+    from sdm_triton import reference
     import sdm_triton
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

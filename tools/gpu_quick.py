@@ -11,7 +11,7 @@ import time
 import torch
 import triton
 
-import reference
+from sdm_triton import reference
 import sdm_triton
 
 

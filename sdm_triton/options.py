@@ -1,0 +1,337 @@
+"""The SDM loss's contract on the host: option types, result types and argument validation.
+
+Shared by every implementation (the Triton and torch backends, the distributed entry point
+and the oracle ``sdm_triton.reference``), so they raise the same errors with the same
+messages. Nothing here imports Triton, and nothing here reads device memory except
+``check_values``, which callers opt into: validation looks at types, shapes, dtypes and
+devices only, so it never synchronises with the GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+#: ``F.normalize`` semantics: x / max(||x||, NORM_EPS). A zero row stays zero.
+NORM_EPS = 1e-12
+#: The largest logit scale the fp32 computation can hold (1 / temperature must be finite in fp32).
+MAX_SCALE = float(torch.finfo(torch.float32).max)
+
+KL_CHOICES = ("forward", "reverse")
+DIRECTION_CHOICES = ("both", "q2g", "g2q")
+COMBINE_CHOICES = ("mean", "sum")
+REDUCTION_CHOICES = ("mean", "sum", "none")
+FEATURE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+BACKWARD_CHOICES = ("auto", "fused", "chunked")
+
+
+@dataclasses.dataclass(frozen=True)
+class SDMOptions:
+    """The non-tensor options of the loss, validated once and passed as one object."""
+
+    kl: str = "forward"
+    eps: float = 1e-8
+    direction: str = "both"
+    combine: str = "mean"
+    reduction: str = "mean"
+    normalize: bool = True
+
+    def __post_init__(self):
+        _check_choice("kl", self.kl, KL_CHOICES)
+        _check_choice("direction", self.direction, DIRECTION_CHOICES)
+        _check_choice("combine", self.combine, COMBINE_CHOICES)
+        _check_choice("reduction", self.reduction, REDUCTION_CHOICES)
+        if not isinstance(self.normalize, bool):
+            raise TypeError(f"normalize must be a bool, got {type(self.normalize).__name__}")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)):
+            raise TypeError(f"eps must be a float, got {type(self.eps).__name__}")
+        if not math.isfinite(self.eps) or self.eps < 0:
+            raise ValueError(f"eps must be a finite number >= 0, got {self.eps}")
+        if self.kl == "reverse" and self.eps <= 0:
+            raise ValueError("eps must be > 0 for kl='reverse' (log(Y + eps) is -inf at Y = 0)")
+
+    @property
+    def reverse(self) -> bool:
+        return self.kl == "reverse"
+
+    @property
+    def wants_q2g(self) -> bool:
+        return self.direction in ("both", "q2g")
+
+    @property
+    def wants_g2q(self) -> bool:
+        return self.direction in ("both", "g2q")
+
+
+class SDMRowLosses(NamedTuple):
+    """``reduction="none"``: per-row losses of each direction and their validity.
+
+    Invalid rows (masked, or without any positive among the valid columns) hold 0
+    and get no gradient. A direction that was not asked for is ``None``.
+    """
+
+    q2g: Optional[torch.Tensor]
+    g2q: Optional[torch.Tensor]
+    q2g_valid: Optional[torch.Tensor]
+    g2q_valid: Optional[torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class SDMStats:
+    """Cheap by-products of the loss, for training logs (all detached; [K] fields from
+    ``sdm_loss_multi``, the anchor's norms 0-dim)."""
+
+    valid_q2g: torch.Tensor        # number of valid query rows (int64)
+    valid_g2q: torch.Tensor        # number of valid gallery rows
+    pos_prob_q2g: torch.Tensor     # mean over valid rows of the softmax mass on positives
+    pos_prob_g2q: torch.Tensor
+    q_norm_mean: torch.Tensor      # feature norms before normalisation (present samples)
+    q_norm_max: torch.Tensor
+    g_norm_mean: torch.Tensor
+    g_norm_max: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Expert knobs of the Triton backend, for benchmarks and tests; ``None`` = choose automatically.
+
+    block_m, block_n, block_k: tile shape (rows, columns, feature dim step); num_warps,
+    num_stages: launch parameters; segments: column segments per row block in the
+    forward statistics pass; backward: "fused" (one launch, gradients accumulated in
+    the kernel: small problems) or "chunked" (dL/dS written to a bounded workspace
+    chunk by chunk and multiplied with cuBLAS: large problems).
+
+    ``KernelConfig.parse("chunked_m128n128k64w8s3")`` reads the same fields from a name
+    (tokens ``fused``, ``chunked``, ``m``, ``n``, ``k``, ``w``, ``s``, ``seg`` + number).
+    """
+
+    block_m: Optional[int] = None
+    block_n: Optional[int] = None
+    block_k: Optional[int] = None
+    num_warps: Optional[int] = None
+    num_stages: Optional[int] = None
+    segments: Optional[int] = None
+    backward: str = "auto"
+
+    def __post_init__(self):
+        _check_choice("backward", self.backward, BACKWARD_CHOICES)
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 16 or v & (v - 1)):
+                raise ValueError(f"KernelConfig.{name} must be a power of two >= 16, got {v!r}")
+        for name in ("num_warps", "num_stages", "segments"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"KernelConfig.{name} must be an int >= 1, got {v!r}")
+
+    _TOKENS = {"seg": "segments", "m": "block_m", "n": "block_n", "k": "block_k", "w": "num_warps",
+               "s": "num_stages"}
+
+    @classmethod
+    def parse(cls, name: str) -> "KernelConfig":
+        if not isinstance(name, str):
+            raise TypeError(f"kernel_config must be a KernelConfig or a str, got {type(name).__name__}")
+        fields, rest = {}, name.strip().lower()
+        if rest in ("", "auto", "default"):
+            return cls()
+        for token in filter(None, re.split(r"[_\-\s]+", rest)):
+            if token in ("fused", "chunked"):
+                fields["backward"] = token
+                continue
+            parts = re.findall(r"(seg|[mnkws])(\d+)", token)
+            if not parts or "".join(a + b for a, b in parts) != token:
+                raise ValueError(f"kernel_config {name!r}: cannot read {token!r} (expected e.g. "
+                                 "'chunked_m128n128k64w8s3' or 'fused_m16n32')")
+            for key, value in parts:
+                fields[cls._TOKENS[key]] = int(value)
+        return cls(**fields)
+
+
+def as_kernel_config(value: Union[None, str, KernelConfig]) -> KernelConfig:
+    """``kernel_config=`` as given by a caller: None, a name (``KernelConfig.parse``) or a KernelConfig."""
+    if value is None:
+        return KernelConfig()
+    if isinstance(value, KernelConfig):
+        return value
+    return KernelConfig.parse(value)
+
+
+def _check_choice(name, value, choices):
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
+
+
+def _positive_float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value
+
+
+def resolve_scale(temperature, logit_scale, features: torch.Tensor):
+    """The logit scale ``s``: a Python float, or a 0-dim tensor on the features' device.
+
+    ``logit_scale`` takes precedence over ``temperature`` (``s = 1 / temperature``). It may be
+    a float, or a 0-dim floating tensor (which may require grad) on the features' device or
+    on the CPU (IRRA keeps its scale there; it is moved, differentiably). A float scale must
+    be finite, > 0 and within fp32's range; a tensor's value is only checked on the device
+    (``check_values``), since reading it would synchronise.
+    """
+    if logit_scale is not None:
+        if isinstance(logit_scale, torch.Tensor):
+            if logit_scale.dim() != 0:
+                raise ValueError(f"logit_scale must be a float or a 0-dim tensor, got shape "
+                                 f"{tuple(logit_scale.shape)}")
+            if not logit_scale.is_floating_point():
+                raise TypeError(f"logit_scale must be a floating tensor, got {logit_scale.dtype}")
+            if logit_scale.device != features.device:
+                if logit_scale.device.type != "cpu":
+                    raise ValueError(f"logit_scale is on {logit_scale.device} but the features are on "
+                                     f"{features.device}")
+                logit_scale = logit_scale.to(features.device, non_blocking=True)
+            return logit_scale
+        scale = _positive_float("logit_scale", logit_scale)
+        if scale > MAX_SCALE:
+            raise ValueError(f"logit_scale must fit in fp32 (<= {MAX_SCALE:.3e}), got {scale}")
+        return scale
+    if isinstance(temperature, torch.Tensor):
+        raise TypeError("temperature must be a float; pass a tensor as logit_scale= (= 1 / temperature)")
+    tau = _positive_float("temperature", temperature)
+    if 1.0 / tau > MAX_SCALE:
+        raise ValueError(f"temperature {tau} is too small: the logit scale 1 / temperature must fit in fp32 "
+                         f"(temperature >= {1 / MAX_SCALE:.3e})")
+    return 1.0 / tau
+
+
+def resolve_ids(q: torch.Tensor, g: torch.Tensor, q_ids, g_ids):
+    """(q_ids, g_ids) with the paired-batch default: when only one of them is given and
+    N == M, row i of q and row i of g are the same sample (IRRA's ``compute_sdm(img, txt, pid)``)."""
+    if (q_ids is None) == (g_ids is None):
+        return q_ids, g_ids
+    n = q.shape[0] if isinstance(q, torch.Tensor) and q.dim() >= 1 else None
+    m = g.shape[0] if isinstance(g, torch.Tensor) and g.dim() >= 1 else None
+    if n is not None and n == m:
+        return (q_ids, q_ids) if g_ids is None else (g_ids, g_ids)
+    missing = "g_ids" if g_ids is None else "q_ids"
+    raise ValueError(f"{missing} is required when N != M (got N={n}, M={m}); q_ids and g_ids may be "
+                     "shared only by a paired batch")
+
+
+def validate_inputs(q, g, q_ids, g_ids, labels, q_mask, g_mask):
+    """Type, shape, dtype and device checks. Raises TypeError or ValueError naming the argument.
+
+    Any strides are accepted for every tensor (a column of a [B, modalities] presence matrix
+    as a mask, a column of a [B, 2] (pid, camera) table as ids, transposed labels).
+    """
+    for name, t in (("q", q), ("g", g)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [rows, D], got shape {tuple(t.shape)}")
+        if t.dtype not in FEATURE_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+        if t.shape[0] == 0 or t.shape[1] == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(t.shape)}); SDM needs at least one row and D >= 1")
+    if q.shape[1] != g.shape[1]:
+        raise ValueError(f"q and g must have the same feature dim D, got {q.shape[1]} and {g.shape[1]}")
+    if q.dtype != g.dtype:
+        raise TypeError(f"q and g must have the same dtype, got {q.dtype} and {g.dtype}")
+    if q.device != g.device:
+        raise ValueError(f"q and g must be on the same device, got {q.device} and {g.device}")
+    n, m = q.shape[0], g.shape[0]
+
+    have_ids = q_ids is not None or g_ids is not None
+    if have_ids and labels is not None:
+        raise ValueError("pass either q_ids/g_ids or labels, not both")
+    if not have_ids and labels is None:
+        raise ValueError("pass identity labels (q_ids and g_ids) or a dense labels matrix")
+    if have_ids:
+        if q_ids is None or g_ids is None:
+            raise ValueError("q_ids and g_ids must be given together (or one of them for a paired batch, N == M)")
+        for name, t, length in (("q_ids", q_ids, n), ("g_ids", g_ids, m)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 1 or t.shape[0] != length:
+                raise ValueError(f"{name} must have shape [{length}], got {tuple(t.shape)}")
+            if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+                raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+            if t.device != q.device:
+                raise ValueError(f"{name} is on {t.device} but the features are on {q.device}")
+    else:
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+        if labels.shape != (n, m):
+            raise ValueError(f"labels must have shape [{n}, {m}], got {tuple(labels.shape)}")
+        if not (labels.is_floating_point() or labels.dtype == torch.bool):
+            raise TypeError(f"labels must be a float or bool tensor, got {labels.dtype}")
+        if labels.device != q.device:
+            raise ValueError(f"labels is on {labels.device} but the features are on {q.device}")
+
+    for name, t, length in (("q_mask", q_mask, n), ("g_mask", g_mask, m)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a bool tensor, got {type(t).__name__}")
+        if t.dtype != torch.bool:
+            raise TypeError(f"{name} must be a bool tensor, got {t.dtype}")
+        if t.dim() != 1 or t.shape[0] != length:
+            raise ValueError(f"{name} must have shape [{length}], got {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but the features are on {q.device}")
+
+
+def validate_workspace_bytes(workspace_bytes) -> int:
+    if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int):
+        raise TypeError(f"workspace_bytes must be an int, got {type(workspace_bytes).__name__}")
+    if workspace_bytes < 1:
+        raise ValueError(f"workspace_bytes must be >= 1, got {workspace_bytes}")
+    return workspace_bytes
+
+
+def check_values(q, g, labels, scale, q_mask=None, g_mask=None):
+    """The checks that read device memory (``check_values=True``; they synchronise).
+
+    Raises ValueError naming the first problem: NaN / Inf features in a present row, NaN /
+    Inf / negative labels on a pair of present samples, a logit scale that is not finite
+    and > 0. Absent samples (mask False) may hold anything.
+    """
+    for name, t, mask in (("q", q, q_mask), ("g", g, g_mask)):
+        finite = torch.isfinite(t).all(dim=1)
+        if mask is not None:
+            finite = finite | ~mask
+        if not bool(finite.all()):
+            raise ValueError(f"{name} contains NaN or Inf in a present row")
+    if labels is not None and labels.is_floating_point():
+        present = None
+        if q_mask is not None or g_mask is not None:
+            qm = q_mask if q_mask is not None else torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
+            gm = g_mask if g_mask is not None else torch.ones(labels.shape[1], dtype=torch.bool, device=labels.device)
+            present = qm[:, None] & gm[None, :]
+        bad_nan = ~torch.isfinite(labels)
+        bad_neg = labels < 0
+        if present is not None:
+            bad_nan, bad_neg = bad_nan & present, bad_neg & present
+        if bool(bad_nan.any()):
+            raise ValueError("labels contains NaN or Inf on a pair of present samples")
+        if bool(bad_neg.any()):
+            raise ValueError("labels must be non-negative (a negative weight on a pair of present samples)")
+    if isinstance(scale, torch.Tensor):
+        value = float(scale)
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"logit_scale must be finite and > 0, got {value}")
+
+
+def compute_dtype(features_dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32 / bf16 / fp16 features (the seed's lesson), float64 for float64."""
+    return torch.float64 if features_dtype == torch.float64 else torch.float32
+
+
+__all__ = ["SDMOptions", "SDMRowLosses", "SDMStats", "KernelConfig", "NORM_EPS", "resolve_scale",
+           "resolve_ids", "validate_inputs", "validate_workspace_bytes", "check_values", "compute_dtype",
+           "as_kernel_config"]
