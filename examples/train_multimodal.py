@@ -1,4 +1,4 @@
-"""Train a small multi-modal encoder with sdm_triton, the way the seed's run was meant to work.
+"""Train a small multi-modal encoder with sdm_triton, the way "the seed" (a user's write-up of a failed SDM training run, see docs/contract.md) meant its run to work.
 
 Synthetic data: every identity has a latent vector; a sample of it draws a variation of
 that vector and shows it through three "views" (RGB, infrared, text), each a fixed
@@ -17,14 +17,20 @@ probability on true matches.
     python examples/train_multimodal.py --corrupt-step 120 # shuffle one batch's ids: a spike
     python examples/train_multimodal.py --ignore-masks     # the seed's bug: null tokens align too
     python examples/train_multimodal.py --device cuda --amp
+    python examples/train_multimodal.py --readme-plot      # redraw the README's figure
 
-Writes a plot of the loss and the positive probability against the step (``--out``).
+Writes a plot of the loss and the positive probability against the step, when matplotlib
+is installed: ``train_multimodal.png`` in the current directory by default, ``--out PATH``
+elsewhere, ``--readme-plot`` over the figure next to this script that the README shows,
+``--no-plot`` not at all. Without matplotlib the run completes and says that no plot was
+written.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import pathlib
 import time
 from typing import Optional, Sequence
 
@@ -36,6 +42,9 @@ from sdm_triton.presets import preset_kwargs
 from sdm_triton.stability import SpikeDetector, check_finite, feature_norm_penalty
 
 MODALITIES = ("rgb", "ir", "text")
+#: The figure the README shows; written only with --readme-plot.
+README_PLOT = pathlib.Path(__file__).resolve().with_suffix(".png")
+DEFAULT_PLOT = "train_multimodal.png"   # relative: in the current directory
 VIEW_DIMS = {"rgb": 48, "ir": 32, "text": 40}
 
 
@@ -92,7 +101,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
-    p.add_argument("--out", default="examples/train_multimodal.png", help="where to write the plot")
+    plot = p.add_mutually_exclusive_group()
+    plot.add_argument("--out", default=DEFAULT_PLOT, help="where to write the plot")
+    plot.add_argument("--readme-plot", action="store_true",
+                      help=f"write the plot over the README's figure, {README_PLOT.name} next to this script")
+    plot.add_argument("--no-plot", action="store_true", help="do not write a plot")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ids-per-batch", type=int, default=16)
     p.add_argument("--samples-per-id", type=int, default=4)
@@ -112,6 +125,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be >= 1")
+    # args.plot_path: where the plot goes, or None for no plot
+    args.plot_path = None if args.no_plot else str(README_PLOT) if args.readme_plot else args.out
     return args
 
 
@@ -199,18 +214,24 @@ def _train(args: argparse.Namespace, device: torch.device) -> dict:
         "r1_before": r1_before,
         "r1_after": r1_after,
         "history": history,
-        "plot": _plot(history, spike_steps, args.out),
+        "plot": _plot(history, spike_steps, args.plot_path) if args.plot_path else None,
         "seconds": time.perf_counter() - start,
     }
     print(f"done in {metrics['seconds']:.1f}s: SDM {metrics['first_loss']:.3f} -> {metrics['final_loss']:.3f}, "
           f"positive probability {metrics['final_pos_prob']:.3f}, spikes at {spike_steps or 'none'}, "
           f"R@1 IR->RGB {r1_before['ir']:.2f} -> {r1_after['ir']:.2f}, "
-          f"text->RGB {r1_before['text']:.2f} -> {r1_after['text']:.2f}; plot: {metrics['plot']}")
+          f"text->RGB {r1_before['text']:.2f} -> {r1_after['text']:.2f}; "
+          + (f"plot: {metrics['plot']}" if metrics["plot"] else "no plot written" if not args.plot_path
+             else "no plot written: matplotlib is not installed (pip install matplotlib)"))
     return metrics
 
 
-def _plot(history: dict, spike_steps: list, path: str) -> str:
-    import matplotlib
+def _plot(history: dict, spike_steps: list, path: str) -> Optional[str]:
+    """Write the plot to ``path`` and return it; None when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

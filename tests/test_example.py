@@ -1,7 +1,12 @@
-"""Smoke tests of examples/train_multimodal.py (CPU, torch backend, a few seconds)."""
+"""Smoke tests of examples/train_multimodal.py (CPU, torch backend, a few seconds).
+
+matplotlib is optional for the example: the checks of the PNG it writes skip without it,
+and one test hides matplotlib to check that the run then completes without a plot.
+"""
 
 import importlib.util
 import pathlib
+import sys
 
 import pytest
 import torch
@@ -30,15 +35,46 @@ def short_run(example, tmp_path_factory):
     return _run(example, tmp_path_factory.mktemp("short"), "--steps", "30", "--check-finite")
 
 
-def test_short_run_learns_and_writes_the_plot(short_run):
-    metrics, out = short_run
+def test_short_run_learns(short_run):
+    metrics, _ = short_run
     assert metrics["final_loss"] < 0.6 * metrics["first_loss"]
     assert metrics["history"]["pos_prob"][-1] > 2 * metrics["history"]["pos_prob"][0]
     assert metrics["r1_after"]["text"] > metrics["r1_before"]["text"] + 0.2
     assert metrics["spikes"] == 0 and metrics["optimizer_steps"] == 30
     assert metrics["feature_dtype"] == "float32"
+
+
+def test_short_run_writes_the_plot(short_run):
+    pytest.importorskip("matplotlib")
+    metrics, out = short_run
     assert metrics["plot"] == str(out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_without_matplotlib_the_run_completes_without_a_plot(example, tmp_path, monkeypatch, capsys):
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)       # import matplotlib raises ImportError
+    metrics, out = _run(example, tmp_path, "--steps", "2")
+    assert metrics["plot"] is None and metrics["optimizer_steps"] == 2
+    assert not out.exists()
+    assert "matplotlib is not installed" in capsys.readouterr().out
+
+
+def test_plot_paths(example, tmp_path, monkeypatch):
+    # The default is the current directory: a run must not overwrite the README's figure.
+    monkeypatch.chdir(tmp_path)
+    assert example.parse_args([]).plot_path == "train_multimodal.png"
+    assert example.parse_args(["--out", "x.png"]).plot_path == "x.png"
+    assert example.parse_args(["--no-plot"]).plot_path is None
+    assert example.parse_args(["--readme-plot"]).plot_path == str(EXAMPLE.with_suffix(".png"))
+    with pytest.raises(SystemExit):
+        example.parse_args(["--readme-plot", "--out", "x.png"])
+    tracked = EXAMPLE.with_suffix(".png").read_bytes()
+    metrics = example.main(["--device", "cpu", "--backend", "torch", "--steps", "1", "--log-every", "0"])
+    if metrics["plot"] is not None:
+        assert (tmp_path / "train_multimodal.png").is_file()
+    assert EXAMPLE.with_suffix(".png").read_bytes() == tracked
 
 
 def test_ignoring_masks_hurts_retrieval(example, tmp_path, short_run):
