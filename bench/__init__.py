@@ -9,19 +9,25 @@ Python API::
     import bench
     result = bench.run(bench.Config.from_preset("cpu", out="/tmp/b"))
     print(result.table)
+
+Importing ``bench`` changes no environment variable and imports neither sdm_triton
+nor triton until a name below is used. Triton rows on CPU tensors run only in the
+interpreter: set ``TRITON_INTERPRET=1`` before triton is imported (``python -m bench``
+does it when there is no CUDA); otherwise they are skipped with the reason.
 """
 
-import os
+import importlib
 
-import torch
+_EXPORTS = {
+    "run": "suite", "Config": "suite", "Result": "suite", "CSV_COLUMNS": "suite", "default_preset": "suite",
+    "Case": "cases", "PRESETS": "cases", "MODES": "cases",
+    "METHODS": "methods",
+}
 
-# Without CUDA the Triton kernels can only run interpreted, and Triton reads this
-# when the kernels are defined: set it before anything imports them.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+__all__ = sorted(_EXPORTS)
 
-from .cases import MODES, PRESETS, Case  # noqa: E402
-from .methods import METHODS  # noqa: E402
-from .suite import CSV_COLUMNS, Config, Result, default_preset, run  # noqa: E402
 
-__all__ = ["run", "Config", "Result", "Case", "PRESETS", "METHODS", "MODES", "CSV_COLUMNS", "default_preset"]
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'bench' has no attribute {name!r}")

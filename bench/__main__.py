@@ -1,74 +1,143 @@
-"""``python -m bench``: run a preset (default: cpu without CUDA, else gpu-quick), print the table last."""
+"""``python -m bench``: run a preset (default: cpu without CUDA, else gpu-quick), print the table last.
 
-import argparse
-import dataclasses
-import sys
+Presets: cpu (tiny, a minute on a laptop), gpu-latency (training batch sizes: IRRA, bf16
+forward, ReID5o's 15 galleries), gpu-throughput (N = M = 16384 to 131072), gpu-full (both, and
+dense labels), gpu-quick (one case of each, a few minutes). The options below narrow or
+reshape the preset's cases; bench/NOTES.md explains the methods and columns.
+"""
 
-import bench  # noqa: F401  (sets TRITON_INTERPRET=1 first when there is no CUDA)
-from bench.cases import DTYPES, KL_CHOICES_HELP, LABEL_KINDS, MODES, PRESETS
-from bench.methods import METHODS
-from bench.suite import Config, default_preset, run
+import os
+
+import torch
+
+# Without CUDA the Triton kernels can only run interpreted, and Triton reads this when the
+# kernels are defined: set it here, for this process only, before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import sys  # noqa: E402
+
+from bench.cases import COMBINES, DTYPES, KL_KINDS, LABEL_KINDS, MODES, PRESETS, family_names  # noqa: E402
+from bench.methods import METHODS, check_variant  # noqa: E402
+from bench.suite import Config, default_preset, run  # noqa: E402
 
 
-def _csv(text):
+def _items(text):
     return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _choices(choices):
+    """An argparse type: a comma list whose every item is one of ``choices``."""
+    def parse(text):
+        items = _items(text)
+        if not items:
+            raise argparse.ArgumentTypeError("empty list")
+        for item in items:
+            if item not in choices:
+                raise argparse.ArgumentTypeError(f"invalid choice {item!r} (choose from {', '.join(choices)})")
+        return items
+    parse.__name__ = "comma list"
+    return parse
+
+
+def _variants(text):
+    items = _items(text)
+    for item in items:
+        try:
+            check_variant(item)
+        except (ValueError, TypeError) as exc:
+            raise argparse.ArgumentTypeError(f"invalid variant {item!r} ('default' or a kernel config): {exc}") \
+                from None
+    return items or ("default",)
 
 
 def _sizes(text):
     out = []
-    for item in _csv(text):
+    for item in _items(text):
         n, _, m = item.lower().partition("x")
-        out.append((int(n), int(m or n)))
+        try:
+            size = (int(n), int(m or n))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid size {item!r} (N or NxM)") from None
+        if min(size) < 1:
+            raise argparse.ArgumentTypeError(f"invalid size {item!r}: must be >= 1")
+        out.append(size)
     return tuple(out)
+
+
+def _positive(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="size preset (default: cpu without CUDA, else gpu-quick)")
-    p.add_argument("--methods", type=_csv, help=f"comma list from: {', '.join(METHODS)}")
-    p.add_argument("--variants", type=_csv, default=("default",),
-                   help="Triton tile configs (sdm_triton.launch.TILE_CONFIGS names), for sdm_triton*; 'all' for every one")
-    p.add_argument("--modes", type=_csv, help=f"comma list from: {', '.join(MODES)}")
-    p.add_argument("--sizes", type=_sizes, help="replace the preset's main grid sizes: N or NxM, comma separated")
-    p.add_argument("--d", type=int, help="feature dim of the main grid")
-    p.add_argument("--dtypes", type=_csv, help=f"main grid dtypes from: {', '.join(DTYPES)}")
-    p.add_argument("--kl", type=_csv, help=KL_CHOICES_HELP)
-    p.add_argument("--labels", type=_csv, help=f"main grid label kinds from: {', '.join(LABEL_KINDS)}")
-    p.add_argument("--no-extras", action="store_true", help="drop the preset's extra cases (dense labels, K galleries)")
-    p.add_argument("--galleries", type=int, help="K of the preset's multi-gallery cases")
-    p.add_argument("--out", help="output folder (default bench/results/<gpu-or-cpu>-<date>/)")
+                   help="the cases and methods to run (default: cpu without CUDA, else gpu-quick)")
+    p.add_argument("--methods", type=_choices(METHODS), metavar="M[,M...]",
+                   help=f"methods, comma separated, from: {', '.join(METHODS)} (default: the preset's)")
+    p.add_argument("--variants", type=_variants, default=("default",), metavar="V[,V...]",
+                   help="for sdm_triton and sdm_triton_multi: 'default' (no kernel_config), or kernel_config "
+                        "strings as sdm_triton.options.KernelConfig.parse reads them, e.g. chunked_m128n128k64w8s3")
+    p.add_argument("--modes", type=_choices(MODES), metavar="MODE[,MODE...]",
+                   help=f"from: {', '.join(MODES)} (default: all)")
+    p.add_argument("--families", type=_choices(family_names()), metavar="F[,F...]",
+                   help=f"keep only these case families of the preset, from: {', '.join(family_names())}")
+    p.add_argument("--sizes", type=_sizes, help="replace every family's sizes: N or NxM, comma separated")
+    p.add_argument("--d", type=_positive, help="replace every family's feature dim")
+    p.add_argument("--dtypes", type=_choices(tuple(DTYPES)), metavar="DT[,DT...]",
+                   help=f"replace every family's dtype, from: {', '.join(DTYPES)}")
+    p.add_argument("--kl", type=_choices(KL_KINDS), metavar="KL[,KL...]",
+                   help=f"replace every family's divergence, from: {', '.join(KL_KINDS)}")
+    p.add_argument("--labels", type=_choices(LABEL_KINDS), metavar="L[,L...]",
+                   help=f"replace every family's label kinds, from: {', '.join(LABEL_KINDS)}")
+    p.add_argument("--combine", type=_choices(COMBINES), metavar="C[,C...]",
+                   help=f"replace every family's combine of the two directions, from: {', '.join(COMBINES)}")
+    p.add_argument("--galleries", type=_positive, help="K of the preset's multi-gallery families")
+    p.add_argument("--out", help="output folder (default: bench/results/<gpu-or-cpu>-<date>/ when run from the "
+                                 "repository root, else ./sdm_bench_results/<gpu-or-cpu>-<date>/)")
     p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up (CUDA)")
-    p.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time (CUDA)")
+    p.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up (CUDA; default 25)")
+    p.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time (CUDA; default 100)")
+    p.add_argument("--cpu-budget-s", type=float, default=0.15,
+                   help="blocked_autorange min_run_time per measurement (CPU; default 0.15)")
     p.add_argument("--list", action="store_true", help="print the cases and methods, run nothing")
     return p.parse_args(argv)
 
 
 def config_from_args(args) -> Config:
     preset = PRESETS[args.preset or default_preset()]
-    grid = dict(sizes=args.sizes or preset.sizes, d=args.d or preset.d, dtypes=args.dtypes or preset.dtypes,
-                kls=args.kl or preset.kls, labels=args.labels or preset.labels)
-    extras = () if args.no_extras else preset.extras
-    if args.galleries:
-        extras = tuple(dataclasses.replace(c, k=args.galleries) if c.k > 1 else c for c in extras)
-    preset = dataclasses.replace(preset, extras=extras, **grid)
-    variants = args.variants
-    if variants == ("all",):
-        from sdm_triton.launch import TILE_CONFIGS, interpreting
-        variants = tuple(v for v in TILE_CONFIGS if interpreting() or not v.startswith("interpreter"))
-    return Config(cases=preset.cases(), methods=args.methods or preset.methods, variants=variants,
+    families = [f for f in preset.families if not args.families or f.name in args.families]
+    reshaped = []
+    for fam in families:
+        fam = dataclasses.replace(fam, sizes=args.sizes or fam.sizes, d=args.d or fam.d,
+                                  dtypes=args.dtypes or fam.dtypes, labels=args.labels or fam.labels,
+                                  k=args.galleries if args.galleries and fam.k > 1 else fam.k)
+        for kl in args.kl or (fam.kl,):
+            for combine in args.combine or (fam.combine,):
+                reshaped.append(dataclasses.replace(fam, kl=kl, combine=combine))
+    preset = dataclasses.replace(preset, families=tuple(reshaped))
+    return Config(cases=preset.cases(), methods=args.methods or preset.methods, variants=args.variants,
                   modes=args.modes or preset.modes, out=args.out, plots=not args.no_plots,
-                  triton_max_nm=preset.triton_max_nm, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+                  triton_max_nm=preset.triton_max_nm, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
+                  cpu_budget_s=args.cpu_budget_s)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = config_from_args(args)
-    for m in cfg.modes:
-        if m not in MODES:
-            raise SystemExit(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
+    if not cfg.cases:
+        print(f"python -m bench: error: no case left (--families {','.join(args.families)} "
+              f"is not in preset {args.preset or default_preset()})", file=sys.stderr)
+        return 2
     if args.list:
         for case in cfg.cases:
             print(case.label())

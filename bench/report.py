@@ -11,16 +11,19 @@ import re
 import subprocess
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
 CSV_COLUMNS = (
-    "timestamp", "gpu", "torch_version", "triton_version", "git_rev",
-    "method", "variant", "N", "M", "D", "K", "dtype", "kl", "labels", "mode",
-    "median_ms", "p20_ms", "p80_ms", "x_floor", "peak_mib",
+    "timestamp", "gpu", "torch_version", "triton_version", "sdm_version", "git_rev",
+    "method", "variant", "N", "M", "D", "K", "dtype", "kl", "labels", "combine", "mode",
+    "median_ms", "p20_ms", "p80_ms", "x_floor", "tflops", "peak_mib",
     "status", "checked_against", "loss_rel_err", "grad_rel_err", "note",
 )
+#: tflops: the FLOPs of the matrix products the loss needs (2 N M D per product and gallery: 1 in
+#: fwd, 3 in bwd, 4 in fwd+bwd; cases.PRODUCTS_PER_MODE) over the median time, in TFLOP/s: a
+#: "TFLOP/s-equivalent" comparable across methods whatever they compute internally.
 #: status values: "ok" (checked, then timed), "FAILED" (check failed or raised: never timed),
 #: "skipped" (not applicable, would not fit, OOM, optional package missing; note says why),
 #: "n/a" (the floor: not a loss, nothing to check).
@@ -39,18 +42,42 @@ def device_slug(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
 
 
+def checkout_root() -> Path:
+    """The repository that holds bench/ (the bench runs from the repo; it is not installed)."""
+    return Path(__file__).resolve().parent.parent
+
+
 def git_revision() -> str:
-    """Short hash of HEAD, '-dirty' if tracked files changed; BENCH_GIT_REV overrides (copies
-    without .git). A ``.rev`` file at the repository root (one line: the revision a working tree
-    sent to a GPU machine was taken from, whose git metadata there may be stale; tools/gpu_suite.sh
-    reads it too) is appended when it names another revision: "<git> (.rev <rev>)"."""
+    """The git revision of the package's own checkout, or "" when there is none to name.
+
+    Short hash of HEAD, '-dirty' if tracked files changed, when the repository holding
+    bench/ is a git checkout (its own ``.git``, never a repository further up) and the
+    imported ``sdm_triton`` comes from that checkout (an installed copy elsewhere has no
+    revision we know). BENCH_GIT_REV overrides. A ``.rev`` file at the root (one line: the
+    revision a working tree sent to a GPU machine was taken from, where ``.git`` may be
+    absent or stale; tools/gpu_suite.sh reads it too) is used without ``.git``, and appended
+    when it names another revision: "<git> (.rev <rev>)".
+    """
     if os.environ.get("BENCH_GIT_REV"):
         return os.environ["BENCH_GIT_REV"]
-    root = Path(__file__).resolve().parent.parent
+    root = checkout_root()
+    if not _package_in(root):
+        return ""
     rev_file = root / ".rev"
     noted = rev_file.read_text().strip().split("\n")[0] if rev_file.is_file() else ""
-    git = _git_head(root)
+    git = _git_head(root) if (root / ".git").exists() else ""
+    if not git:
+        return noted
     return f"{git} (.rev {noted})" if noted and not git.startswith(noted) else git
+
+
+def _package_in(root: Path) -> bool:
+    import sdm_triton
+    try:
+        Path(sdm_triton.__file__).resolve().relative_to(root)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def _git_head(root: Path) -> str:
@@ -58,12 +85,12 @@ def _git_head(root: Path) -> str:
         rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
                              capture_output=True, text=True, timeout=10)
         if rev.returncode != 0:
-            return "unknown"
+            return ""
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10)
         return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return ""
 
 
 def environment(device: torch.device) -> Dict[str, str]:
@@ -72,12 +99,19 @@ def environment(device: torch.device) -> Dict[str, str]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
+    import sdm_triton
     return {"gpu": device_name(device), "torch_version": torch.__version__,
-            "triton_version": triton_version, "git_rev": git_revision()}
+            "triton_version": triton_version, "sdm_version": getattr(sdm_triton, "__version__", ""),
+            "git_rev": git_revision()}
 
 
-def default_out_dir(device: torch.device) -> Path:
-    base = Path(__file__).resolve().parent / "results"
+def default_out_dir(device: torch.device, cwd: Optional[Path] = None) -> Path:
+    """A new folder under the current directory: ``bench/results/<gpu>-<date>/`` when the current
+    directory is the checkout (where runs are committed), else ``sdm_bench_results/<gpu>-<date>/``.
+    Never inside an installed package."""
+    cwd = Path.cwd() if cwd is None else cwd
+    here = checkout_root() / "bench"
+    base = cwd / "bench" / "results" if (cwd / "bench").resolve() == here else cwd / "sdm_bench_results"
     stem = f"{device_slug(device)}-{datetime.date.today().isoformat()}"
     out = base / stem
     i = 2
@@ -125,7 +159,8 @@ def _method_key(r) -> str:
 
 def _group_label(r) -> str:
     k = f" K={r['K']}" if str(r["K"]) != "1" else ""
-    return f"{r['dtype']} {r['kl']} {r['labels']} D={r['D']}{k}"
+    combine = " sum" if r.get("combine") == "sum" else ""
+    return f"{r['dtype']} {r['kl']} {r['labels']}{combine} D={r['D']}{k}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +168,7 @@ def _group_label(r) -> str:
 
 
 def plot(rows: Sequence[Dict], out_dir: Path, modes: Sequence[str]) -> List[Path]:
-    """time.png and memory.png: one panel per (case group, mode), a line per method, against N."""
+    """time.png, tflops.png and memory.png: one panel per (case group, mode), a line per method, against N."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -146,6 +181,7 @@ def plot(rows: Sequence[Dict], out_dir: Path, modes: Sequence[str]) -> List[Path
     colors["floor"] = "black"
     paths = []
     for metric, col, ylabel in (("time", "median_ms", "median ms (p20-p80 bars)"),
+                                ("tflops", "tflops", "TFLOP/s-equivalent (loss's products / time)"),
                                 ("memory", "peak_mib", "peak MiB beyond inputs")):
         have = [r for r in measured if not math.isnan(_num(r[col])) and _num(r[col]) > 0]
         if not have or not groups:
@@ -196,33 +232,45 @@ def _ms(v: float) -> str:
     return f"{v:.3g}" if v < 100 else f"{v:.0f}"
 
 
+def _tflops(v: float) -> str:
+    if math.isnan(v):
+        return ""
+    return f"{v:.3g}" if v < 100 else f"{v:.0f}"
+
+
 def markdown_table(rows: Iterable[Dict], modes: Sequence[str]) -> str:
-    """One line per (case, method, variant): median ms per mode with the ratio to the floor."""
+    """One line per (case, method, variant): per mode, the median ms with its ratio to the floor
+    and its TFLOP/s-equivalent; the peak memory; the status with its short tag (interpreted,
+    the path backend="auto" picked) or the reason of a skip."""
     rows = list(rows)
     lines = OrderedDict()
     for r in rows:
-        key = (r["N"], r["M"], r["D"], r["K"], r["dtype"], r["kl"], r["labels"], r["method"], r["variant"])
+        key = (r["N"], r["M"], r["D"], r["K"], r["dtype"], r["kl"], r["labels"], r.get("combine", "mean"),
+               r["method"], r["variant"])
         lines.setdefault(key, {})[r["mode"]] = r
-    head = (["case", "method", "variant"] + [f"{m} ms (x floor)" for m in modes]
+    head = (["case", "method", "variant"] + [f"{m} ms (x floor, TFLOP/s)" for m in modes]
             + ["peak MiB (fwd+bwd)" if "fwd+bwd" in modes else "peak MiB", "status"])
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, by_mode in lines.items():
-        n, m, d, k, dtype, kl, labels, method, variant = key
+        n, m, d, k, dtype, kl, labels, combine, method, variant = key
         first = next(iter(by_mode.values()))
-        case = f"{n}x{m}x{d} {dtype} {kl} {labels}" + (f" K={k}" if str(k) != "1" else "")
+        case = (f"{n}x{m}x{d} {dtype} {kl} {labels}" + (" sum" if combine == "sum" else "")
+                + (f" K={k}" if str(k) != "1" else ""))
         cells = []
         for mode in modes:
             r = by_mode.get(mode)
             if r is None:
                 cells.append("")
                 continue
-            med, ratio = _num(r["median_ms"]), _num(r["x_floor"])
-            cells.append(_ms(med) + ("" if math.isnan(ratio) or method == "floor" else f" ({ratio:.3g}x)"))
+            med, ratio, tf = _num(r["median_ms"]), _num(r["x_floor"]), _num(r.get("tflops"))
+            extra = [] if math.isnan(ratio) or method == "floor" else [f"{ratio:.3g}x"]
+            extra += [_tflops(tf)] if not math.isnan(tf) else []
+            cells.append(_ms(med) + (f" ({', '.join(extra)})" if extra and not math.isnan(med) else ""))
         mem_row = by_mode.get("fwd+bwd", first)
         mem = _num(mem_row["peak_mib"])
         status = first["status"]
         if status == "ok":
-            status = f"ok vs {first['checked_against']}"
+            status = f"ok vs {first['checked_against']}" + (f"; {first['tag']}" if first.get("tag") else "")
         elif first.get("note"):
             status = f"{status}: {first['note']}"
         out.append("| " + " | ".join([case, method, variant, *cells,

@@ -66,17 +66,32 @@ class Result:
     table: str
 
 
+def validate(cfg: Config):
+    """Unknown methods, modes or variants raise ValueError before anything runs or is written."""
+    for kind, given, known in (("method", cfg.methods, M.METHODS), ("mode", cfg.modes, MODES)):
+        unknown = [x for x in given if x not in known]
+        if unknown:
+            raise ValueError(f"unknown {kind} {unknown[0]!r}; choose from {', '.join(known)}")
+    for variant in cfg.variants:
+        M.check_variant(variant)
+    if not cfg.cases:
+        raise ValueError("no cases to run")
+
+
 def _plan(cfg: Config, case: Case) -> List[Tuple[str, str]]:
     plan = []
     ordered = sorted(cfg.methods, key=lambda m: m != "floor")   # floor first: the ratios need it
     for method in ordered:
-        if method not in M.METHODS:
-            raise ValueError(f"unknown method {method!r}; choose from {', '.join(M.METHODS)}")
         if method == "sdm_triton_multi" and case.k == 1:
             continue   # only meaningful against several galleries
         variants = cfg.variants if method in M.TRITON_METHODS else (M.NO_VARIANT,)
         plan += [(method, v) for v in variants]
     return plan
+
+
+def _elapsed(t_start: float) -> str:
+    s = int(time.perf_counter() - t_start)
+    return f"{s // 60}m{s % 60:02d}s elapsed"
 
 
 def _log(cfg: Config, msg: str):
@@ -118,6 +133,7 @@ def run(cfg: Config) -> Result:
 
 
 def _run(cfg: Config, device: torch.device) -> Result:
+    validate(cfg)
     env = report.environment(device)
     out = Path(cfg.out) if cfg.out is not None else report.default_out_dir(device)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,23 +141,27 @@ def _run(cfg: Config, device: torch.device) -> Result:
     rows: List[Dict] = []
     t_start = time.perf_counter()
     _log(cfg, f"bench: {len(cfg.cases)} cases, methods {', '.join(cfg.methods)}, modes {', '.join(cfg.modes)} "
-              f"on {env['gpu']} (torch {env['torch_version']}, triton {env['triton_version']}, git {env['git_rev']})")
+              f"on {env['gpu']} (torch {env['torch_version']}, triton {env['triton_version']}, "
+              f"sdm_triton {env['sdm_version']}, git {env['git_rev'] or '-'}); writing {out}")
 
     def emit(case: Case, method: str, variant: str, mode: str, **fields):
         row = dict(env, timestamp=datetime.datetime.now().isoformat(timespec="seconds"),
                    method=method, variant=variant, N=case.n, M=case.m, D=case.d, K=case.k,
-                   dtype=case.dtype, kl=case.kl, labels=case.labels, mode=mode)
-        row.update(median_ms=math.nan, p20_ms=math.nan, p80_ms=math.nan, x_floor=math.nan, peak_mib=math.nan,
-                   checked_against="", loss_rel_err=math.nan, grad_rel_err=math.nan, note="")
+                   dtype=case.dtype, kl=case.kl, labels=case.labels, combine=case.combine, mode=mode)
+        row.update(median_ms=math.nan, p20_ms=math.nan, p80_ms=math.nan, x_floor=math.nan, tflops=math.nan,
+                   peak_mib=math.nan, checked_against="", loss_rel_err=math.nan, grad_rel_err=math.nan, note="",
+                   tag="")
         row.update(fields)
+        if not math.isnan(row["median_ms"]):
+            row["tflops"] = case.flops(mode) / (row["median_ms"] * 1e-3) / 1e12
         writer.write(row)
         rows.append({k: report._fmt_csv(v) if isinstance(v, float) else str(v) for k, v in row.items()})
 
-    for case in cfg.cases:
+    for index, case in enumerate(cfg.cases, 1):
         plan = _plan(cfg, case)
         if not plan:
             continue
-        _log(cfg, f"case {case.label()}")
+        _log(cfg, f"[case {index}/{len(cfg.cases)}, {_elapsed(t_start)}] {case.label()}")
         if input_bytes_estimate(case) > 0.9 * measure.free_bytes(device):
             for method, variant in plan:
                 for mode in cfg.modes:
@@ -171,7 +191,7 @@ def _run(cfg: Config, device: torch.device) -> Result:
         except Exception as exc:  # a plotting problem must not lose the measurements
             _log(cfg, f"plots skipped: {_short(exc)}")
     table = report.markdown_table(rows, cfg.modes)
-    _log(cfg, f"bench: done in {time.perf_counter() - t_start:.0f} s")
+    _log(cfg, f"bench: {len(cfg.cases)} cases done in {_elapsed(t_start)}")
     return Result(rows, out / "results.csv", plots, table)
 
 
@@ -192,42 +212,48 @@ def _run_method(cfg, case, inputs, device, method, variant, emit, floor_ms, get_
         runner = M.build(method, variant, case, inputs, device, cfg.triton_max_nm)
         checked = {}
         if runner.is_loss:
-            truth = get_truth()
-            res = measure.check(method, runner, truth, case)
-            checked = dict(checked_against=truth.source, loss_rel_err=res.loss_err, grad_rel_err=res.grad_err)
-            if not res.ok:
-                return skip(res.detail, status="FAILED", **checked)
-            _log(cfg, f"  {method:18s} {variant:14s} check ok vs {truth.source}: {res.detail}")
-        status = "ok" if runner.is_loss else "n/a"
-        for mode in cfg.modes:
-            # one untimed call first: lazy allocations (cuBLAS workspace, compiled kernels)
-            # belong to no mode's peak
-            if mode == "bwd":
-                runner.bwd_setup()()
-                peak = measure.peak_mib(device, setup=runner.bwd_setup)
-                bwd = runner.bwd_setup()
-                t = measure.time_ms(bwd, device, cfg.warmup_ms, cfg.rep_ms, cfg.cpu_budget_s)
-                del bwd
-            else:
-                fn = runner.fwd if mode == "fwd" else runner.fwd_bwd
-                fn()
-                peak = measure.peak_mib(device, run=fn)
-                t = measure.time_ms(fn, device, cfg.warmup_ms, cfg.rep_ms, cfg.cpu_budget_s)
-            if method == "floor":
-                floor_ms[mode] = t[0]
-            ratio = t[0] / floor_ms[mode] if mode in floor_ms else math.nan
-            emit(case, method, variant, mode, status=status, median_ms=t[0], p20_ms=t[1], p80_ms=t[2],
-                 x_floor=ratio, peak_mib=peak, note=runner.note, **checked)
-            done.append(mode)
-            _log(cfg, f"  {method:18s} {variant:14s} {mode:8s} {t[0]:10.4f} ms  x{ratio:6.2f}  "
-                      f"peak {peak:9.1f} MiB")
+            truth = get_truth()   # outside the method's matmul precision
+        with measure.matmul_precision(runner.precision):
+            if runner.is_loss:
+                res = measure.check(method, runner, truth, case)
+                checked = dict(checked_against=truth.source, loss_rel_err=res.loss_err, grad_rel_err=res.grad_err)
+                if not res.ok:
+                    return skip(res.detail, status="FAILED", **checked)
+                _log(cfg, f"  {method:18s} {variant:14s} check ok vs {truth.source}: {res.detail}")
+            status = "ok" if runner.is_loss else "n/a"
+            for mode in cfg.modes:
+                # one untimed call first: lazy allocations (cuBLAS workspace, compiled kernels)
+                # belong to no mode's peak
+                if mode == "bwd":
+                    runner.bwd_setup()()
+                    peak = measure.peak_mib(device, setup=runner.bwd_setup)
+                    bwd = runner.bwd_setup()
+                    t = measure.time_ms(bwd, device, cfg.warmup_ms, cfg.rep_ms, cfg.cpu_budget_s)
+                    del bwd
+                else:
+                    fn = runner.fwd if mode == "fwd" else runner.fwd_bwd
+                    fn()
+                    peak = measure.peak_mib(device, run=fn)
+                    t = measure.time_ms(fn, device, cfg.warmup_ms, cfg.rep_ms, cfg.cpu_budget_s)
+                if method == "floor":
+                    floor_ms[mode] = t[0]
+                ratio = t[0] / floor_ms[mode] if mode in floor_ms else math.nan
+                emit(case, method, variant, mode, status=status, median_ms=t[0], p20_ms=t[1], p80_ms=t[2],
+                     x_floor=ratio, peak_mib=peak, note=runner.note, tag=runner.tag, **checked)
+                done.append(mode)
+                tflops = case.flops(mode) / (t[0] * 1e-3) / 1e12
+                _log(cfg, f"  {method:18s} {variant:14s} {mode:8s} {t[0]:10.4f} ms  x{ratio:6.2f}  "
+                          f"{tflops:8.3g} TFLOP/s  peak {peak:9.1f} MiB")
     except M.SkipMethod as exc:
         skip(str(exc))
     except Exception as exc:
         if _is_oom(exc):
             skip(f"out of memory ({_short(exc)[:120]})")
-        elif method == "reference_compiled":
+        elif method in ("reference_compiled", "formula_compiled"):
             skip(f"torch.compile failed: {_short(exc)}")
+        elif variant not in (M.DEFAULT_VARIANT, M.NO_VARIANT) and isinstance(exc, ValueError) \
+                and "kernel_config" in str(exc):
+            skip(f"the library refuses this kernel_config here: {_short(exc)}")
         else:
             if cfg.verbose:
                 traceback.print_exc(file=sys.stderr)

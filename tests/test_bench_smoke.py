@@ -1,26 +1,42 @@
-"""Smoke test of the benchmark suite: a tiny CPU run through the Python API.
+"""Smoke tests of the benchmark suite (bench/) and of tools/count_ops.py, on the CPU.
 
-Checks the CSV schema, that every loss method passed its correctness gate and
-was timed in every mode, and that the floor ratio, the plot and the table exist.
+The cpu preset end to end through the Python API (CSV schema, the correctness gate before
+timing, floor ratios, TFLOP/s, interpreted Triton rows labelled), the command line's
+answers to typos, the formula peers (their math against the reference, their TF32
+precision set only while they run, torch.compile's wiring), and the environment hygiene
+of ``import bench`` and ``python -m bench``.
 """
 
 import csv
+import importlib.util
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 
-import bench  # sets TRITON_INTERPRET=1 when there is no CUDA, before triton is imported
-from bench.cases import Case
+import bench
+from bench import measure, methods as M, report
+from bench.cases import Case, PRESETS, make_inputs
+
+import sdm_triton
+from sdm_triton import reference
+
+REPO = Path(__file__).resolve().parent.parent
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def test_cpu_preset_tiny(tmp_path):
-    cases = [Case(32, 32, 32, "fp32", "forward", "pk4"),
-             Case(24, 40, 20, "bf16", "reverse", "dense"),
-             Case(16, 16, 16, "fp32", "forward", "unique", k=2)]
-    methods = ("floor", "sdm_triton", "sdm_torch", "reference", "inf_cl", "sdm_triton_multi")
-    cfg = bench.Config(cases=cases, methods=methods, out=tmp_path, device="cpu",
-                       triton_max_nm=32 * 40, cpu_budget_s=0.01, verbose=False)
+def _rows_of(rows, case):
+    return [r for r in rows if (int(r["N"]), int(r["M"]), int(r["D"]), int(r["K"]), r["dtype"], r["kl"],
+                                r["labels"], r["combine"])
+            == (case.n, case.m, case.d, case.k, case.dtype, case.kl, case.labels, case.combine)]
+
+
+def test_cpu_preset(tmp_path):
+    cfg = bench.Config.from_preset("cpu", out=tmp_path, device="cpu", cpu_budget_s=0.01, verbose=False)
     result = bench.run(cfg)
 
     with open(result.csv_path, newline="") as f:
@@ -28,17 +44,21 @@ def test_cpu_preset_tiny(tmp_path):
         assert tuple(reader.fieldnames) == bench.CSV_COLUMNS
         rows = list(reader)
     assert rows == [{k: str(v) for k, v in r.items() if k in bench.CSV_COLUMNS} for r in result.rows]
+    assert {r["sdm_version"] for r in rows} == {sdm_triton.__version__}
+    assert all(r["torch_version"] == torch.__version__ and r["gpu"] for r in rows)
 
-    # On a CUDA machine Triton is compiled, not interpreted: CPU tensors are skipped (with the reason).
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    triton_methods = ("sdm_triton", "sdm_triton_multi")
-    loss_methods = ("sdm_torch", "reference") + (("sdm_triton",) if interpreted else ())
-    for case in cases:
-        sel = [r for r in rows if (int(r["N"]), int(r["M"]), int(r["D"]), int(r["K"])) == (case.n, case.m, case.d, case.k)]
-        expected = loss_methods + (("sdm_triton_multi",) if case.k > 1 and interpreted else ())
-        if not interpreted:
-            skipped = [r for r in sel if r["method"] in triton_methods]
-            assert skipped and all(r["status"] == "skipped" and r["note"] for r in skipped)
+    preset = PRESETS["cpu"]
+    assert {"formula_eager", "sdm_triton", "floor"} <= set(preset.methods)
+    for case in preset.cases():
+        sel = _rows_of(rows, case)
+        floor = [r for r in sel if r["method"] == "floor"]
+        assert len(floor) == 3 and all(r["status"] == "n/a" for r in floor)
+        assert all(math.isclose(float(r["x_floor"]), 1.0) and float(r["tflops"]) > 0 for r in floor)
+
+        # On a CUDA machine Triton is compiled, not interpreted: CPU tensors are skipped (with the reason).
+        triton_runs = INTERPRETED and case.n * case.m <= preset.triton_max_nm
+        expected = ["sdm_torch", "reference", "formula_eager"]
+        expected += ["sdm_triton"] + (["sdm_triton_multi"] if case.k > 1 else []) if triton_runs else []
         for method in expected:
             got = [r for r in sel if r["method"] == method]
             assert sorted(r["mode"] for r in got) == sorted(bench.MODES), (method, case)
@@ -46,48 +66,247 @@ def test_cpu_preset_tiny(tmp_path):
                 assert r["status"] == "ok", r
                 assert r["checked_against"] == "float64 reference"
                 assert float(r["loss_rel_err"]) <= 1e-5
-                assert float(r["median_ms"]) > 0
-                assert float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
+                assert 0 < float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
                 assert float(r["x_floor"]) > 0
-                assert r["torch_version"] == torch.__version__ and r["gpu"] and r["git_rev"]
-        floor = [r for r in sel if r["method"] == "floor"]
-        assert len(floor) == 3 and all(r["status"] == "n/a" for r in floor)
-        assert all(math.isclose(float(r["x_floor"]), 1.0) for r in floor)
+                flops = {"fwd": 1, "bwd": 3, "fwd+bwd": 4}[r["mode"]] * 2 * case.n * case.m * case.d * case.k
+                assert math.isclose(float(r["tflops"]), flops / (float(r["median_ms"]) * 1e-3) / 1e12, rel_tol=1e-4)
+                if method.startswith("sdm_triton"):
+                    assert "interpreted" in r["note"], r
+        for r in sel:
+            if r["method"].startswith("sdm_triton") and not triton_runs:
+                assert r["status"] == "skipped" and r["note"] and not r["median_ms"], r
         # Inf-CL needs CUDA: recorded as skipped with the reason, never timed.
         infcl = [r for r in sel if r["method"] == "inf_cl"]
         assert infcl and all(r["status"] == "skipped" and r["note"] and not r["median_ms"] for r in infcl)
 
+    assert {r["combine"] for r in rows if r["kl"] == "reverse" and r["labels"] == "pk4"} == {"sum"}
     assert (tmp_path / "time.png").stat().st_size > 0
-    assert result.table.splitlines()[0].startswith("| case | method |")
+    table = result.table.splitlines()
+    assert table[0].startswith("| case | method | variant | fwd ms (x floor, TFLOP/s)")
     assert "ok vs float64 reference" in result.table
+    if INTERPRETED:
+        triton_lines = [line for line in table if "| sdm_triton |" in line and "ok vs" in line]
+        assert triton_lines and all("interpreted" in line for line in triton_lines)
+
+
+@pytest.mark.parametrize("argv, bad", [
+    (["--methods", "floor,sdm_trtion"], "sdm_trtion"),
+    (["--variants", "nope"], "nope"),
+    (["--variants", "chunked_m100"], "chunked_m100"),
+    (["--preset", "gpu-qick"], "gpu-qick"),
+    (["--dtypes", "fp64"], "fp64"),
+    (["--modes", "fwdbwd"], "fwdbwd"),
+    (["--labels", "pk5"], "pk5"),
+    (["--kl", "backward"], "backward"),
+    (["--families", "irr"], "irr"),
+    (["--sizes", "12y"], "12y"),
+])
+def test_cli_typos_fail_fast(argv, bad, capsys, tmp_path):
+    from bench.__main__ import main
+    with pytest.raises(SystemExit) as exc:
+        main(argv + ["--out", str(tmp_path / "never")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: argument" in err and bad in err and "Traceback" not in err
+    assert not (tmp_path / "never").exists()
 
 
 def test_cli_list(capsys):
     from bench.__main__ import main
     assert main(["--preset", "gpu-full", "--list"]) == 0
     out = capsys.readouterr().out
-    assert "65536x65536x512 bf16 forward pk4" in out
-    assert "K=15" in out
+    for label in ("131072x131072x512 bf16 forward pk4", "16384x16384x512 bf16 forward unique",
+                  "64x64x512 fp32 reverse pk4 combine=sum K=15", "128x128x512 fp32 reverse pk4 combine=sum",
+                  "4096x4096x512 bf16 forward pk4"):
+        assert label in out
+    assert "formula_compiled" in out and "reference_compiled" in out
+    assert main(["--preset", "gpu-latency", "--families", "reid5o", "--galleries", "4", "--list"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "64x64x512 fp32 reverse pk4 combine=sum K=4"
+    for name in ("cpu", "gpu-quick", "gpu-latency", "gpu-throughput", "gpu-full"):
+        assert PRESETS[name].cases()
+
+
+def test_api_rejects_unknown_names_before_writing(tmp_path):
+    for bad in (dict(methods=("sdm_trtion",)), dict(methods=("floor",), modes=("fwdbwd",)),
+                dict(methods=("sdm_triton",), variants=("nope",))):
+        cfg = bench.Config(cases=[Case(8, 8, 8, "fp32")], out=tmp_path / "x", device="cpu", verbose=False, **bad)
+        with pytest.raises(ValueError):
+            bench.run(cfg)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("kl", ["forward", "reverse"])
+@pytest.mark.parametrize("combine", ["mean", "sum"])
+@pytest.mark.parametrize("dense", [False, True])
+def test_formula_is_the_loss(kl, combine, dense):
+    """The users' formula computes the reference's loss where every row has a positive."""
+    case = Case(24, 24, 12, "fp32", kl, "dense" if dense else "pk4", combine=combine)
+    inputs = make_inputs(case, torch.device("cpu"))
+    q = inputs.q.detach().double().requires_grad_()
+    g = inputs.gs[0].detach().double().requires_grad_()
+    lk = {k: v.double() if k == "labels" else v for k, v in inputs.label_kwargs().items()}
+    want = reference.sdm_loss(q, g, **lk, temperature=0.02, kl=kl, combine=combine)
+    dq, dg = torch.autograd.grad(want, (q, g))
+    got = M.formula_sdm(q, g, **lk, scale=50.0, kl=kl, combine=combine)
+    fq, fg = torch.autograd.grad(got, (q, g))
+    assert abs(float(got.detach()) - float(want.detach())) <= 1e-6 * abs(float(want.detach()))   # fp32 S inside the formula
+    assert measure.rel_err([fq, fg], [dq, dg]) < 1e-5
+
+
+def test_formula_peers_tf32_and_compiled(tmp_path, monkeypatch):
+    """Both peers pass the gate, run under precision "high" (restored after), K calls summed;
+    a case where some row has no positive is skipped with the reason."""
+    monkeypatch.setattr(M, "COMPILE_BACKEND", "eager")     # dynamo's wiring without code generation
+    monkeypatch.setattr(M, "_COMPILED", {})
+    monkeypatch.setattr(M, "_compile_probe", lambda device: None)
+    seen = []
+    formula = M.formula_sdm
+
+    def spy(*args, **kwargs):
+        if not torch.compiler.is_compiling():
+            seen.append(torch.get_float32_matmul_precision())
+        return formula(*args, **kwargs)
+    monkeypatch.setattr(M, "formula_sdm", spy)
+    before = torch.get_float32_matmul_precision()
+    cases = [Case(16, 16, 16, "fp32", "reverse", "pk4", k=2, combine="sum"), Case(16, 16, 16, "bf16"),
+             Case(24, 40, 16, "fp32", "forward", "pk4")]    # pk4 ids 0..5 vs 0..9: columns without a positive
+    cfg = bench.Config(cases=cases, methods=("formula_eager", "formula_compiled"), modes=("fwd+bwd",),
+                       out=tmp_path, device="cpu", plots=False, cpu_budget_s=0.01, verbose=False)
+    rows = bench.run(cfg).rows
+    assert torch.get_float32_matmul_precision() == before
+    assert seen and set(seen) == {M.FORMULA_PRECISION}
+    for case in cases[:2]:
+        for method in ("formula_eager", "formula_compiled"):
+            (r,) = [r for r in _rows_of(rows, case) if r["method"] == method]
+            assert r["status"] == "ok", r
+            assert "'high'" in r["note"] and ("torch.compile" in r["note"]) == (method == "formula_compiled")
+            assert ("2 calls, summed" in r["note"]) == (case.k == 2)
+    skipped = _rows_of(rows, cases[2])
+    assert len(skipped) == 2 and all(r["status"] == "skipped" and "positive" in r["note"] for r in skipped)
+
+
+def test_tf32_gate_only_for_tf32_methods():
+    assert measure.tolerances("formula_compiled", 0.0) == (measure.TF32_LOSS_RTOL, measure.TF32_GRAD_RTOL)
+    assert measure.tolerances("sdm_triton", 0.0) == (measure.LOSS_RTOL, measure.GRAD_RTOL)
+
+
+def test_triton_rows_skipped_with_the_reason(tmp_path, monkeypatch):
+    case = Case(8, 8, 8, "fp32")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cfg = bench.Config(cases=[case], methods=("sdm_triton",), out=tmp_path, device="cpu", plots=False,
+                       verbose=False)
+    rows = bench.run(cfg).rows
+    assert all(r["status"] == "skipped" and "TRITON_INTERPRET=1" in r["note"] for r in rows)
+    monkeypatch.setattr(M, "triton_installed", lambda: False)
+    rows = bench.run(cfg).rows
+    assert all(r["status"] == "skipped" and "not installed" in r["note"] for r in rows)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="Triton on CPU tensors needs the interpreter")
+def test_triton_path_and_variants(tmp_path, monkeypatch):
+    """The path describe_path reports is noted; a kernel_config variant runs, or is skipped with the reason."""
+    calls = []
+
+    def describe_path(q, g, **kwargs):
+        calls.append(kwargs)
+        return "fake-path"
+    monkeypatch.setattr(sdm_triton, "describe_path", describe_path, raising=False)
+    cfg = bench.Config(cases=[Case(8, 8, 8, "fp32")], methods=("sdm_triton",), modes=("fwd",),
+                       variants=("default", "chunked_m16n16"), out=tmp_path, device="cpu", plots=False,
+                       cpu_budget_s=0.01, verbose=False)
+    result = bench.run(cfg)
+    default, variant = result.rows
+    assert default["status"] == "ok" and "path: fake-path" in default["note"] and "interpreted" in default["note"]
+    assert "ok vs float64 reference; interpreted; path: fake-path" in result.table
+    assert calls[0]["backend"] == "triton" and calls[0]["kl"] == "forward" and "q_ids" in calls[0]
+    assert variant["variant"] == "chunked_m16n16"
+    assert variant["status"] == "ok" or (variant["status"] == "skipped" and "kernel_config" in variant["note"]), variant
 
 
 def test_failed_check_is_never_timed(tmp_path, monkeypatch):
-    from bench import measure
     monkeypatch.setattr(measure, "LOSS_RTOL", -1.0)   # nothing can pass
     cfg = bench.Config(cases=[Case(16, 16, 16, "fp32")], methods=("sdm_torch",), out=tmp_path,
                        device="cpu", plots=False, verbose=False)
     rows = bench.run(cfg).rows
     assert len(rows) == 3
-    assert all(r["status"] == "FAILED" and r["median_ms"] == "" for r in rows)
+    assert all(r["status"] == "FAILED" and r["median_ms"] == "" and r["tflops"] == "" for r in rows)
 
 
 def test_fp32_truth_fallback_agrees_with_float64():
     """Where the float64 reference would not fit, the gate uses the fp32 chunked backend."""
-    from bench import measure
-    from bench.cases import make_inputs
-    case = Case(40, 24, 20, "bf16", "reverse", "pk4", k=2)
+    case = Case(40, 24, 20, "bf16", "reverse", "pk4", k=2, combine="sum")
     inputs = make_inputs(case, torch.device("cpu"))
     f64 = measure.compute_truth(case, inputs, torch.device("cpu"))
     f32 = measure.compute_truth(case, inputs, torch.device("cpu"), memory_fraction=0.0)
     assert (f64.source, f32.source) == ("float64 reference", "fp32 sdm_torch")
     assert measure.rel_err([f32.loss], [f64.loss]) < 1e-6
     assert measure.rel_err(f32.grads, f64.grads) < 1e-5
+
+
+def test_outputs_and_revision(tmp_path, monkeypatch):
+    """Results go under the current directory; the git revision is the package's own checkout's, or empty."""
+    cpu = torch.device("cpu")
+    assert report.default_out_dir(cpu, cwd=tmp_path).parent == tmp_path / "sdm_bench_results"
+    assert report.default_out_dir(cpu, cwd=REPO).parent == REPO / "bench" / "results"
+    monkeypatch.delenv("BENCH_GIT_REV", raising=False)
+    monkeypatch.setattr(report, "_package_in", lambda root: False)   # sdm_triton installed elsewhere
+    assert report.git_revision() == ""
+
+
+def _clean_env():
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+def test_import_bench_leaves_the_environment_alone():
+    code = ("import os, sys, bench; bench.Config; import bench.methods, bench.suite; "
+            "print(os.environ.get('TRITON_INTERPRET', 'unset'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_clean_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "unset"
+
+
+def test_python_m_bench(tmp_path):
+    """The entry point sets TRITON_INTERPRET itself when there is no CUDA and prints the table last."""
+    out = subprocess.run([sys.executable, "-m", "bench", "--preset", "cpu", "--families", "bf16",
+                          "--methods", "sdm_triton", "--modes", "fwd", "--no-plots", "--cpu-budget-s", "0.01",
+                          "--out", str(tmp_path)], cwd=REPO, env=_clean_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1].startswith("| 16x16x32 bf16 forward pk4 | sdm_triton | default |")
+    assert "[case 1/1, 0m" in out.stderr
+    if not torch.cuda.is_available():
+        assert "ok vs float64 reference; interpreted" in lines[-1]
+
+
+def _count_ops_module():
+    spec = importlib.util.spec_from_file_location("count_ops", REPO / "tools" / "count_ops.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_count_ops_counter():
+    """Views are not counted, allocations are, and the ATen ops inside a custom op count too."""
+    co = _count_ops_module()
+
+    @torch.library.custom_op("bench_smoke::twice_exp", mutates_args=())
+    def twice_exp(x: torch.Tensor) -> torch.Tensor:
+        return (x * 2).exp()
+
+    a = torch.randn(8, 4, requires_grad=True)
+    b = torch.randn(8, 4, requires_grad=True)
+
+    def step():
+        ((a * b).t().sum() + twice_exp(b.detach()).sum()).backward()
+    c = co.count(step, [a, b], torch.device("cpu"))
+    assert c.ops["aten.mul"] >= 3 and c.ops["aten.exp"] == 1 and c.ops["aten.sum"] == 2
+    assert c.custom["bench_smoke.twice_exp"] == 1
+    assert "aten.t" not in c.ops and c.views["aten.t"] >= 1
+    assert sum(c.allocs.values()) >= sum(c.ops.values()) - 2 and c.alloc_bytes > 0
+    assert not c.syncs and not c.launches
+    assert "ATen ops that launch work" in co.table({"step": c})
