@@ -1,12 +1,24 @@
 """Hypothesis strategies shared by every backend's property tests.
 
 Hypothesis draws the *structure* of a case (sizes, dtype, identity pattern, masks,
-temperature, norm range, which rows are zero, memory layout); the feature values
+temperature, norm range, which rows are zero, memory layouts); the feature values
 themselves come from a ``torch.Generator`` seeded by a drawn integer, because
 drawing thousands of floats through Hypothesis is slow and shrinks poorly. Every
 drawn parameter is kept in ``SDMCase.recipe`` and printed by its ``repr``, so a
 falsifying example shows every parameter of the failing input (the tensors follow
 from them and the seed).
+
+Memory layouts (SPEC, "Input hygiene": any strides, for every tensor argument, on every
+backend). Features take ``LAYOUTS`` (applied by ``SDMCase.leaves``). Ids and masks are
+drawn as they come in multimodal ReID: ``column`` is column 1 of a [rows, 3] table (the pid
+column of a (camera, pid, clothes) table; a modality column of a presence matrix), its
+neighbours holding other values; ``strided`` every second element of a buffer whose gaps
+hold other values; ``expanded`` one value broadcast with stride 0 (drawn only where every
+entry is equal). Dense labels: ``transposed`` (``labels.T.contiguous().T``), ``strided``
+(a view with gaps holding NaN / the complement), ``expanded_row`` (a [1, M] row expanded
+to [N, M]) and ``expanded_col`` (an [N, 1] column expanded), the expanded ones drawn where
+the labels' rows (columns) are equal, which ``label_pattern`` makes common. The values are
+always those of the contiguous tensors; ``SDMCase.contiguous()`` gives that copy.
 """
 
 from __future__ import annotations
@@ -30,6 +42,10 @@ LOG10_NORM_RANGE = (-4.0, 4.0)      # SPEC: every feature norm in [1e-4, 1e4]
 LABEL_KINDS = ("ids", "unique_ids", "binary", "soft")
 MASK_KINDS = ("none", "random", "all_false", "kill_positives")
 LAYOUTS = ("contiguous", "transposed", "strided")
+VECTOR_LAYOUTS = ("contiguous", "column", "strided", "expanded")      # ids and masks
+LABEL_LAYOUTS = ("contiguous", "transposed", "strided", "expanded_row", "expanded_col")
+ARG_LAYOUTS = tuple(dict.fromkeys(VECTOR_LAYOUTS + LABEL_LAYOUTS))
+LABEL_PATTERNS = ("independent", "same_rows", "same_cols")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +125,16 @@ class SDMCase:
     def scale_value(self) -> float:
         return 1.0 / self.temperature
 
+    def contiguous(self) -> "SDMCase":
+        """The same case with every tensor argument (features, ids, labels, masks) contiguous."""
+        dense = (lambda t: None if t is None else t.contiguous().clone())
+        layouts = {k: ("contiguous" if v is not None else None) for k, v in self.recipe.items()
+                   if k.endswith("_layout")}
+        return dataclasses.replace(
+            self, q_ids=dense(self.q_ids), g_ids=dense(self.g_ids), labels=dense(self.labels),
+            q_mask=dense(self.q_mask), g_mask=dense(self.g_mask),
+            recipe={**self.recipe, "layout": "contiguous", **layouts})
+
 
 def _apply_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     """A detached copy of ``x`` with the same values in the requested memory layout."""
@@ -121,6 +147,71 @@ def _apply_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     view = buf[::2, 1::3]                                     # both strides > the dense ones
     view.copy_(x)
     return view
+
+
+def _filler(x: torch.Tensor) -> torch.Tensor:
+    """Values for the gaps around a strided view of ``x``: different from ``x`` wherever it
+    matters, so that a kernel reading the wrong element gets a different answer."""
+    if x.dtype == torch.bool:
+        return ~x
+    if x.is_floating_point():
+        return torch.full_like(x, math.nan)
+    return -1 - x                                             # ids >= 0: never an existing id
+
+
+def _vector_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """A 1-D tensor with the values of ``x`` (ids or a mask) in the memory layout ``layout``."""
+    n = x.shape[0]
+    if layout == "contiguous":
+        return x.clone()
+    if layout == "column":                                    # column 1 of a [n, 3] table
+        table = torch.stack([_filler(x), x, _filler(x).flip(0)], dim=1)
+        return table[:, 1]
+    if layout == "strided":                                   # every second element, offset 1
+        buf = torch.stack([_filler(x), x], dim=1).reshape(2 * n)
+        return buf[1::2]
+    if layout == "expanded":                                  # stride 0
+        assert bool((x == x[0]).all()), "expanded needs equal entries"
+        return x[:1].expand(n)
+    raise ValueError(layout)
+
+
+def _vector_layouts(x: torch.Tensor, allowed) -> list:
+    """The layouts of ``VECTOR_LAYOUTS`` in ``allowed`` that can hold ``x`` ("contiguous" if none)."""
+    possible = [layout for layout in VECTOR_LAYOUTS if layout in allowed]
+    if "expanded" in possible and not bool((x == x[0]).all()):
+        possible.remove("expanded")
+    return possible or ["contiguous"]
+
+
+def _label_layout(y: torch.Tensor, layout: str) -> torch.Tensor:
+    """An [N, M] labels tensor with the values of ``y`` in the memory layout ``layout``."""
+    n, m = y.shape
+    if layout == "contiguous":
+        return y.clone()
+    if layout == "transposed":                                # column-major
+        return y.T.contiguous().T
+    if layout == "strided":
+        buf = _filler(y).repeat(2, 3)
+        view = buf[::2, 1::3]
+        view.copy_(y)
+        return view
+    if layout == "expanded_row":                              # a [1, M] row, stride 0 over rows
+        assert bool((y == y[:1]).all()), "expanded_row needs equal rows"
+        return y[:1].expand(n, m)
+    if layout == "expanded_col":                              # an [N, 1] column, stride 0 over columns
+        assert bool((y == y[:, :1]).all()), "expanded_col needs equal columns"
+        return y[:, :1].expand(n, m)
+    raise ValueError(layout)
+
+
+def _label_layouts(y: torch.Tensor, allowed) -> list:
+    possible = [layout for layout in LABEL_LAYOUTS if layout in allowed]
+    if "expanded_row" in possible and not bool((y == y[:1]).all()):
+        possible.remove("expanded_row")
+    if "expanded_col" in possible and not bool((y == y[:, :1]).all()):
+        possible.remove("expanded_col")
+    return possible or ["contiguous"]
 
 
 def log_uniform(lo: float, hi: float):
@@ -170,7 +261,7 @@ def _mask(draw, length, kind, forced_off=()):
 
 @st.composite
 def sdm_cases(draw, max_rows: int, max_dim: int = 80, *, dtypes=(torch.float32,), label_kinds=LABEL_KINDS,
-              mask_kinds=MASK_KINDS, layouts=LAYOUTS, zero_rows: bool = True,
+              mask_kinds=MASK_KINDS, layouts=LAYOUTS, arg_layouts=ARG_LAYOUTS, zero_rows: bool = True,
               log10_norms=LOG10_NORM_RANGE, temperature=None, logit_scale=None, fp16_grads_fit=True,
               device="cpu"):
     """A complete ``SDMCase``.
@@ -188,6 +279,10 @@ def sdm_cases(draw, max_rows: int, max_dim: int = 80, *, dtypes=(torch.float32,)
     * a third of the cases near-perfect fits (signal 1, temperature in [0.005, 0.05]);
     * temperature log-uniform in [0.005, 10]; the scale is a float or a grad-requiring
       0-dim ``logit_scale`` tensor (``logit_scale=None`` draws either);
+    * memory layouts: ``layouts`` for the features (``LAYOUTS``), ``arg_layouts`` for ids,
+      masks and dense labels (``VECTOR_LAYOUTS``, ``LABEL_LAYOUTS``; the expanded ones only
+      where the values allow them); dense labels sometimes have equal rows or equal columns
+      (``label_pattern``), the values that stride-0 labels hold;
     * ``fp16_grads_fit``: fp16 cases get norms >= 1 and no zero rows, so that their exact
       gradients (~ s / |q| per row, 1e12 at a zero row) mostly fit fp16 (max 65504);
       tests of values only turn it off to cover the whole norm range.
@@ -216,7 +311,7 @@ def sdm_cases(draw, max_rows: int, max_dim: int = 80, *, dtypes=(torch.float32,)
     layout = draw(st.sampled_from(layouts))
 
     gen = torch.Generator().manual_seed(seed)
-    q_ids = g_ids = labels = None
+    q_ids = g_ids = labels = label_pattern = None
     if kind in ("ids", "unique_ids"):
         qi, gi = draw(_ids(n, m, kind == "unique_ids"))
         id_dtype = draw(st.sampled_from([torch.int64, torch.int32]))
@@ -225,14 +320,20 @@ def sdm_cases(draw, max_rows: int, max_dim: int = 80, *, dtypes=(torch.float32,)
         y = (q_ids[:, None] == g_ids[None, :]).double()
     else:
         density = draw(st.sampled_from([0.1, 0.3, 0.7, 1.0]))
-        y = (torch.rand(n, m, generator=gen, dtype=torch.float64) < density).double()
+        # Mostly independent entries; sometimes every row (column) equal, as labels broadcast
+        # from a [1, M] row ([N, 1] column) are.
+        label_pattern = draw(st.sampled_from(LABEL_PATTERNS[:1] * 3 + LABEL_PATTERNS[1:]))
+        rows, cols = {"independent": (n, m), "same_rows": (1, m), "same_cols": (n, 1)}[label_pattern]
+        y = (torch.rand(rows, cols, generator=gen, dtype=torch.float64) < density).double()
         if kind == "soft":
             label_dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]))
             # Weights over four decades so the normalisation Y = y / sum(y) matters.
-            y = y * torch.exp(torch.empty(n, m, dtype=torch.float64).uniform_(-4.6, 4.6, generator=gen))
+            y = y * torch.exp(torch.empty(rows, cols, dtype=torch.float64).uniform_(-4.6, 4.6, generator=gen))
+            y = y.expand(n, m).clone()
             labels = y.to(label_dtype)
             y = labels.double()
         else:
+            y = y.expand(n, m).clone()
             labels = y.bool()
 
     q_kind = draw(st.sampled_from(mask_kinds))
@@ -274,13 +375,26 @@ def sdm_cases(draw, max_rows: int, max_dim: int = 80, *, dtypes=(torch.float32,)
 
     q, g = with_norms(q, zero_q), with_norms(g, zero_g)
     as_mask = (lambda v: None if v is None else torch.tensor(v, dtype=torch.bool, device=device))
+    move = (lambda t: None if t is None else t.to(device))
+    # Layouts are made on the device (moving a strided tensor between devices may make it dense).
+    args = dict(q_ids=move(q_ids), g_ids=move(g_ids), labels=move(labels), q_mask=as_mask(q_mask),
+                g_mask=as_mask(g_mask))
+    arg_layout = {}
+    for name, t in args.items():
+        if t is None:
+            arg_layout[name] = None
+        elif name == "labels":
+            arg_layout[name] = draw(st.sampled_from(_label_layouts(t, arg_layouts)), label="labels_layout")
+            args[name] = _label_layout(t, arg_layout[name])
+        else:
+            arg_layout[name] = draw(st.sampled_from(_vector_layouts(t, arg_layouts)), label=name + "_layout")
+            args[name] = _vector_layout(t, arg_layout[name])
     recipe = dict(N=n, M=m, D=d, dtype=str(dtype).replace("torch.", ""), labels=kind, seed=seed,
                   temperature=tau, logit_scale=use_scale, signal=signal, log10_norms=(lo, hi),
-                  zero_q=sorted(zero_q), zero_g=sorted(zero_g), q_mask=q_kind, g_mask=g_kind, layout=layout)
-    move = (lambda t: None if t is None else t.to(device))
-    return SDMCase(q=q, g=g, q_ids=move(q_ids), g_ids=move(g_ids), labels=move(labels),
-                   q_mask=as_mask(q_mask), g_mask=as_mask(g_mask), temperature=tau,
-                   use_logit_scale=use_scale, recipe=recipe)
+                  zero_q=sorted(zero_q), zero_g=sorted(zero_g), q_mask=q_kind, g_mask=g_kind, layout=layout,
+                  label_pattern=label_pattern,
+                  **{name + "_layout": value for name, value in arg_layout.items()})
+    return SDMCase(q=q, g=g, **args, temperature=tau, use_logit_scale=use_scale, recipe=recipe)
 
 
 def eps_values(kl: str):

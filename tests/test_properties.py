@@ -37,7 +37,7 @@ from hypothesis import assume
 from hypothesis import strategies as st
 
 from sdm_triton.reference import SDMRowLosses
-from strategies import FAST_DTYPES, HALF_DTYPES, backend_property, cases, log_uniform, sdm_options
+from strategies import ARG_LAYOUTS, FAST_DTYPES, HALF_DTYPES, backend_property, cases, log_uniform, sdm_options
 
 F64 = torch.float64
 NORM_EPS = 1e-12            # SPEC step 1: F.normalize semantics, F.normalize's default eps
@@ -640,17 +640,26 @@ def test_half_inputs_are_computed_in_fp32(sdm_impl, data):
 
 @backend_property(examples=0.5)
 def test_noncontiguous_inputs_give_the_same_result(sdm_impl, data):
-    """Transposed or strided q and g give the loss and gradients of contiguous ones."""
-    case = data.draw(cases(sdm_impl, dtypes=FAST_DTYPES, layouts=("transposed", "strided")))
+    """Transposed or strided q and g, with ids / masks taken as a column of a table, strided
+    or expanded, and transposed, strided or expanded dense labels (SPEC, input hygiene: any
+    strides for every tensor argument) give the loss, per-row losses and gradients of the
+    contiguous copies."""
+    non_contiguous = tuple(layout for layout in ARG_LAYOUTS if layout != "contiguous")
+    case = data.draw(cases(sdm_impl, dtypes=FAST_DTYPES, layouts=("transposed", "strided"),
+                           arg_layouts=non_contiguous))
     opts = data.draw(sdm_options())
     gout = grad_outputs(case, opts, 5)
     truth = truth_for(case, opts, gout)
     assume_gradients_fit(case, truth)
     strided = run_backend(sdm_impl, case, opts, gout)
-    dense_case = dataclasses.replace(case, recipe={**case.recipe, "layout": "contiguous"})
+    dense_case = case.contiguous()
     dense = run_backend(sdm_impl, dense_case, opts, gout)
     rtol = RTOL[truth.compute_dtype]
     assert_close("loss", strided.value, dense.value, dense.value, 2 * truth.value_floor, 2 * rtol, case)
+    for name in dense.rows:
+        assert torch.equal(strided.valid[name], dense.valid[name]), f"{name}_valid differs for {case}"
+        assert_close(f"{name} rows", strided.rows[name], dense.rows[name], dense.rows[name],
+                     2 * truth.loss_floor, 2 * rtol, case)
     for name in ("q", "g"):
         assert strided.grads[name].shape == dense.grads[name].shape
         assert_close(f"d/d{name}", strided.grads[name], dense.grads[name], dense.grads[name],
