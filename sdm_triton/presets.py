@@ -144,31 +144,70 @@ def preset_loss(name: str, q: torch.Tensor, g: torch.Tensor, q_ids: Optional[tor
     * ``unique_ids`` presets (clip) use ``arange(N)`` as ids when none are given (``N == M``).
     * ``per_sample`` presets (rde) return the ``[N]`` per-sample losses ``q2g[i] + g2q[i]``
       (invalid rows count 0), or with ``sample_weights`` RDE's weighted mean
-      ``sum(w * loss) / sum(w)`` (0 when ``sum(w) == 0``). Needs ``N == M``.
+      ``sum(w * loss) / sum(w)``. Needs ``N == M``. The per-sample form is what these presets
+      are: ``reduction`` (other than ``"none"``) and ``direction`` (other than ``"both"``)
+      overrides are a ValueError naming them, not a silent change of meaning; reduce the
+      returned ``[N]`` losses yourself (``.mean()``) or pass ``sample_weights``.
+    * ``sample_weights``: a tensor of shape ``[N]`` on ``q``'s device (float, integer or bool);
+      anything else (a list, another shape or device) is a TypeError / ValueError naming
+      ``sample_weights`` before any loss is computed. Weights summing to 0 (all zero) give 0.
+      A negative or non-finite weight is a bad value only the device can see: the result is
+      NaN (computed on the device, no host synchronisation), or with ``check_values=True`` a
+      ValueError naming ``sample_weights``.
     """
     preset = get_preset(name)
     if loss_fn is None:
         from .api import sdm_loss as loss_fn
+    if preset.per_sample:
+        _check_per_sample_arguments(preset, q, g, sample_weights, overrides)
+    elif sample_weights is not None:
+        raise ValueError(f"sample_weights applies to per-sample presets only, not {name!r}")
     if preset.unique_ids and q_ids is None and g_ids is None and overrides.get("labels") is None:
         if q.shape[0] != g.shape[0]:
             raise ValueError(f"preset {name!r} pairs row i with column i: needs N == M, got {q.shape[0]} and {g.shape[0]}")
         q_ids = g_ids = torch.arange(q.shape[0], device=q.device)
-    if sample_weights is not None and not preset.per_sample:
-        raise ValueError(f"sample_weights applies to per-sample presets only, not {name!r}")
     out = loss_fn(q, g, q_ids, g_ids, **preset.kwargs(**overrides))
     if not preset.per_sample:
         return out
     rows, stats = out if isinstance(out, tuple) and not hasattr(out, "q2g") else (out, None)
-    if q.shape[0] != g.shape[0] or rows.q2g is None or rows.g2q is None:
-        raise ValueError(f"preset {name!r} adds q2g[i] + g2q[i]: needs N == M and direction='both'")
     per = rows.q2g + rows.g2q
     if sample_weights is not None:
-        if sample_weights.shape != per.shape:
-            raise ValueError(f"sample_weights must have shape {tuple(per.shape)}, got {tuple(sample_weights.shape)}")
         w = sample_weights.to(per.dtype)
         total = w.sum()
         per = (w * per).sum() / torch.where(total > 0, total, torch.ones_like(total))
+        # SPEC: a bad value only the device sees makes the result NaN (no host synchronisation)
+        bad = (w < 0).any() | ~torch.isfinite(w).all()
+        per = torch.where(bad, torch.full_like(per, math.nan), per)
     return per if stats is None else (per, stats)
+
+
+def _check_per_sample_arguments(preset: SDMPreset, q, g, sample_weights, overrides) -> None:
+    """Host-visible checks of a per-sample preset's call, made before any loss is computed."""
+    name = preset.name
+    for key, fixed in (("reduction", "none"), ("direction", "both")):
+        if key in overrides and overrides[key] != fixed:
+            raise ValueError(f"preset {name!r} returns per-sample losses q2g[i] + g2q[i]: {key} must be "
+                             f"{fixed!r}, got {overrides[key]!r} (reduce the returned [N] losses yourself, "
+                             "or pass sample_weights for the weighted mean)")
+    if isinstance(q, torch.Tensor) and isinstance(g, torch.Tensor) and q.dim() >= 1 and g.dim() >= 1 \
+            and q.shape[0] != g.shape[0]:
+        raise ValueError(f"preset {name!r} adds q2g[i] + g2q[i]: needs N == M and direction='both', "
+                         f"got N={q.shape[0]}, M={g.shape[0]}")
+    if sample_weights is None:
+        return
+    if not isinstance(sample_weights, torch.Tensor):
+        raise TypeError(f"sample_weights must be a torch.Tensor of shape [N], got {type(sample_weights).__name__}")
+    if sample_weights.is_complex():
+        raise TypeError(f"sample_weights must be a real (float, integer or bool) tensor, got {sample_weights.dtype}")
+    n = q.shape[0] if isinstance(q, torch.Tensor) and q.dim() >= 1 else None
+    if sample_weights.dim() != 1 or (n is not None and sample_weights.shape[0] != n):
+        raise ValueError(f"sample_weights must have shape ({n},), got {tuple(sample_weights.shape)}")
+    if isinstance(q, torch.Tensor) and sample_weights.device != q.device:
+        raise ValueError(f"sample_weights is on {sample_weights.device} but the features are on {q.device}")
+    if overrides.get("check_values", False) is True:
+        w = sample_weights.double()
+        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+            raise ValueError("sample_weights must be finite and >= 0 (a negative or non-finite weight)")
 
 
 __all__ = ["SDMPreset", "PRESETS", "get_preset", "preset_kwargs", "preset_loss",

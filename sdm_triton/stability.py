@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import collections
 import math
+import numbers
 import statistics
+from collections.abc import Iterable, Mapping
 from typing import Optional, Sequence
 
 import torch
@@ -56,7 +58,15 @@ class SpikeDetector:
 
     Counters ``steps`` (losses seen) and ``spikes`` (of which spikes) survive
     ``state_dict`` / ``load_state_dict``, so a resumed run keeps its statistics.
-    ``update`` takes a Python float; passing a device tensor synchronises.
+    ``load_state_dict`` checks the whole state before changing anything: a missing key
+    (``"history"``, ``"steps"``, ``"spikes"``) is a ValueError naming it (no defaults: a state
+    without its counters is not one this class wrote), and so is a non-finite loss in the
+    history (it would make the threshold NaN and switch detection off) or a counter that is
+    not an integer ``>= 0`` (``spikes <= steps``).
+
+    ``update`` takes a real Python number (int or float, not bool) or a 0-dim real tensor;
+    anything else (a string, a list, a tensor with more than one element) is a TypeError.
+    Passing a device tensor synchronises.
     """
 
     def __init__(self, window: int = 100, k: float = 6.0, warmup: int = 20,
@@ -89,7 +99,7 @@ class SpikeDetector:
 
     def update(self, loss: float) -> bool:
         """Record ``loss``; return whether it is a spike relative to the losses before it."""
-        loss = float(loss)
+        loss = _as_loss(loss)
         self.steps += 1
         if not math.isfinite(loss):
             self.spikes += 1
@@ -119,10 +129,34 @@ class SpikeDetector:
         return {"history": list(self._history), "steps": self.steps, "spikes": self.spikes}
 
     def load_state_dict(self, state: dict) -> None:
-        history = [float(x) for x in state["history"]]
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a dict (from state_dict()), got {type(state).__name__}")
+        for key in ("history", "steps", "spikes"):
+            if key not in state:
+                raise ValueError(f"state has no {key!r} entry (expected the keys 'history', 'steps', 'spikes' "
+                                 "of SpikeDetector.state_dict())")
+        raw = state["history"]
+        if isinstance(raw, (str, bytes)) or not isinstance(raw, Iterable):
+            raise TypeError(f"state['history'] must be a list of losses, got {type(raw).__name__}")
+        history = []
+        for i, x in enumerate(raw):
+            if isinstance(x, bool) or not isinstance(x, numbers.Real):
+                raise TypeError(f"state['history'][{i}] must be a real number, got {type(x).__name__}")
+            if not math.isfinite(x):
+                raise ValueError(f"state['history'][{i}] is {x}: the window holds finite losses only "
+                                 "(a non-finite one would make the threshold NaN)")
+            history.append(float(x))
+        counters = {}
+        for key in ("steps", "spikes"):
+            value = state[key]
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise ValueError(f"state[{key!r}] must be an int >= 0, got {value!r}")
+            counters[key] = int(value)
+        if counters["spikes"] > counters["steps"]:
+            raise ValueError(f"state['spikes'] = {counters['spikes']} exceeds state['steps'] = {counters['steps']}")
         self._history = collections.deque(history[-self.window:], maxlen=self.window)
-        self.steps = int(state["steps"])
-        self.spikes = int(state["spikes"])
+        self.steps = counters["steps"]
+        self.spikes = counters["spikes"]
 
     def __repr__(self):
         return (f"SpikeDetector(window={self.window}, k={self.k}, warmup={self.warmup}, "
@@ -130,11 +164,24 @@ class SpikeDetector:
                 f"steps={self.steps}, spikes={self.spikes})")
 
 
+def _as_loss(loss) -> float:
+    """``SpikeDetector.update``'s argument as a float: a real number or a 0-dim real tensor."""
+    if isinstance(loss, torch.Tensor):
+        if loss.dim() != 0 or loss.dtype == torch.bool or loss.is_complex():
+            raise TypeError(f"loss must be a real number or a 0-dim real tensor, got a {loss.dtype} tensor "
+                            f"of shape {tuple(loss.shape)}")
+        return float(loss)
+    if isinstance(loss, bool) or not isinstance(loss, numbers.Real):
+        raise TypeError(f"loss must be a real number or a 0-dim real tensor, got {type(loss).__name__}")
+    return float(loss)
+
+
 def feature_norm_penalty(features: torch.Tensor, target: float = 8.0, band: float = 2.0,
                          weight: float = 5e-3, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Band penalty on feature norms: ``weight * mean(relu(| ||f|| - target | - band) ** 2)``.
 
-    ``features`` is ``[..., D]``; norms are taken over the last dim. The mean runs over
+    ``features`` is ``[..., D]`` with ``D >= 1`` (an empty feature dim is a ValueError: there is
+    no norm to keep in a band); norms are taken over the last dim. The mean runs over
     present rows only (``mask``, shape ``features.shape[:-1]``, ``True`` = present); it is
     0 when no row is present. Absent rows get a zero gradient and may hold anything, NaN
     included. Computed in fp32 (float64 for float64 input); returns a 0-dim tensor of that
@@ -145,6 +192,8 @@ def feature_norm_penalty(features: torch.Tensor, target: float = 8.0, band: floa
         raise TypeError("features must be a floating-point tensor")
     if features.dim() < 1:
         raise ValueError("features must have at least one dim (the feature dim)")
+    if features.shape[-1] == 0:
+        raise ValueError(f"features has an empty feature dim (shape {tuple(features.shape)}): a norm needs D >= 1")
     for name, value in (("target", target), ("band", band), ("weight", weight)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

@@ -377,6 +377,87 @@ def test_rde_argument_errors():
         preset_loss("irra", q, g, ids, ids, sample_weights=torch.ones(6), backend="torch")
 
 
+@pytest.mark.parametrize("override", [dict(reduction="mean"), dict(reduction="sum"), dict(direction="q2g")],
+                         ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_rde_rejects_overrides_that_change_its_form(override, monkeypatch):
+    """RDE's preset is per-sample (``q2g[i] + g2q[i]``): ``reduction="mean"`` used to crash with
+    AttributeError ('Tensor' object has no attribute 'q2g'). Now a ValueError naming the
+    argument, raised before any loss is computed."""
+    q, g, ids = _batch(6, 4)
+    calls = []
+    monkeypatch.setattr(sdm_triton.api, "sdm_loss", lambda *a, **k: calls.append(1))
+    name = next(iter(override))
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        preset_loss("rde", q, g, ids, ids, backend="torch", **override)
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        preset_loss("rde", q, g, ids, ids, loss_fn=lambda *a, **k: calls.append(1), **override)
+    assert not calls, "the loss was computed before the argument error"
+
+
+@pytest.mark.parametrize("weights, exc", [
+    ([1.0] * 6, TypeError),
+    ((1.0,) * 6, TypeError),
+    (None, None),
+    (torch.ones(6, 1), ValueError),
+    (torch.ones(()), ValueError),
+    (torch.ones(6, dtype=torch.complex64), TypeError),
+], ids=["list", "tuple", "none", "column", "0-dim", "complex"])
+def test_rde_sample_weights_must_be_an_n_vector(weights, exc):
+    """``sample_weights=[...]`` used to crash with AttributeError ('list' object has no
+    attribute 'shape'): a TypeError naming sample_weights; wrong shapes a ValueError."""
+    q, g, ids = _batch(6, 4)
+    if exc is None:
+        assert preset_loss("rde", q, g, ids, ids, sample_weights=weights, backend="torch").shape == (6,)
+        return
+    with pytest.raises(exc, match="sample_weights"):
+        preset_loss("rde", q, g, ids, ids, sample_weights=weights, backend="torch")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rde_sample_weights_zero_sum_and_bool(impl):
+    """Weights summing to 0 (all zero) give exactly 0 with zero gradients, as documented;
+    bool and integer weights are RDE's 0/1 clean-sample selection."""
+    q, g, ids = _batch(8, 5, seed=7)
+    q.requires_grad_()
+    zero = preset_loss("rde", q, g, ids, ids, sample_weights=torch.zeros(8, dtype=torch.float64),
+                       loss_fn=IMPLS[impl])
+    assert zero.item() == 0.0
+    (grad,) = torch.autograd.grad(zero, q)
+    assert bool((grad == 0).all())
+    keep = torch.arange(8) % 3 != 0
+    as_float = preset_loss("rde", q, g, ids, ids, sample_weights=keep.double(), loss_fn=IMPLS[impl])
+    torch.testing.assert_close(preset_loss("rde", q, g, ids, ids, sample_weights=keep, loss_fn=IMPLS[impl]),
+                               as_float, **TOL)
+    torch.testing.assert_close(preset_loss("rde", q, g, ids, ids, sample_weights=keep.long(), loss_fn=IMPLS[impl]),
+                               as_float, **TOL)
+    per = preset_loss("rde", q, g, ids, ids, loss_fn=IMPLS[impl])
+    torch.testing.assert_close(as_float, per[keep].mean(), **TOL)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("bad", ["negative", "sum_zero", "nan", "inf"])
+def test_rde_bad_sample_weights_give_nan(impl, bad):
+    """A negative or non-finite weight is a bad value only the device sees (SPEC): the result is
+    NaN, computed without a host synchronisation (it used to be a finite number: [1, -1]
+    weights, summing to 0, gave ``loss_0 - loss_1``); with check_values=True a ValueError."""
+    q, g, ids = _batch(6, 4, seed=8)
+    w = torch.ones(6, dtype=torch.float64)
+    if bad == "negative":
+        w[2] = -0.5
+    elif bad == "sum_zero":
+        w[:] = 0.0
+        w[0], w[1] = 1.0, -1.0
+    else:
+        w[3] = math.nan if bad == "nan" else math.inf
+    out = preset_loss("rde", q, g, ids, ids, sample_weights=w, loss_fn=IMPLS[impl])
+    assert out.dim() == 0 and bool(torch.isnan(out)), f"bad sample_weights gave {out.item()}"
+    if impl == "torch":
+        with pytest.raises(ValueError, match="sample_weights"):
+            preset_loss("rde", q, g, ids, ids, sample_weights=w, backend="torch", check_values=True)
+        ok = preset_loss("rde", q, g, ids, ids, sample_weights=torch.ones(6), backend="torch", check_values=True)
+        assert bool(torch.isfinite(ok))
+
+
 def test_rde_returns_stats_when_asked():
     q, g, ids = _batch(6, 4)
     per, stats = preset_loss("rde", q, g, ids, ids, backend="torch", return_stats=True)

@@ -145,6 +145,70 @@ def test_state_dict_round_trip_and_reset():
     assert resumed.threshold() is None
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_load_state_dict_rejects_a_non_finite_history(bad):
+    """A non-finite loss in a loaded window would make the median / MAD NaN and switch the
+    detector off for good (every comparison with NaN is False): a ValueError, and the
+    detector keeps its state (nothing half loaded)."""
+    det = SpikeDetector(window=10, warmup=3)
+    _feed(det, [1.0, 1.1, 0.9, 1.0])
+    before = det.state_dict()
+    with pytest.raises(ValueError, match="history"):
+        det.load_state_dict({"history": [1.0, bad, 1.0, 1.0], "steps": 4, "spikes": 0})
+    assert det.state_dict() == before
+    assert det.update(50.0), "the detector must still detect after a rejected load"
+
+
+@pytest.mark.parametrize("missing", ["history", "steps", "spikes"])
+def test_load_state_dict_names_a_missing_key(missing):
+    """A state without one of its keys is a ValueError naming the key (not a bare KeyError),
+    and the detector is left as it was."""
+    state = {"history": [1.0, 2.0], "steps": 2, "spikes": 0}
+    del state[missing]
+    det = SpikeDetector(window=5, warmup=2)
+    det.update(3.0)
+    with pytest.raises(ValueError, match=missing):
+        det.load_state_dict(state)
+    assert (det.steps, det.spikes, det.history) == (1, 0, [3.0])
+
+
+@pytest.mark.parametrize("state, exc", [
+    ({"history": [1.0], "steps": -1, "spikes": 0}, ValueError),
+    ({"history": [1.0], "steps": 1.5, "spikes": 0}, ValueError),
+    ({"history": [1.0], "steps": 1, "spikes": 2}, ValueError),
+    ({"history": [1.0], "steps": 1, "spikes": True}, ValueError),
+    ({"history": ["1.0"], "steps": 1, "spikes": 0}, TypeError),
+    ({"history": 1.0, "steps": 1, "spikes": 0}, TypeError),
+    ([1.0, 2.0], TypeError),
+])
+def test_load_state_dict_rejects_malformed_states(state, exc):
+    det = SpikeDetector(window=5, warmup=2)
+    with pytest.raises(exc):
+        det.load_state_dict(state)
+    assert (det.steps, det.spikes, det.history) == (0, 0, [])
+
+
+@pytest.mark.parametrize("loss", ["1.5", b"1.5", [1.5], None, True, torch.tensor([1.5, 2.0]), torch.tensor(True),
+                                  torch.tensor(1 + 1j)],
+                         ids=["str", "bytes", "list", "None", "bool", "2-element", "bool-tensor", "complex"])
+def test_update_rejects_what_is_not_a_loss(loss):
+    """``update("1.5")`` used to be accepted (float() parses strings): a TypeError, and the
+    counters do not move."""
+    det = SpikeDetector(window=5, warmup=2)
+    with pytest.raises(TypeError, match="loss"):
+        det.update(loss)
+    assert (det.steps, det.spikes, det.history) == (0, 0, [])
+
+
+def test_update_accepts_numbers_and_0dim_tensors():
+    det = SpikeDetector(window=10, warmup=3)
+    for value in (1, 1.0, torch.tensor(1.0), torch.tensor(1.0, dtype=torch.float64), torch.tensor(1),
+                  torch.tensor(1.0, requires_grad=True).detach()):
+        assert not det.update(value)
+    assert det.history == [1.0] * 6
+    assert det.update(torch.tensor(100.0))
+
+
 @pytest.mark.parametrize("kwargs", [
     dict(window=0), dict(warmup=0), dict(window=10, warmup=11), dict(k=-1.0),
     dict(mad_floor=float("nan")), dict(rel_margin=-0.1), dict(window=2.5),
@@ -250,6 +314,16 @@ def test_penalty_leading_dims_and_validation():
         feature_norm_penalty(torch.ones(3, 4, dtype=torch.int64))
     with pytest.raises(ValueError):
         feature_norm_penalty(f, band=-1.0)
+
+
+@pytest.mark.parametrize("shape", [(3, 0), (0,), (2, 2, 0)])
+def test_penalty_rejects_an_empty_feature_dim(shape):
+    """D = 0 has no norm to keep in a band: a ValueError naming features (it returned
+    5e-3 * relu(8 - 2)^2 = 0.18 for every row, a penalty no gradient can reduce)."""
+    with pytest.raises(ValueError, match="features"):
+        feature_norm_penalty(torch.zeros(shape))
+    with pytest.raises(ValueError, match="features"):
+        feature_norm_penalty(torch.zeros(shape), mask=torch.ones(shape[:-1], dtype=torch.bool))
 
 
 # --------------------------------------------------------------------------- check_finite
