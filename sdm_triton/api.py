@@ -1,51 +1,58 @@
-"""Public API: ``sdm_loss`` and ``SDMLoss``, with backend dispatch and the final reduction in torch."""
+"""Public API: ``sdm_loss``, ``sdm_loss_multi`` and ``SDMLoss``.
+
+Each call: validate (types, shapes, dtypes, devices only: no host synchronisation) ->
+one `problem.Problem` -> the backend (`dispatch.py`) under one autograd Function
+(`autograd.py`; a ``torch.library`` op while ``torch.compile`` traces, `ops.py`) -> the
+returned value, per-row losses or statistics, as views of the kernels' outputs.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
-from .reference.galleries import Galleries, split_galleries
+from . import dispatch
+from .autograd import SDMFunction
+from .galleries import Galleries, stack_galleries
 from .options import (
+    KernelConfig,
     SDMOptions,
     SDMRowLosses,
     SDMStats,
+    as_kernel_config,
     check_values as _check_values,
     resolve_ids,
     resolve_scale,
+    validate_flag,
     validate_inputs,
+    validate_workspace_bytes,
 )
+from .problem import Problem
 
-from . import ops
-from .autograd import DEFAULT_WORKSPACE_BYTES, SDMRowsFunction
-from .torch_backend import TorchTiles
-
-BACKENDS = ("auto", "triton", "torch")
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_tiles(config_name: Optional[str]):
-    from .launch import TILE_CONFIGS, TritonTiles  # imports triton: only when asked for
-    if config_name is None:
-        return TritonTiles()
-    if config_name not in TILE_CONFIGS:
-        raise ValueError(f"unknown tile config {config_name!r}; choose from {sorted(TILE_CONFIGS)}")
-    return TritonTiles(TILE_CONFIGS[config_name], config_name)
+BACKENDS = dispatch.BACKENDS
+#: Bound on the chunked backward's workspace (and the torch backend's chunks), in bytes.
+DEFAULT_WORKSPACE_BYTES = 64 * 2**20
 
 
-def _pick_tiles(backend: str, q: torch.Tensor, tile_config: Optional[str]):
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
-    if backend == "auto":
-        backend = "triton" if (q.is_cuda and q.dtype != torch.float64) else "torch"
-    if backend == "torch":
-        return TorchTiles()
-    tiles = _triton_tiles(tile_config)
-    tiles.check_supported(q)
-    return tiles
+@functools.lru_cache(maxsize=256, typed=True)   # typed: eps=True must not hit eps=1.0
+def _cached_options(kl, eps, direction, combine, reduction, normalize) -> SDMOptions:
+    return SDMOptions(kl=kl, eps=eps, direction=direction, combine=combine, reduction=reduction,
+                      normalize=normalize)
+
+
+def _options(kl, eps, direction, combine, reduction, normalize) -> SDMOptions:
+    """Options validated once per combination (a training loop calls with the same ones); built
+    afresh while torch.compile traces (it does not follow the cache)."""
+    if torch.compiler.is_compiling():
+        return SDMOptions(kl=kl, eps=eps, direction=direction, combine=combine, reduction=reduction,
+                          normalize=normalize)
+    try:
+        return _cached_options(kl, eps, direction, combine, reduction, normalize)
+    except TypeError:   # an unhashable option value: validate it uncached (it raises)
+        return SDMOptions(kl=kl, eps=eps, direction=direction, combine=combine, reduction=reduction,
+                          normalize=normalize)
 
 
 def sdm_loss(
@@ -58,7 +65,7 @@ def sdm_loss(
     q_mask: Optional[torch.Tensor] = None,
     g_mask: Optional[torch.Tensor] = None,
     temperature: float = 0.02,
-    logit_scale: Optional[torch.Tensor] = None,
+    logit_scale: Union[None, float, torch.Tensor] = None,
     kl: str = "forward",
     eps: float = 1e-8,
     direction: str = "both",
@@ -68,58 +75,31 @@ def sdm_loss(
     backend: str = "auto",
     check_values: bool = False,
     return_stats: bool = False,
-    tile_config: Optional[str] = None,
+    kernel_config: Union[None, str, KernelConfig] = None,
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
 ):
     """SDM loss of query features ``q`` [N, D] against gallery features ``g`` [M, D].
 
-    Same arguments and semantics as ``reference.sdm_loss`` (see SPEC.md), plus:
+    Same arguments and semantics as ``sdm_triton.reference.sdm_loss`` (docs/contract.md), plus:
 
-    backend:         "auto" (Triton kernels for CUDA tensors, the chunked torch backend otherwise),
+    backend:         "auto" (Triton kernels for CUDA tensors, the torch backend otherwise),
                      "triton" or "torch".
-    check_values:    also check that features are finite, labels >= 0 and a tensor logit_scale > 0.
-                     These checks read device memory (a host synchronisation), so they are off by default.
+    check_values:    also check (a host synchronisation) that present samples' features are
+                     finite, labels of present pairs finite and >= 0, a logit_scale tensor > 0;
+                     a ValueError names the problem. Without it such values give a NaN loss.
     return_stats:    return ``(loss, SDMStats)``.
-    tile_config:     name of a Triton tile variant (``sdm_triton.launch.TILE_CONFIGS``), for benchmarks.
-    workspace_bytes: bound on the per-chunk workspace; memory beyond inputs and gradients is
-                     O(N + M) plus this.
+    kernel_config:   expert knobs of the Triton kernels (``KernelConfig`` or its name), for
+                     benchmarks and tests.
+    workspace_bytes: bound on the large-problem backward's workspace; memory beyond inputs and
+                     gradients is O(N + M) plus O((N + M) D) operands plus this.
     """
-    opts = SDMOptions(kl=kl, eps=eps, direction=direction, combine=combine,
-                      reduction=reduction, normalize=normalize)
+    opts = _options(kl, eps, direction, combine, reduction, normalize)
+    config = _check_call(q, temperature, logit_scale, backend, check_values, return_stats, kernel_config,
+                         workspace_bytes)
     q_ids, g_ids = resolve_ids(q, g, q_ids, g_ids)
     validate_inputs(q, g, q_ids, g_ids, labels, q_mask, g_mask)
-    scale = resolve_scale(temperature, logit_scale, q)
-    if check_values:
-        _check_values(q, g, labels, scale, q_mask, g_mask)
-    tiles = _pick_tiles(backend, q, tile_config)
-    rows = _row_losses(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, opts, tiles, tile_config, workspace_bytes)
-    return _reduce(rows, opts, return_stats, q, g, q_mask, g_mask)
-
-
-def _row_losses(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, opts, tiles, tile_config, workspace_bytes,
-                galleries: int = 1):
-    """(loss_q, loss_g, valid_q, valid_g, pos_q, pos_g) of the per-row losses (q-side [K, N] with K galleries)."""
-    logit_scale_t = scale if isinstance(scale, torch.Tensor) else None
-    scale_value = 0.0 if logit_scale_t is not None else scale
-    if torch.compiler.is_compiling():
-        # torch.compile sees one custom op with a registered backward (no graph break)
-        return ops.sdm_rows(
-            q, g, logit_scale_t, scale_value, q_ids, g_ids, labels, q_mask, g_mask, opts.kl, float(opts.eps),
-            opts.normalize, tiles.name, tile_config or "", int(workspace_bytes), int(galleries))[:6]
-    return SDMRowsFunction.apply(q, g, logit_scale_t, scale_value, q_ids, g_ids, labels, q_mask, g_mask, opts,
-                                 tiles, workspace_bytes, galleries)
-
-
-def _reduce(rows, opts: SDMOptions, return_stats: bool, q, g, q_mask, g_mask):
-    """The returned value from the per-row losses (reduced along the last dim), with SDMStats
-    when asked; ``rows`` = (loss_q, loss_g, valid_q, valid_g, pos_q, pos_g)."""
-    loss_q, loss_g, valid_q, valid_g, pos_q, pos_g = rows
-    out = reduce_rows(
-        loss_q if opts.wants_q2g else None, valid_q if opts.wants_q2g else None,
-        loss_g if opts.wants_g2q else None, valid_g if opts.wants_g2q else None, opts)
-    if not return_stats:
-        return out
-    return out, _stats(q, g, q_mask, g_mask, valid_q, valid_g, pos_q, pos_g)
+    return _compute(q, g, q_ids, g_ids, labels, q_mask, g_mask, temperature, logit_scale, opts, backend,
+                    check_values, return_stats, config, workspace_bytes, galleries=1, scalar=True)
 
 
 def sdm_loss_multi(
@@ -132,7 +112,7 @@ def sdm_loss_multi(
     q_mask: Optional[torch.Tensor] = None,
     g_mask=None,
     temperature: float = 0.02,
-    logit_scale: Optional[torch.Tensor] = None,
+    logit_scale: Union[None, float, torch.Tensor] = None,
     kl: str = "forward",
     eps: float = 1e-8,
     direction: str = "both",
@@ -142,7 +122,7 @@ def sdm_loss_multi(
     backend: str = "auto",
     check_values: bool = False,
     return_stats: bool = False,
-    tile_config: Optional[str] = None,
+    kernel_config: Union[None, str, KernelConfig] = None,
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
 ):
     """SDM losses of one anchor ``q`` [N, D] against K galleries, in one call.
@@ -151,77 +131,105 @@ def sdm_loss_multi(
     (``.sum()`` is ReID5o's total of 15 losses), or for ``reduction="none"`` an SDMRowLosses
     with [K, N] and [K, M] fields. ``gs``: a [K, M, D] tensor or K tensors [M, D]; ``g_ids``,
     ``labels``, ``g_mask``: one shared by all galleries ([M], [N, M], [M]), stacked
-    ([K, M], [K, N, M], [K, M]) or K tensors (``reference.galleries``). Other arguments as
+    ([K, M], [K, N, M], [K, M]) or K tensors (``sdm_triton.galleries``). Other arguments as
     in :func:`sdm_loss`; ``return_stats=True`` also returns an SDMStats whose fields are [K]
-    (one per gallery; the anchor's norms 0-dim).
-
-    The galleries are concatenated into one [K * M, D] problem whose row softmax runs per
-    gallery: the Triton kernels do all K in the launches of one loss (two-pass tile configs;
-    the one-pass ones raise), where K separate calls pay K times the launches and the
-    per-sample preparation.
+    (one per gallery; the anchor's norms 0-dim). The kernels run all K galleries in the
+    launches of one loss.
     """
-    opts = SDMOptions(kl=kl, eps=eps, direction=direction, combine=combine,
-                      reduction=reduction, normalize=normalize)
-    args = split_galleries(gs, g_ids, labels, g_mask)
-    for g_k, ids_k, labels_k, mask_k in zip(*args):
-        validate_inputs(q, g_k, q_ids, ids_k, labels_k, q_mask, mask_k)
-    k_count, m = args.count, args.gs[0].shape[0]
-    g = gs.reshape(k_count * m, -1) if isinstance(gs, torch.Tensor) else torch.cat(args.gs)
-    g_ids_all = torch.cat(args.g_ids) if args.g_ids[0] is not None else None
-    labels_all = torch.cat(args.labels, dim=1) if args.labels[0] is not None else None
-    g_mask_all = None
-    if any(t is not None for t in args.g_mask):
-        g_mask_all = torch.cat([t if t is not None else torch.ones(m, dtype=torch.bool, device=q.device)
-                                for t in args.g_mask])
+    opts = _options(kl, eps, direction, combine, reduction, normalize)
+    config = _check_call(q, temperature, logit_scale, backend, check_values, return_stats, kernel_config,
+                         workspace_bytes)
+    g, g_ids, labels, g_mask, k, per_gallery = stack_galleries(gs, g_ids, labels, g_mask)
+    g0 = per_gallery.gs[0]
+    q_ids, ids0 = resolve_ids(q, g0, q_ids, per_gallery.g_ids[0])
+    if g_ids is None and ids0 is not None:
+        g_ids = ids0                     # the paired-batch default: q_ids shared by every gallery
+    for g_k, ids_k, labels_k, mask_k in zip(*per_gallery):
+        validate_inputs(q, g_k, q_ids, ids_k if ids_k is not None else ids0, labels_k, q_mask, mask_k)
+    return _compute(q, g, q_ids, g_ids, labels, q_mask, g_mask, temperature, logit_scale, opts, backend,
+                    check_values, return_stats, config, workspace_bytes, galleries=k, scalar=False)
+
+
+def _check_call(q, temperature, logit_scale, backend, check_values, return_stats, kernel_config,
+                workspace_bytes) -> KernelConfig:
+    """Every host-visible argument beyond the tensors, checked before any tensor op runs."""
+    if isinstance(q, torch.Tensor):
+        resolve_scale(temperature, logit_scale, q, move=False)
+    dispatch.check_backend_name(backend)
+    validate_flag("check_values", check_values)
+    validate_flag("return_stats", return_stats)
+    validate_workspace_bytes(workspace_bytes)
+    return as_kernel_config(kernel_config)
+
+
+def _compute(q, g, q_ids, g_ids, labels, q_mask, g_mask, temperature, logit_scale, opts, backend,
+             check_values, return_stats, config, workspace_bytes, galleries, scalar):
     scale = resolve_scale(temperature, logit_scale, q)
-    if check_values:
-        _check_values(q, g, labels_all, scale)
-    tiles = _pick_tiles(backend, q, tile_config)
-    rows = _row_losses(q, g, q_ids, g_ids_all, labels_all, q_mask, g_mask_all, scale, opts, tiles, tile_config,
-                       workspace_bytes, galleries=k_count)
-    # one row of losses per gallery on both sides (the q side comes back [N] when K = 1)
-    rows = [t.view(k_count, -1) for t in rows]
-    g_mask_k = g_mask_all.view(k_count, m) if g_mask_all is not None else None
-    return _reduce(rows, opts, return_stats, q, g.reshape(k_count, m, -1), q_mask, g_mask_k)
+    scale_t = scale if isinstance(scale, torch.Tensor) else None
+    scale_value = float(scale) if scale_t is None else 0.0
+    if torch.compiler.is_compiling():
+        # the graph gets the operator (ops.py); the backend is resolved when it is traced
+        dispatch.check_backend_name(backend)
+        from . import ops
+        value, rows, valid, red, _ = ops.sdm_forward_op(
+            q, g, q_ids, g_ids, labels, q_mask, g_mask, scale_t, scale_value, opts.kl, float(opts.eps),
+            opts.direction, opts.combine, opts.reduction, opts.normalize, backend, config.name(), workspace_bytes,
+            galleries, scalar, return_stats)
+    else:
+        be = dispatch.pick_backend(backend, q)
+        if check_values:
+            _check_values(q, g, labels, scale, q_mask, g_mask)
+        p = Problem(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale_t, scale_value, opts, config, workspace_bytes,
+                    galleries, scalar, return_stats)
+        value, rows, valid, red = SDMFunction.apply(q, g, scale_t, p, be)
+    return _result(opts, q.shape[0], g.shape[-2], galleries, scalar, return_stats, value, rows, valid, red)
 
 
-def _masked_mean_max(x: torch.Tensor, keep: Optional[torch.Tensor]):
-    """Mean and max of ``x`` over its last dim, over the kept entries (0 where none is kept)."""
-    x = x.detach().float()
-    if keep is None:
-        return x.mean(-1), x.amax(-1)
-    kept = torch.where(keep, x, torch.zeros_like(x))
-    return kept.sum(-1) / keep.sum(-1).clamp_min(1), kept.amax(-1)
+def _result(o: SDMOptions, n: int, m: int, k: int, scalar: bool, return_stats: bool, value, rows, valid, red):
+    """What the caller asked for, as views of the backend's outputs (module doc)."""
+    if o.reduction != "none" and not return_stats:
+        return value
+    q_shape, g_shape = ((n,), (m,)) if scalar else ((k, n), (k, m))
+    out = value
+    if o.reduction == "none":
+        q2g, q2g_ok = rows[:k * n].view(q_shape), valid[:k * n].view(q_shape)
+        g2q, g2q_ok = rows[k * n:].view(g_shape), valid[k * n:].view(g_shape)
+        out = SDMRowLosses(q2g if o.wants_q2g else None, g2q if o.wants_g2q else None,
+                           q2g_ok if o.wants_q2g else None, g2q_ok if o.wants_g2q else None)
+    if not return_stats:
+        return out
+    return out, _stats(scalar, red)
 
 
-def _stats(q, g, q_mask, g_mask, valid_q, valid_g, pos_q, pos_g) -> SDMStats:
-    """SDMStats along the last dim: 0-dim fields, or [K] ones for K galleries (g [K, M, D],
-    g_mask and the rows' tensors [K, rows]; q's norms stay 0-dim: one anchor)."""
-    nq = torch.linalg.vector_norm(q.detach().float(), dim=-1)
-    ng = torch.linalg.vector_norm(g.detach().float(), dim=-1)
-    q_mean, q_max = _masked_mean_max(nq, q_mask)
-    g_mean, g_max = _masked_mean_max(ng, g_mask)
-    n_q, n_g = valid_q.sum(-1), valid_g.sum(-1)
+def _stats(scalar: bool, red) -> SDMStats:
+    red = red.detach()
+    one = (lambda x: x[0]) if scalar else (lambda x: x)
+    n_q, n_g = red[1].to(torch.int64), red[3].to(torch.int64)
     return SDMStats(
-        valid_q2g=n_q, valid_g2q=n_g,
-        pos_prob_q2g=pos_q.sum(-1) / n_q.clamp_min(1), pos_prob_g2q=pos_g.sum(-1) / n_g.clamp_min(1),
-        q_norm_mean=q_mean, q_norm_max=q_max, g_norm_mean=g_mean, g_norm_max=g_max)
+        valid_q2g=one(n_q), valid_g2q=one(n_g),
+        pos_prob_q2g=one(red[4] / red[1].clamp_min(1)), pos_prob_g2q=one(red[5] / red[3].clamp_min(1)),
+        q_norm_mean=red[6, 0], q_norm_max=red[7, 0], g_norm_mean=one(red[8]), g_norm_max=one(red[9]))
 
 
 class SDMLoss(torch.nn.Module):
-    """``nn.Module`` over :func:`sdm_loss`, holding its options."""
+    """``nn.Module`` over :func:`sdm_loss`, holding its options (validated at construction)."""
 
     def __init__(self, *, temperature: float = 0.02, kl: str = "forward", eps: float = 1e-8,
                  direction: str = "both", combine: str = "mean", reduction: str = "mean",
-                 normalize: bool = True, backend: str = "auto"):
+                 normalize: bool = True, backend: str = "auto", check_values: bool = False,
+                 kernel_config: Union[None, str, KernelConfig] = None,
+                 workspace_bytes: int = DEFAULT_WORKSPACE_BYTES):
         super().__init__()
-        SDMOptions(kl=kl, eps=eps, direction=direction, combine=combine, reduction=reduction,
-                   normalize=normalize)  # fail early on bad options
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+        _options(kl, eps, direction, combine, reduction, normalize)       # fail early on bad options
+        resolve_scale(temperature, None, torch.empty(0))
+        dispatch.check_backend_name(backend)
+        validate_flag("check_values", check_values)
+        as_kernel_config(kernel_config)
+        validate_workspace_bytes(workspace_bytes)
         self.temperature = temperature
         self.options = dict(kl=kl, eps=eps, direction=direction, combine=combine, reduction=reduction,
-                            normalize=normalize, backend=backend)
+                            normalize=normalize, backend=backend, check_values=check_values,
+                            kernel_config=kernel_config, workspace_bytes=workspace_bytes)
 
     def forward(self, q, g, q_ids=None, g_ids=None, *, labels=None, q_mask=None, g_mask=None,
                 logit_scale=None, return_stats=False):
@@ -230,25 +238,20 @@ class SDMLoss(torch.nn.Module):
                         return_stats=return_stats, **self.options)
 
     def extra_repr(self):
-        return f"temperature={self.temperature}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        shown = {k: v for k, v in self.options.items() if k not in ("kernel_config", "workspace_bytes")}
+        return f"temperature={self.temperature}, " + ", ".join(f"{k}={v!r}" for k, v in shown.items())
 
 
-__all__ = ["sdm_loss", "sdm_loss_multi", "SDMLoss", "SDMStats", "SDMRowLosses", "BACKENDS"]
+def describe_path(q, g, backend: str = "auto", **kwargs) -> str:
+    """Which implementation ``sdm_loss(q, g, ..., backend=backend)`` runs (for benchmark notes)."""
+    be = dispatch.pick_backend(backend, q)
+    if be.name != "triton":
+        return be.name
+    from .launch import describe_path as triton_path
+    k = kwargs.get("galleries", 1)
+    p = Problem(q, g, None, None, None, None, None, None, 1.0, _options("forward", 1e-8, "both", "mean", "mean", True),
+                as_kernel_config(kwargs.get("kernel_config")), DEFAULT_WORKSPACE_BYTES, k, True, False)
+    return triton_path(p)
 
 
-def reduce_rows(loss_q2g, valid_q2g, loss_g2q, valid_g2q, opts: SDMOptions):
-    """Reduce per-row losses (invalid rows already 0) along the last dim to the returned value."""
-    if opts.reduction == "none":
-        return SDMRowLosses(loss_q2g, loss_g2q, valid_q2g, valid_g2q)
-    parts = []
-    for loss, valid in ((loss_q2g, valid_q2g), (loss_g2q, valid_g2q)):
-        if loss is None:
-            continue
-        total = loss.sum(-1)
-        if opts.reduction == "mean":
-            total = total / valid.sum(-1).clamp_min(1).to(loss.dtype)
-        parts.append(total)
-    if len(parts) == 1:
-        return parts[0]
-    out = parts[0] + parts[1]
-    return 0.5 * out if opts.combine == "mean" else out
+__all__ = ["sdm_loss", "sdm_loss_multi", "SDMLoss", "SDMStats", "SDMRowLosses", "BACKENDS", "describe_path"]

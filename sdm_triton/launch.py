@@ -1,25 +1,17 @@
-"""Launchers for the Triton tile kernels: block sizes, workspaces, grids.
+"""The Triton backend: tile shapes, grids and allocations around the kernels of `kernels/`.
 
-`TritonTiles` implements the two primitives the autograd layer drives, for the
-columns [c0, c1) of one chunk:
+Launches of one forward + backward:
 
-    stats(...) -> (row statistics [5, N] over the chunk, column statistics [5, c1 - c0])
-    grad(...)  -> (workspace W [N, P * (c1 - c0)] of P parts, P, per-row sum dS * cos or None)
+    forward    prep (norms, label masses) -> stats (online softmax statistics, both directions,
+               column segments when the row blocks alone would leave the GPU idle) -> finish
+               (merge, per-row losses, reduction): 3 launches, whatever the size.
+    backward   "fused": 1 launch (u accumulated in registers over all of D; small problems),
+               "chunked": weights, operands, then per column chunk a W kernel, cuBLAS products
+               and the input-gradient kernel (large problems; workspace bounded by
+               ``workspace_bytes``).
 
-Statistics come from one of two kernels (`TileConfig.two_pass`): the two-pass kernel
-(`kernels/direction_stats.py`, one direction per launch, online statistics over all
-columns, no partials: the chunk is every column) or the one-pass tile kernel
-(`kernels/tile_stats.py`, both directions per tile, partials merged per chunk). Unless
-the variant fuses the dot product into the kernels, the one-pass and grad kernels
-read the chunk's raw dot products from a cuBLAS product (fp32, `matmul.mm_f32`).
-
-Galleries: when the row side's label vectors have a leading dimension K
-(``a.inv_ysum`` [K, N], `prepare.prepare_sides(galleries=K)`), the columns are K
-galleries of equal width, each with its own row softmax: row statistics come back
-[5, K, N]. The two-pass statistics kernel and the grad kernel handle that
-themselves (one launch for all K); the one-pass kernel does not.
-
-`sdm_triton/torch_backend.py` implements the same two in plain torch.
+Tile shapes: `KernelConfig` fields given by the caller win; otherwise `_tiles` picks by size
+(measured on an H200, bench/NOTES.md), and fixed small tiles under the CPU interpreter.
 """
 
 from __future__ import annotations
@@ -27,16 +19,39 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from typing import Optional, Tuple
 
 import torch
 import triton
 
-from .kernels.direction_stats import _sdm_direction_stats_kernel
-from .kernels.tile_grad import _sdm_tile_grad_kernel
-from .kernels.merge_stats import _sdm_merge_stats_kernel
-from .kernels.tile_stats import _sdm_tile_stats_kernel
-from .matmul import mm_f32
-from .stats import NUM_STATS
+from .backend import NUM_RED, ForwardOut, reduction_coefficients
+from .kernels.finish import _finish_kernel
+from .kernels.grad import (
+    _fused_grad_kernel,
+    _grad_chunk_kernel,
+    _input_grad_kernel,
+    _operand_kernel,
+    _weights_kernel,
+)
+from .kernels.prep import _prep_kernel
+from .kernels.stats import NUM_STATS, _stats_kernel
+from .matmul import addmm_f32, mm_f32
+from .problem import Problem
+
+try:   # under a torch.library.triton_op (ops.py) the launches are traced; otherwise the kernel itself
+    from torch.library import wrap_triton as _traceable
+except ImportError:   # PyTorch < 2.6: eager launches only
+    def _traceable(kernel):
+        return kernel
+
+_HALF = {torch.float16: triton.language.float16, torch.bfloat16: triton.language.bfloat16,
+         torch.float32: triton.language.float32}
+
+#: The fused backward keeps u [BLOCK_M, D] in registers: used up to this padded D.
+FUSED_MAX_D = 512
+#: ... and while the problem is small: the fused kernel runs each side's rows against all
+#: columns with small tiles; above this many logits (N * K * M) the chunked path is faster.
+FUSED_MAX_LOGITS = 2**23
 
 
 def interpreting() -> bool:
@@ -44,69 +59,97 @@ def interpreting() -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class TileConfig:
-    """A kernel variant: tile shape and launch parameters (selectable by name in bench/)."""
-
-    block_m: int = 64
-    block_n: int = 64
-    block_k: int = 64       # only used when fused_dot; 0: one tl.dot over all of D, the rows'
-                            # features loaded once per program (two-pass stats and grad kernels)
-    num_warps: int = 4
-    num_stages: int = 1
-    fused_dot: bool = False  # True: tl.dot in the kernels; False: read a cuBLAS fp32 dot chunk
-    two_pass: bool = False   # statistics: one launch per direction (implies tl.dot in that kernel)
-    loop_flatten: bool = False     # two-pass statistics: tl.range(flatten=True) over the column loop
-    warp_specialize: bool = False  # two-pass statistics: tl.range(warp_specialize=True)
-
-
-#: Named variants; "default" is what the library uses. bench/NOTES.md has the measurements
-#: behind the choice (H100, D = 512, bf16, N = M = 32768, fwd + bwd): two-pass 64x64 K-loop
-#: 44.0 ms; one-pass 128x64 57.4; two-pass 128x64 72.4; ONE_K m128n32 44.2, m64n32 55.4;
-#: loop-flattened 55.5; warp-specialised m128n64w8 50.7 (m64n64w4 does not compile with
-#: Triton 3.6); the cuBLAS-chunk variants were launch-bound on an H200 (NOTES §2).
-TILE_CONFIGS = {
-    "default": TileConfig(64, 64, 64, 4, 3, fused_dot=True, two_pass=True),
-    "twopass_m64n32k0w4s2": TileConfig(64, 32, 0, 4, 2, fused_dot=True, two_pass=True),
-    "twopass_m128n32k0w8s1": TileConfig(128, 32, 0, 8, 1, fused_dot=True, two_pass=True),
-    "twopass_m64n64w4_flat": TileConfig(64, 64, 64, 4, 3, fused_dot=True, two_pass=True, loop_flatten=True),
-    "twopass_m128n64w8_ws": TileConfig(128, 64, 64, 8, 3, fused_dot=True, two_pass=True, warp_specialize=True),
-    "twopass_m128n64w4": TileConfig(128, 64, 64, 4, 3, fused_dot=True, two_pass=True),
-    "onepass_m128n64w4": TileConfig(128, 64, 64, 4, 3, fused_dot=True),
-    "onepass_m64n64w4": TileConfig(64, 64, 64, 4, 3, fused_dot=True),
-    "cublas_m64n64w4": TileConfig(),
-    "cublas_m32n128w4": TileConfig(32, 128, 64, 4, 1),
-    # small tiles for the CPU interpreter, one per statistics kernel / dot path
-    "interpreter": TileConfig(16, 16, 16, 1, 1, fused_dot=True, two_pass=True),
-    "interpreter_onek": TileConfig(16, 16, 0, 1, 1, fused_dot=True, two_pass=True),
-    "interpreter_onepass": TileConfig(16, 16, 16, 1, 1, fused_dot=True),
-    "interpreter_cublas": TileConfig(16, 16, 16, 1, 1),
-}
-
-
-#: On-chip bytes the ONE_K kernels may plan for the rows' features and the pipelined column
-#: tiles (an H100 / H200 block may use 227 KiB of shared memory; the rest is the epilogue's
-#: layout conversions, which needed ~64 KiB at 64x64 tiles, D = 512).
-ONE_K_SMEM_BYTES = 160 * 1024
+class Tiles:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs follow torch's matmul precision: TF32 only when the caller allowed it."""
     if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
         return "tf32"
     return "ieee"
 
 
-class TritonTiles:
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs that fill the GPU (two per SM); a handful under the interpreter, so that small
+    test cases still cut their columns into segments."""
+    if device.type != "cuda":
+        return 4
+    return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _merge(cfg, default: Tiles) -> Tiles:
+    return Tiles(cfg.block_m or default.block_m, cfg.block_n or default.block_n,
+                 cfg.block_k or default.block_k, cfg.num_warps or default.num_warps,
+                 cfg.num_stages or default.num_stages)
+
+
+def _stats_tiles(p: Problem) -> Tiles:
+    if interpreting():
+        return _merge(p.config, Tiles(16, 16, 16, 1, 1))
+    logits = p.n * p.galleries * p.m
+    if logits >= 2**24:
+        default = Tiles(128, 128, 64, 8, 3)
+    elif logits >= 2**20:
+        default = Tiles(64, 64, 64, 4, 3)
+    else:
+        default = Tiles(32, 32, 64, 4, 2)
+    return _merge(p.config, default)
+
+
+def _fused_tiles(p: Problem, block_d: int) -> Tiles:
+    if interpreting():
+        return _merge(p.config, Tiles(16, 16, block_d, 1, 1))
+    block_m = 16 if block_d >= 256 else 32
+    return _merge(p.config, Tiles(block_m, 32, block_d, 4, 1))
+
+
+def _chunk_tiles(p: Problem) -> Tiles:
+    if interpreting():
+        return _merge(p.config, Tiles(16, 16, 16, 1, 1))
+    return _merge(p.config, Tiles(128, 128, 64, 8, 3))
+
+
+def backward_path(p: Problem) -> str:
+    """"fused" or "chunked" (module doc): the caller's KernelConfig.backward, else by size."""
+    if p.config.backward != "auto":
+        return p.config.backward
+    block_d = max(16, triton.next_power_of_2(p.d))
+    small = p.n * p.galleries * p.m <= FUSED_MAX_LOGITS
+    return "fused" if (block_d <= FUSED_MAX_D and small) else "chunked"
+
+
+def _side_args(p: Problem) -> dict:
+    """The tensors of the problem and their strides, as every kernel names them."""
+    sg_gal, sg_row, sg_d = p.g_strides()
+    s_gid_gal, s_gid = p.g_ids_strides()
+    s_gmsk_gal, s_gmsk = p.g_mask_strides()
+    sl_q, sl_gal, sl_g = p.label_strides()
+    return dict(
+        q_ptr=p.q, sq_row=p.q.stride(0), sq_d=p.q.stride(1), g_ptr=p.g, sg_gal=sg_gal, sg_row=sg_row, sg_d=sg_d,
+        q_msk=p.q_mask, s_qmsk=p.q_mask.stride(0) if p.q_mask is not None else 0,
+        g_msk=p.g_mask, s_gmsk_gal=s_gmsk_gal, s_gmsk=s_gmsk,
+        q_ids=p.q_ids, s_qid=p.q_ids.stride(0) if p.q_ids is not None else 0,
+        g_ids=p.g_ids, s_gid_gal=s_gid_gal, s_gid=s_gid,
+        lab=p.labels, sl_q=sl_q, sl_gal=sl_gal, sl_g=sl_g)
+
+
+class TritonBackend:
+    """`backend.Backend` with the Triton kernels (CUDA tensors, or CPU ones under TRITON_INTERPRET=1)."""
+
     name = "triton"
 
-    def __init__(self, config: TileConfig | None = None, config_name: str | None = None):
-        if config is None:
-            config_name = "interpreter" if interpreting() else "default"
-            config = TILE_CONFIGS[config_name]
-        self.config = config
-        self.config_name = config_name or "custom"
-
     @staticmethod
-    def check_supported(q: torch.Tensor):
+    def check_supported(q: torch.Tensor) -> None:
         if q.dtype == torch.float64:
             raise TypeError("backend='triton' supports float32, bfloat16 and float16 features; "
                             "use backend='torch' (or 'auto') for float64")
@@ -114,197 +157,187 @@ class TritonTiles:
             raise ValueError(f"backend='triton' needs CUDA tensors (got {q.device}); use backend='torch' "
                              "on CPU, or set TRITON_INTERPRET=1 before importing triton to interpret the kernels")
 
-    def gemm_dtype(self, dtype: torch.dtype):
-        """dtype of the backward products: the input dtype (W split hi + lo in it, the features
-        exact in it after a power-of-two row scaling; kernels/tile_grad.py); None for fp32."""
-        return dtype if dtype in (torch.float16, torch.bfloat16) else None
+    # ----------------------------------------------------------------------------- forward
+    def forward(self, p: Problem) -> ForwardOut:
+        n, m, k, d = p.n, p.m, p.galleries, p.d
+        nr, ndr = p.num_samples, p.num_rows
+        dev, f32 = p.q.device, torch.float32
+        o = p.options
+        args = _side_args(p)
+        upcast = interpreting() and p.q.dtype == torch.bfloat16
+        t = _stats_tiles(p)
+        buf = torch.empty(3 * nr + 2 * ndr, dtype=f32, device=dev)
+        pre, lab = buf[:3 * nr], buf[3 * nr:]
+        n_qp = triton.cdiv(n, t.block_m) * k
+        n_gp = k * triton.cdiv(m, t.block_m)
+        _traceable(_prep_kernel)[(n_qp + n_gp,)](
+            **args, pre_ptr=pre, lab_ptr=lab, N=n, M=m, K=k, n_q_programs=n_qp, D=d,
+            NORMALIZE=o.normalize, DENSE=p.dense, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+            BLOCK_K=min(t.block_k, max(16, triton.next_power_of_2(d))), num_warps=4)
 
-    def chunk_columns(self, kind: str, n_rows: int, n_cols: int, dtype: torch.dtype, budget_bytes: int) -> int:
-        """Columns per chunk so that the chunk's workspace stays within ``budget_bytes``."""
-        cfg = self.config
-        if kind == "stats" and cfg.two_pass:
-            return n_cols           # O(N + M) statistics: one chunk
-        per_col = 0 if cfg.fused_dot else 4 * n_rows                 # fp32 dot chunk [N, C]
-        if kind == "grad":            # + the workspace W [N, C]: fp32, or hi + lo halves
-            per_col += 4 * n_rows
-        else:                # + row and column partials (fp32) and their merge temporaries
-            per_col += 3 * NUM_STATS * 4 * (triton.cdiv(n_rows, cfg.block_n) + triton.cdiv(n_rows, cfg.block_m))
-        cols = max(cfg.block_n, (budget_bytes // max(1, per_col)) // cfg.block_n * cfg.block_n)
-        return min(cols, triton.cdiv(n_cols, cfg.block_n) * cfg.block_n)
+        # column segments: enough programs to fill the GPU, each walking >= one column tile
+        base = n_qp + n_gp
+        segs = max(1, min(p.config.segments or triton.cdiv(_target_programs(dev), base),
+                          triton.cdiv(max(n, m), t.block_n)))
+        seg_q = triton.cdiv(triton.cdiv(m, segs), t.block_n) * t.block_n
+        seg_g = triton.cdiv(triton.cdiv(n, segs), t.block_n) * t.block_n
+        s_q, s_g = triton.cdiv(m, seg_q), triton.cdiv(n, seg_g)
+        part = torch.empty((max(s_q, s_g), NUM_STATS, ndr), dtype=f32, device=dev)
+        want_pos = p.return_stats or (o.reverse and not p.dense)
+        _traceable(_stats_kernel)[(n_qp * s_q + n_gp * s_g,)](
+            **args, pre_ptr=pre, lab_ptr=lab, scale_ptr=p.scale, out_ptr=part,
+            N=n, M=m, K=k, n_q_programs=n_qp * s_q, seg_cols_q=seg_q, seg_cols_g=seg_g, D=d,
+            scale_value=p.scale_value, eps=o.eps, REVERSE=o.reverse, DENSE=p.dense, WANT_POS=want_pos,
+            UPCAST=upcast, DOT_PRECISION=_dot_precision(p.q.dtype),
+            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+            num_warps=t.num_warps, num_stages=t.num_stages)
 
-    def _common(self, a, b, labels, scale_t, c0, c1):
-        cfg = self.config
-        dense = labels is not None
-        fp32 = a.feats.dtype == torch.float32
-        upcast = interpreting() and a.feats.dtype == torch.bfloat16
-        lab = labels if dense else a.inv_norm  # any tensor: unused when not DENSE
-        if lab.dtype == torch.bool:
-            lab = lab.view(torch.uint8)
-        ids_a = a.ids if not dense else a.inv_norm
-        ids_b = b.ids if not dense else b.inv_norm
-        # raw dot products of the chunk, fp32 (exact products of half inputs, fp32 accumulation)
-        dot = a.inv_norm if cfg.fused_dot else mm_f32(a.feats, b.feats[c0:c1].T)
-        grid = (triton.cdiv(a.feats.shape[0], cfg.block_m), triton.cdiv(c1 - c0, cfg.block_n))
-        args = (a.feats, b.feats, dot, a.inv_norm, b.inv_norm, scale_t, ids_a, ids_b, lab,
-                a.present.view(torch.uint8), b.present.view(torch.uint8), a.inv_ysum.contiguous(), b.inv_ysum)
-        strides = (a.feats.stride(0), a.feats.stride(1), b.feats.stride(0), b.feats.stride(1),
-                   dot.stride(0) if not cfg.fused_dot else 0, dot.stride(1) if not cfg.fused_dot else 0,
-                   lab.stride(0) if dense else 0, lab.stride(1) if dense else 0)
-        flags = dict(DENSE=dense, FUSED_DOT=cfg.fused_dot, IS_FP32=fp32 or upcast,
-                     DOT_PRECISION=_dot_precision(a.feats.dtype), UPCAST=upcast,
-                     BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k or 64,
-                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        return grid, args, strides, flags
+        value = torch.empty(() if p.scalar_value else (k,), dtype=f32, device=dev)
+        rows = torch.empty(ndr, dtype=f32, device=dev)
+        valid = torch.empty(ndr, dtype=torch.bool, device=dev)
+        saved = torch.empty(3 * ndr, dtype=f32, device=dev)
+        red = torch.empty((NUM_RED, k), dtype=f32, device=dev)
+        _traceable(_finish_kernel)[(1,)](
+            part_ptr=part, pre_ptr=pre, lab_ptr=lab, q_msk=args["q_msk"], s_qmsk=args["s_qmsk"],
+            g_msk=args["g_msk"], s_gmsk_gal=args["s_gmsk_gal"], s_gmsk=args["s_gmsk"], scale_ptr=p.scale,
+            rows_ptr=rows, valid_ptr=valid, saved_ptr=saved, red_ptr=red, value_ptr=value,
+            N=n, M=m, K=k, S_q=s_q, S_g=s_g, scale_value=p.scale_value, eps=o.eps,
+            REVERSE=o.reverse, DENSE=p.dense, WANT_Q2G=o.wants_q2g, WANT_G2Q=o.wants_g2q,
+            MEAN=o.reduction == "mean", COMBINE_MEAN=o.combine == "mean", STATS=p.return_stats,
+            WANT_POS=want_pos, BLOCK=16 if interpreting() else 1024, num_warps=4)
+        return ForwardOut(value, rows, valid, red, (buf, saved))
 
-    def stats(self, a, b, labels, scale_t, c0, c1, reverse, eps):
-        if a.galleries > 1 and not self.config.two_pass:
-            raise ValueError(f"tile config {self.config_name!r} (one-pass statistics) does not support several "
-                             "galleries; use a two-pass config such as 'default'")
-        if self.config.two_pass:
-            n = a.feats.shape[0]
-            rows = self._direction_stats(a, b, labels, False, scale_t, (0, n), (c0, c1), reverse, eps)
-            cols = self._direction_stats(b, a, labels, True, scale_t, (c0, c1), (0, n), reverse, eps)
-            return rows, cols
-        grid, args, strides, flags = self._common(a, b, labels, scale_t, c0, c1)
-        n = a.feats.shape[0]
-        dev = a.feats.device
-        row_part = torch.empty((NUM_STATS, grid[1], n), dtype=torch.float32, device=dev)
-        col_part = torch.empty((NUM_STATS, grid[0], c1 - c0), dtype=torch.float32, device=dev)
-        _sdm_tile_stats_kernel[grid](
-            *args, row_part, col_part,
-            n, c0, c1, a.feats.shape[1], *strides,
-            row_part.stride(0), row_part.stride(1), col_part.stride(0), col_part.stride(1),
-            float(eps), REVERSE=reverse, **flags)
-        return self.merge(row_part, reverse), self.merge(col_part, reverse)
+    # ----------------------------------------------------------------------------- backward
+    def backward(self, p: Problem, out: ForwardOut, d_value, d_rows, want):
+        # autograd may hand over expanded (stride-0) gradients: the kernels index them densely
+        if d_value is not None:
+            d_value = d_value.contiguous()
+        if d_rows is not None:
+            d_rows = d_rows.contiguous()
+        if backward_path(p) == "fused":
+            return self._fused_backward(p, out, d_value, d_rows, want)
+        return self._chunked_backward(p, out, d_value, d_rows, want)
 
-    def _direction_stats(self, a, b, labels, transposed, scale_t, rows, cols, reverse, eps):
-        """Statistics [5, r1 - r0] of rows [r0, r1) of side ``a`` over columns [c0, c1) of side ``b``.
+    def _common(self, p: Problem, out: ForwardOut):
+        buf, saved = out.state
+        o = p.options
+        coef_q, coef_g = reduction_coefficients(p)
+        dtype = p.q.dtype
+        upcast = interpreting() and dtype == torch.bfloat16
+        flags = dict(REVERSE=o.reverse, DENSE=p.dense, HALF=_HALF[dtype], IS_FP32=dtype == torch.float32,
+                     UPCAST=upcast, DOT_PRECISION=_dot_precision(dtype))
+        return buf, saved, coef_q, coef_g, flags
 
-        ``transposed``: ``a`` is the gallery side, so dense labels are read as labels.T.
-        The columns are cut into segments (merged afterwards) only when the row blocks
-        alone would leave SMs idle.
-        """
-        cfg = self.config
-        (r0, r1), (c0, c1) = rows, cols
-        n_rows = r1 - r0
-        dev = a.feats.device
-        row_blocks = triton.cdiv(n_rows, cfg.block_m)
-        gals = a.galleries
-        gal_cols = (c1 - c0) // gals
-        segs, seg_cols = self._groups(n_rows, gal_cols, gals, dev)
-        dense = labels is not None
-        lab = labels if dense else a.inv_norm
-        if lab.dtype == torch.bool:
-            lab = lab.view(torch.uint8)
-        stride_lm, stride_ln = (0, 0) if not dense else (
-            (lab.stride(1), lab.stride(0)) if transposed else (lab.stride(0), lab.stride(1)))
-        upcast = interpreting() and a.feats.dtype == torch.bfloat16
-        inv_ysum = a.inv_ysum.contiguous()
-        out = torch.empty((NUM_STATS, segs, gals, n_rows), dtype=torch.float32, device=dev)
-        _sdm_direction_stats_kernel[(row_blocks, gals * segs)](
-            a.feats, b.feats, a.inv_norm, b.inv_norm, scale_t,
-            a.ids if not dense else a.inv_norm, b.ids if not dense else b.inv_norm, lab,
-            a.present.view(torch.uint8), b.present.view(torch.uint8), inv_ysum,
-            out,
-            r0, r1, c0, c1, max(1, gal_cols), seg_cols, segs, a.feats.shape[1],
-            a.feats.stride(0), a.feats.stride(1), b.feats.stride(0), b.feats.stride(1),
-            stride_lm, stride_ln, inv_ysum.stride(0) if gals > 1 else 0,
-            out.stride(0), out.stride(1), out.stride(2),
-            float(eps),
-            DENSE=dense, REVERSE=reverse, ONE_K=self._one_k(a.feats), LOOP_FLATTEN=cfg.loop_flatten,
-            WARP_SPECIALIZE=cfg.warp_specialize, IS_FP32=a.feats.dtype == torch.float32 or upcast,
-            DOT_PRECISION=_dot_precision(a.feats.dtype), UPCAST=upcast,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=self._block_k(a.feats),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        merged = out[:, 0] if segs == 1 else self.merge(out.view(NUM_STATS, segs, gals * n_rows), reverse)
-        return merged.view(NUM_STATS, gals, n_rows) if gals > 1 else merged.view(NUM_STATS, n_rows)
+    def _fused_backward(self, p: Problem, out: ForwardOut, d_value, d_rows, want):
+        want_q, want_g, want_scale = want
+        n, m, k, d = p.n, p.m, p.galleries, p.d
+        dev = p.q.device
+        buf, saved, coef_q, coef_g, flags = self._common(p, out)
+        block_d = max(16, triton.next_power_of_2(d))
+        t = _fused_tiles(p, block_d)
+        n_qp = triton.cdiv(n, t.block_m) if (want_q or want_scale) else 0
+        n_gp = k * triton.cdiv(m, t.block_m) if want_g else 0
+        dq = torch.empty(p.q.shape, dtype=p.q.dtype, device=dev) if n_qp else None
+        dg = torch.empty(p.g.shape, dtype=p.g.dtype, device=dev) if n_gp else None
+        dsp = torch.empty(n_qp, dtype=torch.float32, device=dev) if want_scale else None
+        _traceable(_fused_grad_kernel)[(n_qp + n_gp,)](
+            **_side_args(p), pre_ptr=buf, saved_ptr=saved, rows_ptr=out.rows, red_ptr=out.red,
+            scale_ptr=p.scale, dv_ptr=d_value, drows_ptr=d_rows,
+            dq_ptr=dq, sdq_row=d, sdq_d=1, dg_ptr=dg, sdg_row=d, sdg_d=1, dscale_ptr=dsp,
+            N=n, M=m, K=k, n_q_programs=n_qp, D=d, scale_value=p.scale_value, eps=p.options.eps,
+            coef_q=coef_q, coef_g=coef_g, MEAN=p.options.reduction == "mean", NORMALIZE=p.options.normalize,
+            WANT_DSCALE=want_scale, SCALE_W=p.q.dtype == torch.float16, **flags,
+            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=block_d, num_warps=t.num_warps,
+            num_stages=t.num_stages)
+        return (dq if want_q else None), dg, (dsp.sum() if want_scale else None)
 
-    def _one_k(self, feats: torch.Tensor) -> bool:
-        """Whether the rows' features over all of D fit on chip beside the pipelined column tiles
-        (block_k = 0 asks for it; fp32 inputs and large D fall back to the K loop)."""
-        cfg = self.config
-        if not (cfg.fused_dot and cfg.block_k == 0):
-            return False
-        size = 4 if feats.dtype == torch.float32 or interpreting() else feats.element_size()
-        d_pad = max(16, triton.next_power_of_2(feats.shape[1]))
-        return (cfg.block_m + max(1, cfg.num_stages) * cfg.block_n) * d_pad * size <= ONE_K_SMEM_BYTES
+    def _chunked_backward(self, p: Problem, out: ForwardOut, d_value, d_rows, want):
+        want_q, want_g, want_scale = want
+        n, m, k, d = p.n, p.m, p.galleries, p.d
+        nr, ndr = p.num_samples, p.num_rows
+        dev, f32, dtype = p.q.device, torch.float32, p.q.dtype
+        buf, saved, coef_q, coef_g, flags = self._common(p, out)
+        args = _side_args(p)
+        split = dtype != torch.float32
+        t = _chunk_tiles(p)
+        small = 16 if interpreting() else 64
 
-    def _block_k(self, feats: torch.Tensor) -> int:
-        """BLOCK_K of the two-pass and grad kernels: all of D (a power of two >= 16) when ONE_K."""
-        if self._one_k(feats):
-            return max(16, triton.next_power_of_2(feats.shape[1]))
-        return self.config.block_k or 64
+        w = torch.empty(ndr, dtype=f32, device=dev)
+        _traceable(_weights_kernel)[(k,)](saved_ptr=saved, dv_ptr=d_value, drows_ptr=d_rows, red_ptr=out.red, w_ptr=w,
+                              N=n, M=m, K=k, coef_q=coef_q, coef_g=coef_g, MEAN=p.options.reduction == "mean",
+                              BLOCK=small * 16 if not interpreting() else 16)
+        # fp16 workspaces: divide W by the largest weight (dS stays O(1), inside fp16's range)
+        gmax = w.abs().amax().clamp_min(torch.finfo(f32).tiny).reshape(1) if dtype == torch.float16 else None
 
-    def _groups(self, n_rows: int, n_cols: int, n_segments: int, device) -> tuple:
-        """(programs per segment, columns per program) for rows x ``n_segments`` segments of
-        ``n_cols`` columns (galleries): enough programs to fill the GPU, each looping over
-        its share of one segment's column tiles."""
-        cfg = self.config
-        row_blocks = triton.cdiv(n_rows, cfg.block_m)
-        col_tiles = max(1, triton.cdiv(n_cols, cfg.block_n))
-        groups = min(col_tiles, triton.cdiv(self._target_programs(device), row_blocks * n_segments))
-        group_cols = triton.cdiv(col_tiles, groups) * cfg.block_n
-        return max(1, triton.cdiv(n_cols, group_cols)), group_cols
+        gemm_dtype = dtype if split else f32
+        q_op = self._operand(p.q, (0, *p.q.stride()), p.q_mask, (0, args["s_qmsk"]), buf, nr, 0, 1, n, gemm_dtype)
+        g_op = self._operand(p.g, p.g_strides(), p.g_mask, p.g_mask_strides(), buf, nr, n, k, m, gemm_dtype)
+
+        u_q = torch.zeros((n, d), dtype=f32, device=dev) if want_q else None
+        dg = torch.empty(p.g.shape, dtype=dtype, device=dev) if want_g else None
+        d_scale = torch.zeros((), dtype=f32, device=dev) if want_scale else None
+        per_col = n * (4 if not split else 2 * 2)
+        width = max(t.block_n, min(triton.cdiv(m, t.block_n) * t.block_n,
+                                   p.workspace_bytes // per_col // t.block_n * t.block_n))
+        parts = 2 if split else 1
+        ws = torch.empty((n, parts * width), dtype=gemm_dtype, device=dev)
+        n_tiles = triton.cdiv(width, t.block_n)
+        dsp = torch.empty((n_tiles, n), dtype=f32, device=dev) if want_scale else None
+        for gal in range(k):
+            for c0 in range(0, m, width):
+                c1 = min(m, c0 + width)
+                cw = c1 - c0
+                tiles_n = triton.cdiv(cw, t.block_n)
+                _traceable(_grad_chunk_kernel)[(triton.cdiv(n, t.block_m), tiles_n)](
+                    **args, pre_ptr=buf, saved_ptr=saved, rows_ptr=out.rows, w_ptr=w, scale_ptr=p.scale,
+                    gmax_ptr=gmax, ws_ptr=ws, s_ws_row=ws.stride(0), dscale_ptr=dsp,
+                    N=n, M=m, K=k, k=gal, col0=c0, col1=c1, D=d, scale_value=p.scale_value, eps=p.options.eps,
+                    WANT_DSCALE=want_scale, **flags, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+                    num_warps=t.num_warps, num_stages=t.num_stages)
+                chunk = ws[:, :parts * cw]
+                b0 = gal * m + c0
+                if want_q:
+                    g_c = g_op[b0:b0 + cw]
+                    addmm_f32(u_q, chunk, torch.cat([g_c, g_c]) if split else g_c)
+                if want_g:
+                    u_g = mm_f32(chunk.T, q_op)                                   # [parts * cw, D]
+                    self._input_grad(p, u_g[:cw], u_g[cw:] if split else None, p.g, p.g_strides(), p.g_mask,
+                                     p.g_mask_strides(), buf, nr, n, gal, c0, cw, m, gmax, dg)
+                if want_scale:
+                    d_scale += dsp[:tiles_n].sum()
+        dq = None
+        if want_q:
+            dq = torch.empty(p.q.shape, dtype=dtype, device=dev)
+            self._input_grad(p, u_q, None, p.q, (0, *p.q.stride()), p.q_mask, (0, args["s_qmsk"]), buf, nr, 0, 0, 0,
+                             n, n, gmax, dq)
+        return dq, dg, d_scale
 
     @staticmethod
-    def _target_programs(device: torch.device) -> int:
-        """Programs that fill the GPU (two per SM); a few under the interpreter, so tests
-        exercise the segment merge."""
-        if device.type != "cuda":
-            return 4
-        return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-    def merge(self, part: torch.Tensor, reverse: bool) -> torch.Tensor:
-        """[5, K, L] partial statistics -> [5, L] (stats.merge_partials in one launch)."""
-        _, k, length = part.shape
-        if part.stride(2) != 1:
-            part = part.contiguous()
-        out = torch.empty((NUM_STATS, length), dtype=torch.float32, device=part.device)
-        block_l = 16 if interpreting() else 128
-        _sdm_merge_stats_kernel[(triton.cdiv(length, block_l),)](
-            part, out, k, length, part.stride(0), part.stride(1), out.stride(0),
-            REVERSE=reverse, BLOCK_K=16 if interpreting() else 32, BLOCK_L=block_l, num_warps=4)
+    def _operand(x, strides, msk, msk_strides, pre, nr, s0, k, m, dtype):
+        """x' [K * M, D] (kernels/grad.py, _operand_kernel)."""
+        out = torch.empty((k * m, x.shape[-1]), dtype=dtype, device=x.device)
+        block_m = 16 if interpreting() else 32
+        _traceable(_operand_kernel)[(triton.cdiv(m, block_m), k)](
+            x_ptr=x, sx_gal=strides[0], sx_row=strides[1], sx_d=strides[2], msk=msk, s_msk_gal=msk_strides[0],
+            s_msk=msk_strides[1], pre_ptr=pre, NR=nr, s0=s0, out_ptr=out, M=m, D=x.shape[-1],
+            BLOCK_M=block_m, BLOCK_D=16 if interpreting() else 128, num_warps=4)
         return out
 
-    def grad(self, a, b, labels, scale_t, c0, c1, reverse, eps, lse_a, lse_b, loss_a, loss_b, ga, gb, pa, pb,
-             want_dscale):
-        cfg = self.config
-        grid, args, strides, flags = self._common(a, b, labels, scale_t, c0, c1)
-        args = args[:6] + (pa, pb) + args[6:]
-        n, w = a.feats.shape[0], c1 - c0
-        dev = a.feats.device
-        # Galleries (see the module doc): the chunk [c0, c1) touches galleries c0 // gal_cols
-        # to (c1 - 1) // gal_cols; each program stays inside one of them.
-        gals = a.galleries
-        gal_cols = max(1, b.feats.shape[0] // gals)
-        touched = (c1 - 1) // gal_cols - c0 // gal_cols + 1
-        seg = min(gal_cols, w)
-        # ONE_K programs loop over a group of column tiles with the rows' features on chip;
-        # the K-loop variants keep one tile per program.
-        one_k = self._one_k(a.feats)
-        subs, group_cols = (self._groups(n, seg, touched, dev) if one_k
-                            else (triton.cdiv(seg, cfg.block_n), cfg.block_n))
-        groups = touched * subs
-        grid = (grid[0], groups)
-        flags["BLOCK_K"] = self._block_k(a.feats)
-        gemm = self.gemm_dtype(a.feats.dtype)
-        n_parts = 1 if gemm is None else 2
-        ws = torch.empty((n, n_parts * w), dtype=gemm or torch.float32, device=dev)
-        hi = ws[:, :w]
-        lo = ws[:, w:] if n_parts == 2 else hi
-        dscale_part = torch.empty((groups, n) if want_dscale else (1, 1), dtype=torch.float32, device=dev)
-        # the row side's per-gallery vectors share one layout: [K, n] contiguous (or [n])
-        (lse_a_hi, lse_a_lo), (lse_b_hi, lse_b_lo) = lse_a, lse_b
-        lse_a_hi, lse_a_lo, loss_a, ga = (x.contiguous() for x in (lse_a_hi, lse_a_lo, loss_a, ga))
-        _sdm_tile_grad_kernel[grid](
-            *args, lse_a_hi, lse_a_lo, lse_b_hi, lse_b_lo, loss_a, loss_b, ga, gb, hi, lo, dscale_part,
-            n, c0, c1, gal_cols, group_cols, subs, a.feats.shape[1], *strides, n if gals > 1 else 0,
-            ws.stride(0), ws.stride(1), dscale_part.stride(0),
-            float(eps), REVERSE=reverse, ONE_K=one_k, WANT_DSCALE=want_dscale, SPLIT=n_parts == 2,
-            **flags)
-        return ws, n_parts, (dscale_part.sum(0) if want_dscale else None)
+    @staticmethod
+    def _input_grad(p, u, u2, x, strides, msk, msk_strides, pre, nr, s0, gal, r0, n_rows, m, gmax, out):
+        """dL/dx of rows r0 .. r0 + n_rows of gallery ``gal`` of a side from its products u (+ u2)."""
+        d = x.shape[-1]
+        block_m = 16 if interpreting() else 32
+        _traceable(_input_grad_kernel)[(triton.cdiv(n_rows, block_m),)](
+            u_ptr=u, su_row=u.stride(0), u2_ptr=u2, x_ptr=x, sx_gal=strides[0], sx_row=strides[1],
+            sx_d=strides[2], msk=msk, s_msk_gal=msk_strides[0], s_msk=msk_strides[1], pre_ptr=pre, NR=nr,
+            s0=s0, gal=gal, r0=r0, scale_ptr=p.scale, scale_value=p.scale_value, gmax_ptr=gmax, out_ptr=out,
+            so_row=d, so_d=1, n_rows=n_rows, M=m, D=d, NORMALIZE=p.options.normalize,
+            BLOCK_M=block_m, BLOCK_D=16 if interpreting() else 128, num_warps=4)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def describe_path(p: Problem) -> str:
+    """Which kernels a call runs, for benchmark notes."""
+    t = _stats_tiles(p)
+    return (f"triton: stats m{t.block_m}n{t.block_n}k{t.block_k}w{t.num_warps}s{t.num_stages}, "
+            f"backward {backward_path(p)}")

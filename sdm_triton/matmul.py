@@ -1,32 +1,39 @@
 """Matrix products with fp32 accumulation and fp32 results for half-precision operands.
 
-A product of two bf16 / fp16 values is exact in fp32, so cuBLAS with fp32
-accumulation and an fp32 result loses nothing on the raw inputs (SPEC.md,
-"Precision"). fp32 operands follow torch.get_float32_matmul_precision(), as the
-spec asks. On the CPU (tests, the interpreter) half operands are upcast first,
-which gives the same exact products.
+A product of two bf16 / fp16 values is exact in fp32, so cuBLAS with fp32 accumulation and
+an fp32 result loses nothing on exact operands (the backward's W halves and the features
+scaled by powers of two, kernels/grad.py). fp32 operands follow
+``torch.get_float32_matmul_precision()``. Without ``out_dtype`` support (older PyTorch, or
+the CPU, where the interpreter runs), the half operands are upcast first: the same exact
+products, more memory.
 """
 
 from __future__ import annotations
 
 import torch
 
-_HAS_OUT_DTYPE = [True]  # torch.mm / addmm(..., out_dtype=) exist on CUDA in recent PyTorch
+
+def _native_out_dtype(a: torch.Tensor, want: torch.dtype) -> bool:
+    return a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and want == torch.float32 and _OUT_DTYPE
 
 
-def _half_on_cuda(a: torch.Tensor, want: torch.dtype) -> bool:
-    return a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and want == torch.float32
+def _probe_out_dtype() -> bool:
+    """Whether this PyTorch has ``mm`` / ``addmm`` with ``out_dtype`` (2.8 and later), read from
+    the operator schemas once. A failing call is never taken as the answer: an out-of-memory
+    error must surface, not switch every later product to the upcast path."""
+    schemas = [str(s) for op in ("aten::mm", "aten::addmm") for s in torch._C._jit_get_schemas_for_operator(op)]
+    return sum("ScalarType out_dtype" in s for s in schemas) >= 2
+
+
+_OUT_DTYPE = _probe_out_dtype()
 
 
 def mm_f32(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """a @ b in ``out_dtype`` (fp32, or float64 for float64 operands), accumulated in at least fp32."""
+    """a @ b in ``out_dtype``, accumulated in at least fp32."""
     if a.dtype == out_dtype:
         return a @ b
-    if _half_on_cuda(a, out_dtype) and _HAS_OUT_DTYPE[0]:
-        try:
-            return torch.mm(a, b, out_dtype=out_dtype)
-        except (TypeError, RuntimeError, NotImplementedError):
-            _HAS_OUT_DTYPE[0] = False
+    if _native_out_dtype(a, out_dtype):
+        return torch.mm(a, b, out_dtype=out_dtype)
     return a.to(out_dtype) @ b.to(out_dtype)
 
 
@@ -34,11 +41,7 @@ def addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b, accumulating in acc's dtype (fp32 accumulator, half operands)."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-        return
-    if _half_on_cuda(a, acc.dtype) and _HAS_OUT_DTYPE[0]:
-        try:
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-            return
-        except (TypeError, RuntimeError, NotImplementedError):
-            _HAS_OUT_DTYPE[0] = False
-    acc.add_(mm_f32(a, b, acc.dtype))
+    elif _native_out_dtype(a, acc.dtype):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))

@@ -1,115 +1,109 @@
-"""The SDM row losses as ``torch.library`` custom ops, for ``torch.compile(fullgraph=True)``.
+"""The loss as ``torch.library`` operators, for ``torch.compile(fullgraph=True)``.
 
-``sdm_triton::sdm_rows`` (forward) and ``sdm_triton::sdm_rows_backward`` run the same
-``autograd.rows_forward`` / ``rows_backward`` as the eager ``SDMRowsFunction``; fake
-implementations give the compiler output shapes without running kernels, and
-``register_autograd`` connects the two. The public API uses these ops only while
-``torch.compile`` traces (``torch.compiler.is_compiling()``): in eager mode the
-dispatcher round trip costs more than the loss at IRRA batch sizes (measured with
-``python -m bench``), so eager calls go straight to the autograd.Function.
+``sdm_triton::forward`` and ``sdm_triton::backward`` run a backend's forward and backward,
+as `autograd.SDMFunction` does in eager mode; ``register_autograd`` connects them. They
+are ``triton_op``s: the compiler traces their bodies (the Triton launches go through
+``wrap_triton``, launch.py), so the compiled graph launches the kernels itself, and the
+backward gets the forward's state as saved tensors (no recomputation of the preparation).
+The public API uses these operators only while ``torch.compile`` traces; eager calls go
+straight to the autograd Function (no dispatcher round trip).
 
-Non-tensor options travel as plain values (the schema allows str / float / bool / int).
-Backward recomputes the per-sample preparation (norms, label masses: O((N + M) * D)),
-since a custom op cannot hold Python objects between forward and backward.
+Non-tensor options travel as plain values (str / float / int / bool); the kernel config as
+its canonical name (``KernelConfig.name()``).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.library import register_autograd, triton_op
 
-from .options import SDMOptions, compute_dtype
-
-from .autograd import rows_backward, rows_forward, scale_tensor
-from .prepare import prepare_sides
-
-_ROWS = "sdm_triton::sdm_rows"
-_ROWS_BWD = "sdm_triton::sdm_rows_backward"
+from . import dispatch
+from .backend import ForwardOut
+from .options import KernelConfig, SDMOptions
+from .problem import Problem
 
 
-def _options(kl: str, eps: float, normalize: bool) -> SDMOptions:
-    return SDMOptions(kl=kl, eps=eps, normalize=normalize)
+def _problem(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, scale_value, kl, eps, direction, combine,
+             reduction, normalize, config, workspace_bytes, galleries, scalar_value, return_stats) -> Problem:
+    opts = SDMOptions(kl=kl, eps=eps, direction=direction, combine=combine, reduction=reduction, normalize=normalize)
+    return Problem(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, scale_value, opts, KernelConfig.parse(config),
+                   workspace_bytes, galleries, scalar_value, return_stats)
 
 
-def _tiles(backend: str, q: Tensor, tile_config: str):
-    from .api import _pick_tiles  # api imports this module
-    return _pick_tiles(backend, q, tile_config or None)
+@triton_op("sdm_triton::forward", mutates_args=())
+def sdm_forward_op(
+    q: Tensor, g: Tensor, q_ids: Optional[Tensor], g_ids: Optional[Tensor], labels: Optional[Tensor],
+    q_mask: Optional[Tensor], g_mask: Optional[Tensor], scale: Optional[Tensor], scale_value: float,
+    kl: str, eps: float, direction: str, combine: str, reduction: str, normalize: bool, backend: str,
+    config: str, workspace_bytes: int, galleries: int, scalar_value: bool, return_stats: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, List[Tensor]]:
+    """(value, rows, valid, red, state): `backend.ForwardOut`, the state as a list."""
+    p = _problem(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, scale_value, kl, eps, direction, combine,
+                 reduction, normalize, config, workspace_bytes, galleries, scalar_value, return_stats)
+    with torch.autocast(q.device.type, enabled=False):
+        out = dispatch.pick_backend(backend, q).forward(p)
+    return out.value, out.rows, out.valid, out.red, list(out.state)
 
 
-@torch.library.custom_op(_ROWS, mutates_args=())
-def sdm_rows(q: Tensor, g: Tensor, logit_scale: Optional[Tensor], scale_value: float,
-             q_ids: Optional[Tensor], g_ids: Optional[Tensor], labels: Optional[Tensor],
-             q_mask: Optional[Tensor], g_mask: Optional[Tensor],
-             kl: str, eps: float, normalize: bool, backend: str, tile_config: str, workspace_bytes: int,
-             galleries: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss_q, loss_g, valid_q, valid_g, pos_q, pos_g, lse_q, lse_g); q-side [K, N] for K > 1 galleries."""
-    outputs, _ = rows_forward(q, g, logit_scale, scale_value, q_ids, g_ids, labels, q_mask, g_mask,
-                              _options(kl, eps, normalize), _tiles(backend, q, tile_config), workspace_bytes,
-                              galleries)
-    return outputs
+@triton_op("sdm_triton::backward", mutates_args=())
+def sdm_backward_op(
+    d_value: Optional[Tensor], d_rows: Optional[Tensor], rows: Tensor, valid: Tensor, red: Tensor,
+    state: List[Tensor], q: Tensor, g: Tensor, q_ids: Optional[Tensor], g_ids: Optional[Tensor],
+    labels: Optional[Tensor], q_mask: Optional[Tensor], g_mask: Optional[Tensor], scale: Optional[Tensor],
+    scale_value: float, kl: str, eps: float, direction: str, combine: str, reduction: str, normalize: bool,
+    backend: str, config: str, workspace_bytes: int, galleries: int, scalar_value: bool,
+    want_q: bool, want_g: bool, want_scale: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dq, dg, d_scale); a gradient that was not asked for comes back as an empty tensor."""
+    p = _problem(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, scale_value, kl, eps, direction, combine,
+                 reduction, normalize, config, workspace_bytes, galleries, scalar_value, False)
+    out = ForwardOut(None, rows, valid, red, tuple(state))
+    with torch.autocast(q.device.type, enabled=False):
+        dq, dg, d_scale = dispatch.pick_backend(backend, q).backward(p, out, d_value, d_rows,
+                                                                    (want_q, want_g, want_scale))
+    empty = q.new_empty(0)
+    return (dq if dq is not None else empty, dg if dg is not None else empty,
+            d_scale.reshape(()) if d_scale is not None else empty.float())
 
 
-@sdm_rows.register_fake
-def _sdm_rows_fake(q, g, logit_scale, scale_value, q_ids, g_ids, labels, q_mask, g_mask,
-                   kl, eps, normalize, backend, tile_config, workspace_bytes, galleries):
-    ct = compute_dtype(q.dtype)
-    n, m = q.shape[0], g.shape[0]
-    shape_q = (n,) if galleries == 1 else (galleries, n)
-    rows_q, rows_g = q.new_empty(shape_q, dtype=ct), g.new_empty((m,), dtype=ct)
-    return (rows_q, rows_g, q.new_empty(shape_q, dtype=torch.bool), g.new_empty((m,), dtype=torch.bool),
-            q.new_empty(shape_q, dtype=ct), g.new_empty((m,), dtype=ct),
-            q.new_empty(shape_q, dtype=torch.float64), g.new_empty((m,), dtype=torch.float64))  # lse: float64
-
-
-@torch.library.custom_op(_ROWS_BWD, mutates_args=())
-def sdm_rows_backward(d_loss_q: Tensor, d_loss_g: Tensor, q: Tensor, g: Tensor, logit_scale: Optional[Tensor],
-                      scale_value: float, q_ids: Optional[Tensor], g_ids: Optional[Tensor],
-                      labels: Optional[Tensor], q_mask: Optional[Tensor], g_mask: Optional[Tensor],
-                      lse_q: Tensor, lse_g: Tensor, loss_q: Tensor, loss_g: Tensor,
-                      kl: str, eps: float, normalize: bool, backend: str, tile_config: str,
-                      workspace_bytes: int, galleries: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dq, dg, d_scale); d_scale is a 0-dim compute-dtype tensor (0 when there is no logit_scale)."""
-    opts = _options(kl, eps, normalize)
-    side_q, side_g = prepare_sides(q, g, q_ids, g_ids, labels, q_mask, g_mask, normalize, galleries)
-    scale_t = scale_tensor(logit_scale, scale_value, compute_dtype(q.dtype), q.device)
-    want_scale = logit_scale is not None
-    dq, dg, d_scale = rows_backward(side_q, side_g, scale_t, labels, opts, _tiles(backend, q, tile_config),
-                                    workspace_bytes, lse_q, lse_g, loss_q, loss_g, d_loss_q, d_loss_g,
-                                    True, True, want_scale)
-    if d_scale is None:
-        d_scale = loss_q.new_zeros(())
-    return dq, dg, d_scale
-
-
-@sdm_rows_backward.register_fake
-def _sdm_rows_backward_fake(d_loss_q, d_loss_g, q, g, logit_scale, scale_value, q_ids, g_ids, labels,
-                            q_mask, g_mask, lse_q, lse_g, loss_q, loss_g, kl, eps, normalize, backend,
-                            tile_config, workspace_bytes, galleries):
-    return torch.empty_like(q), torch.empty_like(g), loss_q.new_empty(())
+# the forward's arguments after the tensors (positions in sdm_forward_op's signature)
+_OPTION_SLICE = slice(8, 21)
 
 
 def _setup_context(ctx, inputs, output):
-    (q, g, logit_scale, scale_value, q_ids, g_ids, labels, q_mask, g_mask,
-     kl, eps, normalize, backend, tile_config, workspace_bytes, galleries) = inputs
-    loss_q, loss_g, _, _, _, _, lse_q, lse_g = output
-    ctx.save_for_backward(q, g, logit_scale, q_ids, g_ids, labels, q_mask, g_mask, lse_q, lse_g, loss_q, loss_g)
-    ctx.values = (scale_value, kl, eps, normalize, backend, tile_config, workspace_bytes, galleries)
+    value, rows, valid, red, state = output
+    q, g, q_ids, g_ids, labels, q_mask, g_mask, scale = inputs[:8]
+    ctx.save_for_backward(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, rows, valid, red, *state)
+    ctx.options = inputs[_OPTION_SLICE]
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(valid, red)
 
 
-def _backward(ctx, d_loss_q, d_loss_g, *_unused):
-    q, g, logit_scale, q_ids, g_ids, labels, q_mask, g_mask, lse_q, lse_g, loss_q, loss_g = ctx.saved_tensors
-    scale_value, kl, eps, normalize, backend, tile_config, workspace_bytes, galleries = ctx.values
-    if d_loss_q is None:
-        d_loss_q = torch.zeros_like(loss_q)
-    if d_loss_g is None:
-        d_loss_g = torch.zeros_like(loss_g)
-    dq, dg, d_scale = sdm_rows_backward(d_loss_q, d_loss_g, q, g, logit_scale, scale_value, q_ids, g_ids,
-                                        labels, q_mask, g_mask, lse_q, lse_g, loss_q, loss_g,
-                                        kl, eps, normalize, backend, tile_config, workspace_bytes, galleries)
-    d_logit_scale = d_scale.to(logit_scale.dtype) if logit_scale is not None else None
-    return (dq, dg, d_logit_scale) + (None,) * 13
+def _backward(ctx, d_value, d_rows, _d_valid, _d_red, _d_state):
+    q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, rows, valid, red, *state = ctx.saved_tensors
+    (scale_value, kl, eps, direction, combine, reduction, normalize, backend, config, workspace_bytes,
+     galleries, scalar_value, _return_stats) = ctx.options
+    want_q, want_g, want_scale = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[7]
+    dq, dg, d_scale = sdm_backward_op(
+        d_value, d_rows, rows, valid, red, state, q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, scale_value,
+        kl, eps, direction, combine, reduction, normalize, backend, config, workspace_bytes, galleries,
+        scalar_value, want_q, want_g, want_scale)
+    grads = [dq if want_q else None, dg if want_g else None] + [None] * 5
+    grads.append(d_scale.to(scale.dtype) if want_scale else None)
+    return tuple(grads) + (None,) * 13
 
 
-sdm_rows.register_autograd(_backward, setup_context=_setup_context)
+register_autograd("sdm_triton::forward", _backward, setup_context=_setup_context)
+
+
+def sdm_forward(p: Problem, backend_name: str):
+    """The forward op on a problem: (value, rows, valid, red)."""
+    o = p.options
+    value, rows, valid, red, _state = sdm_forward_op(
+        p.q, p.g, p.q_ids, p.g_ids, p.labels, p.q_mask, p.g_mask, p.scale, p.scale_value, o.kl, float(o.eps),
+        o.direction, o.combine, o.reduction, o.normalize, backend_name, p.config.name(), p.workspace_bytes,
+        p.galleries, p.scalar_value, p.return_stats)
+    return value, rows, valid, red

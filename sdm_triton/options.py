@@ -128,6 +128,13 @@ class KernelConfig:
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"KernelConfig.{name} must be an int >= 1, got {v!r}")
 
+    def name(self) -> str:
+        """The canonical name: ``KernelConfig.parse(c.name()) == c``."""
+        parts = [] if self.backward == "auto" else [self.backward]
+        sizes = "".join(f"{token}{getattr(self, field)}" for token, field in self._TOKENS.items()
+                        if getattr(self, field) is not None)
+        return "_".join(parts + ([sizes] if sizes else [])) or "auto"
+
     _TOKENS = {"seg": "segments", "m": "block_m", "n": "block_n", "k": "block_k", "w": "num_warps",
                "s": "num_stages"}
 
@@ -174,12 +181,13 @@ def _positive_float(name: str, value) -> float:
     return value
 
 
-def resolve_scale(temperature, logit_scale, features: torch.Tensor):
+def resolve_scale(temperature, logit_scale, features: torch.Tensor, move: bool = True):
     """The logit scale ``s``: a Python float, or a 0-dim tensor on the features' device.
 
     ``logit_scale`` takes precedence over ``temperature`` (``s = 1 / temperature``). It may be
     a float, or a 0-dim floating tensor (which may require grad) on the features' device or
-    on the CPU (IRRA keeps its scale there; it is moved, differentiably). A float scale must
+    on the CPU (IRRA keeps its scale there; it is moved, differentiably, unless ``move`` is
+    False: validation only). A float scale must
     be finite, > 0 and within fp32's range; a tensor's value is only checked on the device
     (``check_values``), since reading it would synchronise.
     """
@@ -194,7 +202,8 @@ def resolve_scale(temperature, logit_scale, features: torch.Tensor):
                 if logit_scale.device.type != "cpu":
                     raise ValueError(f"logit_scale is on {logit_scale.device} but the features are on "
                                      f"{features.device}")
-                logit_scale = logit_scale.to(features.device, non_blocking=True)
+                if move:
+                    logit_scale = logit_scale.to(features.device, non_blocking=True)
             return logit_scale
         scale = _positive_float("logit_scale", logit_scale)
         if scale > MAX_SCALE:
@@ -286,6 +295,12 @@ def validate_inputs(q, g, q_ids, g_ids, labels, q_mask, g_mask):
             raise ValueError(f"{name} is on {t.device} but the features are on {q.device}")
 
 
+def validate_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def validate_workspace_bytes(workspace_bytes) -> int:
     if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int):
         raise TypeError(f"workspace_bytes must be an int, got {type(workspace_bytes).__name__}")
@@ -299,30 +314,28 @@ def check_values(q, g, labels, scale, q_mask=None, g_mask=None):
 
     Raises ValueError naming the first problem: NaN / Inf features in a present row, NaN /
     Inf / negative labels on a pair of present samples, a logit scale that is not finite
-    and > 0. Absent samples (mask False) may hold anything.
+    and > 0. Absent samples (mask False) may hold anything. ``g``, ``g_mask`` and ``labels``
+    may carry a leading gallery dimension ([K, M, D], [K, M], [K, N, M]; sdm_loss_multi).
     """
     for name, t, mask in (("q", q, q_mask), ("g", g, g_mask)):
-        finite = torch.isfinite(t).all(dim=1)
+        finite = torch.isfinite(t).all(dim=-1)
         if mask is not None:
             finite = finite | ~mask
         if not bool(finite.all()):
             raise ValueError(f"{name} contains NaN or Inf in a present row")
     if labels is not None and labels.is_floating_point():
-        present = None
-        if q_mask is not None or g_mask is not None:
-            qm = q_mask if q_mask is not None else torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
-            gm = g_mask if g_mask is not None else torch.ones(labels.shape[1], dtype=torch.bool, device=labels.device)
-            present = qm[:, None] & gm[None, :]
-        bad_nan = ~torch.isfinite(labels)
-        bad_neg = labels < 0
-        if present is not None:
-            bad_nan, bad_neg = bad_nan & present, bad_neg & present
+        bad_nan, bad_neg = ~torch.isfinite(labels), labels < 0
+        if q_mask is not None:                     # [N] -> [N, 1], broadcast over [.., N, M]
+            bad_nan, bad_neg = bad_nan & q_mask[:, None], bad_neg & q_mask[:, None]
+        if g_mask is not None:                     # [M] or [K, M] -> [.., 1, M]
+            gm = g_mask.unsqueeze(-2)
+            bad_nan, bad_neg = bad_nan & gm, bad_neg & gm
         if bool(bad_nan.any()):
             raise ValueError("labels contains NaN or Inf on a pair of present samples")
         if bool(bad_neg.any()):
             raise ValueError("labels must be non-negative (a negative weight on a pair of present samples)")
     if isinstance(scale, torch.Tensor):
-        value = float(scale)
+        value = float(scale.detach())
         if not math.isfinite(value) or value <= 0:
             raise ValueError(f"logit_scale must be finite and > 0, got {value}")
 
@@ -333,5 +346,5 @@ def compute_dtype(features_dtype: torch.dtype) -> torch.dtype:
 
 
 __all__ = ["SDMOptions", "SDMRowLosses", "SDMStats", "KernelConfig", "NORM_EPS", "resolve_scale",
-           "resolve_ids", "validate_inputs", "validate_workspace_bytes", "check_values", "compute_dtype",
-           "as_kernel_config"]
+           "resolve_ids", "validate_inputs", "validate_workspace_bytes", "validate_flag", "check_values",
+           "compute_dtype", "as_kernel_config"]

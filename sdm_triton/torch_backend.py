@@ -1,131 +1,295 @@
-"""The chunked pure-PyTorch backend: the tile primitives of `launch.py` with one tile per chunk.
+"""The torch backend: `backend.Backend` in plain PyTorch, chunked over columns.
 
-Each chunk materialises S for all N rows and the chunk's columns ([N, C] in
-fp32, or float64 for float64 inputs), so memory is O(C * N) with C chosen from
-a byte budget. It runs anywhere PyTorch runs (the CPU path of ``backend="auto"``)
-and is an independent implementation of the kernels' math for the tests.
+It runs wherever PyTorch runs (the CPU path of ``backend="auto"``, float64 included) and is
+an implementation of the loss independent of the Triton kernels, in the natural-log domain
+and with two passes instead of online softmax statistics, for the tests. Memory: S is built
+for all N query rows and a chunk of C gallery columns at a time ([N, C] in the compute dtype,
+C from ``workspace_bytes``), so it stays O((N + M) D + N C).
 
-Galleries (``a.inv_ysum`` [K, N], see launch.py): a chunk's row statistics are
-computed per gallery it touches ([5, K, N], empty statistics for the others), and the
-backward reads each column's gallery row of the row-side vectors.
+Per gallery k, chunk by chunk:
+    pass 1   S = s q_hat g_hat^T; the query rows' log-sum-exp merged across chunks (logaddexp);
+             the gallery rows' softmax over the queries is complete within a chunk: their losses now
+    pass 2   the query rows' sums with the final log-sum-exp (forward: sum Y S; reverse: sum P ln P,
+             sum P ln(Y + eps)), then their losses
+    backward dS = w_i d_ij + w'_j d'_ij (kernels/grad.py), dq_hat += s dS g_hat, dg_hat = s dS^T q_hat
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .options import compute_dtype
-
-from .stats import NUM_STATS, merge_partials
-
-NEG_BIG = -1.0e30
+from .backend import NUM_RED, ForwardOut, reduction_coefficients
+from .options import NORM_EPS, compute_dtype
+from .problem import Problem
 
 
-class TorchTiles:
+def _views(p: Problem):
+    """Uniform [K, ...] views of the gallery-side tensors (expanded where shared)."""
+    k, m = p.galleries, p.m
+    g = p.g if p.g.dim() == 3 else p.g.unsqueeze(0)
+    g_ids = None if p.g_ids is None else (p.g_ids if p.g_ids.dim() == 2 else p.g_ids.expand(k, m))
+    g_mask = None if p.g_mask is None else (p.g_mask if p.g_mask.dim() == 2 else p.g_mask.expand(k, m))
+    labels = None if p.labels is None else (p.labels if p.labels.dim() == 3 else p.labels.expand(k, *p.labels.shape))
+    return g, g_ids, g_mask, labels
+
+
+def _normalised(x: torch.Tensor, keep: torch.Tensor, normalize: bool, ct):
+    """(x_hat, norm): absent rows become 0 before anything touches them (they may hold NaN)."""
+    x = torch.where(keep[:, None], x.to(ct), torch.zeros((), dtype=ct, device=x.device))
+    norm = torch.linalg.vector_norm(x, dim=1)
+    if not normalize:
+        return x, norm
+    return x / norm.clamp_min(NORM_EPS)[:, None], norm
+
+
+def _merge_max_sum(m, l, S):
+    """Online softmax over columns: (max, sum exp(S - max)) of the rows so far and of S."""
+    m_new = torch.maximum(m, S.amax(1))
+    safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+    alpha = torch.where(torch.isfinite(m), torch.exp(m - safe), torch.zeros_like(m))
+    return m_new, l * alpha + torch.exp(S - safe[:, None]).sum(1)
+
+
+def _safe_m_logl(m, l):
+    """(m, log l) with rows that saw no present column set to (0, 0) (they are invalid); NaN stays."""
+    ok = l != 0
+    return torch.where(ok, m, torch.zeros_like(m)), torch.where(ok, torch.log(torch.where(ok, l, torch.ones_like(l))),
+                                                                 torch.zeros_like(l))
+
+
+class TorchBackend:
     name = "torch"
 
     @staticmethod
-    def check_supported(q: torch.Tensor):
+    def check_supported(q: torch.Tensor) -> None:
         return None
 
-    def gemm_dtype(self, dtype: torch.dtype):
-        """Products in the compute dtype (fp32, or float64 for float64 inputs)."""
-        return None
+    def _chunk_width(self, p: Problem, ct) -> int:
+        per_col = 8 * p.n * torch.empty((), dtype=ct).element_size()    # ~8 [N, C] temporaries
+        return max(1, min(p.m, p.workspace_bytes // per_col))
 
-    @staticmethod
-    def merge(part: torch.Tensor, reverse: bool) -> torch.Tensor:
-        return merge_partials(part, reverse)
-
-    def chunk_columns(self, kind: str, n_rows: int, n_cols: int, dtype: torch.dtype, budget_bytes: int) -> int:
-        # About 8 temporaries of [N, C] live at once in the formulas below.
-        per_col = 8 * n_rows * torch.empty((), dtype=compute_dtype(dtype)).element_size()
-        return max(1, min(n_cols, budget_bytes // per_col))
-
-    def _tile(self, a, b, labels, scale_t, c0, c1):
-        ct = compute_dtype(a.feats.dtype)
-        dot = a.feats.to(ct) @ b.feats[c0:c1].to(ct).T                              # [N, C]
-        cos = dot * a.inv_norm.to(ct)[:, None] * b.inv_norm[c0:c1].to(ct)[None, :]
-        S = cos * scale_t.to(ct)
-        rv = a.present[:, None]
-        cv = b.present[c0:c1][None, :]
-        both = rv & cv
+    def _labels(self, p, k, labels, g_ids, q_keep, g_keep, c0, c1, ct):
+        """y on the pairs of present samples, columns [c0, c1) of gallery k; bad weights -> NaN."""
+        both = q_keep[:, None] & g_keep[None, c0:c1]
         if labels is not None:
-            y = labels[:, c0:c1].to(ct)
+            y = labels[k, :, c0:c1].to(ct)
+            y = torch.where((y < 0) | ~torch.isfinite(y), torch.full_like(y, math.nan), y)
         else:
-            y = (a.ids[:, None] == b.ids[c0:c1][None, :]).to(ct)
-        y = torch.where(both, y, torch.zeros_like(y))
-        return S, cos, y, rv, cv, both
+            y = (p.q_ids[:, None] == g_ids[k, None, c0:c1]).to(ct)
+        return torch.where(both, y, torch.zeros_like(y))
+
+    def forward(self, p: Problem) -> ForwardOut:
+        o = p.options
+        n, m, k_count = p.n, p.m, p.galleries
+        ct = compute_dtype(p.q.dtype)
+        dev = p.q.device
+        g3, g_ids, g_mask, labels = _views(p)
+        s = p.scale.to(ct) if p.scale is not None else torch.tensor(p.scale_value, dtype=ct, device=dev)
+        s_ok = torch.isfinite(s) & (s > 0)
+        q_keep = p.q_mask if p.q_mask is not None else torch.ones(n, dtype=torch.bool, device=dev)
+        q_hat, q_norm = _normalised(p.q, q_keep, o.normalize, ct)
+        width = self._chunk_width(p, ct)
+        ndr = p.num_rows
+        rows = torch.zeros(ndr, dtype=ct, device=dev)
+        valid = torch.zeros(ndr, dtype=torch.bool, device=dev)
+        row_m = torch.zeros(ndr, dtype=ct, device=dev)
+        row_logl = torch.zeros(ndr, dtype=ct, device=dev)
+        inv_y = torch.zeros(ndr, dtype=ct, device=dev)
+        red = torch.zeros((NUM_RED, k_count), dtype=ct, device=dev)
+        g_hats = []
+        nan = torch.full((), math.nan, dtype=ct, device=dev)
+        for k in range(k_count):
+            g_keep = g_mask[k] if g_mask is not None else torch.ones(m, dtype=torch.bool, device=dev)
+            g_hat, g_norm = _normalised(g3[k], g_keep, o.normalize, ct)
+            g_hats.append(g_hat)
+            qi = slice(k * n, (k + 1) * n)
+            gi = slice(k_count * n + k * m, k_count * n + (k + 1) * m)
+            # label masses of both directions (chunked: the labels may be dense [N, M])
+            ysum_q = torch.zeros(n, dtype=ct, device=dev)
+            ylny_q = torch.zeros(n, dtype=ct, device=dev)
+            ysum_g = torch.zeros(m, dtype=ct, device=dev)
+            ylny_g = torch.zeros(m, dtype=ct, device=dev)
+            for c0 in range(0, m, width):
+                c1 = min(m, c0 + width)
+                y = self._labels(p, k, labels, g_ids, q_keep, g_keep, c0, c1, ct)
+                ylny = torch.xlogy(y, y)
+                ysum_q += y.sum(1)
+                ylny_q += ylny.sum(1)
+                ysum_g[c0:c1] = y.sum(0)
+                ylny_g[c0:c1] = ylny.sum(0)
+            valid_q = q_keep & ((ysum_q > 0) | torch.isnan(ysum_q))
+            valid_g = g_keep & ((ysum_g > 0) | torch.isnan(ysum_g))
+            iy_q = torch.where(valid_q, 1 / torch.where(valid_q, ysum_q, 1), 0)
+            iy_g = torch.where(valid_g, 1 / torch.where(valid_g, ysum_g, 1), 0)
+
+            # pass 1: the query rows' softmax (m, log l) merged across chunks; the gallery rows'
+            # softmax over the queries is complete within a chunk: their losses now
+            m_q = torch.full((n,), -math.inf, dtype=ct, device=dev)
+            l_q = torch.zeros(n, dtype=ct, device=dev)
+            loss_g = torch.zeros(m, dtype=ct, device=dev)
+            pos_g = torch.zeros(m, dtype=ct, device=dev)
+            m_g = torch.zeros(m, dtype=ct, device=dev)
+            logl_g = torch.zeros(m, dtype=ct, device=dev)
+            for c0 in range(0, m, width):
+                c1 = min(m, c0 + width)
+                S = s * (q_hat @ g_hat[c0:c1].T)                                   # [N, C]
+                m_q, l_q = _merge_max_sum(m_q, l_q, S.masked_fill(~g_keep[None, c0:c1], -math.inf))
+                y = self._labels(p, k, labels, g_ids, q_keep, g_keep, c0, c1, ct)
+                St = S.T.masked_fill(~q_keep[None, :], -math.inf)                 # [C, N]
+                mc, lc = _merge_max_sum(torch.full_like(St[:, 0], -math.inf), torch.zeros_like(St[:, 0]), St)
+                mc, logc = _safe_m_logl(mc, lc)
+                part, pos_c = self._row_sums(St, mc, logc, y.T, iy_g[c0:c1], o)
+                loss_g[c0:c1] = self._finish_rows(part, mc, logc, ylny_g[c0:c1], ysum_g[c0:c1], o)
+                pos_g[c0:c1], m_g[c0:c1], logl_g[c0:c1] = pos_c, mc, logc
+            # pass 2: the query rows' sums with the final (m, log l)
+            m_q, logl_q = _safe_m_logl(m_q, l_q)
+            loss_q = torch.zeros(n, dtype=ct, device=dev)
+            pos_q = torch.zeros(n, dtype=ct, device=dev)
+            for c0 in range(0, m, width):
+                c1 = min(m, c0 + width)
+                S = (s * (q_hat @ g_hat[c0:c1].T)).masked_fill(~g_keep[None, c0:c1], -math.inf)
+                y = self._labels(p, k, labels, g_ids, q_keep, g_keep, c0, c1, ct)
+                part, pos = self._row_sums(S, m_q, logl_q, y, iy_q, o)
+                loss_q += part
+                pos_q += pos
+            loss_q = self._finish_rows(loss_q, m_q, logl_q, ylny_q, ysum_q, o)
+
+            for sl, loss, ok, mx, logl, iy, pos in ((qi, loss_q, valid_q, m_q, logl_q, iy_q, pos_q),
+                                                    (gi, loss_g, valid_g, m_g, logl_g, iy_g, pos_g)):
+                loss = torch.where(s_ok, loss, nan)
+                rows[sl] = torch.where(ok, loss, torch.zeros((), dtype=ct, device=dev))
+                valid[sl] = ok
+                row_m[sl] = torch.where(ok, mx, 0)
+                row_logl[sl] = torch.where(ok, logl, 0)
+                inv_y[sl] = iy
+            for field, x in ((0, rows[qi].sum()), (1, valid_q.sum()), (2, rows[gi].sum()), (3, valid_g.sum()),
+                             (4, torch.where(valid_q, pos_q, 0).sum()), (5, torch.where(valid_g, pos_g, 0).sum())):
+                red[field, k] = x
+            for field, norms, keep in ((6, q_norm, q_keep), (8, g_norm, g_keep)):
+                kept = torch.where(keep, norms, 0)
+                red[field, k] = kept.sum() / keep.sum().clamp_min(1)
+                red[field + 1, k] = kept.max()
+        coef_q, coef_g = reduction_coefficients(p)
+        mean = o.reduction == "mean"
+        part_q = red[0] / red[1].clamp_min(1) if mean else red[0]
+        part_g = red[2] / red[3].clamp_min(1) if mean else red[2]
+        value = torch.where(s_ok, coef_q * part_q + coef_g * part_g, nan)
+        if p.scalar_value:
+            value = value[0]
+        return ForwardOut(value, rows, valid, red, (row_m, row_logl, inv_y, torch.stack(g_hats), q_hat, s))
 
     @staticmethod
-    def _direction_stats(S, y, inv_ysum, domain, dim, reverse, eps):
-        """Statistics along ``dim`` (1: rows over columns, 0: columns over rows) of one tile."""
-        S_d = torch.where(domain, S, torch.full_like(S, NEG_BIG))
-        m = S_d.amax(dim, keepdim=True)
-        dev = S_d - m
-        p = torch.where(domain, torch.exp(dev), torch.zeros_like(S))
-        Y = y * inv_ysum
-        out = torch.empty((NUM_STATS, S.shape[1 - dim]), dtype=S.dtype, device=S.device)
-        out[0] = m.squeeze(dim)
-        out[1] = p.sum(dim)
-        out[2] = torch.where(y > 0, p, torch.zeros_like(p)).sum(dim)
-        if reverse:
-            out[3] = (p * dev).sum(dim)
-            out[4] = (p * torch.log(Y + eps)).sum(dim)
+    def _row_sums(S, m, logl, y, iy, o):
+        """Per-row sums of a chunk with the final (m, log l): forward -sum Y S, reverse
+        sum P (ln P - ln(Y + eps)); and the positive mass. ln P = (S - m) - log l: S - m is
+        exact near the row's maximum, where the small differences of P - Y live."""
+        # the softmax domain: absent columns hold -inf; a NaN (a present sample's NaN feature) stays in
+        domain = S != -math.inf
+        log_p = torch.where(domain, (S - m[:, None]) - logl[:, None], torch.zeros_like(S))
+        p = torch.where(domain, log_p.exp(), torch.zeros_like(S))
+        Y = y * iy[:, None]
+        if o.reverse:
+            part = (p * (log_p - torch.log(Y + o.eps))).sum(1)
         else:
-            out[3] = (Y * dev).sum(dim)
-            out[4] = Y.sum(dim)
-        return out
-
-    def stats(self, a, b, labels, scale_t, c0, c1, reverse, eps):
-        S, _, y, rv, cv, _ = self._tile(a, b, labels, scale_t, c0, c1)
-        ct = S.dtype
-        cols = self._direction_stats(S, y, b.inv_ysum[c0:c1].to(ct)[None, :], rv, 0, reverse, eps)
-        if a.galleries == 1:
-            return self._direction_stats(S, y, a.inv_ysum.to(ct)[:, None], cv, 1, reverse, eps), cols
-        gals, n = a.inv_ysum.shape
-        width = b.feats.shape[0] // gals
-        rows = torch.zeros((NUM_STATS, gals, n), dtype=ct, device=S.device)
-        rows[0] = NEG_BIG        # empty statistics for the galleries this chunk does not touch
-        for k in range(c0 // width, (c1 - 1) // width + 1):
-            lo, hi = max(c0, k * width) - c0, min(c1, (k + 1) * width) - c0
-            rows[:, k] = self._direction_stats(S[:, lo:hi], y[:, lo:hi], a.inv_ysum[k].to(ct)[:, None],
-                                               cv[:, lo:hi], 1, reverse, eps)
-        return rows, cols
+            part = -(Y * torch.where(domain, S - m[:, None], torch.zeros_like(S))).sum(1)
+        pos = torch.where(y > 0, p, torch.zeros_like(p)).sum(1)
+        return part, pos
 
     @staticmethod
-    def _row_vectors(a, b, c0, c1, ct, vectors):
-        """The row side's vectors as [N, 1], or [N, C] with each column's gallery row when the
-        columns are galleries (``a.inv_ysum`` [K, N])."""
-        if a.galleries == 1:
-            return [v.to(ct)[:, None] for v in vectors]
-        width = b.feats.shape[0] // a.galleries
-        gal = torch.arange(c0, c1, device=a.inv_ysum.device) // width
-        return [v.to(ct)[gal].T for v in vectors]
+    def _finish_rows(part, m, logl, ylny, ysum, o):
+        """Forward KL: logl - sum Y (S - m) + sum Y ln Y (sum Y = 1), clamped at 0 (KL >= 0; NaN stays)."""
+        if o.reverse:
+            return part
+        safe = torch.where(ysum > 0, ysum, torch.ones_like(ysum))
+        loss = logl + part + ylny / safe - torch.log(safe)
+        return torch.where(loss < 0, torch.zeros_like(loss), loss)
 
-    def grad(self, a, b, labels, scale_t, c0, c1, reverse, eps, lse_a, lse_b, loss_a, loss_b, ga, gb, pa, pb,
-             want_dscale):
-        S, cos, y, _, _, both = self._tile(a, b, labels, scale_t, c0, c1)
-        ct = S.dtype
-        (lse_a_hi, lse_a_lo), (lse_b_hi, lse_b_lo) = lse_a, lse_b
-        inv_ya, lse_a_hi, lse_a_lo, loss_a, ga = self._row_vectors(
-            a, b, c0, c1, ct, (a.inv_ysum, lse_a_hi, lse_a_lo, loss_a, ga))
-        inv_yb = b.inv_ysum[c0:c1].to(ct)[None, :]
-        on_r = both & (inv_ya > 0)
-        on_c = both & (inv_yb > 0)
-        zero = torch.zeros_like(S)
-        # lse as hi + lo (stats.split_lse): S - hi is exact near the maximum, then the small lo
-        logp_r = torch.where(on_r, (S - lse_a_hi) - lse_a_lo, zero)
-        logp_c = torch.where(on_c, (S - lse_b_hi[c0:c1][None, :]) - lse_b_lo[c0:c1][None, :], zero)
-        p_r, p_c = torch.exp(logp_r), torch.exp(logp_c)
-        Y_r, Y_c = y * inv_ya, y * inv_yb
-        if reverse:
-            d_r = p_r * (logp_r - torch.log(Y_r + eps) - loss_a)
-            d_c = p_c * (logp_c - torch.log(Y_c + eps) - loss_b[c0:c1].to(ct)[None, :])
+    def backward(self, p: Problem, out: ForwardOut, d_value, d_rows, want):
+        want_q, want_g, want_scale = want
+        o = p.options
+        n, m, k_count = p.n, p.m, p.galleries
+        ct = compute_dtype(p.q.dtype)
+        dev = p.q.device
+        row_m, row_logl, inv_y, g_hats, q_hat, s = out.state
+        g3, g_ids, g_mask, labels = _views(p)
+        q_keep = p.q_mask if p.q_mask is not None else torch.ones(n, dtype=torch.bool, device=dev)
+        w = self._weights(p, out, d_value, d_rows, ct)
+        width = self._chunk_width(p, ct)
+        dq_hat = torch.zeros((n, p.d), dtype=ct, device=dev)
+        dg_hat = torch.zeros((k_count, m, p.d), dtype=ct, device=dev)
+        d_s = torch.zeros((), dtype=ct, device=dev)
+        zero = torch.zeros((), dtype=ct, device=dev)
+        for k in range(k_count):
+            g_keep = g_mask[k] if g_mask is not None else torch.ones(m, dtype=torch.bool, device=dev)
+            qi = slice(k * n, (k + 1) * n)
+            gi0 = k_count * n + k * m
+            for c0 in range(0, m, width):
+                c1 = min(m, c0 + width)
+                gj = slice(gi0 + c0, gi0 + c1)
+                cos = q_hat @ g_hats[k][c0:c1].T
+                S = s * cos
+                both = q_keep[:, None] & g_keep[None, c0:c1]
+                y = self._labels(p, k, labels, g_ids, q_keep, g_keep, c0, c1, ct)
+                on_r = both & (inv_y[qi] != 0)[:, None]
+                on_c = both & (inv_y[gj] != 0)[None, :]
+                log_p = torch.where(on_r, (S - row_m[qi][:, None]) - row_logl[qi][:, None], zero)
+                log_pc = torch.where(on_c, (S - row_m[gj][None, :]) - row_logl[gj][None, :], zero)
+                P, Pc = log_p.exp(), log_pc.exp()
+                Y, Yc = y * inv_y[qi][:, None], y * inv_y[gj][None, :]
+                if o.reverse:
+                    d_r = P * (log_p - torch.log(Y + o.eps) - out.rows[qi].to(ct)[:, None])
+                    d_c = Pc * (log_pc - torch.log(Yc + o.eps) - out.rows[gj].to(ct)[None, :])
+                else:
+                    d_r, d_c = P - Y, Pc - Yc
+                dS = torch.where(on_r, w[qi][:, None] * d_r, zero) + torch.where(on_c, w[gj][None, :] * d_c, zero)
+                if want_q:
+                    dq_hat += s * (dS @ g_hats[k][c0:c1])
+                if want_g:
+                    dg_hat[k, c0:c1] = s * (dS.T @ q_hat)
+                if want_scale:
+                    d_s = d_s + torch.where(both, dS * cos, zero).sum()
+        dq = self._input_gradient(p.q, q_hat, q_keep, dq_hat, o.normalize) if want_q else None
+        dg = None
+        if want_g:
+            g_keep_all = g_mask if g_mask is not None else torch.ones((k_count, m), dtype=torch.bool, device=dev)
+            dg = torch.stack([self._input_gradient(g3[k], g_hats[k], g_keep_all[k], dg_hat[k], o.normalize)
+                              for k in range(k_count)])
+            dg = dg.reshape(p.g.shape)
+        return dq, dg, (d_s if want_scale else None)
+
+    @staticmethod
+    def _input_gradient(x, x_hat, keep, d_hat, normalize):
+        """F.normalize's backward (d / max(|x|, eps) projected off x_hat), 0 for absent rows."""
+        ct = d_hat.dtype
+        xf = torch.where(keep[:, None], x.to(ct), torch.zeros((), dtype=ct, device=x.device))
+        if normalize:
+            norm = torch.linalg.vector_norm(xf, dim=1)
+            radial = (x_hat * d_hat).sum(1, keepdim=True)
+            g = torch.where((norm > NORM_EPS)[:, None], d_hat - x_hat * radial, d_hat) / norm.clamp_min(NORM_EPS)[:, None]
         else:
-            d_r, d_c = p_r - Y_r, p_c - Y_c
-        dS = (torch.where(on_r, ga * d_r, zero)
-              + torch.where(on_c, gb[c0:c1].to(ct)[None, :] * d_c, zero))
-        dscale = (dS * cos).sum(1) if want_dscale else None
-        # W = dS * pa_i * pb_j, for the products with x' (prepare.product_operand)
-        W = dS * (pa.to(ct)[:, None] * pb[c0:c1].to(ct)[None, :])
-        return W, 1, dscale
+            g = d_hat
+        g = torch.where(keep[:, None], g, torch.zeros((), dtype=ct, device=x.device))
+        if x.dtype in (torch.float16, torch.bfloat16):
+            big = torch.finfo(x.dtype).max
+            g = g.clamp(-big, big)
+        return g.to(x.dtype)
+
+    @staticmethod
+    def _weights(p: Problem, out: ForwardOut, d_value, d_rows, ct):
+        """w per softmax row (kernels/grad.py, row_weights)."""
+        n, m, k_count = p.n, p.m, p.galleries
+        dev = out.rows.device
+        w = torch.zeros(p.num_rows, dtype=ct, device=dev)
+        if d_value is not None:
+            coef_q, coef_g = reduction_coefficients(p)
+            dv = d_value.reshape(k_count).to(ct)
+            c_q, c_g = coef_q * dv, coef_g * dv
+            if p.options.reduction == "mean":
+                c_q = c_q / out.red[1].clamp_min(1)
+                c_g = c_g / out.red[3].clamp_min(1)
+            w = w + torch.cat([c_q.repeat_interleave(n), c_g.repeat_interleave(m)])
+        if d_rows is not None:
+            w = w + d_rows.to(ct)
+        return torch.where(out.valid, w, torch.zeros((), dtype=ct, device=dev))

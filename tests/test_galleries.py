@@ -2,10 +2,9 @@
 arguments, both backends, against the reference's loop over galleries in float64.
 
 Gallery k of ``sdm_loss_multi`` must equal ``sdm_loss(q, g_k, ...)``; the Triton kernels
-compute all K in one problem whose row softmax runs per gallery (kernels/direction_stats.py,
-kernels/tile_grad.py), so the cases below put gallery boundaries inside column tiles, chunks
-and segments: M not a multiple of the tile width, and workspaces small enough to cut chunks
-across galleries.
+compute all K in one problem whose query rows have one softmax per gallery (kernels/stats.py,
+kernels/grad.py), so the cases below put M off the tile width, cut the columns into segments
+and chunks, and run both backward paths (fused, chunked) with non-square tiles.
 """
 
 import pytest
@@ -17,8 +16,8 @@ from sdm_triton.options import SDMRowLosses
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-# two-pass tile configs: the fused K-loop and the rows-on-chip (ONE_K) kernels
-TRITON_VARIANTS = ["default", "twopass_m64n32k0w4s2"] if CUDA else ["interpreter", "interpreter_onek"]
+# both backward paths, with non-square tiles (a swapped block_m / block_n would show)
+TRITON_VARIANTS = ["fused", "chunked_m64n128"] if CUDA else ["fused_m16n32", "chunked_m32n16"]
 # (N, M, D, K): M not a multiple of the tile width, K = 1 as the degenerate case
 SHAPES = ([(300, 257, 512, 3), (129, 64, 77, 15), (1000, 130, 96, 1)] if CUDA
           else [(13, 11, 9, 3), (7, 5, 16, 4), (20, 17, 8, 1)])
@@ -136,7 +135,7 @@ def test_triton_matches_float64_no_worse_than_pytorch(variant, options, dtype):
         base = _run(reference.sdm_loss_multi, q, gs, kw, dtype, **options)
         separate = _run(_separate_calls(variant), q, gs, kw, dtype, **options)
         for workspace in WORKSPACES:
-            ours = _run(sdm_triton.sdm_loss_multi, q, gs, kw, dtype, backend="triton", tile_config=variant,
+            ours = _run(sdm_triton.sdm_loss_multi, q, gs, kw, dtype, backend="triton", kernel_config=variant,
                         workspace_bytes=workspace, **options)
             for key, a, b, c, sep in zip(("loss", "dq", "dg", "ds"), ours, base, truth, separate):
                 if key == "ds":
@@ -152,7 +151,7 @@ def _separate_calls(variant):
         args = reference.galleries.split_galleries(gs, g_ids, labels, g_mask)
         return reference.galleries.stack_results([
             sdm_triton.sdm_loss(q, g, q_ids, ids, labels=lab, q_mask=q_mask, g_mask=mask, backend="triton",
-                                tile_config=variant, **options) for g, ids, lab, mask in zip(*args)])
+                                kernel_config=variant, **options) for g, ids, lab, mask in zip(*args)])
     return fn
 
 
@@ -186,26 +185,6 @@ def test_bad_gallery_arguments():
         sdm_triton.sdm_loss_multi(q, gs, qi, torch.arange(6))
     with pytest.raises(TypeError, match=r"gs\[1\]"):
         sdm_triton.sdm_loss_multi(q, [gs[0], "x"], qi, gi)
-    with pytest.raises(ValueError, match="one-pass"):
-        sdm_triton.sdm_loss_multi(q, gs, qi, gi, backend="triton",
-                                  tile_config="onepass_m64n64w4" if CUDA else "interpreter_onepass")
-
-
-@pytest.mark.parametrize("k", [1, 3])
-def test_dense_labels_prepared_in_row_blocks(k, monkeypatch):
-    """prepare_sides converts dense labels a block of rows at a time (memory O(block * M)): with
-    blocks of 2 rows the per-row and per-column label sums, and so the losses and gradients,
-    are those of the reference."""
-    from sdm_triton import prepare
-    n, m, d, _ = SHAPES[0]
-    q, gs, kw = _problem(n, m, d, k, seed=21, dense=True, masks=True)
-    q, gs = q.double(), gs.double()
-    monkeypatch.setattr(prepare, "LABEL_BLOCK_ELEMENTS", 2 * k * m)
-    assert n > 2  # several blocks
-    ours = _run(sdm_triton.sdm_loss_multi, q, gs, kw, torch.float64, backend="torch", kl="reverse")
-    ref = _run(reference.sdm_loss_multi, q, gs, kw, torch.float64, kl="reverse")
-    for a, b in zip(ours, ref):
-        assert _rel(a, b) < 1e-10
 
 
 def test_preset_kwargs_give_each_gallery_the_preset_loss():

@@ -1,0 +1,165 @@
+"""Forward, last step: merge the segments' statistics, per-row losses, the reduction (one program).
+
+Merging partial statistics over disjoint column segments (shift_s = m_s - m, alpha_s = 2^shift_s):
+
+    m = max_s m_s,  l = sum alpha_s l_s,  pos = sum alpha_s pos_s,  logy = sum alpha_s logy_s
+    forward KL:  lin = sum_s lin_s            reverse KL:  lin = sum_s alpha_s (lin_s + shift_s l_s)
+
+Row losses (log2-domain statistics, `stats.py`; ysum, ylny from `prep.py`):
+
+    forward:          L = ln2 (m + log2 l - lin / ysum) + ylny / ysum - ln ysum     (clamped at 0: KL >= 0)
+    reverse, ids:     L = ln2 (lin / l - log2 l) - [P+ ln(1/ysum + eps) + (1 - P+) ln eps],  P+ = pos / l
+    reverse, dense:   L = ln2 (lin / l - log2 l) - logy / l
+
+A row is valid when its sample is present and ysum > 0 (a NaN ysum, from bad labels, counts
+as valid so that its NaN reaches the loss). A bad logit scale (<= 0, NaN, inf) makes every
+loss NaN. Written per softmax row: the loss, validity, and what the backward needs (m, log2 l,
+1 / ysum: 0 for invalid rows); per gallery k: the sums and counts of valid rows of both
+directions, the positive mass, the present samples' norm statistics, and the value asked for.
+"""
+
+import triton
+import triton.language as tl
+
+from .stats import NUM_STATS
+from .tiles import LN2, present
+
+#: rows of the per-gallery reduction buffer ``red`` [NUM_RED, K]
+NUM_RED = 10  # sum_q, cnt_q, sum_g, cnt_g, pos_q, pos_g, qnorm_sum, qnorm_max, gnorm_sum (per gallery), gnorm_max
+
+
+@triton.jit
+def _finish_rows(
+    part_ptr, S, NDR, lab_ptr, msk, moff, s_msk, dir0, n, s_ok, eps, ln_eps,
+    rows_ptr, valid_ptr, saved_ptr,
+    REVERSE: tl.constexpr, DENSE: tl.constexpr, WANT_POS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Rows dir0 .. dir0 + n of the direction-row space, merged over S segments: returns (sum
+    of losses, valid count, sum of positive probabilities) over them."""
+    sum_l = tl.zeros((BLOCK,), dtype=tl.float32)
+    cnt = tl.zeros((BLOCK,), dtype=tl.float32)
+    sum_pos = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i0 in range(0, n, BLOCK):
+        i = i0 + tl.arange(0, BLOCK).to(tl.int64)
+        i_in = i < n
+        idx = dir0 + i
+        m = tl.full((BLOCK,), -float("inf"), dtype=tl.float32)
+        for s in range(0, S):
+            m = tl.maximum(m, tl.load(part_ptr + s * (NUM_STATS * NDR) + idx, mask=i_in, other=0.0))
+        l = tl.zeros((BLOCK,), dtype=tl.float32)
+        lin = tl.zeros((BLOCK,), dtype=tl.float32)
+        pos = tl.zeros((BLOCK,), dtype=tl.float32)
+        logy = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in range(0, S):
+            base = part_ptr + s * (NUM_STATS * NDR) + idx
+            shift = tl.load(base, mask=i_in, other=0.0) - m
+            alpha = tl.exp2(shift)
+            l_s = tl.load(base + NDR, mask=i_in, other=0.0)
+            l += alpha * l_s
+            if REVERSE:
+                lin += alpha * (tl.load(base + 2 * NDR, mask=i_in, other=0.0) + shift * l_s)
+                if DENSE:
+                    logy += alpha * tl.load(base + 4 * NDR, mask=i_in, other=0.0)
+            else:
+                lin += tl.load(base + 2 * NDR, mask=i_in, other=0.0)
+            if WANT_POS:
+                pos += alpha * tl.load(base + 3 * NDR, mask=i_in, other=0.0)
+        ysum = tl.load(lab_ptr + idx, mask=i_in, other=0.0)
+        valid = present(msk, moff, s_msk, i, i_in) & ((ysum > 0) | (ysum != ysum))
+        safe_l = tl.where(valid & (l > 0), l, 1.0)
+        safe_y = tl.where(valid, ysum, 1.0)
+        log2l = tl.log2(safe_l)
+        if REVERSE:
+            loss = LN2 * (lin / safe_l - log2l)
+            if DENSE:
+                loss -= logy / safe_l
+            else:
+                p_pos = pos / safe_l
+                loss -= p_pos * tl.log(1.0 / safe_y + eps) + (1.0 - p_pos) * ln_eps
+        else:
+            loss = LN2 * (m + log2l - lin / safe_y) - tl.log(safe_y)
+            if DENSE:
+                loss += tl.load(lab_ptr + NDR + idx, mask=i_in, other=0.0) / safe_y
+            loss = tl.where(loss < 0, 0.0, loss)          # KL >= 0 exactly; keeps NaN
+        loss = tl.where(s_ok, loss, float("nan"))
+        loss = tl.where(valid, loss, 0.0)
+        tl.store(rows_ptr + idx, loss, mask=i_in)
+        tl.store(valid_ptr + idx, valid.to(tl.int8), mask=i_in)
+        tl.store(saved_ptr + idx, m, mask=i_in)
+        tl.store(saved_ptr + NDR + idx, log2l, mask=i_in)
+        tl.store(saved_ptr + 2 * NDR + idx, tl.where(valid, 1.0 / safe_y, 0.0), mask=i_in)
+        sum_l += loss
+        cnt += valid.to(tl.float32)
+        sum_pos += tl.where(valid, pos / safe_l, 0.0)
+    return tl.sum(sum_l, axis=0), tl.sum(cnt, axis=0), tl.sum(sum_pos, axis=0)
+
+
+@triton.jit
+def _norm_stats(pre_ptr, NR, msk, moff, s_msk, s0, n, BLOCK: tl.constexpr):
+    """(sum, count, max) of the present samples' norms among samples s0 .. s0 + n."""
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    cnt = tl.zeros((BLOCK,), dtype=tl.float32)
+    top = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i0 in range(0, n, BLOCK):
+        i = i0 + tl.arange(0, BLOCK).to(tl.int64)
+        keep = present(msk, moff, s_msk, i, i < n)
+        x = tl.load(pre_ptr + 2 * NR + s0 + i, mask=keep, other=0.0)
+        total += x
+        cnt += keep.to(tl.float32)
+        top = tl.maximum(top, x)
+    return tl.sum(total, axis=0), tl.sum(cnt, axis=0), tl.max(top, axis=0)
+
+
+@triton.jit(do_not_specialize=["N", "M", "K", "S_q", "S_g"])
+def _finish_kernel(
+    part_ptr, pre_ptr, lab_ptr, q_msk, s_qmsk, g_msk, s_gmsk_gal, s_gmsk, scale_ptr,
+    rows_ptr, valid_ptr, saved_ptr, red_ptr, value_ptr,
+    N, M, K, S_q, S_g, scale_value, eps,
+    REVERSE: tl.constexpr, DENSE: tl.constexpr, WANT_Q2G: tl.constexpr, WANT_G2Q: tl.constexpr,
+    MEAN: tl.constexpr, COMBINE_MEAN: tl.constexpr, STATS: tl.constexpr, WANT_POS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    NR = N + K * M
+    NDR = K * N + K * M
+    s = scale_value
+    if scale_ptr is not None:
+        s = tl.load(scale_ptr).to(tl.float32)
+    s_ok = (s > 0) & (s < float("inf"))
+    ln_eps = tl.log(eps)
+    q_sum = 0.0
+    q_cnt = 0.0
+    q_max = 0.0
+    if STATS:
+        q_sum, q_cnt, q_max = _norm_stats(pre_ptr, NR, q_msk, 0, s_qmsk, 0, N, BLOCK)
+    for k in range(0, K):
+        gmoff = k * s_gmsk_gal
+        sq, cq, pq = _finish_rows(part_ptr, S_q, NDR, lab_ptr, q_msk, 0, s_qmsk, k * N, N, s_ok, eps, ln_eps,
+                                  rows_ptr, valid_ptr, saved_ptr, REVERSE, DENSE, WANT_POS, BLOCK)
+        sg, cg, pg = _finish_rows(part_ptr, S_g, NDR, lab_ptr, g_msk, gmoff, s_gmsk, K * N + k * M, M, s_ok, eps, ln_eps,
+                                  rows_ptr, valid_ptr, saved_ptr, REVERSE, DENSE, WANT_POS, BLOCK)
+        a = sq
+        b = sg
+        if MEAN:
+            a = sq / tl.maximum(cq, 1.0)
+            b = sg / tl.maximum(cg, 1.0)
+        value = 0.0
+        if WANT_Q2G:
+            value += a
+        if WANT_G2Q:
+            value += b
+        if WANT_Q2G and WANT_G2Q and COMBINE_MEAN:
+            value = 0.5 * value
+        tl.store(value_ptr + k, tl.where(s_ok, value, float("nan")))
+        red = red_ptr + k
+        tl.store(red, sq)
+        tl.store(red + K, cq)
+        tl.store(red + 2 * K, sg)
+        tl.store(red + 3 * K, cg)
+        if STATS:
+            tl.store(red + 4 * K, pq)
+            tl.store(red + 5 * K, pg)
+            g_sum, g_cnt, g_max = _norm_stats(pre_ptr, NR, g_msk, gmoff, s_gmsk, N + k * M, M, BLOCK)
+            tl.store(red + 6 * K, q_sum / tl.maximum(q_cnt, 1.0))
+            tl.store(red + 7 * K, q_max)
+            tl.store(red + 8 * K, g_sum / tl.maximum(g_cnt, 1.0))
+            tl.store(red + 9 * K, g_max)

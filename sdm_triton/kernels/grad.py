@@ -1,0 +1,489 @@
+"""Backward: dL/dS recomputed tile by tile from the forward's statistics, and the gradients.
+
+For a pair of present samples (row i of one side, column j of the other), with the log2-domain
+logit t_ij and each softmax's saved (m, log2 l, 1 / ysum) and loss L (`finish.py`):
+
+    z_ij  = (t_ij - m_i) - log2 l_i = log2 P_ij          (t - m first: exact near the row's max)
+    z'_ij = (t_ij - m'_j) - log2 l'_j = log2 P'_ij        (the column's own softmax)
+    forward KL:  d_ij = P_ij - y_ij / ysum_i
+    reverse KL:  d_ij = P_ij (ln P_ij - ln(y_ij / ysum_i + eps) - L_i)
+    dS_ij = w_i d_ij + w'_j d'_ij
+
+w_i is the weight the output puts on row i's loss (`row_weights`: grad of the value times the
+reduction's coefficient, plus the grad of the row loss; 0 for an invalid row). Then
+
+    dL/dx_hat_i = s sum_j dS_ij y_hat_j,     dL/ds = sum_ij dS_ij cos_ij,
+    dL/dx_i = r_i (d - x_hat (x_hat . d))   (F.normalize's backward; r_i d where |x_i| <= eps)
+
+Products: with c_j = 2^-e_j the power of two that scales row j to norm [0.5, 1) (prep.py) and
+p_j = r_j / c_j, x' = c x is exact in the input dtype and W_ij = dS_ij p_i p_j gives
+sum_j W_ij y'_j = p_i sum_j dS_ij y_hat_j, so dL/dx_i = s c_i (u_i - x_hat_i (x_hat_i . u_i))
+with u_i = sum_j W_ij y'_j. For half inputs W is split into hi + lo halves of the input dtype
+(two tensor-core products, ~16 bits of W): one rounding of W to a half dtype puts errors of
+2^-9 |dS| into every product, more than the gradient's own rounding (SPEC, precision), as
+measured in bench/NOTES.md. fp16 W is divided by the largest weight first (its range).
+
+Two ways to run the products:
+    _fused_grad_kernel   one launch: a program owns BLOCK_M rows of one side, walks every
+                         column of the other side, accumulates u in registers (all of D) and
+                         writes dL/dx. For small problems (and D up to a few hundred).
+    _grad_chunk_kernel   W for the columns of one chunk into a workspace, then cuBLAS
+                         products (autograd launcher) and `_input_grad_kernel`: large problems.
+"""
+
+import triton
+import triton.language as tl
+
+from .tiles import LN2, LOG2E, dot_tile, label_tile, present, row_ids, split_hi_lo
+
+NORM_EPS = tl.constexpr(1e-12)
+
+
+@triton.jit
+def row_weights(idx, in_range, k, saved_ptr, NDR, dv_ptr, drows_ptr, red_ptr, K, coef, cnt_row,
+                MEAN: tl.constexpr):
+    """(w, 1 / ysum) of softmax rows ``idx`` (direction-row space) of gallery k.
+
+    w = dvalue[k] * coef / (valid count if MEAN) + drows[idx] for valid rows, else 0.
+    ``dv_ptr`` / ``drows_ptr`` None: that output got no gradient.
+    """
+    inv_y = tl.load(saved_ptr + 2 * NDR + idx, mask=in_range, other=0.0)
+    w = tl.zeros(idx.shape, dtype=tl.float32)
+    if dv_ptr is not None:
+        c = coef * tl.load(dv_ptr + k).to(tl.float32)
+        if MEAN:
+            c = c / tl.maximum(tl.load(red_ptr + cnt_row * K + k), 1.0)
+        w += c
+    if drows_ptr is not None:
+        w += tl.load(drows_ptr + idx, mask=in_range, other=0.0).to(tl.float32)
+    return tl.where(in_range & (inv_y != 0), w, 0.0), inv_y
+
+
+@triton.jit
+def ds_tile(t, y, both, m_r, l2_r, iy_r, w_r, L_r, m_c, l2_c, iy_c, w_c, L_c, eps, ln_eps,
+            REVERSE: tl.constexpr, DENSE: tl.constexpr):
+    """dS on a tile (module doc): rows' softmax terms (suffix _r, [BM]) and columns' (_c, [BN])."""
+    on_r = both & (iy_r != 0)[:, None]
+    on_c = both & (iy_c != 0)[None, :]
+    z_r = tl.where(on_r, (t - m_r[:, None]) - l2_r[:, None], 0.0)
+    z_c = tl.where(on_c, (t - m_c[None, :]) - l2_c[None, :], 0.0)
+    p_r = tl.exp2(z_r)
+    p_c = tl.exp2(z_c)
+    if REVERSE:
+        if DENSE:
+            ly_r = tl.log(y * iy_r[:, None] + eps)
+            ly_c = tl.log(y * iy_c[None, :] + eps)
+        else:   # y in {0, 1}: two values per row
+            ly_r = tl.where(y > 0, tl.log(iy_r + eps)[:, None], ln_eps)
+            ly_c = tl.where(y > 0, tl.log(iy_c + eps)[None, :], ln_eps)
+        d_r = p_r * (LN2 * z_r - ly_r - L_r[:, None])
+        d_c = p_c * (LN2 * z_c - ly_c - L_c[None, :])
+    else:
+        d_r = p_r - y * iy_r[:, None]
+        d_c = p_c - y * iy_c[None, :]
+    return tl.where(on_r, w_r[:, None] * d_r, 0.0) + tl.where(on_c, w_c[None, :] * d_c, 0.0)
+
+
+@triton.jit
+def round_bf16(x):
+    """fp32 -> the nearest bf16 value (ties to even), kept in fp32: bit arithmetic, so the CPU
+    interpreter (which converts bf16 wrongly) computes what the GPU does."""
+    b = x.to(tl.int32, bitcast=True)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def half_operand(x, HALF: tl.constexpr, UPCAST: tl.constexpr):
+    """A product operand exact in the input dtype: itself (fp32 values of bf16 in the interpreter)."""
+    if UPCAST:
+        return x.to(tl.float32)
+    return x.to(HALF)
+
+
+@triton.jit
+def accumulate_product(acc, W, b_op, HALF: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    """acc += W @ b_op: fp32 W as one product (fp32 inputs) or hi + lo halves (half inputs)."""
+    if IS_FP32:
+        acc = tl.dot(W, b_op, acc, input_precision=DOT_PRECISION)
+    elif UPCAST:   # interpreter, bf16: the same hi + lo values, as fp32
+        hi = (W.to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)
+        lo = round_bf16(W - hi)
+        acc = tl.dot(hi, b_op, acc, input_precision="ieee")
+        acc = tl.dot(lo, b_op, acc, input_precision="ieee")
+    else:
+        hi, lo = split_hi_lo(W, HALF, HALF == tl.bfloat16)
+        acc = tl.dot(hi, b_op, acc)
+        acc = tl.dot(lo, b_op, acc)
+    return acc
+
+
+@triton.jit
+def _fused_rows(
+    acc, ds_acc, a_rows, ra, pa, ai, row_ok,
+    b_ptr, sb_row, sb_d, b_msk, b_moff, s_bmsk, b_ids, b_ioff, sb_id, lab, lab_off, sl_row, sl_col,
+    pre_ptr, NR, b_pre, saved_ptr, rows_ptr, NDR, a_dir, b_dir,
+    dv_ptr, drows_ptr, red_ptr, K, k, coef_a, coef_b, cnt_a, cnt_b,
+    rows, row_in, n_cols, D, s_log2e, eps, ln_eps, inv_gmax,
+    REVERSE: tl.constexpr, DENSE: tl.constexpr, MEAN: tl.constexpr, WANT_DSCALE: tl.constexpr,
+    HALF: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """acc += sum_j W_ij b'_j over every column of one softmax block (gallery k or the queries)."""
+    arow = a_dir + rows
+    m_r = tl.load(saved_ptr + arow, mask=row_in, other=0.0)
+    l2_r = tl.load(saved_ptr + NDR + arow, mask=row_in, other=0.0)
+    w_r, iy_r = row_weights(arow, row_in, k, saved_ptr, NDR, dv_ptr, drows_ptr, red_ptr, K, coef_a, cnt_a, MEAN)
+    L_r = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if REVERSE:
+        L_r = tl.load(rows_ptr + arow, mask=row_in, other=0.0)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_in = offs_d < D
+    for n0 in range(0, n_cols, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_in = cols < n_cols
+        col_ok = present(b_msk, b_moff, s_bmsk, cols, col_in)
+        # the columns' features over all of D; absent columns load as 0 (they may hold NaN)
+        b_tile = tl.load(b_ptr + cols[:, None] * sb_row + offs_d[None, :] * sb_d,
+                         mask=col_ok[:, None] & d_in[None, :], other=0.0)                    # [BN, BD]
+        if UPCAST:
+            b_tile = b_tile.to(tl.float32)
+        if b_tile.dtype == tl.float32:
+            dot = tl.dot(a_rows, tl.trans(b_tile), input_precision=DOT_PRECISION)
+        else:
+            dot = tl.dot(a_rows, tl.trans(b_tile))
+        bcol = b_pre + cols
+        rb = tl.load(pre_ptr + bcol, mask=col_ok, other=0.0)
+        cb = tl.load(pre_ptr + NR + bcol, mask=col_ok, other=0.0)
+        cos = dot * (ra[:, None] * rb[None, :])
+        t = cos * s_log2e
+        both = row_ok[:, None] & col_ok[None, :]
+        y = label_tile(ai, b_ids, b_ioff, sb_id, lab, lab_off, sl_row, sl_col, rows, cols, col_in, both, DENSE)
+        ccol = b_dir + cols
+        m_c = tl.load(saved_ptr + ccol, mask=col_in, other=0.0)
+        l2_c = tl.load(saved_ptr + NDR + ccol, mask=col_in, other=0.0)
+        w_c, iy_c = row_weights(ccol, col_in, k, saved_ptr, NDR, dv_ptr, drows_ptr, red_ptr, K, coef_b, cnt_b,
+                                MEAN)
+        L_c = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        if REVERSE:
+            L_c = tl.load(rows_ptr + ccol, mask=col_in, other=0.0)
+        dS = ds_tile(t, y, both, m_r, l2_r, iy_r, w_r, L_r, m_c, l2_c, iy_c, w_c, L_c, eps, ln_eps,
+                     REVERSE, DENSE)
+        if WANT_DSCALE:
+            ds_acc += tl.sum(tl.where(both, dS * cos, 0.0), axis=1)
+        W = dS * (pa[:, None] * (rb / tl.where(col_ok, cb, 1.0))[None, :]) * inv_gmax
+        b_op = half_operand(b_tile.to(tl.float32) * cb[:, None], HALF, UPCAST)          # c_j b_j: exact
+        acc = accumulate_product(acc, W, b_op, HALF, IS_FP32, UPCAST, DOT_PRECISION)
+    return acc, ds_acc
+
+
+@triton.jit
+def input_gradient(u, x, r, c, norm, keep, scale, NORMALIZE: tl.constexpr):
+    """dL/dx from u = sum_j W_ij y'_j (module doc): s c (u - x_hat (x_hat . u)), 0 for absent rows."""
+    g = u * (scale * c)[:, None]
+    if NORMALIZE:
+        x_hat = x * r[:, None]
+        radial = tl.sum(x_hat * g, axis=1)
+        g = tl.where((norm > NORM_EPS)[:, None], g - x_hat * radial[:, None], g)
+    return tl.where(keep[:, None], g, 0.0)
+
+
+@triton.jit
+def store_gradient(out_ptr, so_row, so_d, rows, row_in, offs_d, d_in, g, OUT: tl.constexpr):
+    """Store in the input dtype; fp16 saturates instead of overflowing (a zero feature vector's
+    gradient is scaled by 1 / NORM_EPS)."""
+    if OUT == tl.float16:
+        g = tl.minimum(tl.maximum(g, -65504.0), 65504.0)
+    tl.store(out_ptr + rows[:, None] * so_row + offs_d[None, :] * so_d, g.to(OUT),
+             mask=row_in[:, None] & d_in[None, :])
+
+
+@triton.jit
+def _max_weight(saved_ptr, NDR, dv_ptr, drows_ptr, red_ptr, K, N, M, coef_q, coef_g,
+                MEAN: tl.constexpr, BLOCK: tl.constexpr):
+    """max |w| over every softmax row (for fp16 workspaces), at least the smallest normal float."""
+    top = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k in range(0, K):
+        for i0 in range(0, N, BLOCK):
+            i = i0 + tl.arange(0, BLOCK).to(tl.int64)
+            w, _ = row_weights(k * N + i, i < N, k, saved_ptr, NDR, dv_ptr, drows_ptr, red_ptr, K, coef_q, 1, MEAN)
+            top = tl.maximum(top, tl.abs(w))
+        for j0 in range(0, M, BLOCK):
+            j = j0 + tl.arange(0, BLOCK).to(tl.int64)
+            w, _ = row_weights(K * N + k * M + j, j < M, k, saved_ptr, NDR, dv_ptr, drows_ptr, red_ptr, K,
+                               coef_g, 3, MEAN)
+            top = tl.maximum(top, tl.abs(w))
+    return tl.maximum(tl.max(top, axis=0), 1.1754943508222875e-38)
+
+
+@triton.jit(do_not_specialize=["N", "M", "K", "n_q_programs"])
+def _fused_grad_kernel(
+    q_ptr, sq_row, sq_d, g_ptr, sg_gal, sg_row, sg_d,
+    q_msk, s_qmsk, g_msk, s_gmsk_gal, s_gmsk,
+    q_ids, s_qid, g_ids, s_gid_gal, s_gid,
+    lab, sl_q, sl_gal, sl_g,
+    pre_ptr, saved_ptr, rows_ptr, red_ptr, scale_ptr, dv_ptr, drows_ptr,
+    dq_ptr, sdq_row, sdq_d, dg_ptr, sdg_row, sdg_d, dscale_ptr,
+    N, M, K, n_q_programs, D, scale_value, eps, coef_q, coef_g,
+    REVERSE: tl.constexpr, DENSE: tl.constexpr, MEAN: tl.constexpr, NORMALIZE: tl.constexpr,
+    WANT_DSCALE: tl.constexpr, SCALE_W: tl.constexpr,
+    HALF: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Programs [0, n_q_programs): BLOCK_M q rows against every gallery -> dq rows (and the
+    dL/ds partial); the rest: BLOCK_M rows of one gallery against the queries -> dg rows.
+    ``dg`` is [K * M, D] (contiguous rows per gallery)."""
+    pid = tl.program_id(0)
+    NR = N + K * M
+    NDR = K * N + K * M
+    s = scale_value
+    if scale_ptr is not None:
+        s = tl.load(scale_ptr).to(tl.float32)
+    s_log2e = s * LOG2E
+    ln_eps = tl.log(eps)
+    gmax = 1.0
+    if SCALE_W:
+        gmax = _max_weight(saved_ptr, NDR, dv_ptr, drows_ptr, red_ptr, K, N, M, coef_q, coef_g, MEAN, 256)
+    inv_gmax = 1.0 / gmax
+    offs_d = tl.arange(0, BLOCK_D)
+    d_in = offs_d < D
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    ds_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if pid < n_q_programs:
+        rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_in = rows < N
+        row_ok = present(q_msk, 0, s_qmsk, rows, row_in)
+        x = tl.load(q_ptr + rows[:, None] * sq_row + offs_d[None, :] * sq_d,
+                    mask=row_ok[:, None] & d_in[None, :], other=0.0)
+        a_rows = x
+        if UPCAST:
+            a_rows = x.to(tl.float32)
+        ra = tl.load(pre_ptr + rows, mask=row_in, other=0.0)
+        ca = tl.load(pre_ptr + NR + rows, mask=row_in, other=1.0)
+        pa = ra / ca
+        ai = row_ids(q_ids, 0, s_qid, rows, row_in, DENSE)
+        for k in range(0, K):
+            acc, ds_acc = _fused_rows(
+                acc, ds_acc, a_rows, ra, pa, ai, row_ok,
+                g_ptr + k * sg_gal, sg_row, sg_d, g_msk, k * s_gmsk_gal, s_gmsk, g_ids, k * s_gid_gal, s_gid,
+                lab, k * sl_gal, sl_q, sl_g,
+                pre_ptr, NR, N + k * M, saved_ptr, rows_ptr, NDR, k * N, K * N + k * M,
+                dv_ptr, drows_ptr, red_ptr, K, k, coef_q, coef_g, 1, 3,
+                rows, row_in, M, D, s_log2e, eps, ln_eps, inv_gmax,
+                REVERSE, DENSE, MEAN, WANT_DSCALE, HALF, IS_FP32, UPCAST, DOT_PRECISION,
+                BLOCK_M, BLOCK_N, BLOCK_D)
+        norm = tl.load(pre_ptr + 2 * NR + rows, mask=row_in, other=0.0)
+        dx = input_gradient(acc * gmax, x.to(tl.float32), ra, ca, norm, row_ok, s, NORMALIZE)
+        store_gradient(dq_ptr, sdq_row, sdq_d, rows, row_in, offs_d, d_in, dx, dq_ptr.dtype.element_ty)
+        if WANT_DSCALE:
+            tl.store(dscale_ptr + pid, tl.sum(ds_acc, axis=0))
+    else:
+        p = pid - n_q_programs
+        m_blocks = tl.cdiv(M, BLOCK_M)
+        gal = (p // m_blocks).to(tl.int64)
+        rows = (p % m_blocks).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_in = rows < M
+        row_ok = present(g_msk, gal * s_gmsk_gal, s_gmsk, rows, row_in)
+        gk = g_ptr + gal * sg_gal
+        x = tl.load(gk + rows[:, None] * sg_row + offs_d[None, :] * sg_d,
+                    mask=row_ok[:, None] & d_in[None, :], other=0.0)
+        a_rows = x
+        if UPCAST:
+            a_rows = x.to(tl.float32)
+        srow = N + gal * M + rows
+        ra = tl.load(pre_ptr + srow, mask=row_in, other=0.0)
+        ca = tl.load(pre_ptr + NR + srow, mask=row_in, other=1.0)
+        pa = ra / ca
+        ai = row_ids(g_ids, gal * s_gid_gal, s_gid, rows, row_in, DENSE)
+        acc, ds_acc = _fused_rows(
+            acc, ds_acc, a_rows, ra, pa, ai, row_ok,
+            q_ptr, sq_row, sq_d, q_msk, 0, s_qmsk, q_ids, 0, s_qid, lab, gal * sl_gal, sl_g, sl_q,
+            pre_ptr, NR, 0, saved_ptr, rows_ptr, NDR, K * N + gal * M, gal * N,
+            dv_ptr, drows_ptr, red_ptr, K, gal, coef_g, coef_q, 3, 1,
+            rows, row_in, N, D, s_log2e, eps, ln_eps, inv_gmax,
+            REVERSE, DENSE, MEAN, False, HALF, IS_FP32, UPCAST, DOT_PRECISION,
+            BLOCK_M, BLOCK_N, BLOCK_D)
+        norm = tl.load(pre_ptr + 2 * NR + srow, mask=row_in, other=0.0)
+        dx = input_gradient(acc * gmax, x.to(tl.float32), ra, ca, norm, row_ok, s, NORMALIZE)
+        store_gradient(dg_ptr + gal * M * sdg_row, sdg_row, sdg_d, rows, row_in, offs_d, d_in, dx,
+                       dg_ptr.dtype.element_ty)
+
+
+# ---------------------------------------------------------------------------------------------
+# the chunked path: weights, operands, W chunks, input gradients
+
+
+@triton.jit(do_not_specialize=["N", "M", "K"])
+def _weights_kernel(saved_ptr, dv_ptr, drows_ptr, red_ptr, w_ptr, N, M, K, coef_q, coef_g,
+                    MEAN: tl.constexpr, BLOCK: tl.constexpr):
+    """w[NDR] (`row_weights`) for every softmax row; program k handles gallery k."""
+    k = tl.program_id(0).to(tl.int64)
+    NDR = K * N + K * M
+    for i0 in range(0, N, BLOCK):
+        i = i0 + tl.arange(0, BLOCK).to(tl.int64)
+        w, _ = row_weights(k * N + i, i < N, k, saved_ptr, NDR, dv_ptr, drows_ptr, red_ptr, K, coef_q, 1, MEAN)
+        tl.store(w_ptr + k * N + i, w, mask=i < N)
+    for j0 in range(0, M, BLOCK):
+        j = j0 + tl.arange(0, BLOCK).to(tl.int64)
+        idx = K * N + k * M + j
+        w, _ = row_weights(idx, j < M, k, saved_ptr, NDR, dv_ptr, drows_ptr, red_ptr, K, coef_g, 3, MEAN)
+        tl.store(w_ptr + idx, w, mask=j < M)
+
+
+@triton.jit(do_not_specialize=["M", "s0"])
+def _operand_kernel(x_ptr, sx_gal, sx_row, sx_d, msk, s_msk_gal, s_msk, pre_ptr, NR, s0, out_ptr,
+                    M, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """x' = c x in the input dtype (exact), 0 for absent rows: the cuBLAS products' operand.
+    Grid (row blocks, galleries) over a [K, M, D] side (K = 1, M = N for q); output [K * M, D]."""
+    k = tl.program_id(1).to(tl.int64)
+    j = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_in = j < M
+    keep = present(msk, k * s_msk_gal, s_msk, j, row_in)
+    rows = k * M + j
+    c = tl.load(pre_ptr + NR + s0 + rows, mask=row_in, other=0.0)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_in = offs_d < D
+        x = tl.load(x_ptr + k * sx_gal + j[:, None] * sx_row + offs_d[None, :] * sx_d,
+                    mask=keep[:, None] & d_in[None, :], other=0.0)
+        y = tl.where(keep[:, None], x.to(tl.float32) * c[:, None], 0.0)
+        tl.store(out_ptr + rows[:, None] * D + offs_d[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=row_in[:, None] & d_in[None, :])
+
+
+@triton.jit(do_not_specialize=["N", "M", "K", "col0", "col1", "k"])
+def _grad_chunk_kernel(
+    q_ptr, sq_row, sq_d, g_ptr, sg_gal, sg_row, sg_d,
+    q_msk, s_qmsk, g_msk, s_gmsk_gal, s_gmsk,
+    q_ids, s_qid, g_ids, s_gid_gal, s_gid,
+    lab, sl_q, sl_gal, sl_g,
+    pre_ptr, saved_ptr, rows_ptr, w_ptr, scale_ptr, gmax_ptr,
+    ws_ptr, s_ws_row, dscale_ptr,
+    N, M, K, k, col0, col1, D, scale_value, eps,
+    REVERSE: tl.constexpr, DENSE: tl.constexpr, WANT_DSCALE: tl.constexpr,
+    HALF: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """W = dS p_i p_j / gmax for q rows x columns [col0, col1) of gallery k, into the workspace:
+    ws[:, 0:w] (hi, or W for fp32) and ws[:, w:2w] (lo) with w = col1 - col0; grid (row
+    blocks, column tiles). WANT_DSCALE: dscale[tile, row] = sum over the tile of dS cos."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    NR = N + K * M
+    NDR = K * N + K * M
+    s = scale_value
+    if scale_ptr is not None:
+        s = tl.load(scale_ptr).to(tl.float32)
+    s_log2e = s * LOG2E
+    ln_eps = tl.log(eps)
+    inv_gmax = 1.0
+    if gmax_ptr is not None:
+        inv_gmax = 1.0 / tl.load(gmax_ptr)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_in = rows < N
+    cols = col0 + pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    col_in = cols < col1
+    row_ok = present(q_msk, 0, s_qmsk, rows, row_in)
+    col_ok = present(g_msk, k * s_gmsk_gal, s_gmsk, cols, col_in)
+    gk = g_ptr + k * sg_gal
+    dot = dot_tile(q_ptr, sq_row, sq_d, rows, row_ok, gk, sg_row, sg_d, cols, col_ok, D,
+                   BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION)
+    ra = tl.load(pre_ptr + rows, mask=row_in, other=0.0)
+    ca = tl.load(pre_ptr + NR + rows, mask=row_in, other=1.0)
+    bcol = N + k * M + cols
+    rb = tl.load(pre_ptr + bcol, mask=col_ok, other=0.0)
+    cb = tl.load(pre_ptr + NR + bcol, mask=col_ok, other=1.0)
+    cos = dot * (ra[:, None] * rb[None, :])
+    t = cos * s_log2e
+    both = row_ok[:, None] & col_ok[None, :]
+    ai = row_ids(q_ids, 0, s_qid, rows, row_in, DENSE)
+    y = label_tile(ai, g_ids, k * s_gid_gal, s_gid, lab, k * sl_gal, sl_q, sl_g, rows, cols, col_in, both, DENSE)
+    arow = k * N + rows
+    ccol = K * N + k * M + cols
+    m_r = tl.load(saved_ptr + arow, mask=row_in, other=0.0)
+    l2_r = tl.load(saved_ptr + NDR + arow, mask=row_in, other=0.0)
+    iy_r = tl.load(saved_ptr + 2 * NDR + arow, mask=row_in, other=0.0)
+    w_r = tl.load(w_ptr + arow, mask=row_in, other=0.0)
+    m_c = tl.load(saved_ptr + ccol, mask=col_in, other=0.0)
+    l2_c = tl.load(saved_ptr + NDR + ccol, mask=col_in, other=0.0)
+    iy_c = tl.load(saved_ptr + 2 * NDR + ccol, mask=col_in, other=0.0)
+    w_c = tl.load(w_ptr + ccol, mask=col_in, other=0.0)
+    L_r = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    L_c = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if REVERSE:
+        L_r = tl.load(rows_ptr + arow, mask=row_in, other=0.0)
+        L_c = tl.load(rows_ptr + ccol, mask=col_in, other=0.0)
+    dS = ds_tile(t, y, both, m_r, l2_r, iy_r, w_r, L_r, m_c, l2_c, iy_c, w_c, L_c, eps, ln_eps, REVERSE, DENSE)
+    if WANT_DSCALE:
+        tl.store(dscale_ptr + pid_n * N + rows, tl.sum(tl.where(both, dS * cos, 0.0), axis=1), mask=row_in)
+    W = dS * ((ra / ca)[:, None] * (rb / cb)[None, :]) * inv_gmax
+    width = col1 - col0
+    offs = rows[:, None] * s_ws_row + (cols - col0)[None, :]
+    tile_in = row_in[:, None] & col_in[None, :]
+    if IS_FP32:
+        tl.store(ws_ptr + offs, W, mask=tile_in)
+    else:
+        if UPCAST:
+            hi = (W.to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)
+            tl.store(ws_ptr + offs, hi.to(HALF), mask=tile_in)
+            tl.store(ws_ptr + offs + width, round_bf16(W - hi).to(HALF), mask=tile_in)
+        else:
+            hi, lo = split_hi_lo(W, HALF, HALF == tl.bfloat16)
+            tl.store(ws_ptr + offs, hi, mask=tile_in)
+            tl.store(ws_ptr + offs + width, lo, mask=tile_in)
+
+
+@triton.jit(do_not_specialize=["n_rows", "M", "s0", "r0", "gal"])
+def _input_grad_kernel(u_ptr, su_row, u2_ptr, x_ptr, sx_gal, sx_row, sx_d, msk, s_msk_gal, s_msk,
+                       pre_ptr, NR, s0, gal, r0, scale_ptr, scale_value, gmax_ptr, out_ptr, so_row, so_d,
+                       n_rows, M, D, NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dL/dx for rows r0 .. r0 + n_rows of gallery ``gal`` (rows j of a [K, M, D] side; K = 1 and
+    M = N for q) from u (+ u2: the lo half's product) = sum_j W_ij y'_j, whose rows start at r0
+    (`input_gradient`, in two sweeps over D: the radial part first)."""
+    k = gal.to(tl.int64)
+    loc = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_in = loc < n_rows
+    j = r0 + loc
+    keep = present(msk, k * s_msk_gal, s_msk, j, row_in)
+    s = scale_value
+    if scale_ptr is not None:
+        s = tl.load(scale_ptr).to(tl.float32)
+    gmax = 1.0
+    if gmax_ptr is not None:
+        gmax = tl.load(gmax_ptr)
+    srow = s0 + k * M + j
+    r = tl.load(pre_ptr + srow, mask=row_in, other=0.0)
+    c = tl.load(pre_ptr + NR + srow, mask=row_in, other=0.0)
+    norm = tl.load(pre_ptr + 2 * NR + srow, mask=row_in, other=0.0)
+    factor = s * c * gmax
+    radial = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if NORMALIZE:
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            both = keep[:, None] & (offs_d < D)[None, :]
+            u = tl.load(u_ptr + loc[:, None] * su_row + offs_d[None, :], mask=both, other=0.0)
+            if u2_ptr is not None:
+                u += tl.load(u2_ptr + loc[:, None] * su_row + offs_d[None, :], mask=both, other=0.0)
+            x = tl.load(x_ptr + k * sx_gal + j[:, None] * sx_row + offs_d[None, :] * sx_d,
+                        mask=both, other=0.0).to(tl.float32)
+            radial += tl.sum(x * u, axis=1)
+        radial = tl.where(norm > NORM_EPS, radial * r * r, 0.0)          # (x_hat . u) per unit of x_hat
+    out_row = (k * M + j) * so_row
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_in = offs_d < D
+        both = keep[:, None] & d_in[None, :]
+        u = tl.load(u_ptr + loc[:, None] * su_row + offs_d[None, :], mask=both, other=0.0)
+        if u2_ptr is not None:
+            u += tl.load(u2_ptr + loc[:, None] * su_row + offs_d[None, :], mask=both, other=0.0)
+        g = u
+        if NORMALIZE:
+            x = tl.load(x_ptr + k * sx_gal + j[:, None] * sx_row + offs_d[None, :] * sx_d,
+                        mask=both, other=0.0).to(tl.float32)
+            g = u - x * radial[:, None]
+        g = tl.where(keep[:, None], g * factor[:, None], 0.0)
+        if out_ptr.dtype.element_ty == tl.float16:
+            g = tl.minimum(tl.maximum(g, -65504.0), 65504.0)
+        tl.store(out_ptr + out_row[:, None] + offs_d[None, :] * so_d, g.to(out_ptr.dtype.element_ty),
+                 mask=row_in[:, None] & d_in[None, :])

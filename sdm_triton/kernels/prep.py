@@ -1,0 +1,110 @@
+"""Preparation: per-sample norms and per-softmax label masses, both sides in one launch.
+
+For each sample x (a row of q, or of a gallery):
+
+    norm = |x|,   r = 1 / max(norm, NORM_EPS)   (1 when not normalising),
+    c    = 2^-e with 2^e the power of two just above max(norm, NORM_EPS)
+
+(``c`` scales a row of the backward's product operands exactly: x' = c x, see grad.py).
+For each softmax row (a q row against gallery k, or a gallery row against the queries),
+over the present columns j:
+
+    ids:    ysum = #{j : id_j = id_i}                  ylny = 0
+    dense:  ysum = sum_j y_ij                          ylny = sum_j y_ij ln y_ij
+
+A negative, NaN or infinite label weight on a pair of present samples makes that row's
+ysum NaN, so its loss, and the mean it enters, become NaN on the device (no host sync).
+
+Programs [0, n_q_programs) own BLOCK_M q rows and one gallery k (the k = 0 program also
+writes the rows' norms); the others own BLOCK_M rows of one gallery against all queries.
+"""
+
+import triton
+import triton.language as tl
+
+from .tiles import pow2_below, present, row_ids
+
+NORM_EPS = tl.constexpr(1e-12)
+
+
+@triton.jit
+def _prep_rows(
+    a_ptr, sa_row, sa_d, a_msk, a_moff, s_amsk, a_ids, a_ioff, sa_id,
+    b_msk, b_moff, s_bmsk, b_ids, b_ioff, sb_id, lab, lab_off, sl_row, sl_col,
+    pre_ptr, NR, a_pre, lab_ptr, NDR, a_dir,
+    row0, n_rows, n_cols, D,
+    WRITE_NORMS, NORMALIZE: tl.constexpr, DENSE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_in = rows < n_rows
+    if WRITE_NORMS:
+        sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(a_ptr + rows[:, None] * sa_row + offs_k[None, :] * sa_d,
+                        mask=row_in[:, None] & (offs_k < D)[None, :], other=0.0).to(tl.float32)
+            sq += tl.sum(x * x, axis=1)
+        norm = tl.sqrt(sq)
+        safe = tl.maximum(norm, NORM_EPS)
+        r = 1.0 / safe if NORMALIZE else tl.full((BLOCK_M,), 1.0, tl.float32)
+        tl.store(pre_ptr + a_pre + rows, r, mask=row_in)
+        tl.store(pre_ptr + NR + a_pre + rows, pow2_below(safe), mask=row_in)
+        tl.store(pre_ptr + 2 * NR + a_pre + rows, norm, mask=row_in)
+
+    row_ok = present(a_msk, a_moff, s_amsk, rows, row_in)
+    ai = row_ids(a_ids, a_ioff, sa_id, rows, row_in, DENSE)
+    ysum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    ylny = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, n_cols, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_ok = present(b_msk, b_moff, s_bmsk, cols, cols < n_cols)
+        both = row_ok[:, None] & col_ok[None, :]
+        if DENSE:
+            y = tl.load(lab + lab_off + rows[:, None] * sl_row + cols[None, :] * sl_col, mask=both,
+                        other=0).to(tl.float32)
+            # a bad weight (< 0, NaN, inf) poisons the row: NaN label mass
+            bad = (y < 0) | (y != y) | (y == float("inf"))
+            y = tl.where(bad, float("nan"), y)
+            ysum += tl.sum(y, axis=1)
+            ylny += tl.sum(tl.where(y > 0, y * tl.log(y), 0.0), axis=1)
+        else:
+            bi = tl.load(b_ids + b_ioff + cols * sb_id, mask=col_ok, other=0)
+            ysum += tl.sum(tl.where(both & (ai[:, None] == bi[None, :]), 1.0, 0.0), axis=1)
+    tl.store(lab_ptr + a_dir + rows, ysum, mask=row_in)
+    tl.store(lab_ptr + NDR + a_dir + rows, ylny, mask=row_in)
+
+
+# Sizes change from batch to batch: no divisibility specialisation on them.
+@triton.jit(do_not_specialize=["N", "M", "K", "n_q_programs"])
+def _prep_kernel(
+    q_ptr, sq_row, sq_d, g_ptr, sg_gal, sg_row, sg_d,
+    q_msk, s_qmsk, g_msk, s_gmsk_gal, s_gmsk,
+    q_ids, s_qid, g_ids, s_gid_gal, s_gid,
+    lab, sl_q, sl_gal, sl_g,
+    pre_ptr, lab_ptr,
+    N, M, K, n_q_programs, D,
+    NORMALIZE: tl.constexpr, DENSE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    NR = N + K * M
+    NDR = K * N + K * M
+    if pid < n_q_programs:
+        # q rows against gallery k (columns: that gallery's rows)
+        k = (pid % K).to(tl.int64)
+        row0 = (pid // K).to(tl.int64) * BLOCK_M
+        _prep_rows(q_ptr, sq_row, sq_d, q_msk, 0, s_qmsk, q_ids, 0, s_qid,
+                   g_msk, k * s_gmsk_gal, s_gmsk, g_ids, k * s_gid_gal, s_gid, lab, k * sl_gal, sl_q, sl_g,
+                   pre_ptr, NR, 0, lab_ptr, NDR, k * N,
+                   row0, N, M, D, k == 0, NORMALIZE, DENSE, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        # rows of gallery k against the queries
+        p = pid - n_q_programs
+        m_blocks = tl.cdiv(M, BLOCK_M)
+        k = (p // m_blocks).to(tl.int64)
+        row0 = (p % m_blocks).to(tl.int64) * BLOCK_M
+        _prep_rows(g_ptr + k * sg_gal, sg_row, sg_d, g_msk, k * s_gmsk_gal, s_gmsk, g_ids, k * s_gid_gal, s_gid,
+                   q_msk, 0, s_qmsk, q_ids, 0, s_qid, lab, k * sl_gal, sl_g, sl_q,
+                   pre_ptr, NR, N + k * M, lab_ptr, NDR, K * N + k * M,
+                   row0, M, N, D, True, NORMALIZE, DENSE, BLOCK_M, BLOCK_N, BLOCK_K)

@@ -1,0 +1,134 @@
+"""Forward: online softmax statistics of every softmax row, both directions in one launch.
+
+A program owns BLOCK_M rows of one side (q rows against gallery k, or rows of gallery k
+against the queries) and one segment of the other side's columns, and walks the segment
+in [BLOCK_M, BLOCK_N] tiles, FlashAttention's online softmax in the log2 domain
+(t = S * log2 e, `tiles.py`), over the present columns only:
+
+    m' = max(m, max_j t_ij),  alpha = 2^(m - m'),  p_ij = 2^(t_ij - m')
+    l'   = alpha l + sum_j p_ij
+    forward KL:   lin' = lin + sum_j y_ij t_ij                          (no rescale)
+    reverse KL:   lin' = alpha (lin + (m - m') l) + sum_j p_ij (t_ij - m')
+    pos'  = alpha pos + sum_{j: y_ij > 0} p_ij          (reverse KL with ids; statistics)
+    logy' = alpha logy + sum_j p_ij ln(y_ij / ysum_i + eps)   (reverse KL with dense labels)
+
+and writes the five partial statistics (m, l, lin, pos, logy) of its rows for its segment
+(`finish.py` merges segments and turns them into losses). With identity labels the tile
+loop holds, beyond the log-sum-exp, one compare and one masked sum: the label
+statistics of a row are a count (prep.py) and its positives' logits, which here are
+summed where the tile is in registers anyway.
+"""
+
+import triton
+import triton.language as tl
+
+from .tiles import LOG2E, NEG_BIG, dot_tile, label_tile, present, row_ids
+
+NUM_STATS = tl.constexpr(5)   # m, l, lin, pos, logy
+
+
+@triton.jit
+def _stats_rows(
+    a_ptr, sa_row, sa_d, b_ptr, sb_row, sb_d,
+    a_msk, a_moff, s_amsk, b_msk, b_moff, s_bmsk, a_ids, a_ioff, sa_id, b_ids, b_ioff, sb_id,
+    lab, lab_off, sl_row, sl_col,
+    pre_ptr, a_pre, b_pre, lab_ptr, a_dir, out_ptr, NDR,
+    row0, n_rows, col0, col1, D, scale_log2e, eps,
+    REVERSE: tl.constexpr, DENSE: tl.constexpr, WANT_POS: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_in = rows < n_rows
+    row_ok = present(a_msk, a_moff, s_amsk, rows, row_in)
+    ra = tl.load(pre_ptr + a_pre + rows, mask=row_in, other=0.0)
+    ai = row_ids(a_ids, a_ioff, sa_id, rows, row_in, DENSE)
+    inv_ya = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if DENSE and REVERSE:   # Y = y / ysum inside the log: the label mass comes first (prep.py)
+        ysum = tl.load(lab_ptr + a_dir + rows, mask=row_in, other=0.0)
+        inv_ya = tl.where(ysum > 0, 1.0 / ysum, 0.0)
+    m = tl.full((BLOCK_M,), NEG_BIG, dtype=tl.float32)
+    l = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    lin = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    pos = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    logy = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(col0, col1, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_ok = present(b_msk, b_moff, s_bmsk, cols, cols < col1)
+        acc = dot_tile(a_ptr, sa_row, sa_d, rows, row_in, b_ptr, sb_row, sb_d, cols, col_ok, D,
+                       BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION)
+        rb = tl.load(pre_ptr + b_pre + cols, mask=col_ok, other=0.0)
+        t = acc * (ra[:, None] * rb[None, :]) * scale_log2e                  # [BM, BN], log2 domain
+        t = tl.where(col_ok[None, :], t, NEG_BIG)
+        m_new = tl.maximum(m, tl.max(t, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(t - m_new[:, None])
+        y = label_tile(ai, b_ids, b_ioff, sb_id, lab, lab_off, sl_row, sl_col, rows, cols, col_ok,
+                       row_ok[:, None] & col_ok[None, :], DENSE)
+        if REVERSE:
+            lin = alpha * (lin + (m - m_new) * l) + tl.sum(p * (t - m_new[:, None]), axis=1)
+            if DENSE:
+                logy = alpha * logy + tl.sum(p * tl.log(y * inv_ya[:, None] + eps), axis=1)
+        else:
+            lin += tl.sum(y * t, axis=1)
+        if WANT_POS:
+            pos = alpha * pos + tl.sum(tl.where(y > 0, p, 0.0), axis=1)
+        l = alpha * l + tl.sum(p, axis=1)
+        m = m_new
+    out = out_ptr + a_dir + rows
+    tl.store(out, m, mask=row_in)
+    tl.store(out + NDR, l, mask=row_in)
+    tl.store(out + 2 * NDR, lin, mask=row_in)
+    if WANT_POS:
+        tl.store(out + 3 * NDR, pos, mask=row_in)
+    if DENSE and REVERSE:
+        tl.store(out + 4 * NDR, logy, mask=row_in)
+
+
+# Sizes change from batch to batch: no divisibility specialisation on them.
+@triton.jit(do_not_specialize=["N", "M", "K", "n_q_programs", "seg_cols_q", "seg_cols_g"])
+def _stats_kernel(
+    q_ptr, sq_row, sq_d, g_ptr, sg_gal, sg_row, sg_d,
+    q_msk, s_qmsk, g_msk, s_gmsk_gal, s_gmsk,
+    q_ids, s_qid, g_ids, s_gid_gal, s_gid,
+    lab, sl_q, sl_gal, sl_g,
+    pre_ptr, lab_ptr, scale_ptr, out_ptr,
+    N, M, K, n_q_programs, seg_cols_q, seg_cols_g, D, scale_value, eps,
+    REVERSE: tl.constexpr, DENSE: tl.constexpr, WANT_POS: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Grid: (row blocks x galleries x segments) of q rows, then (galleries x row blocks x
+    segments) of gallery rows. ``out`` is [segments, NUM_STATS, NDR]: program p of a segment
+    s writes out[s]. ``scale_ptr`` None: the scale is ``scale_value``."""
+    pid = tl.program_id(0)
+    NDR = K * N + K * M
+    s_log2e = scale_value * LOG2E
+    if scale_ptr is not None:
+        s_log2e = tl.load(scale_ptr).to(tl.float32) * LOG2E
+    if pid < n_q_programs:
+        segs = tl.cdiv(M, seg_cols_q)
+        seg = pid % segs
+        k = ((pid // segs) % K).to(tl.int64)
+        row0 = (pid // (segs * K)).to(tl.int64) * BLOCK_M
+        col0 = seg * seg_cols_q
+        _stats_rows(q_ptr, sq_row, sq_d, g_ptr + k * sg_gal, sg_row, sg_d,
+                    q_msk, 0, s_qmsk, g_msk, k * s_gmsk_gal, s_gmsk, q_ids, 0, s_qid, g_ids, k * s_gid_gal, s_gid,
+                    lab, k * sl_gal, sl_q, sl_g,
+                    pre_ptr, 0, N + k * M, lab_ptr, k * N, out_ptr + seg * (NUM_STATS * NDR), NDR,
+                    row0, N, col0, tl.minimum(col0 + seg_cols_q, M), D, s_log2e, eps,
+                    REVERSE, DENSE, WANT_POS, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        p = pid - n_q_programs
+        segs = tl.cdiv(N, seg_cols_g)
+        seg = p % segs
+        m_blocks = tl.cdiv(M, BLOCK_M)
+        k = ((p // segs) // m_blocks).to(tl.int64)
+        row0 = ((p // segs) % m_blocks).to(tl.int64) * BLOCK_M
+        col0 = seg * seg_cols_g
+        _stats_rows(g_ptr + k * sg_gal, sg_row, sg_d, q_ptr, sq_row, sq_d,
+                    g_msk, k * s_gmsk_gal, s_gmsk, q_msk, 0, s_qmsk, g_ids, k * s_gid_gal, s_gid, q_ids, 0, s_qid,
+                    lab, k * sl_gal, sl_g, sl_q,
+                    pre_ptr, N + k * M, 0, lab_ptr, K * N + k * M, out_ptr + seg * (NUM_STATS * NDR), NDR,
+                    row0, M, col0, tl.minimum(col0 + seg_cols_g, N), D, s_log2e, eps,
+                    REVERSE, DENSE, WANT_POS, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)

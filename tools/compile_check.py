@@ -1,0 +1,142 @@
+"""Compile every Triton kernel of sdm_triton for a GPU target without a GPU, and report
+registers, spills and shared memory: catches compile errors and register pressure at no
+device time. ``python3 tools/compile_check.py [--arch 90]`` (PYTHONPATH=<triton 3.6 folder>
+compiles with another Triton version)."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from sdm_triton.kernels import finish, grad, prep, stats  # noqa: E402
+
+FEAT = {"q_ptr", "g_ptr", "a_ptr", "x_ptr"}
+F32_PTRS = {"pre_ptr", "lab_ptr", "out_ptr", "part_ptr", "rows_ptr", "saved_ptr", "red_ptr", "value_ptr",
+            "scale_ptr", "dv_ptr", "drows_ptr", "dscale_ptr", "w_ptr", "gmax_ptr", "u_ptr", "u2_ptr"}
+BOOL_PTRS = {"q_msk", "g_msk", "msk", "valid_ptr"}
+ID_PTRS = {"q_ids", "g_ids"}
+
+
+def signature(kernel, dtype: str, consts: dict, nones=()):
+    sig, cx = {}, {}
+    for p in kernel.params:
+        name = p.name
+        if p.is_constexpr:
+            sig[name] = "constexpr"
+            cx[name] = consts[name]
+        elif name in nones:
+            sig[name] = "constexpr"
+            cx[name] = None
+        elif name in FEAT or name in ("dq_ptr", "dg_ptr") or (name == "out_ptr" and kernel.fn.__name__ != "_stats_kernel"):
+            sig[name] = "*" + dtype
+        elif name == "ws_ptr":
+            sig[name] = "*" + ("fp32" if dtype == "fp32" else dtype)
+        elif name in F32_PTRS:
+            sig[name] = "*fp32"
+        elif name in BOOL_PTRS:
+            sig[name] = "*i1"
+        elif name in ID_PTRS:
+            sig[name] = "*i64"
+        elif name == "lab":
+            sig[name] = "*fp32"
+        elif name in ("scale_value", "eps", "coef_q", "coef_g"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig, cx
+
+
+def compile_one(kernel, dtype, consts, nones, target, num_warps, num_stages):
+    sig, cx = signature(kernel, dtype, consts, nones)
+    src = ASTSource(fn=kernel, signature=sig, constexprs=cx)
+    opts = {"num_warps": num_warps, "num_stages": num_stages}
+    return triton.compile(src, target=target, options=opts)
+
+
+def resources(k):
+    """(registers, spill bytes, shared memory) read from the cubin with the cuobjdump Triton ships."""
+    import re
+    import subprocess
+    import tempfile
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    reg = re.search(r"REG:(\d+)", text)
+    spill = re.search(r"STACK:(\d+)", text)
+    return (int(reg.group(1)) if reg else -1, int(spill.group(1)) if spill else -1, k.metadata.shared)
+
+
+def root_cause(exc) -> str:
+    while exc.__cause__ is not None or (exc.__context__ is not None and "CompilationError" in type(exc).__name__):
+        nxt = exc.__cause__ or exc.__context__
+        if nxt is None:
+            break
+        exc = nxt
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1][:160] if text else ''}"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", type=int, default=90)
+    args = ap.parse_args()
+    target = GPUTarget("cuda", args.arch, 32)
+    tl = triton.language
+    half = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
+    rows = []
+    for dtype, reverse, dense in itertools.product(["bf16", "fp32"], [False, True], [False, True]):
+        common = dict(REVERSE=reverse, DENSE=dense, UPCAST=False, DOT_PRECISION="ieee" if dtype == "fp32" else "ieee")
+        nones = ("lab",) if not dense else ("q_ids", "g_ids")
+        jobs = [
+            ("prep", prep._prep_kernel, dict(NORMALIZE=True, DENSE=dense, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), 4, 1,
+             nones + ("q_msk", "g_msk")),
+            ("stats128", stats._stats_kernel, dict(common, WANT_POS=reverse, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
+             8, 3, nones + ("q_msk", "g_msk", "scale_ptr")),
+            ("stats32", stats._stats_kernel, dict(common, WANT_POS=reverse, BLOCK_M=32, BLOCK_N=32, BLOCK_K=64),
+             4, 2, nones + ("scale_ptr",)),
+            ("finish", finish._finish_kernel, dict(REVERSE=reverse, DENSE=dense, WANT_Q2G=True, WANT_G2Q=True, MEAN=True,
+             COMBINE_MEAN=True, STATS=True, WANT_POS=True, BLOCK=1024), 4, 1, ("q_msk", "g_msk", "scale_ptr")),
+            ("fused_d512", grad._fused_grad_kernel, dict(common, MEAN=True, NORMALIZE=True, WANT_DSCALE=True,
+             SCALE_W=False, HALF=half[dtype], IS_FP32=dtype == "fp32", BLOCK_M=16, BLOCK_N=32, BLOCK_D=512), 4, 1,
+             nones + ("drows_ptr",)),
+            ("chunk128", grad._grad_chunk_kernel, dict(common, WANT_DSCALE=False, HALF=half[dtype],
+             IS_FP32=dtype == "fp32", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3, nones + ("q_msk", "g_msk", "gmax_ptr",
+                                                                                        "scale_ptr")),
+        ]
+        for name, kernel, consts, w, s, nn in jobs:
+            try:
+                k = compile_one(kernel, dtype, consts, nn, target, w, s)
+                rows.append((name, dtype, reverse, dense, *resources(k), "ok"))
+            except Exception as exc:  # noqa: BLE001
+                rows.append((name, dtype, reverse, dense, "-", "-", "-", "FAILED " + root_cause(exc)))
+                if os.environ.get("VERBOSE"):
+                    import traceback
+                    traceback.print_exc()
+    for name, kernel, consts in [("weights", grad._weights_kernel, dict(MEAN=True, BLOCK=1024)),
+                                 ("operand", grad._operand_kernel, dict(BLOCK_M=32, BLOCK_D=128)),
+                                 ("input_grad", grad._input_grad_kernel, dict(NORMALIZE=True, BLOCK_M=32, BLOCK_D=128))]:
+        try:
+            k = compile_one(kernel, "bf16", consts, (), target, 4, 1)
+            rows.append((name, "bf16", "-", "-", *resources(k), "ok"))
+        except Exception as exc:  # noqa: BLE001
+            rows.append((name, "bf16", "-", "-", "-", "-", "-", "FAILED " + root_cause(exc)))
+    print(f"triton {triton.__version__}, sm_{args.arch}")
+    print(f"{'kernel':12s} {'dtype':5s} {'rev':5s} {'dense':5s} {'regs':>5s} {'stack':>5s} {'smem':>7s}  status")
+    for r in rows:
+        print(f"{r[0]:12s} {r[1]:5s} {str(r[2]):5s} {str(r[3]):5s} {str(r[4]):>5s} {str(r[5]):>5s} {str(r[6]):>7s}  {r[7]}")
+    return 1 if any(r[7] != "ok" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
