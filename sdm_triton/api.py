@@ -168,12 +168,11 @@ def _compute(q, g, q_ids, g_ids, labels, q_mask, g_mask, temperature, logit_scal
     scale_t = scale if isinstance(scale, torch.Tensor) else None
     scale_value = float(scale) if scale_t is None else 0.0
     if torch.compiler.is_compiling():
-        # the graph gets the operator (ops.py); the backend is resolved when it is traced
-        dispatch.check_backend_name(backend)
+        # the graph gets the backend's operator (ops.py)
         from . import ops
-        value, rows, valid, red, _ = ops.sdm_forward_op(
+        value, rows, valid, red, _ = ops.forward_op(dispatch.resolve_name(backend, q))(
             q, g, q_ids, g_ids, labels, q_mask, g_mask, scale_t, scale_value, opts.kl, float(opts.eps),
-            opts.direction, opts.combine, opts.reduction, opts.normalize, backend, config.name(), workspace_bytes,
+            opts.direction, opts.combine, opts.reduction, opts.normalize, config.name(), workspace_bytes,
             galleries, scalar, return_stats)
     else:
         be = dispatch.pick_backend(backend, q)

@@ -11,6 +11,7 @@ backward by size.
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import torch
 
@@ -40,6 +41,20 @@ def triton_available() -> bool:
 def check_backend_name(backend) -> None:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+
+
+def resolve_name(backend: str, q: torch.Tensor) -> str:
+    """"triton" or "torch": the backend ``pick_backend`` would return (no cached calls: it runs
+    while torch.compile traces)."""
+    if backend == "torch" or (backend == "auto" and (not q.is_cuda or q.dtype == torch.float64)):
+        return "torch"
+    if backend == "auto" and not _TRITON_INSTALLED:
+        return "torch"
+    return "triton"
+
+
+#: Whether a triton package is installed (found without importing it).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def pick_backend(backend: str, q: torch.Tensor):

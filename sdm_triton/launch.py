@@ -87,10 +87,11 @@ def _target_programs(device: torch.device) -> int:
     return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _merge(cfg, default: Tiles) -> Tiles:
-    return Tiles(cfg.block_m or default.block_m, cfg.block_n or default.block_n,
-                 cfg.block_k or default.block_k, cfg.num_warps or default.num_warps,
-                 cfg.num_stages or default.num_stages)
+def _merge(cfg, default: Tiles, backward: bool = False) -> Tiles:
+    """The caller's KernelConfig fields (forward's, or the bwd_* ones) over ``default``."""
+    fields = ("block_m", "block_n", "block_k", "num_warps", "num_stages")
+    given = [getattr(cfg, ("bwd_" if backward else "") + f) for f in fields]
+    return Tiles(*(g or getattr(default, f) for g, f in zip(given, fields)))
 
 
 def _stats_tiles(p: Problem) -> Tiles:
@@ -108,15 +109,15 @@ def _stats_tiles(p: Problem) -> Tiles:
 
 def _fused_tiles(p: Problem, block_d: int) -> Tiles:
     if interpreting():
-        return _merge(p.config, Tiles(16, 16, block_d, 1, 1))
+        return _merge(p.config, Tiles(16, 16, block_d, 1, 1), backward=True)
     block_m = 16 if block_d >= 256 else 32
-    return _merge(p.config, Tiles(block_m, 32, block_d, 4, 1))
+    return _merge(p.config, Tiles(block_m, 32, block_d, 4, 1), backward=True)
 
 
 def _chunk_tiles(p: Problem) -> Tiles:
     if interpreting():
-        return _merge(p.config, Tiles(16, 16, 16, 1, 1))
-    return _merge(p.config, Tiles(128, 128, 64, 8, 3))
+        return _merge(p.config, Tiles(16, 16, 16, 1, 1), backward=True)
+    return _merge(p.config, Tiles(128, 64, 64, 8, 3), backward=True)
 
 
 def backward_path(p: Problem) -> str:

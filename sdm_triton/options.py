@@ -99,14 +99,15 @@ class SDMStats:
 class KernelConfig:
     """Expert knobs of the Triton backend, for benchmarks and tests; ``None`` = choose automatically.
 
-    block_m, block_n, block_k: tile shape (rows, columns, feature dim step); num_warps,
-    num_stages: launch parameters; segments: column segments per row block in the
-    forward statistics pass; backward: "fused" (one launch, gradients accumulated in
-    the kernel: small problems) or "chunked" (dL/dS written to a bounded workspace
-    chunk by chunk and multiplied with cuBLAS: large problems).
+    block_m, block_n, block_k, num_warps, num_stages: tile shape (rows, columns, feature
+    dim step) and launch parameters of the forward statistics pass; bwd_*: the same for the
+    backward's kernel (fused or chunked); segments: column segments per row block in the
+    forward; backward: "fused" (one launch, gradients accumulated in the kernel: small
+    problems) or "chunked" (dL/dS written to a bounded workspace chunk by chunk and
+    multiplied with cuBLAS: large problems).
 
-    ``KernelConfig.parse("chunked_m128n128k64w8s3")`` reads the same fields from a name
-    (tokens ``fused``, ``chunked``, ``m``, ``n``, ``k``, ``w``, ``s``, ``seg`` + number).
+    ``KernelConfig.parse("chunked_m128n128k64w8s3_bm128bn64bw8")`` reads the same fields from
+    a name (tokens ``fused``, ``chunked``, and ``m n k w s seg bm bn bk bw bs`` + number).
     """
 
     block_m: Optional[int] = None
@@ -116,14 +117,19 @@ class KernelConfig:
     num_stages: Optional[int] = None
     segments: Optional[int] = None
     backward: str = "auto"
+    bwd_block_m: Optional[int] = None
+    bwd_block_n: Optional[int] = None
+    bwd_block_k: Optional[int] = None
+    bwd_num_warps: Optional[int] = None
+    bwd_num_stages: Optional[int] = None
 
     def __post_init__(self):
         _check_choice("backward", self.backward, BACKWARD_CHOICES)
-        for name in ("block_m", "block_n", "block_k"):
+        for name in ("block_m", "block_n", "block_k", "bwd_block_m", "bwd_block_n", "bwd_block_k"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 16 or v & (v - 1)):
                 raise ValueError(f"KernelConfig.{name} must be a power of two >= 16, got {v!r}")
-        for name in ("num_warps", "num_stages", "segments"):
+        for name in ("num_warps", "num_stages", "segments", "bwd_num_warps", "bwd_num_stages"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"KernelConfig.{name} must be an int >= 1, got {v!r}")
@@ -136,7 +142,8 @@ class KernelConfig:
         return "_".join(parts + ([sizes] if sizes else [])) or "auto"
 
     _TOKENS = {"seg": "segments", "m": "block_m", "n": "block_n", "k": "block_k", "w": "num_warps",
-               "s": "num_stages"}
+               "s": "num_stages", "bm": "bwd_block_m", "bn": "bwd_block_n", "bk": "bwd_block_k",
+               "bw": "bwd_num_warps", "bs": "bwd_num_stages"}
 
     @classmethod
     def parse(cls, name: str) -> "KernelConfig":
@@ -149,7 +156,7 @@ class KernelConfig:
             if token in ("fused", "chunked"):
                 fields["backward"] = token
                 continue
-            parts = re.findall(r"(seg|[mnkws])(\d+)", token)
+            parts = re.findall(r"(seg|b[mnkws]|[mnkws])(\d+)", token)
             if not parts or "".join(a + b for a, b in parts) != token:
                 raise ValueError(f"kernel_config {name!r}: cannot read {token!r} (expected e.g. "
                                  "'chunked_m128n128k64w8s3' or 'fused_m16n32')")

@@ -64,14 +64,18 @@ def test_compile_fullgraph_galleries_triton_backend_gpu():
 
 
 def test_custom_ops_pass_opcheck():
-    """Schema, fake (meta) implementation and autograd registration agree with the real op."""
+    """The torch backend's operators: schema, fake (meta) implementation and autograd
+    registration agree with the real op (the Triton backend's are triton_ops, traced by the
+    compiler instead; the GPU compile tests run them)."""
     q, g, qi, gi, qm, ls = _case(n=6, m=7, d=5)
-    args = (q, g, ls, 0.0, qi, gi, None, qm, None, "forward", 1e-8, True, "torch", "", 1 << 26, 1)
-    torch.library.opcheck(ops.sdm_rows, args)
-    # two galleries of 7 (sdm_loss_multi): q-side outputs [2, N]
-    g2 = torch.cat([g.detach(), g.detach().flip(0)]).requires_grad_()
-    args = (q, g2, ls, 0.0, qi, torch.cat([gi, gi]), None, qm, None, "reverse", 1e-8, True, "torch", "", 1 << 26, 2)
-    torch.library.opcheck(ops.sdm_rows, args)
+    opts = (10.0, "forward", 1e-8, "both", "mean", "mean", True, "auto", 1 << 26)
+    torch.library.opcheck(ops.sdm_forward_torch_op, (q, g, qi, gi, None, qm, None, None, *opts, 1, True, False))
+    torch.library.opcheck(ops.sdm_forward_torch_op, (q, g, qi, gi, None, qm, None, ls, *opts, 1, True, True))
+    # two galleries of 7 (sdm_loss_multi): the value is [2]
+    g2 = torch.stack([g.detach(), g.detach().flip(0)]).requires_grad_()
+    rev = (0.0, "reverse", 1e-8, "both", "sum", "mean", True, "auto", 1 << 26)
+    torch.library.opcheck(ops.sdm_forward_torch_op, (q, g2, qi, torch.stack([gi, gi]), None, qm, None, ls, *rev, 2,
+                                                     False, False))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

@@ -90,8 +90,12 @@ def root_cause(exc) -> str:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--sweep", action="store_true", help="tile shapes of the large-problem kernels")
     args = ap.parse_args()
     target = GPUTarget("cuda", args.arch, 32)
+    if args.sweep:
+        sweep(target)
+        return 0
     tl = triton.language
     half = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
     rows = []
@@ -136,6 +140,34 @@ def main():
     for r in rows:
         print(f"{r[0]:12s} {r[1]:5s} {str(r[2]):5s} {str(r[3]):5s} {str(r[4]):>5s} {str(r[5]):>5s} {str(r[6]):>7s}  {r[7]}")
     return 1 if any(r[7] != "ok" for r in rows) else 0
+
+
+
+def sweep(target):
+    """Registers / stack of the large-problem kernels over tile shapes (bf16, forward KL, ids)."""
+    tl = triton.language
+    common = dict(REVERSE=False, DENSE=False, UPCAST=False, DOT_PRECISION="ieee")
+    nones = ("lab", "q_msk", "g_msk", "scale_ptr")
+    print(f"triton {triton.__version__}: kernel (BM, BN, BK, warps, stages) -> (regs, stack bytes, smem)")
+    for cfg in [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4),
+                (128, 64, 64, 8, 3), (64, 128, 64, 4, 3), (256, 128, 64, 8, 3)]:
+        bm, bn, bk, w, s = cfg
+        k = compile_one(stats._stats_kernel, "bf16", dict(common, WANT_POS=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
+                        nones, target, w, s)
+        print("stats", cfg, resources(k))
+    for cfg in [(128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3),
+                (64, 64, 64, 4, 3), (128, 128, 64, 8, 2), (64, 128, 64, 8, 3)]:
+        bm, bn, bk, w, s = cfg
+        k = compile_one(grad._grad_chunk_kernel, "bf16", dict(common, WANT_DSCALE=False, HALF=tl.bfloat16,
+                        IS_FP32=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), nones + ("gmax_ptr",), target, w, s)
+        print("chunk", cfg, resources(k))
+    for cfg in [(16, 32, 512, 4, 1), (16, 64, 512, 4, 1), (32, 32, 512, 4, 1), (16, 32, 512, 4, 2), (32, 32, 512, 8, 1),
+                (64, 32, 128, 4, 1), (32, 64, 128, 4, 2)]:
+        bm, bn, bd, w, s = cfg
+        k = compile_one(grad._fused_grad_kernel, "bf16", dict(common, MEAN=True, NORMALIZE=True, WANT_DSCALE=False,
+                        SCALE_W=False, HALF=tl.bfloat16, IS_FP32=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd),
+                        ("lab", "q_msk", "g_msk", "scale_ptr", "drows_ptr"), target, w, s)
+        print("fused", cfg, resources(k))
 
 
 if __name__ == "__main__":
