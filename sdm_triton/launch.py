@@ -129,6 +129,23 @@ def backward_path(p: Problem) -> str:
     return "fused" if (block_d <= FUSED_MAX_D and small) else "chunked"
 
 
+def _span(t) -> int:
+    """Elements between a tensor's first and last addressed element (+1): its offsets' range."""
+    if t is None or t.numel() == 0:
+        return 0
+    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+
+
+def _index_dtype(*extents: int):
+    """tl.int32 offsets unless some tensor's offsets can pass 2^31 (then tl.int64): 64-bit
+    address arithmetic on every tile costs the statistics pass dearly (bench/NOTES.md)."""
+    return triton.language.int64 if max(extents) >= 2**31 else triton.language.int32
+
+
+def _problem_index(p: Problem, *more: int):
+    return _index_dtype(_span(p.q), _span(p.g), _span(p.labels), p.num_rows * NUM_STATS * 64, *more)
+
+
 def _side_args(p: Problem) -> dict:
     """The tensors of the problem and their strides, as every kernel names them."""
     sg_gal, sg_row, sg_d = p.g_strides()
@@ -189,7 +206,7 @@ class TritonBackend:
             **args, pre_ptr=pre, lab_ptr=lab, scale_ptr=p.scale, out_ptr=part,
             N=n, M=m, K=k, n_q_programs=n_qp * s_q, seg_cols_q=seg_q, seg_cols_g=seg_g, D=d,
             scale_value=p.scale_value, eps=o.eps, REVERSE=o.reverse, DENSE=p.dense, WANT_POS=want_pos,
-            UPCAST=upcast, DOT_PRECISION=_dot_precision(p.q.dtype),
+            UPCAST=upcast, DOT_PRECISION=_dot_precision(p.q.dtype), INDEX=_problem_index(p),
             BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
             num_warps=t.num_warps, num_stages=t.num_stages)
 
@@ -247,7 +264,7 @@ class TritonBackend:
             dq_ptr=dq, sdq_row=d, sdq_d=1, dg_ptr=dg, sdg_row=d, sdg_d=1, dscale_ptr=dsp,
             N=n, M=m, K=k, n_q_programs=n_qp, D=d, scale_value=p.scale_value, eps=p.options.eps,
             coef_q=coef_q, coef_g=coef_g, MEAN=p.options.reduction == "mean", NORMALIZE=p.options.normalize,
-            WANT_DSCALE=want_scale, SCALE_W=p.q.dtype == torch.float16, **flags,
+            WANT_DSCALE=want_scale, SCALE_W=p.q.dtype == torch.float16, INDEX=_problem_index(p), **flags,
             BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=block_d, num_warps=t.num_warps,
             num_stages=t.num_stages)
         return (dq if want_q else None), dg, (dsp.sum() if want_scale else None)
@@ -282,6 +299,7 @@ class TritonBackend:
                                    p.workspace_bytes // per_col // t.block_n * t.block_n))
         parts = 2 if split else 1
         ws = torch.empty((n, parts * width), dtype=gemm_dtype, device=dev)
+        index = _problem_index(p, _span(ws), triton.cdiv(width, t.block_n) * n)
         n_tiles = triton.cdiv(width, t.block_n)
         dsp = torch.empty((n_tiles, n), dtype=f32, device=dev) if want_scale else None
         for gal in range(k):
@@ -293,7 +311,8 @@ class TritonBackend:
                     **args, pre_ptr=buf, saved_ptr=saved, rows_ptr=out.rows, w_ptr=w, scale_ptr=p.scale,
                     gmax_ptr=gmax, ws_ptr=ws, s_ws_row=ws.stride(0), dscale_ptr=dsp,
                     N=n, M=m, K=k, k=gal, col0=c0, col1=c1, D=d, scale_value=p.scale_value, eps=p.options.eps,
-                    WANT_DSCALE=want_scale, **flags, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+                    WANT_DSCALE=want_scale, **flags, INDEX=index, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                    BLOCK_K=t.block_k,
                     num_warps=t.num_warps, num_stages=t.num_stages)
                 chunk = ws[:, :parts * cw]
                 b0 = gal * m + c0

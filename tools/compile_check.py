@@ -100,7 +100,8 @@ def main():
     half = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
     rows = []
     for dtype, reverse, dense in itertools.product(["bf16", "fp32"], [False, True], [False, True]):
-        common = dict(REVERSE=reverse, DENSE=dense, UPCAST=False, DOT_PRECISION="ieee" if dtype == "fp32" else "ieee")
+        common = dict(REVERSE=reverse, DENSE=dense, UPCAST=False, DOT_PRECISION="ieee",
+                      INDEX=tl.int64 if dense else tl.int32)
         nones = ("lab",) if not dense else ("q_ids", "g_ids")
         jobs = [
             ("prep", prep._prep_kernel, dict(NORMALIZE=True, DENSE=dense, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), 4, 1,
@@ -146,7 +147,7 @@ def main():
 def sweep(target):
     """Registers / stack of the large-problem kernels over tile shapes (bf16, forward KL, ids)."""
     tl = triton.language
-    common = dict(REVERSE=False, DENSE=False, UPCAST=False, DOT_PRECISION="ieee")
+    common = dict(REVERSE=False, DENSE=False, UPCAST=False, DOT_PRECISION="ieee", INDEX=tl.int32)
     nones = ("lab", "q_msk", "g_msk", "scale_ptr")
     print(f"triton {triton.__version__}: kernel (BM, BN, BK, warps, stages) -> (regs, stack bytes, smem)")
     for cfg in [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4),

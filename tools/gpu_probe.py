@@ -29,13 +29,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import sdm_triton  # noqa: E402
 from sdm_triton import reference  # noqa: E402
 
-LOG = []
+LOG_PATH = [None]
 
 
 def log(*args):
+    """Print and append to <out>/probe.log at once (a run cut off by its time limit keeps its lines)."""
     line = " ".join(str(a) for a in args)
     print(line, flush=True)
-    LOG.append(line)
+    if LOG_PATH[0]:
+        with open(LOG_PATH[0], "a") as f:
+            f.write(line + "\n")
 
 
 def rel(a, b):
@@ -76,14 +79,20 @@ def run(fn, q, g, kw, scale=20.0, multi=False):
     return tot.detach(), qa.grad, ga.grad, ls.grad
 
 
-def part_correct():
+def part_correct(subset=False):
     log("== correct: max relative error vs float64 (ours / PyTorch fp32 reference on the same inputs)")
     cases = []
-    for dtype in (torch.bfloat16, torch.float32, torch.float16):
+    if subset:   # what failed before (dense labels, masks, reverse KL, column segments), and a bf16 baseline
+        for path in ("fused", "chunked"):
+            cases += [(torch.bfloat16, 513, 300, 256, path, True, True, "reverse", 1),
+                      (torch.float32, 513, 300, 256, path, True, True, "reverse", 1),
+                      (torch.bfloat16, 1031, 700, 96, path, False, True, "forward", 1),
+                      (torch.bfloat16, 300, 457, 512, path, True, True, "forward", 3)]
+    for dtype in (() if subset else (torch.bfloat16, torch.float32, torch.float16)):
         for (n, m, d) in ((300, 457, 512), (1031, 700, 96), (64, 64, 512), (129, 1, 77)):
             for path in ("fused", "chunked"):
                 cases.append((dtype, n, m, d, path, False, False, "forward", 1))
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in (() if subset else (torch.bfloat16, torch.float32)):
         for path in ("fused", "chunked"):
             cases += [(dtype, 513, 300, 256, path, True, True, "reverse", 1),
                       (dtype, 200, 333, 128, path, False, True, "reverse", 1),
@@ -136,6 +145,70 @@ def part_yard():
                 f"({tf / tm * 1e3:.0f} TFLOP/s), ratio {t / tm:.2f}, best {lse_pass.row_lse.best_config}")
     except Exception as exc:  # noqa: BLE001
         log(f"yardstick FAILED {type(exc).__name__}: {exc}")
+
+
+# The yardstick's kernel with one feature of the statistics pass added (a fixed 128x256 tile):
+# int64 offsets (I64); an ids compare and the masked sum of the positives' logits (IDS).
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def lse_var(a, b, ra, rb, ai_ptr, bi_ptr, out, out2, N, M, D, scale_log2e,
+            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, I64: tl.constexpr, IDS: tl.constexpr):
+    pid = tl.program_id(0)
+    if I64:
+        offs_m = pid.to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
+    else:
+        offs_m = pid * BM + tl.arange(0, BM)
+    rmask = offs_m < N
+    r = tl.load(ra + offs_m, mask=rmask, other=0.0) * scale_log2e
+    ai = tl.load(ai_ptr + offs_m, mask=rmask, other=0)
+    m = tl.full((BM,), -1e30, tl.float32)
+    l = tl.zeros((BM,), tl.float32)
+    lin = tl.zeros((BM,), tl.float32)
+    for n0 in range(0, M, BN):
+        if I64:
+            offs_n = n0 + tl.arange(0, BN).to(tl.int64)
+        else:
+            offs_n = n0 + tl.arange(0, BN)
+        cmask = offs_n < M
+        acc = tl.zeros((BM, BN), tl.float32)
+        for k0 in range(0, D, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            x = tl.load(a + offs_m[:, None] * D + offs_k[None, :], mask=rmask[:, None], other=0.0)
+            y = tl.load(b + offs_n[None, :] * D + offs_k[:, None], mask=cmask[None, :], other=0.0)
+            acc = tl.dot(x, y, acc)
+        c = tl.load(rb + offs_n, mask=cmask, other=0.0)
+        t = acc * c[None, :] * r[:, None]
+        t = tl.where(cmask[None, :], t, -1e30)
+        if IDS:
+            bi = tl.load(bi_ptr + offs_n, mask=cmask, other=-1)
+            lin += tl.sum(tl.where(ai[:, None] == bi[None, :], t, 0.0), 1)
+        m_new = tl.maximum(m, tl.max(t, 1))
+        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(t - m_new[:, None]), 1)
+        m = m_new
+    tl.store(out + offs_m, (m + tl.log2(l)) * 0.6931471805599453, mask=rmask)
+    tl.store(out2 + offs_m, lin, mask=rmask)
+
+
+def part_yardvar(sizes):
+    log("== yardstick + one feature (128x256x64, 8 warps, 3 stages)")
+    kern = lse_var
+    for n in sizes:
+        q = torch.randn(n, 512, device="cuda", dtype=torch.bfloat16)
+        g = torch.randn(n, 512, device="cuda", dtype=torch.bfloat16)
+        rq, rg = q.float().norm(dim=1).reciprocal(), g.float().norm(dim=1).reciprocal()
+        ids = torch.arange(n, device="cuda") // 4
+        out, out2 = torch.empty(n, device="cuda"), torch.empty(n, device="cuda")
+        tf = 2 * n * n * 512 / 1e12
+        for i64, use_ids in ((False, False), (True, False), (False, True)):
+            def f():
+                kern[(triton.cdiv(n, 128),)](q, g, rq, rg, ids, ids, out, out2, n, n, 512, 50 * 1.4426950408889634,
+                                            BM=128, BN=256, BK=64, I64=i64, IDS=use_ids, num_warps=8, num_stages=3)
+            f()
+            t = bench_ms(f)
+            log(f"  N={n} int64={i64!s:5s} ids={use_ids!s:5s} {t:.3f} ms ({tf / t * 1e3:.0f} TFLOP/s)")
 
 
 def part_fwd(sizes, configs):
@@ -302,24 +375,28 @@ def main():
     args = ap.parse_args()
     parts = args.parts.split(",")
     sizes = [int(x) for x in args.sizes.split(",")]
+    os.makedirs(args.out, exist_ok=True)
     log(f"device {torch.cuda.get_device_name()} torch {torch.__version__} triton "
         f"{__import__('triton').__version__} sdm_triton {sdm_triton.__version__}")
     t0 = time.time()
+    LOG_PATH[0] = os.path.join(args.out, "probe.log")
     try:
         if "correct" in parts:
             part_correct()
         if "yard" in parts:
             part_yard()
+        if "yardvar" in parts:
+            part_yardvar(sizes)
         if "fwd" in parts:
             part_fwd(sizes, args.fwd_configs.split(","))
         if "full" in parts:
             part_full(sizes, args.full_configs.split(","))
         if "small" in parts:
             part_small((64, 256, 1024, 4096), (64, 128, 512), not args.no_compile)
+        if "correct2" in parts:
+            part_correct(subset=True)
     finally:
         log(f"probe done in {time.time() - t0:.0f} s")
-        with open(os.path.join(args.out, "probe.log"), "w") as f:
-            f.write("\n".join(LOG) + "\n")
 
 
 if __name__ == "__main__":

@@ -128,7 +128,7 @@ def _fused_rows(
     rows, row_in, n_cols, D, s_log2e, eps, ln_eps, inv_gmax,
     REVERSE: tl.constexpr, DENSE: tl.constexpr, MEAN: tl.constexpr, WANT_DSCALE: tl.constexpr,
     HALF: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """acc += sum_j W_ij b'_j over every column of one softmax block (gallery k or the queries)."""
     arow = a_dir + rows
@@ -141,7 +141,7 @@ def _fused_rows(
     offs_d = tl.arange(0, BLOCK_D)
     d_in = offs_d < D
     for n0 in range(0, n_cols, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        cols = (n0 + tl.arange(0, BLOCK_N)).to(INDEX)
         col_in = cols < n_cols
         col_ok = present(b_msk, b_moff, s_bmsk, cols, col_in)
         # the columns' features over all of D; absent columns load as 0 (they may hold NaN)
@@ -229,7 +229,7 @@ def _fused_grad_kernel(
     REVERSE: tl.constexpr, DENSE: tl.constexpr, MEAN: tl.constexpr, NORMALIZE: tl.constexpr,
     WANT_DSCALE: tl.constexpr, SCALE_W: tl.constexpr,
     HALF: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Programs [0, n_q_programs): BLOCK_M q rows against every gallery -> dq rows (and the
     dL/ds partial); the rest: BLOCK_M rows of one gallery against the queries -> dg rows.
@@ -251,7 +251,7 @@ def _fused_grad_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     ds_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if pid < n_q_programs:
-        rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        rows = (pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)).to(INDEX)
         row_in = rows < N
         row_ok = present(q_msk, 0, s_qmsk, rows, row_in)
         x = tl.load(q_ptr + rows[:, None] * sq_row + offs_d[None, :] * sq_d,
@@ -272,7 +272,7 @@ def _fused_grad_kernel(
                 dv_ptr, drows_ptr, red_ptr, K, k, coef_q, coef_g, 1, 3,
                 rows, row_in, M, D, s_log2e, eps, ln_eps, inv_gmax,
                 REVERSE, DENSE, MEAN, WANT_DSCALE, HALF, IS_FP32, UPCAST, DOT_PRECISION,
-                BLOCK_M, BLOCK_N, BLOCK_D)
+                INDEX, BLOCK_M, BLOCK_N, BLOCK_D)
         norm = tl.load(pre_ptr + 2 * NR + rows, mask=row_in, other=0.0)
         dx = input_gradient(acc * gmax, x.to(tl.float32), ra, ca, norm, row_ok, s, NORMALIZE)
         store_gradient(dq_ptr, sdq_row, sdq_d, rows, row_in, offs_d, d_in, dx, dq_ptr.dtype.element_ty)
@@ -282,7 +282,7 @@ def _fused_grad_kernel(
         p = pid - n_q_programs
         m_blocks = tl.cdiv(M, BLOCK_M)
         gal = (p // m_blocks).to(tl.int64)
-        rows = (p % m_blocks).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        rows = ((p % m_blocks).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)).to(INDEX)
         row_in = rows < M
         row_ok = present(g_msk, gal * s_gmsk_gal, s_gmsk, rows, row_in)
         gk = g_ptr + gal * sg_gal
@@ -303,7 +303,7 @@ def _fused_grad_kernel(
             dv_ptr, drows_ptr, red_ptr, K, gal, coef_g, coef_q, 3, 1,
             rows, row_in, N, D, s_log2e, eps, ln_eps, inv_gmax,
             REVERSE, DENSE, MEAN, False, HALF, IS_FP32, UPCAST, DOT_PRECISION,
-            BLOCK_M, BLOCK_N, BLOCK_D)
+            INDEX, BLOCK_M, BLOCK_N, BLOCK_D)
         norm = tl.load(pre_ptr + 2 * NR + srow, mask=row_in, other=0.0)
         dx = input_gradient(acc * gmax, x.to(tl.float32), ra, ca, norm, row_ok, s, NORMALIZE)
         store_gradient(dg_ptr + gal * M * sdg_row, sdg_row, sdg_d, rows, row_in, offs_d, d_in, dx,
@@ -363,7 +363,7 @@ def _grad_chunk_kernel(
     N, M, K, k, col0, col1, D, scale_value, eps,
     REVERSE: tl.constexpr, DENSE: tl.constexpr, WANT_DSCALE: tl.constexpr,
     HALF: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """W = dS p_i p_j / gmax for q rows x columns [col0, col1) of gallery k, into the workspace:
     ws[:, 0:w] (hi, or W for fp32) and ws[:, w:2w] (lo) with w = col1 - col0; grid (row
@@ -380,9 +380,9 @@ def _grad_chunk_kernel(
     inv_gmax = 1.0
     if gmax_ptr is not None:
         inv_gmax = 1.0 / tl.load(gmax_ptr)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(INDEX)
     row_in = rows < N
-    cols = col0 + pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    cols = (col0 + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(INDEX)
     col_in = cols < col1
     row_ok = present(q_msk, 0, s_qmsk, rows, row_in)
     col_ok = present(g_msk, k * s_gmsk_gal, s_gmsk, cols, col_in)

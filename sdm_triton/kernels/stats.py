@@ -22,7 +22,7 @@ summed where the tile is in registers anyway.
 import triton
 import triton.language as tl
 
-from .tiles import LOG2E, NEG_BIG, dot_tile, label_tile, present, row_ids
+from .tiles import ABSENT, LOG2E, NEG_BIG, dot_tile, present, row_ids
 
 NUM_STATS = tl.constexpr(5)   # m, l, lin, pos, logy
 
@@ -35,10 +35,10 @@ def _stats_rows(
     pre_ptr, a_pre, b_pre, lab_ptr, a_dir, out_ptr, NDR,
     row0, n_rows, col0, col1, D, scale_log2e, eps,
     REVERSE: tl.constexpr, DENSE: tl.constexpr, WANT_POS: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
+    rows = (row0 + tl.arange(0, BLOCK_M)).to(INDEX)
     row_in = rows < n_rows
     row_ok = present(a_msk, a_moff, s_amsk, rows, row_in)
     ra = tl.load(pre_ptr + a_pre + rows, mask=row_in, other=0.0)
@@ -53,26 +53,35 @@ def _stats_rows(
     pos = tl.zeros((BLOCK_M,), dtype=tl.float32)
     logy = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(col0, col1, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        cols = (n0 + tl.arange(0, BLOCK_N)).to(INDEX)
         col_ok = present(b_msk, b_moff, s_bmsk, cols, cols < col1)
         acc = dot_tile(a_ptr, sa_row, sa_d, rows, row_in, b_ptr, sb_row, sb_d, cols, col_ok, D,
                        BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION)
         rb = tl.load(pre_ptr + b_pre + cols, mask=col_ok, other=0.0)
         t = acc * (ra[:, None] * rb[None, :]) * scale_log2e                  # [BM, BN], log2 domain
-        t = tl.where(col_ok[None, :], t, NEG_BIG)
+        t = tl.where(col_ok[None, :], t, ABSENT)
         m_new = tl.maximum(m, tl.max(t, axis=1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(t - m_new[:, None])
-        y = label_tile(ai, b_ids, b_ioff, sb_id, lab, lab_off, sl_row, sl_col, rows, cols, col_ok,
-                       row_ok[:, None] & col_ok[None, :], DENSE)
+        # the labels of the tile: a compare with ids (row_ids); a [BM, BN] load with dense labels.
+        # Absent rows need no masking here: they are invalid, finish.py drops them.
+        if DENSE:
+            y = tl.load(lab + lab_off + rows[:, None] * sl_row + cols[None, :] * sl_col,
+                        mask=row_in[:, None] & col_ok[None, :], other=0).to(tl.float32)
+            positive = y > 0
+        else:
+            bi = tl.load(b_ids + b_ioff + cols * sb_id, mask=col_ok, other=0)
+            positive = (ai[:, None] == bi[None, :]) & col_ok[None, :]
         if REVERSE:
             lin = alpha * (lin + (m - m_new) * l) + tl.sum(p * (t - m_new[:, None]), axis=1)
             if DENSE:
                 logy = alpha * logy + tl.sum(p * tl.log(y * inv_ya[:, None] + eps), axis=1)
-        else:
+        elif DENSE:
             lin += tl.sum(y * t, axis=1)
+        else:
+            lin += tl.sum(tl.where(positive, t, 0.0), axis=1)
         if WANT_POS:
-            pos = alpha * pos + tl.sum(tl.where(y > 0, p, 0.0), axis=1)
+            pos = alpha * pos + tl.sum(tl.where(positive, p, 0.0), axis=1)
         l = alpha * l + tl.sum(p, axis=1)
         m = m_new
     out = out_ptr + a_dir + rows
@@ -95,7 +104,7 @@ def _stats_kernel(
     pre_ptr, lab_ptr, scale_ptr, out_ptr,
     N, M, K, n_q_programs, seg_cols_q, seg_cols_g, D, scale_value, eps,
     REVERSE: tl.constexpr, DENSE: tl.constexpr, WANT_POS: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Grid: (row blocks x galleries x segments) of q rows, then (galleries x row blocks x
@@ -117,7 +126,7 @@ def _stats_kernel(
                     lab, k * sl_gal, sl_q, sl_g,
                     pre_ptr, 0, N + k * M, lab_ptr, k * N, out_ptr + seg * (NUM_STATS * NDR), NDR,
                     row0, N, col0, tl.minimum(col0 + seg_cols_q, M), D, s_log2e, eps,
-                    REVERSE, DENSE, WANT_POS, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                    REVERSE, DENSE, WANT_POS, UPCAST, DOT_PRECISION, INDEX, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         p = pid - n_q_programs
         segs = tl.cdiv(N, seg_cols_g)
@@ -131,4 +140,4 @@ def _stats_kernel(
                     lab, k * sl_gal, sl_g, sl_q,
                     pre_ptr, N + k * M, 0, lab_ptr, K * N + k * M, out_ptr + seg * (NUM_STATS * NDR), NDR,
                     row0, M, col0, tl.minimum(col0 + seg_cols_g, N), D, s_log2e, eps,
-                    REVERSE, DENSE, WANT_POS, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                    REVERSE, DENSE, WANT_POS, UPCAST, DOT_PRECISION, INDEX, BLOCK_M, BLOCK_N, BLOCK_K)

@@ -18,9 +18,12 @@ computed with rows and columns swapped gives the same t bit for bit.
 import triton
 import triton.language as tl
 
-#: Finite stand-in for -inf in the log2 domain (absent columns): exp2(NEG_BIG - m) = 0 for any
-#: real row maximum, and NEG_BIG - NEG_BIG = 0 keeps rows without a present column NaN-free.
+#: The running row maximum starts at NEG_BIG, and an absent column's logit is ABSENT, below it:
+#: exp2(ABSENT - m) = 0 even while a row has seen no present column (m = NEG_BIG), so such a row
+#: keeps l = 0 and the online rescale (m - m') l never meets -inf * 0 (NaN). Both finite: a
+#: row whose every column is absent stays NaN-free (it is invalid anyway).
 NEG_BIG = tl.constexpr(-1.0e38)
+ABSENT = tl.constexpr(-3.0e38)
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
