@@ -16,6 +16,8 @@ Tile shapes: `KernelConfig` fields given by the caller win; otherwise `_tiles` p
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import os
@@ -38,11 +40,29 @@ from .kernels.stats import NUM_STATS, _stats_kernel
 from .matmul import addmm_f32, mm_f32
 from .problem import Problem
 
-try:   # under a torch.library.triton_op (ops.py) the launches are traced; otherwise the kernel itself
-    from torch.library import wrap_triton as _traceable
+try:
+    from torch.library import wrap_triton as _wrap_triton
 except ImportError:   # PyTorch < 2.6: eager launches only
-    def _traceable(kernel):
-        return kernel
+    _wrap_triton = None
+
+#: True while ops.py's triton_op bodies run (the compiler traces them): launches go through
+#: wrap_triton then. In eager mode they must not: wrap_triton is enabled outside any op too
+#: and routes every launch through a higher-order op (pytree, signature binding, dispatch),
+#: ~0.5 ms of host time per launch measured on an H200 host (bench/NOTES.md).
+_TRACING = contextvars.ContextVar("sdm_triton_traceable_launches", default=False)
+
+
+@contextlib.contextmanager
+def traceable_launches():
+    token = _TRACING.set(True)
+    try:
+        yield
+    finally:
+        _TRACING.reset(token)
+
+
+def _traceable(kernel):
+    return _wrap_triton(kernel) if (_wrap_triton is not None and _TRACING.get()) else kernel
 
 _HALF = {torch.float16: triton.language.float16, torch.bfloat16: triton.language.bfloat16,
          torch.float32: triton.language.float32}
@@ -265,7 +285,8 @@ class TritonBackend:
             N=n, M=m, K=k, n_q_programs=n_qp, D=d, scale_value=p.scale_value, eps=p.options.eps,
             coef_q=coef_q, coef_g=coef_g, MEAN=p.options.reduction == "mean", NORMALIZE=p.options.normalize,
             WANT_DSCALE=want_scale, SCALE_W=p.q.dtype == torch.float16, INDEX=_problem_index(p), **flags,
-            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=block_d, num_warps=t.num_warps,
+            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=_stats_tiles(p).block_k, BLOCK_D=block_d,
+            num_warps=t.num_warps,
             num_stages=t.num_stages)
         return (dq if want_q else None), dg, (dsp.sum() if want_scale else None)
 
@@ -312,7 +333,7 @@ class TritonBackend:
                     gmax_ptr=gmax, ws_ptr=ws, s_ws_row=ws.stride(0), dscale_ptr=dsp,
                     N=n, M=m, K=k, k=gal, col0=c0, col1=c1, D=d, scale_value=p.scale_value, eps=p.options.eps,
                     WANT_DSCALE=want_scale, **flags, INDEX=index, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-                    BLOCK_K=t.block_k,
+                    BLOCK_K=_stats_tiles(p).block_k,     # the forward's dot, step for step (see grad.py)
                     num_warps=t.num_warps, num_stages=t.num_stages)
                 chunk = ws[:, :parts * cw]
                 b0 = gal * m + c0

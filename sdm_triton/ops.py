@@ -19,6 +19,7 @@ autograd Function (no dispatcher round trip). Non-tensor options travel as plain
 
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Tuple
 
 import torch
@@ -38,11 +39,19 @@ def _problem(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, scale_value, kl,
                    workspace_bytes, galleries, scalar_value, return_stats)
 
 
+def _launches(backend: str):
+    """The Triton backend's launches are traced (wrap_triton) inside these operators only."""
+    if backend == "triton":
+        from .launch import traceable_launches
+        return traceable_launches()
+    return contextlib.nullcontext()
+
+
 def _forward(backend, q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, scale_value, kl, eps, direction, combine,
              reduction, normalize, config, workspace_bytes, galleries, scalar_value, return_stats):
     p = _problem(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, scale_value, kl, eps, direction, combine,
                  reduction, normalize, config, workspace_bytes, galleries, scalar_value, return_stats)
-    with torch.autocast(q.device.type, enabled=False):
+    with torch.autocast(q.device.type, enabled=False), _launches(backend):
         out = dispatch.pick_backend(backend, q).forward(p)
     return out.value, out.rows, out.valid, out.red, list(out.state)
 
@@ -53,7 +62,7 @@ def _backward(backend, d_value, d_rows, rows, valid, red, state, q, g, q_ids, g_
     p = _problem(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, scale_value, kl, eps, direction, combine,
                  reduction, normalize, config, workspace_bytes, galleries, scalar_value, False)
     out = ForwardOut(None, rows, valid, red, tuple(state))
-    with torch.autocast(q.device.type, enabled=False):
+    with torch.autocast(q.device.type, enabled=False), _launches(backend):
         dq, dg, d_scale = dispatch.pick_backend(backend, q).backward(p, out, d_value, d_rows,
                                                                     (want_q, want_g, want_scale))
     empty = q.new_empty(0)

@@ -1,6 +1,10 @@
-"""Tests specific to the Triton kernels and their launch layer (the shared properties live in
-test_properties.py). Under the CPU interpreter the cases are small; on a GPU (``-m gpu``)
-larger shapes, every dtype, 64-bit offsets and the absence of host synchronisation.
+"""Tests of the Triton kernels and their launch layer (the shared properties live in
+test_properties.py). Under the CPU interpreter the cases are small but always span several
+tiles in each direction (16-wide tiles, non-square where a swapped block_m / block_n would
+show, several column tiles per program, several column segments); on a GPU (``-m gpu``)
+larger shapes, 64-bit offsets and the absence of host synchronisation.
+
+Each backward path runs on every case: "fused" (one launch) and "chunked" (workspace + cuBLAS).
 """
 
 import math
@@ -8,15 +12,14 @@ import math
 import pytest
 import torch
 
-from sdm_triton import reference
 import sdm_triton
-from sdm_triton import launch
+from sdm_triton import launch, reference
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-# Both dot paths: the fused tl.dot variant (default) and the cuBLAS-chunk variant.
-VARIANTS = (["default", "twopass_m64n32k0w4s2", "onepass_m128n64w4", "cublas_m64n64w4"] if CUDA
-            else ["interpreter", "interpreter_onek", "interpreter_onepass", "interpreter_cublas"])
+# both backward paths; non-square forward and backward tiles (interpreter: 16 x 32 and 32 x 16)
+VARIANTS = (["fused", "chunked", "chunked_m64n128bm64bn128", "fused_m32n64bm16bn32"] if CUDA
+            else ["fused_m16n32bm32bn16", "chunked_m32n16bm16bn32", "chunked_m16n16bm16bn16seg3"])
 
 
 def _rel(a, b):
@@ -44,18 +47,19 @@ def _weighted(out, wq, wg):
     return (out.q2g.double() * wq).sum() + (out.g2q.double() * wg).sum()
 
 
-def _errors_vs_float64(q, g, kw, kl, fn):
-    """Relative errors of loss / dq / dg / dscale of ``fn`` against float64 on the same inputs."""
+def _errors_vs_float64(q, g, kw, kl, fn, scale=20.0):
+    """Relative errors of loss / dq / dg / dscale of ``fn`` against float64 on the same inputs
+    (random weights on the per-row losses: grad_output != 1)."""
     n, m = q.shape[0], g.shape[0]
     gen = torch.Generator(device="cpu").manual_seed(n * 7 + m)
     wq = torch.rand(n, generator=gen, dtype=torch.float64).to(q.device)
     wg = torch.rand(m, generator=gen, dtype=torch.float64).to(q.device)
     qa, ga = q.clone().requires_grad_(), g.clone().requires_grad_()
-    ls = torch.tensor(20.0, device=q.device, requires_grad=True)
+    ls = torch.tensor(scale, device=q.device, requires_grad=True)
     tot = _weighted(fn(qa, ga, kl=kl, logit_scale=ls, reduction="none", **kw), wq, wg)
     tot.backward()
     q64, g64 = q.double().requires_grad_(), g.double().requires_grad_()
-    ls64 = torch.tensor(20.0, device=q.device, dtype=torch.float64, requires_grad=True)
+    ls64 = torch.tensor(scale, device=q.device, dtype=torch.float64, requires_grad=True)
     kw64 = {k: (v.double() if k == "labels" else v) for k, v in kw.items()}
     ref = _weighted(reference.sdm_loss(q64, g64, kl=kl, logit_scale=ls64, reduction="none", **kw64), wq, wg)
     ref.backward()
@@ -65,7 +69,7 @@ def _errors_vs_float64(q, g, kw, kl, fn):
 
 def _triton(config):
     def fn(*args, **kwargs):
-        return sdm_triton.sdm_loss(*args, backend="triton", tile_config=config, **kwargs)
+        return sdm_triton.sdm_loss(*args, backend="triton", kernel_config=config, **kwargs)
     return fn
 
 
@@ -74,59 +78,53 @@ def _torch_same_dtype(*args, **kwargs):
     return reference.sdm_loss(*args, **kwargs)
 
 
-SMALL = [(13, 29, 19), (40, 7, 33), (1, 5, 3), (24, 24, 64)]
-LARGE = [(300, 457, 512), (1031, 700, 768), (129, 1, 77)]
+def _assert_no_worse_than_pytorch(ours, base, dtype, where):
+    for key in ours:
+        # ds is one scalar summing N*M terms: hold it to fp32 accuracy rather than to
+        # PyTorch's (sometimes luckily tiny) error on the same sum.
+        slack = 1e-5 if key == "ds" else 2e-6
+        if key in ("dq", "dg") and dtype != torch.float32:
+            slack = 4 * torch.finfo(dtype).eps / 2      # gradients come back in the input dtype
+        assert ours[key] <= 4 * base[key] + slack, (where, key, ours, base)
 
 
-def _dtypes():
-    return [torch.float32, torch.bfloat16, torch.float16]
+# (N, M, D): several 16-wide tiles each way under the interpreter (53 = 3 * 16 + 5, ...)
+SMALL = [(53, 61, 19), (37, 45, 33), (1, 40, 3), (48, 17, 64)]
+LARGE = [(300, 457, 512), (1031, 700, 768), (129, 1, 77), (2049, 1500, 256)]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("kl", ["forward", "reverse"])
 @pytest.mark.parametrize("dense,masks", [(False, False), (True, True), (False, True)])
-@pytest.mark.parametrize("dtype", _dtypes(), ids=lambda t: str(t).replace("torch.", ""))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda t: str(t)[6:])
 def test_kernels_match_float64_no_worse_than_pytorch(variant, kl, dense, masks, dtype):
     """Error vs float64 on the same (half-valued) inputs is at most 4x PyTorch's own error
     computing the same formula from the same dtype, plus a stated slack: fp32 accuracy for the
     loss, and for half-precision gradients 4 units of roundoff of their dtype (SPEC: gradients
-    come back in the input dtype, so their error may be that of rounding, times a small factor;
-    the kernels round dS and the normalised features to that dtype before the products)."""
+    come back in the input dtype, so their error may be that of rounding, times a small factor)."""
     shapes = LARGE if CUDA else SMALL
     for i, (n, m, d) in enumerate(shapes):
         q, g, kw = _problem(n, m, d, dtype, seed=i, dense=dense, masks=masks)
-        ours = _errors_vs_float64(q, g, kw, kl, _triton(variant))
-        base = _errors_vs_float64(q, g, kw, kl, _torch_same_dtype)
-        for key in ours:
-            # ds is one scalar summing N*M terms: hold it to fp32 accuracy rather than to
-            # PyTorch's (sometimes luckily tiny) error on the same sum.
-            slack = 1e-5 if key == "ds" else 2e-6
-            if key in ("dq", "dg") and dtype != torch.float32:
-                slack = 4 * torch.finfo(dtype).eps / 2
-            assert ours[key] <= 4 * base[key] + slack, (n, m, d, key, ours, base)
+        _assert_no_worse_than_pytorch(_errors_vs_float64(q, g, kw, kl, _triton(variant)),
+                                      _errors_vs_float64(q, g, kw, kl, _torch_same_dtype), dtype, (variant, n, m, d))
 
 
-@pytest.mark.parametrize("variant", VARIANTS[:2])
+@pytest.mark.parametrize("variant", ["fused", "chunked"])
 @pytest.mark.parametrize("d", [4096, 4099])
 def test_large_feature_dims(variant, d):
-    """D up to (and past) 4096, a power of two and not: the K loop, and the fallback of the
-    ONE_K variants when the rows' features would not fit on chip. Same criterion as above."""
+    """D up to (and past) 4096, a power of two and not (the fused backward keeps all of D on
+    chip: it hands over to the chunked one above 512). Same criterion as above."""
     n, m = (300, 200) if CUDA else (5, 7)
     for dtype in (torch.bfloat16, torch.float32):
         q, g, kw = _problem(n, m, d, dtype, seed=d, masks=True)
-        ours = _errors_vs_float64(q, g, kw, "reverse", _triton(variant))
-        base = _errors_vs_float64(q, g, kw, "reverse", _torch_same_dtype)
-        for key in ours:
-            slack = 1e-5 if key == "ds" else 2e-6
-            if key in ("dq", "dg") and dtype != torch.float32:
-                slack = 4 * torch.finfo(dtype).eps / 2
-            assert ours[key] <= 4 * base[key] + slack, (n, m, d, dtype, key, ours, base)
+        _assert_no_worse_than_pytorch(_errors_vs_float64(q, g, kw, "reverse", _triton(variant)),
+                                      _errors_vs_float64(q, g, kw, "reverse", _torch_same_dtype), dtype, d)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_output_element_is_written(variant, monkeypatch):
     """Poison every buffer the launcher allocates with NaN: an element left unwritten by a
-    kernel would reach the loss or the gradients."""
+    kernel (and then read) would reach the loss or the gradients."""
     real_empty = torch.empty
 
     def poisoned_empty(*args, **kwargs):
@@ -137,20 +135,10 @@ def test_every_output_element_is_written(variant, monkeypatch):
 
     monkeypatch.setattr(launch.torch, "empty", poisoned_empty)
     for kl in ("forward", "reverse"):
-        q, g, kw = _problem(37, 45, 21, torch.float32, seed=3, dense=kl == "reverse", masks=True)
-        errs = _errors_vs_float64(q, g, kw, kl, _triton(variant))
-        assert all(e < 1e-5 for e in errs.values()), errs
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_non_contiguous_inputs(variant):
-    q_full, g_full, kw = _problem(26, 31, 40, torch.float32, seed=5)
-    q = q_full[:, ::2]              # column stride 2
-    g = g_full.T.contiguous().T[:, 1::2]   # column-major storage, then strided
-    assert not q.is_contiguous() and not g.is_contiguous()
-    ours = sdm_triton.sdm_loss(q, g, **kw, backend="triton", tile_config=variant)
-    ref = reference.sdm_loss(q.double(), g.double(), **kw)
-    assert _rel(ours, ref) < 1e-5
+        for dense in (False, True):
+            q, g, kw = _problem(37, 45, 21, torch.float32, seed=3, dense=dense, masks=True)
+            errs = _errors_vs_float64(q, g, kw, kl, _triton(variant))
+            assert all(e < 1e-5 for e in errs.values()), (kl, dense, errs)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -160,12 +148,89 @@ def test_chunking_does_not_change_the_result(variant):
     results = []
     for workspace in (1 << 30, 1):          # one chunk vs the smallest chunks the tiles allow
         qa, ga = q.clone().requires_grad_(), g.clone().requires_grad_()
-        loss = sdm_triton.sdm_loss(qa, ga, **kw, backend="triton", tile_config=variant,
+        loss = sdm_triton.sdm_loss(qa, ga, **kw, backend="triton", kernel_config=variant,
                                    workspace_bytes=workspace, kl="reverse")
         loss.backward()
         results.append((loss.detach(), qa.grad, ga.grad))
     for a, b in zip(*results):
         assert _rel(a, b) < 1e-6
+
+
+# --------------------------------------------------------------------------- tests that kill the
+# mutants of issue 12 section 6 (each one-line bug of kernel work, named in its docstring)
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_statistics_match_the_torch_backend(variant):
+    """return_stats=True against the torch backend at 37 x 45, where each program walks several
+    column tiles: the positive mass is an online statistic that must be rescaled with the
+    running maximum (mutant: the rescale dropped, 0.211 vs 0.146)."""
+    q, g, kw = _problem(37, 45, 16, torch.float32, seed=12, masks=True)
+    for kl in ("forward", "reverse"):
+        _, ours = sdm_triton.sdm_loss(q, g, **kw, kl=kl, backend="triton", kernel_config=variant + "_seg1",
+                                      return_stats=True)
+        _, base = sdm_triton.sdm_loss(q, g, **kw, kl=kl, backend="torch", return_stats=True)
+        for field in base.__dataclass_fields__:
+            torch.testing.assert_close(getattr(ours, field).double(), getattr(base, field).double(),
+                                       rtol=1e-5, atol=1e-6, msg=lambda s: f"{field} ({kl}): {s}")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("kl", ["forward", "reverse"])
+def test_anti_aligned_features_at_a_large_scale(variant, kl):
+    """3 queries against 20 gallery rows pointing the other way, s = 200: every logit is far below
+    zero, so a merge of segment statistics that pads the maximum with 0 instead of -inf (mutant:
+    NaN) or any other finite guess is wrong. Several column segments."""
+    gen = torch.Generator().manual_seed(13)
+    base = torch.randn(1, 24, generator=gen)
+    q = (base + 0.05 * torch.randn(3, 24, generator=gen)).to(DEVICE)
+    g = (-base + 0.05 * torch.randn(20, 24, generator=gen)).to(DEVICE)
+    ids_q, ids_g = torch.tensor([0, 1, 2], device=DEVICE), torch.arange(20, device=DEVICE) % 3
+    kw = dict(q_ids=ids_q, g_ids=ids_g)
+    seg = "" if "seg" in variant else "_seg4"
+    ours = _errors_vs_float64(q, g, kw, kl, _triton(variant + seg), scale=200.0)
+    base_err = _errors_vs_float64(q, g, kw, kl, _torch_same_dtype, scale=200.0)
+    _assert_no_worse_than_pytorch(ours, base_err, torch.float32, "anti-aligned")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("kl", ["forward", "reverse"])
+def test_exact_logits_give_gradients_to_fp32_accuracy(variant, kl):
+    """Integer features, normalize=False and a power-of-two scale: every logit is exact in fp32,
+    so the gradient can be held to fp32 accuracy relative to itself, near-perfect fit included.
+    The backward forms log P = (t - m) - log2 l with the row maximum m and log2 l kept apart:
+    folding them into one fp32 log-sum-exp first (mutant) loses the small log2 l at |m| ~ 200
+    and with it the gradient where P ~ Y."""
+    gen = torch.Generator().manual_seed(14)
+    n, m, d = 21, 35, 8
+    q = torch.randint(-3, 4, (n, d), generator=gen).float()
+    g = torch.randint(-3, 4, (m, d), generator=gen).float()
+    g[:n] = q                                  # row i's own positive is itself: a near-perfect fit
+    ids_q, ids_g = torch.arange(n), torch.arange(m)
+    ids_g[n:] = -1
+    kw = dict(q_ids=ids_q.to(DEVICE), g_ids=ids_g.to(DEVICE))
+    q, g = q.to(DEVICE), g.to(DEVICE)
+    torch_fn = _triton(variant)
+    qa, ga = q.clone().requires_grad_(), g.clone().requires_grad_()
+    torch_fn(qa, ga, **kw, kl=kl, logit_scale=4.0, normalize=False).backward()
+    q64, g64 = q.double().requires_grad_(), g.double().requires_grad_()
+    reference.sdm_loss(q64, g64, **kw, kl=kl, logit_scale=4.0, normalize=False).backward()
+    assert _rel(qa.grad, q64.grad) < 1e-5, _rel(qa.grad, q64.grad)
+    assert _rel(ga.grad, g64.grad) < 1e-5, _rel(ga.grad, g64.grad)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dense", [False, True])
+def test_a_tile_without_present_columns(variant, dense):
+    """The first 16 gallery rows absent: every query's first column tile (and a whole segment)
+    holds no present column. The online rescale (m - m') l must not meet -inf * 0 (this gave NaN
+    in reverse KL on the GPU before absent columns were placed below the maximum's start)."""
+    q, g, kw = _problem(40, 64, 24, torch.float32, seed=15, dense=dense)
+    g_mask = torch.ones(64, dtype=torch.bool, device=DEVICE)
+    g_mask[:32] = False
+    kw["g_mask"] = g_mask
+    for kl in ("forward", "reverse"):
+        _assert_no_worse_than_pytorch(_errors_vs_float64(q, g, kw, kl, _triton(variant)),
+                                      _errors_vs_float64(q, g, kw, kl, _torch_same_dtype), torch.float32, kl)
 
 
 def test_triton_backend_errors():
@@ -175,36 +240,57 @@ def test_triton_backend_errors():
         sdm_triton.sdm_loss(q, q, ids, ids, backend="triton")
     with pytest.raises(ValueError, match="backend"):
         sdm_triton.sdm_loss(q, q, ids, ids, backend="cuda")
-    with pytest.raises(ValueError, match="tile config"):
-        sdm_triton.sdm_loss(q.float(), q.float(), ids, ids, backend="triton", tile_config="nope")
+    with pytest.raises(ValueError, match="kernel_config"):
+        sdm_triton.sdm_loss(q.float(), q.float(), ids, ids, backend="triton", kernel_config="nope")
 
 
 @pytest.mark.gpu
 def test_no_host_synchronisation_in_forward_and_backward():
-    q, g, kw = _problem(512, 640, 128, torch.bfloat16, seed=1, masks=True)
-    q.requires_grad_()
-    g.requires_grad_()
-    ls = torch.tensor(30.0, device="cuda", requires_grad=True)
-    sdm_triton.sdm_loss(q, g, logit_scale=ls, **kw).backward()   # compile outside the check
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        loss = sdm_triton.sdm_loss(q, g, logit_scale=ls, **kw)
-        loss.backward()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    for cfg in ("fused", "chunked"):
+        q, g, kw = _problem(512, 640, 128, torch.bfloat16, seed=1, masks=True, dense=True)
+        q.requires_grad_()
+        g.requires_grad_()
+        ls = torch.tensor(30.0, device="cuda", requires_grad=True)
+        sdm_triton.sdm_loss(q, g, logit_scale=ls, kernel_config=cfg, kl="reverse", **kw).backward()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            sdm_triton.sdm_loss(q, g, logit_scale=ls, kernel_config=cfg, kl="reverse", **kw).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.gpu
-def test_64bit_offsets_beyond_2_pow_31():
-    """N * M > 2^31 (and the dS chunk offsets) with the torch backend as the comparison."""
-    n = m = 47000                       # 2.2e9 similarity entries
-    q, g, kw = _problem(n, m, 32, torch.bfloat16, seed=2)
+def test_64bit_offsets_beyond_2_pow_31_logits():
+    """N * M > 2^31 with dense (bool) labels: the label tile's offsets pass 2^31 (mutant: int32
+    offsets). The torch backend is the comparison."""
+    n = m = 47000                       # 2.2e9 label entries (2.2 GB of bool)
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    q = torch.randn(n, 32, device="cuda", generator=gen).to(torch.bfloat16)
+    g = torch.randn(m, 32, device="cuda", generator=gen).to(torch.bfloat16)
+    ids = torch.arange(n, device="cuda") // 4
+    labels = ids[:, None] == ids[None, :]
     losses = []
-    for backend in ("triton", "torch"):
+    for backend, kw in (("triton", dict(labels=labels)), ("torch", dict(q_ids=ids, g_ids=ids))):
         qa = q.clone().requires_grad_()
         loss = sdm_triton.sdm_loss(qa, g, **kw, backend=backend, workspace_bytes=2**30)
         loss.backward()
         losses.append((loss.detach(), qa.grad.float()))
+    del labels
     assert _rel(losses[0][0], losses[1][0]) < 1e-5
-    assert _rel(losses[0][1], losses[1][1]) < 2e-2   # bf16 gradients, dS rounded to bf16
+    assert _rel(losses[0][1], losses[1][1]) < 2e-2
+
+
+@pytest.mark.gpu
+def test_64bit_offsets_beyond_2_pow_31_features():
+    """N * D > 2^31: the feature rows' offsets pass 2^31 (mutant: int32 offsets)."""
+    n, m, d = 1 << 20, 64, 2056          # 2.16e9 elements of q (4.3 GB in bf16)
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q = torch.randn(n, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+    g = torch.randn(m, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+    q_ids = torch.randint(0, 64, (n,), device="cuda", generator=gen)
+    g_ids = torch.arange(m, device="cuda")
+    sel = torch.tensor([0, 1, n // 2, n - 2, n - 1], device="cuda")
+    out = sdm_triton.sdm_loss(q, g, q_ids, g_ids, reduction="none", backend="triton")
+    part = reference.sdm_loss(q[sel].double(), g.double(), q_ids[sel], g_ids, reduction="none")
+    torch.testing.assert_close(out.q2g[sel].double(), part.q2g, rtol=1e-5, atol=1e-5)

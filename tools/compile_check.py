@@ -113,7 +113,7 @@ def main():
             ("finish", finish._finish_kernel, dict(REVERSE=reverse, DENSE=dense, WANT_Q2G=True, WANT_G2Q=True, MEAN=True,
              COMBINE_MEAN=True, STATS=True, WANT_POS=True, BLOCK=1024), 4, 1, ("q_msk", "g_msk", "scale_ptr")),
             ("fused_d512", grad._fused_grad_kernel, dict(common, MEAN=True, NORMALIZE=True, WANT_DSCALE=True,
-             SCALE_W=False, HALF=half[dtype], IS_FP32=dtype == "fp32", BLOCK_M=16, BLOCK_N=32, BLOCK_D=512), 4, 1,
+             SCALE_W=False, HALF=half[dtype], IS_FP32=dtype == "fp32", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, BLOCK_D=512), 4, 1,
              nones + ("drows_ptr",)),
             ("chunk128", grad._grad_chunk_kernel, dict(common, WANT_DSCALE=False, HALF=half[dtype],
              IS_FP32=dtype == "fp32", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3, nones + ("q_msk", "g_msk", "gmax_ptr",
@@ -166,7 +166,7 @@ def sweep(target):
                 (64, 32, 128, 4, 1), (32, 64, 128, 4, 2)]:
         bm, bn, bd, w, s = cfg
         k = compile_one(grad._fused_grad_kernel, "bf16", dict(common, MEAN=True, NORMALIZE=True, WANT_DSCALE=False,
-                        SCALE_W=False, HALF=tl.bfloat16, IS_FP32=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd),
+                        SCALE_W=False, HALF=tl.bfloat16, IS_FP32=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, BLOCK_D=bd),
                         ("lab", "q_msk", "g_msk", "scale_ptr", "drows_ptr"), target, w, s)
         print("fused", cfg, resources(k))
 

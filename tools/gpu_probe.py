@@ -211,6 +211,51 @@ def part_yardvar(sizes):
             log(f"  N={n} int64={i64!s:5s} ids={use_ids!s:5s} {t:.3f} ms ({tf / t * 1e3:.0f} TFLOP/s)")
 
 
+def part_profile():
+    """Where the host time of a training-size step goes (cProfile), and each forward kernel's
+    GPU time alone (torch profiler) at a large size."""
+    import cProfile
+    import io
+    import pstats
+    log("== profile: host time of fwd+bwd at N=256 bf16 (cProfile, 30 steps)")
+    q, g, kw = problem(256, 256, 512, torch.bfloat16, seed=6)
+    qa, ga = q.clone().requires_grad_(), g.clone().requires_grad_()
+
+    def step():
+        sdm_triton.sdm_loss(qa, ga, **kw, logit_scale=50.0).backward()
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(30):
+        step()
+    torch.cuda.synchronize()
+    log(f"  wall per step {1e3 * (time.perf_counter() - t0) / 30:.3f} ms")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(30):
+        step()
+    torch.cuda.synchronize()
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(18)
+    for line in buf.getvalue().splitlines()[:40]:
+        if line.strip():
+            log("  " + line[:200])
+    log("== profile: GPU time per kernel, forward + backward at N=32768 bf16 (torch.profiler)")
+    from torch.profiler import ProfilerActivity, profile
+    q, g, kw = problem(32768, 32768, 512, torch.bfloat16, seed=7)
+    qa, ga = q.clone().requires_grad_(), g.clone().requires_grad_()
+    sdm_triton.sdm_loss(qa, ga, **kw, logit_scale=50.0).backward()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof2:
+        sdm_triton.sdm_loss(qa, ga, **kw, logit_scale=50.0).backward()
+        torch.cuda.synchronize()
+    table = prof2.key_averages().table(sort_by="cuda_time_total", row_limit=14)
+    for line in table.splitlines():
+        log("  " + line[:160])
+
+
 def part_fwd(sizes, configs):
     log("== forward (prep + both statistics passes + finish), bf16 pk4, D=512, forward KL")
     for n in sizes:
@@ -381,6 +426,8 @@ def main():
     t0 = time.time()
     LOG_PATH[0] = os.path.join(args.out, "probe.log")
     try:
+        if "profile" in parts:
+            part_profile()
         if "correct" in parts:
             part_correct()
         if "yard" in parts:

@@ -5,7 +5,8 @@ Merging partial statistics over disjoint column segments (shift_s = m_s - m, alp
     m = max_s m_s,  l = sum alpha_s l_s,  pos = sum alpha_s pos_s,  logy = sum alpha_s logy_s
     forward KL:  lin = sum_s lin_s            reverse KL:  lin = sum_s alpha_s (lin_s + shift_s l_s)
 
-Row losses (log2-domain statistics, `stats.py`; ysum, ylny from `prep.py`):
+Row losses (log2-domain statistics, `stats.py`; ysum: the merged count of positives with
+identity labels, or with dense labels ysum, ylny from `prep.py`):
 
     forward:          L = ln2 (m + log2 l - lin / ysum) + ylny / ysum - ln ysum     (clamped at 0: KL >= 0)
     reverse, ids:     L = ln2 (lin / l - log2 l) - [P+ ln(1/ysum + eps) + (1 - P+) ln eps],  P+ = pos / l
@@ -50,6 +51,7 @@ def _finish_rows(
         lin = tl.zeros((BLOCK,), dtype=tl.float32)
         pos = tl.zeros((BLOCK,), dtype=tl.float32)
         logy = tl.zeros((BLOCK,), dtype=tl.float32)
+        npos = tl.zeros((BLOCK,), dtype=tl.float32)
         for s in range(0, S):
             base = part_ptr + s * (NUM_STATS * NDR) + idx
             shift = tl.load(base, mask=i_in, other=0.0) - m
@@ -62,9 +64,14 @@ def _finish_rows(
                     logy += alpha * tl.load(base + 4 * NDR, mask=i_in, other=0.0)
             else:
                 lin += tl.load(base + 2 * NDR, mask=i_in, other=0.0)
+            if not DENSE:
+                npos += tl.load(base + 4 * NDR, mask=i_in, other=0.0)
             if WANT_POS:
                 pos += alpha * tl.load(base + 3 * NDR, mask=i_in, other=0.0)
-        ysum = tl.load(lab_ptr + idx, mask=i_in, other=0.0)
+        if DENSE:
+            ysum = tl.load(lab_ptr + idx, mask=i_in, other=0.0)
+        else:
+            ysum = npos
         valid = present(msk, moff, s_msk, i, i_in) & ((ysum > 0) | (ysum != ysum))
         safe_l = tl.where(valid & (l > 0), l, 1.0)
         safe_y = tl.where(valid, ysum, 1.0)

@@ -121,16 +121,21 @@ def accumulate_product(acc, W, b_op, HALF: tl.constexpr, IS_FP32: tl.constexpr, 
 
 @triton.jit
 def _fused_rows(
-    acc, ds_acc, a_rows, ra, pa, ai, row_ok,
+    acc, ds_acc, a_ptr, sa_row, sa_d, ra, pa, ai, row_ok,
     b_ptr, sb_row, sb_d, b_msk, b_moff, s_bmsk, b_ids, b_ioff, sb_id, lab, lab_off, sl_row, sl_col,
     pre_ptr, NR, b_pre, saved_ptr, rows_ptr, NDR, a_dir, b_dir,
     dv_ptr, drows_ptr, red_ptr, K, k, coef_a, coef_b, cnt_a, cnt_b,
     rows, row_in, n_cols, D, s_log2e, eps, ln_eps, inv_gmax,
     REVERSE: tl.constexpr, DENSE: tl.constexpr, MEAN: tl.constexpr, WANT_DSCALE: tl.constexpr,
     HALF: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    """acc += sum_j W_ij b'_j over every column of one softmax block (gallery k or the queries)."""
+    """acc += sum_j W_ij b'_j over every column of one softmax block (gallery k or the queries).
+
+    S is rebuilt with the forward's own dot (`dot_tile`, the same BLOCK_K steps): P =
+    exp2(t - m - log2 l) must see the t its (m, l) came from, bit for bit. One rounding of
+    difference is u |t| in log P (~3e-5 at s = 200), which the cancelling sum of dL/ds showed."""
     arow = a_dir + rows
     m_r = tl.load(saved_ptr + arow, mask=row_in, other=0.0)
     l2_r = tl.load(saved_ptr + NDR + arow, mask=row_in, other=0.0)
@@ -144,15 +149,11 @@ def _fused_rows(
         cols = (n0 + tl.arange(0, BLOCK_N)).to(INDEX)
         col_in = cols < n_cols
         col_ok = present(b_msk, b_moff, s_bmsk, cols, col_in)
-        # the columns' features over all of D; absent columns load as 0 (they may hold NaN)
+        dot = dot_tile(a_ptr, sa_row, sa_d, rows, row_ok, b_ptr, sb_row, sb_d, cols, col_ok, D,
+                       BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION)
+        # the columns' features over all of D, for the product; absent columns load as 0 (they may hold NaN)
         b_tile = tl.load(b_ptr + cols[:, None] * sb_row + offs_d[None, :] * sb_d,
                          mask=col_ok[:, None] & d_in[None, :], other=0.0)                    # [BN, BD]
-        if UPCAST:
-            b_tile = b_tile.to(tl.float32)
-        if b_tile.dtype == tl.float32:
-            dot = tl.dot(a_rows, tl.trans(b_tile), input_precision=DOT_PRECISION)
-        else:
-            dot = tl.dot(a_rows, tl.trans(b_tile))
         bcol = b_pre + cols
         rb = tl.load(pre_ptr + bcol, mask=col_ok, other=0.0)
         cb = tl.load(pre_ptr + NR + bcol, mask=col_ok, other=0.0)
@@ -229,7 +230,8 @@ def _fused_grad_kernel(
     REVERSE: tl.constexpr, DENSE: tl.constexpr, MEAN: tl.constexpr, NORMALIZE: tl.constexpr,
     WANT_DSCALE: tl.constexpr, SCALE_W: tl.constexpr,
     HALF: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Programs [0, n_q_programs): BLOCK_M q rows against every gallery -> dq rows (and the
     dL/ds partial); the rest: BLOCK_M rows of one gallery against the queries -> dg rows.
@@ -254,27 +256,24 @@ def _fused_grad_kernel(
         rows = (pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)).to(INDEX)
         row_in = rows < N
         row_ok = present(q_msk, 0, s_qmsk, rows, row_in)
-        x = tl.load(q_ptr + rows[:, None] * sq_row + offs_d[None, :] * sq_d,
-                    mask=row_ok[:, None] & d_in[None, :], other=0.0)
-        a_rows = x
-        if UPCAST:
-            a_rows = x.to(tl.float32)
         ra = tl.load(pre_ptr + rows, mask=row_in, other=0.0)
         ca = tl.load(pre_ptr + NR + rows, mask=row_in, other=1.0)
         pa = ra / ca
         ai = row_ids(q_ids, 0, s_qid, rows, row_in, DENSE)
         for k in range(0, K):
             acc, ds_acc = _fused_rows(
-                acc, ds_acc, a_rows, ra, pa, ai, row_ok,
+                acc, ds_acc, q_ptr, sq_row, sq_d, ra, pa, ai, row_ok,
                 g_ptr + k * sg_gal, sg_row, sg_d, g_msk, k * s_gmsk_gal, s_gmsk, g_ids, k * s_gid_gal, s_gid,
                 lab, k * sl_gal, sl_q, sl_g,
                 pre_ptr, NR, N + k * M, saved_ptr, rows_ptr, NDR, k * N, K * N + k * M,
                 dv_ptr, drows_ptr, red_ptr, K, k, coef_q, coef_g, 1, 3,
                 rows, row_in, M, D, s_log2e, eps, ln_eps, inv_gmax,
                 REVERSE, DENSE, MEAN, WANT_DSCALE, HALF, IS_FP32, UPCAST, DOT_PRECISION,
-                INDEX, BLOCK_M, BLOCK_N, BLOCK_D)
+                INDEX, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D)
         norm = tl.load(pre_ptr + 2 * NR + rows, mask=row_in, other=0.0)
-        dx = input_gradient(acc * gmax, x.to(tl.float32), ra, ca, norm, row_ok, s, NORMALIZE)
+        x = tl.load(q_ptr + rows[:, None] * sq_row + offs_d[None, :] * sq_d,
+                    mask=row_ok[:, None] & d_in[None, :], other=0.0).to(tl.float32)
+        dx = input_gradient(acc * gmax, x, ra, ca, norm, row_ok, s, NORMALIZE)
         store_gradient(dq_ptr, sdq_row, sdq_d, rows, row_in, offs_d, d_in, dx, dq_ptr.dtype.element_ty)
         if WANT_DSCALE:
             tl.store(dscale_ptr + pid, tl.sum(ds_acc, axis=0))
@@ -286,26 +285,23 @@ def _fused_grad_kernel(
         row_in = rows < M
         row_ok = present(g_msk, gal * s_gmsk_gal, s_gmsk, rows, row_in)
         gk = g_ptr + gal * sg_gal
-        x = tl.load(gk + rows[:, None] * sg_row + offs_d[None, :] * sg_d,
-                    mask=row_ok[:, None] & d_in[None, :], other=0.0)
-        a_rows = x
-        if UPCAST:
-            a_rows = x.to(tl.float32)
         srow = N + gal * M + rows
         ra = tl.load(pre_ptr + srow, mask=row_in, other=0.0)
         ca = tl.load(pre_ptr + NR + srow, mask=row_in, other=1.0)
         pa = ra / ca
         ai = row_ids(g_ids, gal * s_gid_gal, s_gid, rows, row_in, DENSE)
         acc, ds_acc = _fused_rows(
-            acc, ds_acc, a_rows, ra, pa, ai, row_ok,
+            acc, ds_acc, gk, sg_row, sg_d, ra, pa, ai, row_ok,
             q_ptr, sq_row, sq_d, q_msk, 0, s_qmsk, q_ids, 0, s_qid, lab, gal * sl_gal, sl_g, sl_q,
             pre_ptr, NR, 0, saved_ptr, rows_ptr, NDR, K * N + gal * M, gal * N,
             dv_ptr, drows_ptr, red_ptr, K, gal, coef_g, coef_q, 3, 1,
             rows, row_in, N, D, s_log2e, eps, ln_eps, inv_gmax,
             REVERSE, DENSE, MEAN, False, HALF, IS_FP32, UPCAST, DOT_PRECISION,
-            INDEX, BLOCK_M, BLOCK_N, BLOCK_D)
+            INDEX, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D)
         norm = tl.load(pre_ptr + 2 * NR + srow, mask=row_in, other=0.0)
-        dx = input_gradient(acc * gmax, x.to(tl.float32), ra, ca, norm, row_ok, s, NORMALIZE)
+        x = tl.load(gk + rows[:, None] * sg_row + offs_d[None, :] * sg_d,
+                    mask=row_ok[:, None] & d_in[None, :], other=0.0).to(tl.float32)
+        dx = input_gradient(acc * gmax, x, ra, ca, norm, row_ok, s, NORMALIZE)
         store_gradient(dg_ptr + gal * M * sdg_row, sdg_row, sdg_d, rows, row_in, offs_d, d_in, dx,
                        dg_ptr.dtype.element_ty)
 

@@ -6,11 +6,13 @@ For each sample x (a row of q, or of a gallery):
     c    = 2^-e with 2^e the power of two just above max(norm, NORM_EPS)
 
 (``c`` scales a row of the backward's product operands exactly: x' = c x, see grad.py).
-For each softmax row (a q row against gallery k, or a gallery row against the queries),
-over the present columns j:
+With dense labels, for each softmax row (a q row against gallery k, or a gallery row against
+the queries), over the present columns j:
 
-    ids:    ysum = #{j : id_j = id_i}                  ylny = 0
-    dense:  ysum = sum_j y_ij                          ylny = sum_j y_ij ln y_ij
+    ysum = sum_j y_ij,    ylny = sum_j y_ij ln y_ij
+
+(With identity labels the count of positives is taken by the statistics pass, on the tiles
+whose ids it compares anyway: a pass of its own over N x M id pairs cost 7 ms at 32768.)
 
 A negative, NaN or infinite label weight on a pair of present samples makes that row's
 ysum NaN, so its loss, and the mean it enters, become NaN on the device (no host sync).
@@ -22,7 +24,7 @@ writes the rows' norms); the others own BLOCK_M rows of one gallery against all 
 import triton
 import triton.language as tl
 
-from .tiles import pow2_below, present, row_ids
+from .tiles import pow2_below, present
 
 NORM_EPS = tl.constexpr(1e-12)
 
@@ -52,15 +54,14 @@ def _prep_rows(
         tl.store(pre_ptr + NR + a_pre + rows, pow2_below(safe), mask=row_in)
         tl.store(pre_ptr + 2 * NR + a_pre + rows, norm, mask=row_in)
 
-    row_ok = present(a_msk, a_moff, s_amsk, rows, row_in)
-    ai = row_ids(a_ids, a_ioff, sa_id, rows, row_in, DENSE)
-    ysum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    ylny = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for n0 in range(0, n_cols, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        col_ok = present(b_msk, b_moff, s_bmsk, cols, cols < n_cols)
-        both = row_ok[:, None] & col_ok[None, :]
-        if DENSE:
+    if DENSE:   # with ids the statistics pass counts the positives on its tiles (stats.py)
+        row_ok = present(a_msk, a_moff, s_amsk, rows, row_in)
+        ysum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        ylny = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for n0 in range(0, n_cols, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+            col_ok = present(b_msk, b_moff, s_bmsk, cols, cols < n_cols)
+            both = row_ok[:, None] & col_ok[None, :]
             y = tl.load(lab + lab_off + rows[:, None] * sl_row + cols[None, :] * sl_col, mask=both,
                         other=0).to(tl.float32)
             # a bad weight (< 0, NaN, inf) poisons the row: NaN label mass
@@ -68,11 +69,8 @@ def _prep_rows(
             y = tl.where(bad, float("nan"), y)
             ysum += tl.sum(y, axis=1)
             ylny += tl.sum(tl.where(y > 0, y * tl.log(y), 0.0), axis=1)
-        else:
-            bi = tl.load(b_ids + b_ioff + cols * sb_id, mask=col_ok, other=0)
-            ysum += tl.sum(tl.where(both & (ai[:, None] == bi[None, :]), 1.0, 0.0), axis=1)
-    tl.store(lab_ptr + a_dir + rows, ysum, mask=row_in)
-    tl.store(lab_ptr + NDR + a_dir + rows, ylny, mask=row_in)
+        tl.store(lab_ptr + a_dir + rows, ysum, mask=row_in)
+        tl.store(lab_ptr + NDR + a_dir + rows, ylny, mask=row_in)
 
 
 # Sizes change from batch to batch: no divisibility specialisation on them.

@@ -11,12 +11,12 @@ in [BLOCK_M, BLOCK_N] tiles, FlashAttention's online softmax in the log2 domain
     reverse KL:   lin' = alpha (lin + (m - m') l) + sum_j p_ij (t_ij - m')
     pos'  = alpha pos + sum_{j: y_ij > 0} p_ij          (reverse KL with ids; statistics)
     logy' = alpha logy + sum_j p_ij ln(y_ij / ysum_i + eps)   (reverse KL with dense labels)
+    cnt'  = cnt + #{j : id_j = id_i}                     (identity labels: the label mass)
 
-and writes the five partial statistics (m, l, lin, pos, logy) of its rows for its segment
-(`finish.py` merges segments and turns them into losses). With identity labels the tile
-loop holds, beyond the log-sum-exp, one compare and one masked sum: the label
-statistics of a row are a count (prep.py) and its positives' logits, which here are
-summed where the tile is in registers anyway.
+and writes the five partial statistics (m, l, lin, pos, logy | cnt) of its rows for its
+segment (`finish.py` merges segments and turns them into losses). With identity labels the
+tile loop holds, beyond the log-sum-exp, one compare and two masked sums (the positives'
+logits and their count), where the tile is in registers anyway.
 """
 
 import triton
@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .tiles import ABSENT, LOG2E, NEG_BIG, dot_tile, present, row_ids
 
-NUM_STATS = tl.constexpr(5)   # m, l, lin, pos, logy
+NUM_STATS = tl.constexpr(5)   # m, l, lin, pos, logy (dense labels) | cnt (identity labels)
 
 
 @triton.jit
@@ -52,6 +52,7 @@ def _stats_rows(
     lin = tl.zeros((BLOCK_M,), dtype=tl.float32)
     pos = tl.zeros((BLOCK_M,), dtype=tl.float32)
     logy = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    cnt = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(col0, col1, BLOCK_N):
         cols = (n0 + tl.arange(0, BLOCK_N)).to(INDEX)
         col_ok = present(b_msk, b_moff, s_bmsk, cols, cols < col1)
@@ -72,6 +73,7 @@ def _stats_rows(
         else:
             bi = tl.load(b_ids + b_ioff + cols * sb_id, mask=col_ok, other=0)
             positive = (ai[:, None] == bi[None, :]) & col_ok[None, :]
+            cnt += tl.sum(positive.to(tl.float32), axis=1)
         if REVERSE:
             lin = alpha * (lin + (m - m_new) * l) + tl.sum(p * (t - m_new[:, None]), axis=1)
             if DENSE:
@@ -92,6 +94,8 @@ def _stats_rows(
         tl.store(out + 3 * NDR, pos, mask=row_in)
     if DENSE and REVERSE:
         tl.store(out + 4 * NDR, logy, mask=row_in)
+    if not DENSE:
+        tl.store(out + 4 * NDR, cnt, mask=row_in)
 
 
 # Sizes change from batch to batch: no divisibility specialisation on them.
