@@ -141,12 +141,16 @@ def _chunk_tiles(p: Problem) -> Tiles:
 
 
 def backward_path(p: Problem) -> str:
-    """"fused" or "chunked" (module doc): the caller's KernelConfig.backward, else by size."""
+    """"fused" or "chunked" (module doc): the caller's KernelConfig.backward, else by size. The
+    fused kernel keeps a row block's gradient over all of D on chip, so above FUSED_MAX_D it
+    hands over to the chunked one whatever was asked (at D = 4096 it would need 256 KiB of
+    shared memory, more than a Hopper SM has)."""
+    block_d = max(16, triton.next_power_of_2(p.d))
+    if block_d > FUSED_MAX_D:
+        return "chunked"
     if p.config.backward != "auto":
         return p.config.backward
-    block_d = max(16, triton.next_power_of_2(p.d))
-    small = p.n * p.galleries * p.m <= FUSED_MAX_LOGITS
-    return "fused" if (block_d <= FUSED_MAX_D and small) else "chunked"
+    return "fused" if p.n * p.galleries * p.m <= FUSED_MAX_LOGITS else "chunked"
 
 
 def _span(t) -> int:
@@ -233,7 +237,7 @@ class TritonBackend:
         value = torch.empty(() if p.scalar_value else (k,), dtype=f32, device=dev)
         rows = torch.empty(ndr, dtype=f32, device=dev)
         valid = torch.empty(ndr, dtype=torch.bool, device=dev)
-        saved = torch.empty(3 * ndr, dtype=f32, device=dev)
+        saved = torch.empty(4 * ndr, dtype=f32, device=dev)      # m, 1 / l, 1 / ysum, ln l
         red = torch.empty((NUM_RED, k), dtype=f32, device=dev)
         _traceable(_finish_kernel)[(1,)](
             part_ptr=part, pre_ptr=pre, lab_ptr=lab, q_msk=args["q_msk"], s_qmsk=args["s_qmsk"],
@@ -242,7 +246,7 @@ class TritonBackend:
             N=n, M=m, K=k, S_q=s_q, S_g=s_g, scale_value=p.scale_value, eps=o.eps,
             REVERSE=o.reverse, DENSE=p.dense, WANT_Q2G=o.wants_q2g, WANT_G2Q=o.wants_g2q,
             MEAN=o.reduction == "mean", COMBINE_MEAN=o.combine == "mean", STATS=p.return_stats,
-            WANT_POS=want_pos, BLOCK=16 if interpreting() else 1024, num_warps=4)
+            WANT_POS=want_pos, INTERPRETED=interpreting(), BLOCK=16 if interpreting() else 1024, num_warps=4)
         return ForwardOut(value, rows, valid, red, (buf, saved))
 
     # ----------------------------------------------------------------------------- backward

@@ -12,10 +12,11 @@ identity labels, or with dense labels ysum, ylny from `prep.py`):
     reverse, ids:     L = ln2 (lin / l - log2 l) - [P+ ln(1/ysum + eps) + (1 - P+) ln eps],  P+ = pos / l
     reverse, dense:   L = ln2 (lin / l - log2 l) - logy / l
 
+(written with ln l = ln2 log2 l, the accurate logarithm: lg2.approx errs by ~2^-22).
 A row is valid when its sample is present and ysum > 0 (a NaN ysum, from bad labels, counts
 as valid so that its NaN reaches the loss). A bad logit scale (<= 0, NaN, inf) makes every
-loss NaN. Written per softmax row: the loss, validity, and what the backward needs (m, log2 l,
-1 / ysum: 0 for invalid rows); per gallery k: the sums and counts of valid rows of both
+loss NaN. Written per softmax row: the loss, validity, and what the backward needs (m, 1 / l,
+1 / ysum: 0 for invalid rows, ln l); per gallery k: the sums and counts of valid rows of both
 directions, the positive mass, the present samples' norm statistics, and the value asked for.
 """
 
@@ -23,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .stats import NUM_STATS
-from .tiles import LN2, present
+from .tiles import LN2, ln_precise, present
 
 #: rows of the per-gallery reduction buffer ``red`` [NUM_RED, K]
 NUM_RED = 10  # sum_q, cnt_q, sum_g, cnt_g, pos_q, pos_g, qnorm_sum, qnorm_max, gnorm_sum (per gallery), gnorm_max
@@ -33,7 +34,8 @@ NUM_RED = 10  # sum_q, cnt_q, sum_g, cnt_g, pos_q, pos_g, qnorm_sum, qnorm_max, 
 def _finish_rows(
     part_ptr, S, NDR, lab_ptr, msk, moff, s_msk, dir0, n, s_ok, eps, ln_eps,
     rows_ptr, valid_ptr, saved_ptr,
-    REVERSE: tl.constexpr, DENSE: tl.constexpr, WANT_POS: tl.constexpr, BLOCK: tl.constexpr,
+    REVERSE: tl.constexpr, DENSE: tl.constexpr, WANT_POS: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Rows dir0 .. dir0 + n of the direction-row space, merged over S segments: returns (sum
     of losses, valid count, sum of positive probabilities) over them."""
@@ -75,16 +77,16 @@ def _finish_rows(
         valid = present(msk, moff, s_msk, i, i_in) & ((ysum > 0) | (ysum != ysum))
         safe_l = tl.where(valid & (l > 0), l, 1.0)
         safe_y = tl.where(valid, ysum, 1.0)
-        log2l = tl.log2(safe_l)
+        ln_l = ln_precise(safe_l, INTERPRETED)        # once per row: the accurate log, not lg2.approx
         if REVERSE:
-            loss = LN2 * (lin / safe_l - log2l)
+            loss = LN2 * (lin / safe_l) - ln_l
             if DENSE:
                 loss -= logy / safe_l
             else:
                 p_pos = pos / safe_l
                 loss -= p_pos * tl.log(1.0 / safe_y + eps) + (1.0 - p_pos) * ln_eps
         else:
-            loss = LN2 * (m + log2l - lin / safe_y) - tl.log(safe_y)
+            loss = LN2 * (m - lin / safe_y) + ln_l - ln_precise(safe_y, INTERPRETED)
             if DENSE:
                 loss += tl.load(lab_ptr + NDR + idx, mask=i_in, other=0.0) / safe_y
             loss = tl.where(loss < 0, 0.0, loss)          # KL >= 0 exactly; keeps NaN
@@ -93,8 +95,9 @@ def _finish_rows(
         tl.store(rows_ptr + idx, loss, mask=i_in)
         tl.store(valid_ptr + idx, valid.to(tl.int8), mask=i_in)
         tl.store(saved_ptr + idx, m, mask=i_in)
-        tl.store(saved_ptr + NDR + idx, log2l, mask=i_in)
+        tl.store(saved_ptr + NDR + idx, 1.0 / safe_l, mask=i_in)
         tl.store(saved_ptr + 2 * NDR + idx, tl.where(valid, 1.0 / safe_y, 0.0), mask=i_in)
+        tl.store(saved_ptr + 3 * NDR + idx, ln_l, mask=i_in)
         sum_l += loss
         cnt += valid.to(tl.float32)
         sum_pos += tl.where(valid, pos / safe_l, 0.0)
@@ -124,7 +127,7 @@ def _finish_kernel(
     N, M, K, S_q, S_g, scale_value, eps,
     REVERSE: tl.constexpr, DENSE: tl.constexpr, WANT_Q2G: tl.constexpr, WANT_G2Q: tl.constexpr,
     MEAN: tl.constexpr, COMBINE_MEAN: tl.constexpr, STATS: tl.constexpr, WANT_POS: tl.constexpr,
-    BLOCK: tl.constexpr,
+    INTERPRETED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     NR = N + K * M
     NDR = K * N + K * M
@@ -141,9 +144,9 @@ def _finish_kernel(
     for k in range(0, K):
         gmoff = k * s_gmsk_gal
         sq, cq, pq = _finish_rows(part_ptr, S_q, NDR, lab_ptr, q_msk, 0, s_qmsk, k * N, N, s_ok, eps, ln_eps,
-                                  rows_ptr, valid_ptr, saved_ptr, REVERSE, DENSE, WANT_POS, BLOCK)
+                                  rows_ptr, valid_ptr, saved_ptr, REVERSE, DENSE, WANT_POS, INTERPRETED, BLOCK)
         sg, cg, pg = _finish_rows(part_ptr, S_g, NDR, lab_ptr, g_msk, gmoff, s_gmsk, K * N + k * M, M, s_ok, eps, ln_eps,
-                                  rows_ptr, valid_ptr, saved_ptr, REVERSE, DENSE, WANT_POS, BLOCK)
+                                  rows_ptr, valid_ptr, saved_ptr, REVERSE, DENSE, WANT_POS, INTERPRETED, BLOCK)
         a = sq
         b = sg
         if MEAN:

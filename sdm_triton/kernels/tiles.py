@@ -17,6 +17,7 @@ computed with rows and columns swapped gives the same t bit for bit.
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 #: The running row maximum starts at NEG_BIG, and an absent column's logit is ABSENT, below it:
 #: exp2(ABSENT - m) = 0 even while a row has seen no present column (m = NEG_BIG), so such a row
@@ -115,3 +116,14 @@ def pow2_below(x):
     e = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126          # x in [2^(e-1), 2^e)
     e = tl.minimum(tl.maximum(e, -125), 126)
     return ((127 - e) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def ln_precise(x, INTERPRETED: tl.constexpr):
+    """ln x to fp32 accuracy: libdevice's logf on the GPU (tl.log is lg2.approx there, ~2^-22
+    absolute); the CPU interpreter's tl.log is numpy's, already exact (it has no libdevice)."""
+    if INTERPRETED:
+        out = tl.log(x)
+    else:
+        out = libdevice.log(x)
+    return out
