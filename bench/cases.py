@@ -97,7 +97,7 @@ def _square(*ns: int) -> Tuple[Tuple[int, int], ...]:
     return tuple((n, n) for n in ns)
 
 
-# The published settings (SPEC.md, "Reference settings"; issues 13 and 14), D = 512 on the GPU.
+# The published settings (docs/contract.md, "Settings of published users"; issues 13 and 14), D = 512 on the GPU.
 #: IRRA (also MLLM4Text-ReID): fp32, reverse KL, eps 1e-8, s = 50, the two directions summed, P x K
 #: batches, B = 64-512 per GPU (256 and 1024 too: the latency targets name them).
 IRRA = Family("irra", _square(64, 128, 256, 512, 1024), 512, ("fp32",), "reverse", ("pk4",), "sum")

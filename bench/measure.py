@@ -156,12 +156,12 @@ def rel_err(a: List[torch.Tensor], b: List[torch.Tensor]) -> float:
 
 
 #: Relative error allowed on the loss: every implementation does the loss math in fp32
-#: (exact products of half inputs, fp32 accumulation) whatever the input dtype; SPEC.md
+#: (exact products of half inputs, fp32 accumulation) whatever the input dtype; docs/contract.md
 #: asks for 1e-5 against float64 (measured here: 1e-7 and below).
 LOSS_RTOL = 1e-5
 #: Gradients come back in the input dtype: allowed is GRAD_FACTOR times the error of rounding
 #: the trusted gradient to that dtype (PyTorch's own error for the same formula is that
-#: rounding), plus GRAD_RTOL (SPEC.md's fp32 bound; measured here: 2e-6 and below).
+#: rounding), plus GRAD_RTOL (docs/contract.md's fp32 bound; measured here: 2e-6 and below).
 GRAD_FACTOR = 4.0
 GRAD_RTOL = 1e-5
 #: Methods whose products run in TF32 by design (methods.TF32_METHODS) are gated at that

@@ -2,7 +2,7 @@
 
 Users can import it in their own tests without a GPU or Triton::
 
-    from reference import sdm_loss
+    from sdm_triton.reference import sdm_loss
 """
 
 from sdm_triton.options import NORM_EPS, SDMOptions, SDMRowLosses

@@ -1,6 +1,6 @@
 """The reference SDM loss: plain PyTorch, the N x M matrix materialised on purpose.
 
-This is the oracle every backend is tested against (see SPEC.md). It favours
+This is the oracle every backend is tested against (docs/contract.md). It favours
 readability over speed and memory: absent samples are removed by indexing, the
 similarity matrix and the label distribution are built in full, and each
 divergence is written as its textbook formula.
@@ -55,7 +55,7 @@ def sdm_loss(
 
     Returns a 0-dim tensor (fp32, or float64 for float64 inputs), or for
     ``reduction="none"`` an :class:`SDMRowLosses` of per-row losses and masks.
-    See ``SPEC.md`` for the definition of every argument. ``logit_scale`` (a
+    See docs/contract.md for the definition of every argument. ``logit_scale`` (a
     0-dim tensor) takes precedence over ``temperature`` (``s = 1 / temperature``).
     The reference validates values too (it synchronises): labels must be
     non-negative, features finite, a tensor logit_scale positive.

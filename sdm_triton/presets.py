@@ -1,4 +1,4 @@
-"""Named settings that reproduce published users of the SDM loss (SPEC.md, "Reference settings").
+"""Named settings that reproduce published users of the SDM loss (docs/contract.md, "Settings of published users").
 
     from sdm_triton.presets import preset_loss, preset_kwargs
     loss = preset_loss("irra", image_feats, text_feats, pids, pids)
@@ -12,7 +12,7 @@ features, so ``q2g`` is the papers' i2t direction and ``g2q`` their t2i.
     irra       reverse     1e-8  50 (tau 0.02)             mean(i2t) + mean(t2i)          anosorae/IRRA model/objectives.py::compute_sdm
     tbps_clip  reverse     1e-2  learnable, clamped <= 100 (mean(i2t) + mean(t2i)) / 2    Flame-Chasers/TBPS-CLIP model/tbps_model.py (ritc)
     rde        reverse     1e-8  50 (tau 0.02)             per sample i2t[i] + t2i[i]     QinYang79/RDE model/objectives.py::compute_sdm_per
-    seed       forward     -     1/tau, tau in [0.15, 0.5] (mean + mean) / 2, masks       the seed write-up (SPEC.md)
+    seed       forward     -     1/tau, tau in [0.15, 0.5] (mean + mean) / 2, masks       the seed write-up (docs/contract.md)
     clip       forward     -     learnable (init 1/0.07)   (CE(i2t) + CE(t2i)) / 2        CLIP; IRRA model/objectives.py::compute_itc
 
 Where the published code and these presets part (each pinned by a test):

@@ -1,4 +1,4 @@
-"""Training-stability companions of the SDM loss (SPEC.md, "Companion pieces from the seed").
+"""Training-stability companions of the SDM loss (docs/contract.md, "Training helpers").
 
 The seed's run went unstable in three ways this module addresses:
 

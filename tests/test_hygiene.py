@@ -1,4 +1,4 @@
-"""SPEC.md, "Input hygiene": what a user's tensors may look like, and what bad values get.
+"""docs/contract.md, "Input hygiene": what a user's tensors may look like, and what bad values get.
 
 Every test runs on every backend (the ``sdm_impl`` fixture: the reference, the torch
 backend, the Triton kernels, interpreted without a GPU) and, where the behaviour is the

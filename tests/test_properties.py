@@ -1,4 +1,4 @@
-"""The properties of SPEC.md, as Hypothesis tests run unchanged on every backend.
+"""The properties of docs/contract.md, as Hypothesis tests run unchanged on every backend.
 
 Truth is this file's own float64 evaluation of SPEC's definition (``evaluate``), written
 independently of ``reference/sdm.py``: dense and loop-free, absent samples handled by
