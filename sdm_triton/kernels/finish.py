@@ -26,8 +26,7 @@ import triton.language as tl
 from .stats import NUM_STATS
 from .tiles import LN2, ln_precise, present
 
-#: rows of the per-gallery reduction buffer ``red`` [NUM_RED, K]
-NUM_RED = 10  # sum_q, cnt_q, sum_g, cnt_g, pos_q, pos_g, qnorm_sum, qnorm_max, gnorm_sum (per gallery), gnorm_max
+# ``red`` [10, K] holds, per gallery, the rows named by backend.RED_FIELDS (in that order).
 
 
 @triton.jit
