@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 
-from .backend import NUM_RED, ForwardOut, reduction_coefficients
+from .backend import NUM_RED, NUM_STATS, ForwardOut, Statistics, reduction_coefficients
 from .kernels.finish import _finish_kernel
 from .kernels.grad import (
     _fused_grad_kernel,
@@ -36,7 +36,8 @@ from .kernels.grad import (
     _weights_kernel,
 )
 from .kernels.prep import _prep_kernel
-from .kernels.stats import NUM_STATS, _stats_kernel
+from .kernels.stats import NUM_STATS as _KERNEL_NUM_STATS
+from .kernels.stats import _stats_kernel
 from .matmul import addmm_f32, mm_f32
 from .problem import Problem
 
@@ -63,6 +64,8 @@ def traceable_launches():
 
 def _traceable(kernel):
     return _wrap_triton(kernel) if (_wrap_triton is not None and _TRACING.get()) else kernel
+
+assert _KERNEL_NUM_STATS.value == NUM_STATS, "kernels/stats.py and backend.py disagree on NUM_STATS"
 
 _HALF = {torch.float16: triton.language.float16, torch.bfloat16: triton.language.bfloat16,
          torch.float32: triton.language.float32}
@@ -170,6 +173,12 @@ def _problem_index(p: Problem, *more: int):
     return _index_dtype(_span(p.q), _span(p.g), _span(p.labels), p.num_rows * NUM_STATS * 64, *more)
 
 
+def _want_pos(p: Problem) -> bool:
+    """Whether the statistics carry the positives' softmax mass (statistics asked for, or reverse
+    KL with identity labels, whose loss needs it)."""
+    return p.return_stats or (p.options.reverse and not p.dense)
+
+
 def _side_args(p: Problem) -> dict:
     """The tensors of the problem and their strides, as every kernel names them."""
     sg_gal, sg_row, sg_d = p.g_strides()
@@ -200,65 +209,112 @@ class TritonBackend:
                              "on CPU, or set TRITON_INTERPRET=1 before importing triton to interpret the kernels")
 
     # ----------------------------------------------------------------------------- forward
+    #: prepare() needs no label masses for identity labels: the statistics pass counts the positives
+    needs_id_masses = False
+
     def forward(self, p: Problem) -> ForwardOut:
+        prepared = self.prepare(p)
+        st = self.statistics(p, prepared)
+        return self.finish(p, st.partial, st.segments_q, st.segments_g, prepared)
+
+    def prepare(self, p: Problem, label_masses: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``buf`` [3 NR + 2 NDR] fp32: per sample r, c, norm (kernels/prep.py), then per softmax
+        row ysum, ylny (dense labels; from ``label_masses`` [2, NDR] when given)."""
         n, m, k, d = p.n, p.m, p.galleries, p.d
         nr, ndr = p.num_samples, p.num_rows
-        dev, f32 = p.q.device, torch.float32
-        o = p.options
-        args = _side_args(p)
-        upcast = interpreting() and p.q.dtype == torch.bfloat16
         t = _stats_tiles(p)
-        buf = torch.empty(3 * nr + 2 * ndr, dtype=f32, device=dev)
+        buf = torch.empty(3 * nr + 2 * ndr, dtype=torch.float32, device=p.q.device)
         pre, lab = buf[:3 * nr], buf[3 * nr:]
         n_qp = triton.cdiv(n, t.block_m) * k
         n_gp = k * triton.cdiv(m, t.block_m)
+        masses_given = p.dense and label_masses is not None
         _traceable(_prep_kernel)[(n_qp + n_gp,)](
-            **args, pre_ptr=pre, lab_ptr=lab, N=n, M=m, K=k, n_q_programs=n_qp, D=d,
-            NORMALIZE=o.normalize, DENSE=p.dense, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-            BLOCK_K=min(t.block_k, max(16, triton.next_power_of_2(d))), num_warps=4)
+            **_side_args(p), pre_ptr=pre, lab_ptr=lab, N=n, M=m, K=k, n_q_programs=n_qp, D=d,
+            NORMALIZE=p.options.normalize, DENSE=p.dense and not masses_given, BLOCK_M=t.block_m,
+            BLOCK_N=t.block_n, BLOCK_K=min(t.block_k, max(16, triton.next_power_of_2(d))), num_warps=4)
+        if masses_given:
+            lab.view(2, ndr).copy_(label_masses)
+        return buf
 
-        # column segments: enough programs to fill the GPU, each walking >= one column tile
+    def statistics(self, p: Problem, prepared: torch.Tensor) -> Statistics:
+        """part [S, NUM_STATS, NDR] fp32 (kernels/stats.py), in column segments: enough programs
+        to fill the GPU, each walking at least one column tile (``KernelConfig.segments`` fixes
+        their number; 1 gives exactly one segment per side)."""
+        n, m, k, d = p.n, p.m, p.galleries, p.d
+        nr, ndr = p.num_samples, p.num_rows
+        dev = p.q.device
+        o = p.options
+        t = _stats_tiles(p)
+        pre, lab = prepared[:3 * nr], prepared[3 * nr:]
+        n_qp = triton.cdiv(n, t.block_m) * k
+        n_gp = k * triton.cdiv(m, t.block_m)
         base = n_qp + n_gp
         segs = max(1, min(p.config.segments or triton.cdiv(_target_programs(dev), base),
                           triton.cdiv(max(n, m), t.block_n)))
         seg_q = triton.cdiv(triton.cdiv(m, segs), t.block_n) * t.block_n
         seg_g = triton.cdiv(triton.cdiv(n, segs), t.block_n) * t.block_n
         s_q, s_g = triton.cdiv(m, seg_q), triton.cdiv(n, seg_g)
-        part = torch.empty((max(s_q, s_g), NUM_STATS, ndr), dtype=f32, device=dev)
-        want_pos = p.return_stats or (o.reverse and not p.dense)
+        part = torch.empty((max(s_q, s_g), NUM_STATS, ndr), dtype=torch.float32, device=dev)
         _traceable(_stats_kernel)[(n_qp * s_q + n_gp * s_g,)](
-            **args, pre_ptr=pre, lab_ptr=lab, scale_ptr=p.scale, out_ptr=part,
+            **_side_args(p), pre_ptr=pre, lab_ptr=lab, scale_ptr=p.scale, out_ptr=part,
             N=n, M=m, K=k, n_q_programs=n_qp * s_q, seg_cols_q=seg_q, seg_cols_g=seg_g, D=d,
-            scale_value=p.scale_value, eps=o.eps, REVERSE=o.reverse, DENSE=p.dense, WANT_POS=want_pos,
-            UPCAST=upcast, DOT_PRECISION=_dot_precision(p.q.dtype), INDEX=_problem_index(p),
-            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+            scale_value=p.scale_value, eps=o.eps, REVERSE=o.reverse, DENSE=p.dense, WANT_POS=_want_pos(p),
+            UPCAST=interpreting() and p.q.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(p.q.dtype),
+            INDEX=_problem_index(p), BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
             num_warps=t.num_warps, num_stages=t.num_stages)
+        return Statistics(part, s_q, s_g)
 
+    def finish(self, p: Problem, partial: torch.Tensor, segments_q: int, segments_g: int,
+               prepared: torch.Tensor) -> ForwardOut:
+        """kernels/finish.py over the first segments_q (q rows) / segments_g (gallery rows)
+        segments of ``partial`` [S, NUM_STATS, NDR] (contiguous fp32)."""
+        n, m, k = p.n, p.m, p.galleries
+        nr, ndr = p.num_samples, p.num_rows
+        dev, f32 = p.q.device, torch.float32
+        o = p.options
+        if partial.dtype != f32 or not partial.is_contiguous() or tuple(partial.shape[1:]) != (NUM_STATS, ndr):
+            raise ValueError(f"finish: partial must be a contiguous fp32 [S, {NUM_STATS}, {ndr}] tensor, got "
+                             f"{partial.dtype} {tuple(partial.shape)}")
+        args = _side_args(p)
         value = torch.empty(() if p.scalar_value else (k,), dtype=f32, device=dev)
         rows = torch.empty(ndr, dtype=f32, device=dev)
         valid = torch.empty(ndr, dtype=torch.bool, device=dev)
         saved = torch.empty(4 * ndr, dtype=f32, device=dev)      # m, 1 / l, 1 / ysum, ln l
         red = torch.empty((NUM_RED, k), dtype=f32, device=dev)
         _traceable(_finish_kernel)[(1,)](
-            part_ptr=part, pre_ptr=pre, lab_ptr=lab, q_msk=args["q_msk"], s_qmsk=args["s_qmsk"],
-            g_msk=args["g_msk"], s_gmsk_gal=args["s_gmsk_gal"], s_gmsk=args["s_gmsk"], scale_ptr=p.scale,
-            rows_ptr=rows, valid_ptr=valid, saved_ptr=saved, red_ptr=red, value_ptr=value,
-            N=n, M=m, K=k, S_q=s_q, S_g=s_g, scale_value=p.scale_value, eps=o.eps,
+            part_ptr=partial, pre_ptr=prepared[:3 * nr], lab_ptr=prepared[3 * nr:], q_msk=args["q_msk"],
+            s_qmsk=args["s_qmsk"], g_msk=args["g_msk"], s_gmsk_gal=args["s_gmsk_gal"], s_gmsk=args["s_gmsk"],
+            scale_ptr=p.scale, rows_ptr=rows, valid_ptr=valid, saved_ptr=saved, red_ptr=red, value_ptr=value,
+            N=n, M=m, K=k, S_q=segments_q, S_g=segments_g, scale_value=p.scale_value, eps=o.eps,
             REVERSE=o.reverse, DENSE=p.dense, WANT_Q2G=o.wants_q2g, WANT_G2Q=o.wants_g2q,
             MEAN=o.reduction == "mean", COMBINE_MEAN=o.combine == "mean", STATS=p.return_stats,
-            WANT_POS=want_pos, INTERPRETED=interpreting(), BLOCK=16 if interpreting() else 1024, num_warps=4)
-        return ForwardOut(value, rows, valid, red, (buf, saved))
+            WANT_POS=_want_pos(p), INTERPRETED=interpreting(), BLOCK=16 if interpreting() else 1024, num_warps=4)
+        return ForwardOut(value, rows, valid, red, (prepared, saved))
+
+    # ----------------------------------------------------------------------------- per-row state
+    def row_state(self, p: Problem, out: ForwardOut) -> torch.Tensor:
+        """[6, NDR] fp32: m, 1 / l, 1 / ysum, ln l (the finish kernel's ``saved``), loss, validity."""
+        ndr = p.num_rows
+        _, saved = out.state
+        return torch.cat([saved.view(4, ndr), out.rows.view(1, ndr), out.valid.view(1, ndr).to(torch.float32)])
+
+    def state_from_rows(self, p: Problem, prepared: torch.Tensor, rows: torch.Tensor) -> ForwardOut:
+        red = torch.zeros((NUM_RED, p.galleries), dtype=torch.float32, device=p.q.device)
+        return ForwardOut(None, rows[4].contiguous(), rows[5] != 0, red, (prepared, rows[:4].contiguous().view(-1)))
 
     # ----------------------------------------------------------------------------- backward
-    def backward(self, p: Problem, out: ForwardOut, d_value, d_rows, want):
+    def backward(self, p: Problem, out: ForwardOut, d_value, d_rows, want, partial_grads: bool = False):
+        """``partial_grads``: dq, dg in fp32 (the kernels store what they computed, unrounded;
+        backend.Backend.backward)."""
         # autograd may hand over expanded (stride-0) gradients: the kernels index them densely
         if d_value is not None:
             d_value = d_value.contiguous()
         if d_rows is not None:
             d_rows = d_rows.contiguous()
+        grad_dtype = torch.float32 if partial_grads else p.q.dtype
         if backward_path(p) == "fused":
-            return self._fused_backward(p, out, d_value, d_rows, want)
-        return self._chunked_backward(p, out, d_value, d_rows, want)
+            return self._fused_backward(p, out, d_value, d_rows, want, grad_dtype)
+        return self._chunked_backward(p, out, d_value, d_rows, want, grad_dtype)
 
     def _common(self, p: Problem, out: ForwardOut):
         buf, saved = out.state
@@ -270,7 +326,7 @@ class TritonBackend:
                      UPCAST=upcast, DOT_PRECISION=_dot_precision(dtype))
         return buf, saved, coef_q, coef_g, flags
 
-    def _fused_backward(self, p: Problem, out: ForwardOut, d_value, d_rows, want):
+    def _fused_backward(self, p: Problem, out: ForwardOut, d_value, d_rows, want, grad_dtype):
         want_q, want_g, want_scale = want
         n, m, k, d = p.n, p.m, p.galleries, p.d
         dev = p.q.device
@@ -279,8 +335,8 @@ class TritonBackend:
         t = _fused_tiles(p, block_d)
         n_qp = triton.cdiv(n, t.block_m) if (want_q or want_scale) else 0
         n_gp = k * triton.cdiv(m, t.block_m) if want_g else 0
-        dq = torch.empty(p.q.shape, dtype=p.q.dtype, device=dev) if n_qp else None
-        dg = torch.empty(p.g.shape, dtype=p.g.dtype, device=dev) if n_gp else None
+        dq = torch.empty(p.q.shape, dtype=grad_dtype, device=dev) if n_qp else None
+        dg = torch.empty(p.g.shape, dtype=grad_dtype, device=dev) if n_gp else None
         dsp = torch.empty(n_qp, dtype=torch.float32, device=dev) if want_scale else None
         _traceable(_fused_grad_kernel)[(n_qp + n_gp,)](
             **_side_args(p), pre_ptr=buf, saved_ptr=saved, rows_ptr=out.rows, red_ptr=out.red,
@@ -294,7 +350,7 @@ class TritonBackend:
             num_stages=t.num_stages)
         return (dq if want_q else None), dg, (dsp.sum() if want_scale else None)
 
-    def _chunked_backward(self, p: Problem, out: ForwardOut, d_value, d_rows, want):
+    def _chunked_backward(self, p: Problem, out: ForwardOut, d_value, d_rows, want, grad_dtype):
         want_q, want_g, want_scale = want
         n, m, k, d = p.n, p.m, p.galleries, p.d
         nr, ndr = p.num_samples, p.num_rows
@@ -317,7 +373,7 @@ class TritonBackend:
         g_op = self._operand(p.g, p.g_strides(), p.g_mask, p.g_mask_strides(), buf, nr, n, k, m, gemm_dtype)
 
         u_q = torch.zeros((n, d), dtype=f32, device=dev) if want_q else None
-        dg = torch.empty(p.g.shape, dtype=dtype, device=dev) if want_g else None
+        dg = torch.empty(p.g.shape, dtype=grad_dtype, device=dev) if want_g else None
         d_scale = torch.zeros((), dtype=f32, device=dev) if want_scale else None
         per_col = n * (4 if not split else 2 * 2)
         width = max(t.block_n, min(triton.cdiv(m, t.block_n) * t.block_n,
@@ -352,7 +408,7 @@ class TritonBackend:
                     d_scale += dsp[:tiles_n].sum()
         dq = None
         if want_q:
-            dq = torch.empty(p.q.shape, dtype=dtype, device=dev)
+            dq = torch.empty(p.q.shape, dtype=grad_dtype, device=dev)
             self._input_grad(p, u_q, None, p.q, (0, *p.q.stride()), p.q_mask, (0, args["s_qmsk"]), buf, nr, 0, 0, 0,
                              n, n, gmax, dq)
         return dq, dg, d_scale

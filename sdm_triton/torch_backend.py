@@ -6,21 +6,27 @@ and with two passes instead of online softmax statistics, for the tests. Memory:
 for all N query rows and a chunk of C gallery columns at a time ([N, C] in the compute dtype,
 C from ``workspace_bytes``), so it stays O((N + M) D + N C).
 
-Per gallery k, chunk by chunk:
-    pass 1   S = s q_hat g_hat^T; the query rows' log-sum-exp merged across chunks (logaddexp);
-             the gallery rows' softmax over the queries is complete within a chunk: their losses now
-    pass 2   the query rows' sums with the final log-sum-exp (forward: sum Y S; reverse: sum P ln P,
-             sum P ln(Y + eps)), then their losses
-    backward dS = w_i d_ij + w'_j d'_ij (kernels/grad.py), dq_hat += s dS g_hat, dg_hat = s dS^T q_hat
+The forward's primitives (`backend.Backend`), per gallery k, chunk by chunk:
+    prepare     q_hat, g_hat, norms, and each softmax row's label mass (ysum, sum y ln y;
+                identity labels too: the reverse KL below needs Y_ij = y_ij / ysum_i per pair)
+    statistics  pass 1: S = s q_hat g_hat^T; the query rows' (max, sum exp) merged across
+                chunks; the gallery rows' softmax over the queries is complete within a chunk,
+                their sums now. pass 2: the query rows' sums with their (max, sum exp):
+                forward sum_j Y (S - m), reverse sum_j P (ln P - ln(Y + eps)), computed per
+                pair (no cancelling difference of two sums). One segment: [1, 5, NDR]
+    finish      merge segments (one in a single process: the sums as they are; several when
+                the distributed strategies bring those of other column blocks), the losses
+    backward    dS = w_i d_ij + w'_j d'_ij (kernels/grad.py), dq_hat += s dS g_hat, dg_hat = s dS^T q_hat
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple, Optional
 
 import torch
 
-from .backend import NUM_RED, ForwardOut, reduction_coefficients
+from .backend import NUM_RED, NUM_STATS, ForwardOut, Statistics, reduction_coefficients
 from .options import NORM_EPS, compute_dtype
 from .problem import Problem
 
@@ -59,6 +65,19 @@ def _safe_m_logl(m, l):
                                                                  torch.zeros_like(l))
 
 
+class Prepared(NamedTuple):
+    """`TorchBackend.prepare`: the normalised features (0 for absent samples), norms, presence,
+    label masses [2, NDR] (ysum, sum y ln y) and the scale."""
+    q_hat: torch.Tensor      # [N, D] compute dtype
+    q_norm: torch.Tensor     # [N]
+    q_keep: torch.Tensor     # [N] bool
+    g_hat: torch.Tensor      # [K, M, D]
+    g_norm: torch.Tensor     # [K, M]
+    g_keep: torch.Tensor     # [K, M] bool
+    masses: torch.Tensor     # [2, NDR]
+    s: torch.Tensor          # 0-dim
+
+
 class TorchBackend:
     name = "torch"
 
@@ -80,95 +99,168 @@ class TorchBackend:
             y = (p.q_ids[:, None] == g_ids[k, None, c0:c1]).to(ct)
         return torch.where(both, y, torch.zeros_like(y))
 
+    # ----------------------------------------------------------------------------- forward
+    #: prepare() needs the label masses of identity labels too (module doc: Y_ij inside the log)
+    needs_id_masses = True
+
     def forward(self, p: Problem) -> ForwardOut:
+        prepared = self.prepare(p)
+        st = self.statistics(p, prepared)
+        return self.finish(p, st.partial, st.segments_q, st.segments_g, prepared)
+
+    def prepare(self, p: Problem, label_masses: Optional[torch.Tensor] = None) -> Prepared:
+        """Normalised features, norms, presence and the label masses (ysum, ylny) of every softmax
+        row: from the labels (chunked: they may be dense [N, M]), or ``label_masses`` [2, NDR]."""
         o = p.options
         n, m, k_count = p.n, p.m, p.galleries
         ct = compute_dtype(p.q.dtype)
         dev = p.q.device
         g3, g_ids, g_mask, labels = _views(p)
         s = p.scale.to(ct) if p.scale is not None else torch.tensor(p.scale_value, dtype=ct, device=dev)
-        s_ok = torch.isfinite(s) & (s > 0)
         q_keep = p.q_mask if p.q_mask is not None else torch.ones(n, dtype=torch.bool, device=dev)
+        g_keep = g_mask if g_mask is not None else torch.ones((k_count, m), dtype=torch.bool, device=dev)
         q_hat, q_norm = _normalised(p.q, q_keep, o.normalize, ct)
-        width = self._chunk_width(p, ct)
-        ndr = p.num_rows
-        rows = torch.zeros(ndr, dtype=ct, device=dev)
-        valid = torch.zeros(ndr, dtype=torch.bool, device=dev)
-        row_m = torch.zeros(ndr, dtype=ct, device=dev)
-        row_logl = torch.zeros(ndr, dtype=ct, device=dev)
-        inv_y = torch.zeros(ndr, dtype=ct, device=dev)
-        red = torch.zeros((NUM_RED, k_count), dtype=ct, device=dev)
-        g_hats = []
-        nan = torch.full((), math.nan, dtype=ct, device=dev)
-        for k in range(k_count):
-            g_keep = g_mask[k] if g_mask is not None else torch.ones(m, dtype=torch.bool, device=dev)
-            g_hat, g_norm = _normalised(g3[k], g_keep, o.normalize, ct)
-            g_hats.append(g_hat)
-            qi = slice(k * n, (k + 1) * n)
-            gi = slice(k_count * n + k * m, k_count * n + (k + 1) * m)
-            # label masses of both directions (chunked: the labels may be dense [N, M])
-            ysum_q = torch.zeros(n, dtype=ct, device=dev)
-            ylny_q = torch.zeros(n, dtype=ct, device=dev)
-            ysum_g = torch.zeros(m, dtype=ct, device=dev)
-            ylny_g = torch.zeros(m, dtype=ct, device=dev)
-            for c0 in range(0, m, width):
-                c1 = min(m, c0 + width)
-                y = self._labels(p, k, labels, g_ids, q_keep, g_keep, c0, c1, ct)
-                ylny = torch.xlogy(y, y)
-                ysum_q += y.sum(1)
-                ylny_q += ylny.sum(1)
-                ysum_g[c0:c1] = y.sum(0)
-                ylny_g[c0:c1] = ylny.sum(0)
-            valid_q = q_keep & ((ysum_q > 0) | torch.isnan(ysum_q))
-            valid_g = g_keep & ((ysum_g > 0) | torch.isnan(ysum_g))
-            iy_q = torch.where(valid_q, 1 / torch.where(valid_q, ysum_q, 1), 0)
-            iy_g = torch.where(valid_g, 1 / torch.where(valid_g, ysum_g, 1), 0)
+        g_hats, g_norms = zip(*(_normalised(g3[k], g_keep[k], o.normalize, ct) for k in range(k_count)))
+        if label_masses is not None:
+            masses = label_masses.to(ct)
+        else:
+            masses = torch.zeros((2, p.num_rows), dtype=ct, device=dev)
+            width = self._chunk_width(p, ct)
+            for k in range(k_count):
+                q0, g0 = k * n, k_count * n + k * m
+                for c0 in range(0, m, width):
+                    c1 = min(m, c0 + width)
+                    y = self._labels(p, k, labels, g_ids, q_keep, g_keep[k], c0, c1, ct)
+                    ylny = torch.xlogy(y, y)
+                    masses[0, q0:q0 + n] += y.sum(1)
+                    masses[1, q0:q0 + n] += ylny.sum(1)
+                    masses[0, g0 + c0:g0 + c1] = y.sum(0)
+                    masses[1, g0 + c0:g0 + c1] = ylny.sum(0)
+        return Prepared(q_hat, q_norm, q_keep, torch.stack(g_hats), torch.stack(g_norms), g_keep, masses, s)
 
-            # pass 1: the query rows' softmax (m, log l) merged across chunks; the gallery rows'
-            # softmax over the queries is complete within a chunk: their losses now
+    def _valid_inv_y(self, p: Problem, prep: Prepared):
+        """(valid [NDR], 1 / ysum [NDR], 0 for invalid rows): a row is valid when its sample is
+        present and its label mass > 0 (NaN, from bad labels, counts: its NaN reaches the loss)."""
+        keep = torch.cat([prep.q_keep.repeat(p.galleries), prep.g_keep.reshape(-1)])
+        ysum = prep.masses[0]
+        valid = keep & ((ysum > 0) | torch.isnan(ysum))
+        return valid, torch.where(valid, 1 / torch.where(valid, ysum, 1), 0)
+
+    def statistics(self, p: Problem, prep: Prepared) -> Statistics:
+        """One segment per side: [1, NUM_STATS, NDR] (module doc). Per softmax row, over this
+        problem's present columns, with the row's own (m, l) over these columns:
+
+            m     max_j S_ij                       (-inf: no present column)
+            l     sum_j exp(S_ij - m)
+            x     forward: sum_j Y_ij (S_ij - m)   reverse: sum_j P_ij (ln P_ij - ln(Y_ij + eps))
+            pos   sum_{j: y_ij > 0} P_ij
+            ysum  sum_j Y_ij                       (forward: to move x to another m when merging)
+
+        with P_ij = exp(S_ij - m) / l the softmax over these columns and Y_ij = y_ij / ysum_i
+        (the row's label mass over ALL columns, from prepare). The query rows take two passes
+        over the column chunks (the softmax's (m, l) first, then the sums with them); a gallery
+        row's softmax over the queries is complete within a chunk."""
+        o = p.options
+        n, m, k_count = p.n, p.m, p.galleries
+        ct = compute_dtype(p.q.dtype)
+        dev = p.q.device
+        _, g_ids, _, labels = _views(p)
+        s = prep.s
+        q_keep = prep.q_keep
+        _, inv_y = self._valid_inv_y(p, prep)
+        width = self._chunk_width(p, ct)
+        part = torch.zeros((1, NUM_STATS, p.num_rows), dtype=ct, device=dev)
+        for k in range(k_count):
+            g_keep, g_hat = prep.g_keep[k], prep.g_hat[k]
+            qi = slice(k * n, (k + 1) * n)
+            g0 = k_count * n + k * m
+            # pass 1: the query rows' (m, l) merged across chunks; the gallery rows complete per chunk
             m_q = torch.full((n,), -math.inf, dtype=ct, device=dev)
             l_q = torch.zeros(n, dtype=ct, device=dev)
-            loss_g = torch.zeros(m, dtype=ct, device=dev)
-            pos_g = torch.zeros(m, dtype=ct, device=dev)
-            m_g = torch.zeros(m, dtype=ct, device=dev)
-            logl_g = torch.zeros(m, dtype=ct, device=dev)
             for c0 in range(0, m, width):
                 c1 = min(m, c0 + width)
-                S = s * (q_hat @ g_hat[c0:c1].T)                                   # [N, C]
+                S = s * (prep.q_hat @ g_hat[c0:c1].T)                              # [N, C]
                 m_q, l_q = _merge_max_sum(m_q, l_q, S.masked_fill(~g_keep[None, c0:c1], -math.inf))
                 y = self._labels(p, k, labels, g_ids, q_keep, g_keep, c0, c1, ct)
                 St = S.T.masked_fill(~q_keep[None, :], -math.inf)                 # [C, N]
                 mc, lc = _merge_max_sum(torch.full_like(St[:, 0], -math.inf), torch.zeros_like(St[:, 0]), St)
-                mc, logc = _safe_m_logl(mc, lc)
-                part, pos_c = self._row_sums(St, mc, logc, y.T, iy_g[c0:c1], o)
-                loss_g[c0:c1] = self._finish_rows(part, mc, logc, ylny_g[c0:c1], ysum_g[c0:c1], o)
-                pos_g[c0:c1], m_g[c0:c1], logl_g[c0:c1] = pos_c, mc, logc
-            # pass 2: the query rows' sums with the final (m, log l)
-            m_q, logl_q = _safe_m_logl(m_q, l_q)
-            loss_q = torch.zeros(n, dtype=ct, device=dev)
-            pos_q = torch.zeros(n, dtype=ct, device=dev)
+                part[0, :, g0 + c0:g0 + c1] = torch.stack(
+                    [mc, lc, *self._row_sums(St, *_safe_m_logl(mc, lc), y.T, inv_y[g0 + c0:g0 + c1], o)])
+            # pass 2: the query rows' sums with their (m, l)
+            m_safe, logl_q = _safe_m_logl(m_q, l_q)
+            sums = torch.zeros((3, n), dtype=ct, device=dev)
             for c0 in range(0, m, width):
                 c1 = min(m, c0 + width)
-                S = (s * (q_hat @ g_hat[c0:c1].T)).masked_fill(~g_keep[None, c0:c1], -math.inf)
+                S = (s * (prep.q_hat @ g_hat[c0:c1].T)).masked_fill(~g_keep[None, c0:c1], -math.inf)
                 y = self._labels(p, k, labels, g_ids, q_keep, g_keep, c0, c1, ct)
-                part, pos = self._row_sums(S, m_q, logl_q, y, iy_q, o)
-                loss_q += part
-                pos_q += pos
-            loss_q = self._finish_rows(loss_q, m_q, logl_q, ylny_q, ysum_q, o)
+                sums += torch.stack(self._row_sums(S, m_safe, logl_q, y, inv_y[qi], o))
+            part[0, :, qi] = torch.cat([torch.stack([m_q, l_q]), sums])
+        return Statistics(part, 1, 1)
 
-            for sl, loss, ok, mx, logl, iy, pos in ((qi, loss_q, valid_q, m_q, logl_q, iy_q, pos_q),
-                                                    (gi, loss_g, valid_g, m_g, logl_g, iy_g, pos_g)):
-                loss = torch.where(s_ok, loss, nan)
-                rows[sl] = torch.where(ok, loss, torch.zeros((), dtype=ct, device=dev))
-                valid[sl] = ok
-                row_m[sl] = torch.where(ok, mx, 0)
-                row_logl[sl] = torch.where(ok, logl, 0)
-                inv_y[sl] = iy
-            for field, x in ((0, rows[qi].sum()), (1, valid_q.sum()), (2, rows[gi].sum()), (3, valid_g.sum()),
-                             (4, torch.where(valid_q, pos_q, 0).sum()), (5, torch.where(valid_g, pos_g, 0).sum())):
+    @staticmethod
+    def _row_sums(S, m, logl, y, iy, o):
+        """(x, pos, ysum) of `statistics` for a chunk, with the rows' (m, log l). ln P = (S - m) -
+        log l: S - m is exact near the row's maximum, where the small differences of P - Y live."""
+        # the softmax domain: absent columns hold -inf; a NaN (a present sample's NaN feature) stays in
+        domain = S != -math.inf
+        shifted = torch.where(domain, S - m[:, None], torch.zeros_like(S))
+        log_p = torch.where(domain, shifted - logl[:, None], torch.zeros_like(S))
+        p = torch.where(domain, log_p.exp(), torch.zeros_like(S))
+        Y = y * iy[:, None]
+        if o.reverse:
+            x = (p * (log_p - torch.log(Y + o.eps))).sum(1)
+        else:
+            x = (Y * shifted).sum(1)
+        pos = torch.where(y > 0, p, torch.zeros_like(p)).sum(1)
+        return x, pos, Y.sum(1)
+
+    def finish(self, p: Problem, partial: torch.Tensor, segments_q: int, segments_g: int,
+               prepared: Prepared) -> ForwardOut:
+        """Merge the segments (module doc), then per-row losses, validity, reduction, state:
+
+            m = max_s m_s,  l = sum_s l_s e^(m_s - m),  w_s = l_s e^(m_s - m) / l
+            forward:  sum_j Y_ij (S_ij - m) = sum_s x_s + ysum_s (m_s - m),
+                      L = ln l - that + sum_j Y ln Y       (>= 0: clamped, NaN stays)
+            reverse:  L = sum_s w_s (x_s + ln w_s),        pos = sum_s w_s pos_s
+
+        (one segment: w = 1, the loss of the two passes as they are). A segment without
+        present columns (l_s = 0) takes no part."""
+        o = p.options
+        prep = prepared
+        n, m, k_count = p.n, p.m, p.galleries
+        ct = compute_dtype(p.q.dtype)
+        dev = p.q.device
+        kn = k_count * n
+        s = prep.s
+        s_ok = torch.isfinite(s) & (s > 0)
+        nan = torch.full((), math.nan, dtype=ct, device=dev)
+        zero = torch.zeros((), dtype=ct, device=dev)
+        merged = [self._merge(partial[:segments_q, :, :kn], o), self._merge(partial[:segments_g, :, kn:], o)]
+        row_m, row_logl, body, pos = (torch.cat(x) for x in zip(*merged))
+        valid, inv_y = self._valid_inv_y(p, prep)
+        ysum, ylny = prep.masses[0], prep.masses[1]
+        if o.reverse:
+            loss = body
+        else:
+            safe = torch.where(ysum > 0, ysum, torch.ones_like(ysum))
+            loss = row_logl - body + ylny / safe - torch.log(safe)
+            loss = torch.where(loss < 0, zero, loss)                 # KL >= 0; NaN stays
+        loss = torch.where(s_ok, loss, nan)
+        rows = torch.where(valid, loss, zero)
+        row_m = torch.where(valid, row_m, zero)
+        row_logl = torch.where(valid, row_logl, zero)
+
+        red = torch.zeros((NUM_RED, k_count), dtype=ct, device=dev)
+        q_norm_kept = torch.where(prep.q_keep, prep.q_norm, 0)
+        for k in range(k_count):
+            qi = slice(k * n, (k + 1) * n)
+            gi = slice(kn + k * m, kn + (k + 1) * m)
+            for field, x in ((0, rows[qi].sum()), (1, valid[qi].sum()), (2, rows[gi].sum()), (3, valid[gi].sum()),
+                             (4, torch.where(valid[qi], pos[qi], 0).sum()),
+                             (5, torch.where(valid[gi], pos[gi], 0).sum())):
                 red[field, k] = x
-            for field, norms, keep in ((6, q_norm, q_keep), (8, g_norm, g_keep)):
-                kept = torch.where(keep, norms, 0)
+            g_norm_kept = torch.where(prep.g_keep[k], prep.g_norm[k], 0)
+            for field, kept, keep in ((6, q_norm_kept, prep.q_keep), (8, g_norm_kept, prep.g_keep[k])):
                 red[field, k] = kept.sum() / keep.sum().clamp_min(1)
                 red[field + 1, k] = kept.max()
         coef_q, coef_g = reduction_coefficients(p)
@@ -178,35 +270,41 @@ class TorchBackend:
         value = torch.where(s_ok, coef_q * part_q + coef_g * part_g, nan)
         if p.scalar_value:
             value = value[0]
-        return ForwardOut(value, rows, valid, red, (row_m, row_logl, inv_y, torch.stack(g_hats), q_hat, s))
+        return ForwardOut(value, rows, valid, red, (row_m, row_logl, inv_y, prep.g_hat, prep.q_hat, s))
 
     @staticmethod
-    def _row_sums(S, m, logl, y, iy, o):
-        """Per-row sums of a chunk with the final (m, log l): forward -sum Y S, reverse
-        sum P (ln P - ln(Y + eps)); and the positive mass. ln P = (S - m) - log l: S - m is
-        exact near the row's maximum, where the small differences of P - Y live."""
-        # the softmax domain: absent columns hold -inf; a NaN (a present sample's NaN feature) stays in
-        domain = S != -math.inf
-        log_p = torch.where(domain, (S - m[:, None]) - logl[:, None], torch.zeros_like(S))
-        p = torch.where(domain, log_p.exp(), torch.zeros_like(S))
-        Y = y * iy[:, None]
+    def _merge(part: torch.Tensor, o):
+        """(m, log l, body, pos) of rows from their segments [S, NUM_STATS, R] (`finish`); (0, 0)
+        for (m, log l) of a row without any present column."""
+        m_s, l_s, x_s, pos_s, y_s = part.unbind(1)
+        empty = l_s == 0                                                    # NaN is not empty: it stays
+        m = torch.where(empty, -math.inf, m_s).amax(0)
+        l = torch.where(empty, 0, l_s * torch.exp(m_s - m)).sum(0)
+        m_safe, logl = _safe_m_logl(m, l)
+        if part.shape[0] == 1:                                              # one segment: w = 1 exactly
+            return m_safe, logl, x_s[0], pos_s[0]
+        zero = torch.zeros((), dtype=part.dtype, device=part.device)
+        log_w = torch.log(torch.where(empty, 1, l_s)) + (m_s - m) - logl
+        w = torch.where(empty, zero, torch.exp(log_w))
         if o.reverse:
-            part = (p * (log_p - torch.log(Y + o.eps))).sum(1)
+            body = torch.where(empty, zero, w * (x_s + log_w)).sum(0)
         else:
-            part = -(Y * torch.where(domain, S - m[:, None], torch.zeros_like(S))).sum(1)
-        pos = torch.where(y > 0, p, torch.zeros_like(p)).sum(1)
-        return part, pos
+            body = torch.where(empty, zero, x_s + y_s * (m_s - m)).sum(0)
+        return m_safe, logl, body, (w * pos_s).sum(0)
 
-    @staticmethod
-    def _finish_rows(part, m, logl, ylny, ysum, o):
-        """Forward KL: logl - sum Y (S - m) + sum Y ln Y (sum Y = 1), clamped at 0 (KL >= 0; NaN stays)."""
-        if o.reverse:
-            return part
-        safe = torch.where(ysum > 0, ysum, torch.ones_like(ysum))
-        loss = logl + part + ylny / safe - torch.log(safe)
-        return torch.where(loss < 0, torch.zeros_like(loss), loss)
+    # ----------------------------------------------------------------------------- per-row state
+    def row_state(self, p: Problem, out: ForwardOut) -> torch.Tensor:
+        """[5, NDR]: m, log l, 1 / ysum (the backward's state), loss, validity."""
+        row_m, row_logl, inv_y = out.state[:3]
+        return torch.stack([row_m, row_logl, inv_y, out.rows.to(row_m.dtype), out.valid.to(row_m.dtype)])
 
-    def backward(self, p: Problem, out: ForwardOut, d_value, d_rows, want):
+    def state_from_rows(self, p: Problem, prepared: Prepared, rows: torch.Tensor) -> ForwardOut:
+        red = torch.zeros((NUM_RED, p.galleries), dtype=rows.dtype, device=rows.device)
+        return ForwardOut(None, rows[3], rows[4] != 0, red,
+                          (rows[0], rows[1], rows[2], prepared.g_hat, prepared.q_hat, prepared.s))
+
+    # ----------------------------------------------------------------------------- backward
+    def backward(self, p: Problem, out: ForwardOut, d_value, d_rows, want, partial_grads: bool = False):
         want_q, want_g, want_scale = want
         o = p.options
         n, m, k_count = p.n, p.m, p.galleries
@@ -250,18 +348,20 @@ class TorchBackend:
                     dg_hat[k, c0:c1] = s * (dS.T @ q_hat)
                 if want_scale:
                     d_s = d_s + torch.where(both, dS * cos, zero).sum()
-        dq = self._input_gradient(p.q, q_hat, q_keep, dq_hat, o.normalize) if want_q else None
+        dq = self._input_gradient(p.q, q_hat, q_keep, dq_hat, o.normalize, partial_grads) if want_q else None
         dg = None
         if want_g:
             g_keep_all = g_mask if g_mask is not None else torch.ones((k_count, m), dtype=torch.bool, device=dev)
-            dg = torch.stack([self._input_gradient(g3[k], g_hats[k], g_keep_all[k], dg_hat[k], o.normalize)
+            dg = torch.stack([self._input_gradient(g3[k], g_hats[k], g_keep_all[k], dg_hat[k], o.normalize,
+                                                   partial_grads)
                               for k in range(k_count)])
             dg = dg.reshape(p.g.shape)
         return dq, dg, (d_s if want_scale else None)
 
     @staticmethod
-    def _input_gradient(x, x_hat, keep, d_hat, normalize):
-        """F.normalize's backward (d / max(|x|, eps) projected off x_hat), 0 for absent rows."""
+    def _input_gradient(x, x_hat, keep, d_hat, normalize, partial=False):
+        """F.normalize's backward (d / max(|x|, eps) projected off x_hat), 0 for absent rows; in
+        x's dtype (half dtypes saturate), or left in the compute dtype when ``partial``."""
         ct = d_hat.dtype
         xf = torch.where(keep[:, None], x.to(ct), torch.zeros((), dtype=ct, device=x.device))
         if normalize:
@@ -271,6 +371,8 @@ class TorchBackend:
         else:
             g = d_hat
         g = torch.where(keep[:, None], g, torch.zeros((), dtype=ct, device=x.device))
+        if partial:
+            return g
         if x.dtype in (torch.float16, torch.bfloat16):
             big = torch.finfo(x.dtype).max
             g = g.clamp(-big, big)
