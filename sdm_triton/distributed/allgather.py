@@ -1,0 +1,84 @@
+"""strategy="allgather": every rank gathers all gallery rows and runs q_r against all of them.
+
+Forward (rank r; one block problem L = q_r against all M gallery rows, `blocks.py`):
+    all-gather g (features; ids and presence as one int64 [M, 2])
+    label masses over the global batch (dense labels, or a backend that needs them for ids)
+    prepare(L) -> statistics(L): the q_r rows' statistics are complete (every column is
+        here); the gallery rows' cover q_r only -> all-gather them ([P, NUM_STATS, M], one
+        segment per rank) -> finish(L) with one segment for the q rows and P for the gallery
+        rows: every rank holds the losses and state of its q rows and of ALL gallery rows
+        (the same numbers on every rank)
+    global totals: the q rows' sums and counts all-reduced; the gallery rows' are global already
+Backward:
+    row weights (global counts) of this rank's rows; the gallery rows' all-gathered
+    backward(L) with those weights: dq_r complete, dg of all M rows partial (fp32) ->
+    reduce-scatter -> this rank's dg rows; dL/ds all-reduced
+Memory: O(M D) per rank for the gathered g (kept for the backward) plus O(P M) for the
+partials and O(M D) fp32 for dg's partial in the backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..backend import NUM_STATS
+from .blocks import Setup, cast_gradient, label_masses, reduce_value, row_weights
+from .comm import all_gather_rows, all_reduce, reduce_scatter_rows
+
+
+class Allgather:
+    def __init__(self, setup: Setup):
+        self.setup = setup
+
+    def forward(self):
+        s = self.setup
+        c, comm, be, ct = s.call, s.comm, s.call.backend, s.ct
+        n, m_r = c.q.shape[0], c.g.shape[0]
+        dev = c.q.device
+        g_keep = c.g_mask if c.g_mask is not None else torch.ones(m_r, dtype=torch.bool, device=dev)
+        ids = c.g_ids.to(torch.int64) if c.g_ids is not None else torch.zeros(m_r, dtype=torch.int64, device=dev)
+        g_all = all_gather_rows(c.g, comm.g_sizes, comm)                                     # [M, D]
+        meta = all_gather_rows(torch.stack([ids, g_keep.to(torch.int64)], 1), comm.g_sizes, comm)
+        g_ids_all = meta[:, 0] if c.g_ids is not None else None
+        g_keep_all = meta[:, 1] != 0
+        m = g_all.shape[0]
+        masses = None
+        if s.needs_masses():
+            q_masses, g_masses = label_masses(s, g_ids_all, g_keep_all)
+            masses = torch.cat([q_masses, g_masses], 1)
+        L = s.problem(g_all, g_ids_all, g_keep_all, c.labels)
+        prepared = be.prepare(L, masses)
+        part = be.statistics(L, prepared).partial                      # one segment per side
+        g_parts = all_gather_rows(part[:1, :, n:], [1] * comm.world, comm)    # [P, NUM_STATS, M]
+        merged = torch.empty((comm.world, NUM_STATS, n + m), dtype=part.dtype, device=dev)
+        merged[0, :, :n] = part[0, :, :n]
+        merged[:, :, n:] = g_parts
+        out = be.finish(L, merged, 1, comm.world, prepared)
+
+        red = out.red[:, 0].to(torch.float64)
+        want_pos = c.return_stats
+        zero = torch.zeros((), dtype=torch.float64, device=dev)
+        q_tot = all_reduce(torch.stack([red[0], red[1], red[4] if want_pos else zero]), comm)
+        totals = torch.stack([q_tot[0], q_tot[1], red[2], red[3], q_tot[2], red[5] if want_pos else zero])
+        g0 = n + comm.g_offset(comm.rank)
+        rows = torch.cat([out.rows[:n], out.rows[g0:g0 + m_r]])
+        valid = torch.cat([out.valid[:n], out.valid[g0:g0 + m_r]])
+        self.L, self.out, self.totals = L, out, totals
+        return reduce_value(s, totals), rows, valid, totals
+
+    def backward(self, d_value, d_rows, want):
+        s = self.setup
+        c, comm, be = s.call, s.comm, s.call.backend
+        n, m_r = c.q.shape[0], c.g.shape[0]
+        want_q, want_g, want_scale = want
+        L, out = self.L, self.out
+        g0 = n + comm.g_offset(comm.rank)
+        valid = torch.cat([out.valid[:n], out.valid[g0:g0 + m_r]])
+        w = row_weights(s, d_value, d_rows, valid, self.totals, n)
+        w_rows = torch.cat([w[:n], all_gather_rows(w[n:], comm.g_sizes, comm)])
+        dq, dg_all, d_scale = be.backward(L, out, None, w_rows, (want_q, want_g, want_scale), partial_grads=True)
+        dg = reduce_scatter_rows(dg_all, comm.g_sizes, comm) if want_g else None
+        if want_scale:
+            d_scale = all_reduce(d_scale.reshape(1).to(s.ct), comm)[0].to(s.scale_t.dtype)
+        return (cast_gradient(dq if want_q else None, c.q.dtype, s.factor),
+                cast_gradient(dg, c.g.dtype, s.factor), d_scale if want_scale else None)

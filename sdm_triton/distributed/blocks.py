@@ -1,0 +1,214 @@
+"""The global layout's pieces shared by both strategies (`allgather.py`, `ring.py`).
+
+Rank r holds the rows q_r [N_r, D] and g_r [M_r, D] of the global batch (q = all q_r,
+g = all g_r in rank order). A *block problem* is a `Problem` of q_r against some gallery
+rows (all of g for allgather, one block g_s for ring) with K = 1; its softmax rows are
+q_r's (NDR index 0 .. N_r - 1, over this problem's columns only) and the gallery rows'
+(N_r + j, over q_r only). The backend's primitives (`sdm_triton.backend`) do the math:
+
+    forward   label masses over the GLOBAL batch (dense labels; identity labels too for a
+              backend that needs them) -> prepare -> statistics of each block problem ->
+              the partials of each softmax row merged over every column block (concatenated
+              along the segment axis) -> finish -> global sums and valid counts (all-reduce)
+    backward  each row's weight from the global counts (`row_weights`), then each block
+              problem's backward with those weights and the rows' state from the forward,
+              its dq / dg as fp32 (compute dtype) partials summed over blocks and ranks
+              before the one cast to the input dtype.
+
+Statistics run with one column segment per side (``KernelConfig.segments = 1``), so that
+every block problem's partial has the same shape on every rank: the merge across blocks
+and ranks supplies the segments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ..backend import option_coefficients
+from ..options import SDMRowLosses, SDMStats, compute_dtype
+from ..problem import Problem
+from .comm import Comm, all_reduce
+from .metadata import Call
+
+#: rows of the global reduction vector (float64): sums and valid counts of both directions,
+#: and the sums of the positives' softmax mass over valid rows (return_stats)
+TOTALS = ("sum_q2g", "valid_q2g", "sum_g2q", "valid_g2q", "pos_q2g", "pos_g2q")
+
+
+@dataclasses.dataclass
+class Setup:
+    """What a strategy needs, beyond the validated call."""
+
+    call: Call
+    comm: Comm
+    scale_t: Optional[torch.Tensor]   # the logit scale as a tensor on q's device, or None ...
+    scale_value: float                # ... and then this float
+
+    @property
+    def ct(self) -> torch.dtype:
+        return compute_dtype(self.call.q.dtype)
+
+    @property
+    def factor(self) -> float:
+        """What the q and g gradients are multiplied by (the gradient convention)."""
+        return float(self.comm.world) if self.call.grad_convention == "ddp" else 1.0
+
+    def problem(self, g, g_ids, g_mask, labels) -> Problem:
+        """q_r (this rank's rows) against the gallery rows ``g``: a block problem (module doc)."""
+        c = self.call
+        config = dataclasses.replace(c.config, segments=1)
+        return Problem(c.q, g, c.q_ids, g_ids, labels, c.q_mask, g_mask, self.scale_t, self.scale_value, c.opts,
+                       config, c.workspace_bytes, 1, True, c.return_stats)
+
+    def needs_masses(self) -> bool:
+        return self.call.labels is not None or self.call.backend.needs_id_masses
+
+    def s_ok(self) -> torch.Tensor:
+        """True where the scale is finite and > 0 (a bad scale tensor makes the loss NaN)."""
+        dev = self.call.q.device
+        if self.scale_t is None:
+            return torch.ones((), dtype=torch.bool, device=dev)
+        return torch.isfinite(self.scale_t) & (self.scale_t > 0)
+
+
+def label_masses(setup: Setup, g_ids_all: Optional[torch.Tensor], g_keep_all: torch.Tensor):
+    """(masses of q_r's rows [2, N_r], of every gallery row [2, M]): (ysum, sum y ln y) of each
+    softmax row over the global batch's present pairs. q_r's rows are complete here (the labels
+    [N_r, M] or the gathered ids cover every column); a gallery row's sums over q_r are summed
+    over the ranks (all-reduce). Bad dense weights (< 0, NaN, inf) give NaN, as in the
+    backends. Chunked over columns (``workspace_bytes``)."""
+    c, comm, ct = setup.call, setup.comm, setup.ct
+    n, m = c.q.shape[0], g_keep_all.shape[0]
+    dev = c.q.device
+    q_keep = c.q_mask if c.q_mask is not None else torch.ones(n, dtype=torch.bool, device=dev)
+    q_masses = torch.zeros((2, n), dtype=ct, device=dev)
+    g_masses = torch.zeros((2, m), dtype=ct, device=dev)
+    width = max(1, min(m, c.workspace_bytes // (4 * max(n, 1) * torch.empty((), dtype=ct).element_size())))
+    for c0 in range(0, m, width):
+        c1 = min(m, c0 + width)
+        if c.labels is not None:
+            y = c.labels[:, c0:c1].to(ct)
+            y = torch.where((y < 0) | ~torch.isfinite(y), torch.full_like(y, math.nan), y)
+        else:
+            y = (c.q_ids[:, None] == g_ids_all[None, c0:c1]).to(ct)
+        y = torch.where(q_keep[:, None] & g_keep_all[None, c0:c1], y, torch.zeros_like(y))
+        ylny = torch.xlogy(y, y)
+        q_masses[0] += y.sum(1)
+        q_masses[1] += ylny.sum(1)
+        g_masses[0, c0:c1] = y.sum(0)
+        g_masses[1, c0:c1] = ylny.sum(0)
+    return q_masses, all_reduce(g_masses, comm)
+
+
+def reduce_value(setup: Setup, totals: torch.Tensor) -> torch.Tensor:
+    """The loss of the global batch from the global TOTALS (as kernels/finish.py reduces one problem)."""
+    o = setup.call.opts
+    coef_q, coef_g = option_coefficients(o)
+    if o.reduction == "mean":
+        part_q, part_g = totals[0] / totals[1].clamp_min(1), totals[2] / totals[3].clamp_min(1)
+    else:
+        part_q, part_g = totals[0], totals[2]
+    value = (coef_q * part_q + coef_g * part_g).to(setup.ct)
+    return torch.where(setup.s_ok(), value, torch.full_like(value, math.nan))
+
+
+def row_weights(setup: Setup, d_value, d_rows, valid: torch.Tensor, totals: torch.Tensor, n_q: int) -> torch.Tensor:
+    """w of this rank's rows [N_r + M_r] (q rows, then g rows): d_value * coefficient / (global valid
+    count if reduction="mean") + d_rows, 0 for invalid rows (kernels/grad.py, row_weights)."""
+    o = setup.call.opts
+    ct = setup.ct
+    w = torch.zeros(valid.shape[0], dtype=ct, device=valid.device)
+    if d_value is not None:
+        coef_q, coef_g = option_coefficients(o)
+        dv = d_value.reshape(()).to(ct)
+        c_q, c_g = coef_q * dv, coef_g * dv
+        if o.reduction == "mean":
+            c_q = c_q / totals[1].clamp_min(1).to(ct)
+            c_g = c_g / totals[3].clamp_min(1).to(ct)
+        w[:n_q] += c_q
+        w[n_q:] += c_g
+    if d_rows is not None:
+        w = w + d_rows.to(ct)
+    return torch.where(valid, w, torch.zeros((), dtype=ct, device=w.device))
+
+
+def cast_gradient(x: Optional[torch.Tensor], dtype: torch.dtype, factor: float) -> Optional[torch.Tensor]:
+    """A summed fp32 (compute dtype) gradient, times the convention's factor, in the input dtype;
+    half dtypes saturate instead of overflowing (as the backends store)."""
+    if x is None:
+        return None
+    if factor != 1.0:
+        x = x * factor
+    if dtype in (torch.float16, torch.bfloat16):
+        big = torch.finfo(dtype).max
+        x = x.clamp(-big, big)
+    return x.to(dtype)
+
+
+class GlobalLoss(torch.autograd.Function):
+    """(q_r, g_r, logit scale) -> (value, this rank's rows' losses [N_r + M_r], their validity,
+    global TOTALS) through a strategy object (`allgather.Allgather`, `ring.Ring`), which keeps
+    what its backward needs. Every rank backpropagates (the backward runs collectives)."""
+
+    @staticmethod
+    def forward(ctx, q, g, scale, strategy):
+        with torch.autocast(q.device.type, enabled=False):
+            value, rows, valid, totals = strategy.forward()
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(valid, totals)
+        ctx.save_for_backward(q, g, scale)     # PyTorch's version check: q, g modified in place -> error
+        ctx.strategy = strategy
+        return value, rows, valid, totals
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_value, d_rows, _d_valid, _d_totals):
+        ctx.saved_tensors                      # raises if q or g was modified in place
+        want = tuple(ctx.needs_input_grad[:3])
+        with torch.autocast(ctx.strategy.setup.call.q.device.type, enabled=False):
+            dq, dg, d_scale = ctx.strategy.backward(d_value, d_rows, want)
+        return dq, dg, d_scale, None
+
+
+def run_global(strategy_cls, setup: Setup):
+    """The global layout's result (value, SDMRowLosses, and SDMStats if asked for)."""
+    c = setup.call
+    o = c.opts
+    strategy = strategy_cls(setup)
+    value, rows, valid, totals = GlobalLoss.apply(c.q, c.g, setup.scale_t, strategy)
+    n = c.q.shape[0]
+    if o.reduction == "none":
+        out = SDMRowLosses(rows[:n] if o.wants_q2g else None, rows[n:] if o.wants_g2q else None,
+                           valid[:n] if o.wants_q2g else None, valid[n:] if o.wants_g2q else None)
+    else:
+        out = value
+    if not c.return_stats:
+        return out
+    return out, global_stats(setup, totals)
+
+
+def global_stats(setup: Setup, totals: torch.Tensor) -> SDMStats:
+    """SDMStats of the global batch: counts and positive mass from TOTALS; the present samples'
+    feature norms from this rank's rows (one SUM and one MAX all-reduce)."""
+    c, comm = setup.call, setup.comm
+    sums, maxes = [], []
+    for x, mask in ((c.q, c.q_mask), (c.g, c.g_mask)):
+        nx = torch.linalg.vector_norm(x.detach().float(), dim=1)
+        keep = mask if mask is not None else torch.ones_like(nx, dtype=torch.bool)
+        kept = torch.where(keep, nx, torch.zeros_like(nx))
+        sums += [kept.sum().double(), keep.sum().double()]
+        maxes.append(kept.max())
+    sums = all_reduce(torch.stack(sums), comm)
+    maxes = all_reduce(torch.stack(maxes), comm, torch.distributed.ReduceOp.MAX)
+    t = totals.detach()
+    ct = setup.ct
+    return SDMStats(
+        valid_q2g=t[1].to(torch.int64), valid_g2q=t[3].to(torch.int64),
+        pos_prob_q2g=(t[4] / t[1].clamp_min(1)).to(ct), pos_prob_g2q=(t[5] / t[3].clamp_min(1)).to(ct),
+        q_norm_mean=(sums[0] / sums[1].clamp_min(1)).float(), q_norm_max=maxes[0],
+        g_norm_mean=(sums[2] / sums[3].clamp_min(1)).float(), g_norm_max=maxes[1])
