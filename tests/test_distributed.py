@@ -1,9 +1,12 @@
 """sdm_loss_distributed against the single-process loss of the gathered batch.
 
 Every case builds one global problem from a seed; each rank takes its slice (uneven
-sizes), calls ``sdm_loss_distributed`` and compares its value, per-row losses and
-gradients (local q, g and logit_scale) with ``sdm_triton.sdm_loss(backend="torch")``
-on the whole batch, computed by every rank in float64. Spawning a process group
+sizes), calls ``sdm_loss_distributed`` (or the module ``SDMLossDistributed``) and compares
+its value, per-row losses and gradients (local q, g and logit_scale) with
+``sdm_triton.sdm_loss(backend="torch")`` on the whole batch, computed by every rank in
+float64. Gradient conventions: a case without ``grad_convention`` runs the default, "ddp",
+whose q and g gradients must be the world size times the single-process ones (logit_scale's
+unscaled); "unscaled" (and its earlier name "global") must give them as they are. Spawning a process group
 costs seconds, so one group per world size runs every case and each test reads its
 case's result. Workers never raise inside a case (a raising rank would leave the
 others waiting in a collective): they record errors, and a gloo timeout plus a
@@ -59,17 +62,22 @@ CASES = {
     "ring-g2q-dense-bool": dict(strategy="ring", direction="g2q", labels="bool"),
     "allgather-even-nonormalize": dict(strategy="allgather", even=True, normalize=False, kl="reverse"),
     "ring-even-dense-none": dict(strategy="ring", even=True, labels="dense", reduction="none", kl="reverse"),
-    "allgather-ddp": dict(strategy="allgather", grad_convention="ddp", masks=True),
-    "ring-ddp-none": dict(strategy="ring", grad_convention="ddp", reduction="none", labels="dense"),
+    "allgather-unscaled": dict(strategy="allgather", grad_convention="unscaled", masks=True),
+    "ring-unscaled-none": dict(strategy="ring", grad_convention="unscaled", reduction="none", labels="dense"),
     "allgather-stats": dict(strategy="allgather", masks=True, return_stats=True),
     "ring-stats": dict(strategy="ring", masks=True, return_stats=True, kl="reverse"),
     "local_rows-ids-masks": dict(layout="local_rows", masks=True, kl="reverse"),
     "local_rows-dense-none": dict(layout="local_rows", labels="dense", reduction="none"),
-    "local_rows-ddp-sum": dict(layout="local_rows", grad_convention="ddp", combine="sum", masks=True),
+    "local_rows-unscaled-sum": dict(layout="local_rows", grad_convention="unscaled", combine="sum", masks=True),
+    # the nn.Module form (options held by the module, the earlier name of "unscaled")
+    "module-ring-reverse-masks-global-alias": dict(module=True, strategy="ring", kl="reverse", masks=True,
+                                                   grad_convention="global"),
+    "module-allgather-dense-stats": dict(module=True, strategy="allgather", labels="dense", return_stats=True),
 }
 TRITON_SUFFIX = "|triton-fp32"
 ERROR_CASES = ("mismatch-D", "mismatch-kl", "mismatch-logit-scale", "mismatch-requires-grad",
-               "local-invalid-input", "labels-width")
+               "local-invalid-input", "labels-width", "workspace-bytes-on-one-rank", "check-values-on-one-rank")
+UNSCALED = ("unscaled", "global")   # grad_convention values whose q / g gradients are not multiplied by P
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,11 +262,12 @@ def _run_case(name, case, rank, world, seed, device="cpu", dtype=torch.float64, 
     g_loc.requires_grad_()
     scale = p["scale"].detach().clone().requires_grad_()
     kw = _loss_kwargs(case)
-    kw.update(strategy=case.get("strategy", "allgather"), layout=case.get("layout", "global"),
-              grad_convention=case.get("grad_convention", "global"), backend=backend,
-              return_stats=case.get("return_stats", False))
+    kw.update(strategy=case.get("strategy", "allgather"), layout=case.get("layout", "global"), backend=backend)
+    if "grad_convention" in case:   # otherwise the default ("ddp") runs
+        kw["grad_convention"] = case["grad_convention"]
     if "workspace_bytes" in case:
         kw["workspace_bytes"] = case["workspace_bytes"]
+    call_kw = dict(return_stats=case.get("return_stats", False))
     if case.get("logit_scale", True):
         kw["logit_scale"] = scale
     else:
@@ -272,7 +281,15 @@ def _run_case(name, case, rank, world, seed, device="cpu", dtype=torch.float64, 
     if p.get("q_mask") is not None:
         kw["q_mask"], kw["g_mask"] = p["q_mask"][qsl], p["g_mask"][gsl]
 
-    out = sdm_loss_distributed(q_loc, g_loc, **kw)
+    for name in ("logit_scale", "labels", "q_ids", "g_ids", "q_mask", "g_mask"):
+        if name in kw:
+            call_kw[name] = kw.pop(name)
+    if case.get("module"):
+        from sdm_triton.distributed import SDMLossDistributed
+        ids = [call_kw.pop("q_ids", None), call_kw.pop("g_ids", None)]
+        out = SDMLossDistributed(**kw)(q_loc, g_loc, *ids, **call_kw)
+    else:
+        out = sdm_loss_distributed(q_loc, g_loc, **kw, **call_kw)
     _objective(out, case, p["w_q"][qsl], p["w_g"][gsl]).backward()
 
     stats = ref_stats = None
@@ -294,7 +311,7 @@ def _run_case(name, case, rank, world, seed, device="cpu", dtype=torch.float64, 
     else:
         check("loss", out.reshape(1), ref.reshape(1), ref.abs().clamp_min(1e-300))
 
-    factor = world if case.get("grad_convention") == "ddp" else 1
+    factor = 1 if case.get("grad_convention") in UNSCALED else world
     check("dq", q_loc.grad, factor * ref_dq[qsl], ref_dq.norm() * factor)
     check("dg", g_loc.grad, factor * ref_dg[gsl], ref_dg.norm() * factor)
     if ref_ds is not None:
@@ -316,7 +333,8 @@ def _run_case(name, case, rank, world, seed, device="cpu", dtype=torch.float64, 
 
 
 def _run_error_case(name, rank, world, device="cpu"):
-    """A disagreement or a local input error: every rank must raise ValueError (the culprit its own error)."""
+    """A disagreement or a local input error: every rank must raise ValueError (the culprit its own
+    error: a TypeError for a wrongly typed argument), before any collective that could hang."""
     p = _problem({}, world, 123, torch.float64, device)
     ns, ms = p["n_sizes"], p["m_sizes"]
     q0, g0 = sum(ns[:rank]), sum(ms[:rank])
@@ -325,7 +343,7 @@ def _run_error_case(name, rank, world, device="cpu"):
     q_ids, g_ids = p["q_ids"][q0: q0 + ns[rank]], p["g_ids"][g0: g0 + ms[rank]]
     kw = dict(backend="torch", logit_scale=p["scale"].clone())
     last = rank == world - 1
-    expect = "ranks disagree"
+    expect, expect_type = "ranks disagree", ValueError
     if name == "mismatch-D" and last:
         q, g = torch.cat([q, q[:, :1]], 1), torch.cat([g, g[:, :1]], 1)
     if name == "mismatch-kl" and last:
@@ -338,6 +356,21 @@ def _run_error_case(name, rank, world, device="cpu"):
         expect = "must have shape" if last else "rejected their inputs"
         if last:
             q_ids = q_ids[:-1] if q_ids.numel() > 1 else q_ids.repeat(2)
+    if name == "workspace-bytes-on-one-rank":   # issue 12, section 5: it used to hang the other ranks
+        expect = "workspace_bytes" if last else "rejected their inputs"
+        if last:
+            kw["workspace_bytes"], expect_type = "64", TypeError
+    if name == "check-values-on-one-rank":
+        kw["check_values"] = True
+        q_mask = torch.ones(q.shape[0], dtype=torch.bool, device=device)
+        q_mask[0] = False
+        q[0] = float("nan")              # an absent row may hold anything, also with check_values=True
+        kw["q_mask"] = q_mask
+        if last and q.shape[0] > 1:
+            q[-1] = float("inf")
+        elif last:
+            g[0] = float("inf")
+        expect = "NaN or Inf in a present row" if last else "check_values found a problem on rank(s)"
     kw_labels = {}
     if name == "labels-width":
         expect = "M_global"
@@ -346,13 +379,69 @@ def _run_error_case(name, rank, world, device="cpu"):
         q_ids = g_ids = None
     try:
         sdm_loss_distributed(q, g, q_ids, g_ids, **kw_labels, **kw)
-    except ValueError as exc:
-        if expect not in str(exc) or (name == "mismatch-D" and "D" not in str(exc)):
-            return [f"ValueError without {expect!r}: {exc}"]
-        return []
     except Exception as exc:   # noqa: BLE001
-        return [f"expected ValueError, got {type(exc).__name__}: {exc}"]
+        if type(exc) is not expect_type:
+            return [f"expected {expect_type.__name__}, got {type(exc).__name__}: {exc}"]
+        if expect not in str(exc) or (name == "mismatch-D" and "D" not in str(exc)):
+            return [f"{expect_type.__name__} without {expect!r}: {exc}"]
+        if name == "check-values-on-one-rank" and not last and f"[{world - 1}]" not in str(exc):
+            return [f"the error does not name rank {world - 1}: {exc}"]
+        return []
     return ["no error raised"]
+
+
+# The default gradient convention under DistributedDataParallel: one training step's parameter
+# gradients, after DDP has averaged them, equal those of the single-process loss of the global batch.
+DDP_STEPS = ("ddp-step-allgather-function", "ddp-step-ring-module")
+
+
+def _run_ddp_step(name, rank, world, device="cpu"):
+    """Two linear encoders and a learnable logit scale (as CLIP keeps it: exp of a parameter) under
+    DDP; each rank encodes its rows and calls the loss with the default convention, then
+    ``loss.backward()``. The averaged gradients must be the single-process ones (float64)."""
+    import copy
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from sdm_triton.distributed import SDMLossDistributed
+
+    class Dual(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc_q, self.enc_g = torch.nn.Linear(6, 5), torch.nn.Linear(6, 5)
+            self.log_scale = torch.nn.Parameter(torch.tensor(2.0))
+
+        def forward(self, xq, xg):
+            return self.enc_q(xq), self.enc_g(xg), self.log_scale.exp()
+
+    torch.manual_seed(3)   # the same initial parameters on every rank
+    model = Dual().double().to(device)
+    ns, ms = SIZES[world]
+    gen = torch.Generator().manual_seed(4)
+    xq = torch.randn(sum(ns), 6, generator=gen, dtype=torch.float64).to(device)
+    xg = torch.randn(sum(ms), 6, generator=gen, dtype=torch.float64).to(device)
+    q_ids = torch.randint(0, 4, (sum(ns),), generator=gen).to(device)
+    g_ids = torch.randint(0, 4, (sum(ms),), generator=gen).to(device)
+    ref = copy.deepcopy(model)
+    fq, fg, s = ref(xq, xg)
+    sdm_triton.sdm_loss(fq, fg, q_ids, g_ids, logit_scale=s, backend="torch", kl="reverse").backward()
+
+    ddp = DDP(model)
+    q0, g0 = sum(ns[:rank]), sum(ms[:rank])
+    qs, gs = slice(q0, q0 + ns[rank]), slice(g0, g0 + ms[rank])
+    fq, fg, s = ddp(xq[qs], xg[gs])
+    if name.endswith("module"):
+        loss = SDMLossDistributed(strategy="ring", backend="torch", kl="reverse")(fq, fg, q_ids[qs], g_ids[gs],
+                                                                                  logit_scale=s)
+    else:
+        loss = sdm_loss_distributed(fq, fg, q_ids[qs], g_ids[gs], logit_scale=s, backend="torch", kl="reverse")
+    loss.backward()
+    errors = []
+    for (pname, p), (_, p_ref) in zip(model.named_parameters(), ref.named_parameters()):
+        err = _rel(p.grad, p_ref.grad, p_ref.grad.norm())
+        if not err <= TOL:
+            errors.append(f"{pname}: relative error {err:.3e} of the DDP-averaged gradient")
+    return errors
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,6 +491,11 @@ def _worker(rank, world, port, out_dir, backend, gpu):
                 results[key] = errs
         for name in ERROR_CASES:
             results[name] = _run_error_case(name, rank, world, device=f"cuda:{rank}" if gpu else "cpu")
+        for name in DDP_STEPS:
+            try:
+                results[name] = _run_ddp_step(name, rank, world, device=f"cuda:{rank}" if gpu else "cpu")
+            except Exception:   # noqa: BLE001
+                results[name] = [traceback.format_exc()]
         dist.barrier()
         dist.destroy_process_group()
     except Exception:   # noqa: BLE001
@@ -491,6 +585,14 @@ def test_disagreement_raises_on_every_rank(world, name):
     _assert_case(_group_results(world), name, world)
 
 
+@pytest.mark.parametrize("world", CI_WORLDS)
+@pytest.mark.parametrize("name", DDP_STEPS)
+def test_default_convention_is_exact_under_ddp_averaging(world, name):
+    """Issue 15 C: with the default grad_convention, DDP's averaged gradients of the encoders and of
+    the logit scale are those of the single-process loss of the global batch."""
+    _assert_case(_group_results(world), name, world)
+
+
 def test_single_rank_group_equals_sdm_loss():
     """world = 1 (no communication at all) is the single-process loss, both strategies."""
     dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
@@ -499,6 +601,36 @@ def test_single_rank_group_equals_sdm_loss():
             assert _run_case(name, CASES[name], 0, 1, 7 + i) == []
     finally:
         dist.destroy_process_group()
+
+
+def test_module_validates_its_options_at_construction():
+    """SDMLossDistributed checks every option when it is built (no process group needed)."""
+    from sdm_triton.distributed import SDMLossDistributed
+    for bad, exc, name in ((dict(workspace_bytes="64"), TypeError, "workspace_bytes"),
+                           (dict(workspace_bytes=0), ValueError, "workspace_bytes"),
+                           (dict(strategy="rign"), ValueError, "strategy"),
+                           (dict(layout="local_rows", strategy="ring"), ValueError, "local_rows"),
+                           (dict(grad_convention="mean"), ValueError, "grad_convention"),
+                           (dict(kl="kl"), ValueError, "kl"), (dict(temperature=0.0), ValueError, "temperature"),
+                           (dict(backend="cuda"), ValueError, "backend"),
+                           (dict(check_values=1), TypeError, "check_values"),
+                           (dict(kernel_config="m17"), ValueError, "KernelConfig")):
+        with pytest.raises(exc, match=name):
+            SDMLossDistributed(**bad)
+    module = SDMLossDistributed(strategy="ring", grad_convention="global", kl="reverse")
+    assert "grad_convention='global'" in repr(module) and "strategy='ring'" in repr(module)
+    assert SDMLossDistributed().options["grad_convention"] == "ddp"
+
+
+def test_default_gradient_convention_is_ddp():
+    """The function's and the module's default is "ddp" (issue 15 C); the other one keeps a name."""
+    import inspect
+    from sdm_triton.distributed import GRAD_CONVENTIONS, SDMLossDistributed
+    assert inspect.signature(sdm_loss_distributed).parameters["grad_convention"].default == "ddp"
+    assert inspect.signature(SDMLossDistributed).parameters["grad_convention"].default == "ddp"
+    assert GRAD_CONVENTIONS == ("ddp", "unscaled")
+    doc = sdm_loss_distributed.__doc__
+    assert "DistributedDataParallel" in doc and "AVERAGE" in doc and '"unscaled"' in doc
 
 
 def test_needs_initialised_group():
@@ -514,5 +646,5 @@ def test_needs_initialised_group():
 def test_nccl_triton_two_gpus():
     """Every case over NCCL on cuda:0 and cuda:1: float64 torch tiles (1e-10) and float32 Triton kernels (2e-5)."""
     results = _group_results(2, "nccl", True, 300.0)
-    for name in (*CASES, *(n + TRITON_SUFFIX for n in CASES), *ERROR_CASES):
+    for name in (*CASES, *(n + TRITON_SUFFIX for n in CASES), *ERROR_CASES, *DDP_STEPS):
         _assert_case(results, name, 2)

@@ -322,7 +322,9 @@ def _group_worker(rank: int, world: int, cfg: dict, jobs: list, port: int):
                     return sdm_triton.sdm_loss(q, g, ids, ids, backend=cfg["backend"])
             else:
                 def call(q=q, g=g, ids=ids, strategy=strategy):
-                    return sdm_loss_distributed(q, g, ids, ids, strategy=strategy, backend=cfg["backend"])
+                    # "unscaled": the gradients of the global loss itself, compared with one process
+                    return sdm_loss_distributed(q, g, ids, ids, strategy=strategy, backend=cfg["backend"],
+                                                grad_convention="unscaled")
 
             def step(call=call):
                 call().backward()

@@ -7,13 +7,16 @@ runs the same cases (same problems, seeds and uneven local sizes: SIZES / EVEN t
 with larger groups and prints the measured errors, not only pass / fail:
 
   * every case of ``CASES``: both strategies ("allgather", "ring"), layout "global" and
-    "local_rows", grad_convention "global" and "ddp", ids / dense / bool labels, masks
+    "local_rows", grad_convention "ddp" (the default) and "unscaled", the module form
+    (``SDMLossDistributed``), ids / dense / bool labels, masks
     (a rank whose q rows are all absent, another whose g rows are), reduction
     mean / sum / none, both KL directions, return_stats, non-contiguous inputs,
     a 1-byte workspace (one column per chunk);
   * each twice: float64 with the torch tiles (tolerance 1e-10) and float32 with the Triton
     tiles, interpreted on CPU (tolerance 2e-5); both against float64 on the same inputs;
-  * the disagreement / invalid-input cases (every rank must raise ValueError).
+  * the disagreement / invalid-input cases (every rank must raise; the culprit its own error);
+  * a DDP training step per strategy (the default gradient convention: DDP-averaged parameter
+    gradients equal the single-process ones).
 
 Reference: ``reference.sdm_loss`` (the plain oracle: the whole similarity matrix, float64)
 by default, ``--ref torch`` for the CI reference (``sdm_triton.sdm_loss(backend="torch")``).
@@ -123,6 +126,8 @@ def _worker(rank, world, port, out_dir, ref_backend, timeout_s):
                     results[f"{name}|single"] = dict(measured={}, errors=[traceback.format_exc()])
         for name in T.ERROR_CASES:
             results[f"{name}|error-case"] = dict(errors=T._run_error_case(name, rank, world), measured={})
+        for name in T.DDP_STEPS:
+            results[f"{name}|ddp-step"] = dict(errors=T._run_ddp_step(name, rank, world), measured={})
         dist.barrier()
         dist.destroy_process_group()
     except Exception:   # noqa: BLE001
@@ -233,7 +238,16 @@ def main(argv=None):
                 bad.append(f"{name}: {errs or 'missing ranks'}")
                 failures.append((world, name, "error-case"))
         say(f"disagreement / invalid-input cases ({', '.join(T.ERROR_CASES)}): "
-            + ("every rank raised ValueError with the expected message" if not bad else "FAIL " + "; ".join(bad)))
+            + ("every rank raised the expected error" if not bad else "FAIL " + "; ".join(bad)))
+        bad = []
+        for name in T.DDP_STEPS:
+            per_rank = res.get(f"{name}|ddp-step", {})
+            errs = {r: v["errors"] for r, v in per_rank.items() if v["errors"]}
+            if errs or len(per_rank) != world:
+                bad.append(f"{name}: {errs or 'missing ranks'}")
+                failures.append((world, name, "ddp-step"))
+        say(f"DDP training steps with the default gradient convention ({', '.join(T.DDP_STEPS)}): "
+            + ("DDP-averaged gradients equal the single-process ones" if not bad else "FAIL " + "; ".join(bad)))
     say("")
     say("## summary: max relative error over every case, rank and world, per quantity")
     for run in (FP64, FP32):
