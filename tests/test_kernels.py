@@ -189,7 +189,43 @@ def test_anti_aligned_features_at_a_large_scale(variant, kl):
     seg = "" if "seg" in variant else "_seg4"
     ours = _errors_vs_float64(q, g, kw, kl, _triton(variant + seg), scale=200.0)
     base_err = _errors_vs_float64(q, g, kw, kl, _torch_same_dtype, scale=200.0)
+    # dL/ds here is a sum that cancels to 1e-3 of its terms, so it inherits the rounding of
+    # the fp32 cosines (1e-7 each, times s = 200) at ~1e-4: float64 math on fp32-computed
+    # cosines errs by 6.5e-5 / 1.2e-4 (forward / reverse), PyTorch's fp32 formula by 1.1e-5 /
+    # 2.8e-4 (luck of the draw, either side). The base for dL/ds is the larger of the two;
+    # loss, dq and dg keep PyTorch's.
+    base_err["ds"] = max(base_err["ds"], _scale_grad_error_from_fp32_cosines(q, g, kw, kl, 200.0))
     _assert_no_worse_than_pytorch(ours, base_err, torch.float32, "anti-aligned")
+
+
+def _scale_grad_error_from_fp32_cosines(q, g, kw, kl, scale):
+    """Relative error of dL/ds computed in float64 from cosines computed in fp32 (both ways an
+    fp32 implementation might: normalise then multiply, or multiply then scale by 1 / norms),
+    the larger of the two: what rounding the cosines alone costs, before any loss arithmetic.
+    Same per-row weights as _errors_vs_float64. Identity labels, no masks."""
+    from sdm_triton.options import SDMOptions
+    from sdm_triton.reference.sdm import _one_direction
+
+    n, m = q.shape[0], g.shape[0]
+    gen = torch.Generator(device="cpu").manual_seed(n * 7 + m)
+    wq = torch.rand(n, generator=gen, dtype=torch.float64).to(q.device)
+    wg = torch.rand(m, generator=gen, dtype=torch.float64).to(q.device)
+    y = (kw["q_ids"][:, None] == kw["g_ids"][None, :]).double()
+    opts = SDMOptions(kl=kl)
+
+    def scale_grad(cos):
+        s = torch.tensor(scale, device=q.device, dtype=torch.float64, requires_grad=True)
+        loss_q2g, _ = _one_direction(s * cos, y, opts)
+        loss_g2q, _ = _one_direction((s * cos).T, y.T, opts)
+        ((loss_q2g * wq).sum() + (loss_g2q * wg).sum()).backward()
+        return s.grad
+
+    qf, gf = q.float(), g.float()
+    exact = scale_grad(torch.nn.functional.normalize(q.double(), dim=1)
+                       @ torch.nn.functional.normalize(g.double(), dim=1).T)
+    normalised_first = torch.nn.functional.normalize(qf, dim=1) @ torch.nn.functional.normalize(gf, dim=1).T
+    scaled_after = (qf @ gf.T) / qf.norm(dim=1)[:, None] / gf.norm(dim=1)[None, :]
+    return max(_rel(scale_grad(c.double()), exact) for c in (normalised_first, scaled_after))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

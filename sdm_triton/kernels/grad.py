@@ -9,6 +9,13 @@ logit t_ij and each softmax's saved (m, log2 l, 1 / ysum) and loss L (`finish.py
 (P is formed from the same exp2 values the forward summed into l, not through a log2 / exp2
 round trip: on the GPU both are approximations, and sum_j P_ij = 1 is what the cancelling sums
 of dL/ds and of the radial gradient rely on.)
+
+dL/ds is summed centred: the softmax Jacobian's rows sum to zero (sum_j d_ij = 0 for either
+divergence: L is invariant to a shift of S_i), so sum_j w_i d_ij cos_ij = sum_j w_i d_ij
+(cos_ij - a_i) for any a_i, and likewise over i for the columns' terms. With a_i the cosine at
+row i's maximum (m_i / (s log2 e)) the rounding of sum_j P_ij (~2^-22 with the GPU's exp2, or
+a segment merge's order) is no longer multiplied by |cos| ~ 1: at s = 200 with anti-aligned
+features the plain sum erred by 3e-3 on the H200, PyTorch's fp32 formula by 1e-4.
     forward KL:  d_ij = P_ij - y_ij / ysum_i
     reverse KL:  d_ij = P_ij (ln P_ij - ln(y_ij / ysum_i + eps) - L_i)
     dS_ij = w_i d_ij + w'_j d'_ij
@@ -66,8 +73,9 @@ def row_weights(idx, in_range, k, saved_ptr, NDR, dv_ptr, drows_ptr, red_ptr, K,
 @triton.jit
 def ds_tile(t, y, both, m_r, il_r, ll_r, iy_r, w_r, L_r, m_c, il_c, ll_c, iy_c, w_c, L_c, eps, ln_eps,
             REVERSE: tl.constexpr, DENSE: tl.constexpr):
-    """dS on a tile (module doc): rows' softmax terms (suffix _r, [BM]) and columns' (_c, [BN]);
-    m: row maximum, il = 1 / l, ll = ln l, iy = 1 / ysum (0: invalid row), w: weight, L: loss."""
+    """(row term, column term) of dS on a tile (module doc; dS = their sum): rows' softmax
+    (suffix _r, [BM]) and columns' (_c, [BN]); m: maximum, il = 1 / l, ll = ln l,
+    iy = 1 / ysum (0: invalid row), w: weight, L: loss."""
     on_r = both & (iy_r != 0)[:, None]
     on_c = both & (iy_c != 0)[None, :]
     z_r = tl.where(on_r, t - m_r[:, None], 0.0)
@@ -86,7 +94,16 @@ def ds_tile(t, y, both, m_r, il_r, ll_r, iy_r, w_r, L_r, m_c, il_c, ll_c, iy_c, 
     else:
         d_r = p_r - y * iy_r[:, None]
         d_c = p_c - y * iy_c[None, :]
-    return tl.where(on_r, w_r[:, None] * d_r, 0.0) + tl.where(on_c, w_c[None, :] * d_c, 0.0)
+    return tl.where(on_r, w_r[:, None] * d_r, 0.0), tl.where(on_c, w_c[None, :] * d_c, 0.0)
+
+
+@triton.jit
+def scale_grad_rows(g_r, g_c, cos, m_r, m_c, inv_s_log2e):
+    """Per row: sum_j g_r (cos - a_i) + g_c (cos - b_j), a / b the cosines at the row's and the
+    column's maxima (the centred dL/ds of the module doc)."""
+    a = m_r * inv_s_log2e
+    b = m_c * inv_s_log2e
+    return tl.sum(g_r * (cos - a[:, None]) + g_c * (cos - b[None, :]), axis=1)
 
 
 @triton.jit
@@ -176,10 +193,11 @@ def _fused_rows(
         L_c = tl.zeros((BLOCK_N,), dtype=tl.float32)
         if REVERSE:
             L_c = tl.load(rows_ptr + ccol, mask=col_in, other=0.0)
-        dS = ds_tile(t, y, both, m_r, il_r, ll_r, iy_r, w_r, L_r, m_c, il_c, ll_c, iy_c, w_c, L_c, eps, ln_eps,
-                     REVERSE, DENSE)
+        g_r, g_c = ds_tile(t, y, both, m_r, il_r, ll_r, iy_r, w_r, L_r, m_c, il_c, ll_c, iy_c, w_c, L_c, eps,
+                           ln_eps, REVERSE, DENSE)
+        dS = g_r + g_c
         if WANT_DSCALE:
-            ds_acc += tl.sum(tl.where(both, dS * cos, 0.0), axis=1)
+            ds_acc += scale_grad_rows(g_r, g_c, cos, m_r, m_c, 1.0 / s_log2e)
         W = dS * (pa[:, None] * (rb / tl.where(col_ok, cb, 1.0))[None, :]) * inv_gmax
         b_op = half_operand(b_tile.to(tl.float32) * cb[:, None], HALF, UPCAST)          # c_j b_j: exact
         acc = accumulate_product(acc, W, b_op, HALF, IS_FP32, UPCAST, DOT_PRECISION)
@@ -421,10 +439,11 @@ def _grad_chunk_kernel(
     if REVERSE:
         L_r = tl.load(rows_ptr + arow, mask=row_in, other=0.0)
         L_c = tl.load(rows_ptr + ccol, mask=col_in, other=0.0)
-    dS = ds_tile(t, y, both, m_r, il_r, ll_r, iy_r, w_r, L_r, m_c, il_c, ll_c, iy_c, w_c, L_c, eps, ln_eps,
-                 REVERSE, DENSE)
+    g_r, g_c = ds_tile(t, y, both, m_r, il_r, ll_r, iy_r, w_r, L_r, m_c, il_c, ll_c, iy_c, w_c, L_c, eps, ln_eps,
+                       REVERSE, DENSE)
+    dS = g_r + g_c
     if WANT_DSCALE:
-        tl.store(dscale_ptr + pid_n * N + rows, tl.sum(tl.where(both, dS * cos, 0.0), axis=1), mask=row_in)
+        tl.store(dscale_ptr + pid_n * N + rows, scale_grad_rows(g_r, g_c, cos, m_r, m_c, 1.0 / s_log2e), mask=row_in)
     W = dS * ((ra / ca)[:, None] * (rb / cb)[None, :]) * inv_gmax
     width = col1 - col0
     offs = rows[:, None] * s_ws_row + (cols - col0)[None, :]
