@@ -102,6 +102,17 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host integers (triton.cdiv is a ConstexprFunction in Triton 3.8: ~10 us a
+    call from Python, ~15 calls a step)."""
+    return -(-a // b)
+
+
+def _pow2_at_least(x: int) -> int:
+    """The smallest power of two >= x (x >= 1), for host integers (see _cdiv)."""
+    return 1 << (x - 1).bit_length()
+
+
 def _target_programs(device: torch.device) -> int:
     """Programs that fill the GPU (two per SM); a handful under the interpreter, so that small
     test cases still cut their columns into segments."""
@@ -121,8 +132,11 @@ def _stats_tiles(p: Problem) -> Tiles:
     if interpreting():
         return _merge(p.config, Tiles(16, 16, 16, 1, 1))
     logits = p.n * p.galleries * p.m
-    if logits >= 2**24:
-        default = Tiles(128, 128, 64, 8, 3)
+    if logits >= 2**24 and p.q.dtype != torch.float32:
+        # H200, bf16, N = 16384 / 32768: 1.36x / 1.49x faster than 128 x 128 (bench/NOTES.md 20)
+        default = Tiles(128, 256, 64, 8, 3)
+    elif logits >= 2**24:
+        default = Tiles(128, 128, 64, 8, 3)      # fp32 at 128 x 256: 196 KiB of shared memory, unmeasured
     elif logits >= 2**20:
         default = Tiles(64, 64, 64, 4, 3)
     else:
@@ -148,7 +162,7 @@ def backward_path(p: Problem) -> str:
     fused kernel keeps a row block's gradient over all of D on chip, so above FUSED_MAX_D it
     hands over to the chunked one whatever was asked (at D = 4096 it would need 256 KiB of
     shared memory, more than a Hopper SM has)."""
-    block_d = max(16, triton.next_power_of_2(p.d))
+    block_d = max(16, _pow2_at_least(p.d))
     if block_d > FUSED_MAX_D:
         return "chunked"
     if p.config.backward != "auto":
@@ -225,13 +239,13 @@ class TritonBackend:
         t = _stats_tiles(p)
         buf = torch.empty(3 * nr + 2 * ndr, dtype=torch.float32, device=p.q.device)
         pre, lab = buf[:3 * nr], buf[3 * nr:]
-        n_qp = triton.cdiv(n, t.block_m) * k
-        n_gp = k * triton.cdiv(m, t.block_m)
+        n_qp = _cdiv(n, t.block_m) * k
+        n_gp = k * _cdiv(m, t.block_m)
         masses_given = p.dense and label_masses is not None
         _traceable(_prep_kernel)[(n_qp + n_gp,)](
             **_side_args(p), pre_ptr=pre, lab_ptr=lab, N=n, M=m, K=k, n_q_programs=n_qp, D=d,
             NORMALIZE=p.options.normalize, DENSE=p.dense and not masses_given, BLOCK_M=t.block_m,
-            BLOCK_N=t.block_n, BLOCK_K=min(t.block_k, max(16, triton.next_power_of_2(d))), num_warps=4)
+            BLOCK_N=t.block_n, BLOCK_K=min(t.block_k, max(16, _pow2_at_least(d))), num_warps=4)
         if masses_given:
             lab.view(2, ndr).copy_(label_masses)
         return buf
@@ -246,14 +260,14 @@ class TritonBackend:
         o = p.options
         t = _stats_tiles(p)
         pre, lab = prepared[:3 * nr], prepared[3 * nr:]
-        n_qp = triton.cdiv(n, t.block_m) * k
-        n_gp = k * triton.cdiv(m, t.block_m)
+        n_qp = _cdiv(n, t.block_m) * k
+        n_gp = k * _cdiv(m, t.block_m)
         base = n_qp + n_gp
-        segs = max(1, min(p.config.segments or triton.cdiv(_target_programs(dev), base),
-                          triton.cdiv(max(n, m), t.block_n)))
-        seg_q = triton.cdiv(triton.cdiv(m, segs), t.block_n) * t.block_n
-        seg_g = triton.cdiv(triton.cdiv(n, segs), t.block_n) * t.block_n
-        s_q, s_g = triton.cdiv(m, seg_q), triton.cdiv(n, seg_g)
+        segs = max(1, min(p.config.segments or _cdiv(_target_programs(dev), base),
+                          _cdiv(max(n, m), t.block_n)))
+        seg_q = _cdiv(_cdiv(m, segs), t.block_n) * t.block_n
+        seg_g = _cdiv(_cdiv(n, segs), t.block_n) * t.block_n
+        s_q, s_g = _cdiv(m, seg_q), _cdiv(n, seg_g)
         part = torch.empty((max(s_q, s_g), NUM_STATS, ndr), dtype=torch.float32, device=dev)
         _traceable(_stats_kernel)[(n_qp * s_q + n_gp * s_g,)](
             **_side_args(p), pre_ptr=pre, lab_ptr=lab, scale_ptr=p.scale, out_ptr=part,
@@ -331,10 +345,10 @@ class TritonBackend:
         n, m, k, d = p.n, p.m, p.galleries, p.d
         dev = p.q.device
         buf, saved, coef_q, coef_g, flags = self._common(p, out)
-        block_d = max(16, triton.next_power_of_2(d))
+        block_d = max(16, _pow2_at_least(d))
         t = _fused_tiles(p, block_d)
-        n_qp = triton.cdiv(n, t.block_m) if (want_q or want_scale) else 0
-        n_gp = k * triton.cdiv(m, t.block_m) if want_g else 0
+        n_qp = _cdiv(n, t.block_m) if (want_q or want_scale) else 0
+        n_gp = k * _cdiv(m, t.block_m) if want_g else 0
         dq = torch.empty(p.q.shape, dtype=grad_dtype, device=dev) if n_qp else None
         dg = torch.empty(p.g.shape, dtype=grad_dtype, device=dev) if n_gp else None
         dsp = torch.empty(n_qp, dtype=torch.float32, device=dev) if want_scale else None
@@ -376,19 +390,19 @@ class TritonBackend:
         dg = torch.empty(p.g.shape, dtype=grad_dtype, device=dev) if want_g else None
         d_scale = torch.zeros((), dtype=f32, device=dev) if want_scale else None
         per_col = n * (4 if not split else 2 * 2)
-        width = max(t.block_n, min(triton.cdiv(m, t.block_n) * t.block_n,
+        width = max(t.block_n, min(_cdiv(m, t.block_n) * t.block_n,
                                    p.workspace_bytes // per_col // t.block_n * t.block_n))
         parts = 2 if split else 1
         ws = torch.empty((n, parts * width), dtype=gemm_dtype, device=dev)
-        index = _problem_index(p, _span(ws), triton.cdiv(width, t.block_n) * n)
-        n_tiles = triton.cdiv(width, t.block_n)
+        index = _problem_index(p, _span(ws), _cdiv(width, t.block_n) * n)
+        n_tiles = _cdiv(width, t.block_n)
         dsp = torch.empty((n_tiles, n), dtype=f32, device=dev) if want_scale else None
         for gal in range(k):
             for c0 in range(0, m, width):
                 c1 = min(m, c0 + width)
                 cw = c1 - c0
-                tiles_n = triton.cdiv(cw, t.block_n)
-                _traceable(_grad_chunk_kernel)[(triton.cdiv(n, t.block_m), tiles_n)](
+                tiles_n = _cdiv(cw, t.block_n)
+                _traceable(_grad_chunk_kernel)[(_cdiv(n, t.block_m), tiles_n)](
                     **args, pre_ptr=buf, saved_ptr=saved, rows_ptr=out.rows, w_ptr=w, scale_ptr=p.scale,
                     gmax_ptr=gmax, ws_ptr=ws, s_ws_row=ws.stride(0), dscale_ptr=dsp,
                     N=n, M=m, K=k, k=gal, col0=c0, col1=c1, D=d, scale_value=p.scale_value, eps=p.options.eps,
@@ -418,7 +432,7 @@ class TritonBackend:
         """x' [K * M, D] (kernels/grad.py, _operand_kernel)."""
         out = torch.empty((k * m, x.shape[-1]), dtype=dtype, device=x.device)
         block_m = 16 if interpreting() else 32
-        _traceable(_operand_kernel)[(triton.cdiv(m, block_m), k)](
+        _traceable(_operand_kernel)[(_cdiv(m, block_m), k)](
             x_ptr=x, sx_gal=strides[0], sx_row=strides[1], sx_d=strides[2], msk=msk, s_msk_gal=msk_strides[0],
             s_msk=msk_strides[1], pre_ptr=pre, NR=nr, s0=s0, out_ptr=out, M=m, D=x.shape[-1],
             BLOCK_M=block_m, BLOCK_D=16 if interpreting() else 128, num_warps=4)
@@ -429,7 +443,7 @@ class TritonBackend:
         """dL/dx of rows r0 .. r0 + n_rows of gallery ``gal`` of a side from its products u (+ u2)."""
         d = x.shape[-1]
         block_m = 16 if interpreting() else 32
-        _traceable(_input_grad_kernel)[(triton.cdiv(n_rows, block_m),)](
+        _traceable(_input_grad_kernel)[(_cdiv(n_rows, block_m),)](
             u_ptr=u, su_row=u.stride(0), u2_ptr=u2, x_ptr=x, sx_gal=strides[0], sx_row=strides[1],
             sx_d=strides[2], msk=msk, s_msk_gal=msk_strides[0], s_msk=msk_strides[1], pre_ptr=pre, NR=nr,
             s0=s0, gal=gal, r0=r0, scale_ptr=p.scale, scale_value=p.scale_value, gmax_ptr=gmax, out_ptr=out,

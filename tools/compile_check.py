@@ -108,6 +108,8 @@ def main():
              nones + ("q_msk", "g_msk")),
             ("stats128", stats._stats_kernel, dict(common, WANT_POS=reverse, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
              8, 3, nones + ("q_msk", "g_msk", "scale_ptr")),
+            ("stats256", stats._stats_kernel, dict(common, WANT_POS=reverse, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64),
+             8, 3, nones + ("q_msk", "g_msk", "scale_ptr")),
             ("stats32", stats._stats_kernel, dict(common, WANT_POS=reverse, BLOCK_M=32, BLOCK_N=32, BLOCK_K=64),
              4, 2, nones + ("scale_ptr",)),
             ("finish", finish._finish_kernel, dict(REVERSE=reverse, DENSE=dense, WANT_Q2G=True, WANT_G2Q=True, MEAN=True,
