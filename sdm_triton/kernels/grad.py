@@ -45,7 +45,7 @@ Two ways to run the products:
 import triton
 import triton.language as tl
 
-from .tiles import LN2, LOG2E, dot_tile, label_tile, present, row_ids, split_hi_lo
+from .tiles import LN2, LOG2E, NEG_BIG, dot_tile, label_tile, present, row_ids, split_hi_lo
 
 NORM_EPS = tl.constexpr(1e-12)
 
@@ -100,9 +100,11 @@ def ds_tile(t, y, both, m_r, il_r, ll_r, iy_r, w_r, L_r, m_c, il_c, ll_c, iy_c, 
 @triton.jit
 def scale_grad_rows(g_r, g_c, cos, m_r, m_c, inv_s_log2e):
     """Per row: sum_j g_r (cos - a_i) + g_c (cos - b_j), a / b the cosines at the row's and the
-    column's maxima (the centred dL/ds of the module doc)."""
-    a = m_r * inv_s_log2e
-    b = m_c * inv_s_log2e
+    column's maxima (the centred dL/ds of the module doc). A row or column that saw no present
+    entry keeps the maximum NEG_BIG (or -inf) and has g = 0: its centre is 0, since NEG_BIG /
+    (s log2e) overflows to -inf at s < 0.7 and 0 * inf is NaN."""
+    a = tl.where(m_r <= NEG_BIG, 0.0, m_r * inv_s_log2e)
+    b = tl.where(m_c <= NEG_BIG, 0.0, m_c * inv_s_log2e)
     return tl.sum(g_r * (cos - a[:, None]) + g_c * (cos - b[None, :]), axis=1)
 
 
