@@ -230,26 +230,37 @@ def _scale_grad_error_from_fp32_cosines(q, g, kw, kl, scale):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("kl", ["forward", "reverse"])
-def test_exact_logits_give_gradients_to_fp32_accuracy(variant, kl):
-    """Integer features, normalize=False and a power-of-two scale: every logit is exact in fp32,
-    so the gradient can be held to fp32 accuracy relative to itself, near-perfect fit included.
-    The backward forms log P = (t - m) - log2 l with the row maximum m and log2 l kept apart:
-    folding them into one fp32 log-sum-exp first (mutant) loses the small log2 l at |m| ~ 200
-    and with it the gradient where P ~ Y."""
+@pytest.mark.parametrize("scale", [4.0, 64.0])
+def test_exact_logits_give_gradients_to_fp32_accuracy(variant, kl, scale):
+    """Integer features and normalize=False: every dot is exact in fp32 and equal dots give
+    bit-equal logits, so the gradient can be held to fp32 accuracy relative to itself.
+
+    * s = 4: near-perfect fits (each query's own positive is itself), where P ~ Y.
+    * s = 64: five-way exact ties (g = q_i + v, v orthogonal to q_i) at logits ~ 4000, every
+      other pair 64 nats or more apart. P = 1/5 exactly needs log P = (t - m) - log2 l with the
+      row maximum m and log2 l kept apart: folding them into one fp32 log-sum-exp (m + log2 5,
+      rounded at |m| ~ 4000: a mutant) errs 1e-4 in P and 2e-5 to 6e-5 in the gradients,
+      against 1e-7 here. (Three-way ties would not show it: log2 3 is within 2e-6 of a
+      multiple of 2^-12, the fp32 spacing there.)"""
     gen = torch.Generator().manual_seed(14)
     n, m, d = 21, 35, 8
     q = torch.randint(-3, 4, (n, d), generator=gen).float()
     g = torch.randint(-3, 4, (m, d), generator=gen).float()
     g[:n] = q                                  # row i's own positive is itself: a near-perfect fit
+    for i in range(3):                         # rows 0-2: four more gallery rows with the same dot
+        for j, (a, b) in enumerate([(0, 1), (2, 3), (4, 5), (6, 7)]):
+            v = torch.zeros(d)
+            v[a], v[b] = q[i, b], -q[i, a]
+            g[n + 4 * i + j] = q[i] + v
     ids_q, ids_g = torch.arange(n), torch.arange(m)
     ids_g[n:] = -1
     kw = dict(q_ids=ids_q.to(DEVICE), g_ids=ids_g.to(DEVICE))
     q, g = q.to(DEVICE), g.to(DEVICE)
     torch_fn = _triton(variant)
     qa, ga = q.clone().requires_grad_(), g.clone().requires_grad_()
-    torch_fn(qa, ga, **kw, kl=kl, logit_scale=4.0, normalize=False).backward()
+    torch_fn(qa, ga, **kw, kl=kl, logit_scale=scale, normalize=False).backward()
     q64, g64 = q.double().requires_grad_(), g.double().requires_grad_()
-    reference.sdm_loss(q64, g64, **kw, kl=kl, logit_scale=4.0, normalize=False).backward()
+    reference.sdm_loss(q64, g64, **kw, kl=kl, logit_scale=scale, normalize=False).backward()
     assert _rel(qa.grad, q64.grad) < 1e-5, _rel(qa.grad, q64.grad)
     assert _rel(ga.grad, g64.grad) < 1e-5, _rel(ga.grad, g64.grad)
 
