@@ -77,8 +77,20 @@ FUSED_MAX_D = 512
 FUSED_MAX_LOGITS = 2**23
 
 
+#: Read once, as Triton reads it when the kernels are decorated (an import-time choice).
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRETING
+
+
+def _derived(p: Problem, key: str, make):
+    """``make(p)``, computed once per problem (`Problem.derived`)."""
+    value = p.derived.get(key)
+    if value is None:
+        value = p.derived[key] = make(p)
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +120,12 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _dv_stride(d_value) -> int:
+    """The stride of the gradient of the [K] (or 0-dim) loss values: 0 for a scalar or an
+    expanded gradient."""
+    return d_value.stride(0) if d_value is not None and d_value.dim() else 0
+
+
 def _pow2_at_least(x: int) -> int:
     """The smallest power of two >= x (x >= 1), for host integers (see _cdiv)."""
     return 1 << (x - 1).bit_length()
@@ -129,6 +147,10 @@ def _merge(cfg, default: Tiles, backward: bool = False) -> Tiles:
 
 
 def _stats_tiles(p: Problem) -> Tiles:
+    return _derived(p, "stats_tiles", _stats_tiles_uncached)
+
+
+def _stats_tiles_uncached(p: Problem) -> Tiles:
     if interpreting():
         return _merge(p.config, Tiles(16, 16, 16, 1, 1))
     logits = p.n * p.galleries * p.m
@@ -152,6 +174,10 @@ def _fused_tiles(p: Problem, block_d: int) -> Tiles:
 
 
 def _chunk_tiles(p: Problem) -> Tiles:
+    return _derived(p, "chunk_tiles", _chunk_tiles_uncached)
+
+
+def _chunk_tiles_uncached(p: Problem) -> Tiles:
     if interpreting():
         return _merge(p.config, Tiles(16, 16, 16, 1, 1), backward=True)
     return _merge(p.config, Tiles(128, 64, 64, 8, 3), backward=True)
@@ -184,7 +210,9 @@ def _index_dtype(*extents: int):
 
 
 def _problem_index(p: Problem, *more: int):
-    return _index_dtype(_span(p.q), _span(p.g), _span(p.labels), p.num_rows * NUM_STATS * 64, *more)
+    base = _derived(p, "index_extents",
+                    lambda p: (_span(p.q), _span(p.g), _span(p.labels), p.num_rows * NUM_STATS * 64))
+    return _index_dtype(*base, *more)
 
 
 def _want_pos(p: Problem) -> bool:
@@ -195,6 +223,10 @@ def _want_pos(p: Problem) -> bool:
 
 def _side_args(p: Problem) -> dict:
     """The tensors of the problem and their strides, as every kernel names them."""
+    return _derived(p, "side_args", _side_args_uncached)
+
+
+def _side_args_uncached(p: Problem) -> dict:
     sg_gal, sg_row, sg_d = p.g_strides()
     s_gid_gal, s_gid = p.g_ids_strides()
     s_gmsk_gal, s_gmsk = p.g_mask_strides()
@@ -320,9 +352,8 @@ class TritonBackend:
     def backward(self, p: Problem, out: ForwardOut, d_value, d_rows, want, partial_grads: bool = False):
         """``partial_grads``: dq, dg in fp32 (the kernels store what they computed, unrounded;
         backend.Backend.backward)."""
-        # autograd may hand over expanded (stride-0) gradients: the kernels index them densely
-        if d_value is not None:
-            d_value = d_value.contiguous()
+        # autograd may hand over expanded (stride-0) gradients: the kernels take d_value's stride
+        # (losses.sum().backward() of [K] values: no copy) and index d_rows densely (rare)
         if d_rows is not None:
             d_rows = d_rows.contiguous()
         grad_dtype = torch.float32 if partial_grads else p.q.dtype
@@ -354,7 +385,7 @@ class TritonBackend:
         dsp = torch.empty(n_qp, dtype=torch.float32, device=dev) if want_scale else None
         _traceable(_fused_grad_kernel)[(n_qp + n_gp,)](
             **_side_args(p), pre_ptr=buf, saved_ptr=saved, rows_ptr=out.rows, red_ptr=out.red,
-            scale_ptr=p.scale, dv_ptr=d_value, drows_ptr=d_rows,
+            scale_ptr=p.scale, dv_ptr=d_value, s_dv=_dv_stride(d_value), drows_ptr=d_rows,
             dq_ptr=dq, sdq_row=d, sdq_d=1, dg_ptr=dg, sdg_row=d, sdg_d=1, dscale_ptr=dsp,
             N=n, M=m, K=k, n_q_programs=n_qp, D=d, scale_value=p.scale_value, eps=p.options.eps,
             coef_q=coef_q, coef_g=coef_g, MEAN=p.options.reduction == "mean", NORMALIZE=p.options.normalize,
@@ -376,7 +407,7 @@ class TritonBackend:
         small = 16 if interpreting() else 64
 
         w = torch.empty(ndr, dtype=f32, device=dev)
-        _traceable(_weights_kernel)[(k,)](saved_ptr=saved, dv_ptr=d_value, drows_ptr=d_rows, red_ptr=out.red, w_ptr=w,
+        _traceable(_weights_kernel)[(k,)](saved_ptr=saved, dv_ptr=d_value, s_dv=_dv_stride(d_value), drows_ptr=d_rows, red_ptr=out.red, w_ptr=w,
                               N=n, M=m, K=k, coef_q=coef_q, coef_g=coef_g, MEAN=p.options.reduction == "mean",
                               BLOCK=small * 16 if not interpreting() else 16)
         # fp16 workspaces: divide W by the largest weight (dS stays O(1), inside fp16's range)

@@ -40,6 +40,11 @@ class Problem:
     galleries: int                     # K
     scalar_value: bool                 # the value is 0-dim (sdm_loss) rather than [K]
     return_stats: bool
+    #: What a backend derives from the problem alone (kernel arguments, tile shapes), filled on
+    #: first use: the forward and the backward of one call share this object, and a training
+    #: step's host time is made of such small pieces (issue 14). Not an init field, so
+    #: ``dataclasses.replace`` starts a new one.
+    derived: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     # ------------------------------------------------------------------ sizes
     @property

@@ -167,6 +167,34 @@ def test_gallery_k_equals_a_separate_call(backend):
         torch.testing.assert_close(multi[j], single, rtol=2e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("variant", ["fused_m16n32", "chunked_m32n16"])
+def test_gradient_of_the_values_in_any_layout(backend, variant):
+    """The gradient autograd hands the [K] losses may be expanded (``losses.sum()``: stride 0,
+    which the kernels read without a copy), contiguous or strided: the same weights give the
+    same gradients."""
+    n, m, d, k = SHAPES[1]
+    q, gs, kw = _problem(n, m, d, k, seed=5, masks=True)
+    weights = torch.linspace(0.5, 2.0, k, dtype=torch.float32, device=DEVICE)
+    forms = {
+        "expanded": lambda out: (out * 1.5).sum(),                                  # d_value = 1.5, stride 0
+        "contiguous": lambda out: (out * weights).sum(),
+        "strided": lambda out: (torch.stack([out, out.detach()], 1)[:, 0] * weights).sum(),
+    }
+    cfg = dict(kernel_config=variant) if backend == "triton" else {}
+    grads = {}
+    for name, objective in forms.items():
+        lq, lg = q.clone().requires_grad_(), gs.clone().requires_grad_()
+        objective(sdm_triton.sdm_loss_multi(lq, lg, **kw, backend=backend, **cfg)).backward()
+        grads[name] = (lq.grad, lg.grad)
+    lq, lg = q.double().requires_grad_(), gs.double().requires_grad_()
+    out = reference.sdm_loss_multi(lq, lg, **kw)
+    for name, w in (("expanded", torch.full((k,), 1.5, dtype=torch.float64)), ("contiguous", weights.double()),
+                    ("strided", weights.double())):
+        dq, dg = torch.autograd.grad((out * w.to(out.device)).sum(), (lq, lg), retain_graph=True)
+        assert _rel(grads[name][0], dq) < 1e-5 and _rel(grads[name][1], dg) < 1e-5, (name, _rel(grads[name][0], dq))
+
+
 def test_bad_gallery_arguments():
     q = torch.randn(4, 8, device=DEVICE)
     gs = torch.randn(3, 5, 8, device=DEVICE)

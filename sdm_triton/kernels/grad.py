@@ -51,17 +51,18 @@ NORM_EPS = tl.constexpr(1e-12)
 
 
 @triton.jit
-def row_weights(idx, in_range, k, saved_ptr, NDR, dv_ptr, drows_ptr, red_ptr, K, coef, cnt_row,
+def row_weights(idx, in_range, k, saved_ptr, NDR, dv_ptr, s_dv, drows_ptr, red_ptr, K, coef, cnt_row,
                 MEAN: tl.constexpr):
     """(w, 1 / ysum) of softmax rows ``idx`` (direction-row space) of gallery k.
 
     w = dvalue[k] * coef / (valid count if MEAN) + drows[idx] for valid rows, else 0.
-    ``dv_ptr`` / ``drows_ptr`` None: that output got no gradient.
+    ``dv_ptr`` / ``drows_ptr`` None: that output got no gradient. ``s_dv``: dvalue's stride (0 when
+    autograd hands over an expanded gradient, as ``losses.sum().backward()`` does for [K] values).
     """
     inv_y = tl.load(saved_ptr + 2 * NDR + idx, mask=in_range, other=0.0)
     w = tl.zeros(idx.shape, dtype=tl.float32)
     if dv_ptr is not None:
-        c = coef * tl.load(dv_ptr + k).to(tl.float32)
+        c = coef * tl.load(dv_ptr + k * s_dv).to(tl.float32)
         if MEAN:
             c = c / tl.maximum(tl.load(red_ptr + cnt_row * K + k), 1.0)
         w += c
@@ -148,7 +149,7 @@ def _fused_rows(
     acc, ds_acc, a_ptr, sa_row, sa_d, ra, pa, ai, row_ok,
     b_ptr, sb_row, sb_d, b_msk, b_moff, s_bmsk, b_ids, b_ioff, sb_id, lab, lab_off, sl_row, sl_col,
     pre_ptr, NR, b_pre, saved_ptr, rows_ptr, NDR, a_dir, b_dir,
-    dv_ptr, drows_ptr, red_ptr, K, k, coef_a, coef_b, cnt_a, cnt_b,
+    dv_ptr, s_dv, drows_ptr, red_ptr, K, k, coef_a, coef_b, cnt_a, cnt_b,
     rows, row_in, n_cols, D, s_log2e, eps, ln_eps, inv_gmax,
     REVERSE: tl.constexpr, DENSE: tl.constexpr, MEAN: tl.constexpr, WANT_DSCALE: tl.constexpr,
     HALF: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -164,7 +165,7 @@ def _fused_rows(
     m_r = tl.load(saved_ptr + arow, mask=row_in, other=0.0)
     il_r = tl.load(saved_ptr + NDR + arow, mask=row_in, other=0.0)
     ll_r = tl.load(saved_ptr + 3 * NDR + arow, mask=row_in, other=0.0)
-    w_r, iy_r = row_weights(arow, row_in, k, saved_ptr, NDR, dv_ptr, drows_ptr, red_ptr, K, coef_a, cnt_a, MEAN)
+    w_r, iy_r = row_weights(arow, row_in, k, saved_ptr, NDR, dv_ptr, s_dv, drows_ptr, red_ptr, K, coef_a, cnt_a, MEAN)
     L_r = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if REVERSE:
         L_r = tl.load(rows_ptr + arow, mask=row_in, other=0.0)
@@ -190,7 +191,7 @@ def _fused_rows(
         m_c = tl.load(saved_ptr + ccol, mask=col_in, other=0.0)
         il_c = tl.load(saved_ptr + NDR + ccol, mask=col_in, other=0.0)
         ll_c = tl.load(saved_ptr + 3 * NDR + ccol, mask=col_in, other=0.0)
-        w_c, iy_c = row_weights(ccol, col_in, k, saved_ptr, NDR, dv_ptr, drows_ptr, red_ptr, K, coef_b, cnt_b,
+        w_c, iy_c = row_weights(ccol, col_in, k, saved_ptr, NDR, dv_ptr, s_dv, drows_ptr, red_ptr, K, coef_b, cnt_b,
                                 MEAN)
         L_c = tl.zeros((BLOCK_N,), dtype=tl.float32)
         if REVERSE:
@@ -228,18 +229,18 @@ def store_gradient(out_ptr, so_row, so_d, rows, row_in, offs_d, d_in, g, OUT: tl
 
 
 @triton.jit
-def _max_weight(saved_ptr, NDR, dv_ptr, drows_ptr, red_ptr, K, N, M, coef_q, coef_g,
+def _max_weight(saved_ptr, NDR, dv_ptr, s_dv, drows_ptr, red_ptr, K, N, M, coef_q, coef_g,
                 MEAN: tl.constexpr, BLOCK: tl.constexpr):
     """max |w| over every softmax row (for fp16 workspaces), at least the smallest normal float."""
     top = tl.zeros((BLOCK,), dtype=tl.float32)
     for k in range(0, K):
         for i0 in range(0, N, BLOCK):
             i = i0 + tl.arange(0, BLOCK).to(tl.int64)
-            w, _ = row_weights(k * N + i, i < N, k, saved_ptr, NDR, dv_ptr, drows_ptr, red_ptr, K, coef_q, 1, MEAN)
+            w, _ = row_weights(k * N + i, i < N, k, saved_ptr, NDR, dv_ptr, s_dv, drows_ptr, red_ptr, K, coef_q, 1, MEAN)
             top = tl.maximum(top, tl.abs(w))
         for j0 in range(0, M, BLOCK):
             j = j0 + tl.arange(0, BLOCK).to(tl.int64)
-            w, _ = row_weights(K * N + k * M + j, j < M, k, saved_ptr, NDR, dv_ptr, drows_ptr, red_ptr, K,
+            w, _ = row_weights(K * N + k * M + j, j < M, k, saved_ptr, NDR, dv_ptr, s_dv, drows_ptr, red_ptr, K,
                                coef_g, 3, MEAN)
             top = tl.maximum(top, tl.abs(w))
     return tl.maximum(tl.max(top, axis=0), 1.1754943508222875e-38)
@@ -251,7 +252,7 @@ def _fused_grad_kernel(
     q_msk, s_qmsk, g_msk, s_gmsk_gal, s_gmsk,
     q_ids, s_qid, g_ids, s_gid_gal, s_gid,
     lab, sl_q, sl_gal, sl_g,
-    pre_ptr, saved_ptr, rows_ptr, red_ptr, scale_ptr, dv_ptr, drows_ptr,
+    pre_ptr, saved_ptr, rows_ptr, red_ptr, scale_ptr, dv_ptr, s_dv, drows_ptr,
     dq_ptr, sdq_row, sdq_d, dg_ptr, sdg_row, sdg_d, dscale_ptr,
     N, M, K, n_q_programs, D, scale_value, eps, coef_q, coef_g,
     REVERSE: tl.constexpr, DENSE: tl.constexpr, MEAN: tl.constexpr, NORMALIZE: tl.constexpr,
@@ -273,7 +274,7 @@ def _fused_grad_kernel(
     ln_eps = tl.log(eps)
     gmax = 1.0
     if SCALE_W:
-        gmax = _max_weight(saved_ptr, NDR, dv_ptr, drows_ptr, red_ptr, K, N, M, coef_q, coef_g, MEAN, 256)
+        gmax = _max_weight(saved_ptr, NDR, dv_ptr, s_dv, drows_ptr, red_ptr, K, N, M, coef_q, coef_g, MEAN, 256)
     inv_gmax = 1.0 / gmax
     offs_d = tl.arange(0, BLOCK_D)
     d_in = offs_d < D
@@ -293,7 +294,7 @@ def _fused_grad_kernel(
                 g_ptr + k * sg_gal, sg_row, sg_d, g_msk, k * s_gmsk_gal, s_gmsk, g_ids, k * s_gid_gal, s_gid,
                 lab, k * sl_gal, sl_q, sl_g,
                 pre_ptr, NR, N + k * M, saved_ptr, rows_ptr, NDR, k * N, K * N + k * M,
-                dv_ptr, drows_ptr, red_ptr, K, k, coef_q, coef_g, 1, 3,
+                dv_ptr, s_dv, drows_ptr, red_ptr, K, k, coef_q, coef_g, 1, 3,
                 rows, row_in, M, D, s_log2e, eps, ln_eps, inv_gmax,
                 REVERSE, DENSE, MEAN, WANT_DSCALE, HALF, IS_FP32, UPCAST, DOT_PRECISION,
                 INDEX, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D)
@@ -322,7 +323,7 @@ def _fused_grad_kernel(
             acc, ds_acc, gk, sg_row, sg_d, ra, pa, ai, row_ok,
             q_ptr, sq_row, sq_d, q_msk, 0, s_qmsk, q_ids, 0, s_qid, lab, gal * sl_gal, sl_g, sl_q,
             pre_ptr, NR, 0, saved_ptr, rows_ptr, NDR, K * N + gal * M, gal * N,
-            dv_ptr, drows_ptr, red_ptr, K, gal, coef_g, coef_q, 3, 1,
+            dv_ptr, s_dv, drows_ptr, red_ptr, K, gal, coef_g, coef_q, 3, 1,
             rows, row_in, N, D, s_log2e, eps, ln_eps, inv_gmax,
             REVERSE, DENSE, MEAN, False, HALF, IS_FP32, UPCAST, DOT_PRECISION,
             INDEX, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D)
@@ -340,19 +341,19 @@ def _fused_grad_kernel(
 
 
 @triton.jit(do_not_specialize=["N", "M", "K"])
-def _weights_kernel(saved_ptr, dv_ptr, drows_ptr, red_ptr, w_ptr, N, M, K, coef_q, coef_g,
+def _weights_kernel(saved_ptr, dv_ptr, s_dv, drows_ptr, red_ptr, w_ptr, N, M, K, coef_q, coef_g,
                     MEAN: tl.constexpr, BLOCK: tl.constexpr):
     """w[NDR] (`row_weights`) for every softmax row; program k handles gallery k."""
     k = tl.program_id(0).to(tl.int64)
     NDR = K * N + K * M
     for i0 in range(0, N, BLOCK):
         i = i0 + tl.arange(0, BLOCK).to(tl.int64)
-        w, _ = row_weights(k * N + i, i < N, k, saved_ptr, NDR, dv_ptr, drows_ptr, red_ptr, K, coef_q, 1, MEAN)
+        w, _ = row_weights(k * N + i, i < N, k, saved_ptr, NDR, dv_ptr, s_dv, drows_ptr, red_ptr, K, coef_q, 1, MEAN)
         tl.store(w_ptr + k * N + i, w, mask=i < N)
     for j0 in range(0, M, BLOCK):
         j = j0 + tl.arange(0, BLOCK).to(tl.int64)
         idx = K * N + k * M + j
-        w, _ = row_weights(idx, j < M, k, saved_ptr, NDR, dv_ptr, drows_ptr, red_ptr, K, coef_g, 3, MEAN)
+        w, _ = row_weights(idx, j < M, k, saved_ptr, NDR, dv_ptr, s_dv, drows_ptr, red_ptr, K, coef_g, 3, MEAN)
         tl.store(w_ptr + idx, w, mask=j < M)
 
 
