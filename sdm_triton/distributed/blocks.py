@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..autograd import without_autocast
 from ..backend import option_coefficients
 from ..options import SDMRowLosses, SDMStats, compute_dtype
 from ..problem import Problem
@@ -157,7 +158,7 @@ class GlobalLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, g, scale, strategy):
-        with torch.autocast(q.device.type, enabled=False):
+        with without_autocast(q.device.type):
             value, rows, valid, totals = strategy.forward()
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(valid, totals)
@@ -170,7 +171,7 @@ class GlobalLoss(torch.autograd.Function):
     def backward(ctx, d_value, d_rows, _d_valid, _d_totals):
         ctx.saved_tensors                      # raises if q or g was modified in place
         want = tuple(ctx.needs_input_grad[:3])
-        with torch.autocast(ctx.strategy.setup.call.q.device.type, enabled=False):
+        with without_autocast(ctx.strategy.setup.call.q.device.type):
             dq, dg, d_scale = ctx.strategy.backward(d_value, d_rows, want)
         return dq, dg, d_scale, None
 

@@ -1,0 +1,134 @@
+"""Reapply known kernel bugs (mutants) one at a time and check that the named test kills each.
+
+Issue 12 mutation-tested the kernels; these are the bugs the suite once missed, each with the
+test written to catch it. Before trusting a kernel rewrite, run
+
+    python3 tools/mutants.py                 # every mutant the machine can run
+    python3 tools/mutants.py merge_pad_zero  # one
+
+Each mutant is applied to a fresh ``git worktree`` of HEAD (your working tree is never
+touched), then its test runs there under pytest: the mutant is *killed* when the test fails.
+Without a GPU the kernels run in Triton's interpreter; GPU-only mutants are skipped there.
+A mutant whose text no longer occurs in the code is reported as stale: move it to the new
+code (and keep its test) rather than deleting it. Exit status 1 when a mutant survives or is
+stale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass
+class Mutant:
+    name: str
+    path: str
+    edits: list          # (old, new) text replacements, each old occurring exactly once
+    test: str            # pytest node id (a test function: every parametrisation runs, -x)
+    why: str
+    gpu_only: bool = False
+
+
+MUTANTS = [
+    Mutant("grid_block_swap", "sdm_triton/launch.py",
+           [("        n_qp = _cdiv(n, t.block_m) * k\n        n_gp = k * _cdiv(m, t.block_m)\n        base = n_qp + n_gp",
+             "        n_qp = _cdiv(n, t.block_n) * k\n        n_gp = k * _cdiv(m, t.block_m)\n        base = n_qp + n_gp")],
+           "tests/test_kernels.py::test_kernels_match_float64_no_worse_than_pytorch",
+           "block_m / block_n swapped in the statistics grid: only non-square tiles show it"),
+    Mutant("pos_rescale_dropped", "sdm_triton/kernels/stats.py",
+           [("pos = alpha * pos + tl.sum", "pos = pos + tl.sum")],
+           "tests/test_kernels.py::test_statistics_match_the_torch_backend",
+           "the running positive mass loses its online-softmax rescale"),
+    Mutant("merge_pad_zero", "sdm_triton/kernels/finish.py",
+           [('m = tl.full((BLOCK,), -float("inf"), dtype=tl.float32)', "m = tl.zeros((BLOCK,), dtype=tl.float32)")],
+           "tests/test_kernels.py::test_anti_aligned_features_at_a_large_scale",
+           "the segment merge starts its maximum at 0: wrong where every logit is far below 0"),
+    Mutant("lse_folded", "sdm_triton/kernels/grad.py",
+           [("z_r = tl.where(on_r, t - m_r[:, None], 0.0)", "z_r = tl.where(on_r, t - (m_r + ll_r * LOG2E)[:, None], 0.0)"),
+            ("z_c = tl.where(on_c, t - m_c[None, :], 0.0)", "z_c = tl.where(on_c, t - (m_c + ll_c * LOG2E)[None, :], 0.0)"),
+            ("p_r = tl.exp2(z_r) * il_r[:, None]", "p_r = tl.exp2(z_r)"),
+            ("p_c = tl.exp2(z_c) * il_c[None, :]", "p_c = tl.exp2(z_c)"),
+            ("d_r = p_r * ((LN2 * z_r - ll_r[:, None])", "d_r = p_r * ((LN2 * z_r)"),
+            ("d_c = p_c * ((LN2 * z_c - ll_c[None, :])", "d_c = p_c * ((LN2 * z_c)")],
+           "tests/test_kernels.py::test_exact_logits_give_gradients_to_fp32_accuracy",
+           "the backward's log P from one fp32 log-sum-exp m + log2 l (rounded at |m| ~ 4000)"),
+    Mutant("centre_overflow", "sdm_triton/kernels/grad.py",
+           [("a = tl.where(m_r <= NEG_BIG, 0.0, m_r * inv_s_log2e)", "a = m_r * inv_s_log2e")],
+           "tests/test_hygiene.py::test_absent_samples_at_any_logit_scale",
+           "dL/ds centred on NEG_BIG / (s log2e) = -inf for a row with no present entry (s < 0.7)"),
+    Mutant("int32_offsets", "sdm_triton/launch.py",
+           [("return triton.language.int64 if max(extents) >= 2**31 else triton.language.int32",
+             "return triton.language.int32")],
+           "tests/test_kernels.py -k 64bit_offsets",
+           "32-bit offsets past 2^31 elements (dense labels N M, features N D)", gpu_only=True),
+]
+
+
+def _apply(tree: str, mutant: Mutant) -> bool:
+    """Apply the edits in ``tree``; False when some old text is not there exactly once (stale)."""
+    path = os.path.join(tree, mutant.path)
+    with open(path) as f:
+        src = f.read()
+    for old, new in mutant.edits:
+        if src.count(old) != 1:
+            return False
+        src = src.replace(old, new)
+    with open(path, "w") as f:
+        f.write(src)
+    return True
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("names", nargs="*", choices=[[]] + [m.name for m in MUTANTS], metavar="name",
+                    help="mutants to run (default: all): " + ", ".join(m.name for m in MUTANTS))
+    args = ap.parse_args()
+    import torch
+    gpu = torch.cuda.is_available()
+
+    chosen = [m for m in MUTANTS if not args.names or m.name in args.names]
+    failures = 0
+    with tempfile.TemporaryDirectory(prefix="sdm-mutants-") as tmp:
+        tree = os.path.join(tmp, "tree")
+        subprocess.run(["git", "worktree", "add", "-q", "--detach", tree, "HEAD"], cwd=ROOT, check=True)
+        # the installed package maps sdm_triton.reference to the top-level reference/ (pyproject)
+        os.symlink(os.path.join("..", "reference"), os.path.join(tree, "sdm_triton", "reference"))
+        try:
+            env = dict(os.environ, PYTHONPATH=tree)
+            if not gpu:
+                env["TRITON_INTERPRET"] = "1"
+            for m in chosen:
+                subprocess.run(["git", "checkout", "-q", "--", "."], cwd=tree, check=True)
+                if m.gpu_only and not gpu:
+                    print(f"{m.name:20s} skipped (needs a GPU)   {m.test}")
+                    continue
+                if not _apply(tree, m):
+                    print(f"{m.name:20s} STALE: its text is no longer in {m.path}")
+                    failures += 1
+                    continue
+                node, *extra = m.test.split(" ")
+                t0 = time.time()
+                r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", node,
+                                    *extra], cwd=tree, env=env, capture_output=True, text=True)
+                failed = [ln for ln in r.stdout.splitlines() if ln.startswith("FAILED")]
+                if r.returncode == 1 and failed:
+                    print(f"{m.name:20s} killed  ({time.time() - t0:4.0f} s) by {failed[0][7:].split(' - ')[0]}")
+                else:
+                    failures += 1
+                    last = r.stdout.strip().splitlines()[-1:] or r.stderr.strip().splitlines()[-1:]
+                    print(f"{m.name:20s} SURVIVED (pytest exit {r.returncode}: {last[0] if last else ''})  {m.test}")
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", tree], cwd=ROOT)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
