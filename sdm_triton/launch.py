@@ -85,12 +85,18 @@ def interpreting() -> bool:
     return _INTERPRETING
 
 
-def _derived(p: Problem, key: str, make):
-    """``make(p)``, computed once per problem (`Problem.derived`)."""
-    value = p.derived.get(key)
-    if value is None:
-        value = p.derived[key] = make(p)
-    return value
+def _per_problem(fn):
+    """``fn(p)`` computed once per problem and kept in `Problem.derived` (for what depends on
+    the problem alone: the forward and the backward of a call share it)."""
+    key = fn.__name__
+
+    @functools.wraps(fn)
+    def cached(p: Problem):
+        value = p.derived.get(key)
+        if value is None:
+            value = p.derived[key] = fn(p)
+        return value
+    return cached
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,15 +126,15 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _pow2_at_least(x: int) -> int:
+    """The smallest power of two >= x (x >= 1), for host integers (see _cdiv)."""
+    return 1 << (x - 1).bit_length()
+
+
 def _dv_stride(d_value) -> int:
     """The stride of the gradient of the [K] (or 0-dim) loss values: 0 for a scalar or an
     expanded gradient."""
     return d_value.stride(0) if d_value is not None and d_value.dim() else 0
-
-
-def _pow2_at_least(x: int) -> int:
-    """The smallest power of two >= x (x >= 1), for host integers (see _cdiv)."""
-    return 1 << (x - 1).bit_length()
 
 
 def _target_programs(device: torch.device) -> int:
@@ -146,11 +152,8 @@ def _merge(cfg, default: Tiles, backward: bool = False) -> Tiles:
     return Tiles(*(g or getattr(default, f) for g, f in zip(given, fields)))
 
 
+@_per_problem
 def _stats_tiles(p: Problem) -> Tiles:
-    return _derived(p, "stats_tiles", _stats_tiles_uncached)
-
-
-def _stats_tiles_uncached(p: Problem) -> Tiles:
     if interpreting():
         return _merge(p.config, Tiles(16, 16, 16, 1, 1))
     logits = p.n * p.galleries * p.m
@@ -173,11 +176,8 @@ def _fused_tiles(p: Problem, block_d: int) -> Tiles:
     return _merge(p.config, Tiles(block_m, 32, block_d, 4, 1), backward=True)
 
 
+@_per_problem
 def _chunk_tiles(p: Problem) -> Tiles:
-    return _derived(p, "chunk_tiles", _chunk_tiles_uncached)
-
-
-def _chunk_tiles_uncached(p: Problem) -> Tiles:
     if interpreting():
         return _merge(p.config, Tiles(16, 16, 16, 1, 1), backward=True)
     return _merge(p.config, Tiles(128, 64, 64, 8, 3), backward=True)
@@ -209,10 +209,14 @@ def _index_dtype(*extents: int):
     return triton.language.int64 if max(extents) >= 2**31 else triton.language.int32
 
 
+@_per_problem
+def _index_extents(p: Problem) -> Tuple[int, ...]:
+    """The offset ranges of the problem's own tensors and of the statistics partials."""
+    return _span(p.q), _span(p.g), _span(p.labels), p.num_rows * NUM_STATS * 64
+
+
 def _problem_index(p: Problem, *more: int):
-    base = _derived(p, "index_extents",
-                    lambda p: (_span(p.q), _span(p.g), _span(p.labels), p.num_rows * NUM_STATS * 64))
-    return _index_dtype(*base, *more)
+    return _index_dtype(*_index_extents(p), *more)
 
 
 def _want_pos(p: Problem) -> bool:
@@ -221,12 +225,9 @@ def _want_pos(p: Problem) -> bool:
     return p.return_stats or (p.options.reverse and not p.dense)
 
 
+@_per_problem
 def _side_args(p: Problem) -> dict:
     """The tensors of the problem and their strides, as every kernel names them."""
-    return _derived(p, "side_args", _side_args_uncached)
-
-
-def _side_args_uncached(p: Problem) -> dict:
     sg_gal, sg_row, sg_d = p.g_strides()
     s_gid_gal, s_gid = p.g_ids_strides()
     s_gmsk_gal, s_gmsk = p.g_mask_strides()
@@ -407,7 +408,8 @@ class TritonBackend:
         small = 16 if interpreting() else 64
 
         w = torch.empty(ndr, dtype=f32, device=dev)
-        _traceable(_weights_kernel)[(k,)](saved_ptr=saved, dv_ptr=d_value, s_dv=_dv_stride(d_value), drows_ptr=d_rows, red_ptr=out.red, w_ptr=w,
+        _traceable(_weights_kernel)[(k,)](saved_ptr=saved, dv_ptr=d_value, s_dv=_dv_stride(d_value), drows_ptr=d_rows,
+                              red_ptr=out.red, w_ptr=w,
                               N=n, M=m, K=k, coef_q=coef_q, coef_g=coef_g, MEAN=p.options.reduction == "mean",
                               BLOCK=small * 16 if not interpreting() else 16)
         # fp16 workspaces: divide W by the largest weight (dS stays O(1), inside fp16's range)

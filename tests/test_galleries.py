@@ -167,32 +167,32 @@ def test_gallery_k_equals_a_separate_call(backend):
         torch.testing.assert_close(multi[j], single, rtol=2e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("variant", ["fused_m16n32", "chunked_m32n16"])
+@pytest.mark.parametrize("backend, variant", [("torch", None), ("triton", "fused_m16n32"),
+                                              ("triton", "chunked_m32n16")])
 def test_gradient_of_the_values_in_any_layout(backend, variant):
     """The gradient autograd hands the [K] losses may be expanded (``losses.sum()``: stride 0,
     which the kernels read without a copy), contiguous or strided: the same weights give the
-    same gradients."""
+    same gradients. A hook checks that each form hands over the stride it is named for."""
     n, m, d, k = SHAPES[1]
     q, gs, kw = _problem(n, m, d, k, seed=5, masks=True)
     weights = torch.linspace(0.5, 2.0, k, dtype=torch.float32, device=DEVICE)
-    forms = {
-        "expanded": lambda out: (out * 1.5).sum(),                                  # d_value = 1.5, stride 0
-        "contiguous": lambda out: (out * weights).sum(),
-        "strided": lambda out: (torch.stack([out, out.detach()], 1)[:, 0] * weights).sum(),
+    forms = {   # name: (objective of the [K] losses, the stride of its gradient, the weights in float64)
+        "expanded": (lambda out: out.sum() * 1.5, 0, torch.full((k,), 1.5, dtype=torch.float64)),
+        "contiguous": (lambda out: (out * weights).sum(), 1, weights.double()),
+        "strided": (lambda out: (torch.stack([out, out.detach()], 1)[:, 0] * weights).sum(), 2, weights.double()),
     }
-    cfg = dict(kernel_config=variant) if backend == "triton" else {}
-    grads = {}
-    for name, objective in forms.items():
+    cfg = dict(kernel_config=variant) if variant else {}
+    lq64, lg64 = q.double().requires_grad_(), gs.double().requires_grad_()
+    out64 = reference.sdm_loss_multi(lq64, lg64, **kw)
+    for name, (objective, stride, w) in forms.items():
         lq, lg = q.clone().requires_grad_(), gs.clone().requires_grad_()
-        objective(sdm_triton.sdm_loss_multi(lq, lg, **kw, backend=backend, **cfg)).backward()
-        grads[name] = (lq.grad, lg.grad)
-    lq, lg = q.double().requires_grad_(), gs.double().requires_grad_()
-    out = reference.sdm_loss_multi(lq, lg, **kw)
-    for name, w in (("expanded", torch.full((k,), 1.5, dtype=torch.float64)), ("contiguous", weights.double()),
-                    ("strided", weights.double())):
-        dq, dg = torch.autograd.grad((out * w.to(out.device)).sum(), (lq, lg), retain_graph=True)
-        assert _rel(grads[name][0], dq) < 1e-5 and _rel(grads[name][1], dg) < 1e-5, (name, _rel(grads[name][0], dq))
+        out = sdm_triton.sdm_loss_multi(lq, lg, **kw, backend=backend, **cfg)
+        seen = []
+        out.register_hook(lambda grad: seen.append(grad.stride()))
+        objective(out).backward()
+        assert seen == [(stride,)], (name, seen)
+        dq, dg = torch.autograd.grad((out64 * w.to(out64.device)).sum(), (lq64, lg64), retain_graph=True)
+        assert _rel(lq.grad, dq) < 1e-5 and _rel(lg.grad, dg) < 1e-5, (name, _rel(lq.grad, dq), _rel(lg.grad, dg))
 
 
 def test_bad_gallery_arguments():

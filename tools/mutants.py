@@ -88,9 +88,12 @@ def _apply(tree: str, mutant: Mutant) -> bool:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("names", nargs="*", choices=[[]] + [m.name for m in MUTANTS], metavar="name",
-                    help="mutants to run (default: all): " + ", ".join(m.name for m in MUTANTS))
+    known = [m.name for m in MUTANTS]
+    ap.add_argument("names", nargs="*", metavar="name", help="mutants to run (default: all): " + ", ".join(known))
     args = ap.parse_args()
+    unknown = sorted(set(args.names) - set(known))
+    if unknown:     # (argparse's choices reject an empty nargs="*" list on Python < 3.12)
+        ap.error(f"unknown mutant(s) {', '.join(unknown)}; known: {', '.join(known)}")
     import torch
     gpu = torch.cuda.is_available()
 

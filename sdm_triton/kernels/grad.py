@@ -236,7 +236,8 @@ def _max_weight(saved_ptr, NDR, dv_ptr, s_dv, drows_ptr, red_ptr, K, N, M, coef_
     for k in range(0, K):
         for i0 in range(0, N, BLOCK):
             i = i0 + tl.arange(0, BLOCK).to(tl.int64)
-            w, _ = row_weights(k * N + i, i < N, k, saved_ptr, NDR, dv_ptr, s_dv, drows_ptr, red_ptr, K, coef_q, 1, MEAN)
+            w, _ = row_weights(k * N + i, i < N, k, saved_ptr, NDR, dv_ptr, s_dv, drows_ptr, red_ptr, K, coef_q, 1,
+                               MEAN)
             top = tl.maximum(top, tl.abs(w))
         for j0 in range(0, M, BLOCK):
             j = j0 + tl.arange(0, BLOCK).to(tl.int64)
