@@ -335,7 +335,7 @@ class TritonBackend:
             N=n, M=m, K=k, S_q=segments_q, S_g=segments_g, scale_value=p.scale_value, eps=o.eps,
             REVERSE=o.reverse, DENSE=p.dense, WANT_Q2G=o.wants_q2g, WANT_G2Q=o.wants_g2q,
             MEAN=o.reduction == "mean", COMBINE_MEAN=o.combine == "mean", STATS=p.return_stats,
-            WANT_POS=_want_pos(p), INTERPRETED=interpreting(), BLOCK=16 if interpreting() else 1024, num_warps=4)
+            WANT_POS=_want_pos(p), BLOCK=16 if interpreting() else 1024, num_warps=4)
         return ForwardOut(value, rows, valid, red, (prepared, saved))
 
     # ----------------------------------------------------------------------------- per-row state

@@ -18,6 +18,15 @@ import torch
 
 #: ``F.normalize`` semantics: x / max(||x||, NORM_EPS). A zero row stays zero.
 NORM_EPS = 1e-12
+#: 2^64: the fp32 computation normalises rows shorter than this; a longer row's square sum
+#: overflows fp32 and its raw dot products can, so normalised it gives NaN, never a wrong loss.
+NORM_LIMIT = 2.0**64
+#: Dense labels are multiplied by 2^24 where they are read (exact): only Y = y / ysum matters, and
+#: the scaling keeps 1 / ysum finite for subnormal labels. Weights past ~1e29 overflow: NaN loss.
+LABEL_SCALE = 2.0**24
+#: The fp32 range every float argument (logit scale, 1 / temperature, eps) must lie in: normal
+#: numbers, so that 1 / (s log2 e) and ln eps stay finite in the kernels.
+FLT_MIN = float(torch.finfo(torch.float32).tiny)
 #: The largest logit scale the fp32 computation can hold (1 / temperature must be finite in fp32).
 MAX_SCALE = float(torch.finfo(torch.float32).max)
 

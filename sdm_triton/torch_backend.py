@@ -27,7 +27,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .backend import NUM_RED, NUM_STATS, ForwardOut, Statistics, reduction_coefficients
-from .options import NORM_EPS, compute_dtype
+from .options import LABEL_SCALE, NORM_EPS, NORM_LIMIT, compute_dtype
 from .problem import Problem
 
 
@@ -42,12 +42,16 @@ def _views(p: Problem):
 
 
 def _normalised(x: torch.Tensor, keep: torch.Tensor, normalize: bool, ct):
-    """(x_hat, norm): absent rows become 0 before anything touches them (they may hold NaN)."""
+    """(x_hat, norm): absent rows become 0 before anything touches them (they may hold NaN).
+    In fp32 a row of norm >= 2^64 (its square sum overflows) is NaN, as in the kernels (prep.py)."""
     x = torch.where(keep[:, None], x.to(ct), torch.zeros((), dtype=ct, device=x.device))
     norm = torch.linalg.vector_norm(x, dim=1)
     if not normalize:
         return x, norm
-    return x / norm.clamp_min(NORM_EPS)[:, None], norm
+    r = 1 / norm.clamp_min(NORM_EPS)
+    if ct == torch.float32:
+        r = torch.where(norm >= NORM_LIMIT, math.nan, r)
+    return x * r[:, None], norm
 
 
 def _merge_max_sum(m, l, S):
@@ -93,7 +97,7 @@ class TorchBackend:
         """y on the pairs of present samples, columns [c0, c1) of gallery k; bad weights -> NaN."""
         both = q_keep[:, None] & g_keep[None, c0:c1]
         if labels is not None:
-            y = labels[k, :, c0:c1].to(ct)
+            y = labels[k, :, c0:c1].to(ct) * LABEL_SCALE
             y = torch.where((y < 0) | ~torch.isfinite(y), torch.full_like(y, math.nan), y)
         else:
             y = (p.q_ids[:, None] == g_ids[k, None, c0:c1]).to(ct)
@@ -136,6 +140,8 @@ class TorchBackend:
                     masses[1, q0:q0 + n] += ylny.sum(1)
                     masses[0, g0 + c0:g0 + c1] = y.sum(0)
                     masses[1, g0 + c0:g0 + c1] = ylny.sum(0)
+            # a mass past the compute dtype's range is NaN (never a finite loss), as in prep.py
+            masses = torch.where(torch.isinf(masses), math.nan, masses)
         return Prepared(q_hat, q_norm, q_keep, torch.stack(g_hats), torch.stack(g_norms), g_keep, masses, s)
 
     def _valid_inv_y(self, p: Problem, prep: Prepared):
@@ -361,7 +367,8 @@ class TorchBackend:
     @staticmethod
     def _input_gradient(x, x_hat, keep, d_hat, normalize, partial=False):
         """F.normalize's backward (d / max(|x|, eps) projected off x_hat), 0 for absent rows; in
-        x's dtype (half dtypes saturate), or left in the compute dtype when ``partial``."""
+        x's dtype (rounded: past the dtype's range it is inf, as GradScaler expects), or left in the
+        compute dtype when ``partial``."""
         ct = d_hat.dtype
         xf = torch.where(keep[:, None], x.to(ct), torch.zeros((), dtype=ct, device=x.device))
         if normalize:
@@ -373,9 +380,6 @@ class TorchBackend:
         g = torch.where(keep[:, None], g, torch.zeros((), dtype=ct, device=x.device))
         if partial:
             return g
-        if x.dtype in (torch.float16, torch.bfloat16):
-            big = torch.finfo(x.dtype).max
-            g = g.clamp(-big, big)
         return g.to(x.dtype)
 
     @staticmethod

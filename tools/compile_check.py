@@ -26,7 +26,14 @@ BOOL_PTRS = {"q_msk", "g_msk", "msk", "valid_ptr"}
 ID_PTRS = {"q_ids", "g_ids"}
 
 
-def signature(kernel, dtype: str, consts: dict, nones=()):
+#: Scalar argument types a launch may give the kernels: eager launches type a Python float as fp32
+#: (fp64 only when it does not fit) and an int as i32 (i64 past 2^31); Inductor, launching them
+#: inside a compiled graph, types every float as fp64 and may pass i64 integers.
+SCALARS = {"eager": ("fp32", "i32"), "inductor": ("fp64", "i64")}
+
+
+def signature(kernel, dtype: str, consts: dict, nones=(), scalars: str = "eager"):
+    float_t, int_t = SCALARS[scalars]
     sig, cx = {}, {}
     for p in kernel.params:
         name = p.name
@@ -49,14 +56,14 @@ def signature(kernel, dtype: str, consts: dict, nones=()):
         elif name == "lab":
             sig[name] = "*fp32"
         elif name in ("scale_value", "eps", "coef_q", "coef_g"):
-            sig[name] = "fp32"
+            sig[name] = float_t
         else:
-            sig[name] = "i32"
+            sig[name] = int_t
     return sig, cx
 
 
-def compile_one(kernel, dtype, consts, nones, target, num_warps, num_stages):
-    sig, cx = signature(kernel, dtype, consts, nones)
+def compile_one(kernel, dtype, consts, nones, target, num_warps, num_stages, scalars="eager"):
+    sig, cx = signature(kernel, dtype, consts, nones, scalars)
     src = ASTSource(fn=kernel, signature=sig, constexprs=cx)
     opts = {"num_warps": num_warps, "num_stages": num_stages}
     return triton.compile(src, target=target, options=opts)
@@ -91,11 +98,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--sweep", action="store_true", help="tile shapes of the large-problem kernels")
+    ap.add_argument("--scalars", action="store_true",
+                    help="only: every kernel once per scalar typing (eager and Inductor's), small tiles")
     args = ap.parse_args()
     target = GPUTarget("cuda", args.arch, 32)
     if args.sweep:
         sweep(target)
         return 0
+    if args.scalars:
+        return scalar_typings(target)
     tl = triton.language
     half = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
     rows = []
@@ -152,6 +163,63 @@ def main():
         print(f"{r[0]:12s} {r[1]:5s} {str(r[2]):5s} {str(r[3]):5s} {str(r[4]):>5s} {str(r[5]):>5s} {str(r[6]):>7s}  {r[7]}")
     return 1 if any(r[7] != "ok" for r in rows) else 0
 
+
+
+def scalar_jobs(dtype: str, reverse: bool, dense: bool):
+    """(name, kernel, constexprs, warps, stages, None pointers) for every kernel, small tiles, and
+    each optional pointer both given and None (a scalar's type may differ from the value loaded
+    through the pointer in its place: the branch that replaces it must keep the type)."""
+    tl = triton.language
+    half = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[dtype]
+    common = dict(REVERSE=reverse, DENSE=dense, UPCAST=False, DOT_PRECISION="ieee", INDEX=tl.int32)
+    labels = ("lab",) if not dense else ("q_ids", "g_ids")
+    bwd = dict(common, MEAN=True, NORMALIZE=True, WANT_DSCALE=True, HALF=half, IS_FP32=dtype == "fp32")
+    return [
+        ("prep", prep._prep_kernel, dict(NORMALIZE=True, DENSE=dense, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16), 4, 1,
+         labels),
+        ("stats", stats._stats_kernel, dict(common, WANT_POS=True, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32), 4, 2,
+         labels + ("scale_ptr",)),
+        ("stats_ls", stats._stats_kernel, dict(common, WANT_POS=True, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32), 4, 2,
+         labels + ("q_msk", "g_msk")),
+        ("finish", finish._finish_kernel, dict(REVERSE=reverse, DENSE=dense, WANT_Q2G=True, WANT_G2Q=True, MEAN=True,
+         COMBINE_MEAN=True, STATS=True, WANT_POS=True, BLOCK=256), 4, 1, ("scale_ptr",)),
+        ("finish_ls", finish._finish_kernel, dict(REVERSE=reverse, DENSE=dense, WANT_Q2G=True, WANT_G2Q=True,
+         MEAN=False, COMBINE_MEAN=False, STATS=False, WANT_POS=False, BLOCK=256), 4, 1, ("q_msk", "g_msk")),
+        ("fused", grad._fused_grad_kernel, dict(bwd, SCALE_W=dtype == "fp16", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32,
+         BLOCK_D=64), 4, 1, labels + ("drows_ptr", "scale_ptr")),
+        ("fused_ls", grad._fused_grad_kernel, dict(bwd, SCALE_W=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32,
+         BLOCK_D=64), 4, 1, labels + ("dv_ptr", "dg_ptr")),
+        ("chunk", grad._grad_chunk_kernel, dict(bwd, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 4, 2,
+         labels + ("gmax_ptr", "scale_ptr")),
+        ("chunk_ls", grad._grad_chunk_kernel, dict(bwd, WANT_DSCALE=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 4, 2,
+         labels + ("q_msk", "g_msk", "dscale_ptr")),
+        ("weights", grad._weights_kernel, dict(MEAN=True, BLOCK=256), 4, 1, ("drows_ptr",)),
+        ("operand", grad._operand_kernel, dict(BLOCK_M=32, BLOCK_D=64), 4, 1, ()),
+        ("input_grad", grad._input_grad_kernel, dict(NORMALIZE=True, BLOCK_M=32, BLOCK_D=64), 4, 1,
+         ("u2_ptr", "scale_ptr")),
+        ("input_grad_ls", grad._input_grad_kernel, dict(NORMALIZE=True, BLOCK_M=32, BLOCK_D=64), 4, 1,
+         ("gmax_ptr", "msk")),
+    ]
+
+
+def scalar_typings(target) -> int:
+    """Every kernel compiled with the scalar types of eager launches and of Inductor's (fp64
+    floats, i64 integers): a loop-carried value whose type follows a scalar argument must not
+    change type (issue 18: ``m`` became fp64 inside the statistics loop under torch.compile)."""
+    failed = 0
+    print(f"triton {triton.__version__}: scalar typings")
+    for scalars, (dtype, reverse, dense) in itertools.product(
+            SCALARS, [("bf16", True, False), ("fp16", False, False), ("fp32", False, True)]):
+        for name, kernel, consts, w, s, nones in scalar_jobs(dtype, reverse, dense):
+            try:
+                compile_one(kernel, dtype, consts, nones, target, w, s, scalars)
+                status = "ok"
+            except Exception as exc:  # noqa: BLE001
+                failed += 1
+                status = "FAILED " + root_cause(exc)
+            print(f"{scalars:9s} {name:14s} {dtype:5s} rev={reverse!s:5s} dense={dense!s:5s} {status}", flush=True)
+    print(f"{failed} failed")
+    return 1 if failed else 0
 
 
 def sweep(target):

@@ -23,8 +23,12 @@ directions, the positive mass, the present samples' norm statistics, and the val
 import triton
 import triton.language as tl
 
+from .. import options as _contract
 from .stats import NUM_STATS
-from .tiles import LN2, ln_precise, present
+from .tiles import LN2, as_f32, ln_precise, load_scale, present
+
+#: The smallest normal fp32 number.
+FLT_MIN = tl.constexpr(_contract.FLT_MIN)
 
 # ``red`` [10, K] holds, per gallery, the rows named by backend.RED_FIELDS (in that order).
 
@@ -33,8 +37,7 @@ from .tiles import LN2, ln_precise, present
 def _finish_rows(
     part_ptr, S, NDR, lab_ptr, msk, moff, s_msk, dir0, n, s_ok, eps, ln_eps,
     rows_ptr, valid_ptr, saved_ptr,
-    REVERSE: tl.constexpr, DENSE: tl.constexpr, WANT_POS: tl.constexpr, INTERPRETED: tl.constexpr,
-    BLOCK: tl.constexpr,
+    REVERSE: tl.constexpr, DENSE: tl.constexpr, WANT_POS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Rows dir0 .. dir0 + n of the direction-row space, merged over S segments: returns (sum
     of losses, valid count, sum of positive probabilities) over them."""
@@ -76,7 +79,7 @@ def _finish_rows(
         valid = present(msk, moff, s_msk, i, i_in) & ((ysum > 0) | (ysum != ysum))
         safe_l = tl.where(valid & (l > 0), l, 1.0)
         safe_y = tl.where(valid, ysum, 1.0)
-        ln_l = ln_precise(safe_l, INTERPRETED)        # once per row: the accurate log, not lg2.approx
+        ln_l = ln_precise(safe_l)        # once per row: the accurate log, not lg2.approx
         if REVERSE:
             loss = LN2 * (lin / safe_l) - ln_l
             if DENSE:
@@ -85,7 +88,7 @@ def _finish_rows(
                 p_pos = pos / safe_l
                 loss -= p_pos * tl.log(1.0 / safe_y + eps) + (1.0 - p_pos) * ln_eps
         else:
-            loss = LN2 * (m - lin / safe_y) + ln_l - ln_precise(safe_y, INTERPRETED)
+            loss = LN2 * (m - lin / safe_y) + ln_l - ln_precise(safe_y)
             if DENSE:
                 loss += tl.load(lab_ptr + NDR + idx, mask=i_in, other=0.0) / safe_y
             loss = tl.where(loss < 0, 0.0, loss)          # KL >= 0 exactly; keeps NaN
@@ -126,14 +129,14 @@ def _finish_kernel(
     N, M, K, S_q, S_g, scale_value, eps,
     REVERSE: tl.constexpr, DENSE: tl.constexpr, WANT_Q2G: tl.constexpr, WANT_G2Q: tl.constexpr,
     MEAN: tl.constexpr, COMBINE_MEAN: tl.constexpr, STATS: tl.constexpr, WANT_POS: tl.constexpr,
-    INTERPRETED: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     NR = N + K * M
     NDR = K * N + K * M
-    s = scale_value
-    if scale_ptr is not None:
-        s = tl.load(scale_ptr).to(tl.float32)
-    s_ok = (s > 0) & (s < float("inf"))
+    s = load_scale(scale_ptr, scale_value)
+    # a usable scale is a normal fp32 number: below 2^-126 the backward's 1 / (s log2 e) overflows
+    s_ok = (s >= FLT_MIN) & (s < float("inf"))
+    eps = as_f32(eps)
     ln_eps = tl.log(eps)
     q_sum = 0.0
     q_cnt = 0.0
@@ -143,9 +146,9 @@ def _finish_kernel(
     for k in range(0, K):
         gmoff = k * s_gmsk_gal
         sq, cq, pq = _finish_rows(part_ptr, S_q, NDR, lab_ptr, q_msk, 0, s_qmsk, k * N, N, s_ok, eps, ln_eps,
-                                  rows_ptr, valid_ptr, saved_ptr, REVERSE, DENSE, WANT_POS, INTERPRETED, BLOCK)
+                                  rows_ptr, valid_ptr, saved_ptr, REVERSE, DENSE, WANT_POS, BLOCK)
         sg, cg, pg = _finish_rows(part_ptr, S_g, NDR, lab_ptr, g_msk, gmoff, s_gmsk, K * N + k * M, M, s_ok, eps, ln_eps,
-                                  rows_ptr, valid_ptr, saved_ptr, REVERSE, DENSE, WANT_POS, INTERPRETED, BLOCK)
+                                  rows_ptr, valid_ptr, saved_ptr, REVERSE, DENSE, WANT_POS, BLOCK)
         a = sq
         b = sg
         if MEAN:

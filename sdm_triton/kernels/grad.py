@@ -45,9 +45,9 @@ Two ways to run the products:
 import triton
 import triton.language as tl
 
-from .tiles import LN2, LOG2E, NEG_BIG, dot_tile, label_tile, present, row_ids, split_hi_lo
-
-NORM_EPS = tl.constexpr(1e-12)
+from .prep import NORM_EPS
+from .tiles import (LN2, LOG2E, NEG_BIG, as_f32, dot_tile, label_tile, load_scale, log2_logits, present, row_ids,
+                    split_hi_lo)
 
 
 @triton.jit
@@ -62,7 +62,7 @@ def row_weights(idx, in_range, k, saved_ptr, NDR, dv_ptr, s_dv, drows_ptr, red_p
     inv_y = tl.load(saved_ptr + 2 * NDR + idx, mask=in_range, other=0.0)
     w = tl.zeros(idx.shape, dtype=tl.float32)
     if dv_ptr is not None:
-        c = coef * tl.load(dv_ptr + k * s_dv).to(tl.float32)
+        c = as_f32(coef) * tl.load(dv_ptr + k * s_dv).to(tl.float32)
         if MEAN:
             c = c / tl.maximum(tl.load(red_ptr + cnt_row * K + k), 1.0)
         w += c
@@ -110,15 +110,6 @@ def scale_grad_rows(g_r, g_c, cos, m_r, m_c, inv_s_log2e):
 
 
 @triton.jit
-def round_bf16(x):
-    """fp32 -> the nearest bf16 value (ties to even), kept in fp32: bit arithmetic, so the CPU
-    interpreter (which converts bf16 wrongly) computes what the GPU does."""
-    b = x.to(tl.int32, bitcast=True)
-    b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
-    return b.to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def half_operand(x, HALF: tl.constexpr, UPCAST: tl.constexpr):
     """A product operand exact in the input dtype: itself (fp32 values of bf16 in the interpreter)."""
     if UPCAST:
@@ -132,15 +123,14 @@ def accumulate_product(acc, W, b_op, HALF: tl.constexpr, IS_FP32: tl.constexpr, 
     """acc += W @ b_op: fp32 W as one product (fp32 inputs) or hi + lo halves (half inputs)."""
     if IS_FP32:
         acc = tl.dot(W, b_op, acc, input_precision=DOT_PRECISION)
-    elif UPCAST:   # interpreter, bf16: the same hi + lo values, as fp32
-        hi = (W.to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)
-        lo = round_bf16(W - hi)
-        acc = tl.dot(hi, b_op, acc, input_precision="ieee")
-        acc = tl.dot(lo, b_op, acc, input_precision="ieee")
     else:
-        hi, lo = split_hi_lo(W, HALF, HALF == tl.bfloat16)
-        acc = tl.dot(hi, b_op, acc)
-        acc = tl.dot(lo, b_op, acc)
+        hi, lo = split_hi_lo(W, HALF, UPCAST)
+        if UPCAST:   # interpreter, bf16: the same hi + lo values, as fp32
+            acc = tl.dot(hi, b_op, acc, input_precision="ieee")
+            acc = tl.dot(lo, b_op, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(hi, b_op, acc)
+            acc = tl.dot(lo, b_op, acc)
     return acc
 
 
@@ -183,8 +173,7 @@ def _fused_rows(
         bcol = b_pre + cols
         rb = tl.load(pre_ptr + bcol, mask=col_ok, other=0.0)
         cb = tl.load(pre_ptr + NR + bcol, mask=col_ok, other=0.0)
-        cos = dot * (ra[:, None] * rb[None, :])
-        t = cos * s_log2e
+        cos, t = log2_logits(dot, ra, rb, s_log2e)
         both = row_ok[:, None] & col_ok[None, :]
         y = label_tile(ai, b_ids, b_ioff, sb_id, lab, lab_off, sl_row, sl_col, rows, cols, col_in, both, DENSE)
         ccol = b_dir + cols
@@ -220,10 +209,9 @@ def input_gradient(u, x, r, c, norm, keep, scale, NORMALIZE: tl.constexpr):
 
 @triton.jit
 def store_gradient(out_ptr, so_row, so_d, rows, row_in, offs_d, d_in, g, OUT: tl.constexpr):
-    """Store in the input dtype; fp16 saturates instead of overflowing (a zero feature vector's
-    gradient is scaled by 1 / NORM_EPS)."""
-    if OUT == tl.float16:
-        g = tl.minimum(tl.maximum(g, -65504.0), 65504.0)
+    """Store in the input dtype, rounded to nearest: a value beyond the dtype's range becomes
+    inf, as in PyTorch's own ops, so that a loss scaler (torch.amp.GradScaler) sees the overflow
+    and skips the step (saturating at 65504 hid it: issue 23)."""
     tl.store(out_ptr + rows[:, None] * so_row + offs_d[None, :] * so_d, g.to(OUT),
              mask=row_in[:, None] & d_in[None, :])
 
@@ -268,10 +256,9 @@ def _fused_grad_kernel(
     pid = tl.program_id(0)
     NR = N + K * M
     NDR = K * N + K * M
-    s = scale_value
-    if scale_ptr is not None:
-        s = tl.load(scale_ptr).to(tl.float32)
+    s = load_scale(scale_ptr, scale_value)
     s_log2e = s * LOG2E
+    eps = as_f32(eps)
     ln_eps = tl.log(eps)
     gmax = 1.0
     if SCALE_W:
@@ -399,10 +386,9 @@ def _grad_chunk_kernel(
     pid_n = tl.program_id(1).to(tl.int64)
     NR = N + K * M
     NDR = K * N + K * M
-    s = scale_value
-    if scale_ptr is not None:
-        s = tl.load(scale_ptr).to(tl.float32)
+    s = load_scale(scale_ptr, scale_value)
     s_log2e = s * LOG2E
+    eps = as_f32(eps)
     ln_eps = tl.log(eps)
     inv_gmax = 1.0
     if gmax_ptr is not None:
@@ -421,8 +407,7 @@ def _grad_chunk_kernel(
     bcol = N + k * M + cols
     rb = tl.load(pre_ptr + bcol, mask=col_ok, other=0.0)
     cb = tl.load(pre_ptr + NR + bcol, mask=col_ok, other=1.0)
-    cos = dot * (ra[:, None] * rb[None, :])
-    t = cos * s_log2e
+    cos, t = log2_logits(dot, ra, rb, s_log2e)
     both = row_ok[:, None] & col_ok[None, :]
     ai = row_ids(q_ids, 0, s_qid, rows, row_in, DENSE)
     y = label_tile(ai, g_ids, k * s_gid_gal, s_gid, lab, k * sl_gal, sl_q, sl_g, rows, cols, col_in, both, DENSE)
@@ -455,14 +440,9 @@ def _grad_chunk_kernel(
     if IS_FP32:
         tl.store(ws_ptr + offs, W, mask=tile_in)
     else:
-        if UPCAST:
-            hi = (W.to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)
-            tl.store(ws_ptr + offs, hi.to(HALF), mask=tile_in)
-            tl.store(ws_ptr + offs + width, round_bf16(W - hi).to(HALF), mask=tile_in)
-        else:
-            hi, lo = split_hi_lo(W, HALF, HALF == tl.bfloat16)
-            tl.store(ws_ptr + offs, hi, mask=tile_in)
-            tl.store(ws_ptr + offs + width, lo, mask=tile_in)
+        hi, lo = split_hi_lo(W, HALF, UPCAST)
+        tl.store(ws_ptr + offs, hi.to(HALF), mask=tile_in)
+        tl.store(ws_ptr + offs + width, lo.to(HALF), mask=tile_in)
 
 
 @triton.jit(do_not_specialize=["n_rows", "M", "s0", "r0", "gal"])
@@ -477,9 +457,7 @@ def _input_grad_kernel(u_ptr, su_row, u2_ptr, x_ptr, sx_gal, sx_row, sx_d, msk, 
     row_in = loc < n_rows
     j = r0 + loc
     keep = present(msk, k * s_msk_gal, s_msk, j, row_in)
-    s = scale_value
-    if scale_ptr is not None:
-        s = tl.load(scale_ptr).to(tl.float32)
+    s = load_scale(scale_ptr, scale_value)
     gmax = 1.0
     if gmax_ptr is not None:
         gmax = tl.load(gmax_ptr)
@@ -514,7 +492,5 @@ def _input_grad_kernel(u_ptr, su_row, u2_ptr, x_ptr, sx_gal, sx_row, sx_d, msk, 
                         mask=both, other=0.0).to(tl.float32)
             g = u - x * radial[:, None]
         g = tl.where(keep[:, None], g * factor[:, None], 0.0)
-        if out_ptr.dtype.element_ty == tl.float16:
-            g = tl.minimum(tl.maximum(g, -65504.0), 65504.0)
         tl.store(out_ptr + out_row[:, None] + offs_d[None, :] * so_d, g.to(out_ptr.dtype.element_ty),
                  mask=row_in[:, None] & d_in[None, :])

@@ -24,9 +24,13 @@ writes the rows' norms); the others own BLOCK_M rows of one gallery against all 
 import triton
 import triton.language as tl
 
-from .tiles import pow2_below, present
+from .. import options as _contract
+from .tiles import load_labels, pow2_below, present
 
-NORM_EPS = tl.constexpr(1e-12)
+NORM_EPS = tl.constexpr(_contract.NORM_EPS)
+#: 2^64: a row at least this long has a square sum past fp32's range, and its raw dots with
+#: another such row can overflow: normalised, it gives NaN (never a silently wrong loss).
+NORM_LIMIT = tl.constexpr(_contract.NORM_LIMIT)
 
 
 @triton.jit
@@ -48,8 +52,27 @@ def _prep_rows(
                         mask=row_in[:, None] & (offs_k < D)[None, :], other=0.0).to(tl.float32)
             sq += tl.sum(x * x, axis=1)
         norm = tl.sqrt(sq)
+        if tl.max(tl.where(row_in, sq, 0.0), axis=0) == float("inf"):
+            # rare: some row's square sum overflowed (norm >= 2^64); again, scaled by its largest |x|
+            big = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for k0 in range(0, D, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(a_ptr + rows[:, None] * sa_row + offs_k[None, :] * sa_d,
+                            mask=row_in[:, None] & (offs_k < D)[None, :], other=0.0).to(tl.float32)
+                big = tl.maximum(big, tl.max(tl.abs(x), axis=1))
+            inv_big = 1.0 / tl.where(big > 0, big, 1.0)
+            sq_scaled = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for k0 in range(0, D, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(a_ptr + rows[:, None] * sa_row + offs_k[None, :] * sa_d,
+                            mask=row_in[:, None] & (offs_k < D)[None, :], other=0.0).to(tl.float32)
+                x = x * inv_big[:, None]
+                sq_scaled += tl.sum(x * x, axis=1)
+            norm = tl.where(sq == float("inf"), big * tl.sqrt(sq_scaled), norm)
         safe = tl.maximum(norm, NORM_EPS)
         r = 1.0 / safe if NORMALIZE else tl.full((BLOCK_M,), 1.0, tl.float32)
+        if NORMALIZE:
+            r = tl.where(norm >= NORM_LIMIT, float("nan"), r)
         tl.store(pre_ptr + a_pre + rows, r, mask=row_in)
         tl.store(pre_ptr + NR + a_pre + rows, pow2_below(safe), mask=row_in)
         tl.store(pre_ptr + 2 * NR + a_pre + rows, norm, mask=row_in)
@@ -62,13 +85,15 @@ def _prep_rows(
             cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
             col_ok = present(b_msk, b_moff, s_bmsk, cols, cols < n_cols)
             both = row_ok[:, None] & col_ok[None, :]
-            y = tl.load(lab + lab_off + rows[:, None] * sl_row + cols[None, :] * sl_col, mask=both,
-                        other=0).to(tl.float32)
+            y = load_labels(lab, lab_off, sl_row, sl_col, rows, cols, both)
             # a bad weight (< 0, NaN, inf) poisons the row: NaN label mass
             bad = (y < 0) | (y != y) | (y == float("inf"))
             y = tl.where(bad, float("nan"), y)
             ysum += tl.sum(y, axis=1)
             ylny += tl.sum(tl.where(y > 0, y * tl.log(y), 0.0), axis=1)
+        # a mass past fp32's range (weights near 1e38 / LABEL_SCALE) is NaN, never a finite loss
+        ysum = tl.where(tl.abs(ysum) == float("inf"), float("nan"), ysum)
+        ylny = tl.where(tl.abs(ylny) == float("inf"), float("nan"), ylny)
         tl.store(lab_ptr + a_dir + rows, ysum, mask=row_in)
         tl.store(lab_ptr + NDR + a_dir + rows, ylny, mask=row_in)
 

@@ -22,7 +22,7 @@ logits and their count), where the tile is in registers anyway.
 import triton
 import triton.language as tl
 
-from .tiles import ABSENT, LOG2E, NEG_BIG, dot_tile, present, row_ids
+from .tiles import ABSENT, LOG2E, NEG_BIG, as_f32, dot_tile, label_tile, load_ids, load_scale, log2_logits, present, row_ids
 
 NUM_STATS = tl.constexpr(5)   # m, l, lin, pos, logy (dense labels) | cnt (identity labels)
 
@@ -59,7 +59,7 @@ def _stats_rows(
         acc = dot_tile(a_ptr, sa_row, sa_d, rows, row_in, b_ptr, sb_row, sb_d, cols, col_ok, D,
                        BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION)
         rb = tl.load(pre_ptr + b_pre + cols, mask=col_ok, other=0.0)
-        t = acc * (ra[:, None] * rb[None, :]) * scale_log2e                  # [BM, BN], log2 domain
+        _, t = log2_logits(acc, ra, rb, scale_log2e)                          # [BM, BN], log2 domain
         t = tl.where(col_ok[None, :], t, ABSENT)
         m_new = tl.maximum(m, tl.max(t, axis=1))
         alpha = tl.exp2(m - m_new)
@@ -67,11 +67,11 @@ def _stats_rows(
         # the labels of the tile: a compare with ids (row_ids); a [BM, BN] load with dense labels.
         # Absent rows need no masking here: they are invalid, finish.py drops them.
         if DENSE:
-            y = tl.load(lab + lab_off + rows[:, None] * sl_row + cols[None, :] * sl_col,
-                        mask=row_in[:, None] & col_ok[None, :], other=0).to(tl.float32)
+            y = label_tile(ai, b_ids, b_ioff, sb_id, lab, lab_off, sl_row, sl_col, rows, cols, col_ok,
+                           row_in[:, None] & col_ok[None, :], DENSE)
             positive = y > 0
         else:
-            bi = tl.load(b_ids + b_ioff + cols * sb_id, mask=col_ok, other=0)
+            bi = load_ids(b_ids, b_ioff, sb_id, cols, col_ok)
             positive = (ai[:, None] == bi[None, :]) & col_ok[None, :]
             cnt += tl.sum(positive.to(tl.float32), axis=1)
         if REVERSE:
@@ -116,9 +116,8 @@ def _stats_kernel(
     s writes out[s]. ``scale_ptr`` None: the scale is ``scale_value``."""
     pid = tl.program_id(0)
     NDR = K * N + K * M
-    s_log2e = scale_value * LOG2E
-    if scale_ptr is not None:
-        s_log2e = tl.load(scale_ptr).to(tl.float32) * LOG2E
+    s_log2e = load_scale(scale_ptr, scale_value) * LOG2E
+    eps = as_f32(eps)
     if pid < n_q_programs:
         segs = tl.cdiv(M, seg_cols_q)
         seg = pid % segs

@@ -15,9 +15,17 @@ softmax uses exp2. ``r_i * r_j`` is formed first: the product commutes exactly, 
 computed with rows and columns swapped gives the same t bit for bit.
 """
 
+import os
+
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+
+from .. import options as _contract
+
+#: Triton's CPU interpreter (read at import, as Triton reads it): numpy has no libdevice, and
+#: computes every product and sum rounded on its own (no contraction into FMAs).
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 #: The running row maximum starts at NEG_BIG, and an absent column's logit is ABSENT, below it:
 #: exp2(ABSENT - m) = 0 even while a row has seen no present column (m = NEG_BIG), so such a row
@@ -27,6 +35,43 @@ NEG_BIG = tl.constexpr(-1.0e38)
 ABSENT = tl.constexpr(-3.0e38)
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def as_f32(x):
+    """A float scalar argument in fp32. Eager launches type a Python float as fp32, but Inductor
+    (torch.compile) types it as fp64, and an fp64 scalar would turn every value it touches, the
+    loop-carried statistics included, into fp64 (issue 18): every float enters the math as fp32.
+    (The interpreter hands a Python float over as it is; its ops take it as fp32.)"""
+    if INTERPRETED:
+        return x
+    return x.to(tl.float32)
+
+
+@triton.jit
+def load_scale(scale_ptr, scale_value):
+    """The logit scale s in fp32: the tensor behind ``scale_ptr`` when given, else ``scale_value``."""
+    s = as_f32(scale_value)
+    if scale_ptr is not None:
+        s = tl.load(scale_ptr).to(tl.float32)
+    return s
+
+
+@triton.jit
+def log2_logits(dot, ra, rb, s_log2e):
+    """(cos, t) of a [BLOCK_M, BLOCK_N] tile: cos_ij = <a_i, b_j> r_i r_j and the log2-domain
+    logit t = cos * s log2 e, rounded once to fp32.
+
+    The forward's statistics and the backward's recomputation must see the same t bit for bit.
+    On the GPU a product followed by a subtraction (t - m) may be contracted into one FMA, which
+    skips t's rounding: the backward's exp2(t - m) then differs from the forward's by u |t|
+    (1e-4 in P at |t| ~ 6000: issue 18's exact-logit failures). ``mul.rn`` is never contracted."""
+    cos = dot * (ra[:, None] * rb[None, :])
+    if INTERPRETED:
+        t = cos * s_log2e
+    else:
+        t = libdevice.mul_rn(cos, s_log2e)
+    return cos, t
 
 
 @triton.jit
@@ -69,13 +114,33 @@ def present(msk_ptr, off, s_msk, idx, in_range):
 
 
 @triton.jit
+def load_ids(ids_ptr, off, s_id, idx, in_range):
+    """Identity labels as int64 values: ids of two integer dtypes compare by value (Triton would
+    promote int8 vs uint8 to uint8, making -1 equal 255)."""
+    return tl.load(ids_ptr + off + idx * s_id, mask=in_range, other=0).to(tl.int64)
+
+
+@triton.jit
 def row_ids(a_ids, off, sa_id, rows, row_in, DENSE: tl.constexpr):
     """The rows' identity labels (loaded once per program; 0 with dense labels)."""
     if DENSE:
-        ids = tl.zeros(rows.shape, dtype=tl.int32)
+        ids = tl.zeros(rows.shape, dtype=tl.int64)
     else:
-        ids = tl.load(a_ids + off + rows * sa_id, mask=row_in, other=0)
+        ids = load_ids(a_ids, off, sa_id, rows, row_in)
     return ids
+
+
+#: Dense labels are multiplied by 2^24 as they are loaded (exact): only Y = y / ysum matters,
+#: and the scaling keeps ysum and 1 / ysum normal fp32 numbers for subnormal labels (all ~1e-42
+#: gave 1 / ysum = inf, then NaN). Values above 2^104 (~2e31) overflow to inf: a NaN loss.
+LABEL_SCALE = tl.constexpr(_contract.LABEL_SCALE)
+
+
+@triton.jit
+def load_labels(lab, off, sl_row, sl_col, rows, cols, both):
+    """Dense labels y_ij * LABEL_SCALE in fp32 on a [BLOCK_M, BLOCK_N] tile, 0 outside ``both``."""
+    y = tl.load(lab + off + rows[:, None] * sl_row + cols[None, :] * sl_col, mask=both, other=0)
+    return y.to(tl.float32) * LABEL_SCALE
 
 
 @triton.jit
@@ -83,29 +148,41 @@ def label_tile(ai, b_ids, b_off, sb_id, lab, lab_off, sl_row, sl_col, rows, cols
     """y_ij in fp32 on the [BLOCK_M, BLOCK_N] tile, 0 outside ``both`` (pairs of present samples).
 
     ids: y = [id_i == id_j] (``ai`` from `row_ids`); dense labels: the caller's weights (any
-    float dtype or bool, any strides). Bad dense values (negative, NaN, inf) pass through:
+    float dtype or bool, any strides) times LABEL_SCALE. Bad dense values (negative, NaN, inf) pass through:
     the preparation pass turns them into a NaN label mass, so the loss becomes NaN.
     """
     if DENSE:
-        y = tl.load(lab + lab_off + rows[:, None] * sl_row + cols[None, :] * sl_col, mask=both,
-                    other=0).to(tl.float32)
+        y = load_labels(lab, lab_off, sl_row, sl_col, rows, cols, both)
     else:
-        bi = tl.load(b_ids + b_off + cols * sb_id, mask=col_in, other=0)
+        bi = load_ids(b_ids, b_off, sb_id, cols, col_in)
         y = (ai[:, None] == bi[None, :]).to(tl.float32)
     return tl.where(both, y, 0.0)
 
 
 @triton.jit
-def split_hi_lo(w, HALF: tl.constexpr, IS_BF16: tl.constexpr):
-    """fp32 ``w`` as hi + lo in the half dtype: w = hi + lo to ~16 bits (hi exact, lo rounded).
+def round_bf16(x):
+    """fp32 -> the nearest bf16 value (ties to even), kept in fp32: bit arithmetic, so the CPU
+    interpreter (which converts bf16 wrongly) computes what the GPU does."""
+    b = x.to(tl.int32, bitcast=True)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+    return b.to(tl.float32, bitcast=True)
 
-    bf16: hi is w with the low 16 mantissa bits cleared (exact in bf16, and no bf16 -> fp32
-    conversion, which the CPU interpreter gets wrong); fp16: hi is w rounded to fp16.
+
+@triton.jit
+def split_hi_lo(w, HALF: tl.constexpr, UPCAST: tl.constexpr):
+    """fp32 ``w`` as hi + lo, two values of the half dtype: w = hi + lo to ~16 bits (hi exact,
+    lo rounded).
+
+    bf16: hi is w with the low 16 mantissa bits cleared (exact in bf16); fp16: hi is w rounded
+    to fp16. Returned in HALF, or with ``UPCAST`` (the CPU interpreter's bf16, whose conversions
+    it gets wrong) as fp32 holding the same values, rounded by bit arithmetic.
     """
-    if IS_BF16:
+    if HALF == tl.bfloat16:
         hi32 = (w.to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)
     else:
         hi32 = w.to(HALF).to(tl.float32)
+    if UPCAST:
+        return hi32, round_bf16(w - hi32)
     return hi32.to(HALF), (w - hi32).to(HALF)
 
 
@@ -119,7 +196,7 @@ def pow2_below(x):
 
 
 @triton.jit
-def ln_precise(x, INTERPRETED: tl.constexpr):
+def ln_precise(x):
     """ln x to fp32 accuracy: libdevice's logf on the GPU (tl.log is lg2.approx there, ~2^-22
     absolute); the CPU interpreter's tl.log is numpy's, already exact (it has no libdevice)."""
     if INTERPRETED:
