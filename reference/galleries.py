@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from sdm_triton.galleries import Galleries, split_galleries
-from sdm_triton.options import SDMRowLosses
+from sdm_triton.galleries import Galleries, resolve_gallery_ids, split_galleries
+from sdm_triton.options import SDMRowLosses, validate_features
 
 from .sdm import sdm_loss
 
@@ -40,6 +40,8 @@ def sdm_loss_multi(q: torch.Tensor, gs: Galleries, q_ids=None, g_ids=None, *, la
     keyword of ``sdm_loss`` (temperature, logit_scale, kl, eps, direction, combine,
     reduction, normalize). The reference computes the K losses one by one.
     """
+    validate_features(q)
     args = split_galleries(gs, g_ids, labels, g_mask)
+    q_ids, _, per_ids = resolve_gallery_ids(q, args, q_ids, g_ids)   # the API's rule for missing ids
     return stack_results([sdm_loss(q, g, q_ids, ids, labels=lab, q_mask=q_mask, g_mask=mask, **options)
-                          for g, ids, lab, mask in zip(*args)])
+                          for g, ids, lab, mask in zip(args.gs, per_ids, args.labels, args.g_mask)])

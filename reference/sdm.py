@@ -26,6 +26,7 @@ from sdm_triton.options import (
     SDMOptions,
     check_values,
     SDMRowLosses,
+    comparable_ids,
     compute_dtype,
     resolve_ids,
     resolve_scale,
@@ -64,6 +65,7 @@ def sdm_loss(
                       reduction=reduction, normalize=normalize)
     q_ids, g_ids = resolve_ids(q, g, q_ids, g_ids)
     validate_inputs(q, g, q_ids, g_ids, labels, q_mask, g_mask)
+    q_ids, g_ids = comparable_ids(q_ids, g_ids)
     scale = resolve_scale(temperature, logit_scale, q)
     check_values(q, g, labels, scale, q_mask, g_mask)
     return _sdm_materialised(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, opts)

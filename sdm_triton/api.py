@@ -15,7 +15,7 @@ import torch
 
 from . import dispatch
 from .autograd import SDMFunction
-from .galleries import Galleries, stack_galleries
+from .galleries import Galleries, resolve_gallery_ids, stack_galleries
 from .options import (
     KernelConfig,
     SDMOptions,
@@ -23,8 +23,10 @@ from .options import (
     SDMStats,
     as_kernel_config,
     check_values as _check_values,
+    comparable_ids,
     resolve_ids,
     resolve_scale,
+    validate_features,
     validate_flag,
     validate_inputs,
     validate_workspace_bytes,
@@ -98,6 +100,7 @@ def sdm_loss(
                          workspace_bytes)
     q_ids, g_ids = resolve_ids(q, g, q_ids, g_ids)
     validate_inputs(q, g, q_ids, g_ids, labels, q_mask, g_mask)
+    q_ids, g_ids = comparable_ids(q_ids, g_ids)
     return _compute(q, g, q_ids, g_ids, labels, q_mask, g_mask, temperature, logit_scale, opts, backend,
                     check_values, return_stats, config, workspace_bytes, galleries=1, scalar=True)
 
@@ -139,13 +142,11 @@ def sdm_loss_multi(
     opts = _options(kl, eps, direction, combine, reduction, normalize)
     config = _check_call(q, temperature, logit_scale, backend, check_values, return_stats, kernel_config,
                          workspace_bytes)
-    g, g_ids, labels, g_mask, k, per_gallery = stack_galleries(gs, g_ids, labels, g_mask)
-    g0 = per_gallery.gs[0]
-    q_ids, ids0 = resolve_ids(q, g0, q_ids, per_gallery.g_ids[0])
-    if g_ids is None and ids0 is not None:
-        g_ids = ids0                     # the paired-batch default: q_ids shared by every gallery
-    for g_k, ids_k, labels_k, mask_k in zip(*per_gallery):
-        validate_inputs(q, g_k, q_ids, ids_k if ids_k is not None else ids0, labels_k, q_mask, mask_k)
+    validate_features(q)
+    g, labels, g_mask, k, per_gallery = stack_galleries(gs, g_ids, labels, g_mask)
+    q_ids, g_ids, ids_k = resolve_gallery_ids(q, per_gallery, q_ids, g_ids)
+    for g_k, ids, labels_k, mask_k in zip(per_gallery.gs, ids_k, per_gallery.labels, per_gallery.g_mask):
+        validate_inputs(q, g_k, q_ids, ids, labels_k, q_mask, mask_k)
     return _compute(q, g, q_ids, g_ids, labels, q_mask, g_mask, temperature, logit_scale, opts, backend,
                     check_values, return_stats, config, workspace_bytes, galleries=k, scalar=False)
 

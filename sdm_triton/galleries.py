@@ -21,6 +21,8 @@ from typing import List, NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from .options import comparable_ids, resolve_ids
+
 Galleries = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
@@ -102,11 +104,68 @@ def _stacked(name: str, value, count: int, shared_dim: int):
     return value
 
 
+def _shared_ids(g_ids):
+    """The one ids tensor every gallery shares (an [M] tensor, or a sequence holding the same
+    tensor K times), else None."""
+    if isinstance(g_ids, torch.Tensor):
+        return g_ids if g_ids.dim() == 1 else None
+    if isinstance(g_ids, (list, tuple)) and g_ids and g_ids[0] is not None and all(v is g_ids[0] for v in g_ids):
+        return g_ids[0]
+    return None
+
+
+def resolve_gallery_ids(q, args: GalleryArgs, q_ids, g_ids):
+    """(q_ids, g_ids as one tensor, per-gallery ids) with ``sdm_loss``'s paired-batch default
+    applied to each gallery, as K separate ``sdm_loss`` calls would:
+
+    * q_ids given: a gallery without ids (None, or g_ids not given) shares q_ids, which needs
+      N == M (else "g_ids is required").
+    * q_ids None: the anchor's ids are the galleries' ids, so all galleries must share one ids
+      tensor ([M], or the same tensor K times). Per-gallery ids that may differ (stacked [K, M],
+      different tensors) leave the anchor's ids ambiguous: a ValueError asks for q_ids.
+
+    The ids of the anchor and of the galleries are returned of one dtype (`comparable_ids`).
+    """
+    per = args.g_ids
+    if q_ids is None and all(v is None for v in per):
+        return None, None, per                          # dense labels (validated later)
+    g0 = args.gs[0]
+    if q_ids is None:
+        shared = _shared_ids(g_ids)
+        if shared is None:
+            raise ValueError("q_ids is required when the galleries have their own g_ids (stacked [K, M] or "
+                             "different tensors per gallery): the anchor's ids would be ambiguous; pass q_ids, "
+                             "or one g_ids [M] shared by every gallery")
+        q_ids, shared = resolve_ids(q, g0, None, shared)
+        q_ids, shared = comparable_ids(q_ids, shared)
+        return q_ids, shared, [shared] * args.count
+    filled = []
+    for k, ids in enumerate(per):
+        if ids is None:
+            try:
+                _, ids = resolve_ids(q, g0, q_ids, None)
+            except ValueError as exc:
+                where = "g_ids" if g_ids is None else f"g_ids[{k}]"
+                raise ValueError(f"{where} is required: {exc}") from None
+        filled.append(ids)
+    dtypes = {t.dtype for t in filled if isinstance(t, torch.Tensor)} | {q_ids.dtype if isinstance(q_ids, torch.Tensor)
+                                                                          else None}
+    if len(dtypes) > 1:
+        filled = [t.to(torch.int64) if isinstance(t, torch.Tensor) else t for t in filled]
+        q_ids = q_ids.to(torch.int64) if isinstance(q_ids, torch.Tensor) else q_ids
+    shared = _shared_ids(filled)
+    if shared is not None:
+        return q_ids, shared, filled
+    if isinstance(g_ids, torch.Tensor) and len(dtypes) == 1:
+        return q_ids, g_ids, filled                     # stacked [K, M] as given (any strides)
+    return q_ids, (torch.stack(filled) if all(isinstance(t, torch.Tensor) for t in filled) else None), filled
+
+
 def stack_galleries(gs: Galleries, g_ids=None, labels=None, g_mask=None):
-    """(g [K, M, D], g_ids, labels, g_mask, K) with each per-gallery argument as one tensor
-    (shared forms unstacked, stride 0 over the galleries in the kernels)."""
+    """(g [K, M, D], labels, g_mask, K, per-gallery arguments) with each per-gallery argument
+    as one tensor (shared forms unstacked, stride 0 over the galleries in the kernels). The ids
+    are `resolve_gallery_ids`'."""
     args = split_galleries(gs, g_ids, labels, g_mask)
     k = args.count
     g = gs if isinstance(gs, torch.Tensor) else torch.stack(list(gs))
-    return (g, _stacked("g_ids", g_ids, k, 1), _stacked("labels", labels, k, 2),
-            _stacked("g_mask", g_mask, k, 1), k, args)
+    return g, _stacked("labels", labels, k, 2), _stacked("g_mask", g_mask, k, 1), k, args

@@ -60,6 +60,9 @@ class SDMOptions:
             raise TypeError(f"eps must be a float, got {type(self.eps).__name__}")
         if not math.isfinite(self.eps) or self.eps < 0:
             raise ValueError(f"eps must be a finite number >= 0, got {self.eps}")
+        if self.eps != 0 and not FLT_MIN <= self.eps <= MAX_SCALE:
+            raise ValueError(f"eps must be 0 or a normal fp32 number, in [{FLT_MIN:.4e}, {MAX_SCALE:.4e}] (the "
+                             f"kernels compute in fp32: {self.eps} rounds to 0, a subnormal or inf there), got {self.eps}")
         if self.kl == "reverse" and self.eps <= 0:
             raise ValueError("eps must be > 0 for kl='reverse' (log(Y + eps) is -inf at Y = 0)")
 
@@ -222,21 +225,24 @@ def resolve_scale(temperature, logit_scale, features: torch.Tensor, move: bool =
                     logit_scale = logit_scale.to(features.device, non_blocking=True)
             return logit_scale
         scale = _positive_float("logit_scale", logit_scale)
-        if scale > MAX_SCALE:
-            raise ValueError(f"logit_scale must fit in fp32 (<= {MAX_SCALE:.3e}), got {scale}")
+        if not FLT_MIN <= scale <= MAX_SCALE:
+            raise ValueError(f"logit_scale must be a normal fp32 number, in [{FLT_MIN:.4e}, {MAX_SCALE:.4e}] "
+                             f"(the kernels compute in fp32), got {scale}")
         return scale
     if isinstance(temperature, torch.Tensor):
         raise TypeError("temperature must be a float; pass a tensor as logit_scale= (= 1 / temperature)")
     tau = _positive_float("temperature", temperature)
-    if 1.0 / tau > MAX_SCALE:
-        raise ValueError(f"temperature {tau} is too small: the logit scale 1 / temperature must fit in fp32 "
-                         f"(temperature >= {1 / MAX_SCALE:.3e})")
+    if not FLT_MIN <= 1.0 / tau <= MAX_SCALE:
+        raise ValueError(f"temperature must lie in [{1 / MAX_SCALE:.4e}, {1 / FLT_MIN:.4e}]: the logit scale "
+                         f"1 / temperature must be a normal fp32 number (the kernels compute in fp32), got {tau}")
     return 1.0 / tau
 
 
 def resolve_ids(q: torch.Tensor, g: torch.Tensor, q_ids, g_ids):
     """(q_ids, g_ids) with the paired-batch default: when only one of them is given and
-    N == M, row i of q and row i of g are the same sample (IRRA's ``compute_sdm(img, txt, pid)``)."""
+    N == M, row i of q and row i of g are the same sample (IRRA's ``compute_sdm(img, txt, pid)``).
+    q and g are checked first: the default reads their row counts."""
+    validate_features(q, g)
     if (q_ids is None) == (g_ids is None):
         return q_ids, g_ids
     n = q.shape[0] if isinstance(q, torch.Tensor) and q.dim() >= 1 else None
@@ -248,13 +254,10 @@ def resolve_ids(q: torch.Tensor, g: torch.Tensor, q_ids, g_ids):
                      "shared only by a paired batch")
 
 
-def validate_inputs(q, g, q_ids, g_ids, labels, q_mask, g_mask):
-    """Type, shape, dtype and device checks. Raises TypeError or ValueError naming the argument.
-
-    Any strides are accepted for every tensor (a column of a [B, modalities] presence matrix
-    as a mask, a column of a [B, 2] (pid, camera) table as ids, transposed labels).
-    """
-    for name, t in (("q", q), ("g", g)):
+def validate_features(q, g=None):
+    """The checks of q and g (g None: q alone) made before anything else reads them (the ids'
+    paired-batch default reads their row counts)."""
+    for name, t in (("q", q), ("g", g)) if g is not None else (("q", q),):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 2:
@@ -263,12 +266,23 @@ def validate_inputs(q, g, q_ids, g_ids, labels, q_mask, g_mask):
             raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
         if t.shape[0] == 0 or t.shape[1] == 0:
             raise ValueError(f"{name} is empty (shape {tuple(t.shape)}); SDM needs at least one row and D >= 1")
+    if g is None:
+        return
     if q.shape[1] != g.shape[1]:
         raise ValueError(f"q and g must have the same feature dim D, got {q.shape[1]} and {g.shape[1]}")
     if q.dtype != g.dtype:
         raise TypeError(f"q and g must have the same dtype, got {q.dtype} and {g.dtype}")
     if q.device != g.device:
         raise ValueError(f"q and g must be on the same device, got {q.device} and {g.device}")
+
+
+def validate_inputs(q, g, q_ids, g_ids, labels, q_mask, g_mask):
+    """Type, shape, dtype and device checks. Raises TypeError or ValueError naming the argument.
+
+    Any strides are accepted for every tensor (a column of a [B, modalities] presence matrix
+    as a mask, a column of a [B, 2] (pid, camera) table as ids, transposed labels).
+    """
+    validate_features(q, g)
     n, m = q.shape[0], g.shape[0]
 
     have_ids = q_ids is not None or g_ids is not None
@@ -288,6 +302,9 @@ def validate_inputs(q, g, q_ids, g_ids, labels, q_mask, g_mask):
                 raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
             if t.device != q.device:
                 raise ValueError(f"{name} is on {t.device} but the features are on {q.device}")
+        if q_ids.dtype != g_ids.dtype and torch.uint64 in (q_ids.dtype, g_ids.dtype):
+            raise TypeError(f"q_ids and g_ids compare as int64 values: uint64 ids can be mixed only with "
+                            f"uint64 ones, got {q_ids.dtype} and {g_ids.dtype}")
     else:
         if not isinstance(labels, torch.Tensor):
             raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
@@ -297,6 +314,9 @@ def validate_inputs(q, g, q_ids, g_ids, labels, q_mask, g_mask):
             raise TypeError(f"labels must be a float or bool tensor, got {labels.dtype}")
         if labels.device != q.device:
             raise ValueError(f"labels is on {labels.device} but the features are on {q.device}")
+        if labels.requires_grad:
+            raise ValueError("labels require grad, but the loss gives them no gradient (they are constants "
+                             "of the loss): pass labels.detach()")
 
     for name, t, length in (("q_mask", q_mask, n), ("g_mask", g_mask, m)):
         if t is None:
@@ -309,6 +329,15 @@ def validate_inputs(q, g, q_ids, g_ids, labels, q_mask, g_mask):
             raise ValueError(f"{name} must have shape [{length}], got {tuple(t.shape)}")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but the features are on {q.device}")
+
+
+def comparable_ids(q_ids, g_ids):
+    """(q_ids, g_ids) of one integer dtype: as given when they share it, else both as int64 (a
+    copy of N + M values), so every backend compares them by value (int8 -1 is not uint8 255;
+    PyTorch has no promotion for some unsigned pairs)."""
+    if q_ids is None or g_ids is None or q_ids.dtype == g_ids.dtype:
+        return q_ids, g_ids
+    return q_ids.to(torch.int64), g_ids.to(torch.int64)
 
 
 def validate_flag(name: str, value) -> bool:
@@ -362,5 +391,5 @@ def compute_dtype(features_dtype: torch.dtype) -> torch.dtype:
 
 
 __all__ = ["SDMOptions", "SDMRowLosses", "SDMStats", "KernelConfig", "NORM_EPS", "resolve_scale",
-           "resolve_ids", "validate_inputs", "validate_workspace_bytes", "validate_flag", "check_values",
+           "resolve_ids", "comparable_ids", "validate_features", "validate_inputs", "validate_workspace_bytes", "validate_flag", "check_values",
            "compute_dtype", "as_kernel_config"]

@@ -145,8 +145,8 @@ def preset_loss(name: str, q: torch.Tensor, g: torch.Tensor, q_ids: Optional[tor
     * ``per_sample`` presets (rde) return the ``[N]`` per-sample losses ``q2g[i] + g2q[i]``
       (invalid rows count 0), or with ``sample_weights`` RDE's weighted mean
       ``sum(w * loss) / sum(w)``. Needs ``N == M``. The per-sample form is what these presets
-      are: ``reduction`` (other than ``"none"``) and ``direction`` (other than ``"both"``)
-      overrides are a ValueError naming them, not a silent change of meaning; reduce the
+      are: ``reduction`` (other than ``"none"``), ``direction`` (other than ``"both"``) and
+      ``combine`` (other than ``"sum"``) overrides are a ValueError naming them, not a silent change of meaning; reduce the
       returned ``[N]`` losses yourself (``.mean()``) or pass ``sample_weights``.
     * ``sample_weights``: a tensor of shape ``[N]`` on ``q``'s device (float, integer or bool);
       anything else (a list, another shape or device) is a TypeError / ValueError naming
@@ -184,7 +184,9 @@ def preset_loss(name: str, q: torch.Tensor, g: torch.Tensor, q_ids: Optional[tor
 def _check_per_sample_arguments(preset: SDMPreset, q, g, sample_weights, overrides) -> None:
     """Host-visible checks of a per-sample preset's call, made before any loss is computed."""
     name = preset.name
-    for key, fixed in (("reduction", "none"), ("direction", "both")):
+    # combine: the per-sample form adds the two directions whatever combine says (RDE's
+    # i2t[i] + t2i[i]); a "mean" would be ignored silently
+    for key, fixed in (("reduction", "none"), ("direction", "both"), ("combine", preset.combine)):
         if key in overrides and overrides[key] != fixed:
             raise ValueError(f"preset {name!r} returns per-sample losses q2g[i] + g2q[i]: {key} must be "
                              f"{fixed!r}, got {overrides[key]!r} (reduce the returned [N] losses yourself, "

@@ -341,3 +341,87 @@ def test_64bit_offsets_beyond_2_pow_31_features():
     out = sdm_triton.sdm_loss(q, g, q_ids, g_ids, reduction="none", backend="triton")
     part = reference.sdm_loss(q[sel].double(), g.double(), q_ids[sel], g_ids, reduction="none")
     torch.testing.assert_close(out.q2g[sel].double(), part.q2g, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- issue 23's mutants
+# One-line kernel bugs the suite once let through; tools/mutants.py reapplies each.
+
+def _near_fits(n, d, fit, dtype, seed, k=4):
+    """k samples per identity on each side, pulled towards their identity's centre by ``fit``
+    (0.9: positive cosines ~0.99, a near-perfect fit where P ~ Y and the products cancel; the
+    construction of ../shared/yardsticks/w_rounding.py). Half-valued features, on DEVICE."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.arange(n) // k
+    base = torch.randn(n // k + 1, d, generator=gen, dtype=torch.float64)[ids]
+    q = fit * base + (1 - fit) * torch.randn(n, d, generator=gen, dtype=torch.float64)
+    g = fit * base + (1 - fit) * torch.randn(n, d, generator=gen, dtype=torch.float64)
+    return (3 * q).to(DEVICE, dtype), (3 * g).to(DEVICE, dtype), ids.to(DEVICE)
+
+
+def _grads(fn, q, g, ids, grad_out=1.0, **kw):
+    qa, ga = q.clone().requires_grad_(), g.clone().requires_grad_()
+    (fn(qa, ga, ids, ids, **kw) * grad_out).backward()
+    return qa.grad, ga.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda t: str(t)[6:])
+@pytest.mark.parametrize("config", ["chunked", "fused"])
+@pytest.mark.parametrize("fit", [0.9, 0.95])
+def test_half_gradients_of_near_perfect_fits(dtype, config, fit):
+    """Positive cosines ~0.99 / 0.997 (fit 0.9 / 0.95), s = 50: the gradient is a small difference
+    of large terms, carried by W's lo half. The kernel's gradient is within 4x of rounding the
+    exact gradient to the dtype (SPEC, precision). With lo's sign flipped (mutant lo_sign, and
+    its interpreter twin for bf16) W errs by twice lo: 10-30x that rounding."""
+    n, d = (256, 128) if CUDA else (24, 40)
+    q, g, ids = _near_fits(n, d, fit, dtype, seed=21)
+    ours = _grads(_triton(config), q, g, ids, logit_scale=50.0)
+    exact = _grads(reference.sdm_loss, q.double(), g.double(), ids, logit_scale=50.0)
+    for o, e in zip(ours, exact):
+        rounding = _rel(e.to(dtype), e)
+        assert _rel(o, e) <= 4 * rounding, (_rel(o, e), rounding)
+
+
+@pytest.mark.parametrize("config", ["chunked", "fused"])
+def test_fp16_gradients_with_negative_weights(config):
+    """(-loss).backward(): every row weight is negative. The fp16 workspace divides W by the
+    largest |w| (mutant gmax_signed: by max w, which is <= 0 here: W overflows)."""
+    q, g, kw = _problem(37, 45, 33, torch.float16, seed=22)
+    ids_q, ids_g = kw["q_ids"], kw["g_ids"]
+    for sign in (-1.0, -1e-3):
+        qa, ga = q.clone().requires_grad_(), g.clone().requires_grad_()
+        (sign * _triton(config)(qa, ga, ids_q, ids_g, logit_scale=20.0)).backward()
+        q64, g64 = q.double().requires_grad_(), g.double().requires_grad_()
+        (sign * reference.sdm_loss(q64, g64, ids_q, ids_g, logit_scale=20.0)).backward()
+        assert _rel(qa.grad, q64.grad) < 4e-3 and _rel(ga.grad, g64.grad) < 4e-3, (sign, _rel(qa.grad, q64.grad))
+
+
+def test_learnable_scale_over_chunks_of_unequal_width():
+    """The chunked backward over 3 chunks of columns, the last one narrower: dL/ds sums only
+    the current chunk's tile partials (mutant dscale_stale: stale rows of an earlier, wider
+    chunk were summed again)."""
+    block_n = 64 if CUDA else 16                           # the chunked W kernel's column tile
+    n, m, d = 24, 2 * block_n + block_n // 2, 16
+    q, g, kw = _problem(n, m, d, torch.float32, seed=23)
+    width_bytes = n * 4 * block_n                           # one column tile per chunk ...
+    for ws in (width_bytes, 2 * width_bytes):               # ... or two: 2 + 1 tiles
+        ls = torch.tensor(20.0, device=DEVICE, requires_grad=True)
+        _triton("chunked")(q, g, logit_scale=ls, workspace_bytes=ws, **kw).backward()
+        ls64 = torch.tensor(20.0, dtype=torch.float64, device=DEVICE, requires_grad=True)
+        reference.sdm_loss(q.double(), g.double(), logit_scale=ls64, **kw).backward()
+        assert abs(ls.grad.item() - ls64.grad.item()) <= 1e-5 * abs(ls64.grad.item()) + 1e-7, (ws, ls.grad, ls64.grad)
+
+
+@pytest.mark.parametrize("config", ["fused", "chunked"])
+@pytest.mark.parametrize("frozen", ["q", "g", "both"])
+def test_learnable_scale_with_frozen_features(config, frozen):
+    """A frozen tower and a learnable temperature (CLIP's fine-tuning of one side): dL/ds is
+    right when q, g or both need no gradient (mutant no_q_programs: the fused kernel launched no
+    q programs without dq, and its dL/ds, summed there, was 0)."""
+    q, g, kw = _problem(37, 45, 33, torch.float32, seed=24)
+    qa = q.clone().requires_grad_(frozen not in ("q", "both"))
+    ga = g.clone().requires_grad_(frozen not in ("g", "both"))
+    ls = torch.tensor(20.0, device=DEVICE, requires_grad=True)
+    _triton(config)(qa, ga, logit_scale=ls, **kw).backward()
+    ls64 = torch.tensor(20.0, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    reference.sdm_loss(q.double(), g.double(), logit_scale=ls64, **kw).backward()
+    assert abs(ls.grad.item() - ls64.grad.item()) <= 1e-5 * abs(ls64.grad.item()), (ls.grad, ls64.grad)

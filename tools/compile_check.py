@@ -100,13 +100,14 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="tile shapes of the large-problem kernels")
     ap.add_argument("--scalars", action="store_true",
                     help="only: every kernel once per scalar typing (eager and Inductor's), small tiles")
+    ap.add_argument("--typings", default=",".join(SCALARS), help="with --scalars: which typings (eager,inductor)")
     args = ap.parse_args()
     target = GPUTarget("cuda", args.arch, 32)
     if args.sweep:
         sweep(target)
         return 0
     if args.scalars:
-        return scalar_typings(target)
+        return scalar_typings(target, args.typings.split(","))
     tl = triton.language
     half = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
     rows = []
@@ -202,14 +203,14 @@ def scalar_jobs(dtype: str, reverse: bool, dense: bool):
     ]
 
 
-def scalar_typings(target) -> int:
+def scalar_typings(target, typings=tuple(SCALARS)) -> int:
     """Every kernel compiled with the scalar types of eager launches and of Inductor's (fp64
     floats, i64 integers): a loop-carried value whose type follows a scalar argument must not
     change type (issue 18: ``m`` became fp64 inside the statistics loop under torch.compile)."""
     failed = 0
     print(f"triton {triton.__version__}: scalar typings")
     for scalars, (dtype, reverse, dense) in itertools.product(
-            SCALARS, [("bf16", True, False), ("fp16", False, False), ("fp32", False, True)]):
+            typings, [("bf16", True, False), ("fp16", False, False), ("fp32", False, True)]):
         for name, kernel, consts, w, s, nones in scalar_jobs(dtype, reverse, dense):
             try:
                 compile_one(kernel, dtype, consts, nones, target, w, s, scalars)

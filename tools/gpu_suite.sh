@@ -3,13 +3,23 @@
 # machine Triton compilation (CPU-bound, seconds per kernel variant) dominates the run,
 # and each worker compiles what its tests need into the shared Triton cache.
 #
-#   bash tools/gpu_suite.sh [test paths] [extra pytest args]   (log: $OUT/gpu_suite.log or /tmp)
+#   bash tools/gpu_suite.sh [--quick] [test paths] [extra pytest args]   (log: $OUT/gpu_suite.log or /tmp)
+#
+# --quick: the kernel-facing files only (every kernel path per dtype, the GPU-marked tests, the
+# compiled steps), Hypothesis capped at 10 examples: the check after a kernel change. Without it,
+# the whole suite with the gpu profile capped at SDM_HYPOTHESIS_MAX_EXAMPLES (default 25).
+# The last lines: the slowest 10 tests and a one-line summary.
 #
 # Needs pytest, hypothesis and pytest-xdist; the device machine gets xdist as wheels
 # (.whl/xdist, see bench/NOTES.md). SDM_HYPOTHESIS_PROFILE defaults to "gpu" (200 examples
 # per property, up to 300 rows and D 300; see tests/conftest.py).
 set -u -o pipefail
 out=${OUT:-/tmp}
+quick=0
+if [ "${1:-}" = "--quick" ]; then quick=1; shift; fi
+QUICK_PATHS=(tests/test_kernels.py tests/test_edge_values.py tests/test_galleries.py tests/test_training.py
+             tests/test_hygiene.py)
+export SDM_HYPOTHESIS_MAX_EXAMPLES=${SDM_HYPOTHESIS_MAX_EXAMPLES:-$([ $quick = 1 ] && echo 10 || echo 25)}
 # at most 14 workers: each one holds a CUDA context on the GPU (62 of them on a 64-core host
 # ran the GPU out of memory before any test started)
 cores=$(nproc)
@@ -24,5 +34,14 @@ rm -f "$SDM_FAILURE_LOG"
 # test paths first (default: all of tests/), then any pytest options
 paths=()
 while [ $# -gt 0 ] && [ -e "${1%%::*}" ]; do paths+=("$1"); shift; done
-[ ${#paths[@]} -eq 0 ] && paths=(tests)
-python3 -m pytest "${paths[@]}" -q -p no:cacheprovider -p no:benchmark -n "$workers" --durations=25 -rfEs "$@" 2>&1 | tee -a "$out/gpu_suite.log"
+if [ ${#paths[@]} -eq 0 ]; then
+  if [ $quick = 1 ]; then paths=("${QUICK_PATHS[@]}"); else paths=(tests); fi
+fi
+t0=$(date +%s)
+python3 -m pytest "${paths[@]}" -q -p no:cacheprovider -p no:benchmark -n "$workers" --durations=10 -rfE "$@" 2>&1 \
+  | tee -a "$out/gpu_suite.log"
+rc=${PIPESTATUS[0]}
+last=$(grep -E "[0-9]+ (passed|failed)" "$out/gpu_suite.log" | tail -n 1 | tr -d '=')
+echo "SUMMARY ($([ $quick = 1 ] && echo quick || echo full), $(( $(date +%s) - t0 )) s, ${SDM_HYPOTHESIS_MAX_EXAMPLES} examples): ${last:-no result} (pytest exit $rc)" \
+  | tee -a "$out/gpu_suite.log"
+exit $rc

@@ -6,8 +6,9 @@ test written to catch it. Before trusting a kernel rewrite, run
     python3 tools/mutants.py                 # every mutant the machine can run
     python3 tools/mutants.py merge_pad_zero  # one
 
-Each mutant is applied to a fresh ``git worktree`` of HEAD (your working tree is never
-touched), then its test runs there under pytest: the mutant is *killed* when the test fails.
+Each mutant is applied to a copy of the working tree (which is never touched itself; no git
+needed, so it runs on a device machine's copy too), then its test runs there under pytest:
+the mutant is *killed* when the test fails.
 Without a GPU the kernels run in Triton's interpreter; GPU-only mutants are skipped there.
 A mutant whose text no longer occurs in the code is reported as stale: move it to the new
 code (and keep its test) rather than deleting it. Exit status 1 when a mutant survives or is
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -69,6 +71,47 @@ MUTANTS = [
              "return triton.language.int32")],
            "tests/test_kernels.py -k 64bit_offsets",
            "32-bit offsets past 2^31 elements (dense labels N M, features N D)", gpu_only=True),
+    # issue 23: one-line bugs the suite let through at 10eec40
+    Mutant("lo_sign", "sdm_triton/kernels/tiles.py",
+           [("return hi32.to(HALF), (w - hi32).to(HALF)", "return hi32.to(HALF), (hi32 - w).to(HALF)")],
+           "tests/test_kernels.py::test_half_gradients_of_near_perfect_fits",
+           "W's lo half with the wrong sign (fp16 everywhere, bf16 on the GPU)"),
+    Mutant("lo_sign_interpreted", "sdm_triton/kernels/tiles.py",
+           [("return hi32, round_bf16(w - hi32)", "return hi32, round_bf16(hi32 - w)")],
+           "tests/test_kernels.py::test_half_gradients_of_near_perfect_fits",
+           "the interpreter's bf16 lo half with the wrong sign"),
+    Mutant("gmax_signed", "sdm_triton/launch.py",
+           [("gmax = w.abs().amax()", "gmax = w.amax()")],
+           "tests/test_kernels.py::test_fp16_gradients_with_negative_weights",
+           "the chunked fp16 workspace scaled by max w, not max |w| (all weights negative: W overflows)"),
+    Mutant("gmax_signed_fused", "sdm_triton/kernels/grad.py",
+           [("coef_q, 1,\n                               MEAN)\n            top = tl.maximum(top, tl.abs(w))",
+             "coef_q, 1,\n                               MEAN)\n            top = tl.maximum(top, w)"),
+            ("coef_g, 3, MEAN)\n            top = tl.maximum(top, tl.abs(w))",
+             "coef_g, 3, MEAN)\n            top = tl.maximum(top, w)")],
+           "tests/test_kernels.py::test_fp16_gradients_with_negative_weights",
+           "the fused fp16 scale from max w, not max |w|"),
+    Mutant("dscale_stale", "sdm_triton/launch.py",
+           [("d_scale += dsp[:tiles_n].sum()", "d_scale += dsp.sum()")],
+           "tests/test_kernels.py::test_learnable_scale_over_chunks_of_unequal_width",
+           "dL/ds summed over stale tile rows of an earlier, wider chunk"),
+    Mutant("no_q_programs", "sdm_triton/launch.py",
+           [("n_qp = _cdiv(n, t.block_m) if (want_q or want_scale) else 0", "n_qp = _cdiv(n, t.block_m) if want_q else 0")],
+           "tests/test_kernels.py::test_learnable_scale_with_frozen_features",
+           "no q programs in the fused backward when q needs no gradient: dL/ds = 0"),
+    Mutant("fused_block_k", "sdm_triton/launch.py",
+           [("BLOCK_K=_stats_tiles(p).block_k, BLOCK_D=block_d", "BLOCK_K=block_d, BLOCK_D=block_d")],
+           "tests/test_kernels.py::test_anti_aligned_features_at_a_large_scale",
+           "the fused backward rebuilds S with its own BLOCK_K, not the forward's (s = 200)", gpu_only=True),
+    # issue 18
+    Mutant("logits_contracted", "sdm_triton/kernels/tiles.py",
+           [("t = libdevice.mul_rn(cos, s_log2e)", "t = cos * s_log2e")],
+           "tests/test_kernels.py::test_exact_logits_give_gradients_to_fp32_accuracy",
+           "t = cos * s log2e left to the compiler, which fuses it into the backward's t - m", gpu_only=True),
+    Mutant("fp64_scalars", "sdm_triton/kernels/tiles.py",
+           [("        return x\n    return x.to(tl.float32)", "        return x\n    return x")],
+           "tests/test_compile_check.py::test_kernels_compile_with_inductor_scalar_types",
+           "float arguments used as launched: fp64 under torch.compile (a loop-carried fp32 turns fp64)"),
 ]
 
 
@@ -101,35 +144,36 @@ def main() -> int:
     failures = 0
     with tempfile.TemporaryDirectory(prefix="sdm-mutants-") as tmp:
         tree = os.path.join(tmp, "tree")
-        subprocess.run(["git", "worktree", "add", "-q", "--detach", tree, "HEAD"], cwd=ROOT, check=True)
+        shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(
+            ".git", "__pycache__", ".hypothesis", ".pytest_cache", ".whl", ".gpu", "results", "*.png"))
         # the installed package maps sdm_triton.reference to the top-level reference/ (pyproject)
         os.symlink(os.path.join("..", "reference"), os.path.join(tree, "sdm_triton", "reference"))
-        try:
-            env = dict(os.environ, PYTHONPATH=tree)
-            if not gpu:
-                env["TRITON_INTERPRET"] = "1"
-            for m in chosen:
-                subprocess.run(["git", "checkout", "-q", "--", "."], cwd=tree, check=True)
-                if m.gpu_only and not gpu:
-                    print(f"{m.name:20s} skipped (needs a GPU)   {m.test}")
-                    continue
-                if not _apply(tree, m):
-                    print(f"{m.name:20s} STALE: its text is no longer in {m.path}")
-                    failures += 1
-                    continue
-                node, *extra = m.test.split(" ")
-                t0 = time.time()
+        env = dict(os.environ, PYTHONPATH=tree)
+        if not gpu:
+            env["TRITON_INTERPRET"] = "1"
+        for m in chosen:
+            if m.gpu_only and not gpu:
+                print(f"{m.name:20s} skipped (needs a GPU)   {m.test}")
+                continue
+            if not _apply(tree, m):
+                print(f"{m.name:20s} STALE: its text is no longer in {m.path}")
+                failures += 1
+                continue
+            node, *extra = m.test.split(" ")
+            t0 = time.time()
+            try:
                 r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", node,
                                     *extra], cwd=tree, env=env, capture_output=True, text=True)
-                failed = [ln for ln in r.stdout.splitlines() if ln.startswith("FAILED")]
-                if r.returncode == 1 and failed:
-                    print(f"{m.name:20s} killed  ({time.time() - t0:4.0f} s) by {failed[0][7:].split(' - ')[0]}")
-                else:
-                    failures += 1
-                    last = r.stdout.strip().splitlines()[-1:] or r.stderr.strip().splitlines()[-1:]
-                    print(f"{m.name:20s} SURVIVED (pytest exit {r.returncode}: {last[0] if last else ''})  {m.test}")
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", tree], cwd=ROOT)
+            finally:
+                shutil.copy2(os.path.join(ROOT, m.path), os.path.join(tree, m.path))     # undo the mutant
+            failed = [ln for ln in r.stdout.splitlines() if ln.startswith("FAILED")]
+            if r.returncode == 1 and failed:
+                print(f"{m.name:20s} killed  ({time.time() - t0:4.0f} s) by {failed[0][7:].split(' - ')[0]}", flush=True)
+            else:
+                failures += 1
+                last = r.stdout.strip().splitlines()[-1:] or r.stderr.strip().splitlines()[-1:]
+                print(f"{m.name:20s} SURVIVED (pytest exit {r.returncode}: {last[0] if last else ''})  {m.test}",
+                      flush=True)
     return 1 if failures else 0
 
 

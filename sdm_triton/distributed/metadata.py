@@ -28,6 +28,7 @@ from ..options import (
     SDMOptions,
     as_kernel_config,
     check_values as _check_values,
+    comparable_ids,
     resolve_ids,
     resolve_scale,
     validate_flag,
@@ -127,6 +128,7 @@ def check_local(q, g, q_ids, g_ids, labels, q_mask, g_mask, *, strategy, layout,
     if labels is None:
         q_ids, g_ids = resolve_ids(q, g, q_ids, g_ids)
     validate_inputs(q, g, q_ids, g_ids, probe, q_mask, g_mask)
+    q_ids, g_ids = comparable_ids(q_ids, g_ids)
     be = dispatch.pick_backend(backend, q)
     scale = resolve_scale(temperature, logit_scale, q)
     return Call(q, g, q_ids, g_ids, labels, q_mask, g_mask, temperature, logit_scale, scale, opts, backend, be,
