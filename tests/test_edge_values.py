@@ -68,22 +68,29 @@ def test_fp16_gradient_overflow_is_inf(backend, config):
 
 
 def test_grad_scaler_skips_the_step_on_fp16_overflow():
-    """An encoder whose fp16 gradient overflows: the scaler finds inf and skips the step (with a
-    saturated gradient it stepped with a weight gradient 45% off)."""
+    """The issue's training step: a Linear encoder makes the gallery features under fp16
+    autocast, GradScaler starts at 65536. The exact dL/dg passes 65504 after scaling: the scaler
+    must find inf, skip the step and halve its scale (with saturated gradients it stepped with
+    a weight gradient 45% off)."""
     if not CUDA:
         pytest.skip("torch.amp.GradScaler with fp16 autocast: CUDA")
-    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    q = (torch.randn(7, 5, generator=gen) * 10).half().cuda()
+    x = torch.randn(9, 5, generator=gen).cuda()
+    qi = torch.randint(0, 3, (7,), generator=gen).cuda()
+    gi = torch.randint(0, 3, (9,), generator=gen).cuda()
     enc = torch.nn.Linear(5, 5).cuda()
+    with torch.no_grad():                   # the identity map: g = x, as in the fp16 case above
+        enc.weight.copy_(torch.eye(5))
+        enc.bias.zero_()
     opt = torch.optim.SGD(enc.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cuda", init_scale=65536.0)
-    x = torch.randn(7, 5, device="cuda") * 10
-    g = torch.randn(9, 5, device="cuda")
-    qi, gi = torch.randint(0, 3, (7,), device="cuda"), torch.randint(0, 3, (9,), device="cuda")
     before = enc.weight.detach().clone()
     with torch.autocast("cuda", dtype=torch.float16):
-        q = enc(x)
-    loss = sdm_triton.sdm_loss(q, g.half(), qi, gi)
-    scaler.scale(loss).backward()
+        g = enc(x)
+    assert g.dtype == torch.float16
+    scaler.scale(sdm_triton.sdm_loss(q, g, qi, gi)).backward()
+    assert not torch.isfinite(enc.weight.grad).all()        # the overflow reached the encoder
     scaler.step(opt)
     scaler.update()
     assert torch.equal(enc.weight.detach(), before)         # step skipped
