@@ -44,12 +44,14 @@ def _prep_rows(
 ):
     rows = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
     row_in = rows < n_rows
+    row_ok = present(a_msk, a_moff, s_amsk, rows, row_in)
     if WRITE_NORMS:
+        # absent rows read as zeros (they may hold anything): norm 0, finite r and c, as a zero row
         sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(a_ptr + rows[:, None] * sa_row + offs_k[None, :] * sa_d,
-                        mask=row_in[:, None] & (offs_k < D)[None, :], other=0.0).to(tl.float32)
+                        mask=row_ok[:, None] & (offs_k < D)[None, :], other=0.0).to(tl.float32)
             sq += tl.sum(x * x, axis=1)
         norm = tl.sqrt(sq)
         if tl.max(tl.where(row_in, sq, 0.0), axis=0) == float("inf"):
@@ -58,14 +60,14 @@ def _prep_rows(
             for k0 in range(0, D, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 x = tl.load(a_ptr + rows[:, None] * sa_row + offs_k[None, :] * sa_d,
-                            mask=row_in[:, None] & (offs_k < D)[None, :], other=0.0).to(tl.float32)
+                            mask=row_ok[:, None] & (offs_k < D)[None, :], other=0.0).to(tl.float32)
                 big = tl.maximum(big, tl.max(tl.abs(x), axis=1))
             inv_big = 1.0 / tl.where(big > 0, big, 1.0)
             sq_scaled = tl.zeros((BLOCK_M,), dtype=tl.float32)
             for k0 in range(0, D, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 x = tl.load(a_ptr + rows[:, None] * sa_row + offs_k[None, :] * sa_d,
-                            mask=row_in[:, None] & (offs_k < D)[None, :], other=0.0).to(tl.float32)
+                            mask=row_ok[:, None] & (offs_k < D)[None, :], other=0.0).to(tl.float32)
                 x = x * inv_big[:, None]
                 sq_scaled += tl.sum(x * x, axis=1)
             norm = tl.where(sq == float("inf"), big * tl.sqrt(sq_scaled), norm)
@@ -78,7 +80,6 @@ def _prep_rows(
         tl.store(pre_ptr + 2 * NR + a_pre + rows, norm, mask=row_in)
 
     if DENSE:   # with ids the statistics pass counts the positives on its tiles (stats.py)
-        row_ok = present(a_msk, a_moff, s_amsk, rows, row_in)
         ysum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         ylny = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for n0 in range(0, n_cols, BLOCK_N):

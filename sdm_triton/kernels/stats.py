@@ -56,7 +56,7 @@ def _stats_rows(
     for n0 in range(col0, col1, BLOCK_N):
         cols = (n0 + tl.arange(0, BLOCK_N)).to(INDEX)
         col_ok = present(b_msk, b_moff, s_bmsk, cols, cols < col1)
-        acc = dot_tile(a_ptr, sa_row, sa_d, rows, row_in, b_ptr, sb_row, sb_d, cols, col_ok, D,
+        acc = dot_tile(a_ptr, sa_row, sa_d, rows, row_ok, b_ptr, sb_row, sb_d, cols, col_ok, D,
                        BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION)
         rb = tl.load(pre_ptr + b_pre + cols, mask=col_ok, other=0.0)
         _, t = log2_logits(acc, ra, rb, scale_log2e)                          # [BM, BN], log2 domain
