@@ -15,6 +15,8 @@ import importlib.util
 
 import torch
 
+from .options import check_choice
+
 BACKENDS = ("auto", "triton", "torch")
 
 
@@ -39,8 +41,7 @@ def triton_available() -> bool:
 
 
 def check_backend_name(backend) -> None:
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    check_choice("backend", backend, BACKENDS)
 
 
 def resolve_name(backend: str, q: torch.Tensor) -> str:

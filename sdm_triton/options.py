@@ -41,10 +41,10 @@ class SDMOptions:
     normalize: bool = True
 
     def __post_init__(self):
-        _check_choice("kl", self.kl, KL_CHOICES)
-        _check_choice("direction", self.direction, DIRECTION_CHOICES)
-        _check_choice("combine", self.combine, COMBINE_CHOICES)
-        _check_choice("reduction", self.reduction, REDUCTION_CHOICES)
+        check_choice("kl", self.kl, KL_CHOICES)
+        check_choice("direction", self.direction, DIRECTION_CHOICES)
+        check_choice("combine", self.combine, COMBINE_CHOICES)
+        check_choice("reduction", self.reduction, REDUCTION_CHOICES)
         if not isinstance(self.normalize, bool):
             raise TypeError(f"normalize must be a bool, got {type(self.normalize).__name__}")
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)):
@@ -124,7 +124,7 @@ class KernelConfig:
     bwd_num_stages: Optional[int] = None
 
     def __post_init__(self):
-        _check_choice("backward", self.backward, BACKWARD_CHOICES)
+        check_choice("backward", self.backward, BACKWARD_CHOICES)
         for name in ("block_m", "block_n", "block_k", "bwd_block_m", "bwd_block_n", "bwd_block_k"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 16 or v & (v - 1)):
@@ -174,9 +174,12 @@ def as_kernel_config(value: Union[None, str, KernelConfig]) -> KernelConfig:
     return KernelConfig.parse(value)
 
 
-def _check_choice(name, value, choices):
+def check_choice(name: str, value, choices) -> str:
+    """``value`` if it is one of the strings ``choices``; else the ValueError every option string
+    raises (the loss's options, the backend, the distributed strategy, layout and convention)."""
     if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
 
 
 def _positive_float(name: str, value) -> float:
