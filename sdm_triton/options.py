@@ -10,6 +10,7 @@ devices only, so it never synchronises with the GPU.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import NamedTuple, Optional, Union
@@ -53,6 +54,22 @@ class SDMOptions:
             raise ValueError(f"eps must be a finite number >= 0, got {self.eps}")
         if self.kl == "reverse" and self.eps <= 0:
             raise ValueError("eps must be > 0 for kl='reverse' (log(Y + eps) is -inf at Y = 0)")
+
+    def name(self) -> str:
+        """The canonical name, e.g. ``"kl=forward,eps=1e-08,direction=both,combine=mean,reduction=mean,
+        normalize=True"``: ``SDMOptions.parse(o.name()) == o`` (the options as one value, as the
+        ``torch.library`` operators take them, ops.py)."""
+        return (f"kl={self.kl},eps={float(self.eps)!r},direction={self.direction},combine={self.combine},"
+                f"reduction={self.reduction},normalize={self.normalize}")
+
+    @classmethod
+    def parse(cls, name: str) -> "SDMOptions":
+        """The options of a name (`name`; fields left out keep their defaults), validated; parsed
+        once per name (an operator parses its options on every call; not cached while
+        torch.compile traces, which does not follow the cache)."""
+        if not isinstance(name, str):
+            raise TypeError(f"SDMOptions.parse takes a str, got {type(name).__name__}")
+        return _parse_options.__wrapped__(name) if torch.compiler.is_compiling() else _parse_options(name)
 
     @property
     def reverse(self) -> bool:
@@ -147,22 +164,52 @@ class KernelConfig:
 
     @classmethod
     def parse(cls, name: str) -> "KernelConfig":
+        """The config of a name (`name`), validated; parsed once per name (an operator parses
+        its config on every call; not cached while torch.compile traces)."""
         if not isinstance(name, str):
             raise TypeError(f"kernel_config must be a KernelConfig or a str, got {type(name).__name__}")
-        fields, rest = {}, name.strip().lower()
-        if rest in ("", "auto", "default"):
-            return cls()
-        for token in filter(None, re.split(r"[_\-\s]+", rest)):
-            if token in ("fused", "chunked"):
-                fields["backward"] = token
-                continue
-            parts = re.findall(r"(seg|b[mnkws]|[mnkws])(\d+)", token)
-            if not parts or "".join(a + b for a, b in parts) != token:
-                raise ValueError(f"kernel_config {name!r}: cannot read {token!r} (expected e.g. "
-                                 "'chunked_m128n128k64w8s3' or 'fused_m16n32')")
-            for key, value in parts:
-                fields[cls._TOKENS[key]] = int(value)
-        return cls(**fields)
+        return _parse_kernel_config.__wrapped__(name) if torch.compiler.is_compiling() else _parse_kernel_config(name)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_options(name: str) -> SDMOptions:
+    fields = {}
+    if name.strip() not in ("", "default"):
+        for item in name.split(","):
+            key, sep, value = (x.strip() for x in item.partition("="))
+            if not sep or key not in _OPTION_FIELDS:
+                raise ValueError(f"SDMOptions name {name!r}: cannot read {item!r} (expected "
+                                 f"'key=value' items with keys {', '.join(_OPTION_FIELDS)})")
+            fields[key] = _OPTION_FIELDS[key](value)
+    return SDMOptions(**fields)
+
+
+def _bool_text(value: str) -> bool:
+    if value not in ("True", "False"):
+        raise ValueError(f"SDMOptions name: normalize must be True or False, got {value!r}")
+    return value == "True"
+
+
+_OPTION_FIELDS = {"kl": str, "eps": float, "direction": str, "combine": str, "reduction": str,
+                  "normalize": _bool_text}
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_kernel_config(name: str) -> KernelConfig:
+    fields, rest = {}, name.strip().lower()
+    if rest in ("", "auto", "default"):
+        return KernelConfig()
+    for token in filter(None, re.split(r"[_\-\s]+", rest)):
+        if token in ("fused", "chunked"):
+            fields["backward"] = token
+            continue
+        parts = re.findall(r"(seg|b[mnkws]|[mnkws])(\d+)", token)
+        if not parts or "".join(a + b for a, b in parts) != token:
+            raise ValueError(f"kernel_config {name!r}: cannot read {token!r} (expected e.g. "
+                             "'chunked_m128n128k64w8s3' or 'fused_m16n32')")
+        for key, value in parts:
+            fields[KernelConfig._TOKENS[key]] = int(value)
+    return KernelConfig(**fields)
 
 
 def as_kernel_config(value: Union[None, str, KernelConfig]) -> KernelConfig:
