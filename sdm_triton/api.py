@@ -171,15 +171,15 @@ def _compute(q, g, q_ids, g_ids, labels, q_mask, g_mask, temperature, logit_scal
         # the graph gets the backend's operator (ops.py)
         from . import ops
         value, rows, valid, red, _ = ops.forward_op(dispatch.resolve_name(backend, q))(
-            q, g, q_ids, g_ids, labels, q_mask, g_mask, scale_t, scale_value, opts.kl, float(opts.eps),
-            opts.direction, opts.combine, opts.reduction, opts.normalize, config.name(), workspace_bytes,
-            galleries, scalar, return_stats)
+            q, g, q_ids, g_ids, labels, q_mask, g_mask, scale_t, scale_value, opts.name(), config.name(),
+            workspace_bytes, galleries, scalar, return_stats)
     else:
         be = dispatch.pick_backend(backend, q)
         if check_values:
             _check_values(q, g, labels, scale, q_mask, g_mask)
-        p = Problem(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale_t, scale_value, opts, config, workspace_bytes,
-                    galleries, scalar, return_stats)
+        p = Problem(q=q, g=g, q_ids=q_ids, g_ids=g_ids, labels=labels, q_mask=q_mask, g_mask=g_mask, scale=scale_t,
+                    scale_value=scale_value, options=opts, config=config, workspace_bytes=workspace_bytes,
+                    galleries=galleries, scalar_value=scalar, return_stats=return_stats)
         value, rows, valid, red = SDMFunction.apply(q, g, scale_t, p, be)
     return _result(opts, q.shape[0], g.shape[-2], galleries, scalar, return_stats, value, rows, valid, red)
 
@@ -248,8 +248,9 @@ def describe_path(q, g, backend: str = "auto", **kwargs) -> str:
         return be.name
     from .launch import describe_path as triton_path
     k = kwargs.get("galleries", 1)
-    p = Problem(q, g, None, None, None, None, None, None, 1.0, _options("forward", 1e-8, "both", "mean", "mean", True),
-                as_kernel_config(kwargs.get("kernel_config")), DEFAULT_WORKSPACE_BYTES, k, True, False)
+    p = Problem(q=q, g=g, q_ids=None, g_ids=None, labels=None, q_mask=None, g_mask=None, scale=None, scale_value=1.0,
+                options=SDMOptions(), config=as_kernel_config(kwargs.get("kernel_config")),
+                workspace_bytes=DEFAULT_WORKSPACE_BYTES, galleries=k, scalar_value=True, return_stats=False)
     return triton_path(p)
 
 

@@ -63,8 +63,10 @@ class Setup:
         """q_r (this rank's rows) against the gallery rows ``g``: a block problem (module doc)."""
         c = self.call
         config = dataclasses.replace(c.config, segments=1)
-        return Problem(c.q, g, c.q_ids, g_ids, labels, c.q_mask, g_mask, self.scale_t, self.scale_value, c.opts,
-                       config, c.workspace_bytes, 1, True, c.return_stats)
+        return Problem(q=c.q, g=g, q_ids=c.q_ids, g_ids=g_ids, labels=labels, q_mask=c.q_mask, g_mask=g_mask,
+                       scale=self.scale_t, scale_value=self.scale_value, options=c.opts, config=config,
+                       workspace_bytes=c.workspace_bytes, galleries=1, scalar_value=True,
+                       return_stats=c.return_stats)
 
     def needs_masses(self) -> bool:
         return self.call.labels is not None or self.call.backend.needs_id_masses
