@@ -15,6 +15,7 @@ import torch
 
 from . import dispatch
 from .autograd import SDMFunction
+from .backend import RED
 from .galleries import Galleries, stack_galleries
 from .options import (
     KernelConfig,
@@ -30,6 +31,7 @@ from .options import (
     validate_workspace_bytes,
 )
 from .problem import Problem
+from .reduction import stats_from_red
 
 BACKENDS = dispatch.BACKENDS
 #: Bound on the chunked backward's workspace (and the torch backend's chunks), in bytes.
@@ -202,12 +204,9 @@ def _result(o: SDMOptions, n: int, m: int, k: int, scalar: bool, return_stats: b
 
 def _stats(scalar: bool, red) -> SDMStats:
     red = red.detach()
-    one = (lambda x: x[0]) if scalar else (lambda x: x)
-    n_q, n_g = red[1].to(torch.int64), red[3].to(torch.int64)
-    return SDMStats(
-        valid_q2g=one(n_q), valid_g2q=one(n_g),
-        pos_prob_q2g=one(red[4] / red[1].clamp_min(1)), pos_prob_g2q=one(red[5] / red[3].clamp_min(1)),
-        q_norm_mean=red[6, 0], q_norm_max=red[7, 0], g_norm_mean=one(red[8]), g_norm_max=one(red[9]))
+    per_gallery = red[:, 0] if scalar else red        # the anchor's norms: 0-dim either way
+    return stats_from_red(per_gallery, red[RED.q_norm_mean, 0], red[RED.q_norm_max, 0],
+                          per_gallery[RED.g_norm_mean], per_gallery[RED.g_norm_max])
 
 
 class SDMLoss(torch.nn.Module):
