@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import NUM_STATS
-from .blocks import Setup, cast_gradient, label_masses, reduce_value, row_weights
+from ..backend import NUM_STATS, RED
+from ..reduction import cast_gradient, gradient_weights
+from .blocks import Setup, label_masses, reduce_value
 from .comm import all_gather_rows, all_reduce, reduce_scatter_rows
 
 
@@ -58,8 +59,11 @@ class Allgather:
         red = out.red[:, 0].to(torch.float64)
         want_pos = c.return_stats
         zero = torch.zeros((), dtype=torch.float64, device=dev)
-        q_tot = all_reduce(torch.stack([red[0], red[1], red[4] if want_pos else zero]), comm)
-        totals = torch.stack([q_tot[0], q_tot[1], red[2], red[3], q_tot[2], red[5] if want_pos else zero])
+        q_tot = all_reduce(torch.stack([red[RED.sum_q2g], red[RED.valid_q2g], red[RED.pos_q2g] if want_pos else zero]),
+                           comm)
+        # in RED's order: sum_q2g, valid_q2g, sum_g2q, valid_g2q, pos_q2g, pos_g2q
+        totals = torch.stack([q_tot[0], q_tot[1], red[RED.sum_g2q], red[RED.valid_g2q], q_tot[2],
+                              red[RED.pos_g2q] if want_pos else zero])
         g0 = n + comm.g_offset(comm.rank)
         rows = torch.cat([out.rows[:n], out.rows[g0:g0 + m_r]])
         valid = torch.cat([out.valid[:n], out.valid[g0:g0 + m_r]])
@@ -74,7 +78,7 @@ class Allgather:
         L, out = self.L, self.out
         g0 = n + comm.g_offset(comm.rank)
         valid = torch.cat([out.valid[:n], out.valid[g0:g0 + m_r]])
-        w = row_weights(s, d_value, d_rows, valid, self.totals, n)
+        w = gradient_weights(c.opts, self.totals[:, None], valid, n, d_value, d_rows, s.ct)
         w_rows = torch.cat([w[:n], all_gather_rows(w[n:], comm.g_sizes, comm)])
         dq, dg_all, d_scale = be.backward(L, out, None, w_rows, (want_q, want_g, want_scale), partial_grads=True)
         dg = reduce_scatter_rows(dg_all, comm.g_sizes, comm) if want_g else None

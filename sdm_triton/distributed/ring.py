@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import NUM_STATS
-from .blocks import Setup, cast_gradient, label_masses, reduce_value, row_weights
+from ..backend import NUM_STATS, RED
+from ..reduction import cast_gradient, gradient_weights
+from .blocks import NUM_TOTALS, Setup, label_masses, reduce_value
 from .comm import all_gather_rows, all_reduce, ring_pass
 
 
@@ -86,9 +87,9 @@ class Ring:
         merged = torch.cat([torch.cat(q_parts), g_parts.to(ct)], 2).contiguous()     # [P, NUM_STATS, N_r + M_r]
         out = be.finish(self.B, merged, comm.world, comm.world, self.prepared)
         red = out.red[:, 0].to(torch.float64)
-        if not c.return_stats:
-            red = torch.cat([red[:4], torch.zeros_like(red[4:6])])
-        totals = all_reduce(red[:6].clone(), comm)
+        if not c.return_stats:      # the positives' mass: not computed
+            red = torch.cat([red[:RED.pos_q2g], torch.zeros_like(red[RED.pos_q2g:NUM_TOTALS])])
+        totals = all_reduce(red[:NUM_TOTALS].clone(), comm)
         self.out, self.totals = out, totals
         return reduce_value(s, totals), out.rows.clone(), out.valid.clone(), totals
 
@@ -99,7 +100,7 @@ class Ring:
         n, d = c.q.shape
         dev = c.q.device
         want_q, want_g, want_scale = want
-        w = row_weights(s, d_value, d_rows, self.out.valid, self.totals, n)
+        w = gradient_weights(c.opts, self.totals[:, None], self.out.valid, n, d_value, d_rows, ct)
         state = be.row_state(self.B, self.out)                        # [F, N_r + M_r]
         n_fields = state.shape[0]
         q_state, w_q = state[:, :n], w[:n]
