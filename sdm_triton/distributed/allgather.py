@@ -33,15 +33,11 @@ class Allgather:
 
     def forward(self):
         s = self.setup
-        c, comm, be, ct = s.call, s.comm, s.call.backend, s.ct
+        c, comm, be = s.call, s.comm, s.call.backend
         n, m_r = c.q.shape[0], c.g.shape[0]
         dev = c.q.device
-        g_keep = c.g_mask if c.g_mask is not None else torch.ones(m_r, dtype=torch.bool, device=dev)
-        ids = c.g_ids.to(torch.int64) if c.g_ids is not None else torch.zeros(m_r, dtype=torch.int64, device=dev)
         g_all = all_gather_rows(c.g, comm.g_sizes, comm)                                     # [M, D]
-        meta = all_gather_rows(torch.stack([ids, g_keep.to(torch.int64)], 1), comm.g_sizes, comm)
-        g_ids_all = meta[:, 0] if c.g_ids is not None else None
-        g_keep_all = meta[:, 1] != 0
+        g_ids_all, g_keep_all = s.gallery_columns(all_gather_rows(s.gallery_meta(1), comm.g_sizes, comm).T)
         m = g_all.shape[0]
         masses = None
         if s.needs_masses():

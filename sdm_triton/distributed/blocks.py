@@ -70,6 +70,19 @@ class Setup:
                        workspace_bytes=c.workspace_bytes, galleries=1, scalar_value=True,
                        return_stats=c.return_stats)
 
+    def gallery_meta(self, dim: int) -> torch.Tensor:
+        """This rank's gallery rows' ids (0 without ids) and presence as one int64 tensor, for one
+        collective: [M_r, 2] (``dim`` 1) or [2, M_r] (``dim`` 0). `gallery_columns` reads it back."""
+        c = self.call
+        m_r, dev = c.g.shape[0], c.g.device
+        g_keep = c.g_mask if c.g_mask is not None else torch.ones(m_r, dtype=torch.bool, device=dev)
+        ids = c.g_ids.to(torch.int64) if c.g_ids is not None else torch.zeros(m_r, dtype=torch.int64, device=dev)
+        return torch.stack([ids, g_keep.to(torch.int64)], dim)
+
+    def gallery_columns(self, meta: torch.Tensor):
+        """(ids or None, presence) of gallery rows from their `gallery_meta` [2, M] (any ranks')."""
+        return (meta[0] if self.call.g_ids is not None else None), meta[1] != 0
+
     def needs_masses(self) -> bool:
         return self.call.labels is not None or self.call.backend.needs_id_masses
 

@@ -43,7 +43,7 @@ class Ring:
         if c.labels is not None:
             off = comm.g_offset(s)
             labels = c.labels[:, off:off + comm.g_sizes[s]]
-        return self.setup.problem(feats, meta[0] if c.g_ids is not None else None, meta[1] != 0, labels)
+        return self.setup.problem(feats, *self.setup.gallery_columns(meta), labels)
 
     def _masses(self, s: int):
         """Label masses [2, N_r + M_s] of B_s's softmax rows (None: the backend computes them)."""
@@ -61,16 +61,12 @@ class Ring:
     def forward(self):
         s = self.setup
         c, comm, be, ct = s.call, s.comm, s.call.backend, s.ct
-        n, m_r = c.q.shape[0], c.g.shape[0]
-        dev = c.q.device
-        g_keep = c.g_mask if c.g_mask is not None else torch.ones(m_r, dtype=torch.bool, device=dev)
-        ids = c.g_ids.to(torch.int64) if c.g_ids is not None else torch.zeros(m_r, dtype=torch.int64, device=dev)
-        self.own = [c.g.contiguous(), torch.stack([ids, g_keep.to(torch.int64)])]
+        n = c.q.shape[0]
+        self.own = [c.g.contiguous(), s.gallery_meta(0)]
         self.q_masses = self.g_masses = None
         if s.needs_masses():
             meta_all = all_gather_rows(self.own[1].T, comm.g_sizes, comm)                   # [M, 2]
-            self.q_masses, self.g_masses = label_masses(s, meta_all[:, 0] if c.g_ids is not None else None,
-                                                        meta_all[:, 1] != 0)
+            self.q_masses, self.g_masses = label_masses(s, *s.gallery_columns(meta_all.T))
         q_parts = []
 
         def compute(blk_rank, block):
@@ -98,7 +94,6 @@ class Ring:
         s = self.setup
         c, comm, be, ct = s.call, s.comm, s.call.backend, s.ct
         n, d = c.q.shape
-        dev = c.q.device
         want_q, want_g, want_scale = want
         w = gradient_weights(c.opts, self.totals[:, None], self.out.valid, n, d_value, d_rows, ct)
         state = be.row_state(self.B, self.out)                        # [F, N_r + M_r]
