@@ -118,7 +118,8 @@ class KernelConfig:
 
     block_m, block_n, block_k, num_warps, num_stages: tile shape (rows, columns, feature
     dim step) and launch parameters of the forward statistics pass; bwd_*: the same for the
-    backward's kernel (fused or chunked); segments: column segments per row block in the
+    backward's kernel (fused or chunked), but for bwd_block_k, which has no effect (the
+    backward's dots step through D with block_k, the forward's); segments: column segments per row block in the
     forward; backward: "fused" (one launch, gradients accumulated in the kernel: small
     problems) or "chunked" (dL/dS written to a bounded workspace chunk by chunk and
     multiplied with cuBLAS: large problems).
@@ -136,6 +137,9 @@ class KernelConfig:
     backward: str = "auto"
     bwd_block_m: Optional[int] = None
     bwd_block_n: Optional[int] = None
+    #: No effect: both backwards step through D by the forward statistics' block_k, so that their
+    #: dots match the forward's step for step (launch.py). Kept for now because launch._merge reads
+    #: every bwd_* field and names with ``bk`` must keep parsing; goes with launch.py's split.
     bwd_block_k: Optional[int] = None
     bwd_num_warps: Optional[int] = None
     bwd_num_stages: Optional[int] = None
