@@ -15,6 +15,7 @@ import torch
 
 from . import dispatch
 from .autograd import SDMFunction
+from .backend import RED
 from .galleries import Galleries, resolve_gallery_ids, stack_galleries
 from .options import (
     KernelConfig,
@@ -32,6 +33,7 @@ from .options import (
     validate_workspace_bytes,
 )
 from .problem import Problem
+from .reduction import stats_from_red
 
 BACKENDS = dispatch.BACKENDS
 #: Bound on the chunked backward's workspace (and the torch backend's chunks), in bytes.
@@ -172,15 +174,15 @@ def _compute(q, g, q_ids, g_ids, labels, q_mask, g_mask, temperature, logit_scal
         # the graph gets the backend's operator (ops.py)
         from . import ops
         value, rows, valid, red, _ = ops.forward_op(dispatch.resolve_name(backend, q))(
-            q, g, q_ids, g_ids, labels, q_mask, g_mask, scale_t, scale_value, opts.kl, float(opts.eps),
-            opts.direction, opts.combine, opts.reduction, opts.normalize, config.name(), workspace_bytes,
-            galleries, scalar, return_stats)
+            q, g, q_ids, g_ids, labels, q_mask, g_mask, scale_t, scale_value, opts.name(), config.name(),
+            workspace_bytes, galleries, scalar, return_stats)
     else:
         be = dispatch.pick_backend(backend, q)
         if check_values:
             _check_values(q, g, labels, scale, q_mask, g_mask)
-        p = Problem(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale_t, scale_value, opts, config, workspace_bytes,
-                    galleries, scalar, return_stats)
+        p = Problem(q=q, g=g, q_ids=q_ids, g_ids=g_ids, labels=labels, q_mask=q_mask, g_mask=g_mask, scale=scale_t,
+                    scale_value=scale_value, options=opts, config=config, workspace_bytes=workspace_bytes,
+                    galleries=galleries, scalar_value=scalar, return_stats=return_stats)
         value, rows, valid, red = SDMFunction.apply(q, g, scale_t, p, be)
     return _result(opts, q.shape[0], g.shape[-2], galleries, scalar, return_stats, value, rows, valid, red)
 
@@ -203,12 +205,9 @@ def _result(o: SDMOptions, n: int, m: int, k: int, scalar: bool, return_stats: b
 
 def _stats(scalar: bool, red) -> SDMStats:
     red = red.detach()
-    one = (lambda x: x[0]) if scalar else (lambda x: x)
-    n_q, n_g = red[1].to(torch.int64), red[3].to(torch.int64)
-    return SDMStats(
-        valid_q2g=one(n_q), valid_g2q=one(n_g),
-        pos_prob_q2g=one(red[4] / red[1].clamp_min(1)), pos_prob_g2q=one(red[5] / red[3].clamp_min(1)),
-        q_norm_mean=red[6, 0], q_norm_max=red[7, 0], g_norm_mean=one(red[8]), g_norm_max=one(red[9]))
+    per_gallery = red[:, 0] if scalar else red        # the anchor's norms: 0-dim either way
+    return stats_from_red(per_gallery, red[RED.q_norm_mean, 0], red[RED.q_norm_max, 0],
+                          per_gallery[RED.g_norm_mean], per_gallery[RED.g_norm_max])
 
 
 class SDMLoss(torch.nn.Module):
@@ -249,8 +248,9 @@ def describe_path(q, g, backend: str = "auto", **kwargs) -> str:
         return be.name
     from .launch import describe_path as triton_path
     k = kwargs.get("galleries", 1)
-    p = Problem(q, g, None, None, None, None, None, None, 1.0, _options("forward", 1e-8, "both", "mean", "mean", True),
-                as_kernel_config(kwargs.get("kernel_config")), DEFAULT_WORKSPACE_BYTES, k, True, False)
+    p = Problem(q=q, g=g, q_ids=None, g_ids=None, labels=None, q_mask=None, g_mask=None, scale=None, scale_value=1.0,
+                options=SDMOptions(), config=as_kernel_config(kwargs.get("kernel_config")),
+                workspace_bytes=DEFAULT_WORKSPACE_BYTES, galleries=k, scalar_value=True, return_stats=False)
     return triton_path(p)
 
 

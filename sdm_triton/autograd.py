@@ -61,9 +61,9 @@ class SDMFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_value, d_rows, _d_valid, _d_red):
-        saved = ctx.saved_tensors            # raises if an input was modified in place
-        q, g, scale = saved[0], saved[1], saved[2]
-        out = ForwardOut(None, saved[8], saved[9], saved[10], tuple(saved[11:]))
+        # raises if an input was modified in place
+        q, g, scale, _q_ids, _g_ids, _labels, _q_mask, _g_mask, rows, valid, red, *state = ctx.saved_tensors
+        out = ForwardOut(None, rows, valid, red, tuple(state))
         want = tuple(ctx.needs_input_grad[:3])
         with torch.no_grad(), without_autocast(q.device.type):
             dq, dg, d_scale = ctx.backend.backward(ctx.problem, out, d_value, d_rows, want)

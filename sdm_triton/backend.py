@@ -32,6 +32,7 @@ are shared by both backends, and are all that distributed code relies on (K = 1)
 
 from __future__ import annotations
 
+import collections
 from typing import Any, NamedTuple, Optional, Protocol, Tuple
 
 import torch
@@ -42,6 +43,8 @@ from .problem import Problem
 RED_FIELDS = ("sum_q2g", "valid_q2g", "sum_g2q", "valid_g2q", "pos_q2g", "pos_g2q",
               "q_norm_mean", "q_norm_max", "g_norm_mean", "g_norm_max")
 NUM_RED = len(RED_FIELDS)
+#: the row of each field, by name: ``red[RED.valid_q2g]``
+RED = collections.namedtuple("RedRows", RED_FIELDS)(*range(NUM_RED))
 #: entries per softmax row and segment of a partial (kernels/stats.py, torch_backend.py)
 NUM_STATS = 5
 

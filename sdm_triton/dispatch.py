@@ -11,15 +11,18 @@ backward by size.
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
+
+from .options import check_choice
 
 BACKENDS = ("auto", "triton", "torch")
 
 
 @functools.lru_cache(maxsize=None)
 def _triton_backend():
+    """The Triton backend, or the ImportError that importing triton raised: the one test of
+    Triton's presence (importable, not merely installed), tried once."""
     try:
         import triton  # noqa: F401
     except ImportError as exc:
@@ -34,34 +37,33 @@ def _torch_backend():
     return TorchBackend()
 
 
-def triton_available() -> bool:
+@torch.compiler.assume_constant_result
+def _triton_importable() -> bool:
+    """`_triton_backend`'s test as a constant while torch.compile traces (called, not traced)."""
     return not isinstance(_triton_backend(), BaseException)
 
 
 def check_backend_name(backend) -> None:
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    check_choice("backend", backend, BACKENDS)
+
+
+def _wants_torch(backend: str, q: torch.Tensor) -> bool:
+    return backend == "torch" or (backend == "auto" and (not q.is_cuda or q.dtype == torch.float64))
 
 
 def resolve_name(backend: str, q: torch.Tensor) -> str:
-    """"triton" or "torch": the backend ``pick_backend`` would return (no cached calls: it runs
-    while torch.compile traces)."""
-    if backend == "torch" or (backend == "auto" and (not q.is_cuda or q.dtype == torch.float64)):
-        return "torch"
-    if backend == "auto" and not _TRITON_INSTALLED:
+    """"triton" or "torch": the backend ``pick_backend`` would return (it runs while
+    torch.compile traces: Triton's presence is the same test, taken as a constant)."""
+    if _wants_torch(backend, q) or (backend == "auto" and not _triton_importable()):
         return "torch"
     return "triton"
-
-
-#: Whether a triton package is installed (found without importing it).
-_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def pick_backend(backend: str, q: torch.Tensor):
     """The backend object (`backend.Backend`) for ``backend`` and features ``q``; raises for a
     backend that cannot take them, naming the way out."""
     check_backend_name(backend)
-    if backend == "torch" or (backend == "auto" and (not q.is_cuda or q.dtype == torch.float64)):
+    if _wants_torch(backend, q):
         return _torch_backend()
     tb = _triton_backend()
     if isinstance(tb, BaseException):

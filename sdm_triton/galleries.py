@@ -88,9 +88,9 @@ def split_galleries(gs: Galleries, g_ids=None, labels=None, g_mask=None) -> Gall
                        _per_gallery("labels", labels, count, 2), _per_gallery("g_mask", g_mask, count, 1))
 
 
-def _stacked(name: str, value, count: int, shared_dim: int):
-    """``value`` as one tensor: shared (dim shared_dim) or stacked (dim shared_dim + 1); a
-    sequence of K tensors is stacked (checked by `split_galleries`)."""
+def _stacked(name: str, value):
+    """``value`` as one tensor: a tensor as given (shared or stacked), a sequence of K tensors
+    stacked (its structure checked by `split_galleries`)."""
     if isinstance(value, (list, tuple)):
         given = [v for v in value if v is not None]
         if not given:
@@ -168,4 +168,4 @@ def stack_galleries(gs: Galleries, g_ids=None, labels=None, g_mask=None):
     args = split_galleries(gs, g_ids, labels, g_mask)
     k = args.count
     g = gs if isinstance(gs, torch.Tensor) else torch.stack(list(gs))
-    return g, _stacked("labels", labels, k, 2), _stacked("g_mask", g_mask, k, 1), k, args
+    return g, _stacked("labels", labels), _stacked("g_mask", g_mask), k, args

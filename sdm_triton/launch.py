@@ -279,8 +279,8 @@ class TritonBackend:
             **_side_args(p), pre_ptr=pre, lab_ptr=lab, N=n, M=m, K=k, n_q_programs=n_qp, D=d,
             NORMALIZE=p.options.normalize, DENSE=p.dense and not masses_given, BLOCK_M=t.block_m,
             BLOCK_N=t.block_n, BLOCK_K=min(t.block_k, max(16, _pow2_at_least(d))), num_warps=4)
-        if masses_given:
-            lab.view(2, ndr).copy_(label_masses)
+        if masses_given:      # summed over blocks or ranks: a mass that overflowed there is NaN
+            lab.view(2, ndr).copy_(torch.where(torch.isinf(label_masses), float("nan"), label_masses))
         return buf
 
     def statistics(self, p: Problem, prepared: torch.Tensor) -> Statistics:

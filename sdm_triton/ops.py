@@ -13,14 +13,17 @@ does in eager mode, connected by ``register_autograd``:
 
 The backward gets the forward's state as saved tensors (no recomputation). The public API
 uses these operators only while ``torch.compile`` traces; eager calls go straight to the
-autograd Function (no dispatcher round trip). Non-tensor options travel as plain values
-(str / float / int / bool), the kernel config as its canonical name (``KernelConfig.name()``).
+autograd Function (no dispatcher round trip). The loss's options travel as one string, their canonical name
+(``SDMOptions.name()``), the kernel config likewise (``KernelConfig.name()``); both are parsed
+once per name. The operators' arguments are listed once per pair (`_forward_function`,
+`_backward_function`: torch.library infers the schema from those signatures) and read into a
+`Problem` in one place (`_problem`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -32,11 +35,46 @@ from .options import KernelConfig, SDMOptions, compute_dtype
 from .problem import Problem
 
 
-def _problem(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, scale_value, kl, eps, direction, combine,
-             reduction, normalize, config, workspace_bytes, galleries, scalar_value, return_stats) -> Problem:
-    opts = SDMOptions(kl=kl, eps=eps, direction=direction, combine=combine, reduction=reduction, normalize=normalize)
-    return Problem(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, scale_value, opts, KernelConfig.parse(config),
-                   workspace_bytes, galleries, scalar_value, return_stats)
+def _problem(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, scale_value, options, config, workspace_bytes,
+             galleries, scalar_value, return_stats) -> Problem:
+    """The `Problem` of the operators' arguments (both operators of a pair take these, in this order)."""
+    return Problem(q=q, g=g, q_ids=q_ids, g_ids=g_ids, labels=labels, q_mask=q_mask, g_mask=g_mask, scale=scale,
+                   scale_value=scale_value, options=SDMOptions.parse(options), config=KernelConfig.parse(config),
+                   workspace_bytes=workspace_bytes, galleries=galleries, scalar_value=scalar_value,
+                   return_stats=return_stats)
+
+
+def _forward_function(body: Callable[[Problem], Tuple]):
+    """``body(problem)`` as a function of the forward operators' arguments: their schema is
+    inferred from this signature. Outputs: (value, rows, valid, red, state), `backend.ForwardOut`
+    with the state as a list."""
+    def forward(
+        q: Tensor, g: Tensor, q_ids: Optional[Tensor], g_ids: Optional[Tensor], labels: Optional[Tensor],
+        q_mask: Optional[Tensor], g_mask: Optional[Tensor], scale: Optional[Tensor], scale_value: float,
+        options: str, config: str, workspace_bytes: int, galleries: int, scalar_value: bool, return_stats: bool,
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, List[Tensor]]:
+        return body(_problem(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, scale_value, options, config,
+                             workspace_bytes, galleries, scalar_value, return_stats))
+    return forward
+
+
+def _backward_function(body: Callable[..., Tuple]):
+    """``body(problem, forward_out, d_value, d_rows, want)`` as a function of the backward
+    operators' arguments: the gradients of (value, rows), the forward's outputs but the value,
+    the forward's arguments, and which of (dq, dg, d_scale) to compute. Outputs (dq, dg,
+    d_scale); a gradient that was not asked for comes back as an empty tensor."""
+    def backward(
+        d_value: Optional[Tensor], d_rows: Optional[Tensor], rows: Tensor, valid: Tensor, red: Tensor,
+        state: List[Tensor],
+        q: Tensor, g: Tensor, q_ids: Optional[Tensor], g_ids: Optional[Tensor], labels: Optional[Tensor],
+        q_mask: Optional[Tensor], g_mask: Optional[Tensor], scale: Optional[Tensor], scale_value: float,
+        options: str, config: str, workspace_bytes: int, galleries: int, scalar_value: bool, return_stats: bool,
+        want_q: bool, want_g: bool, want_scale: bool,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        p = _problem(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, scale_value, options, config,
+                     workspace_bytes, galleries, scalar_value, return_stats)
+        return body(p, ForwardOut(None, rows, valid, red, tuple(state)), d_value, d_rows, (want_q, want_g, want_scale))
+    return backward
 
 
 def _launches(backend: str):
@@ -47,138 +85,76 @@ def _launches(backend: str):
     return contextlib.nullcontext()
 
 
-def _forward(backend, q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, scale_value, kl, eps, direction, combine,
-             reduction, normalize, config, workspace_bytes, galleries, scalar_value, return_stats):
-    p = _problem(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, scale_value, kl, eps, direction, combine,
-                 reduction, normalize, config, workspace_bytes, galleries, scalar_value, return_stats)
-    with torch.autocast(q.device.type, enabled=False), _launches(backend):
-        out = dispatch.pick_backend(backend, q).forward(p)
-    return out.value, out.rows, out.valid, out.red, list(out.state)
+def _run_forward(backend: str):
+    def run(p: Problem):
+        with torch.autocast(p.q.device.type, enabled=False), _launches(backend):
+            out = dispatch.pick_backend(backend, p.q).forward(p)
+        # an operator's outputs may not alias its inputs (the torch backend's state can hold the scale itself)
+        state = [t.clone() if (p.scale is not None and t is p.scale) else t for t in out.state]
+        return out.value, out.rows, out.valid, out.red, state
+    return run
 
 
-def _backward(backend, d_value, d_rows, rows, valid, red, state, q, g, q_ids, g_ids, labels, q_mask, g_mask, scale,
-              scale_value, kl, eps, direction, combine, reduction, normalize, config, workspace_bytes, galleries,
-              scalar_value, want_q, want_g, want_scale):
-    p = _problem(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, scale_value, kl, eps, direction, combine,
-                 reduction, normalize, config, workspace_bytes, galleries, scalar_value, False)
-    out = ForwardOut(None, rows, valid, red, tuple(state))
-    with torch.autocast(q.device.type, enabled=False), _launches(backend):
-        dq, dg, d_scale = dispatch.pick_backend(backend, q).backward(p, out, d_value, d_rows,
-                                                                    (want_q, want_g, want_scale))
-    empty = q.new_empty(0)
-    return (dq if dq is not None else empty, dg if dg is not None else empty,
-            d_scale.reshape(()).float() if d_scale is not None else empty.float())
+def _run_backward(backend: str):
+    def run(p: Problem, out: ForwardOut, d_value, d_rows, want):
+        with torch.autocast(p.q.device.type, enabled=False), _launches(backend):
+            dq, dg, d_scale = dispatch.pick_backend(backend, p.q).backward(p, out, d_value, d_rows, want)
+        empty = p.q.new_empty(0)
+        return (dq if dq is not None else empty, dg if dg is not None else empty,
+                d_scale.reshape(()).float() if d_scale is not None else empty.float())
+    return run
 
 
-# ------------------------------------------------------------------ the Triton backend: triton_op
-
-@triton_op("sdm_triton::forward", mutates_args=())
-def sdm_forward_op(
-    q: Tensor, g: Tensor, q_ids: Optional[Tensor], g_ids: Optional[Tensor], labels: Optional[Tensor],
-    q_mask: Optional[Tensor], g_mask: Optional[Tensor], scale: Optional[Tensor], scale_value: float,
-    kl: str, eps: float, direction: str, combine: str, reduction: str, normalize: bool,
-    config: str, workspace_bytes: int, galleries: int, scalar_value: bool, return_stats: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, List[Tensor]]:
-    """(value, rows, valid, red, state): `backend.ForwardOut`, the state as a list."""
-    return _forward("triton", q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, scale_value, kl, eps, direction,
-                    combine, reduction, normalize, config, workspace_bytes, galleries, scalar_value, return_stats)
-
-
-@triton_op("sdm_triton::backward", mutates_args=())
-def sdm_backward_op(
-    d_value: Optional[Tensor], d_rows: Optional[Tensor], rows: Tensor, valid: Tensor, red: Tensor,
-    state: List[Tensor], q: Tensor, g: Tensor, q_ids: Optional[Tensor], g_ids: Optional[Tensor],
-    labels: Optional[Tensor], q_mask: Optional[Tensor], g_mask: Optional[Tensor], scale: Optional[Tensor],
-    scale_value: float, kl: str, eps: float, direction: str, combine: str, reduction: str, normalize: bool,
-    config: str, workspace_bytes: int, galleries: int, scalar_value: bool,
-    want_q: bool, want_g: bool, want_scale: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dq, dg, d_scale); a gradient that was not asked for comes back as an empty tensor."""
-    return _backward("triton", d_value, d_rows, rows, valid, red, state, q, g, q_ids, g_ids, labels, q_mask, g_mask,
-                     scale, scale_value, kl, eps, direction, combine, reduction, normalize, config, workspace_bytes,
-                     galleries, scalar_value, want_q, want_g, want_scale)
-
-
-# ------------------------------------------------------------------ the torch backend: opaque custom_op
-
-@custom_op("sdm_triton::forward_torch", mutates_args=())
-def sdm_forward_torch_op(
-    q: Tensor, g: Tensor, q_ids: Optional[Tensor], g_ids: Optional[Tensor], labels: Optional[Tensor],
-    q_mask: Optional[Tensor], g_mask: Optional[Tensor], scale: Optional[Tensor], scale_value: float,
-    kl: str, eps: float, direction: str, combine: str, reduction: str, normalize: bool,
-    config: str, workspace_bytes: int, galleries: int, scalar_value: bool, return_stats: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, List[Tensor]]:
-    out = _forward("torch", q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, scale_value, kl, eps, direction,
-                   combine, reduction, normalize, config, workspace_bytes, galleries, scalar_value, return_stats)
-    # a custom op's outputs may not alias its inputs (the state's scale can be the input itself)
-    return out[:4] + ([t.clone() if (scale is not None and t is scale) else t for t in out[4]],)
-
-
-@sdm_forward_torch_op.register_fake
-def _forward_torch_fake(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, scale_value, kl, eps, direction, combine,
-                        reduction, normalize, config, workspace_bytes, galleries, scalar_value, return_stats):
-    ct = compute_dtype(q.dtype)
-    n, d = q.shape
-    m = g.shape[-2]
-    ndr = galleries * (n + m)
-    value = q.new_empty(() if scalar_value else (galleries,), dtype=ct)
-    rows, valid, red = q.new_empty(ndr, dtype=ct), q.new_empty(ndr, dtype=torch.bool), q.new_empty((NUM_RED, galleries), dtype=ct)
+def _forward_fake(p: Problem):
+    """The torch backend's forward on fake tensors: the outputs' shapes and dtypes."""
+    ct = compute_dtype(p.q.dtype)
+    q, n, m, d, k, ndr = p.q, p.n, p.m, p.d, p.galleries, p.num_rows
+    value = q.new_empty(() if p.scalar_value else (k,), dtype=ct)
+    rows, valid = q.new_empty(ndr, dtype=ct), q.new_empty(ndr, dtype=torch.bool)
+    red = q.new_empty((NUM_RED, k), dtype=ct)
     state = [q.new_empty(ndr, dtype=ct), q.new_empty(ndr, dtype=ct), q.new_empty(ndr, dtype=ct),
-             q.new_empty((galleries, m, d), dtype=ct), q.new_empty((n, d), dtype=ct), q.new_empty((), dtype=ct)]
+             q.new_empty((k, m, d), dtype=ct), q.new_empty((n, d), dtype=ct), q.new_empty((), dtype=ct)]
     return value, rows, valid, red, state
 
 
-@custom_op("sdm_triton::backward_torch", mutates_args=())
-def sdm_backward_torch_op(
-    d_value: Optional[Tensor], d_rows: Optional[Tensor], rows: Tensor, valid: Tensor, red: Tensor,
-    state: List[Tensor], q: Tensor, g: Tensor, q_ids: Optional[Tensor], g_ids: Optional[Tensor],
-    labels: Optional[Tensor], q_mask: Optional[Tensor], g_mask: Optional[Tensor], scale: Optional[Tensor],
-    scale_value: float, kl: str, eps: float, direction: str, combine: str, reduction: str, normalize: bool,
-    config: str, workspace_bytes: int, galleries: int, scalar_value: bool,
-    want_q: bool, want_g: bool, want_scale: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    dq, dg, ds = _backward("torch", d_value, d_rows, rows, valid, red, state, q, g, q_ids, g_ids, labels, q_mask,
-                           g_mask, scale, scale_value, kl, eps, direction, combine, reduction, normalize, config,
-                           workspace_bytes, galleries, scalar_value, want_q, want_g, want_scale)
-    return dq, dg, ds
+def _backward_fake(p: Problem, out: ForwardOut, d_value, d_rows, want):
+    want_q, want_g, want_scale = want
+    empty = p.q.new_empty(0)
+    return (torch.empty_like(p.q) if want_q else empty, torch.empty_like(p.g) if want_g else empty,
+            p.q.new_empty((), dtype=torch.float32) if want_scale else empty.float())
 
 
-@sdm_backward_torch_op.register_fake
-def _backward_torch_fake(d_value, d_rows, rows, valid, red, state, q, g, q_ids, g_ids, labels, q_mask, g_mask, scale,
-                         scale_value, kl, eps, direction, combine, reduction, normalize, config, workspace_bytes,
-                         galleries, scalar_value, want_q, want_g, want_scale):
-    empty = q.new_empty(0)
-    return (torch.empty_like(q) if want_q else empty, torch.empty_like(g) if want_g else empty,
-            q.new_empty((), dtype=torch.float32) if want_scale else empty.float())
+# the Triton backend: triton_op, traced by the compiler (its launches through wrap_triton)
+sdm_forward_op = triton_op("sdm_triton::forward", _forward_function(_run_forward("triton")), mutates_args=())
+sdm_backward_op = triton_op("sdm_triton::backward", _backward_function(_run_backward("triton")), mutates_args=())
+
+# the torch backend: opaque custom_op, with fake (meta) implementations for the compiler
+sdm_forward_torch_op = custom_op("sdm_triton::forward_torch", _forward_function(_run_forward("torch")),
+                                 mutates_args=())
+sdm_forward_torch_op.register_fake(_forward_function(_forward_fake))
+sdm_backward_torch_op = custom_op("sdm_triton::backward_torch", _backward_function(_run_backward("torch")),
+                                  mutates_args=())
+sdm_backward_torch_op.register_fake(_backward_function(_backward_fake))
 
 
 # ------------------------------------------------------------------ autograd of both
 
-# the forward's arguments after the tensors (positions in the forward ops' signatures)
-_OPTION_SLICE = slice(8, 20)
-
-
 def _make_backward(backward_op):
     def backward(ctx, d_value, d_rows, _d_valid, _d_red, _d_state):
         q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, rows, valid, red, *state = ctx.saved_tensors
-        (scale_value, kl, eps, direction, combine, reduction, normalize, config, workspace_bytes,
-         galleries, scalar_value, _return_stats) = ctx.options
         want_q, want_g, want_scale = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[7]
-        dq, dg, d_scale = backward_op(
-            d_value, d_rows, rows, valid, red, state, q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, scale_value,
-            kl, eps, direction, combine, reduction, normalize, config, workspace_bytes, galleries, scalar_value,
-            want_q, want_g, want_scale)
-        grads = [dq if want_q else None, dg if want_g else None] + [None] * 5
-        grads.append(d_scale.to(scale.dtype) if want_scale else None)
-        return tuple(grads) + (None,) * 12
+        dq, dg, d_scale = backward_op(d_value, d_rows, rows, valid, red, state, q, g, q_ids, g_ids, labels, q_mask,
+                                      g_mask, scale, *ctx.settings, want_q, want_g, want_scale)
+        return ((dq if want_q else None, dg if want_g else None) + (None,) * 5
+                + (d_scale.to(scale.dtype) if want_scale else None,) + (None,) * len(ctx.settings))
     return backward
 
 
 def _setup_context(ctx, inputs, output):
-    value, rows, valid, red, state = output
-    q, g, q_ids, g_ids, labels, q_mask, g_mask, scale = inputs[:8]
+    _value, rows, valid, red, state = output
+    q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, *settings = inputs
     ctx.save_for_backward(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, rows, valid, red, *state)
-    ctx.options = inputs[_OPTION_SLICE]
+    ctx.settings = settings          # the arguments after the tensors: scale_value, options, config, ...
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(valid, red)
 

@@ -10,6 +10,7 @@ devices only, so it never synchronises with the GPU.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import NamedTuple, Optional, Union
@@ -50,10 +51,10 @@ class SDMOptions:
     normalize: bool = True
 
     def __post_init__(self):
-        _check_choice("kl", self.kl, KL_CHOICES)
-        _check_choice("direction", self.direction, DIRECTION_CHOICES)
-        _check_choice("combine", self.combine, COMBINE_CHOICES)
-        _check_choice("reduction", self.reduction, REDUCTION_CHOICES)
+        check_choice("kl", self.kl, KL_CHOICES)
+        check_choice("direction", self.direction, DIRECTION_CHOICES)
+        check_choice("combine", self.combine, COMBINE_CHOICES)
+        check_choice("reduction", self.reduction, REDUCTION_CHOICES)
         if not isinstance(self.normalize, bool):
             raise TypeError(f"normalize must be a bool, got {type(self.normalize).__name__}")
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)):
@@ -65,6 +66,22 @@ class SDMOptions:
                              f"kernels compute in fp32: {self.eps} rounds to 0, a subnormal or inf there), got {self.eps}")
         if self.kl == "reverse" and self.eps <= 0:
             raise ValueError("eps must be > 0 for kl='reverse' (log(Y + eps) is -inf at Y = 0)")
+
+    def name(self) -> str:
+        """The canonical name, e.g. ``"kl=forward,eps=1e-08,direction=both,combine=mean,reduction=mean,
+        normalize=True"``: ``SDMOptions.parse(o.name()) == o`` (the options as one value, as the
+        ``torch.library`` operators take them, ops.py)."""
+        return (f"kl={self.kl},eps={float(self.eps)!r},direction={self.direction},combine={self.combine},"
+                f"reduction={self.reduction},normalize={self.normalize}")
+
+    @classmethod
+    def parse(cls, name: str) -> "SDMOptions":
+        """The options of a name (`name`; fields left out keep their defaults), validated; parsed
+        once per name (an operator parses its options on every call; not cached while
+        torch.compile traces, which does not follow the cache)."""
+        if not isinstance(name, str):
+            raise TypeError(f"SDMOptions.parse takes a str, got {type(name).__name__}")
+        return _parse_options.__wrapped__(name) if torch.compiler.is_compiling() else _parse_options(name)
 
     @property
     def reverse(self) -> bool:
@@ -113,7 +130,8 @@ class KernelConfig:
 
     block_m, block_n, block_k, num_warps, num_stages: tile shape (rows, columns, feature
     dim step) and launch parameters of the forward statistics pass; bwd_*: the same for the
-    backward's kernel (fused or chunked); segments: column segments per row block in the
+    backward's kernel (fused or chunked), but for bwd_block_k, which has no effect (the
+    backward's dots step through D with block_k, the forward's); segments: column segments per row block in the
     forward; backward: "fused" (one launch, gradients accumulated in the kernel: small
     problems) or "chunked" (dL/dS written to a bounded workspace chunk by chunk and
     multiplied with cuBLAS: large problems).
@@ -131,12 +149,15 @@ class KernelConfig:
     backward: str = "auto"
     bwd_block_m: Optional[int] = None
     bwd_block_n: Optional[int] = None
+    #: No effect: both backwards step through D by the forward statistics' block_k, so that their
+    #: dots match the forward's step for step (launch.py). Kept for now because launch._merge reads
+    #: every bwd_* field and names with ``bk`` must keep parsing; goes with launch.py's split.
     bwd_block_k: Optional[int] = None
     bwd_num_warps: Optional[int] = None
     bwd_num_stages: Optional[int] = None
 
     def __post_init__(self):
-        _check_choice("backward", self.backward, BACKWARD_CHOICES)
+        check_choice("backward", self.backward, BACKWARD_CHOICES)
         for name in ("block_m", "block_n", "block_k", "bwd_block_m", "bwd_block_n", "bwd_block_k"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 16 or v & (v - 1)):
@@ -159,22 +180,52 @@ class KernelConfig:
 
     @classmethod
     def parse(cls, name: str) -> "KernelConfig":
+        """The config of a name (`name`), validated; parsed once per name (an operator parses
+        its config on every call; not cached while torch.compile traces)."""
         if not isinstance(name, str):
             raise TypeError(f"kernel_config must be a KernelConfig or a str, got {type(name).__name__}")
-        fields, rest = {}, name.strip().lower()
-        if rest in ("", "auto", "default"):
-            return cls()
-        for token in filter(None, re.split(r"[_\-\s]+", rest)):
-            if token in ("fused", "chunked"):
-                fields["backward"] = token
-                continue
-            parts = re.findall(r"(seg|b[mnkws]|[mnkws])(\d+)", token)
-            if not parts or "".join(a + b for a, b in parts) != token:
-                raise ValueError(f"kernel_config {name!r}: cannot read {token!r} (expected e.g. "
-                                 "'chunked_m128n128k64w8s3' or 'fused_m16n32')")
-            for key, value in parts:
-                fields[cls._TOKENS[key]] = int(value)
-        return cls(**fields)
+        return _parse_kernel_config.__wrapped__(name) if torch.compiler.is_compiling() else _parse_kernel_config(name)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_options(name: str) -> SDMOptions:
+    fields = {}
+    if name.strip() not in ("", "default"):
+        for item in name.split(","):
+            key, sep, value = (x.strip() for x in item.partition("="))
+            if not sep or key not in _OPTION_FIELDS:
+                raise ValueError(f"SDMOptions name {name!r}: cannot read {item!r} (expected "
+                                 f"'key=value' items with keys {', '.join(_OPTION_FIELDS)})")
+            fields[key] = _OPTION_FIELDS[key](value)
+    return SDMOptions(**fields)
+
+
+def _bool_text(value: str) -> bool:
+    if value not in ("True", "False"):
+        raise ValueError(f"SDMOptions name: normalize must be True or False, got {value!r}")
+    return value == "True"
+
+
+_OPTION_FIELDS = {"kl": str, "eps": float, "direction": str, "combine": str, "reduction": str,
+                  "normalize": _bool_text}
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_kernel_config(name: str) -> KernelConfig:
+    fields, rest = {}, name.strip().lower()
+    if rest in ("", "auto", "default"):
+        return KernelConfig()
+    for token in filter(None, re.split(r"[_\-\s]+", rest)):
+        if token in ("fused", "chunked"):
+            fields["backward"] = token
+            continue
+        parts = re.findall(r"(seg|b[mnkws]|[mnkws])(\d+)", token)
+        if not parts or "".join(a + b for a, b in parts) != token:
+            raise ValueError(f"kernel_config {name!r}: cannot read {token!r} (expected e.g. "
+                             "'chunked_m128n128k64w8s3' or 'fused_m16n32')")
+        for key, value in parts:
+            fields[KernelConfig._TOKENS[key]] = int(value)
+    return KernelConfig(**fields)
 
 
 def as_kernel_config(value: Union[None, str, KernelConfig]) -> KernelConfig:
@@ -186,9 +237,12 @@ def as_kernel_config(value: Union[None, str, KernelConfig]) -> KernelConfig:
     return KernelConfig.parse(value)
 
 
-def _check_choice(name, value, choices):
+def check_choice(name: str, value, choices) -> str:
+    """``value`` if it is one of the strings ``choices``; else the ValueError every option string
+    raises (the loss's options, the backend, the distributed strategy, layout and convention)."""
     if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
 
 
 def _positive_float(name: str, value) -> float:

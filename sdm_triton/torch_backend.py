@@ -26,9 +26,10 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .backend import NUM_RED, NUM_STATS, ForwardOut, Statistics, reduction_coefficients
-from .options import LABEL_SCALE, NORM_EPS, NORM_LIMIT, compute_dtype
+from .backend import NUM_RED, NUM_STATS, RED, ForwardOut, Statistics
+from .options import NORM_EPS, NORM_LIMIT, compute_dtype
 from .problem import Problem
+from .reduction import add_label_masses, cast_gradient, gradient_weights, pair_labels, reduced_value
 
 
 def _views(p: Problem):
@@ -93,15 +94,11 @@ class TorchBackend:
         per_col = 8 * p.n * torch.empty((), dtype=ct).element_size()    # ~8 [N, C] temporaries
         return max(1, min(p.m, p.workspace_bytes // per_col))
 
-    def _labels(self, p, k, labels, g_ids, q_keep, g_keep, c0, c1, ct):
+    @staticmethod
+    def _labels(p, k, labels, g_ids, q_keep, g_keep, c0, c1, ct):
         """y on the pairs of present samples, columns [c0, c1) of gallery k; bad weights -> NaN."""
-        both = q_keep[:, None] & g_keep[None, c0:c1]
-        if labels is not None:
-            y = labels[k, :, c0:c1].to(ct) * LABEL_SCALE
-            y = torch.where((y < 0) | ~torch.isfinite(y), torch.full_like(y, math.nan), y)
-        else:
-            y = (p.q_ids[:, None] == g_ids[k, None, c0:c1]).to(ct)
-        return torch.where(both, y, torch.zeros_like(y))
+        return pair_labels(None if labels is None else labels[k], p.q_ids, None if g_ids is None else g_ids[k],
+                           q_keep, g_keep, c0, c1, ct)
 
     # ----------------------------------------------------------------------------- forward
     #: prepare() needs the label masses of identity labels too (module doc: Y_ij inside the log)
@@ -125,23 +122,16 @@ class TorchBackend:
         g_keep = g_mask if g_mask is not None else torch.ones((k_count, m), dtype=torch.bool, device=dev)
         q_hat, q_norm = _normalised(p.q, q_keep, o.normalize, ct)
         g_hats, g_norms = zip(*(_normalised(g3[k], g_keep[k], o.normalize, ct) for k in range(k_count)))
-        if label_masses is not None:
+        if label_masses is not None:     # summed over blocks or ranks: may overflow there
             masses = label_masses.to(ct)
+            masses = torch.where(torch.isinf(masses), math.nan, masses)
         else:
             masses = torch.zeros((2, p.num_rows), dtype=ct, device=dev)
             width = self._chunk_width(p, ct)
             for k in range(k_count):
                 q0, g0 = k * n, k_count * n + k * m
-                for c0 in range(0, m, width):
-                    c1 = min(m, c0 + width)
-                    y = self._labels(p, k, labels, g_ids, q_keep, g_keep[k], c0, c1, ct)
-                    ylny = torch.xlogy(y, y)
-                    masses[0, q0:q0 + n] += y.sum(1)
-                    masses[1, q0:q0 + n] += ylny.sum(1)
-                    masses[0, g0 + c0:g0 + c1] = y.sum(0)
-                    masses[1, g0 + c0:g0 + c1] = ylny.sum(0)
-            # a mass past the compute dtype's range is NaN (never a finite loss), as in prep.py
-            masses = torch.where(torch.isinf(masses), math.nan, masses)
+                add_label_masses(masses[:, q0:q0 + n], masses[:, g0:g0 + m], None if labels is None else labels[k],
+                                 p.q_ids, None if g_ids is None else g_ids[k], q_keep, g_keep[k], width, ct)
         return Prepared(q_hat, q_norm, q_keep, torch.stack(g_hats), torch.stack(g_norms), g_keep, masses, s)
 
     def _valid_inv_y(self, p: Problem, prep: Prepared):
@@ -261,19 +251,17 @@ class TorchBackend:
         for k in range(k_count):
             qi = slice(k * n, (k + 1) * n)
             gi = slice(kn + k * m, kn + (k + 1) * m)
-            for field, x in ((0, rows[qi].sum()), (1, valid[qi].sum()), (2, rows[gi].sum()), (3, valid[gi].sum()),
-                             (4, torch.where(valid[qi], pos[qi], 0).sum()),
-                             (5, torch.where(valid[gi], pos[gi], 0).sum())):
+            for field, x in ((RED.sum_q2g, rows[qi].sum()), (RED.valid_q2g, valid[qi].sum()),
+                             (RED.sum_g2q, rows[gi].sum()), (RED.valid_g2q, valid[gi].sum()),
+                             (RED.pos_q2g, torch.where(valid[qi], pos[qi], 0).sum()),
+                             (RED.pos_g2q, torch.where(valid[gi], pos[gi], 0).sum())):
                 red[field, k] = x
             g_norm_kept = torch.where(prep.g_keep[k], prep.g_norm[k], 0)
-            for field, kept, keep in ((6, q_norm_kept, prep.q_keep), (8, g_norm_kept, prep.g_keep[k])):
-                red[field, k] = kept.sum() / keep.sum().clamp_min(1)
-                red[field + 1, k] = kept.max()
-        coef_q, coef_g = reduction_coefficients(p)
-        mean = o.reduction == "mean"
-        part_q = red[0] / red[1].clamp_min(1) if mean else red[0]
-        part_g = red[2] / red[3].clamp_min(1) if mean else red[2]
-        value = torch.where(s_ok, coef_q * part_q + coef_g * part_g, nan)
+            for mean, top, kept, keep in ((RED.q_norm_mean, RED.q_norm_max, q_norm_kept, prep.q_keep),
+                                          (RED.g_norm_mean, RED.g_norm_max, g_norm_kept, prep.g_keep[k])):
+                red[mean, k] = kept.sum() / keep.sum().clamp_min(1)
+                red[top, k] = kept.max()
+        value = torch.where(s_ok, reduced_value(o, red), nan)
         if p.scalar_value:
             value = value[0]
         return ForwardOut(value, rows, valid, red, (row_m, row_logl, inv_y, prep.g_hat, prep.q_hat, s))
@@ -319,7 +307,7 @@ class TorchBackend:
         row_m, row_logl, inv_y, g_hats, q_hat, s = out.state
         g3, g_ids, g_mask, labels = _views(p)
         q_keep = p.q_mask if p.q_mask is not None else torch.ones(n, dtype=torch.bool, device=dev)
-        w = self._weights(p, out, d_value, d_rows, ct)
+        w = gradient_weights(o, out.red, out.valid, n, d_value, d_rows, ct)
         width = self._chunk_width(p, ct)
         dq_hat = torch.zeros((n, p.d), dtype=ct, device=dev)
         dg_hat = torch.zeros((k_count, m, p.d), dtype=ct, device=dev)
@@ -378,24 +366,4 @@ class TorchBackend:
         else:
             g = d_hat
         g = torch.where(keep[:, None], g, torch.zeros((), dtype=ct, device=x.device))
-        if partial:
-            return g
-        return g.to(x.dtype)
-
-    @staticmethod
-    def _weights(p: Problem, out: ForwardOut, d_value, d_rows, ct):
-        """w per softmax row (kernels/grad.py, row_weights)."""
-        n, m, k_count = p.n, p.m, p.galleries
-        dev = out.rows.device
-        w = torch.zeros(p.num_rows, dtype=ct, device=dev)
-        if d_value is not None:
-            coef_q, coef_g = reduction_coefficients(p)
-            dv = d_value.reshape(k_count).to(ct)
-            c_q, c_g = coef_q * dv, coef_g * dv
-            if p.options.reduction == "mean":
-                c_q = c_q / out.red[1].clamp_min(1)
-                c_g = c_g / out.red[3].clamp_min(1)
-            w = w + torch.cat([c_q.repeat_interleave(n), c_g.repeat_interleave(m)])
-        if d_rows is not None:
-            w = w + d_rows.to(ct)
-        return torch.where(out.valid, w, torch.zeros((), dtype=ct, device=dev))
+        return g if partial else cast_gradient(g, x.dtype)

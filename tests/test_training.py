@@ -6,6 +6,7 @@ import torch
 from sdm_triton import reference
 import sdm_triton
 from sdm_triton import ops
+from sdm_triton.options import SDMOptions
 
 CUDA = torch.cuda.is_available()
 
@@ -68,12 +69,12 @@ def test_custom_ops_pass_opcheck():
     registration agree with the real op (the Triton backend's are triton_ops, traced by the
     compiler instead; the GPU compile tests run them)."""
     q, g, qi, gi, qm, ls = _case(n=6, m=7, d=5)
-    opts = (10.0, "forward", 1e-8, "both", "mean", "mean", True, "auto", 1 << 26)
+    opts = (10.0, SDMOptions().name(), "auto", 1 << 26)
     torch.library.opcheck(ops.sdm_forward_torch_op, (q, g, qi, gi, None, qm, None, None, *opts, 1, True, False))
     torch.library.opcheck(ops.sdm_forward_torch_op, (q, g, qi, gi, None, qm, None, ls, *opts, 1, True, True))
     # two galleries of 7 (sdm_loss_multi): the value is [2]
     g2 = torch.stack([g.detach(), g.detach().flip(0)]).requires_grad_()
-    rev = (0.0, "reverse", 1e-8, "both", "sum", "mean", True, "auto", 1 << 26)
+    rev = (0.0, SDMOptions(kl="reverse", combine="sum").name(), "auto", 1 << 26)
     torch.library.opcheck(ops.sdm_forward_torch_op, (q, g2, qi, torch.stack([gi, gi]), None, qm, None, ls, *rev, 2,
                                                      False, False))
 

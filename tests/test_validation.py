@@ -189,3 +189,23 @@ def test_nonfinite_features_are_never_a_silent_zero(sdm_impl):
         assert re.search(r"\bq\b", str(err)), err
         return
     assert not torch.isfinite(loss), f"NaN input gave the finite loss {float(loss)}"
+
+
+@pytest.mark.parametrize("fields", [dict(), dict(kl="reverse", eps=1e-3, direction="g2q", combine="sum"),
+                                    dict(eps=1 / 3, reduction="none", normalize=False), dict(eps=0),
+                                    dict(eps=1.1754943508222875e-38, direction="q2g")])
+def test_options_and_kernel_config_names_round_trip(fields):
+    """The options cross the torch.library operators as their name (ops.py): parse(name()) gives
+    them back exactly (eps to the last bit), and a bad name raises naming what it could not read."""
+    from sdm_triton.options import KernelConfig, SDMOptions
+    o = SDMOptions(**fields)
+    back = SDMOptions.parse(o.name())
+    assert back == o and float(back.eps).hex() == float(o.eps).hex()
+    for config in (KernelConfig(), KernelConfig(block_m=32, backward="chunked", bwd_num_warps=8, segments=2)):
+        assert KernelConfig.parse(config.name()) == config
+    with pytest.raises(ValueError, match="cannot read 'x=1'"):
+        SDMOptions.parse(o.name() + ",x=1")
+    with pytest.raises(ValueError, match="kl must be one of"):
+        SDMOptions.parse("kl=backward")
+    with pytest.raises(TypeError, match="SDMOptions.parse takes a str"):
+        SDMOptions.parse(None)

@@ -19,7 +19,8 @@ Layout of the package:
     comm.py        the collectives (padded all-gather / reduce-scatter, the ring's
                    point-to-point pattern)
     blocks.py      what both strategies of the global layout share: block problems, global
-                   label masses, row weights, the reduction, the autograd Function
+                   label masses, the global totals and statistics, the autograd Function
+                   (their host math is the torch backend's: `sdm_triton.reduction`)
     allgather.py   strategy "allgather"      ring.py   strategy "ring"
     local_rows.py  layout "local_rows" (composes the public sdm_loss)
 

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import NUM_STATS
-from .blocks import Setup, cast_gradient, label_masses, reduce_value, row_weights
+from ..backend import NUM_STATS, RED
+from ..reduction import cast_gradient, gradient_weights
+from .blocks import Setup, label_masses, reduce_value
 from .comm import all_gather_rows, all_reduce, reduce_scatter_rows
 
 
@@ -32,15 +33,11 @@ class Allgather:
 
     def forward(self):
         s = self.setup
-        c, comm, be, ct = s.call, s.comm, s.call.backend, s.ct
+        c, comm, be = s.call, s.comm, s.call.backend
         n, m_r = c.q.shape[0], c.g.shape[0]
         dev = c.q.device
-        g_keep = c.g_mask if c.g_mask is not None else torch.ones(m_r, dtype=torch.bool, device=dev)
-        ids = c.g_ids.to(torch.int64) if c.g_ids is not None else torch.zeros(m_r, dtype=torch.int64, device=dev)
         g_all = all_gather_rows(c.g, comm.g_sizes, comm)                                     # [M, D]
-        meta = all_gather_rows(torch.stack([ids, g_keep.to(torch.int64)], 1), comm.g_sizes, comm)
-        g_ids_all = meta[:, 0] if c.g_ids is not None else None
-        g_keep_all = meta[:, 1] != 0
+        g_ids_all, g_keep_all = s.gallery_columns(all_gather_rows(s.gallery_meta(1), comm.g_sizes, comm).T)
         m = g_all.shape[0]
         masses = None
         if s.needs_masses():
@@ -58,8 +55,11 @@ class Allgather:
         red = out.red[:, 0].to(torch.float64)
         want_pos = c.return_stats
         zero = torch.zeros((), dtype=torch.float64, device=dev)
-        q_tot = all_reduce(torch.stack([red[0], red[1], red[4] if want_pos else zero]), comm)
-        totals = torch.stack([q_tot[0], q_tot[1], red[2], red[3], q_tot[2], red[5] if want_pos else zero])
+        q_tot = all_reduce(torch.stack([red[RED.sum_q2g], red[RED.valid_q2g], red[RED.pos_q2g] if want_pos else zero]),
+                           comm)
+        # in RED's order: sum_q2g, valid_q2g, sum_g2q, valid_g2q, pos_q2g, pos_g2q
+        totals = torch.stack([q_tot[0], q_tot[1], red[RED.sum_g2q], red[RED.valid_g2q], q_tot[2],
+                              red[RED.pos_g2q] if want_pos else zero])
         g0 = n + comm.g_offset(comm.rank)
         rows = torch.cat([out.rows[:n], out.rows[g0:g0 + m_r]])
         valid = torch.cat([out.valid[:n], out.valid[g0:g0 + m_r]])
@@ -74,7 +74,7 @@ class Allgather:
         L, out = self.L, self.out
         g0 = n + comm.g_offset(comm.rank)
         valid = torch.cat([out.valid[:n], out.valid[g0:g0 + m_r]])
-        w = row_weights(s, d_value, d_rows, valid, self.totals, n)
+        w = gradient_weights(c.opts, self.totals[:, None], valid, n, d_value, d_rows, s.ct)
         w_rows = torch.cat([w[:n], all_gather_rows(w[n:], comm.g_sizes, comm)])
         dq, dg_all, d_scale = be.backward(L, out, None, w_rows, (want_q, want_g, want_scale), partial_grads=True)
         dg = reduce_scatter_rows(dg_all, comm.g_sizes, comm) if want_g else None

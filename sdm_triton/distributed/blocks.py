@@ -10,7 +10,7 @@ q_r's (NDR index 0 .. N_r - 1, over this problem's columns only) and the gallery
               backend that needs them) -> prepare -> statistics of each block problem ->
               the partials of each softmax row merged over every column block (concatenated
               along the segment axis) -> finish -> global sums and valid counts (all-reduce)
-    backward  each row's weight from the global counts (`row_weights`), then each block
+    backward  each row's weight from the global counts (`reduction.gradient_weights`), then each block
               problem's backward with those weights and the rows' state from the forward,
               its dq / dg as fp32 (compute dtype) partials summed over blocks and ranks
               before the one cast to the input dtype.
@@ -30,15 +30,17 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..autograd import without_autocast
-from ..backend import option_coefficients
+from ..backend import RED
 from ..options import SDMRowLosses, SDMStats, compute_dtype
 from ..problem import Problem
+from ..reduction import add_label_masses, reduced_value, stats_from_red
 from .comm import Comm, all_reduce
 from .metadata import Call
 
-#: rows of the global reduction vector (float64): sums and valid counts of both directions,
-#: and the sums of the positives' softmax mass over valid rows (return_stats)
-TOTALS = ("sum_q2g", "valid_q2g", "sum_g2q", "valid_g2q", "pos_q2g", "pos_g2q")
+#: The global totals (float64) are the first NUM_TOTALS rows of a backend's reduction buffer
+#: (`backend.RED_FIELDS`: sums and valid counts of both directions, and the sums of the
+#: positives' softmax mass over valid rows, with return_stats), indexed by `backend.RED` too.
+NUM_TOTALS = RED.pos_g2q + 1
 
 
 @dataclasses.dataclass
@@ -63,8 +65,23 @@ class Setup:
         """q_r (this rank's rows) against the gallery rows ``g``: a block problem (module doc)."""
         c = self.call
         config = dataclasses.replace(c.config, segments=1)
-        return Problem(c.q, g, c.q_ids, g_ids, labels, c.q_mask, g_mask, self.scale_t, self.scale_value, c.opts,
-                       config, c.workspace_bytes, 1, True, c.return_stats)
+        return Problem(q=c.q, g=g, q_ids=c.q_ids, g_ids=g_ids, labels=labels, q_mask=c.q_mask, g_mask=g_mask,
+                       scale=self.scale_t, scale_value=self.scale_value, options=c.opts, config=config,
+                       workspace_bytes=c.workspace_bytes, galleries=1, scalar_value=True,
+                       return_stats=c.return_stats)
+
+    def gallery_meta(self, dim: int) -> torch.Tensor:
+        """This rank's gallery rows' ids (0 without ids) and presence as one int64 tensor, for one
+        collective: [M_r, 2] (``dim`` 1) or [2, M_r] (``dim`` 0). `gallery_columns` reads it back."""
+        c = self.call
+        m_r, dev = c.g.shape[0], c.g.device
+        g_keep = c.g_mask if c.g_mask is not None else torch.ones(m_r, dtype=torch.bool, device=dev)
+        ids = c.g_ids.to(torch.int64) if c.g_ids is not None else torch.zeros(m_r, dtype=torch.int64, device=dev)
+        return torch.stack([ids, g_keep.to(torch.int64)], dim)
+
+    def gallery_columns(self, meta: torch.Tensor):
+        """(ids or None, presence) of gallery rows from their `gallery_meta` [2, M] (any ranks')."""
+        return (meta[0] if self.call.g_ids is not None else None), meta[1] != 0
 
     def needs_masses(self) -> bool:
         return self.call.labels is not None or self.call.backend.needs_id_masses
@@ -90,70 +107,19 @@ def label_masses(setup: Setup, g_ids_all: Optional[torch.Tensor], g_keep_all: to
     q_masses = torch.zeros((2, n), dtype=ct, device=dev)
     g_masses = torch.zeros((2, m), dtype=ct, device=dev)
     width = max(1, min(m, c.workspace_bytes // (4 * max(n, 1) * torch.empty((), dtype=ct).element_size())))
-    for c0 in range(0, m, width):
-        c1 = min(m, c0 + width)
-        if c.labels is not None:
-            y = c.labels[:, c0:c1].to(ct)
-            y = torch.where((y < 0) | ~torch.isfinite(y), torch.full_like(y, math.nan), y)
-        else:
-            y = (c.q_ids[:, None] == g_ids_all[None, c0:c1]).to(ct)
-        y = torch.where(q_keep[:, None] & g_keep_all[None, c0:c1], y, torch.zeros_like(y))
-        ylny = torch.xlogy(y, y)
-        q_masses[0] += y.sum(1)
-        q_masses[1] += ylny.sum(1)
-        g_masses[0, c0:c1] = y.sum(0)
-        g_masses[1, c0:c1] = ylny.sum(0)
+    add_label_masses(q_masses, g_masses, c.labels, c.q_ids, g_ids_all, q_keep, g_keep_all, width, ct)
     return q_masses, all_reduce(g_masses, comm)
 
 
 def reduce_value(setup: Setup, totals: torch.Tensor) -> torch.Tensor:
-    """The loss of the global batch from the global TOTALS (as kernels/finish.py reduces one problem)."""
-    o = setup.call.opts
-    coef_q, coef_g = option_coefficients(o)
-    if o.reduction == "mean":
-        part_q, part_g = totals[0] / totals[1].clamp_min(1), totals[2] / totals[3].clamp_min(1)
-    else:
-        part_q, part_g = totals[0], totals[2]
-    value = (coef_q * part_q + coef_g * part_g).to(setup.ct)
+    """The loss of the global batch from the global totals (as kernels/finish.py reduces one problem)."""
+    value = reduced_value(setup.call.opts, totals).to(setup.ct)
     return torch.where(setup.s_ok(), value, torch.full_like(value, math.nan))
-
-
-def row_weights(setup: Setup, d_value, d_rows, valid: torch.Tensor, totals: torch.Tensor, n_q: int) -> torch.Tensor:
-    """w of this rank's rows [N_r + M_r] (q rows, then g rows): d_value * coefficient / (global valid
-    count if reduction="mean") + d_rows, 0 for invalid rows (kernels/grad.py, row_weights)."""
-    o = setup.call.opts
-    ct = setup.ct
-    w = torch.zeros(valid.shape[0], dtype=ct, device=valid.device)
-    if d_value is not None:
-        coef_q, coef_g = option_coefficients(o)
-        dv = d_value.reshape(()).to(ct)
-        c_q, c_g = coef_q * dv, coef_g * dv
-        if o.reduction == "mean":
-            c_q = c_q / totals[1].clamp_min(1).to(ct)
-            c_g = c_g / totals[3].clamp_min(1).to(ct)
-        w[:n_q] += c_q
-        w[n_q:] += c_g
-    if d_rows is not None:
-        w = w + d_rows.to(ct)
-    return torch.where(valid, w, torch.zeros((), dtype=ct, device=w.device))
-
-
-def cast_gradient(x: Optional[torch.Tensor], dtype: torch.dtype, factor: float) -> Optional[torch.Tensor]:
-    """A summed fp32 (compute dtype) gradient, times the convention's factor, in the input dtype;
-    half dtypes saturate instead of overflowing (as the backends store)."""
-    if x is None:
-        return None
-    if factor != 1.0:
-        x = x * factor
-    if dtype in (torch.float16, torch.bfloat16):
-        big = torch.finfo(dtype).max
-        x = x.clamp(-big, big)
-    return x.to(dtype)
 
 
 class GlobalLoss(torch.autograd.Function):
     """(q_r, g_r, logit scale) -> (value, this rank's rows' losses [N_r + M_r], their validity,
-    global TOTALS) through a strategy object (`allgather.Allgather`, `ring.Ring`), which keeps
+    global totals) through a strategy object (`allgather.Allgather`, `ring.Ring`), which keeps
     what its backward needs. Every rank backpropagates (the backward runs collectives)."""
 
     @staticmethod
@@ -194,8 +160,8 @@ def run_global(strategy_cls, setup: Setup):
 
 
 def global_stats(setup: Setup, totals: torch.Tensor) -> SDMStats:
-    """SDMStats of the global batch: counts and positive mass from TOTALS; the present samples'
-    feature norms from this rank's rows (one SUM and one MAX all-reduce)."""
+    """SDMStats of the global batch: counts and positive mass from the global totals; the present
+    samples' feature norms from this rank's rows (one SUM and one MAX all-reduce)."""
     c, comm = setup.call, setup.comm
     sums, maxes = [], []
     for x, mask in ((c.q, c.q_mask), (c.g, c.g_mask)):
@@ -206,10 +172,5 @@ def global_stats(setup: Setup, totals: torch.Tensor) -> SDMStats:
         maxes.append(kept.max())
     sums = all_reduce(torch.stack(sums), comm)
     maxes = all_reduce(torch.stack(maxes), comm, torch.distributed.ReduceOp.MAX)
-    t = totals.detach()
-    ct = setup.ct
-    return SDMStats(
-        valid_q2g=t[1].to(torch.int64), valid_g2q=t[3].to(torch.int64),
-        pos_prob_q2g=(t[4] / t[1].clamp_min(1)).to(ct), pos_prob_g2q=(t[5] / t[3].clamp_min(1)).to(ct),
-        q_norm_mean=(sums[0] / sums[1].clamp_min(1)).float(), q_norm_max=maxes[0],
-        g_norm_mean=(sums[2] / sums[3].clamp_min(1)).float(), g_norm_max=maxes[1])
+    return stats_from_red(totals.detach(), (sums[0] / sums[1].clamp_min(1)).float(), maxes[0],
+                          (sums[2] / sums[3].clamp_min(1)).float(), maxes[1], dtype=setup.ct)

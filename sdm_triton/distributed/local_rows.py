@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 
 from ..api import sdm_loss
+from ..backend import RED
 from ..options import SDMRowLosses, SDMStats
-from .blocks import Setup, global_stats
+from .blocks import NUM_TOTALS, Setup, global_stats
 from .comm import AllGatherRows, GradScale, ReplicatedMean, all_gather_rows, all_reduce, all_to_all_columns
 
 
@@ -73,12 +74,12 @@ def _local_rows_stats(setup: Setup, stats: dict) -> SDMStats:
     """Statistics of all ranks' rows: valid counts and positive mass summed over the ranks."""
     ct = next(iter(stats.values())).pos_prob_q2g.dtype
     dev = setup.call.q.device
-    totals = torch.zeros(6, dtype=torch.float64, device=dev)
-    for i, k in enumerate(("q2g", "g2q")):
-        st = stats.get(k)
+    totals = torch.zeros(NUM_TOTALS, dtype=torch.float64, device=dev)
+    for k, valid, pos in (("q2g", RED.valid_q2g, RED.pos_q2g), ("g2q", RED.valid_g2q, RED.pos_g2q)):
+        st = stats.get(k)          # each part's rows are its problem's q rows (direction "q2g")
         if st is not None:
-            totals[2 * i + 1] = st.valid_q2g.double()
-            totals[4 + i] = st.pos_prob_q2g.double() * st.valid_q2g.double()
+            totals[valid] = st.valid_q2g.double()
+            totals[pos] = st.pos_prob_q2g.double() * st.valid_q2g.double()
     all_reduce(totals, setup.comm)
     out = global_stats(setup, totals)
     return SDMStats(out.valid_q2g, out.valid_g2q, out.pos_prob_q2g.to(ct), out.pos_prob_g2q.to(ct),

@@ -27,6 +27,7 @@ from ..options import (
     KernelConfig,
     SDMOptions,
     as_kernel_config,
+    check_choice,
     check_values as _check_values,
     comparable_ids,
     resolve_ids,
@@ -73,17 +74,11 @@ class Call:
     workspace_bytes: int
 
 
-def _choice(name: str, value, choices) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-    return value
-
-
 def grad_convention_name(value) -> str:
     """The canonical name of a grad_convention (an alias maps to it); ValueError otherwise."""
     if isinstance(value, str) and value in GRAD_CONVENTION_ALIASES:
         return GRAD_CONVENTION_ALIASES[value]
-    return _choice("grad_convention", value, GRAD_CONVENTIONS)
+    return check_choice("grad_convention", value, GRAD_CONVENTIONS)
 
 
 def check_options(*, strategy, layout, grad_convention, temperature, logit_scale, kl, eps, direction, combine,
@@ -91,8 +86,8 @@ def check_options(*, strategy, layout, grad_convention, temperature, logit_scale
                   features: Optional[torch.Tensor] = None):
     """Every argument that is not a tensor of the batch (also used by `SDMLossDistributed` at
     construction). Returns (options, canonical grad_convention, KernelConfig)."""
-    _choice("strategy", strategy, STRATEGIES)
-    _choice("layout", layout, LAYOUTS)
+    check_choice("strategy", strategy, STRATEGIES)
+    check_choice("layout", layout, LAYOUTS)
     convention = grad_convention_name(grad_convention)
     if layout == "local_rows" and strategy != "allgather":
         raise ValueError("layout='local_rows' gathers the other side's features: use strategy='allgather'")

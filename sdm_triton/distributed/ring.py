@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import NUM_STATS
-from .blocks import Setup, cast_gradient, label_masses, reduce_value, row_weights
+from ..backend import NUM_STATS, RED
+from ..reduction import cast_gradient, gradient_weights
+from .blocks import NUM_TOTALS, Setup, label_masses, reduce_value
 from .comm import all_gather_rows, all_reduce, ring_pass
 
 
@@ -42,7 +43,7 @@ class Ring:
         if c.labels is not None:
             off = comm.g_offset(s)
             labels = c.labels[:, off:off + comm.g_sizes[s]]
-        return self.setup.problem(feats, meta[0] if c.g_ids is not None else None, meta[1] != 0, labels)
+        return self.setup.problem(feats, *self.setup.gallery_columns(meta), labels)
 
     def _masses(self, s: int):
         """Label masses [2, N_r + M_s] of B_s's softmax rows (None: the backend computes them)."""
@@ -60,16 +61,12 @@ class Ring:
     def forward(self):
         s = self.setup
         c, comm, be, ct = s.call, s.comm, s.call.backend, s.ct
-        n, m_r = c.q.shape[0], c.g.shape[0]
-        dev = c.q.device
-        g_keep = c.g_mask if c.g_mask is not None else torch.ones(m_r, dtype=torch.bool, device=dev)
-        ids = c.g_ids.to(torch.int64) if c.g_ids is not None else torch.zeros(m_r, dtype=torch.int64, device=dev)
-        self.own = [c.g.contiguous(), torch.stack([ids, g_keep.to(torch.int64)])]
+        n = c.q.shape[0]
+        self.own = [c.g.contiguous(), s.gallery_meta(0)]
         self.q_masses = self.g_masses = None
         if s.needs_masses():
             meta_all = all_gather_rows(self.own[1].T, comm.g_sizes, comm)                   # [M, 2]
-            self.q_masses, self.g_masses = label_masses(s, meta_all[:, 0] if c.g_ids is not None else None,
-                                                        meta_all[:, 1] != 0)
+            self.q_masses, self.g_masses = label_masses(s, *s.gallery_columns(meta_all.T))
         q_parts = []
 
         def compute(blk_rank, block):
@@ -86,9 +83,9 @@ class Ring:
         merged = torch.cat([torch.cat(q_parts), g_parts.to(ct)], 2).contiguous()     # [P, NUM_STATS, N_r + M_r]
         out = be.finish(self.B, merged, comm.world, comm.world, self.prepared)
         red = out.red[:, 0].to(torch.float64)
-        if not c.return_stats:
-            red = torch.cat([red[:4], torch.zeros_like(red[4:6])])
-        totals = all_reduce(red[:6].clone(), comm)
+        if not c.return_stats:      # the positives' mass: not computed
+            red = torch.cat([red[:RED.pos_q2g], torch.zeros_like(red[RED.pos_q2g:NUM_TOTALS])])
+        totals = all_reduce(red[:NUM_TOTALS].clone(), comm)
         self.out, self.totals = out, totals
         return reduce_value(s, totals), out.rows.clone(), out.valid.clone(), totals
 
@@ -97,9 +94,8 @@ class Ring:
         s = self.setup
         c, comm, be, ct = s.call, s.comm, s.call.backend, s.ct
         n, d = c.q.shape
-        dev = c.q.device
         want_q, want_g, want_scale = want
-        w = row_weights(s, d_value, d_rows, self.out.valid, self.totals, n)
+        w = gradient_weights(c.opts, self.totals[:, None], self.out.valid, n, d_value, d_rows, ct)
         state = be.row_state(self.B, self.out)                        # [F, N_r + M_r]
         n_fields = state.shape[0]
         q_state, w_q = state[:, :n], w[:n]

@@ -1,0 +1,120 @@
+"""The host-side math of the reduction and of the rows' weights, in one place.
+
+The torch backend (one problem, K galleries) and the distributed strategies (a global batch
+split over ranks, K = 1) compute the same few things outside the per-pair loops; both call
+these. The reduction rows ([NUM_RED, K] ``ForwardOut.red``, or the distributed global totals,
+its first rows) are indexed by name (`backend.RED`).
+
+    pair_labels        y on a block of pairs: identity or dense labels, 0 where a sample is
+                       absent, NaN for a bad dense weight (< 0, NaN, inf)
+    add_label_masses   each softmax row's label mass (ysum, sum y ln y) over one gallery's
+                       columns, chunked
+    reduced_value      the loss from the reduction's sums and valid counts (kernels/finish.py)
+    gradient_weights   each softmax row's weight in dL/dS from the gradients of the value and
+                       of the rows (kernels/grad.py computes the same in its ``row_weights``)
+    cast_gradient      a gradient summed in the compute dtype, in its input's dtype
+    stats_from_red     `SDMStats` from the reduction's counts and positive mass
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .backend import RED, option_coefficients
+from .options import LABEL_SCALE, SDMOptions, SDMStats
+
+
+def pair_labels(labels: Optional[torch.Tensor], q_ids: Optional[torch.Tensor], g_ids: Optional[torch.Tensor],
+                q_keep: torch.Tensor, g_keep: torch.Tensor, c0: int, c1: int, ct) -> torch.Tensor:
+    """y [N, c1 - c0] of the q rows against columns [c0, c1) of one gallery: from ``labels``
+    [N, M] when given (times LABEL_SCALE, as the kernels read them: Y = y / ysum is unchanged,
+    and subnormal weights keep 1 / ysum finite), else ``q_ids`` [N] == ``g_ids`` [M]; 0 on a pair
+    with an absent sample (``q_keep`` [N], ``g_keep`` [M]), NaN for a bad dense weight."""
+    both = q_keep[:, None] & g_keep[None, c0:c1]
+    if labels is not None:
+        y = labels[:, c0:c1].to(ct) * LABEL_SCALE
+        y = torch.where((y < 0) | ~torch.isfinite(y), torch.full_like(y, math.nan), y)
+    else:
+        y = (q_ids[:, None] == g_ids[None, c0:c1]).to(ct)
+    return torch.where(both, y, torch.zeros_like(y))
+
+
+def add_label_masses(q_masses: torch.Tensor, g_masses: torch.Tensor, labels, q_ids, g_ids, q_keep, g_keep,
+                     width: int, ct) -> None:
+    """Add the q rows' label masses over one gallery's columns to ``q_masses`` [2, N] and write
+    the gallery rows' (over the q rows) to ``g_masses`` [2, M] (ysum, then sum y ln y), ``width``
+    columns at a time (`pair_labels` for the arguments)."""
+    m = g_keep.shape[0]
+    for c0 in range(0, m, width):
+        c1 = min(m, c0 + width)
+        y = pair_labels(labels, q_ids, g_ids, q_keep, g_keep, c0, c1, ct)
+        ylny = torch.xlogy(y, y)
+        q_masses[0] += y.sum(1)
+        q_masses[1] += ylny.sum(1)
+        g_masses[0, c0:c1] = y.sum(0)
+        g_masses[1, c0:c1] = ylny.sum(0)
+    # a mass past the compute dtype's range is NaN, never a finite loss (kernels/prep.py)
+    for masses in (q_masses, g_masses):
+        masses.copy_(torch.where(torch.isinf(masses), math.nan, masses))
+
+
+def reduced_value(o: SDMOptions, red: torch.Tensor) -> torch.Tensor:
+    """The loss of each gallery ([K] from red [., K]; 0-dim from a vector of totals): each
+    direction's sum, over its valid count for reduction="mean", weighted (`option_coefficients`)."""
+    coef_q, coef_g = option_coefficients(o)
+    if o.reduction == "mean":
+        part_q = red[RED.sum_q2g] / red[RED.valid_q2g].clamp_min(1)
+        part_g = red[RED.sum_g2q] / red[RED.valid_g2q].clamp_min(1)
+    else:
+        part_q, part_g = red[RED.sum_q2g], red[RED.sum_g2q]
+    return coef_q * part_q + coef_g * part_g
+
+
+def gradient_weights(o: SDMOptions, red: torch.Tensor, valid: torch.Tensor, n: int, d_value, d_rows,
+                     ct) -> torch.Tensor:
+    """w [K (n + m)] of softmax rows laid out as a problem's (the n q rows of each of the K
+    galleries, then each gallery's m rows): ``d_value[k] * coefficient / (gallery k's valid
+    count in red [., K] if reduction="mean") + d_rows``, 0 for an invalid row (``valid``).
+    ``d_value`` [K] (or 0-dim for K = 1) and ``d_rows`` may be None: no gradient."""
+    k = red.shape[-1]
+    m = valid.shape[0] // k - n
+    w = torch.zeros(valid.shape[0], dtype=ct, device=valid.device)
+    if d_value is not None:
+        coef_q, coef_g = option_coefficients(o)
+        dv = d_value.reshape(k).to(ct)
+        c_q, c_g = coef_q * dv, coef_g * dv
+        if o.reduction == "mean":
+            c_q = c_q / red[RED.valid_q2g].clamp_min(1).to(ct)
+            c_g = c_g / red[RED.valid_g2q].clamp_min(1).to(ct)
+        w = w + torch.cat([c_q.repeat_interleave(n), c_g.repeat_interleave(m)])
+    if d_rows is not None:
+        w = w + d_rows.to(ct)
+    return torch.where(valid, w, torch.zeros((), dtype=ct, device=w.device))
+
+
+def cast_gradient(x: Optional[torch.Tensor], dtype: torch.dtype, factor: float = 1.0) -> Optional[torch.Tensor]:
+    """A gradient summed in the compute dtype, times ``factor``, in the input's ``dtype``, rounded
+    to nearest: past the dtype's range it is inf, as PyTorch's own ops give it (GradScaler skips
+    the step; the kernels store the same). None stays None."""
+    if x is None:
+        return None
+    if factor != 1.0:
+        x = x * factor
+    return x.to(dtype)
+
+
+def stats_from_red(red: torch.Tensor, q_norm_mean, q_norm_max, g_norm_mean, g_norm_max,
+                   dtype: Optional[torch.dtype] = None) -> SDMStats:
+    """SDMStats: valid counts and the positives' mean softmax mass from the reduction rows
+    ``red`` (detached; any trailing shape), the feature norms as given; the positive mass in
+    ``dtype`` when given."""
+    n_q, n_g = red[RED.valid_q2g], red[RED.valid_g2q]
+    pos_q, pos_g = red[RED.pos_q2g] / n_q.clamp_min(1), red[RED.pos_g2q] / n_g.clamp_min(1)
+    if dtype is not None:
+        pos_q, pos_g = pos_q.to(dtype), pos_g.to(dtype)
+    return SDMStats(valid_q2g=n_q.to(torch.int64), valid_g2q=n_g.to(torch.int64), pos_prob_q2g=pos_q,
+                    pos_prob_g2q=pos_g, q_norm_mean=q_norm_mean, q_norm_max=q_norm_max, g_norm_mean=g_norm_mean,
+                    g_norm_max=g_norm_max)
