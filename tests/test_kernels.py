@@ -176,14 +176,17 @@ def test_statistics_match_the_torch_backend(variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("kl", ["forward", "reverse"])
-def test_anti_aligned_features_at_a_large_scale(variant, kl):
+@pytest.mark.parametrize("d", [24, 160])
+def test_anti_aligned_features_at_a_large_scale(variant, kl, d):
     """3 queries against 20 gallery rows pointing the other way, s = 200: every logit is far below
     zero, so a merge of segment statistics that pads the maximum with 0 instead of -inf (mutant:
-    NaN) or any other finite guess is wrong. Several column segments."""
+    NaN) or any other finite guess is wrong. Several column segments. D = 160 takes the forward's
+    dot over three BLOCK_K = 64 steps on the GPU where the fused backward's BLOCK_D is 256: a
+    backward that rebuilt S in one step of its own (mutant fused_block_k) rounds t differently."""
     gen = torch.Generator().manual_seed(13)
-    base = torch.randn(1, 24, generator=gen)
-    q = (base + 0.05 * torch.randn(3, 24, generator=gen)).to(DEVICE)
-    g = (-base + 0.05 * torch.randn(20, 24, generator=gen)).to(DEVICE)
+    base = torch.randn(1, d, generator=gen)
+    q = (base + 0.05 * torch.randn(3, d, generator=gen)).to(DEVICE)
+    g = (-base + 0.05 * torch.randn(20, d, generator=gen)).to(DEVICE)
     ids_q, ids_g = torch.tensor([0, 1, 2], device=DEVICE), torch.arange(20, device=DEVICE) % 3
     kw = dict(q_ids=ids_q, g_ids=ids_g)
     seg = "" if "seg" in variant else "_seg4"

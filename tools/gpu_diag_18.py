@@ -24,6 +24,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:          # part 2 runs in this process: this checkout's package
+    sys.path.insert(0, ROOT)
 
 
 def exact_logit_errors():

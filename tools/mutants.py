@@ -147,7 +147,9 @@ def main() -> int:
         shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(
             ".git", "__pycache__", ".hypothesis", ".pytest_cache", ".whl", ".gpu", "results", "*.png"))
         # the installed package maps sdm_triton.reference to the top-level reference/ (pyproject)
-        os.symlink(os.path.join("..", "reference"), os.path.join(tree, "sdm_triton", "reference"))
+        link = os.path.join(tree, "sdm_triton", "reference")
+        if not os.path.lexists(link):      # (a checkout may carry the link already: copied as a link)
+            os.symlink(os.path.join("..", "reference"), link)
         env = dict(os.environ, PYTHONPATH=tree)
         if not gpu:
             env["TRITON_INTERPRET"] = "1"
