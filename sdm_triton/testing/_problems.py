@@ -81,6 +81,11 @@ class Problem:
                  or (v != _RECIPE_DEFAULTS.get(k, object()) and not (k.endswith("_layout") and v == "contiguous"))}
         return "sdm_triton.testing.problem(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
+    def _repr_pretty_(self, printer, cycle):
+        # Hypothesis prints a falsifying example with this (IPython's protocol); without it, a
+        # dataclass is printed field by field, tensors and all
+        printer.text(repr(self))
+
     @property
     def n(self):
         return self.q.shape[0]

@@ -36,7 +36,7 @@ def forward_kl_nonnegative(fn, problem, options, reference=None):
     q, g, _ = problem.leaves()
     rows = problem.call(fn, q, g, **{**options, "reduction": "none"})
     for name in directions(opts):
-        loss, valid = getattr(rows, name), getattr(rows, name + "_valid")
+        loss, valid = getattr(rows, name).detach(), getattr(rows, name + "_valid")
         if not bool((loss >= 0).all()):
             i = int(loss.argmin())
             raise AssertionError(f"{name}: row [{i}] has a negative loss {float(loss[i]):.9g}{where}")
@@ -59,7 +59,7 @@ def reverse_kl_lower_bound(fn, problem, options, reference=None):
     for name in directions(opts):
         cols = int((g_keep if name == "q2g" else q_keep).sum())
         bound = -math.log1p(cols * opts["eps"])
-        rows = getattr(out, name).double().cpu()
+        rows = getattr(out, name).detach().double().cpu()
         slack = truth.loss_floor
         if not bool((rows >= bound - slack).all()):
             i = int(rows.argmin())
@@ -106,9 +106,8 @@ def default_scale_factor(problem) -> float:
 
 
 def scale_invariance(fn, problem, options, c=None, grad_output=None, reference=None):
-    """normalize=True: L(c q, g) = L(q, c g) = L(q, g) for c > 0, loss and per-row losses.
-    Does not apply (returns False) with normalize=False."""
-    options = {**options, "reduction": "none"}
+    """normalize=True: L(c q, g) = L(q, c g) = L(q, g) for c > 0, the loss (and the per-row
+    losses with reduction="none"). Does not apply (returns False) with normalize=False."""
     if not full_options(options)["normalize"]:
         return False
     c = default_scale_factor(problem) if c is None else c
@@ -207,8 +206,8 @@ def invalid_rows_get_nothing(fn, problem, options, grad_output=None, reference=N
 
 def permutation_equivariance(fn, problem, options, pq=None, pg=None, grad_output=None, reference=None):
     """Permuting the rows of q (with q_ids / label rows / q_mask) and of g jointly permutes
-    the per-row losses and the gradients the same way."""
-    options = {**options, "reduction": "none"}
+    the gradients the same way, and the per-row losses (reduction="none"), or leaves the
+    reduced loss as it is."""
     gen = torch.Generator().manual_seed(problem.recipe.get("seed", 0))
     pq = torch.randperm(problem.n, generator=gen) if pq is None else torch.as_tensor(pq)
     pg = torch.randperm(problem.m, generator=gen) if pg is None else torch.as_tensor(pg)
@@ -226,9 +225,13 @@ def permutation_equivariance(fn, problem, options, pq=None, pg=None, grad_output
         problem, q=problem.q[pq], g=problem.g[pg], q_ids=take(problem.q_ids, pq), g_ids=take(problem.g_ids, pg),
         q_mask=take(problem.q_mask, pq), g_mask=take(problem.g_mask, pg),
         labels=None if problem.labels is None else problem.labels[pq][:, pg])
-    permuted = run(fn, perm, options, {"q2g": grad_output["q2g"][pq.cpu()], "g2q": grad_output["g2q"][pg.cpu()]})
+    reduced = full_options(options)["reduction"] != "none"
+    permuted = run(fn, perm, options, grad_output if reduced else {"q2g": grad_output["q2g"][pq.cpu()],
+                                                                    "g2q": grad_output["g2q"][pg.cpu()]})
     rtol = RTOL[truth.compute_dtype]
     extra = 2 * UNIT_ROUNDOFF[problem.dtype] if problem.dtype in HALF_DTYPES else 0.0
+    if reduced:
+        assert_close("permuted loss", permuted.value, base.value, base.value, 2 * truth.value_floor, 2 * rtol, where)
     for name, p in zip(DIRECTIONS, (pq, pg)):
         if name in base.rows:
             assert torch.equal(permuted.valid[name], base.valid[name][p]), f"{name}_valid not permuted{where}"
@@ -292,6 +295,9 @@ def check_properties(fn, problem, options=None, *, properties=None, reference=No
     """Check SPEC's properties of ``fn`` on ``problem``: every one that applies to the options
     (``applicable_properties``), or the names in ``properties`` (keys of ``PROPERTIES``).
 
+    ``fn`` is called with the options given, and ``forward_kl_nonnegative``,
+    ``reverse_kl_lower_bound``, ``reduction_consistency`` and ``invalid_rows_get_nothing``
+    also call it with ``reduction="none"`` (per-row losses); the others need nothing more.
     Every property runs; an AssertionError lists each one that failed, by name, with what broke
     and the repro. Returns the names of the properties that applied to this problem.
     """
