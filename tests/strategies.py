@@ -5,7 +5,7 @@ The strategies, the float64 comparison and the tolerance rule are ``sdm_triton.t
 the same ones users get. This project's property tests draw with SPEC's ranges
 (``PROJECT_PROBLEMS``: temperatures in [0.005, 10], norms in [1e-4, 1e4]); the kit's defaults
 add anti-aligned features, stride-0 features, mask rates and NaN in absent rows, which
-``test_testing_kit.py`` draws for the backends.
+``test_testing_kit.py`` draws for the torch backend.
 """
 
 from __future__ import annotations
