@@ -308,6 +308,8 @@ def problem(N: int, M: int, D: int, *, labels: str = "ids", seed: int = 0, dtype
     """
     n, m, d = N, M, D
     dtype = _dtype(dtype)
+    if layout not in FEATURE_LAYOUTS:
+        raise ValueError(f"layout must be one of {FEATURE_LAYOUTS}, got {layout!r}")
     gen = torch.Generator().manual_seed(seed)
     t_q_ids = t_g_ids = t_labels = None
     if labels in ("ids", "unique_ids"):
