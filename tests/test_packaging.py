@@ -1,6 +1,7 @@
-"""What a user installing the package meets (issue 15): a wheel with one top-level name, and
-a package that imports and computes without Triton (macOS, Windows), naming Triton and the
-way out when it is asked for. Both run in subprocesses, as a fresh interpreter would."""
+"""What a user installing the package meets (issue 15): a wheel with one top-level name (its
+test kit included, issue 21), and a package that imports and computes without Triton (macOS,
+Windows), naming Triton and the way out when it is asked for, and without Hypothesis, whose
+absence only the test kit names. They run in subprocesses, as a fresh interpreter would."""
 
 import importlib.metadata
 import importlib.util
@@ -59,6 +60,42 @@ def test_without_triton_the_package_computes_and_names_the_way_out():
         assert needed in error, (needed, error)
 
 
+# A fresh interpreter in which `hypothesis` cannot be found: the package works, its test kit
+# names the extra that brings it (issue 21).
+WITHOUT_HYPOTHESIS = r'''
+import sys
+
+class NoHypothesis:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "hypothesis":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NoHypothesis())
+import torch
+import sdm_triton
+from sdm_triton import reference
+
+q, g, ids = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 0, 1, 1])
+torch.testing.assert_close(sdm_triton.sdm_loss(q, g, ids), reference.sdm_loss(q, g, ids))
+assert "hypothesis" not in sys.modules
+try:
+    import sdm_triton.testing
+except ModuleNotFoundError as e:
+    print("ERROR:", e)
+print("OK")
+'''
+
+
+def test_without_hypothesis_the_package_works_and_its_test_kit_names_the_extra():
+    out = subprocess.run([sys.executable, "-c", WITHOUT_HYPOTHESIS], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert lines[-1] == "OK", out.stdout
+    assert "ERROR: sdm_triton.testing needs hypothesis: pip install 'sdm_triton[testing]'" in lines, out.stdout
+
+
 def _setuptools_major():
     try:
         return int(importlib.metadata.version("setuptools").split(".")[0])
@@ -77,5 +114,6 @@ def test_the_wheel_installs_one_top_level_name(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"sdm_triton"}, top
-    for module in ("sdm_triton/reference/__init__.py", "sdm_triton/distributed/__init__.py", "sdm_triton/py.typed"):
+    for module in ("sdm_triton/reference/__init__.py", "sdm_triton/distributed/__init__.py", "sdm_triton/py.typed",
+                   "sdm_triton/testing/__init__.py", "sdm_triton/testing/_problems.py"):
         assert module in names, module

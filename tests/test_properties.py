@@ -1,28 +1,10 @@
 """The properties of docs/contract.md, as Hypothesis tests run unchanged on every backend.
 
-Truth is this file's own float64 evaluation of SPEC's definition (``evaluate``), written
-independently of ``reference/sdm.py``: dense and loop-free, absent samples handled by
-explicit masks and a masked ``logsumexp`` instead of removing them by indexing, the
-forward divergence through ``xlogy`` instead of a guarded log.
-
-Tolerances. The loss is computed in fp32 (float64 for float64 inputs) whatever the
-input dtype, so results are compared with ``rtol * |truth| + floor``:
-
-* ``rtol`` is SPEC's 1e-5 for the fp32 compute dtype, 1e-12 for float64;
-* ``floor`` is the error fp32 itself cannot avoid, from a first-order error model
-  (``floors``): a logit carries an absolute error of a few units of roundoff times its
-  magnitude, which the loss inherits through ``logsumexp`` and the gradient through
-  ``dL/dS``; a near-zero loss (a near-perfect match) is a difference of O(s) terms and
-  cannot be known better than ``u * s`` (see ``truth_for``). ``FLOOR_ULPS`` multiplies the
-  model; it was set by measuring the reference and an fp32 evaluation of this file's
-  formula over thousands of cases: their largest error/model ratios were 2.6 and 4.5
-  (losses, gradients), so 16 leaves a margin for other summation orders;
-* and never less than ``BASELINE_FACTOR`` times the error of PyTorch computing this
-  file's formula in the compute dtype (the measured baseline of STYLE.md), so a case
-  that fp32 itself computes badly does not fail a backend that is as good as fp32.
-
-For bf16 / fp16 inputs the loss keeps the fp32 tolerance (SPEC's precision section);
-gradients come back in the input dtype and may add the rounding to it (``2 u_half``).
+Problems, the float64 comparison, the tolerance rule and the property checks are
+``sdm_triton.testing``'s, the kit users test their own implementations with; its docstrings
+state the rule. Truth here is the kit's ``dense_reference``: SPEC's definition evaluated in
+float64, dense and loop-free, written independently of ``reference/sdm.py`` (which is one of
+the backends under test), so every call passes ``reference=TRUTH``.
 """
 
 from __future__ import annotations
@@ -36,275 +18,30 @@ import torch.nn.functional as F
 from hypothesis import assume
 from hypothesis import strategies as st
 
-from sdm_triton.reference import SDMRowLosses
-from strategies import ARG_LAYOUTS, FAST_DTYPES, HALF_DTYPES, backend_property, cases, log_uniform, sdm_options
+from sdm_triton import testing
+from sdm_triton.testing import (
+    ARG_LAYOUTS,
+    FAST_DTYPES,
+    FLOOR_ULPS,
+    HALF_DTYPES,
+    NORM_EPS,
+    RTOL,
+    UNIT_ROUNDOFF,
+    assert_close,
+    directions,
+    grad_outputs,
+    log_uniform,
+    run,
+    sdm_options,
+)
+from strategies import backend_property, cases
 
 F64 = torch.float64
-NORM_EPS = 1e-12            # SPEC step 1: F.normalize semantics, F.normalize's default eps
-DIRECTIONS = ("q2g", "g2q")
-UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
-FLOOR_ULPS = 16.0
-BASELINE_FACTOR = 4.0
-
-
-def compute_dtype(dtype):
-    return F64 if dtype == F64 else torch.float32
-
-
-# --------------------------------------------------------------------------- float64 truth
-
-@dataclasses.dataclass
-class Side:
-    """One direction of the evaluation: per-row losses, validity, and |dL_i/dS_ij| magnitudes."""
-
-    loss: torch.Tensor       # [rows]
-    valid: torch.Tensor      # [rows] bool
-    magnitude: torch.Tensor  # [rows, cols]: sum of |terms| of dL_i/dS_ij (for the error floors)
-
-
-def _side(S, y, row_keep, col_keep, kl, eps):
-    """Rows of S against y: P = softmax over kept columns, Y = y / sum y; SPEC steps 3-4."""
-    k = y.sum(dim=1)
-    valid = row_keep & (k > 0)
-    if not bool(col_keep.any()):
-        return Side(S.sum(dim=1) * 0, valid, torch.zeros_like(S.detach()))
-    lse = torch.logsumexp(S.masked_fill(~col_keep, -math.inf), dim=1, keepdim=True)
-    log_p = torch.where(col_keep, S - lse, 0.0)          # finite everywhere, 0 on absent columns
-    p = torch.where(col_keep, log_p.exp(), 0.0)
-    Y = y / torch.where(k > 0, k, 1.0)[:, None]
-    if kl == "forward":
-        terms = torch.xlogy(Y, Y) - Y * log_p                # 0 log 0 = 0
-        magnitude = p + Y
-    else:
-        log_y = torch.log(Y + eps)
-        terms = p * (log_p - log_y)
-        magnitude = p * (1 + log_p.abs() + log_y.abs() + terms.sum(dim=1, keepdim=True).abs())
-    loss = torch.where(valid, terms.sum(dim=1), 0.0)
-    magnitude = torch.where(valid[:, None], magnitude.detach(), 0.0)
-    return Side(loss, valid, magnitude)
-
-
-def evaluate(case, q, g, scale, opts, dtype=F64):
-    """SPEC's definition in ``dtype`` on the given (grad-requiring) q, g and scale tensor.
-
-    Returns the logits S and a dict direction -> Side for the directions asked for.
-    """
-    qx, gx = q.to(dtype), g.to(dtype)
-    s = scale.to(dtype) if scale is not None else case.scale_value()
-    if opts["normalize"]:
-        qx = qx / qx.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
-        gx = gx / gx.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
-    S = s * (qx @ gx.T)
-    q_keep, g_keep = case.keep()
-    y = case.y(dtype) * (q_keep[:, None] & g_keep[None, :])
-    sides = {}
-    if opts["direction"] in ("both", "q2g"):
-        sides["q2g"] = _side(S, y, q_keep, g_keep, opts["kl"], opts["eps"])
-    if opts["direction"] in ("both", "g2q"):
-        sides["g2q"] = _side(S.T, y.T, g_keep, q_keep, opts["kl"], opts["eps"])
-    return S, sides
-
-
-def reduction_weights(sides, opts):
-    """w per direction such that the returned scalar is sum_i w_i L_i (SPEC step 6)."""
-    half = 0.5 if len(sides) == 2 and opts["combine"] == "mean" else 1.0
-    weights = {}
-    for name, side in sides.items():
-        w = torch.full_like(side.loss.detach(), half)
-        if opts["reduction"] == "mean":
-            w = w / max(1, int(side.valid.sum()))
-        weights[name] = w
-    return weights
-
-
-# --------------------------------------------------------------------------- running
-
-@dataclasses.dataclass
-class Result:
-    """A call's output and the gradients of ``objective = <grad_output, output>``."""
-
-    value: torch.Tensor                 # scalar loss, or objective value for reduction="none"
-    rows: dict                          # direction -> per-row losses (reduction="none" only)
-    valid: dict                         # direction -> validity (reduction="none" only)
-    grads: dict                         # "q", "g", "scale" -> gradient (None: not asked for)
-
-
-def _grads(objective, leaves):
-    names = ("q", "g", "scale")
-    wanted = [(n, t) for n, t in zip(names, leaves) if t is not None]
-    if not objective.requires_grad:     # nothing depends on the inputs: zero gradient
-        got = [None] * len(wanted)
-    else:
-        got = torch.autograd.grad(objective, [t for _, t in wanted], allow_unused=True)
-    out = dict.fromkeys(names)
-    for (name, t), d in zip(wanted, got):
-        out[name] = torch.zeros_like(t) if d is None else d
-    return out
-
-
-def grad_outputs(case, opts, seed):
-    """grad_output != 1: a scalar for reduced losses, random per-row weights for "none"."""
-    gen = torch.Generator().manual_seed(seed)
-    if opts["reduction"] != "none":
-        return float(torch.empty(()).uniform_(0.25, 3.0, generator=gen)) * (1 if seed % 2 else -1)
-    return {name: torch.randn(size, generator=gen, dtype=F64)
-            for name, size in (("q2g", case.n), ("g2q", case.m))}
-
-
-def run_backend(sdm_impl, case, opts, gout=1.0, q=None, g=None):
-    """Call the backend on fresh leaves of the case and differentiate <gout, output>."""
-    lq, lg, ls = case.leaves(q, g)
-    out = case.call(sdm_impl, lq, lg, ls, **opts)
-    if opts["reduction"] == "none":
-        assert isinstance(out, SDMRowLosses), f"reduction='none' must return SDMRowLosses, got {type(out)}"
-        rows, valid, objective = {}, {}, 0
-        for name in DIRECTIONS:
-            loss, ok = getattr(out, name), getattr(out, name + "_valid")
-            if name not in _directions(opts):
-                assert loss is None and ok is None, f"{name} was not asked for but returned"
-                continue
-            assert loss.shape == ok.shape == (case.n if name == "q2g" else case.m,)
-            assert ok.dtype == torch.bool
-            rows[name], valid[name] = loss, ok
-            objective = objective + (gout[name].to(loss.device, loss.dtype) * loss).sum()
-        value = objective.detach()
-    else:
-        assert out.dim() == 0, f"reduction={opts['reduction']!r} must return a 0-dim tensor"
-        rows, valid, value = {}, {}, out.detach()
-        objective = gout * out
-    return Result(value, rows, valid, _grads(objective, (lq, lg, ls)))
-
-
-def _directions(opts):
-    return DIRECTIONS if opts["direction"] == "both" else (opts["direction"],)
-
-
-@dataclasses.dataclass
-class Truth:
-    """The float64 evaluation of a case: values, gradients and the error floors of fp32."""
-
-    result: Result
-    baseline: Result                    # the same formula computed in the compute dtype
-    loss_floor: float                   # per row loss
-    total_weight: float                 # sum of |weights| of the rows in the objective
-    value_floor: float                  # the scalar (weighted sum of rows)
-    grad_floors: dict                   # "q": [N], "g": [M], "scale": scalar
-    compute_dtype: torch.dtype
-
-
-def _evaluate_result(case, opts, gout, dtype):
-    lq, lg, ls = case.leaves()
-    S, sides = evaluate(case, lq, lg, ls, opts, dtype)
-    if opts["reduction"] == "none":
-        weights = {name: gout[name].to(side.loss.device, dtype) for name, side in sides.items()}
-        value = sum((weights[name] * side.loss).sum() for name, side in sides.items())
-        objective = value
-        rows = {name: side.loss.detach() for name, side in sides.items()}
-        valid = {name: side.valid for name, side in sides.items()}
-    else:
-        weights = reduction_weights(sides, opts)
-        value = sum((weights[name] * side.loss).sum() for name, side in sides.items())
-        objective = gout * value
-        weights = {name: gout * w for name, w in weights.items()}
-        rows, valid = {}, {}
-    grads = _grads(objective, (lq, lg, ls))
-    return Result(value.detach(), rows, valid, grads), S.detach(), sides, weights, (lq, lg)
+TRUTH = testing.dense_reference
 
 
 def truth_for(case, opts, gout=1.0):
-    """Float64 truth, the compute-dtype baseline, and the floors of the error model."""
-    result, S, sides, weights, (lq, lg) = _evaluate_result(case, opts, gout, F64)
-    ct = compute_dtype(case.dtype)
-    baseline = _evaluate_result(case, opts, gout, ct)[0]
-    u = UNIT_ROUNDOFF[ct]
-    q_keep, g_keep = case.keep()
-    pairs = q_keep[:, None] & g_keep[None, :]
-    s_max = float(S.abs().masked_fill(~pairs, 0).max()) if bool(pairs.any()) else 0.0
-    terms = 1 + s_max + math.log(max(case.n, case.m)) + (abs(math.log(opts["eps"])) if opts["kl"] == "reverse" else 0)
-    # Contributions of a unit error in every logit, weighted as the objective weighs rows.
-    unit = FLOOR_ULPS * u * terms
-    A = torch.zeros_like(S)
-    for name, side in sides.items():
-        contrib = weights[name].abs().to(F64)[:, None] * side.magnitude
-        A = A + (contrib if name == "q2g" else contrib.T)
-    s = case.scale_value()
-    qn, gn = lq.detach().double().norm(dim=1), lg.detach().double().norm(dim=1)
-    if opts["normalize"]:
-        q_in, g_in = qn / qn.clamp_min(NORM_EPS), gn / gn.clamp_min(NORM_EPS)   # |q_hat|
-        q_div, g_div = qn.clamp_min(NORM_EPS), gn.clamp_min(NORM_EPS)
-    else:
-        q_in, g_in, q_div, g_div = qn, gn, torch.ones_like(qn), torch.ones_like(gn)
-    # Below the normal range relative precision ends: a probability that underflows the
-    # compute dtype errs by an absolute amount (`tiny` on every dL/dS_ij, then amplified
-    # like any other error, e.g. by 1 / NORM_EPS at a zero row), and a half gradient in
-    # fp16's subnormal range by the subnormal spacing (times sqrt(D) for a row's 2-norm).
-    tiny = FLOOR_ULPS * torch.finfo(ct).tiny
-    E = unit * A + tiny                                          # error bound of each dL/dS_ij
-    out_tiny = 0.0
-    if case.dtype in HALF_DTYPES:
-        info = torch.finfo(case.dtype)
-        out_tiny = 2 * info.smallest_normal * info.eps * math.sqrt(case.q.shape[1])
-    grad_floors = {
-        "q": (s * (E @ g_in) / q_div + out_tiny).cpu(),
-        "g": (s * (E.T @ q_in) / g_div + out_tiny).cpu(),
-        "scale": torch.tensor(float((E * S.abs()).sum()) / s),
-    }
-    total_weight = sum(float(w.abs().sum()) for w in weights.values())
-    return Truth(result, baseline, unit + tiny, total_weight, unit * total_weight + tiny, grad_floors, ct)
-
-
-# --------------------------------------------------------------------------- comparisons
-
-def _report(what, err, tol, case):
-    ratio = err / tol
-    worst = int(ratio.argmax()) if ratio.dim() else None
-    return (f"{what}: error {float(err.max()):.3e} > tolerance {float(tol.flatten()[worst or 0]):.3e}"
-            f" (worst index {worst}, error/tolerance {float(ratio.max()):.2f}) for {case}")
-
-
-def assert_close(what, actual, truth, baseline, floor, rtol, case, row_wise=False, extra_rtol=0.0):
-    """|actual - truth| <= (rtol + extra_rtol) |truth| + max(floor, BASELINE_FACTOR * |baseline - truth|).
-
-    ``row_wise``: rows of a matrix compared by their 2-norm (gradients of q and g).
-    """
-    actual = actual.detach().to(F64).cpu()
-    truth = truth.detach().to(F64).cpu()
-    baseline = baseline.detach().to(F64).cpu()
-    floor = torch.as_tensor(floor, dtype=F64).cpu()
-
-    def size(x):
-        return x.norm(dim=1) if row_wise else x.abs()
-
-    assert actual.shape == truth.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(truth.shape)}"
-    assert bool(torch.isfinite(actual).all()), f"{what}: not finite for {case}"
-    err = size(actual - truth)
-    tol = (rtol + extra_rtol) * size(truth) + torch.maximum(floor, BASELINE_FACTOR * size(baseline - truth))
-    assert bool((err <= tol).all()), _report(what, err, tol, case)
-
-
-def assume_gradients_fit(case, truth):
-    """Skip an fp16 example whose exact gradient is beyond fp16's range (it cannot be returned)."""
-    if case.dtype == torch.float16:
-        top = torch.finfo(torch.float16).max / 2
-        assume(all(bool((truth.result.grads[n].abs() < top).all()) for n in ("q", "g")))
-
-
-def assert_matches_truth(result, truth, case, grad_extra_rtol=0.0):
-    """Values, per-row losses, validity and gradients of ``result`` against the float64 truth."""
-    rtol = RTOL[truth.compute_dtype]
-    t, b = truth.result, truth.baseline
-    assert_close("loss", result.value, t.value, b.value, truth.value_floor, rtol, case)
-    for name in t.rows:
-        assert torch.equal(result.valid[name].cpu(), t.valid[name].cpu()), f"{name}_valid differs for {case}"
-        assert_close(f"{name} row losses", result.rows[name], t.rows[name], b.rows[name], truth.loss_floor,
-                     rtol, case)
-    for name in ("q", "g", "scale"):
-        if t.grads[name] is None:
-            continue
-        assert result.grads[name] is not None, f"no gradient for {name}"
-        assert_close(f"d/d{name}", result.grads[name], t.grads[name], b.grads[name], truth.grad_floors[name],
-                     rtol, case, row_wise=name != "scale", extra_rtol=grad_extra_rtol)
+    return testing.truth_for(case, opts, gout, reference=TRUTH)
 
 
 # --------------------------------------------------------------------------- properties
@@ -314,16 +51,7 @@ def test_forward_loss_is_nonnegative(sdm_impl, data):
     """forward: every row loss and the reduced loss are >= 0, exactly, for every dtype,
     temperature in [0.005, 10] and feature norm in [1e-4, 1e4]; invalid rows are 0."""
     case = data.draw(cases(sdm_impl, dtypes=FAST_DTYPES, fp16_grads_fit=False))
-    opts = data.draw(sdm_options(kl=("forward",)))
-    q, g, _ = case.leaves()
-    rows = case.call(sdm_impl, q, g, **{**opts, "reduction": "none"})
-    for name in _directions(opts):
-        loss, valid = getattr(rows, name), getattr(rows, name + "_valid")
-        assert bool((loss >= 0).all()), f"{name}: negative row loss {float(loss.min())} for {case}"
-        assert bool((loss[~valid] == 0).all()), f"{name}: invalid rows must hold 0 for {case}"
-    if opts["reduction"] != "none":
-        out = case.call(sdm_impl, q, g, **opts).detach()
-        assert float(out) >= 0, f"negative loss {float(out)} for {case}"
+    testing.forward_kl_nonnegative(sdm_impl, case, data.draw(sdm_options(kl=("forward",))))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -350,16 +78,7 @@ def test_reverse_loss_lower_bound(sdm_impl, data):
     """reverse: each row loss is >= -log(1 + M_valid * eps), up to float rounding."""
     case = data.draw(cases(sdm_impl, dtypes=FAST_DTYPES, fp16_grads_fit=False))
     opts = data.draw(sdm_options(kl=("reverse",), reduction=("none",)))
-    out = case.call(sdm_impl, *case.leaves()[:2], **opts)
-    truth = truth_for(case, opts, grad_outputs(case, opts, 0))
-    q_keep, g_keep = case.keep()
-    for name in _directions(opts):
-        cols = int((g_keep if name == "q2g" else q_keep).sum())
-        bound = -math.log1p(cols * opts["eps"])
-        rows = getattr(out, name).double().cpu()
-        slack = truth.loss_floor
-        assert bool((rows >= bound - slack).all()), \
-            f"{name}: row loss {float(rows.min()):.3e} below -log(1 + M eps) = {bound:.3e} (slack {slack:.1e}) for {case}"
+    testing.reverse_kl_lower_bound(sdm_impl, case, opts, reference=TRUTH)
 
 
 @pytest.mark.parametrize("eps", [1e-8, 1e-2, 0.1])
@@ -387,21 +106,7 @@ def test_finite_loss_and_gradients(sdm_impl, data):
     case = data.draw(cases(sdm_impl, dtypes=FAST_DTYPES, fp16_grads_fit=False))
     opts = data.draw(sdm_options())
     gout = grad_outputs(case, opts, data.draw(st.integers(0, 2**31)))
-    result = run_backend(sdm_impl, case, opts, gout)
-    assert bool(torch.isfinite(result.value)), f"loss not finite for {case}"
-    for name, rows in result.rows.items():
-        assert bool(torch.isfinite(rows).all()), f"{name} row losses not finite for {case}"
-    fits = {}
-    if case.dtype == torch.float16:
-        exact = truth_for(case, opts, gout).result.grads
-        fits = {name: exact[name].abs() < torch.finfo(torch.float16).max for name in ("q", "g")}
-    for name, grad in result.grads.items():
-        if grad is None:
-            continue
-        finite = torch.isfinite(grad)
-        if name in fits:
-            finite = finite | ~fits[name].to(grad.device)
-        assert bool(finite.all()), f"d/d{name} not finite for {case}"
+    testing.finite_loss_and_gradients(sdm_impl, case, opts, gout, reference=TRUTH)
 
 
 @backend_property()
@@ -418,17 +123,7 @@ def test_scale_invariance(sdm_impl, data):
         c = 2.0 ** data.draw(st.integers(-6, 6))
     else:
         c = data.draw(log_uniform(1e-3, 1e3))
-    gout = grad_outputs(case, opts, 1)
-    truth = truth_for(case, opts, gout)
-    base = run_backend(sdm_impl, case, opts, gout)
-    rtol = RTOL[truth.compute_dtype]
-    for scaled in (dict(q=case.q * c), dict(g=case.g * c)):
-        got = run_backend(sdm_impl, case, opts, gout, **scaled)
-        # Twice the error budget: both calls may err by the floor in opposite directions.
-        assert_close("scaled loss", got.value, base.value, base.value, 2 * truth.value_floor, 2 * rtol, case)
-        for name in base.rows:
-            assert_close(f"scaled {name} rows", got.rows[name], base.rows[name], base.rows[name],
-                         2 * truth.loss_floor, 2 * rtol, case)
+    assert testing.scale_invariance(sdm_impl, case, opts, c, grad_outputs(case, opts, 1), reference=TRUTH)
 
 
 @backend_property()
@@ -438,48 +133,8 @@ def test_mask_equals_subset(sdm_impl, data):
     case = data.draw(cases(sdm_impl, dtypes=FAST_DTYPES + (torch.float64,),
                            mask_kinds=("random", "all_false", "kill_positives")))
     opts = data.draw(sdm_options())
-    q_keep, g_keep = case.keep()
     gout = grad_outputs(case, opts, data.draw(st.integers(0, 2**31)))
-    masked = run_backend(sdm_impl, case, opts, gout)
-    truth = truth_for(case, opts, gout)
-    assume_gradients_fit(case, truth)
-    for name, keep in (("q", q_keep), ("g", g_keep)):
-        dropped = masked.grads[name][~keep]
-        assert bool((dropped == 0).all()), f"masked {name} rows got gradient {float(dropped.abs().max())} for {case}"
-    for name, keep in zip(DIRECTIONS, (q_keep, g_keep)):
-        if name in masked.rows:
-            assert bool((masked.rows[name][~keep] == 0).all()) and not bool(masked.valid[name][~keep].any()), \
-                f"masked {name} rows must be invalid with loss 0 for {case}"
-
-    if not bool(q_keep.any()) or not bool(g_keep.any()):
-        # The subset is empty on one side: no row is valid, the loss is 0, no gradient.
-        assert float(masked.value) == 0, f"loss {float(masked.value)} with an empty side for {case}"
-        for name in ("q", "g", "scale"):
-            if masked.grads[name] is not None:
-                assert bool((masked.grads[name] == 0).all()), f"d/d{name} nonzero with an empty side"
-        return
-    sub = dataclasses.replace(
-        case, q=case.q[q_keep], g=case.g[g_keep], q_mask=None, g_mask=None,
-        q_ids=None if case.q_ids is None else case.q_ids[q_keep],
-        g_ids=None if case.g_ids is None else case.g_ids[g_keep],
-        labels=None if case.labels is None else case.labels[q_keep][:, g_keep])
-    sub_gout = gout if opts["reduction"] != "none" else {"q2g": gout["q2g"][q_keep.cpu()],
-                                                         "g2q": gout["g2q"][g_keep.cpu()]}
-    subset = run_backend(sdm_impl, sub, opts, sub_gout)
-    rtol = RTOL[truth.compute_dtype]
-    assert_close("loss vs subset", masked.value, subset.value, subset.value, 2 * truth.value_floor, 2 * rtol, case)
-    for name, keep in zip(DIRECTIONS, (q_keep, g_keep)):
-        if name in masked.rows:
-            assert torch.equal(masked.valid[name][keep], subset.valid[name]), f"{name}_valid vs subset for {case}"
-            assert_close(f"{name} rows vs subset", masked.rows[name][keep], subset.rows[name], subset.rows[name],
-                         2 * truth.loss_floor, 2 * rtol, case)
-    extra = 2 * UNIT_ROUNDOFF[case.dtype] if case.dtype in HALF_DTYPES else 0.0
-    for name, keep in (("q", q_keep), ("g", g_keep)):
-        assert_close(f"d/d{name} vs subset", masked.grads[name][keep], subset.grads[name], subset.grads[name],
-                     2 * truth.grad_floors[name][keep.cpu()], 2 * rtol, case, row_wise=True, extra_rtol=extra)
-    if masked.grads["scale"] is not None:
-        assert_close("d/dscale vs subset", masked.grads["scale"], subset.grads["scale"], subset.grads["scale"],
-                     2 * truth.grad_floors["scale"], 2 * rtol, case)
+    testing.mask_equals_subset(sdm_impl, case, opts, gout, reference=TRUTH)
 
 
 @backend_property()
@@ -489,14 +144,7 @@ def test_invalid_rows_have_no_loss_and_no_gradient(sdm_impl, data):
     case = data.draw(cases(sdm_impl, label_kinds=("ids", "soft", "binary")))
     direction = data.draw(st.sampled_from(("q2g", "g2q")))
     opts = data.draw(sdm_options(direction=(direction,), reduction=("none",)))
-    result = run_backend(sdm_impl, case, opts, grad_outputs(case, opts, 7))
-    valid = result.valid[direction]
-    truth_valid = truth_for(case, opts, grad_outputs(case, opts, 7)).result.valid[direction]
-    assert torch.equal(valid.cpu(), truth_valid.cpu()), f"{direction}_valid wrong for {case}"
-    assume(not bool(valid.all()))
-    own = result.grads["q" if direction == "q2g" else "g"]
-    assert bool((result.rows[direction][~valid] == 0).all()), f"invalid rows hold a loss for {case}"
-    assert bool((own[~valid] == 0).all()), f"invalid rows got gradient for {case}"
+    assume(testing.invalid_rows_get_nothing(sdm_impl, case, opts, grad_outputs(case, opts, 7), reference=TRUTH))
 
 
 @backend_property()
@@ -507,29 +155,7 @@ def test_permutation_equivariance(sdm_impl, data):
     opts = data.draw(sdm_options(reduction=("none",)))
     pq = torch.tensor(data.draw(st.permutations(range(case.n))), device=case.q.device)
     pg = torch.tensor(data.draw(st.permutations(range(case.m))), device=case.q.device)
-    gout = grad_outputs(case, opts, 3)
-    truth = truth_for(case, opts, gout)
-    assume_gradients_fit(case, truth)
-    base = run_backend(sdm_impl, case, opts, gout)
-
-    def take(t, p):
-        return None if t is None else t[p]
-
-    perm = dataclasses.replace(
-        case, q=case.q[pq], g=case.g[pg], q_ids=take(case.q_ids, pq), g_ids=take(case.g_ids, pg),
-        q_mask=take(case.q_mask, pq), g_mask=take(case.g_mask, pg),
-        labels=None if case.labels is None else case.labels[pq][:, pg])
-    permuted = run_backend(sdm_impl, perm, opts, {"q2g": gout["q2g"][pq.cpu()], "g2q": gout["g2q"][pg.cpu()]})
-    rtol = RTOL[truth.compute_dtype]
-    extra = 2 * UNIT_ROUNDOFF[case.dtype] if case.dtype in HALF_DTYPES else 0.0
-    for name, p in zip(DIRECTIONS, (pq, pg)):
-        if name in base.rows:
-            assert torch.equal(permuted.valid[name], base.valid[name][p]), f"{name}_valid not permuted for {case}"
-            assert_close(f"permuted {name} rows", permuted.rows[name], base.rows[name][p], base.rows[name][p],
-                         2 * truth.loss_floor, 2 * rtol, case)
-    for name, p in (("q", pq), ("g", pg)):
-        assert_close(f"permuted d/d{name}", permuted.grads[name], base.grads[name][p], base.grads[name][p],
-                     2 * truth.grad_floors[name][p.cpu()], 2 * rtol, case, row_wise=True, extra_rtol=extra)
+    testing.permutation_equivariance(sdm_impl, case, opts, pq, pg, grad_outputs(case, opts, 3), reference=TRUTH)
 
 
 def _logits64(case):
@@ -552,7 +178,7 @@ def test_unique_ids_equal_cross_entropy(sdm_impl, data):
     S, y = _logits64(case), case.y().cpu()
     truth = truth_for(case, opts, grad_outputs(case, opts, 0))
     for name, logits, match in (("q2g", S, y), ("g2q", S.T, y.T)):
-        if name not in _directions(opts):
+        if name not in directions(opts):
             continue
         has = match.sum(dim=1) > 0
         ce = torch.zeros(logits.shape[0], dtype=F64)
@@ -573,7 +199,7 @@ def test_binary_labels_closed_form(sdm_impl, data):
     S, y = _logits64(case), case.y().cpu()
     truth = truth_for(case, opts, grad_outputs(case, opts, 0))
     for name, logits, pos in (("q2g", S, y), ("g2q", S.T, y.T)):
-        if name not in _directions(opts):
+        if name not in directions(opts):
             continue
         k = pos.sum(dim=1)
         closed = torch.logsumexp(logits, dim=1) - (logits * pos).sum(dim=1) / k.clamp_min(1) - torch.log(k.clamp_min(1))
@@ -588,14 +214,14 @@ def test_logit_scale_gradient_matches_finite_differences(sdm_impl, data):
     case = data.draw(cases(sdm_impl, dtypes=(torch.float64,), logit_scale=True))
     opts = data.draw(sdm_options())
     gout = grad_outputs(case, opts, data.draw(st.integers(0, 2**31)))
-    result = run_backend(sdm_impl, case, opts, gout)
+    result = run(sdm_impl, case, opts, gout)
     truth = truth_for(case, opts, gout)
 
     def objective(scale_value):
         scale = torch.tensor(scale_value, dtype=F64, device=case.q.device)
         out = case.call(sdm_impl, case.q, case.g, scale, **opts)
         if opts["reduction"] == "none":
-            return sum(float((gout[n].to(case.q.device) * getattr(out, n)).sum()) for n in _directions(opts))
+            return sum(float((gout[n].to(case.q.device) * getattr(out, n)).sum()) for n in directions(opts))
         return gout * float(out)
 
     # dS/ds = cos(q, g) lies in [-1, 1], so every derivative of L in s is O(weights) whatever
@@ -620,7 +246,7 @@ def test_agrees_with_float64_evaluation(sdm_impl, data):
     case = data.draw(cases(sdm_impl, dtypes=(torch.float32, torch.float64)))
     opts = data.draw(sdm_options(normalize=(True, False)))
     gout = grad_outputs(case, opts, data.draw(st.integers(0, 2**31)))
-    assert_matches_truth(run_backend(sdm_impl, case, opts, gout), truth_for(case, opts, gout), case)
+    testing.assert_close_to_reference(sdm_impl, case, opts, grad_output=gout, reference=TRUTH)
 
 
 @backend_property()
@@ -632,10 +258,8 @@ def test_half_inputs_are_computed_in_fp32(sdm_impl, data):
     case = data.draw(cases(sdm_impl, dtypes=HALF_DTYPES))
     opts = data.draw(sdm_options())
     gout = grad_outputs(case, opts, data.draw(st.integers(0, 2**31)))
-    truth = truth_for(case, opts, gout)
-    assume_gradients_fit(case, truth)
-    assert_matches_truth(run_backend(sdm_impl, case, opts, gout), truth, case,
-                         grad_extra_rtol=2 * UNIT_ROUNDOFF[case.dtype])
+    testing.assert_close_to_reference(sdm_impl, case, opts, grad_output=gout, reference=TRUTH,
+                                      grad_extra_rtol=2 * UNIT_ROUNDOFF[case.dtype])
 
 
 @backend_property(examples=0.5)
@@ -650,10 +274,10 @@ def test_noncontiguous_inputs_give_the_same_result(sdm_impl, data):
     opts = data.draw(sdm_options())
     gout = grad_outputs(case, opts, 5)
     truth = truth_for(case, opts, gout)
-    assume_gradients_fit(case, truth)
-    strided = run_backend(sdm_impl, case, opts, gout)
+    testing.assume_gradients_fit(case, truth)
+    strided = run(sdm_impl, case, opts, gout)
     dense_case = case.contiguous()
-    dense = run_backend(sdm_impl, dense_case, opts, gout)
+    dense = run(sdm_impl, dense_case, opts, gout)
     rtol = RTOL[truth.compute_dtype]
     assert_close("loss", strided.value, dense.value, dense.value, 2 * truth.value_floor, 2 * rtol, case)
     for name in dense.rows:

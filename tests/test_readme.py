@@ -25,11 +25,11 @@ def _programs():
 
 
 def test_the_readme_has_its_snippets():
-    # quick start (+ IRRA, + reference), training, multi-GPU
-    assert len(_programs()) == 3, [p.splitlines()[0] for p in _programs()]
+    # quick start (+ IRRA, + reference), testing your own implementation, training, multi-GPU
+    assert len(_programs()) == 4, [p.splitlines()[0] for p in _programs()]
 
 
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", range(4))
 def test_readme_snippet_runs(index, tmp_path):
     program = _programs()[index]
     path = tmp_path / f"snippet_{index}.py"
