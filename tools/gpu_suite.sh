@@ -7,7 +7,9 @@
 #
 # --quick: the kernel-facing files only (every kernel path per dtype, the GPU-marked tests, the
 # compiled steps), Hypothesis capped at 10 examples: the check after a kernel change. Without it,
-# the whole suite with the gpu profile capped at SDM_HYPOTHESIS_MAX_EXAMPLES (default 25).
+# the whole suite with the gpu profile capped at SDM_HYPOTHESIS_MAX_EXAMPLES (default 10: on one
+# H100 with 14 workers the whole suite reached 98% in 370 s at 10 examples, where 20 examples
+# had not finished in 560 s; bench/NOTES.md 22).
 # The last lines: the slowest 10 tests and a one-line summary.
 #
 # Needs pytest, hypothesis and pytest-xdist; the device machine gets xdist as wheels
@@ -19,7 +21,7 @@ quick=0
 if [ "${1:-}" = "--quick" ]; then quick=1; shift; fi
 QUICK_PATHS=(tests/test_kernels.py tests/test_edge_values.py tests/test_galleries.py tests/test_training.py
              tests/test_hygiene.py)
-export SDM_HYPOTHESIS_MAX_EXAMPLES=${SDM_HYPOTHESIS_MAX_EXAMPLES:-$([ $quick = 1 ] && echo 10 || echo 25)}
+export SDM_HYPOTHESIS_MAX_EXAMPLES=${SDM_HYPOTHESIS_MAX_EXAMPLES:-10}
 # at most 14 workers: each one holds a CUDA context on the GPU (62 of them on a 64-core host
 # ran the GPU out of memory before any test started)
 cores=$(nproc)
