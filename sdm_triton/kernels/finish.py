@@ -145,10 +145,16 @@ def _finish_kernel(
         q_sum, q_cnt, q_max = _norm_stats(pre_ptr, NR, q_msk, 0, s_qmsk, 0, N, BLOCK)
     for k in range(0, K):
         gmoff = k * s_gmsk_gal
-        sq, cq, pq = _finish_rows(part_ptr, S_q, NDR, lab_ptr, q_msk, 0, s_qmsk, k * N, N, s_ok, eps, ln_eps,
-                                  rows_ptr, valid_ptr, saved_ptr, REVERSE, DENSE, WANT_POS, BLOCK)
-        sg, cg, pg = _finish_rows(part_ptr, S_g, NDR, lab_ptr, g_msk, gmoff, s_gmsk, K * N + k * M, M, s_ok, eps, ln_eps,
-                                  rows_ptr, valid_ptr, saved_ptr, REVERSE, DENSE, WANT_POS, BLOCK)
+        sq, cq, pq = _finish_rows(
+            part_ptr=part_ptr, S=S_q, NDR=NDR, lab_ptr=lab_ptr, msk=q_msk, moff=0, s_msk=s_qmsk,
+            dir0=k * N, n=N, s_ok=s_ok, eps=eps, ln_eps=ln_eps,
+            rows_ptr=rows_ptr, valid_ptr=valid_ptr, saved_ptr=saved_ptr,
+            REVERSE=REVERSE, DENSE=DENSE, WANT_POS=WANT_POS, BLOCK=BLOCK)
+        sg, cg, pg = _finish_rows(
+            part_ptr=part_ptr, S=S_g, NDR=NDR, lab_ptr=lab_ptr, msk=g_msk, moff=gmoff, s_msk=s_gmsk,
+            dir0=K * N + k * M, n=M, s_ok=s_ok, eps=eps, ln_eps=ln_eps,
+            rows_ptr=rows_ptr, valid_ptr=valid_ptr, saved_ptr=saved_ptr,
+            REVERSE=REVERSE, DENSE=DENSE, WANT_POS=WANT_POS, BLOCK=BLOCK)
         a = sq
         b = sg
         if MEAN:
