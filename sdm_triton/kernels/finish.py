@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .. import options as _contract
-from .stats import NUM_STATS
+from .stats import NUM_STATS, SLOT_CNT, SLOT_LOGY
 from .tiles import LN2, as_f32, ln_precise, load_scale, present
 
 #: The smallest normal fp32 number.
@@ -65,11 +65,11 @@ def _finish_rows(
             if REVERSE:
                 lin += alpha * (tl.load(base + 2 * NDR, mask=i_in, other=0.0) + shift * l_s)
                 if DENSE:
-                    logy += alpha * tl.load(base + 4 * NDR, mask=i_in, other=0.0)
+                    logy += alpha * tl.load(base + SLOT_LOGY * NDR, mask=i_in, other=0.0)
             else:
                 lin += tl.load(base + 2 * NDR, mask=i_in, other=0.0)
             if not DENSE:
-                npos += tl.load(base + 4 * NDR, mask=i_in, other=0.0)
+                npos += tl.load(base + SLOT_CNT * NDR, mask=i_in, other=0.0)
             if WANT_POS:
                 pos += alpha * tl.load(base + 3 * NDR, mask=i_in, other=0.0)
         if DENSE:

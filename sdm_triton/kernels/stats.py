@@ -25,6 +25,11 @@ import triton.language as tl
 from .tiles import ABSENT, LOG2E, NEG_BIG, as_f32, dot_tile, label_tile, load_ids, load_scale, log2_logits, present, row_ids
 
 NUM_STATS = tl.constexpr(5)   # m, l, lin, pos, logy (dense labels) | cnt (identity labels)
+#: The fifth statistic (slot 4 of ``out[s]``) has two meanings, by DENSE: logy with dense labels
+#: (reverse KL only), cnt, the count of positives, with identity labels (their label mass). Each
+#: name is used where its meaning holds (here and in finish.py).
+SLOT_LOGY = tl.constexpr(4)
+SLOT_CNT = tl.constexpr(4)
 
 
 @triton.jit
@@ -95,9 +100,9 @@ def _stats_rows(
     if WANT_POS:
         tl.store(out + 3 * NDR, pos, mask=row_in)
     if DENSE and REVERSE:
-        tl.store(out + 4 * NDR, logy, mask=row_in)
+        tl.store(out + SLOT_LOGY * NDR, logy, mask=row_in)
     if not DENSE:
-        tl.store(out + 4 * NDR, cnt, mask=row_in)
+        tl.store(out + SLOT_CNT * NDR, cnt, mask=row_in)
 
 
 # Sizes change from batch to batch: no divisibility specialisation on them.
