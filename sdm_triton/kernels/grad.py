@@ -39,7 +39,8 @@ Two ways to run the products:
                          column of the other side, accumulates u in registers (all of D) and
                          writes dL/dx. For small problems (and D up to a few hundred).
     _grad_chunk_kernel   W for the columns of one chunk into a workspace, then cuBLAS
-                         products (autograd launcher) and `_input_grad_kernel`: large problems.
+                         products (run by the launch layer, `sdm_triton.launch`, between the
+                         launches) and `_input_grad_kernel`: large problems.
 """
 
 import triton
