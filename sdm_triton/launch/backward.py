@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple, Optional, Tuple
+
 import torch
 import triton
 
@@ -20,11 +22,31 @@ from ..kernels.grad import (
 )
 from ..matmul import addmm_f32, mm_f32
 from ..problem import Problem
-from .tiles import (_cdiv, _chunk_tiles, _dot_precision, _fused_tiles, _pow2_at_least, _problem_index, _side_args,
-                    _span, _stats_tiles, _traceable, backward_path, interpreting)
+from .tiles import (_cdiv, _chunk_tiles, _dot_precision, _fused_tiles, _per_problem, _pow2_at_least, _problem_index,
+                    _side_args, _span, _stats_tiles, _traceable, backward_path, interpreting)
 
 _HALF = {torch.float16: triton.language.float16, torch.bfloat16: triton.language.bfloat16,
          torch.float32: triton.language.float32}
+
+
+class Side(NamedTuple):
+    """One side of the problem as the chunked backward's operand and input-gradient kernels
+    read it: features x as a [galleries, rows, D] view (q: 1 gallery of N rows)."""
+    x: torch.Tensor
+    strides: Tuple[int, int, int]        # x's (gallery, row, feature) strides
+    msk: Optional[torch.Tensor]          # the side's mask, or None
+    msk_strides: Tuple[int, int]         # its (gallery, row) strides
+    s0: int                              # the side's first sample in the sample space (q: 0, galleries: N)
+    galleries: int                       # K (q: 1)
+    rows: int                            # rows per gallery, M (q: N)
+
+
+@_per_problem
+def _sides(p: Problem) -> Tuple[Side, Side]:
+    """(q side, gallery side)."""
+    q = Side(p.q, (0, *p.q.stride()), p.q_mask, (0, _side_args(p)["s_qmsk"]), 0, 1, p.n)
+    g = Side(p.g, p.g_strides(), p.g_mask, p.g_mask_strides(), p.n, p.galleries, p.m)
+    return q, g
 
 
 def _dv_stride(d_value) -> int:
@@ -46,7 +68,10 @@ def backward(p: Problem, out: ForwardOut, d_value, d_rows, want, partial_grads: 
     return _chunked_backward(p, out, d_value, d_rows, want, grad_dtype)
 
 
-def _common(p: Problem, out: ForwardOut):
+def _state_coefficients_flags(p: Problem, out: ForwardOut):
+    """What both backwards hand their kernels: the forward's state (the prepared per-sample
+    buffer and the saved per-row statistics), the reduction coefficients of the two
+    directions, and the kernels' constexpr flags."""
     buf, saved = out.state
     o = p.options
     coef_q, coef_g = reduction_coefficients(p)
@@ -61,7 +86,7 @@ def _fused_backward(p: Problem, out: ForwardOut, d_value, d_rows, want, grad_dty
     want_q, want_g, want_scale = want
     n, m, k, d = p.n, p.m, p.galleries, p.d
     dev = p.q.device
-    buf, saved, coef_q, coef_g, flags = _common(p, out)
+    buf, saved, coef_q, coef_g, flags = _state_coefficients_flags(p, out)
     block_d = max(16, _pow2_at_least(d))
     t = _fused_tiles(p, block_d)
     n_qp = _cdiv(n, t.block_m) if (want_q or want_scale) else 0
@@ -87,30 +112,31 @@ def _chunked_backward(p: Problem, out: ForwardOut, d_value, d_rows, want, grad_d
     n, m, k, d = p.n, p.m, p.galleries, p.d
     nr, ndr = p.num_samples, p.num_rows
     dev, f32, dtype = p.q.device, torch.float32, p.q.dtype
-    buf, saved, coef_q, coef_g, flags = _common(p, out)
+    buf, saved, coef_q, coef_g, flags = _state_coefficients_flags(p, out)
     args = _side_args(p)
+    q_side, g_side = _sides(p)
     split = dtype != torch.float32
     t = _chunk_tiles(p)
-    small = 16 if interpreting() else 64
 
     w = torch.empty(ndr, dtype=f32, device=dev)
     _traceable(_weights_kernel)[(k,)](saved_ptr=saved, dv_ptr=d_value, s_dv=_dv_stride(d_value), drows_ptr=d_rows,
                                       red_ptr=out.red, w_ptr=w,
                                       N=n, M=m, K=k, coef_q=coef_q, coef_g=coef_g, MEAN=p.options.reduction == "mean",
-                                      BLOCK=small * 16 if not interpreting() else 16)
+                                      BLOCK=16 if interpreting() else 1024)
     # fp16 workspaces: divide W by the largest weight (dS stays O(1), inside fp16's range)
     gmax = w.abs().amax().clamp_min(torch.finfo(f32).tiny).reshape(1) if dtype == torch.float16 else None
 
     gemm_dtype = dtype if split else f32
-    q_op = _operand(p.q, (0, *p.q.stride()), p.q_mask, (0, args["s_qmsk"]), buf, nr, 0, 1, n, gemm_dtype)
-    g_op = _operand(p.g, p.g_strides(), p.g_mask, p.g_mask_strides(), buf, nr, n, k, m, gemm_dtype)
+    q_op = _operand(q_side, pre=buf, nr=nr, dtype=gemm_dtype)
+    g_op = _operand(g_side, pre=buf, nr=nr, dtype=gemm_dtype)
 
     u_q = torch.zeros((n, d), dtype=f32, device=dev) if want_q else None
     dg = torch.empty(p.g.shape, dtype=grad_dtype, device=dev) if want_g else None
     d_scale = torch.zeros((), dtype=f32, device=dev) if want_scale else None
-    per_col = n * (4 if not split else 2 * 2)
+    # bytes per column of the workspace: n rows of W in fp32, or of its hi and lo halves (2 + 2 bytes)
+    column_bytes = n * 4
     width = max(t.block_n, min(_cdiv(m, t.block_n) * t.block_n,
-                               p.workspace_bytes // per_col // t.block_n * t.block_n))
+                               p.workspace_bytes // column_bytes // t.block_n * t.block_n))
     parts = 2 if split else 1
     ws = torch.empty((n, parts * width), dtype=gemm_dtype, device=dev)
     index = _problem_index(p, _span(ws), _cdiv(width, t.block_n) * n)
@@ -135,36 +161,39 @@ def _chunked_backward(p: Problem, out: ForwardOut, d_value, d_rows, want, grad_d
                 addmm_f32(u_q, chunk, torch.cat([g_c, g_c]) if split else g_c)
             if want_g:
                 u_g = mm_f32(chunk.T, q_op)                                   # [parts * cw, D]
-                _input_grad(p, u_g[:cw], u_g[cw:] if split else None, p.g, p.g_strides(), p.g_mask,
-                            p.g_mask_strides(), buf, nr, n, gal, c0, cw, m, gmax, dg)
+                _input_grad(p, u=u_g[:cw], u2=u_g[cw:] if split else None, side=g_side, pre=buf, gal=gal, r0=c0,
+                            n_rows=cw, gmax=gmax, out=dg)
             if want_scale:
                 d_scale += dsp[:tiles_n].sum()
     dq = None
     if want_q:
         dq = torch.empty(p.q.shape, dtype=grad_dtype, device=dev)
-        _input_grad(p, u_q, None, p.q, (0, *p.q.stride()), p.q_mask, (0, args["s_qmsk"]), buf, nr, 0, 0, 0,
-                    n, n, gmax, dq)
+        _input_grad(p, u=u_q, u2=None, side=q_side, pre=buf, gal=0, r0=0, n_rows=n, gmax=gmax, out=dq)
     return dq, dg, d_scale
 
 
-def _operand(x, strides, msk, msk_strides, pre, nr, s0, k, m, dtype):
-    """x' [K * M, D] (kernels/grad.py, _operand_kernel)."""
+def _operand(side: Side, pre, nr: int, dtype) -> torch.Tensor:
+    """x' [K * M, D] of a side (kernels/grad.py, _operand_kernel); ``pre``: the prepared
+    per-sample buffer of ``nr`` samples."""
+    x, k, m = side.x, side.galleries, side.rows
     out = torch.empty((k * m, x.shape[-1]), dtype=dtype, device=x.device)
     block_m = 16 if interpreting() else 32
     _traceable(_operand_kernel)[(_cdiv(m, block_m), k)](
-        x_ptr=x, sx_gal=strides[0], sx_row=strides[1], sx_d=strides[2], msk=msk, s_msk_gal=msk_strides[0],
-        s_msk=msk_strides[1], pre_ptr=pre, NR=nr, s0=s0, out_ptr=out, M=m, D=x.shape[-1],
-        BLOCK_M=block_m, BLOCK_D=16 if interpreting() else 128, num_warps=4)
+        x_ptr=x, sx_gal=side.strides[0], sx_row=side.strides[1], sx_d=side.strides[2], msk=side.msk,
+        s_msk_gal=side.msk_strides[0], s_msk=side.msk_strides[1], pre_ptr=pre, NR=nr, s0=side.s0, out_ptr=out,
+        M=m, D=x.shape[-1], BLOCK_M=block_m, BLOCK_D=16 if interpreting() else 128, num_warps=4)
     return out
 
 
-def _input_grad(p, u, u2, x, strides, msk, msk_strides, pre, nr, s0, gal, r0, n_rows, m, gmax, out):
-    """dL/dx of rows r0 .. r0 + n_rows of gallery ``gal`` of a side from its products u (+ u2)."""
+def _input_grad(p: Problem, u, u2, side: Side, pre, gal: int, r0: int, n_rows: int, gmax, out) -> None:
+    """dL/dx of rows r0 .. r0 + n_rows of gallery ``gal`` of a side into ``out``, from its
+    products u (+ u2, the lo half's); ``pre``: the prepared per-sample buffer."""
+    x = side.x
     d = x.shape[-1]
     block_m = 16 if interpreting() else 32
     _traceable(_input_grad_kernel)[(_cdiv(n_rows, block_m),)](
-        u_ptr=u, su_row=u.stride(0), u2_ptr=u2, x_ptr=x, sx_gal=strides[0], sx_row=strides[1],
-        sx_d=strides[2], msk=msk, s_msk_gal=msk_strides[0], s_msk=msk_strides[1], pre_ptr=pre, NR=nr,
-        s0=s0, gal=gal, r0=r0, scale_ptr=p.scale, scale_value=p.scale_value, gmax_ptr=gmax, out_ptr=out,
-        so_row=d, so_d=1, n_rows=n_rows, M=m, D=d, NORMALIZE=p.options.normalize,
+        u_ptr=u, su_row=u.stride(0), u2_ptr=u2, x_ptr=x, sx_gal=side.strides[0], sx_row=side.strides[1],
+        sx_d=side.strides[2], msk=side.msk, s_msk_gal=side.msk_strides[0], s_msk=side.msk_strides[1], pre_ptr=pre,
+        NR=p.num_samples, s0=side.s0, gal=gal, r0=r0, scale_ptr=p.scale, scale_value=p.scale_value, gmax_ptr=gmax,
+        out_ptr=out, so_row=d, so_d=1, n_rows=n_rows, M=side.rows, D=d, NORMALIZE=p.options.normalize,
         BLOCK_M=block_m, BLOCK_D=16 if interpreting() else 128, num_warps=4)
