@@ -12,9 +12,8 @@ one module per role as there:
                  and the input-gradient kernel (large problems; workspace bounded by
                  ``workspace_bytes``); `backward_path` picks one.
 
-Tile shapes: `KernelConfig` fields given by the caller win; otherwise the tiles.py functions
-pick by size (measured on an H200, bench/NOTES.md), and fixed small tiles under the CPU
-interpreter.
+What is chosen by size (the backward path, every tile shape) is chosen in
+`sdm_triton.dispatch`; `KernelConfig` fields given by the caller win over its tiles.
 """
 
 from __future__ import annotations
@@ -22,10 +21,11 @@ from __future__ import annotations
 import torch
 
 from ..backend import ForwardOut
+from ..dispatch import FUSED_MAX_D, FUSED_MAX_LOGITS, backward_path, interpreting
 from ..problem import Problem
 from . import backward as _backward
 from . import forward as _forward
-from .tiles import FUSED_MAX_D, FUSED_MAX_LOGITS, _stats_tiles, backward_path, interpreting, traceable_launches
+from .tiles import _stats_tiles, traceable_launches
 
 
 class TritonBackend:

@@ -13,6 +13,7 @@ import torch
 import triton
 
 from ..backend import ForwardOut, reduction_coefficients
+from ..dispatch import backward_path, interpreting, padded_d, table_tiles
 from ..kernels.grad import (
     _fused_grad_kernel,
     _grad_chunk_kernel,
@@ -22,8 +23,8 @@ from ..kernels.grad import (
 )
 from ..matmul import addmm_f32, mm_f32
 from ..problem import Problem
-from .tiles import (_cdiv, _chunk_tiles, _dot_precision, _fused_tiles, _per_problem, _pow2_at_least, _problem_index,
-                    _side_args, _span, _stats_tiles, _traceable, backward_path, interpreting)
+from .tiles import (_cdiv, _chunk_tiles, _dot_precision, _fused_tiles, _per_problem, _problem_index, _side_args, _span,
+                    _stats_tiles, _traceable)
 
 _HALF = {torch.float16: triton.language.float16, torch.bfloat16: triton.language.bfloat16,
          torch.float32: triton.language.float32}
@@ -87,8 +88,8 @@ def _fused_backward(p: Problem, out: ForwardOut, d_value, d_rows, want, grad_dty
     n, m, k, d = p.n, p.m, p.galleries, p.d
     dev = p.q.device
     buf, saved, coef_q, coef_g, flags = _state_coefficients_flags(p, out)
-    block_d = max(16, _pow2_at_least(d))
-    t = _fused_tiles(p, block_d)
+    block_d = padded_d(d)
+    t = _fused_tiles(p)
     n_qp = _cdiv(n, t.block_m) if (want_q or want_scale) else 0
     n_gp = k * _cdiv(m, t.block_m) if want_g else 0
     dq = torch.empty(p.q.shape, dtype=grad_dtype, device=dev) if n_qp else None
@@ -122,7 +123,7 @@ def _chunked_backward(p: Problem, out: ForwardOut, d_value, d_rows, want, grad_d
     _traceable(_weights_kernel)[(k,)](saved_ptr=saved, dv_ptr=d_value, s_dv=_dv_stride(d_value), drows_ptr=d_rows,
                                       red_ptr=out.red, w_ptr=w,
                                       N=n, M=m, K=k, coef_q=coef_q, coef_g=coef_g, MEAN=p.options.reduction == "mean",
-                                      BLOCK=16 if interpreting() else 1024)
+                                      BLOCK=table_tiles("weights").block_m)
     # fp16 workspaces: divide W by the largest weight (dS stays O(1), inside fp16's range)
     gmax = w.abs().amax().clamp_min(torch.finfo(f32).tiny).reshape(1) if dtype == torch.float16 else None
 
@@ -177,11 +178,11 @@ def _operand(side: Side, pre, nr: int, dtype) -> torch.Tensor:
     per-sample buffer of ``nr`` samples."""
     x, k, m = side.x, side.galleries, side.rows
     out = torch.empty((k * m, x.shape[-1]), dtype=dtype, device=x.device)
-    block_m = 16 if interpreting() else 32
-    _traceable(_operand_kernel)[(_cdiv(m, block_m), k)](
+    t = table_tiles("operand")
+    _traceable(_operand_kernel)[(_cdiv(m, t.block_m), k)](
         x_ptr=x, sx_gal=side.strides[0], sx_row=side.strides[1], sx_d=side.strides[2], msk=side.msk,
         s_msk_gal=side.msk_strides[0], s_msk=side.msk_strides[1], pre_ptr=pre, NR=nr, s0=side.s0, out_ptr=out,
-        M=m, D=x.shape[-1], BLOCK_M=block_m, BLOCK_D=16 if interpreting() else 128, num_warps=4)
+        M=m, D=x.shape[-1], BLOCK_M=t.block_m, BLOCK_D=t.block_k, num_warps=t.num_warps)
     return out
 
 
@@ -190,10 +191,10 @@ def _input_grad(p: Problem, u, u2, side: Side, pre, gal: int, r0: int, n_rows: i
     products u (+ u2, the lo half's); ``pre``: the prepared per-sample buffer."""
     x = side.x
     d = x.shape[-1]
-    block_m = 16 if interpreting() else 32
-    _traceable(_input_grad_kernel)[(_cdiv(n_rows, block_m),)](
+    t = table_tiles("operand")
+    _traceable(_input_grad_kernel)[(_cdiv(n_rows, t.block_m),)](
         u_ptr=u, su_row=u.stride(0), u2_ptr=u2, x_ptr=x, sx_gal=side.strides[0], sx_row=side.strides[1],
         sx_d=side.strides[2], msk=side.msk, s_msk_gal=side.msk_strides[0], s_msk=side.msk_strides[1], pre_ptr=pre,
         NR=p.num_samples, s0=side.s0, gal=gal, r0=r0, scale_ptr=p.scale, scale_value=p.scale_value, gmax_ptr=gmax,
         out_ptr=out, so_row=d, so_d=1, n_rows=n_rows, M=side.rows, D=d, NORMALIZE=p.options.normalize,
-        BLOCK_M=block_m, BLOCK_D=16 if interpreting() else 128, num_warps=4)
+        BLOCK_M=t.block_m, BLOCK_D=t.block_k, num_warps=t.num_warps)

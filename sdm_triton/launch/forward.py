@@ -11,13 +11,13 @@ from typing import Optional
 import torch
 
 from ..backend import NUM_RED, NUM_STATS, ForwardOut, Statistics
+from ..dispatch import interpreting, padded_d, table_tiles
 from ..kernels.finish import _finish_kernel
 from ..kernels.prep import _prep_kernel
 from ..kernels.stats import NUM_STATS as _KERNEL_NUM_STATS
 from ..kernels.stats import _stats_kernel
 from ..problem import Problem
-from .tiles import (_cdiv, _dot_precision, _pow2_at_least, _problem_index, _side_args, _stats_tiles, _traceable,
-                    interpreting)
+from .tiles import _cdiv, _dot_precision, _problem_index, _side_args, _stats_tiles, _traceable
 
 assert _KERNEL_NUM_STATS.value == NUM_STATS, "kernels/stats.py and backend.py disagree on NUM_STATS"
 
@@ -55,7 +55,7 @@ def prepare(p: Problem, label_masses: Optional[torch.Tensor] = None) -> torch.Te
     _traceable(_prep_kernel)[(n_qp + n_gp,)](
         **_side_args(p), pre_ptr=pre, lab_ptr=lab, N=n, M=m, K=k, n_q_programs=n_qp, D=d,
         NORMALIZE=p.options.normalize, DENSE=p.dense and not masses_given, BLOCK_M=t.block_m,
-        BLOCK_N=t.block_n, BLOCK_K=min(t.block_k, max(16, _pow2_at_least(d))), num_warps=4)
+        BLOCK_N=t.block_n, BLOCK_K=min(t.block_k, padded_d(d)), num_warps=4)
     if masses_given:
         lab.view(2, ndr).copy_(label_masses)
     return buf
@@ -107,6 +107,7 @@ def finish(p: Problem, partial: torch.Tensor, segments_q: int, segments_g: int,
     valid = torch.empty(ndr, dtype=torch.bool, device=dev)
     saved = torch.empty(4 * ndr, dtype=f32, device=dev)      # m, 1 / l, 1 / ysum, ln l
     red = torch.empty((NUM_RED, k), dtype=f32, device=dev)
+    ft = table_tiles("finish")
     _traceable(_finish_kernel)[(1,)](
         part_ptr=partial, pre_ptr=prepared[:3 * nr], lab_ptr=prepared[3 * nr:], q_msk=args["q_msk"],
         s_qmsk=args["s_qmsk"], g_msk=args["g_msk"], s_gmsk_gal=args["s_gmsk_gal"], s_gmsk=args["s_gmsk"],
@@ -114,7 +115,7 @@ def finish(p: Problem, partial: torch.Tensor, segments_q: int, segments_g: int,
         N=n, M=m, K=k, S_q=segments_q, S_g=segments_g, scale_value=p.scale_value, eps=o.eps,
         REVERSE=o.reverse, DENSE=p.dense, WANT_Q2G=o.wants_q2g, WANT_G2Q=o.wants_g2q,
         MEAN=o.reduction == "mean", COMBINE_MEAN=o.combine == "mean", STATS=p.return_stats,
-        WANT_POS=_want_pos(p), BLOCK=16 if interpreting() else 1024, num_warps=4)
+        WANT_POS=_want_pos(p), BLOCK=ft.block_m, num_warps=ft.num_warps)
     return ForwardOut(value, rows, valid, red, (prepared, saved))
 
 

@@ -2,23 +2,23 @@
 tensors as the kernels name them, and how a launch is routed (eager or traced).
 
 The launch-side counterpart of `kernels/tiles.py`. Tile shapes: `KernelConfig` fields given
-by the caller win; otherwise `_stats_tiles` / `_fused_tiles` / `_chunk_tiles` pick by size
-(measured on an H200, bench/NOTES.md), and fixed small tiles under the CPU interpreter.
+by the caller win; otherwise the tile table of `sdm_triton.dispatch` (``TILES``: by pass,
+size class and dtype, measured on an H200, bench/NOTES.md; small fixed tiles under the CPU
+interpreter), which `_stats_tiles` / `_fused_tiles` / `_chunk_tiles` read once per problem.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
 import functools
-import os
 from typing import Tuple
 
 import torch
 import triton
 
 from ..backend import NUM_STATS
+from ..dispatch import Tiles, table_tiles
 from ..problem import Problem
 
 try:
@@ -46,21 +46,6 @@ def _traceable(kernel):
     return _wrap_triton(kernel) if (_wrap_triton is not None and _TRACING.get()) else kernel
 
 
-#: The fused backward keeps u [BLOCK_M, D] in registers: used up to this padded D.
-FUSED_MAX_D = 512
-#: ... and while the problem is small: the fused kernel runs each side's rows against all
-#: columns with small tiles; above this many logits (N * K * M) the chunked path is faster.
-FUSED_MAX_LOGITS = 2**23
-
-
-#: Read once, as Triton reads it when the kernels are decorated (an import-time choice).
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def interpreting() -> bool:
-    return _INTERPRETING
-
-
 def _per_problem(fn):
     """``fn(p)`` computed once per problem and kept in `Problem.derived` (for what depends on
     the problem alone: the forward and the backward of a call share it)."""
@@ -73,15 +58,6 @@ def _per_problem(fn):
             value = p.derived[key] = fn(p)
         return value
     return cached
-
-
-@dataclasses.dataclass(frozen=True)
-class Tiles:
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -97,60 +73,31 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _pow2_at_least(x: int) -> int:
-    """The smallest power of two >= x (x >= 1), for host integers (see _cdiv)."""
-    return 1 << (x - 1).bit_length()
-
-
 def _merge(cfg, default: Tiles, backward: bool = False) -> Tiles:
-    """The caller's KernelConfig fields (forward's, or the bwd_* ones) over ``default``."""
+    """The caller's KernelConfig fields (forward's, or the bwd_* ones) over ``default``; a
+    field the table leaves None stays None (not the pass's to choose)."""
     fields = ("block_m", "block_n", "block_k", "num_warps", "num_stages")
     given = [getattr(cfg, ("bwd_" if backward else "") + f) for f in fields]
-    return Tiles(*(g or getattr(default, f) for g, f in zip(given, fields)))
+    return Tiles(*(None if getattr(default, f) is None else g or getattr(default, f) for g, f in zip(given, fields)))
 
 
 @_per_problem
 def _stats_tiles(p: Problem) -> Tiles:
-    if interpreting():
-        return _merge(p.config, Tiles(16, 16, 16, 1, 1))
-    logits = p.n * p.galleries * p.m
-    if logits >= 2**24 and p.q.dtype != torch.float32:
-        # H200, bf16, N = 16384 / 32768: 1.36x / 1.49x faster than 128 x 128 (bench/NOTES.md 20)
-        default = Tiles(128, 256, 64, 8, 3)
-    elif logits >= 2**24:
-        default = Tiles(128, 128, 64, 8, 3)      # fp32 at 128 x 256: 196 KiB of shared memory, unmeasured
-    elif logits >= 2**20:
-        default = Tiles(64, 64, 64, 4, 3)
-    else:
-        default = Tiles(32, 32, 64, 4, 2)
-    return _merge(p.config, default)
+    """The statistics pass's tiles; its block_k is also the backwards' dot step."""
+    return _merge(p.config, table_tiles("stats", p))
 
 
-def _fused_tiles(p: Problem, block_d: int) -> Tiles:
-    if interpreting():
-        return _merge(p.config, Tiles(16, 16, block_d, 1, 1), backward=True)
-    block_m = 16 if block_d >= 256 else 32
-    return _merge(p.config, Tiles(block_m, 32, block_d, 4, 1), backward=True)
+@_per_problem
+def _fused_tiles(p: Problem) -> Tiles:
+    """The fused backward's tiles (block_k None: it steps as `_stats_tiles`; its BLOCK_D is
+    dispatch.padded_d)."""
+    return _merge(p.config, table_tiles("fused", p), backward=True)
 
 
 @_per_problem
 def _chunk_tiles(p: Problem) -> Tiles:
-    if interpreting():
-        return _merge(p.config, Tiles(16, 16, 16, 1, 1), backward=True)
-    return _merge(p.config, Tiles(128, 64, 64, 8, 3), backward=True)
-
-
-def backward_path(p: Problem) -> str:
-    """"fused" or "chunked" (`sdm_triton.launch`): the caller's KernelConfig.backward, else by
-    size. The fused kernel keeps a row block's gradient over all of D on chip, so above
-    FUSED_MAX_D it hands over to the chunked one whatever was asked (at D = 4096 it would need
-    256 KiB of shared memory, more than a Hopper SM has)."""
-    block_d = max(16, _pow2_at_least(p.d))
-    if block_d > FUSED_MAX_D:
-        return "chunked"
-    if p.config.backward != "auto":
-        return p.config.backward
-    return "fused" if p.n * p.galleries * p.m <= FUSED_MAX_LOGITS else "chunked"
+    """The chunked backward's W kernel's tiles (block_k None: it steps as `_stats_tiles`)."""
+    return _merge(p.config, table_tiles("chunked", p), backward=True)
 
 
 def _span(t) -> int:
