@@ -2,9 +2,9 @@
 tensors as the kernels name them, and how a launch is routed (eager or traced).
 
 The launch-side counterpart of `kernels/tiles.py`. Tile shapes: `KernelConfig` fields given
-by the caller win; otherwise the tile table of `sdm_triton.dispatch` (``TILES``: by pass,
-size class and dtype, measured on an H200, bench/NOTES.md; small fixed tiles under the CPU
-interpreter), which `_stats_tiles` / `_fused_tiles` / `_chunk_tiles` read once per problem.
+by the caller win; otherwise the tile table of `sdm_triton.dispatch` (``TILES``, by pass,
+size class and dtype; small fixed tiles under the CPU interpreter), which `_stats_tiles`,
+`_fused_tiles` and `_chunk_tiles` read once per problem.
 """
 
 from __future__ import annotations
