@@ -5,7 +5,7 @@ does in eager mode, connected by ``register_autograd``:
 
     sdm_triton::forward / backward              the Triton backend, as ``triton_op``s: the
                                                 compiler traces their bodies (the launches go
-                                                through ``wrap_triton``, launch.py), so the
+                                                through ``wrap_triton``, sdm_triton.launch), so the
                                                 compiled graph launches the kernels itself
     sdm_triton::forward_torch / backward_torch  the torch backend, as opaque ``custom_op``s
                                                 (its chunk loops stay out of the graph and its

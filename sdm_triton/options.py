@@ -130,14 +130,14 @@ class KernelConfig:
 
     block_m, block_n, block_k, num_warps, num_stages: tile shape (rows, columns, feature
     dim step) and launch parameters of the forward statistics pass; bwd_*: the same for the
-    backward's kernel (fused or chunked), but for bwd_block_k, which has no effect (the
-    backward's dots step through D with block_k, the forward's); segments: column segments per row block in the
+    backward's kernel (fused or chunked), but for the step along D, which is the forward's
+    block_k (the backward rebuilds S step for step as the forward did); segments: column segments per row block in the
     forward; backward: "fused" (one launch, gradients accumulated in the kernel: small
     problems) or "chunked" (dL/dS written to a bounded workspace chunk by chunk and
     multiplied with cuBLAS: large problems).
 
     ``KernelConfig.parse("chunked_m128n128k64w8s3_bm128bn64bw8")`` reads the same fields from
-    a name (tokens ``fused``, ``chunked``, and ``m n k w s seg bm bn bk bw bs`` + number).
+    a name (tokens ``fused``, ``chunked``, and ``m n k w s seg bm bn bw bs`` + number).
     """
 
     block_m: Optional[int] = None
@@ -149,16 +149,12 @@ class KernelConfig:
     backward: str = "auto"
     bwd_block_m: Optional[int] = None
     bwd_block_n: Optional[int] = None
-    #: No effect: both backwards step through D by the forward statistics' block_k, so that their
-    #: dots match the forward's step for step (launch.py). Kept for now because launch._merge reads
-    #: every bwd_* field and names with ``bk`` must keep parsing; goes with launch.py's split.
-    bwd_block_k: Optional[int] = None
     bwd_num_warps: Optional[int] = None
     bwd_num_stages: Optional[int] = None
 
     def __post_init__(self):
         check_choice("backward", self.backward, BACKWARD_CHOICES)
-        for name in ("block_m", "block_n", "block_k", "bwd_block_m", "bwd_block_n", "bwd_block_k"):
+        for name in ("block_m", "block_n", "block_k", "bwd_block_m", "bwd_block_n"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 16 or v & (v - 1)):
                 raise ValueError(f"KernelConfig.{name} must be a power of two >= 16, got {v!r}")
@@ -175,7 +171,7 @@ class KernelConfig:
         return "_".join(parts + ([sizes] if sizes else [])) or "auto"
 
     _TOKENS = {"seg": "segments", "m": "block_m", "n": "block_n", "k": "block_k", "w": "num_warps",
-               "s": "num_stages", "bm": "bwd_block_m", "bn": "bwd_block_n", "bk": "bwd_block_k",
+               "s": "num_stages", "bm": "bwd_block_m", "bn": "bwd_block_n",
                "bw": "bwd_num_warps", "bs": "bwd_num_stages"}
 
     @classmethod

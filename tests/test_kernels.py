@@ -428,3 +428,18 @@ def test_learnable_scale_with_frozen_features(config, frozen):
     ls64 = torch.tensor(20.0, dtype=torch.float64, device=DEVICE, requires_grad=True)
     reference.sdm_loss(q.double(), g.double(), logit_scale=ls64, **kw).backward()
     assert abs(ls.grad.item() - ls64.grad.item()) <= 1e-5 * abs(ls64.grad.item()), (ls.grad, ls64.grad)
+
+
+def test_tile_table_covers_every_pass_size_class_and_dtype():
+    """sdm_triton.dispatch.TILES answers every (pass, size class, dtype) table_tiles can ask
+    for, the GPU's size classes included (a class or pass added without its tiles would fail
+    only on a GPU, at that size), and the backwards leave block_k to the statistics pass."""
+    from sdm_triton import dispatch
+    classes = {"stats": ("small", "medium", "large"), "chunked": ("small", "medium", "large"),
+               "fused": ("narrow", "wide"), "finish": ("any",), "weights": ("any",), "operand": ("any",)}
+    for kind, sizes in classes.items():
+        for size in ("interpreter", *sizes):
+            for dtype in ("half", "fp32"):
+                assert (kind, size, dtype) in dispatch.TILES or (kind, size, "any") in dispatch.TILES, (kind, size)
+    assert {kind for kind, _, _ in dispatch.TILES} == set(classes)
+    assert all(t.block_k is None for (kind, _, _), t in dispatch.TILES.items() if kind in ("fused", "chunked"))

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .. import options as _contract
-from .stats import NUM_STATS
+from .stats import NUM_STATS, SLOT_CNT, SLOT_LOGY
 from .tiles import LN2, as_f32, ln_precise, load_scale, present
 
 #: The smallest normal fp32 number.
@@ -65,11 +65,11 @@ def _finish_rows(
             if REVERSE:
                 lin += alpha * (tl.load(base + 2 * NDR, mask=i_in, other=0.0) + shift * l_s)
                 if DENSE:
-                    logy += alpha * tl.load(base + 4 * NDR, mask=i_in, other=0.0)
+                    logy += alpha * tl.load(base + SLOT_LOGY * NDR, mask=i_in, other=0.0)
             else:
                 lin += tl.load(base + 2 * NDR, mask=i_in, other=0.0)
             if not DENSE:
-                npos += tl.load(base + 4 * NDR, mask=i_in, other=0.0)
+                npos += tl.load(base + SLOT_CNT * NDR, mask=i_in, other=0.0)
             if WANT_POS:
                 pos += alpha * tl.load(base + 3 * NDR, mask=i_in, other=0.0)
         if DENSE:
@@ -145,10 +145,16 @@ def _finish_kernel(
         q_sum, q_cnt, q_max = _norm_stats(pre_ptr, NR, q_msk, 0, s_qmsk, 0, N, BLOCK)
     for k in range(0, K):
         gmoff = k * s_gmsk_gal
-        sq, cq, pq = _finish_rows(part_ptr, S_q, NDR, lab_ptr, q_msk, 0, s_qmsk, k * N, N, s_ok, eps, ln_eps,
-                                  rows_ptr, valid_ptr, saved_ptr, REVERSE, DENSE, WANT_POS, BLOCK)
-        sg, cg, pg = _finish_rows(part_ptr, S_g, NDR, lab_ptr, g_msk, gmoff, s_gmsk, K * N + k * M, M, s_ok, eps, ln_eps,
-                                  rows_ptr, valid_ptr, saved_ptr, REVERSE, DENSE, WANT_POS, BLOCK)
+        sq, cq, pq = _finish_rows(
+            part_ptr=part_ptr, S=S_q, NDR=NDR, lab_ptr=lab_ptr, msk=q_msk, moff=0, s_msk=s_qmsk,
+            dir0=k * N, n=N, s_ok=s_ok, eps=eps, ln_eps=ln_eps,
+            rows_ptr=rows_ptr, valid_ptr=valid_ptr, saved_ptr=saved_ptr,
+            REVERSE=REVERSE, DENSE=DENSE, WANT_POS=WANT_POS, BLOCK=BLOCK)
+        sg, cg, pg = _finish_rows(
+            part_ptr=part_ptr, S=S_g, NDR=NDR, lab_ptr=lab_ptr, msk=g_msk, moff=gmoff, s_msk=s_gmsk,
+            dir0=K * N + k * M, n=M, s_ok=s_ok, eps=eps, ln_eps=ln_eps,
+            rows_ptr=rows_ptr, valid_ptr=valid_ptr, saved_ptr=saved_ptr,
+            REVERSE=REVERSE, DENSE=DENSE, WANT_POS=WANT_POS, BLOCK=BLOCK)
         a = sq
         b = sg
         if MEAN:

@@ -39,7 +39,8 @@ Two ways to run the products:
                          column of the other side, accumulates u in registers (all of D) and
                          writes dL/dx. For small problems (and D up to a few hundred).
     _grad_chunk_kernel   W for the columns of one chunk into a workspace, then cuBLAS
-                         products (autograd launcher) and `_input_grad_kernel`: large problems.
+                         products (run by the launch layer, `sdm_triton.launch`, between the
+                         launches) and `_input_grad_kernel`: large problems.
 """
 
 import triton
@@ -155,7 +156,8 @@ def _fused_rows(
     m_r = tl.load(saved_ptr + arow, mask=row_in, other=0.0)
     il_r = tl.load(saved_ptr + NDR + arow, mask=row_in, other=0.0)
     ll_r = tl.load(saved_ptr + 3 * NDR + arow, mask=row_in, other=0.0)
-    w_r, iy_r = row_weights(arow, row_in, k, saved_ptr, NDR, dv_ptr, s_dv, drows_ptr, red_ptr, K, coef_a, cnt_a, MEAN)
+    w_r, iy_r = row_weights(idx=arow, in_range=row_in, k=k, saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr, s_dv=s_dv,
+                            drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, coef=coef_a, cnt_row=cnt_a, MEAN=MEAN)
     L_r = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if REVERSE:
         L_r = tl.load(rows_ptr + arow, mask=row_in, other=0.0)
@@ -165,8 +167,9 @@ def _fused_rows(
         cols = (n0 + tl.arange(0, BLOCK_N)).to(INDEX)
         col_in = cols < n_cols
         col_ok = present(b_msk, b_moff, s_bmsk, cols, col_in)
-        dot = dot_tile(a_ptr, sa_row, sa_d, rows, row_ok, b_ptr, sb_row, sb_d, cols, col_ok, D,
-                       BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION)
+        dot = dot_tile(a_ptr=a_ptr, sa_row=sa_row, sa_d=sa_d, rows=rows, row_in=row_ok,
+                       b_ptr=b_ptr, sb_row=sb_row, sb_d=sb_d, cols=cols, col_in=col_ok, D=D,
+                       BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION)
         # the columns' features over all of D, for the product; absent columns load as 0 (they may hold NaN)
         b_tile = tl.load(b_ptr + cols[:, None] * sb_row + offs_d[None, :] * sb_d,
                          mask=col_ok[:, None] & d_in[None, :], other=0.0)                    # [BN, BD]
@@ -175,18 +178,21 @@ def _fused_rows(
         cb = tl.load(pre_ptr + NR + bcol, mask=col_ok, other=0.0)
         cos, t = log2_logits(dot, ra, rb, s_log2e)
         both = row_ok[:, None] & col_ok[None, :]
-        y = label_tile(ai, b_ids, b_ioff, sb_id, lab, lab_off, sl_row, sl_col, rows, cols, col_in, both, DENSE)
+        y = label_tile(ai=ai, b_ids=b_ids, b_off=b_ioff, sb_id=sb_id, lab=lab, lab_off=lab_off, sl_row=sl_row,
+                       sl_col=sl_col, rows=rows, cols=cols, col_in=col_in, both=both, DENSE=DENSE)
         ccol = b_dir + cols
         m_c = tl.load(saved_ptr + ccol, mask=col_in, other=0.0)
         il_c = tl.load(saved_ptr + NDR + ccol, mask=col_in, other=0.0)
         ll_c = tl.load(saved_ptr + 3 * NDR + ccol, mask=col_in, other=0.0)
-        w_c, iy_c = row_weights(ccol, col_in, k, saved_ptr, NDR, dv_ptr, s_dv, drows_ptr, red_ptr, K, coef_b, cnt_b,
-                                MEAN)
+        w_c, iy_c = row_weights(idx=ccol, in_range=col_in, k=k, saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr, s_dv=s_dv,
+                                drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, coef=coef_b, cnt_row=cnt_b, MEAN=MEAN)
         L_c = tl.zeros((BLOCK_N,), dtype=tl.float32)
         if REVERSE:
             L_c = tl.load(rows_ptr + ccol, mask=col_in, other=0.0)
-        g_r, g_c = ds_tile(t, y, both, m_r, il_r, ll_r, iy_r, w_r, L_r, m_c, il_c, ll_c, iy_c, w_c, L_c, eps,
-                           ln_eps, REVERSE, DENSE)
+        g_r, g_c = ds_tile(t=t, y=y, both=both,
+                           m_r=m_r, il_r=il_r, ll_r=ll_r, iy_r=iy_r, w_r=w_r, L_r=L_r,
+                           m_c=m_c, il_c=il_c, ll_c=ll_c, iy_c=iy_c, w_c=w_c, L_c=L_c,
+                           eps=eps, ln_eps=ln_eps, REVERSE=REVERSE, DENSE=DENSE)
         dS = g_r + g_c
         if WANT_DSCALE:
             ds_acc += scale_grad_rows(g_r, g_c, cos, m_r, m_c, 1.0 / s_log2e)
@@ -224,13 +230,13 @@ def _max_weight(saved_ptr, NDR, dv_ptr, s_dv, drows_ptr, red_ptr, K, N, M, coef_
     for k in range(0, K):
         for i0 in range(0, N, BLOCK):
             i = i0 + tl.arange(0, BLOCK).to(tl.int64)
-            w, _ = row_weights(k * N + i, i < N, k, saved_ptr, NDR, dv_ptr, s_dv, drows_ptr, red_ptr, K, coef_q, 1,
-                               MEAN)
+            w, _ = row_weights(idx=k * N + i, in_range=i < N, k=k, saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr,
+                               s_dv=s_dv, drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, coef=coef_q, cnt_row=1, MEAN=MEAN)
             top = tl.maximum(top, tl.abs(w))
         for j0 in range(0, M, BLOCK):
             j = j0 + tl.arange(0, BLOCK).to(tl.int64)
-            w, _ = row_weights(K * N + k * M + j, j < M, k, saved_ptr, NDR, dv_ptr, s_dv, drows_ptr, red_ptr, K,
-                               coef_g, 3, MEAN)
+            w, _ = row_weights(idx=K * N + k * M + j, in_range=j < M, k=k, saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr,
+                               s_dv=s_dv, drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, coef=coef_g, cnt_row=3, MEAN=MEAN)
             top = tl.maximum(top, tl.abs(w))
     return tl.maximum(tl.max(top, axis=0), 1.1754943508222875e-38)
 
@@ -262,7 +268,8 @@ def _fused_grad_kernel(
     ln_eps = tl.log(eps)
     gmax = 1.0
     if SCALE_W:
-        gmax = _max_weight(saved_ptr, NDR, dv_ptr, s_dv, drows_ptr, red_ptr, K, N, M, coef_q, coef_g, MEAN, 256)
+        gmax = _max_weight(saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr, s_dv=s_dv, drows_ptr=drows_ptr,
+                           red_ptr=red_ptr, K=K, N=N, M=M, coef_q=coef_q, coef_g=coef_g, MEAN=MEAN, BLOCK=256)
     inv_gmax = 1.0 / gmax
     offs_d = tl.arange(0, BLOCK_D)
     d_in = offs_d < D
@@ -278,20 +285,25 @@ def _fused_grad_kernel(
         ai = row_ids(q_ids, 0, s_qid, rows, row_in, DENSE)
         for k in range(0, K):
             acc, ds_acc = _fused_rows(
-                acc, ds_acc, q_ptr, sq_row, sq_d, ra, pa, ai, row_ok,
-                g_ptr + k * sg_gal, sg_row, sg_d, g_msk, k * s_gmsk_gal, s_gmsk, g_ids, k * s_gid_gal, s_gid,
-                lab, k * sl_gal, sl_q, sl_g,
-                pre_ptr, NR, N + k * M, saved_ptr, rows_ptr, NDR, k * N, K * N + k * M,
-                dv_ptr, s_dv, drows_ptr, red_ptr, K, k, coef_q, coef_g, 1, 3,
-                rows, row_in, M, D, s_log2e, eps, ln_eps, inv_gmax,
-                REVERSE, DENSE, MEAN, WANT_DSCALE, HALF, IS_FP32, UPCAST, DOT_PRECISION,
-                INDEX, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D)
+                acc=acc, ds_acc=ds_acc, a_ptr=q_ptr, sa_row=sq_row, sa_d=sq_d, ra=ra, pa=pa, ai=ai, row_ok=row_ok,
+                b_ptr=g_ptr + k * sg_gal, sb_row=sg_row, sb_d=sg_d, b_msk=g_msk, b_moff=k * s_gmsk_gal, s_bmsk=s_gmsk,
+                b_ids=g_ids, b_ioff=k * s_gid_gal, sb_id=s_gid,
+                lab=lab, lab_off=k * sl_gal, sl_row=sl_q, sl_col=sl_g,
+                pre_ptr=pre_ptr, NR=NR, b_pre=N + k * M, saved_ptr=saved_ptr, rows_ptr=rows_ptr, NDR=NDR,
+                a_dir=k * N, b_dir=K * N + k * M,
+                dv_ptr=dv_ptr, s_dv=s_dv, drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, k=k,
+                coef_a=coef_q, coef_b=coef_g, cnt_a=1, cnt_b=3,
+                rows=rows, row_in=row_in, n_cols=M, D=D, s_log2e=s_log2e, eps=eps, ln_eps=ln_eps, inv_gmax=inv_gmax,
+                REVERSE=REVERSE, DENSE=DENSE, MEAN=MEAN, WANT_DSCALE=WANT_DSCALE,
+                HALF=HALF, IS_FP32=IS_FP32, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
+                INDEX=INDEX, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D)
         norm = tl.load(pre_ptr + 2 * NR + rows, mask=row_in, other=0.0)
         x = tl.load(q_ptr + rows[:, None] * sq_row + offs_d[None, :] * sq_d,
                     mask=row_ok[:, None] & d_in[None, :], other=0.0).to(tl.float32)
         if dq_ptr is not None:   # None: dq not asked for (these programs ran for dL/ds)
             dx = input_gradient(acc * gmax, x, ra, ca, norm, row_ok, s, NORMALIZE)
-            store_gradient(dq_ptr, sdq_row, sdq_d, rows, row_in, offs_d, d_in, dx, dq_ptr.dtype.element_ty)
+            store_gradient(out_ptr=dq_ptr, so_row=sdq_row, so_d=sdq_d, rows=rows, row_in=row_in, offs_d=offs_d,
+                           d_in=d_in, g=dx, OUT=dq_ptr.dtype.element_ty)
         if WANT_DSCALE:
             tl.store(dscale_ptr + pid, tl.sum(ds_acc, axis=0))
     else:
@@ -308,20 +320,25 @@ def _fused_grad_kernel(
         pa = ra / ca
         ai = row_ids(g_ids, gal * s_gid_gal, s_gid, rows, row_in, DENSE)
         acc, ds_acc = _fused_rows(
-            acc, ds_acc, gk, sg_row, sg_d, ra, pa, ai, row_ok,
-            q_ptr, sq_row, sq_d, q_msk, 0, s_qmsk, q_ids, 0, s_qid, lab, gal * sl_gal, sl_g, sl_q,
-            pre_ptr, NR, 0, saved_ptr, rows_ptr, NDR, K * N + gal * M, gal * N,
-            dv_ptr, s_dv, drows_ptr, red_ptr, K, gal, coef_g, coef_q, 3, 1,
-            rows, row_in, N, D, s_log2e, eps, ln_eps, inv_gmax,
-            REVERSE, DENSE, MEAN, False, HALF, IS_FP32, UPCAST, DOT_PRECISION,
-            INDEX, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D)
+            acc=acc, ds_acc=ds_acc, a_ptr=gk, sa_row=sg_row, sa_d=sg_d, ra=ra, pa=pa, ai=ai, row_ok=row_ok,
+            b_ptr=q_ptr, sb_row=sq_row, sb_d=sq_d, b_msk=q_msk, b_moff=0, s_bmsk=s_qmsk,
+            b_ids=q_ids, b_ioff=0, sb_id=s_qid,
+            lab=lab, lab_off=gal * sl_gal, sl_row=sl_g, sl_col=sl_q,
+            pre_ptr=pre_ptr, NR=NR, b_pre=0, saved_ptr=saved_ptr, rows_ptr=rows_ptr, NDR=NDR,
+            a_dir=K * N + gal * M, b_dir=gal * N,
+            dv_ptr=dv_ptr, s_dv=s_dv, drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, k=gal,
+            coef_a=coef_g, coef_b=coef_q, cnt_a=3, cnt_b=1,
+            rows=rows, row_in=row_in, n_cols=N, D=D, s_log2e=s_log2e, eps=eps, ln_eps=ln_eps, inv_gmax=inv_gmax,
+            REVERSE=REVERSE, DENSE=DENSE, MEAN=MEAN, WANT_DSCALE=False,
+            HALF=HALF, IS_FP32=IS_FP32, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
+            INDEX=INDEX, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D)
         norm = tl.load(pre_ptr + 2 * NR + srow, mask=row_in, other=0.0)
         x = tl.load(gk + rows[:, None] * sg_row + offs_d[None, :] * sg_d,
                     mask=row_ok[:, None] & d_in[None, :], other=0.0).to(tl.float32)
         if dg_ptr is not None:   # None: no gallery programs are launched (this branch must still compile)
             dx = input_gradient(acc * gmax, x, ra, ca, norm, row_ok, s, NORMALIZE)
-            store_gradient(dg_ptr + gal * M * sdg_row, sdg_row, sdg_d, rows, row_in, offs_d, d_in, dx,
-                           dg_ptr.dtype.element_ty)
+            store_gradient(out_ptr=dg_ptr + gal * M * sdg_row, so_row=sdg_row, so_d=sdg_d, rows=rows, row_in=row_in,
+                           offs_d=offs_d, d_in=d_in, g=dx, OUT=dg_ptr.dtype.element_ty)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,12 +353,14 @@ def _weights_kernel(saved_ptr, dv_ptr, s_dv, drows_ptr, red_ptr, w_ptr, N, M, K,
     NDR = K * N + K * M
     for i0 in range(0, N, BLOCK):
         i = i0 + tl.arange(0, BLOCK).to(tl.int64)
-        w, _ = row_weights(k * N + i, i < N, k, saved_ptr, NDR, dv_ptr, s_dv, drows_ptr, red_ptr, K, coef_q, 1, MEAN)
+        w, _ = row_weights(idx=k * N + i, in_range=i < N, k=k, saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr, s_dv=s_dv,
+                           drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, coef=coef_q, cnt_row=1, MEAN=MEAN)
         tl.store(w_ptr + k * N + i, w, mask=i < N)
     for j0 in range(0, M, BLOCK):
         j = j0 + tl.arange(0, BLOCK).to(tl.int64)
         idx = K * N + k * M + j
-        w, _ = row_weights(idx, j < M, k, saved_ptr, NDR, dv_ptr, s_dv, drows_ptr, red_ptr, K, coef_g, 3, MEAN)
+        w, _ = row_weights(idx=idx, in_range=j < M, k=k, saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr, s_dv=s_dv,
+                           drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, coef=coef_g, cnt_row=3, MEAN=MEAN)
         tl.store(w_ptr + idx, w, mask=j < M)
 
 
@@ -400,8 +419,9 @@ def _grad_chunk_kernel(
     row_ok = present(q_msk, 0, s_qmsk, rows, row_in)
     col_ok = present(g_msk, k * s_gmsk_gal, s_gmsk, cols, col_in)
     gk = g_ptr + k * sg_gal
-    dot = dot_tile(q_ptr, sq_row, sq_d, rows, row_ok, gk, sg_row, sg_d, cols, col_ok, D,
-                   BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION)
+    dot = dot_tile(a_ptr=q_ptr, sa_row=sq_row, sa_d=sq_d, rows=rows, row_in=row_ok,
+                   b_ptr=gk, sb_row=sg_row, sb_d=sg_d, cols=cols, col_in=col_ok, D=D,
+                   BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION)
     ra = tl.load(pre_ptr + rows, mask=row_in, other=0.0)
     ca = tl.load(pre_ptr + NR + rows, mask=row_in, other=1.0)
     bcol = N + k * M + cols
@@ -410,7 +430,8 @@ def _grad_chunk_kernel(
     cos, t = log2_logits(dot, ra, rb, s_log2e)
     both = row_ok[:, None] & col_ok[None, :]
     ai = row_ids(q_ids, 0, s_qid, rows, row_in, DENSE)
-    y = label_tile(ai, g_ids, k * s_gid_gal, s_gid, lab, k * sl_gal, sl_q, sl_g, rows, cols, col_in, both, DENSE)
+    y = label_tile(ai=ai, b_ids=g_ids, b_off=k * s_gid_gal, sb_id=s_gid, lab=lab, lab_off=k * sl_gal, sl_row=sl_q,
+                   sl_col=sl_g, rows=rows, cols=cols, col_in=col_in, both=both, DENSE=DENSE)
     arow = k * N + rows
     ccol = K * N + k * M + cols
     m_r = tl.load(saved_ptr + arow, mask=row_in, other=0.0)
@@ -428,8 +449,10 @@ def _grad_chunk_kernel(
     if REVERSE:
         L_r = tl.load(rows_ptr + arow, mask=row_in, other=0.0)
         L_c = tl.load(rows_ptr + ccol, mask=col_in, other=0.0)
-    g_r, g_c = ds_tile(t, y, both, m_r, il_r, ll_r, iy_r, w_r, L_r, m_c, il_c, ll_c, iy_c, w_c, L_c, eps, ln_eps,
-                       REVERSE, DENSE)
+    g_r, g_c = ds_tile(t=t, y=y, both=both,
+                       m_r=m_r, il_r=il_r, ll_r=ll_r, iy_r=iy_r, w_r=w_r, L_r=L_r,
+                       m_c=m_c, il_c=il_c, ll_c=ll_c, iy_c=iy_c, w_c=w_c, L_c=L_c,
+                       eps=eps, ln_eps=ln_eps, REVERSE=REVERSE, DENSE=DENSE)
     dS = g_r + g_c
     if WANT_DSCALE:
         tl.store(dscale_ptr + pid_n * N + rows, scale_grad_rows(g_r, g_c, cos, m_r, m_c, 1.0 / s_log2e), mask=row_in)

@@ -118,17 +118,25 @@ def _prep_kernel(
         # q rows against gallery k (columns: that gallery's rows)
         k = (pid % K).to(tl.int64)
         row0 = (pid // K).to(tl.int64) * BLOCK_M
-        _prep_rows(q_ptr, sq_row, sq_d, q_msk, 0, s_qmsk, q_ids, 0, s_qid,
-                   g_msk, k * s_gmsk_gal, s_gmsk, g_ids, k * s_gid_gal, s_gid, lab, k * sl_gal, sl_q, sl_g,
-                   pre_ptr, NR, 0, lab_ptr, NDR, k * N,
-                   row0, N, M, D, k == 0, NORMALIZE, DENSE, BLOCK_M, BLOCK_N, BLOCK_K)
+        _prep_rows(
+            a_ptr=q_ptr, sa_row=sq_row, sa_d=sq_d,
+            a_msk=q_msk, a_moff=0, s_amsk=s_qmsk, a_ids=q_ids, a_ioff=0, sa_id=s_qid,
+            b_msk=g_msk, b_moff=k * s_gmsk_gal, s_bmsk=s_gmsk, b_ids=g_ids, b_ioff=k * s_gid_gal, sb_id=s_gid,
+            lab=lab, lab_off=k * sl_gal, sl_row=sl_q, sl_col=sl_g,
+            pre_ptr=pre_ptr, NR=NR, a_pre=0, lab_ptr=lab_ptr, NDR=NDR, a_dir=k * N,
+            row0=row0, n_rows=N, n_cols=M, D=D,
+            WRITE_NORMS=k == 0, NORMALIZE=NORMALIZE, DENSE=DENSE, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     else:
         # rows of gallery k against the queries
         p = pid - n_q_programs
         m_blocks = tl.cdiv(M, BLOCK_M)
         k = (p // m_blocks).to(tl.int64)
         row0 = (p % m_blocks).to(tl.int64) * BLOCK_M
-        _prep_rows(g_ptr + k * sg_gal, sg_row, sg_d, g_msk, k * s_gmsk_gal, s_gmsk, g_ids, k * s_gid_gal, s_gid,
-                   q_msk, 0, s_qmsk, q_ids, 0, s_qid, lab, k * sl_gal, sl_g, sl_q,
-                   pre_ptr, NR, N + k * M, lab_ptr, NDR, K * N + k * M,
-                   row0, M, N, D, True, NORMALIZE, DENSE, BLOCK_M, BLOCK_N, BLOCK_K)
+        _prep_rows(
+            a_ptr=g_ptr + k * sg_gal, sa_row=sg_row, sa_d=sg_d,
+            a_msk=g_msk, a_moff=k * s_gmsk_gal, s_amsk=s_gmsk, a_ids=g_ids, a_ioff=k * s_gid_gal, sa_id=s_gid,
+            b_msk=q_msk, b_moff=0, s_bmsk=s_qmsk, b_ids=q_ids, b_ioff=0, sb_id=s_qid,
+            lab=lab, lab_off=k * sl_gal, sl_row=sl_g, sl_col=sl_q,
+            pre_ptr=pre_ptr, NR=NR, a_pre=N + k * M, lab_ptr=lab_ptr, NDR=NDR, a_dir=K * N + k * M,
+            row0=row0, n_rows=M, n_cols=N, D=D,
+            WRITE_NORMS=True, NORMALIZE=NORMALIZE, DENSE=DENSE, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)

@@ -25,6 +25,11 @@ import triton.language as tl
 from .tiles import ABSENT, LOG2E, NEG_BIG, as_f32, dot_tile, label_tile, load_ids, load_scale, log2_logits, present, row_ids
 
 NUM_STATS = tl.constexpr(5)   # m, l, lin, pos, logy (dense labels) | cnt (identity labels)
+#: The fifth statistic (slot 4 of ``out[s]``) has two meanings, by DENSE: logy with dense labels
+#: (reverse KL only), cnt, the count of positives, with identity labels (their label mass). Each
+#: name is used where its meaning holds (here and in finish.py).
+SLOT_LOGY = tl.constexpr(4)
+SLOT_CNT = tl.constexpr(4)
 
 
 @triton.jit
@@ -56,8 +61,9 @@ def _stats_rows(
     for n0 in range(col0, col1, BLOCK_N):
         cols = (n0 + tl.arange(0, BLOCK_N)).to(INDEX)
         col_ok = present(b_msk, b_moff, s_bmsk, cols, cols < col1)
-        acc = dot_tile(a_ptr, sa_row, sa_d, rows, row_ok, b_ptr, sb_row, sb_d, cols, col_ok, D,
-                       BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION)
+        acc = dot_tile(a_ptr=a_ptr, sa_row=sa_row, sa_d=sa_d, rows=rows, row_in=row_ok,
+                       b_ptr=b_ptr, sb_row=sb_row, sb_d=sb_d, cols=cols, col_in=col_ok, D=D,
+                       BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION)
         rb = tl.load(pre_ptr + b_pre + cols, mask=col_ok, other=0.0)
         _, t = log2_logits(acc, ra, rb, scale_log2e)                          # [BM, BN], log2 domain
         t = tl.where(col_ok[None, :], t, ABSENT)
@@ -67,8 +73,9 @@ def _stats_rows(
         # the labels of the tile: a compare with ids (row_ids); a [BM, BN] load with dense labels.
         # Absent rows need no masking here: they are invalid, finish.py drops them.
         if DENSE:
-            y = label_tile(ai, b_ids, b_ioff, sb_id, lab, lab_off, sl_row, sl_col, rows, cols, col_ok,
-                           row_in[:, None] & col_ok[None, :], DENSE)
+            y = label_tile(ai=ai, b_ids=b_ids, b_off=b_ioff, sb_id=sb_id, lab=lab, lab_off=lab_off, sl_row=sl_row,
+                           sl_col=sl_col, rows=rows, cols=cols, col_in=col_ok, both=row_in[:, None] & col_ok[None, :],
+                           DENSE=DENSE)
             positive = y > 0
         else:
             bi = load_ids(b_ids, b_ioff, sb_id, cols, col_ok)
@@ -93,9 +100,9 @@ def _stats_rows(
     if WANT_POS:
         tl.store(out + 3 * NDR, pos, mask=row_in)
     if DENSE and REVERSE:
-        tl.store(out + 4 * NDR, logy, mask=row_in)
+        tl.store(out + SLOT_LOGY * NDR, logy, mask=row_in)
     if not DENSE:
-        tl.store(out + 4 * NDR, cnt, mask=row_in)
+        tl.store(out + SLOT_CNT * NDR, cnt, mask=row_in)
 
 
 # Sizes change from batch to batch: no divisibility specialisation on them.
@@ -124,12 +131,16 @@ def _stats_kernel(
         k = ((pid // segs) % K).to(tl.int64)
         row0 = (pid // (segs * K)).to(tl.int64) * BLOCK_M
         col0 = seg * seg_cols_q
-        _stats_rows(q_ptr, sq_row, sq_d, g_ptr + k * sg_gal, sg_row, sg_d,
-                    q_msk, 0, s_qmsk, g_msk, k * s_gmsk_gal, s_gmsk, q_ids, 0, s_qid, g_ids, k * s_gid_gal, s_gid,
-                    lab, k * sl_gal, sl_q, sl_g,
-                    pre_ptr, 0, N + k * M, lab_ptr, k * N, out_ptr + seg * (NUM_STATS * NDR), NDR,
-                    row0, N, col0, tl.minimum(col0 + seg_cols_q, M), D, s_log2e, eps,
-                    REVERSE, DENSE, WANT_POS, UPCAST, DOT_PRECISION, INDEX, BLOCK_M, BLOCK_N, BLOCK_K)
+        _stats_rows(
+            a_ptr=q_ptr, sa_row=sq_row, sa_d=sq_d, b_ptr=g_ptr + k * sg_gal, sb_row=sg_row, sb_d=sg_d,
+            a_msk=q_msk, a_moff=0, s_amsk=s_qmsk, b_msk=g_msk, b_moff=k * s_gmsk_gal, s_bmsk=s_gmsk,
+            a_ids=q_ids, a_ioff=0, sa_id=s_qid, b_ids=g_ids, b_ioff=k * s_gid_gal, sb_id=s_gid,
+            lab=lab, lab_off=k * sl_gal, sl_row=sl_q, sl_col=sl_g,
+            pre_ptr=pre_ptr, a_pre=0, b_pre=N + k * M, lab_ptr=lab_ptr, a_dir=k * N,
+            out_ptr=out_ptr + seg * (NUM_STATS * NDR), NDR=NDR,
+            row0=row0, n_rows=N, col0=col0, col1=tl.minimum(col0 + seg_cols_q, M), D=D, scale_log2e=s_log2e, eps=eps,
+            REVERSE=REVERSE, DENSE=DENSE, WANT_POS=WANT_POS, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
+            INDEX=INDEX, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     else:
         p = pid - n_q_programs
         segs = tl.cdiv(N, seg_cols_g)
@@ -138,9 +149,13 @@ def _stats_kernel(
         k = ((p // segs) // m_blocks).to(tl.int64)
         row0 = ((p // segs) % m_blocks).to(tl.int64) * BLOCK_M
         col0 = seg * seg_cols_g
-        _stats_rows(g_ptr + k * sg_gal, sg_row, sg_d, q_ptr, sq_row, sq_d,
-                    g_msk, k * s_gmsk_gal, s_gmsk, q_msk, 0, s_qmsk, g_ids, k * s_gid_gal, s_gid, q_ids, 0, s_qid,
-                    lab, k * sl_gal, sl_g, sl_q,
-                    pre_ptr, N + k * M, 0, lab_ptr, K * N + k * M, out_ptr + seg * (NUM_STATS * NDR), NDR,
-                    row0, M, col0, tl.minimum(col0 + seg_cols_g, N), D, s_log2e, eps,
-                    REVERSE, DENSE, WANT_POS, UPCAST, DOT_PRECISION, INDEX, BLOCK_M, BLOCK_N, BLOCK_K)
+        _stats_rows(
+            a_ptr=g_ptr + k * sg_gal, sa_row=sg_row, sa_d=sg_d, b_ptr=q_ptr, sb_row=sq_row, sb_d=sq_d,
+            a_msk=g_msk, a_moff=k * s_gmsk_gal, s_amsk=s_gmsk, b_msk=q_msk, b_moff=0, s_bmsk=s_qmsk,
+            a_ids=g_ids, a_ioff=k * s_gid_gal, sa_id=s_gid, b_ids=q_ids, b_ioff=0, sb_id=s_qid,
+            lab=lab, lab_off=k * sl_gal, sl_row=sl_g, sl_col=sl_q,
+            pre_ptr=pre_ptr, a_pre=N + k * M, b_pre=0, lab_ptr=lab_ptr, a_dir=K * N + k * M,
+            out_ptr=out_ptr + seg * (NUM_STATS * NDR), NDR=NDR,
+            row0=row0, n_rows=M, col0=col0, col1=tl.minimum(col0 + seg_cols_g, N), D=D, scale_log2e=s_log2e, eps=eps,
+            REVERSE=REVERSE, DENSE=DENSE, WANT_POS=WANT_POS, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
+            INDEX=INDEX, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)

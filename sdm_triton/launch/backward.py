@@ -1,0 +1,200 @@
+"""The backward's launches (`kernels/grad.py`), one of two paths (`backward_path`):
+
+    "fused"    1 launch: u accumulated in registers over all of D (small problems).
+    "chunked"  weights, operands, then per column chunk a W kernel, cuBLAS products and the
+               input-gradient kernel (large problems; workspace bounded by ``workspace_bytes``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import triton
+
+from ..backend import ForwardOut, reduction_coefficients
+from ..dispatch import backward_path, interpreting, padded_d, table_tiles
+from ..kernels.grad import (
+    _fused_grad_kernel,
+    _grad_chunk_kernel,
+    _input_grad_kernel,
+    _operand_kernel,
+    _weights_kernel,
+)
+from ..matmul import addmm_f32, mm_f32
+from ..problem import Problem
+from .tiles import (_cdiv, _chunk_tiles, _dot_precision, _fused_tiles, _per_problem, _problem_index, _side_args, _span,
+                    _stats_tiles, _traceable)
+
+_HALF = {torch.float16: triton.language.float16, torch.bfloat16: triton.language.bfloat16,
+         torch.float32: triton.language.float32}
+
+
+class Side(NamedTuple):
+    """One side of the problem as the chunked backward's operand and input-gradient kernels
+    read it: features x as a [galleries, rows, D] view (q: 1 gallery of N rows)."""
+    x: torch.Tensor
+    strides: Tuple[int, int, int]        # x's (gallery, row, feature) strides
+    msk: Optional[torch.Tensor]          # the side's mask, or None
+    msk_strides: Tuple[int, int]         # its (gallery, row) strides
+    s0: int                              # the side's first sample in the sample space (q: 0, galleries: N)
+    galleries: int                       # K (q: 1)
+    rows: int                            # rows per gallery, M (q: N)
+
+
+@_per_problem
+def _sides(p: Problem) -> Tuple[Side, Side]:
+    """(q side, gallery side)."""
+    q = Side(p.q, (0, *p.q.stride()), p.q_mask, (0, _side_args(p)["s_qmsk"]), 0, 1, p.n)
+    g = Side(p.g, p.g_strides(), p.g_mask, p.g_mask_strides(), p.n, p.galleries, p.m)
+    return q, g
+
+
+def _dv_stride(d_value) -> int:
+    """The stride of the gradient of the [K] (or 0-dim) loss values: 0 for a scalar or an
+    expanded gradient."""
+    return d_value.stride(0) if d_value is not None and d_value.dim() else 0
+
+
+def backward(p: Problem, out: ForwardOut, d_value, d_rows, want, partial_grads: bool = False):
+    """``partial_grads``: dq, dg in fp32 (the kernels store what they computed, unrounded;
+    backend.Backend.backward)."""
+    # autograd may hand over expanded (stride-0) gradients: the kernels take d_value's stride
+    # (losses.sum().backward() of [K] values: no copy) and index d_rows densely (rare)
+    if d_rows is not None:
+        d_rows = d_rows.contiguous()
+    grad_dtype = torch.float32 if partial_grads else p.q.dtype
+    if backward_path(p) == "fused":
+        return _fused_backward(p, out, d_value, d_rows, want, grad_dtype)
+    return _chunked_backward(p, out, d_value, d_rows, want, grad_dtype)
+
+
+def _state_coefficients_flags(p: Problem, out: ForwardOut):
+    """What both backwards hand their kernels: the forward's state (the prepared per-sample
+    buffer and the saved per-row statistics), the reduction coefficients of the two
+    directions, and the kernels' constexpr flags."""
+    buf, saved = out.state
+    o = p.options
+    coef_q, coef_g = reduction_coefficients(p)
+    dtype = p.q.dtype
+    upcast = interpreting() and dtype == torch.bfloat16
+    flags = dict(REVERSE=o.reverse, DENSE=p.dense, HALF=_HALF[dtype], IS_FP32=dtype == torch.float32,
+                 UPCAST=upcast, DOT_PRECISION=_dot_precision(dtype))
+    return buf, saved, coef_q, coef_g, flags
+
+
+def _fused_backward(p: Problem, out: ForwardOut, d_value, d_rows, want, grad_dtype):
+    want_q, want_g, want_scale = want
+    n, m, k, d = p.n, p.m, p.galleries, p.d
+    dev = p.q.device
+    buf, saved, coef_q, coef_g, flags = _state_coefficients_flags(p, out)
+    block_d = padded_d(d)
+    t = _fused_tiles(p)
+    n_qp = _cdiv(n, t.block_m) if (want_q or want_scale) else 0
+    n_gp = k * _cdiv(m, t.block_m) if want_g else 0
+    dq = torch.empty(p.q.shape, dtype=grad_dtype, device=dev) if n_qp else None
+    dg = torch.empty(p.g.shape, dtype=grad_dtype, device=dev) if n_gp else None
+    dsp = torch.empty(n_qp, dtype=torch.float32, device=dev) if want_scale else None
+    _traceable(_fused_grad_kernel)[(n_qp + n_gp,)](
+        **_side_args(p), pre_ptr=buf, saved_ptr=saved, rows_ptr=out.rows, red_ptr=out.red,
+        scale_ptr=p.scale, dv_ptr=d_value, s_dv=_dv_stride(d_value), drows_ptr=d_rows,
+        dq_ptr=dq, sdq_row=d, sdq_d=1, dg_ptr=dg, sdg_row=d, sdg_d=1, dscale_ptr=dsp,
+        N=n, M=m, K=k, n_q_programs=n_qp, D=d, scale_value=p.scale_value, eps=p.options.eps,
+        coef_q=coef_q, coef_g=coef_g, MEAN=p.options.reduction == "mean", NORMALIZE=p.options.normalize,
+        WANT_DSCALE=want_scale, SCALE_W=p.q.dtype == torch.float16, INDEX=_problem_index(p), **flags,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=_stats_tiles(p).block_k, BLOCK_D=block_d,
+        num_warps=t.num_warps,
+        num_stages=t.num_stages)
+    return (dq if want_q else None), dg, (dsp.sum() if want_scale else None)
+
+
+def _chunked_backward(p: Problem, out: ForwardOut, d_value, d_rows, want, grad_dtype):
+    want_q, want_g, want_scale = want
+    n, m, k, d = p.n, p.m, p.galleries, p.d
+    nr, ndr = p.num_samples, p.num_rows
+    dev, f32, dtype = p.q.device, torch.float32, p.q.dtype
+    buf, saved, coef_q, coef_g, flags = _state_coefficients_flags(p, out)
+    args = _side_args(p)
+    q_side, g_side = _sides(p)
+    split = dtype != torch.float32
+    t = _chunk_tiles(p)
+
+    w = torch.empty(ndr, dtype=f32, device=dev)
+    _traceable(_weights_kernel)[(k,)](saved_ptr=saved, dv_ptr=d_value, s_dv=_dv_stride(d_value), drows_ptr=d_rows,
+                                      red_ptr=out.red, w_ptr=w,
+                                      N=n, M=m, K=k, coef_q=coef_q, coef_g=coef_g, MEAN=p.options.reduction == "mean",
+                                      BLOCK=table_tiles("weights").block_m)
+    # fp16 workspaces: divide W by the largest weight (dS stays O(1), inside fp16's range)
+    gmax = w.abs().amax().clamp_min(torch.finfo(f32).tiny).reshape(1) if dtype == torch.float16 else None
+
+    gemm_dtype = dtype if split else f32
+    q_op = _operand(q_side, pre=buf, nr=nr, dtype=gemm_dtype)
+    g_op = _operand(g_side, pre=buf, nr=nr, dtype=gemm_dtype)
+
+    u_q = torch.zeros((n, d), dtype=f32, device=dev) if want_q else None
+    dg = torch.empty(p.g.shape, dtype=grad_dtype, device=dev) if want_g else None
+    d_scale = torch.zeros((), dtype=f32, device=dev) if want_scale else None
+    # bytes per column of the workspace: n rows of W in fp32, or of its hi and lo halves (2 + 2 bytes)
+    column_bytes = n * 4
+    width = max(t.block_n, min(_cdiv(m, t.block_n) * t.block_n,
+                               p.workspace_bytes // column_bytes // t.block_n * t.block_n))
+    parts = 2 if split else 1
+    ws = torch.empty((n, parts * width), dtype=gemm_dtype, device=dev)
+    index = _problem_index(p, _span(ws), _cdiv(width, t.block_n) * n)
+    n_tiles = _cdiv(width, t.block_n)
+    dsp = torch.empty((n_tiles, n), dtype=f32, device=dev) if want_scale else None
+    for gal in range(k):
+        for c0 in range(0, m, width):
+            c1 = min(m, c0 + width)
+            cw = c1 - c0
+            tiles_n = _cdiv(cw, t.block_n)
+            _traceable(_grad_chunk_kernel)[(_cdiv(n, t.block_m), tiles_n)](
+                **args, pre_ptr=buf, saved_ptr=saved, rows_ptr=out.rows, w_ptr=w, scale_ptr=p.scale,
+                gmax_ptr=gmax, ws_ptr=ws, s_ws_row=ws.stride(0), dscale_ptr=dsp,
+                N=n, M=m, K=k, k=gal, col0=c0, col1=c1, D=d, scale_value=p.scale_value, eps=p.options.eps,
+                WANT_DSCALE=want_scale, **flags, INDEX=index, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                BLOCK_K=_stats_tiles(p).block_k,     # the forward's dot, step for step (see grad.py)
+                num_warps=t.num_warps, num_stages=t.num_stages)
+            chunk = ws[:, :parts * cw]
+            b0 = gal * m + c0
+            if want_q:
+                g_c = g_op[b0:b0 + cw]
+                addmm_f32(u_q, chunk, torch.cat([g_c, g_c]) if split else g_c)
+            if want_g:
+                u_g = mm_f32(chunk.T, q_op)                                   # [parts * cw, D]
+                _input_grad(p, u=u_g[:cw], u2=u_g[cw:] if split else None, side=g_side, pre=buf, gal=gal, r0=c0,
+                            n_rows=cw, gmax=gmax, out=dg)
+            if want_scale:
+                d_scale += dsp[:tiles_n].sum()
+    dq = None
+    if want_q:
+        dq = torch.empty(p.q.shape, dtype=grad_dtype, device=dev)
+        _input_grad(p, u=u_q, u2=None, side=q_side, pre=buf, gal=0, r0=0, n_rows=n, gmax=gmax, out=dq)
+    return dq, dg, d_scale
+
+
+def _operand(side: Side, pre, nr: int, dtype) -> torch.Tensor:
+    """x' [K * M, D] of a side (kernels/grad.py, _operand_kernel); ``pre``: the prepared
+    per-sample buffer of ``nr`` samples."""
+    x, k, m = side.x, side.galleries, side.rows
+    out = torch.empty((k * m, x.shape[-1]), dtype=dtype, device=x.device)
+    t = table_tiles("operand")
+    _traceable(_operand_kernel)[(_cdiv(m, t.block_m), k)](
+        x_ptr=x, sx_gal=side.strides[0], sx_row=side.strides[1], sx_d=side.strides[2], msk=side.msk,
+        s_msk_gal=side.msk_strides[0], s_msk=side.msk_strides[1], pre_ptr=pre, NR=nr, s0=side.s0, out_ptr=out,
+        M=m, D=x.shape[-1], BLOCK_M=t.block_m, BLOCK_D=t.block_k, num_warps=t.num_warps)
+    return out
+
+
+def _input_grad(p: Problem, u, u2, side: Side, pre, gal: int, r0: int, n_rows: int, gmax, out) -> None:
+    """dL/dx of rows r0 .. r0 + n_rows of gallery ``gal`` of a side into ``out``, from its
+    products u (+ u2, the lo half's); ``pre``: the prepared per-sample buffer."""
+    x = side.x
+    d = x.shape[-1]
+    t = table_tiles("operand")
+    _traceable(_input_grad_kernel)[(_cdiv(n_rows, t.block_m),)](
+        u_ptr=u, su_row=u.stride(0), u2_ptr=u2, x_ptr=x, sx_gal=side.strides[0], sx_row=side.strides[1],
+        sx_d=side.strides[2], msk=side.msk, s_msk_gal=side.msk_strides[0], s_msk=side.msk_strides[1], pre_ptr=pre,
+        NR=p.num_samples, s0=side.s0, gal=gal, r0=r0, scale_ptr=p.scale, scale_value=p.scale_value, gmax_ptr=gmax,
+        out_ptr=out, so_row=d, so_d=1, n_rows=n_rows, M=side.rows, D=d, NORMALIZE=p.options.normalize,
+        BLOCK_M=t.block_m, BLOCK_D=t.block_k, num_warps=t.num_warps)

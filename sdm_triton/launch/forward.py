@@ -1,0 +1,131 @@
+"""The forward's launches: prep (norms, label masses) -> stats (online softmax statistics, both
+directions, column segments when the row blocks alone would leave the GPU idle) -> finish
+(merge, per-row losses, reduction): 3 launches, whatever the size (`kernels/prep.py`,
+`kernels/stats.py`, `kernels/finish.py`)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from ..backend import NUM_RED, NUM_STATS, ForwardOut, Statistics
+from ..dispatch import interpreting, padded_d, table_tiles
+from ..kernels.finish import _finish_kernel
+from ..kernels.prep import _prep_kernel
+from ..kernels.stats import NUM_STATS as _KERNEL_NUM_STATS
+from ..kernels.stats import _stats_kernel
+from ..problem import Problem
+from .tiles import _cdiv, _dot_precision, _problem_index, _side_args, _stats_tiles, _traceable
+
+assert _KERNEL_NUM_STATS.value == NUM_STATS, "kernels/stats.py and backend.py disagree on NUM_STATS"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs that fill the GPU (two per SM); a handful under the interpreter, so that small
+    test cases still cut their columns into segments."""
+    if device.type != "cuda":
+        return 4
+    return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _want_pos(p: Problem) -> bool:
+    """Whether the statistics carry the positives' softmax mass (statistics asked for, or reverse
+    KL with identity labels, whose loss needs it)."""
+    return p.return_stats or (p.options.reverse and not p.dense)
+
+
+def prepare(p: Problem, label_masses: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``buf`` [3 NR + 2 NDR] fp32: per sample r, c, norm (kernels/prep.py), then per softmax
+    row ysum, ylny (dense labels; from ``label_masses`` [2, NDR] when given)."""
+    n, m, k, d = p.n, p.m, p.galleries, p.d
+    nr, ndr = p.num_samples, p.num_rows
+    t = _stats_tiles(p)
+    buf = torch.empty(3 * nr + 2 * ndr, dtype=torch.float32, device=p.q.device)
+    pre, lab = buf[:3 * nr], buf[3 * nr:]
+    n_qp = _cdiv(n, t.block_m) * k
+    n_gp = k * _cdiv(m, t.block_m)
+    masses_given = p.dense and label_masses is not None
+    _traceable(_prep_kernel)[(n_qp + n_gp,)](
+        **_side_args(p), pre_ptr=pre, lab_ptr=lab, N=n, M=m, K=k, n_q_programs=n_qp, D=d,
+        NORMALIZE=p.options.normalize, DENSE=p.dense and not masses_given, BLOCK_M=t.block_m,
+        BLOCK_N=t.block_n, BLOCK_K=min(t.block_k, padded_d(d)), num_warps=4)
+    if masses_given:      # summed over blocks or ranks: a mass that overflowed there is NaN
+        lab.view(2, ndr).copy_(torch.where(torch.isinf(label_masses), float("nan"), label_masses))
+    return buf
+
+
+def statistics(p: Problem, prepared: torch.Tensor) -> Statistics:
+    """part [S, NUM_STATS, NDR] fp32 (kernels/stats.py), in column segments: enough programs
+    to fill the GPU, each walking at least one column tile (``KernelConfig.segments`` fixes
+    their number; 1 gives exactly one segment per side)."""
+    n, m, k, d = p.n, p.m, p.galleries, p.d
+    nr, ndr = p.num_samples, p.num_rows
+    dev = p.q.device
+    o = p.options
+    t = _stats_tiles(p)
+    pre, lab = prepared[:3 * nr], prepared[3 * nr:]
+    n_qp = _cdiv(n, t.block_m) * k
+    n_gp = k * _cdiv(m, t.block_m)
+    base = n_qp + n_gp
+    segs = max(1, min(p.config.segments or _cdiv(_target_programs(dev), base),
+                      _cdiv(max(n, m), t.block_n)))
+    seg_q = _cdiv(_cdiv(m, segs), t.block_n) * t.block_n
+    seg_g = _cdiv(_cdiv(n, segs), t.block_n) * t.block_n
+    s_q, s_g = _cdiv(m, seg_q), _cdiv(n, seg_g)
+    part = torch.empty((max(s_q, s_g), NUM_STATS, ndr), dtype=torch.float32, device=dev)
+    _traceable(_stats_kernel)[(n_qp * s_q + n_gp * s_g,)](
+        **_side_args(p), pre_ptr=pre, lab_ptr=lab, scale_ptr=p.scale, out_ptr=part,
+        N=n, M=m, K=k, n_q_programs=n_qp * s_q, seg_cols_q=seg_q, seg_cols_g=seg_g, D=d,
+        scale_value=p.scale_value, eps=o.eps, REVERSE=o.reverse, DENSE=p.dense, WANT_POS=_want_pos(p),
+        UPCAST=interpreting() and p.q.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(p.q.dtype),
+        INDEX=_problem_index(p), BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+        num_warps=t.num_warps, num_stages=t.num_stages)
+    return Statistics(part, s_q, s_g)
+
+
+def finish(p: Problem, partial: torch.Tensor, segments_q: int, segments_g: int,
+           prepared: torch.Tensor) -> ForwardOut:
+    """kernels/finish.py over the first segments_q (q rows) / segments_g (gallery rows)
+    segments of ``partial`` [S, NUM_STATS, NDR] (contiguous fp32)."""
+    n, m, k = p.n, p.m, p.galleries
+    nr, ndr = p.num_samples, p.num_rows
+    dev, f32 = p.q.device, torch.float32
+    o = p.options
+    if partial.dtype != f32 or not partial.is_contiguous() or tuple(partial.shape[1:]) != (NUM_STATS, ndr):
+        raise ValueError(f"finish: partial must be a contiguous fp32 [S, {NUM_STATS}, {ndr}] tensor, got "
+                         f"{partial.dtype} {tuple(partial.shape)}")
+    args = _side_args(p)
+    value = torch.empty(() if p.scalar_value else (k,), dtype=f32, device=dev)
+    rows = torch.empty(ndr, dtype=f32, device=dev)
+    valid = torch.empty(ndr, dtype=torch.bool, device=dev)
+    saved = torch.empty(4 * ndr, dtype=f32, device=dev)      # m, 1 / l, 1 / ysum, ln l
+    red = torch.empty((NUM_RED, k), dtype=f32, device=dev)
+    ft = table_tiles("finish")
+    _traceable(_finish_kernel)[(1,)](
+        part_ptr=partial, pre_ptr=prepared[:3 * nr], lab_ptr=prepared[3 * nr:], q_msk=args["q_msk"],
+        s_qmsk=args["s_qmsk"], g_msk=args["g_msk"], s_gmsk_gal=args["s_gmsk_gal"], s_gmsk=args["s_gmsk"],
+        scale_ptr=p.scale, rows_ptr=rows, valid_ptr=valid, saved_ptr=saved, red_ptr=red, value_ptr=value,
+        N=n, M=m, K=k, S_q=segments_q, S_g=segments_g, scale_value=p.scale_value, eps=o.eps,
+        REVERSE=o.reverse, DENSE=p.dense, WANT_Q2G=o.wants_q2g, WANT_G2Q=o.wants_g2q,
+        MEAN=o.reduction == "mean", COMBINE_MEAN=o.combine == "mean", STATS=p.return_stats,
+        WANT_POS=_want_pos(p), BLOCK=ft.block_m, num_warps=ft.num_warps)
+    return ForwardOut(value, rows, valid, red, (prepared, saved))
+
+
+def row_state(p: Problem, out: ForwardOut) -> torch.Tensor:
+    """[6, NDR] fp32: m, 1 / l, 1 / ysum, ln l (the finish kernel's ``saved``), loss, validity."""
+    ndr = p.num_rows
+    _, saved = out.state
+    return torch.cat([saved.view(4, ndr), out.rows.view(1, ndr), out.valid.view(1, ndr).to(torch.float32)])
+
+
+def state_from_rows(p: Problem, prepared: torch.Tensor, rows: torch.Tensor) -> ForwardOut:
+    red = torch.zeros((NUM_RED, p.galleries), dtype=torch.float32, device=p.q.device)
+    return ForwardOut(None, rows[4].contiguous(), rows[5] != 0, red, (prepared, rows[:4].contiguous().view(-1)))
