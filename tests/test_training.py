@@ -108,3 +108,24 @@ def test_autocast_fp32_features_from_a_half_model():
         under.backward()
     assert torch.equal(under, plain)
     assert q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
+
+
+def test_the_constant_mark_is_torch_compilers():
+    """dispatch marks Triton's presence as a constant for torch.compile the way
+    torch.compiler.assume_constant_result does, without importing torch._dynamo at import time
+    (1 s). If a PyTorch release marks functions differently, this fails."""
+    import subprocess
+    import sys
+
+    from sdm_triton import dispatch
+
+    def probe():
+        return True
+
+    marked = torch.compiler.assume_constant_result(probe)
+    added = {k: v for k, v in vars(marked).items()}
+    assert added == {"_dynamo_marked_constant": True}, added
+    assert dispatch._triton_importable._dynamo_marked_constant is True
+    out = subprocess.run([sys.executable, "-c", "import sys, sdm_triton; print('torch._dynamo' in sys.modules)"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
