@@ -231,6 +231,24 @@ def _scale_grad_error_from_fp32_cosines(q, g, kw, kl, scale):
     return max(_rel(scale_grad(c.double()), exact) for c in (normalised_first, scaled_after))
 
 
+def exact_logits_problem(device):
+    """(q, g, ids) of the exact-logits test (integer features, a near-perfect fit, five-way
+    exact ties for rows 0-2); tools/gpu_diag_18.py runs the same case."""
+    gen = torch.Generator().manual_seed(14)
+    n, m, d = 21, 35, 8
+    q = torch.randint(-3, 4, (n, d), generator=gen).float()
+    g = torch.randint(-3, 4, (m, d), generator=gen).float()
+    g[:n] = q                                  # row i's own positive is itself: a near-perfect fit
+    for i in range(3):                         # rows 0-2: four more gallery rows with the same dot
+        for j, (a, b) in enumerate([(0, 1), (2, 3), (4, 5), (6, 7)]):
+            v = torch.zeros(d)
+            v[a], v[b] = q[i, b], -q[i, a]
+            g[n + 4 * i + j] = q[i] + v
+    ids_q, ids_g = torch.arange(n), torch.arange(m)
+    ids_g[n:] = -1
+    return q.to(device), g.to(device), dict(q_ids=ids_q.to(device), g_ids=ids_g.to(device))
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("kl", ["forward", "reverse"])
 @pytest.mark.parametrize("scale", [4.0, 64.0])
@@ -245,20 +263,7 @@ def test_exact_logits_give_gradients_to_fp32_accuracy(variant, kl, scale):
       rounded at |m| ~ 4000: a mutant) errs 1e-4 in P and 2e-5 to 6e-5 in the gradients,
       against 1e-7 here. (Three-way ties would not show it: log2 3 is within 2e-6 of a
       multiple of 2^-12, the fp32 spacing there.)"""
-    gen = torch.Generator().manual_seed(14)
-    n, m, d = 21, 35, 8
-    q = torch.randint(-3, 4, (n, d), generator=gen).float()
-    g = torch.randint(-3, 4, (m, d), generator=gen).float()
-    g[:n] = q                                  # row i's own positive is itself: a near-perfect fit
-    for i in range(3):                         # rows 0-2: four more gallery rows with the same dot
-        for j, (a, b) in enumerate([(0, 1), (2, 3), (4, 5), (6, 7)]):
-            v = torch.zeros(d)
-            v[a], v[b] = q[i, b], -q[i, a]
-            g[n + 4 * i + j] = q[i] + v
-    ids_q, ids_g = torch.arange(n), torch.arange(m)
-    ids_g[n:] = -1
-    kw = dict(q_ids=ids_q.to(DEVICE), g_ids=ids_g.to(DEVICE))
-    q, g = q.to(DEVICE), g.to(DEVICE)
+    q, g, kw = exact_logits_problem(DEVICE)
     torch_fn = _triton(variant)
     qa, ga = q.clone().requires_grad_(), g.clone().requires_grad_()
     torch_fn(qa, ga, **kw, kl=kl, logit_scale=scale, normalize=False).backward()

@@ -33,20 +33,10 @@ def exact_logit_errors():
     import sdm_triton
     from sdm_triton import reference
 
-    gen = torch.Generator().manual_seed(14)
-    n, m, d = 21, 35, 8
-    q = torch.randint(-3, 4, (n, d), generator=gen).float()
-    g = torch.randint(-3, 4, (m, d), generator=gen).float()
-    g[:n] = q
-    for i in range(3):
-        for j, (a, b) in enumerate([(0, 1), (2, 3), (4, 5), (6, 7)]):
-            v = torch.zeros(d)
-            v[a], v[b] = q[i, b], -q[i, a]
-            g[n + 4 * i + j] = q[i] + v
-    ids_q, ids_g = torch.arange(n), torch.arange(m)
-    ids_g[n:] = -1
-    kw = dict(q_ids=ids_q.cuda(), g_ids=ids_g.cuda())
-    q, g = q.cuda(), g.cuda()
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from test_kernels import exact_logits_problem          # the test's own case
+
+    q, g, kw = exact_logits_problem("cuda")
     out = {}
     for path in ("fused", "chunked"):
         for kl in ("forward", "reverse"):
