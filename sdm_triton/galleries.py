@@ -148,15 +148,14 @@ def resolve_gallery_ids(q, args: GalleryArgs, q_ids, g_ids):
                 where = "g_ids" if g_ids is None else f"g_ids[{k}]"
                 raise ValueError(f"{where} is required: {exc}") from None
         filled.append(ids)
-    dtypes = {t.dtype for t in filled if isinstance(t, torch.Tensor)} | {q_ids.dtype if isinstance(q_ids, torch.Tensor)
-                                                                          else None}
-    if len(dtypes) > 1:
-        filled = [t.to(torch.int64) if isinstance(t, torch.Tensor) else t for t in filled]
-        q_ids = q_ids.to(torch.int64) if isinstance(q_ids, torch.Tensor) else q_ids
+    tensors = [t for t in [q_ids, *filled] if isinstance(t, torch.Tensor)]   # others: validate_inputs names them
+    mixed = len({t.dtype for t in tensors}) > 1
+    if mixed:                                           # compare by value, as `comparable_ids` does
+        q_ids, *filled = [t.to(torch.int64) if isinstance(t, torch.Tensor) else t for t in [q_ids, *filled]]
     shared = _shared_ids(filled)
     if shared is not None:
         return q_ids, shared, filled
-    if isinstance(g_ids, torch.Tensor) and len(dtypes) == 1:
+    if isinstance(g_ids, torch.Tensor) and not mixed:
         return q_ids, g_ids, filled                     # stacked [K, M] as given (any strides)
     return q_ids, (torch.stack(filled) if all(isinstance(t, torch.Tensor) for t in filled) else None), filled
 

@@ -14,20 +14,32 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# A fresh interpreter in which `triton` cannot be found, whatever is installed.
-WITHOUT_TRITON = r'''
+
+def _run_without(module: str, body: str) -> list:
+    """Run ``body`` in a fresh interpreter in which ``module`` cannot be found, whatever is
+    installed (importing it fails, ``importlib.util.find_spec`` says None); its stdout lines."""
+    prelude = f"""
 import importlib.util, sys
 
-class NoTriton:
+class Absent:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "triton":
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        if name.split(".")[0] == {module!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
         return None
 
-sys.meta_path.insert(0, NoTriton())
+sys.meta_path.insert(0, Absent())
 _find_spec = importlib.util.find_spec
-importlib.util.find_spec = lambda name, *a, **k: None if name.split(".")[0] == "triton" else _find_spec(name, *a, **k)
+importlib.util.find_spec = lambda name, *a, **k: None if name.split(".")[0] == {module!r} else _find_spec(name, *a, **k)
+"""
+    out = subprocess.run([sys.executable, "-c", prelude + body], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert lines[-1] == "OK", out.stdout
+    return lines
 
+
+WITHOUT_TRITON = r'''
 import torch
 import sdm_triton
 from sdm_triton import reference
@@ -49,30 +61,15 @@ print("OK")
 
 
 def test_without_triton_the_package_computes_and_names_the_way_out():
-    out = subprocess.run([sys.executable, "-c", WITHOUT_TRITON], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = out.stdout.splitlines()
-    assert lines[-1] == "OK", out.stdout
+    lines = _run_without("triton", WITHOUT_TRITON)
     error = next((l for l in lines if l.startswith("ERROR:")), None)
     assert error is not None, "backend='triton' without Triton did not raise ModuleNotFoundError"
     for needed in ("triton", "pip install triton", "backend='torch'"):
         assert needed in error, (needed, error)
 
 
-# A fresh interpreter in which `hypothesis` cannot be found: the package works, its test kit
-# names the extra that brings it (issue 21).
-WITHOUT_HYPOTHESIS = r'''
-import sys
-
-class NoHypothesis:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "hypothesis":
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-sys.meta_path.insert(0, NoHypothesis())
-import torch
+# the package works without hypothesis; its test kit names the extra that brings it (issue 21)
+WITHOUT_HYPOTHESIS = r'''import torch
 import sdm_triton
 from sdm_triton import reference
 
@@ -88,12 +85,8 @@ print("OK")
 
 
 def test_without_hypothesis_the_package_works_and_its_test_kit_names_the_extra():
-    out = subprocess.run([sys.executable, "-c", WITHOUT_HYPOTHESIS], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = out.stdout.splitlines()
-    assert lines[-1] == "OK", out.stdout
-    assert "ERROR: sdm_triton.testing needs hypothesis: pip install 'sdm_triton[testing]'" in lines, out.stdout
+    lines = _run_without("hypothesis", WITHOUT_HYPOTHESIS)
+    assert "ERROR: sdm_triton.testing needs hypothesis: pip install 'sdm_triton[testing]'" in lines, lines
 
 
 def _setuptools_major():

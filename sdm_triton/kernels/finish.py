@@ -23,12 +23,8 @@ directions, the positive mass, the present samples' norm statistics, and the val
 import triton
 import triton.language as tl
 
-from .. import options as _contract
 from .stats import NUM_STATS, SLOT_CNT, SLOT_LOGY
-from .tiles import LN2, as_f32, ln_precise, load_scale, present
-
-#: The smallest normal fp32 number.
-FLT_MIN = tl.constexpr(_contract.FLT_MIN)
+from .tiles import FLT_MIN, LN2, as_f32, ln_precise, load_scale, present
 
 # ``red`` [10, K] holds, per gallery, the rows named by backend.RED_FIELDS (in that order).
 

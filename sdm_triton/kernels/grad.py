@@ -47,8 +47,8 @@ import triton
 import triton.language as tl
 
 from .prep import NORM_EPS
-from .tiles import (LN2, LOG2E, NEG_BIG, as_f32, dot_tile, label_tile, load_scale, log2_logits, present, row_ids,
-                    split_hi_lo)
+from .tiles import (FLT_MIN, LN2, LOG2E, NEG_BIG, as_f32, dot_tile, label_tile, load_scale, log2_logits, present,
+                    row_ids, split_hi_lo)
 
 
 @triton.jit
@@ -238,7 +238,7 @@ def _max_weight(saved_ptr, NDR, dv_ptr, s_dv, drows_ptr, red_ptr, K, N, M, coef_
             w, _ = row_weights(idx=K * N + k * M + j, in_range=j < M, k=k, saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr,
                                s_dv=s_dv, drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, coef=coef_g, cnt_row=3, MEAN=MEAN)
             top = tl.maximum(top, tl.abs(w))
-    return tl.maximum(tl.max(top, axis=0), 1.1754943508222875e-38)
+    return tl.maximum(tl.max(top, axis=0), FLT_MIN)
 
 
 @triton.jit(do_not_specialize=["N", "M", "K", "n_q_programs"])

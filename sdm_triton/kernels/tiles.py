@@ -35,6 +35,8 @@ NEG_BIG = tl.constexpr(-1.0e38)
 ABSENT = tl.constexpr(-3.0e38)
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+#: The smallest normal fp32 number: a usable scale and the floor of the fp16 workspace scale.
+FLT_MIN = tl.constexpr(_contract.FLT_MIN)
 
 
 @triton.jit
