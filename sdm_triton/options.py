@@ -131,8 +131,8 @@ class KernelConfig:
     block_m, block_n, block_k, num_warps, num_stages: tile shape (rows, columns, feature
     dim step) and launch parameters of the forward statistics pass; bwd_*: the same for the
     backward's kernel (fused or chunked), but for the step along D, which is the forward's
-    block_k (the backward rebuilds S step for step as the forward did); segments: column segments per row block in the
-    forward; backward: "fused" (one launch, gradients accumulated in the kernel: small
+    block_k (the backward rebuilds S step for step as the forward did); segments: column
+    segments per row block in the forward; backward: "fused" (one launch, gradients accumulated in the kernel: small
     problems) or "chunked" (dL/dS written to a bounded workspace chunk by chunk and
     multiplied with cuBLAS: large problems).
 
@@ -215,7 +215,7 @@ def _parse_kernel_config(name: str) -> KernelConfig:
         if token in ("fused", "chunked"):
             fields["backward"] = token
             continue
-        parts = re.findall(r"(seg|b[mnkws]|[mnkws])(\d+)", token)
+        parts = re.findall(r"(seg|b[mnws]|[mnkws])(\d+)", token)
         if not parts or "".join(a + b for a, b in parts) != token:
             raise ValueError(f"kernel_config {name!r}: cannot read {token!r} (expected e.g. "
                              "'chunked_m128n128k64w8s3' or 'fused_m16n32')")

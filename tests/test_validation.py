@@ -209,3 +209,5 @@ def test_options_and_kernel_config_names_round_trip(fields):
         SDMOptions.parse("kl=backward")
     with pytest.raises(TypeError, match="SDMOptions.parse takes a str"):
         SDMOptions.parse(None)
+    with pytest.raises(ValueError, match="cannot read 'bk16'"):     # bwd_block_k is gone (it had no effect)
+        KernelConfig.parse("chunked_bk16")
