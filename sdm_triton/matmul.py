@@ -6,6 +6,11 @@ scaled by powers of two, kernels/grad.py). fp32 operands follow
 ``torch.get_float32_matmul_precision()``. Without ``out_dtype`` support (older PyTorch, or
 the CPU, where the interpreter runs), the half operands are upcast first: the same exact
 products, more memory.
+
+While torch.compile traces the Triton backend (``sdm_triton.launch``), the products run as the
+opaque operators ``sdm_triton::mm_f32`` / ``sdm_triton::addmm_f32`` (`traced_products`):
+Inductor's decomposition of ``addmm(..., out_dtype=)`` is broken in torch 2.11 (issue 26: every
+compiled step from N = 4096, where the chunked backward's products start, crashed).
 """
 
 from __future__ import annotations
@@ -45,3 +50,28 @@ def addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     else:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+@torch.library.custom_op("sdm_triton::mm_f32", mutates_args=())
+def _mm_f32_op(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return mm_f32(a, b)
+
+
+@_mm_f32_op.register_fake
+def _mm_f32_fake(a, b):
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("sdm_triton::addmm_f32", mutates_args=("acc",))
+def _addmm_f32_op(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    addmm_f32(acc, a, b)
+
+
+@_addmm_f32_op.register_fake
+def _addmm_f32_fake(acc, a, b):
+    return None
+
+
+def traced_products():
+    """(mm_f32, addmm_f32) as operators the compiler keeps whole (fp32 results)."""
+    return _mm_f32_op, _addmm_f32_op

@@ -1,8 +1,10 @@
 """Every kernel compiles for sm_90 (no GPU needed) with the scalar argument types that Inductor
 gives them under ``torch.compile``: fp64 floats, i64 integers (issue 18: an fp64 ``scale_value``
 made the statistics loop's running maximum fp64 and the compile failed on CUDA only; CI has no
-GPU, so this is where that class of bug shows). ``tools/compile_check.py --scalars`` runs both
-typings, eager's too."""
+GPU, so this is where that class of bug shows); and with every scalar a constant, as torch 2.11
+compiles them to find the tensors they write (issue 26: ``scale_value.to(...)`` failed there, and
+each compile logged 23 tracebacks and took every input as mutated). ``tools/compile_check.py
+--scalars`` runs every typing, eager's too."""
 
 import os
 import subprocess
@@ -18,7 +20,7 @@ def test_kernels_compile_with_inductor_scalar_types():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}    # compile, not interpret
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "compile_check.py"), "--scalars",
-                        "--typings", "inductor"], env=env, capture_output=True, text=True, timeout=600)
+                        "--typings", "inductor,constants"], env=env, capture_output=True, text=True, timeout=600)
     failed = [ln for ln in r.stdout.splitlines() if "FAILED" in ln]
     assert r.returncode == 0 and not failed, "\n".join(failed) or (r.stdout + r.stderr)[-3000:]
-    assert r.stdout.count(" ok") == 39, r.stdout        # 13 kernels x 3 dtype / label cases
+    assert r.stdout.count(" ok") == 2 * 39, r.stdout    # 2 typings x 13 kernels x 3 dtype / label cases

@@ -28,8 +28,11 @@ ID_PTRS = {"q_ids", "g_ids"}
 
 #: Scalar argument types a launch may give the kernels: eager launches type a Python float as fp32
 #: (fp64 only when it does not fit) and an int as i32 (i64 past 2^31); Inductor, launching them
-#: inside a compiled graph, types every float as fp64 and may pass i64 integers.
-SCALARS = {"eager": ("fp32", "i32"), "inductor": ("fp64", "i64")}
+#: inside a compiled graph, types every float as fp64 and may pass i64 integers. "constants":
+#: every scalar a compile-time constant, as torch <= 2.11 compiles a kernel to find which tensors
+#: it writes (identify_mutated_tensors): a kernel that calls ``.to()`` on a scalar argument fails
+#: there, and Inductor logs a traceback and assumes every input mutated (issue 26).
+SCALARS = {"eager": ("fp32", "i32"), "inductor": ("fp64", "i64"), "constants": (0.5, 2)}
 
 
 def signature(kernel, dtype: str, consts: dict, nones=(), scalars: str = "eager"):
@@ -59,6 +62,8 @@ def signature(kernel, dtype: str, consts: dict, nones=(), scalars: str = "eager"
             sig[name] = float_t
         else:
             sig[name] = int_t
+        if not isinstance(sig[name], str):      # "constants": the value, as a constexpr
+            cx[name], sig[name] = sig[name], "constexpr"
     return sig, cx
 
 
@@ -100,7 +105,7 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="tile shapes of the large-problem kernels")
     ap.add_argument("--scalars", action="store_true",
                     help="only: every kernel once per scalar typing (eager and Inductor's), small tiles")
-    ap.add_argument("--typings", default=",".join(SCALARS), help="with --scalars: which typings (eager,inductor)")
+    ap.add_argument("--typings", default=",".join(SCALARS), help="with --scalars: which typings (eager,inductor,constants)")
     args = ap.parse_args()
     target = GPUTarget("cuda", args.arch, 32)
     if args.sweep:
@@ -206,7 +211,8 @@ def scalar_jobs(dtype: str, reverse: bool, dense: bool):
 def scalar_typings(target, typings=tuple(SCALARS)) -> int:
     """Every kernel compiled with the scalar types of eager launches and of Inductor's (fp64
     floats, i64 integers): a loop-carried value whose type follows a scalar argument must not
-    change type (issue 18: ``m`` became fp64 inside the statistics loop under torch.compile)."""
+    change type (issue 18: ``m`` became fp64 inside the statistics loop under torch.compile);
+    and with every scalar a constant (`SCALARS`, issue 26)."""
     failed = 0
     print(f"triton {triton.__version__}: scalar typings")
     for scalars, (dtype, reverse, dense) in itertools.product(

@@ -475,7 +475,7 @@ def _input_grad_kernel(u_ptr, su_row, u2_ptr, x_ptr, sx_gal, sx_row, sx_d, msk, 
     """dL/dx for rows r0 .. r0 + n_rows of gallery ``gal`` (rows j of a [K, M, D] side; K = 1 and
     M = N for q) from u (+ u2: the lo half's product) = sum_j W_ij y'_j, whose rows start at r0
     (`input_gradient`, in two sweeps over D: the radial part first)."""
-    k = gal.to(tl.int64)
+    k = tl.cast(gal, tl.int64)
     loc = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_in = loc < n_rows
     j = r0 + loc

@@ -47,7 +47,7 @@ def as_f32(x):
     (The interpreter hands a Python float over as it is; its ops take it as fp32.)"""
     if INTERPRETED:
         return x
-    return x.to(tl.float32)
+    return tl.cast(x, tl.float32)
 
 
 @triton.jit
@@ -76,6 +76,10 @@ def log2_logits(dot, ra, rb, s_log2e):
     return cos, t
 
 
+#: fp32 "ieee" dots: the length of one FMA chain (`dot_tile`).
+FP32_CHAIN = tl.constexpr(16)
+
+
 @triton.jit
 def dot_tile(a_ptr, sa_row, sa_d, rows, row_in, b_ptr, sb_row, sb_d, cols, col_in, D,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -84,17 +88,16 @@ def dot_tile(a_ptr, sa_row, sa_d, rows, row_in, b_ptr, sb_row, sb_d, cols, col_i
 
     Half inputs go to the tensor cores as they are (a product of two half values is exact in
     fp32); fp32 inputs use ``DOT_PRECISION`` ("ieee" or "tf32", the caller's matmul
-    precision). ``UPCAST``: the CPU interpreter computes a bf16 dot wrongly, so it gets fp32
-    copies (exact). Out-of-range rows and columns load as 0.
+    precision), "ieee" through `_dot_tile_fp32`. ``UPCAST``: the CPU interpreter computes a
+    bf16 dot wrongly, so it gets fp32 copies (exact). Out-of-range rows and columns load as 0.
     """
+    if a_ptr.dtype.element_ty == tl.float32 and DOT_PRECISION == "ieee":
+        return _dot_tile_fp32(a_ptr, sa_row, sa_d, rows, row_in, b_ptr, sb_row, sb_d, cols, col_in, D,
+                              BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_in = offs_k < D
-        a = tl.load(a_ptr + rows[:, None] * sa_row + offs_k[None, :] * sa_d,
-                    mask=row_in[:, None] & k_in[None, :], other=0.0)                     # [BM, BK]
-        b = tl.load(b_ptr + cols[None, :] * sb_row + offs_k[:, None] * sb_d,
-                    mask=col_in[None, :] & k_in[:, None], other=0.0)                     # [BK, BN]
+        a, b = _dot_operands(a_ptr, sa_row, sa_d, rows, row_in, b_ptr, sb_row, sb_d, cols, col_in, D, offs_k)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -102,6 +105,43 @@ def dot_tile(a_ptr, sa_row, sa_d, rows, row_in, b_ptr, sb_row, sb_d, cols, col_i
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         else:
             acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _dot_operands(a_ptr, sa_row, sa_d, rows, row_in, b_ptr, sb_row, sb_d, cols, col_in, D, offs_k):
+    """The [BLOCK_M, len(offs_k)] and [len(offs_k), BLOCK_N] operand tiles of features offs_k."""
+    k_in = offs_k < D
+    a = tl.load(a_ptr + rows[:, None] * sa_row + offs_k[None, :] * sa_d,
+                mask=row_in[:, None] & k_in[None, :], other=0.0)
+    b = tl.load(b_ptr + cols[None, :] * sb_row + offs_k[:, None] * sb_d,
+                mask=col_in[None, :] & k_in[:, None], other=0.0)
+    return a, b
+
+
+@triton.jit
+def _dot_tile_fp32(a_ptr, sa_row, sa_d, rows, row_in, b_ptr, sb_row, sb_d, cols, col_in, D,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """`dot_tile` for fp32 inputs at "ieee" precision, as accurate as a BLAS sgemm.
+
+    Triton computes an fp32 "ieee" dot with FMAs, one chain per output element along the whole
+    D when the accumulator is carried through ``tl.dot``: for the same-signed products of
+    (anti-)aligned rows its error grows like D u, 3-4x PyTorch's cosine error at D = 160-512
+    (bench/NOTES.md 23; issue 26). Here each step of FP32_CHAIN features is a fresh dot, and the
+    steps' sums are added with Kahan's compensation, so the error stays at a few u whatever D.
+    The compensation is also what keeps the steps apart: Triton's combiner rewrites
+    ``acc + dot(a, b, 0)`` into ``dot(a, b, acc)`` (the one long chain again), but not a
+    subtraction. The result does not depend on BLOCK_K (the backwards rebuild S bit for bit
+    whatever their tiles)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    comp = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)            # the low part acc has lost
+    for k0 in range(0, D, FP32_CHAIN):
+        offs_k = k0 + tl.arange(0, FP32_CHAIN)
+        a, b = _dot_operands(a_ptr, sa_row, sa_d, rows, row_in, b_ptr, sb_row, sb_d, cols, col_in, D, offs_k)
+        y = tl.dot(a, b, input_precision="ieee") - comp
+        total = acc + y
+        comp = (total - acc) - y
+        acc = total
     return acc
 
 

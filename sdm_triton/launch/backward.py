@@ -21,10 +21,10 @@ from ..kernels.grad import (
     _operand_kernel,
     _weights_kernel,
 )
-from ..matmul import addmm_f32, mm_f32
+from .. import matmul
 from ..problem import Problem
 from .tiles import (_cdiv, _chunk_tiles, _dot_precision, _fused_tiles, _per_problem, _problem_index, _side_args, _span,
-                    _stats_tiles, _traceable)
+                    _stats_tiles, _traceable, tracing)
 
 _HALF = {torch.float16: triton.language.float16, torch.bfloat16: triton.language.bfloat16,
          torch.float32: triton.language.float32}
@@ -118,6 +118,7 @@ def _chunked_backward(p: Problem, out: ForwardOut, d_value, d_rows, want, grad_d
     q_side, g_side = _sides(p)
     split = dtype != torch.float32
     t = _chunk_tiles(p)
+    mm_f32, addmm_f32 = matmul.traced_products() if tracing() else (matmul.mm_f32, matmul.addmm_f32)
 
     w = torch.empty(ndr, dtype=f32, device=dev)
     _traceable(_weights_kernel)[(k,)](saved_ptr=saved, dv_ptr=d_value, s_dv=_dv_stride(d_value), drows_ptr=d_rows,

@@ -42,6 +42,11 @@ def traceable_launches():
         _TRACING.reset(token)
 
 
+def tracing() -> bool:
+    """Whether the launches are being traced (inside ops.py's triton_op bodies)."""
+    return _TRACING.get()
+
+
 def _traceable(kernel):
     return _wrap_triton(kernel) if (_wrap_triton is not None and _TRACING.get()) else kernel
 
