@@ -288,7 +288,7 @@ def _sdm_rows_and_grads(q, g, ids, kl, scale, weights, config):
 
 
 def _errors(got, truth):
-    return dict(zip(("rows", "dq", "dg", "ds"), (_rel(a, b) for a, b in zip(got, truth))))
+    return dict(zip(("rows", "dq", "dg", "ds"), (_rel(a.cpu(), b.cpu()) for a, b in zip(got, truth))))
 
 
 def exact_logits_problem(device):

@@ -36,16 +36,22 @@ def _grads(fn, q, g, qi, gi, qm, ls):
 def _compiled_equals_eager(backend, device, galleries=False, config="auto", workspace_bytes=1 << 26,
                            **case_kwargs):
     """A compiled step gives eager's loss and gradients; compiling it logs no warning (issue 26:
-    torch 2.11 logged 23 tracebacks a compile from its analysis of the kernels)."""
+    torch 2.11 logged 23 tracebacks a compile from its analysis of the kernels). ``galleries``
+    True: g, its reverse and its negation as three galleries (the gradients of flip and neg are
+    the user's autograd ops, summed in fp32 by a compiled graph: equal in fp32 only); "stacked":
+    a [3, M, D] leaf tensor of galleries (the package's gradients alone, any dtype)."""
     def step(q, g, qi, gi, ls, qm):
         kw = dict(logit_scale=ls, q_mask=qm, kl="reverse", backend=backend, kernel_config=config,
                   workspace_bytes=workspace_bytes)
-        if galleries:   # three galleries against the anchor: g, its reverse, its negation
-            gs = [g, g.flip(0), -g]
+        if galleries:
+            gs = g if galleries == "stacked" else [g, g.flip(0), -g]
             return sdm_triton.sdm_loss_multi(q, gs, qi, gi, **kw).sum()
         return sdm_triton.sdm_loss(q, g, qi, gi, **kw)
 
     case = _case(device=device, **case_kwargs)
+    if galleries == "stacked":
+        q, g, *rest = case
+        case = (q, torch.stack([g, g.flip(0), -g]).detach().requires_grad_(), *rest)
     eager = _grads(step, *case)
     torch._dynamo.reset()
     with _warnings_logged() as logged:
@@ -101,7 +107,7 @@ def test_compile_fullgraph_galleries_triton_backend_gpu():
 def test_compile_every_backward_path_gpu(config, workspace_bytes, dtype):
     """Each backward path and chunk layout under torch.compile (issue 26: the chunked backward's
     products crashed Inductor), three galleries so that the chunks also step over galleries."""
-    _compiled_equals_eager("triton", "cuda", galleries=True, config=config, workspace_bytes=workspace_bytes,
+    _compiled_equals_eager("triton", "cuda", galleries="stacked", config=config, workspace_bytes=workspace_bytes,
                            n=300, m=333, d=96, dtype=dtype)
 
 
@@ -217,7 +223,7 @@ def test_the_traced_launches_compute_what_eager_launches_do(dtype):
     column chunks. On the CPU the kernels themselves still run interpreted."""
     from sdm_triton import launch
 
-    case = _case(n=20, m=37, d=24, dtype=dtype)
+    case = _case(n=20, m=37, d=24, dtype=dtype, device="cuda" if CUDA else "cpu")
 
     def step(q, g, qi, gi, ls, qm):
         return sdm_triton.sdm_loss(q, g, qi, gi, logit_scale=ls, q_mask=qm, backend="triton",

@@ -76,8 +76,9 @@ def log2_logits(dot, ra, rb, s_log2e):
     return cos, t
 
 
-#: fp32 "ieee" dots: the length of one FMA chain (`dot_tile`).
-FP32_CHAIN = tl.constexpr(16)
+#: fp32 "ieee" dots: the length of one FMA chain (`_dot_tile_fp32`). 16 was as accurate and cost
+#: 35% of the fp32 statistics pass on an H100 (bench/NOTES.md 23).
+FP32_CHAIN = tl.constexpr(32)
 
 
 @triton.jit
@@ -127,20 +128,21 @@ def _dot_tile_fp32(a_ptr, sa_row, sa_d, rows, row_in, b_ptr, sb_row, sb_d, cols,
     Triton computes an fp32 "ieee" dot with FMAs, one chain per output element along the whole
     D when the accumulator is carried through ``tl.dot``: for the same-signed products of
     (anti-)aligned rows its error grows like D u, 3-4x PyTorch's cosine error at D = 160-512
-    (bench/NOTES.md 23; issue 26). Here each step of FP32_CHAIN features is a fresh dot, and the
-    steps' sums are added with Kahan's compensation, so the error stays at a few u whatever D.
-    The compensation is also what keeps the steps apart: Triton's combiner rewrites
-    ``acc + dot(a, b, 0)`` into ``dot(a, b, acc)`` (the one long chain again), but not a
-    subtraction. The result does not depend on BLOCK_K (the backwards rebuild S bit for bit
-    whatever their tiles)."""
+    (bench/NOTES.md 23; issue 26). Here each step of FP32_CHAIN features is a dot of its own, and
+    the steps' sums are added with Kahan's compensation, so the error stays at a few u whatever D.
+    The step starts its chain at ``lost`` (what the running sum has lost so far) instead of 0:
+    that is Kahan's ``y = part - c`` for free (``lost`` = -c), and a dot whose accumulator is no zero
+    constant is not folded by Triton's combiner, which rewrites ``acc + dot(a, b, 0)`` into
+    ``dot(a, b, acc)``, the one long chain again. The result does not depend on BLOCK_K (the
+    backwards rebuild S bit for bit whatever their tiles)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    comp = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)            # the low part acc has lost
+    lost = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)            # the sum's rounding error so far
     for k0 in range(0, D, FP32_CHAIN):
         offs_k = k0 + tl.arange(0, FP32_CHAIN)
         a, b = _dot_operands(a_ptr, sa_row, sa_d, rows, row_in, b_ptr, sb_row, sb_d, cols, col_in, D, offs_k)
-        y = tl.dot(a, b, input_precision="ieee") - comp
+        y = tl.dot(a, b, lost, input_precision="ieee")              # this step's sum, plus what was lost
         total = acc + y
-        comp = (total - acc) - y
+        lost = y - (total - acc)                                    # exact: what rounding total lost of y
         acc = total
     return acc
 
