@@ -27,6 +27,7 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import dataclasses  # noqa: E402
+import zlib  # noqa: E402
 import functools  # noqa: E402
 import inspect  # noqa: E402
 from typing import Callable, Optional  # noqa: E402
@@ -173,12 +174,31 @@ def pytest_report_header(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    _select_part(config, items)
     if CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _select_part(config, items):
+    """``SDM_TEST_PART=K/N``: keep part K of N, each test by a hash of its id (the same split on
+    every machine and in every xdist worker), so that N runs together run every test once
+    (tools/gpu_suite.sh --part K/N: the whole GPU suite does not fit one device call)."""
+    part = os.environ.get("SDM_TEST_PART")
+    if not part:
+        return
+    k, n = (int(x) for x in part.split("/"))
+    if not 1 <= k <= n:
+        raise pytest.UsageError(f"SDM_TEST_PART={part}: want K/N with 1 <= K <= N")
+    keep, drop = [], []
+    for item in items:
+        (keep if zlib.crc32(item.nodeid.encode()) % n == k - 1 else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 _FAILURE_LOG = os.environ.get("SDM_FAILURE_LOG")
