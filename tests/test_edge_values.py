@@ -7,7 +7,7 @@
   q_ids=None when the galleries have ids of their own;
 * ids of two integer dtypes compare by value (int8 -1 is not uint8 255);
 * feature norms whose square sum overflows fp32: NaN when normalised, right when not (the
-  loss, gradients and norm statistics);
+  loss, gradients and norm statistics); rows of norm below NORM_EPS: F.normalize's gradient;
 * dense labels: a label mass past fp32 is NaN, subnormal labels give the normal labels' loss;
 * a float argument fp32 cannot hold as a normal number is a ValueError naming it;
 * labels that require grad, a conflicting preset ``combine``, non-tensor features: clear errors.
@@ -197,6 +197,32 @@ def test_norms_past_fp32_square_sums(backend, config):
     for field, exact in (("q_norm_mean", norms.mean()), ("q_norm_max", norms.max())):
         got = getattr(stats, field).double()
         assert abs(got - exact) <= 1e-5 * exact, (field, got.item(), exact.item())
+
+
+@pytest.mark.parametrize("backend,config", PATHS)
+@pytest.mark.parametrize("kl", ["forward", "reverse"])
+def test_norms_below_norm_eps(backend, config, kl):
+    """Rows of norm below NORM_EPS = 1e-12 (5e-13, and exactly 0) on both sides: F.normalize
+    divides them by NORM_EPS, so their gradient is d / NORM_EPS with no radial projection (the
+    projection is F.normalize's backward only where |x| > NORM_EPS). Every row's gradient
+    against float64, row by row (a tiny row's gradient is ~1e12 times the others'; issue 26:
+    the chunked backward with its radial guard dropped erred 0.13 in such a row, unseen)."""
+    gen = torch.Generator().manual_seed(11)
+    q, g = torch.randn(6, 8, generator=gen), torch.randn(7, 8, generator=gen)
+    q[2] *= 5e-13 / q[2].norm()
+    q[4] = 0.0
+    g[1] *= 3e-13 / g[1].norm()
+    qi, gi = torch.arange(6) % 3, torch.arange(7) % 3
+    q, g, qi, gi = (t.to(DEVICE) for t in (q, g, qi, gi))
+    qa, ga = q.clone().requires_grad_(), g.clone().requires_grad_()
+    _loss(backend, config)(qa, ga, qi, gi, kl=kl, eps=1e-2, temperature=0.1).backward()
+    q64, g64 = q.double().requires_grad_(), g.double().requires_grad_()
+    reference.sdm_loss(q64, g64, qi, gi, kl=kl, eps=1e-2, temperature=0.1).backward()
+    for name, ours, exact in (("q", qa.grad, q64.grad), ("g", ga.grad, g64.grad)):
+        for i in range(exact.shape[0]):
+            if i == 4 and name == "q":          # a zero row: its gradient is d / NORM_EPS too, ~1e12
+                assert exact[i].abs().max() > 1e10
+            assert _rel(ours[i], exact[i]) < 1e-5, (name, i, _rel(ours[i], exact[i]))
 
 
 # --------------------------------------------------------------------------- dense labels

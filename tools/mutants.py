@@ -112,6 +112,13 @@ MUTANTS = [
            [("        return x\n    return x.to(tl.float32)", "        return x\n    return x")],
            "tests/test_compile_check.py::test_kernels_compile_with_inductor_scalar_types",
            "float arguments used as launched: fp64 under torch.compile (a loop-carried fp32 turns fp64)"),
+    # issue 26 section 5: survivors of a second round of one-line mutants (kernels, launch layer,
+    # host reduction)
+    Mutant("chunked_radial_guard", "sdm_triton/kernels/grad.py",
+           [("radial = tl.where(norm > NORM_EPS, radial * r * r, 0.0)", "radial = radial * r * r")],
+           "tests/test_edge_values.py::test_norms_below_norm_eps",
+           "the chunked input gradient projects the radial part off a row of norm below NORM_EPS "
+           "(F.normalize's backward there is d / NORM_EPS)"),
 ]
 
 
