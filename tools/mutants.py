@@ -114,6 +114,16 @@ MUTANTS = [
            "float arguments used as launched: fp64 under torch.compile (a loop-carried fp32 turns fp64)"),
     # issue 26 section 5: survivors of a second round of one-line mutants (kernels, launch layer,
     # host reduction)
+    Mutant("chunked_operand_stride_d", "sdm_triton/kernels/grad.py",
+           [("offs_d[None, :] * sx_d,\n                    mask=keep[:, None] & d_in[None, :], other=0.0)",
+             "offs_d[None, :],\n                    mask=keep[:, None] & d_in[None, :], other=0.0)")],
+           "tests/test_hygiene.py::test_strided_arguments_give_the_numbers_of_the_contiguous_copy",
+           "the chunked backward's operand kernel reads features with a unit feature stride "
+           "(x.T.contiguous().T features)"),
+    Mutant("chunked_q_mask_stride", "sdm_triton/launch/backward.py",
+           [('p.q_mask, (0, _side_args(p)["s_qmsk"])', "p.q_mask, (0, 1)")],
+           "tests/test_hygiene.py::test_strided_arguments_give_the_numbers_of_the_contiguous_copy",
+           "the chunked backward's q side reads q_mask with stride 1 (a column of a presence table)"),
     Mutant("chunked_radial_guard", "sdm_triton/kernels/grad.py",
            [("radial = tl.where(norm > NORM_EPS, radial * r * r, 0.0)", "radial = radial * r * r")],
            "tests/test_edge_values.py::test_norms_below_norm_eps",
