@@ -129,6 +129,10 @@ MUTANTS = [
            "tests/test_edge_values.py::test_norms_below_norm_eps",
            "the chunked input gradient projects the radial part off a row of norm below NORM_EPS "
            "(F.normalize's backward there is d / NORM_EPS)"),
+    Mutant("pos_g2q_count", "sdm_triton/reduction.py",
+           [("red[RED.pos_g2q] / n_g.clamp_min(1)", "red[RED.pos_g2q] / n_q.clamp_min(1)")],
+           "tests/test_kernels.py::test_statistics_match_the_torch_backend",
+           "pos_prob_g2q averaged over the q2g valid count (both backends alike: N != M shows it)"),
 ]
 
 
