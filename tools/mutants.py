@@ -117,8 +117,8 @@ MUTANTS = [
     Mutant("multi_seg_gallery", "sdm_triton/kernels/stats.py",
            [("k = ((pid // segs) % K).to(tl.int64)", "k = (pid % K).to(tl.int64)")],
            "tests/test_galleries.py::test_triton_matches_float64_no_worse_than_pytorch",
-           "the statistics' gallery index of a q-row program decoded without its column segment "
-           "(K > 1 galleries in several segments: NaN)"),
+           "the statistics' gallery index of a q-row program decoded without its column segment (K > 1 "
+           "galleries in several segments, K sharing a factor with their count: unwritten partials, NaN)"),
     Mutant("chunked_operand_stride_d", "sdm_triton/kernels/grad.py",
            [("offs_d[None, :] * sx_d,\n                    mask=keep[:, None] & d_in[None, :], other=0.0)",
              "offs_d[None, :],\n                    mask=keep[:, None] & d_in[None, :], other=0.0)")],
