@@ -13,6 +13,7 @@ its first rows) are indexed by name (`backend.RED`).
     gradient_weights   each softmax row's weight in dL/dS from the gradients of the value and
                        of the rows (kernels/grad.py computes the same in its ``row_weights``)
     cast_gradient      a gradient summed in the compute dtype, in its input's dtype
+    row_norms          each row's norm, also where its square sum overflows the dtype
     stats_from_red     `SDMStats` from the reduction's counts and positive mass
 """
 
@@ -104,6 +105,17 @@ def cast_gradient(x: Optional[torch.Tensor], dtype: torch.dtype, factor: float =
     if factor != 1.0:
         x = x * factor
     return x.to(dtype)
+
+
+def row_norms(x: torch.Tensor) -> torch.Tensor:
+    """|x_i| of each row of ``x`` [R, D] in x's dtype, also where the square sum passes the dtype's
+    range (fp32: norms from 2^64, say 3.5e20 with ``normalize=False``): there again with the row
+    scaled by 2^-100 (exact), as kernels/prep.py does; the components this takes below the normal
+    range are < 2^-90 of such a norm. Both are computed (no host synchronisation); inf and NaN
+    features stay inf and NaN."""
+    norm = torch.linalg.vector_norm(x, dim=1)
+    scaled = torch.linalg.vector_norm(x * 2.0**-100, dim=1) * 2.0**100
+    return torch.where(torch.isinf(norm), scaled, norm)
 
 
 def stats_from_red(red: torch.Tensor, q_norm_mean, q_norm_max, g_norm_mean, g_norm_max,

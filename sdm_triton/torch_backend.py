@@ -29,7 +29,7 @@ import torch
 from .backend import NUM_RED, NUM_STATS, RED, ForwardOut, Statistics
 from .options import NORM_EPS, NORM_LIMIT, compute_dtype
 from .problem import Problem
-from .reduction import add_label_masses, cast_gradient, gradient_weights, pair_labels, reduced_value
+from .reduction import add_label_masses, cast_gradient, gradient_weights, pair_labels, reduced_value, row_norms
 
 
 def _views(p: Problem):
@@ -44,9 +44,10 @@ def _views(p: Problem):
 
 def _normalised(x: torch.Tensor, keep: torch.Tensor, normalize: bool, ct):
     """(x_hat, norm): absent rows become 0 before anything touches them (they may hold NaN).
-    In fp32 a row of norm >= 2^64 (its square sum overflows) is NaN, as in the kernels (prep.py)."""
+    In fp32 a row of norm >= 2^64 (its square sum overflows) is NaN, as in the kernels (prep.py);
+    its norm, reported by the statistics, is right (`row_norms`)."""
     x = torch.where(keep[:, None], x.to(ct), torch.zeros((), dtype=ct, device=x.device))
-    norm = torch.linalg.vector_norm(x, dim=1)
+    norm = row_norms(x)
     if not normalize:
         return x, norm
     r = 1 / norm.clamp_min(NORM_EPS)
@@ -360,7 +361,7 @@ class TorchBackend:
         ct = d_hat.dtype
         xf = torch.where(keep[:, None], x.to(ct), torch.zeros((), dtype=ct, device=x.device))
         if normalize:
-            norm = torch.linalg.vector_norm(xf, dim=1)
+            norm = row_norms(xf)
             radial = (x_hat * d_hat).sum(1, keepdim=True)
             g = torch.where((norm > NORM_EPS)[:, None], d_hat - x_hat * radial, d_hat) / norm.clamp_min(NORM_EPS)[:, None]
         else:

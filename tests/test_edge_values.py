@@ -6,7 +6,8 @@
 * ``sdm_loss_multi`` applies ``sdm_loss``'s paired-batch default per gallery, and refuses
   q_ids=None when the galleries have ids of their own;
 * ids of two integer dtypes compare by value (int8 -1 is not uint8 255);
-* feature norms whose square sum overflows fp32: NaN when normalised, right when not;
+* feature norms whose square sum overflows fp32: NaN when normalised, right when not (the
+  loss, gradients and norm statistics); rows of norm below NORM_EPS: F.normalize's gradient;
 * dense labels: a label mass past fp32 is NaN, subnormal labels give the normal labels' loss;
 * a float argument fp32 cannot hold as a normal number is a ValueError naming it;
 * labels that require grad, a conflicting preset ``combine``, non-tensor features: clear errors.
@@ -170,25 +171,58 @@ def test_uint64_ids_mix_only_with_uint64():
 
 # --------------------------------------------------------------------------- feature norms
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_norms_past_fp32_square_sums(backend):
+@pytest.mark.parametrize("backend,config", PATHS)
+def test_norms_past_fp32_square_sums(backend, config):
     """|q_i| ~ 1e20: its square sum overflows fp32. Normalised, 10eec40 counted the row as zero
     (1.23 for 30.9, both backends): now NaN, never a finite wrong loss. Not normalised, with
     |q| ~ 1e19 and |g| ~ 1e-19 (logits O(1)), the loss and gradients are right (Triton's
-    gradients were NaN)."""
+    gradients were NaN), and so are the norm statistics of return_stats (issue 26: the torch
+    backend's fp32 square sum overflowed, q_norm_max and q_norm_mean were inf; Triton's 3.46e20
+    was right)."""
     gen = torch.Generator().manual_seed(7)
     q, g = torch.randn(6, 8, generator=gen).to(DEVICE), torch.randn(6, 8, generator=gen).to(DEVICE)
     ids = torch.arange(6, device=DEVICE) % 3
-    assert torch.isnan(_loss(backend)(q * 1e20, g, ids, ids))
-    assert torch.isfinite(_loss(backend)(q * 1e18, g, ids, ids))        # below 2^64: computed
+    assert torch.isnan(_loss(backend, config)(q * 1e20, g, ids, ids))
+    assert torch.isfinite(_loss(backend, config)(q * 1e18, g, ids, ids))        # below 2^64: computed
     qa, ga = (q * 1e19).requires_grad_(), (g * 1e-19).requires_grad_()
-    loss = _loss(backend)(qa, ga, ids, ids, normalize=False, logit_scale=1.0)
+    assert torch.isinf((qa.detach() ** 2).sum(1)).all()                        # every q row overflows
+    loss, stats = _loss(backend, config)(qa, ga, ids, ids, normalize=False, logit_scale=1.0, return_stats=True)
     loss.backward()
     q64, g64 = (q.double() * 1e19).requires_grad_(), (g.double() * 1e-19).requires_grad_()
     want = reference.sdm_loss(q64, g64, ids, ids, normalize=False, logit_scale=1.0)
     want.backward()
     assert abs(loss.item() - want.item()) < 1e-5 * abs(want.item())
     assert _rel(qa.grad, q64.grad) < 1e-4 and _rel(ga.grad, g64.grad) < 1e-4
+    norms = q64.detach().norm(dim=1)                # the q rows' norms in float64, from the definition
+    for field, exact in (("q_norm_mean", norms.mean()), ("q_norm_max", norms.max())):
+        got = getattr(stats, field).double()
+        assert abs(got - exact) <= 1e-5 * exact, (field, got.item(), exact.item())
+
+
+@pytest.mark.parametrize("backend,config", PATHS)
+@pytest.mark.parametrize("kl", ["forward", "reverse"])
+def test_norms_below_norm_eps(backend, config, kl):
+    """Rows of norm below NORM_EPS = 1e-12 (5e-13, and exactly 0) on both sides: F.normalize
+    divides them by NORM_EPS, so their gradient is d / NORM_EPS with no radial projection (the
+    projection is F.normalize's backward only where |x| > NORM_EPS). Every row's gradient
+    against float64, row by row (a tiny row's gradient is ~1e12 times the others'; issue 26:
+    the chunked backward with its radial guard dropped erred 0.13 in such a row, unseen)."""
+    gen = torch.Generator().manual_seed(11)
+    q, g = torch.randn(6, 8, generator=gen), torch.randn(7, 8, generator=gen)
+    q[2] *= 5e-13 / q[2].norm()
+    q[4] = 0.0
+    g[1] *= 3e-13 / g[1].norm()
+    qi, gi = torch.arange(6) % 3, torch.arange(7) % 3
+    q, g, qi, gi = (t.to(DEVICE) for t in (q, g, qi, gi))
+    qa, ga = q.clone().requires_grad_(), g.clone().requires_grad_()
+    _loss(backend, config)(qa, ga, qi, gi, kl=kl, eps=1e-2, temperature=0.1).backward()
+    q64, g64 = q.double().requires_grad_(), g.double().requires_grad_()
+    reference.sdm_loss(q64, g64, qi, gi, kl=kl, eps=1e-2, temperature=0.1).backward()
+    for name, ours, exact in (("q", qa.grad, q64.grad), ("g", ga.grad, g64.grad)):
+        for i in range(exact.shape[0]):
+            if i == 4 and name == "q":          # a zero row: its gradient is d / NORM_EPS too, ~1e12
+                assert exact[i].abs().max() > 1e10
+            assert _rel(ours[i], exact[i]) < 1e-5, (name, i, _rel(ours[i], exact[i]))
 
 
 # --------------------------------------------------------------------------- dense labels

@@ -16,11 +16,18 @@ from sdm_triton.options import SDMRowLosses
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-# both backward paths, with non-square tiles (a swapped block_m / block_n would show)
-TRITON_VARIANTS = ["fused", "chunked_m64n128"] if CUDA else ["fused_m16n32", "chunked_m32n16"]
-# (N, M, D, K): M not a multiple of the tile width, K = 1 as the degenerate case
+# both backward paths, with non-square tiles (a swapped block_m / block_n would show); the
+# interpreted chunked variant's forward cuts the columns into segments (up to three: "seg3";
+# on a GPU the automatic choice cuts SHAPES[0] into three, by launch/forward.py's arithmetic)
+TRITON_VARIANTS = ["fused", "chunked_m64n128"] if CUDA else ["fused_m16n32", "chunked_m32n16seg3"]
+# (N, M, D, K): M not a multiple of the tile width, K = 1 as the degenerate case. The first
+# spans two column tiles each way (interpreter: 16 wide), so that the chunked variant's
+# statistics pass runs two segments per side with K = 2 galleries (issue 26: a gallery index
+# decoded without the segment gave NaN, and no test had K > 1 with several segments; with
+# K = 3 and 2 segments that mutant is a bijection of the programs, unseen: K shares a factor
+# with the segment count here)
 SHAPES = ([(300, 257, 512, 3), (129, 64, 77, 15), (1000, 130, 96, 1)] if CUDA
-          else [(13, 11, 9, 3), (7, 5, 16, 4), (20, 17, 8, 1)])
+          else [(19, 21, 9, 2), (7, 5, 16, 4), (20, 17, 8, 1)])
 WORKSPACES = (1 << 30, 2000)    # one chunk; chunks of a few columns, across gallery boundaries
 
 

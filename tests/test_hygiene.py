@@ -20,6 +20,11 @@ is gallery 1's, which by definition equals ``sdm_loss`` on that gallery.
   version-counter error; double backward is right or refused, never wrong;
 * no host synchronisation on the default path (CUDA only).
 
+The layout tests (strides, absent samples) run each backward path (``path``): the Triton
+backend's "fused" and "chunked" (with a workspace of one column tile: several column chunks
+where the columns span several tiles, as under the interpreter), the torch backend's columns
+in one chunk or one at a time; the reference has one path.
+
 Sizes stay at a few rows so the interpreted kernels stay fast; the stride tests use
 19 x 21 so that rows and columns span two 16-wide interpreter tiles.
 """
@@ -83,6 +88,20 @@ def call(sdm_impl, entry, q, g, q_ids=None, g_ids=None, *, labels=None, g_mask=N
                                             if labels.is_floating_point() else labels, labels],
         g_mask=None if g_mask is None else [None, g_mask], **kw)
     return _gallery(out, 1)
+
+
+PATHS = ("fused", "chunked")
+
+
+def _path(sdm_impl, path):
+    """The keyword arguments that run ``sdm_impl``'s backward path ``path`` (module doc)."""
+    if sdm_impl.name == "triton":
+        return dict(kernel_config=path, **(dict(workspace_bytes=1) if path == "chunked" else {}))
+    if sdm_impl.name == "torch":
+        return dict(workspace_bytes=1) if path == "chunked" else {}
+    if path != "fused":
+        pytest.skip(f"the {sdm_impl.name} backend has one path")
+    return {}
 
 
 def _features(n, m, d, device, seed=0, dtype=torch.float32):
@@ -208,20 +227,23 @@ def _contiguous_copy(kw):
     return {k: (v.contiguous().clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("what", list(STRIDED_ARGS))
-def test_strided_arguments_give_the_numbers_of_the_contiguous_copy(sdm_impl, entry, what):
+def test_strided_arguments_give_the_numbers_of_the_contiguous_copy(sdm_impl, entry, what, path):
     """A column of a (pid, camera) table as ids, a column of a presence matrix as a mask,
     transposed / strided / expanded labels (and transposed features): the per-row losses,
     validity and gradients (q, g, logit_scale) of the contiguous copies (issue 12: the
-    Triton kernels read ``ptr + offs``, 65.50 instead of 14.44)."""
+    Triton kernels read ``ptr + offs``, 65.50 instead of 14.44), on each backward path
+    (issue 26: the chunked backward's operand kernel ignoring the feature stride erred 1.4,
+    its q side reading q_mask with stride 1 0.76; these cases reached only the fused one)."""
     t = _tables(sdm_impl.device)
     kw = STRIDED_ARGS[what](t)
     assert any(not v.is_contiguous() for v in kw.values()), f"case {what} has only contiguous arguments"
     q, g = _features(N_STRIDE, M_STRIDE, D_STRIDE, sdm_impl.device)
     scale = torch.tensor(7.0, device=sdm_impl.device)
-    opts = dict(reduction="none", kl="reverse", eps=1e-2)
-    got = _run(sdm_impl, entry, q.T.contiguous().T, g, scale, **kw, **opts)
+    opts = dict(reduction="none", kl="reverse", eps=1e-2, **_path(sdm_impl, path))
+    got = _run(sdm_impl, entry, q.T.contiguous().T, g.T.contiguous().T, scale, **kw, **opts)
     want = _run(sdm_impl, entry, q, g, scale, **_contiguous_copy(kw), **opts)
     _assert_same(got, want, f"{what} via {entry}")
 
@@ -245,8 +267,9 @@ def test_issue_example_strided_ids_and_mask(sdm_impl):
 MULTI_STRIDED = ["stacked_views", "dense_labels", "shared_expanded"]
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("form", MULTI_STRIDED)
-def test_multi_strided_gallery_arguments(sdm_impl, form):
+def test_multi_strided_gallery_arguments(sdm_impl, form, path):
     """ReID5o's layout: K modality galleries against one anchor, the anchor's ids a column of a
     table, ``g_mask = presence.T`` ([K, M], stride (1, K)), ``g_ids`` a [K, M] view of a table,
     stacked labels transposed per gallery, or one [N, M] row expanded to [K, N, M]: every
@@ -271,10 +294,11 @@ def test_multi_strided_gallery_arguments(sdm_impl, form):
         y = (torch.rand(1, n, m, generator=gen) > 0.6).float().to(dev)
         kw = dict(labels=y.expand(k, n, m), g_mask=presence[:1, 0].expand(k, m) | True)
     multi = _multi(sdm_impl)
+    route = _path(sdm_impl, path)
 
     def run(kwargs):
         lq, lg = _leaf(q), _leaf(gs)
-        out = multi(lq, lg, reduction="none", temperature=0.2, **kwargs)
+        out = multi(lq, lg, reduction="none", temperature=0.2, **route, **kwargs)
         gq, gg = torch.autograd.grad((out.q2g * 1.5).sum() + (out.g2q * 0.5).sum(), (lq, lg))
         return out, {"q": gq, "g": gg}
 
@@ -298,11 +322,12 @@ def _absent_problem(device, dense=False):
     return q, g, kw
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, 3e38], ids=["nan", "inf", "-inf", "huge"])
 @pytest.mark.parametrize("side", ["q", "g"])
 @pytest.mark.parametrize("kl", ["forward", "reverse"])
-def test_absent_rows_may_hold_anything(sdm_impl, entry, value, side, kl):
+def test_absent_rows_may_hold_anything(sdm_impl, entry, value, side, kl, path):
     """An absent row full of NaN / inf changes neither the per-row losses nor any present
     sample's gradient (nor the logit_scale gradient), and gets exactly zero gradient itself
     (issue 12: one NaN in an absent q row made every gradient of g NaN)."""
@@ -311,7 +336,7 @@ def test_absent_rows_may_hold_anything(sdm_impl, entry, value, side, kl):
     dirty = {"q": q.clone(), "g": g.clone()}
     dirty[side][row] = value
     scale = torch.tensor(12.0, device=sdm_impl.device)
-    opts = dict(kl=kl, reduction="none")
+    opts = dict(kl=kl, reduction="none", **_path(sdm_impl, path))
     got = _run(sdm_impl, entry, dirty["q"], dirty["g"], scale, **kw, **opts)
     want = _run(sdm_impl, entry, q, g, scale, **kw, **opts)
     out, grads = got
@@ -322,11 +347,12 @@ def test_absent_rows_may_hold_anything(sdm_impl, entry, value, side, kl):
     _assert_same(got, want, f"{side}[{row}] = {value} (absent)")
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("scale", [0.05, 0.5, 12.0])
 @pytest.mark.parametrize("kl", ["forward", "reverse"])
 @pytest.mark.parametrize("absent", ["some", "all_g", "all_q"])
-def test_absent_samples_at_any_logit_scale(sdm_impl, entry, scale, kl, absent):
+def test_absent_samples_at_any_logit_scale(sdm_impl, entry, scale, kl, absent, path):
     """Absent samples leave d/dscale finite and right at every logit scale, also below 0.7,
     where the maximum kept by a softmax row that saw no present entry (-1e38) over s log2e
     overflows to -inf: the Triton path's centred dL/ds once took that as the row's centre and
@@ -336,7 +362,7 @@ def test_absent_samples_at_any_logit_scale(sdm_impl, entry, scale, kl, absent):
         key = absent[-1] + "_mask"
         kw[key] = torch.zeros_like(kw[key])
     s = torch.tensor(scale, device=sdm_impl.device)
-    out, grads = _run(sdm_impl, entry, q, g, s, kl=kl, **kw)
+    out, grads = _run(sdm_impl, entry, q, g, s, kl=kl, **kw, **_path(sdm_impl, path))
     wq, wg, ws = (_leaf(t.double().cpu()) for t in (q, g, s))
     ref_kw = {k: v.cpu() for k, v in kw.items()}
     want = reference.sdm_loss(wq, wg, ref_kw.pop("q_ids"), ref_kw.pop("g_ids"), logit_scale=ws, kl=kl, **ref_kw)
@@ -347,11 +373,13 @@ def test_absent_samples_at_any_logit_scale(sdm_impl, entry, scale, kl, absent):
     torch.testing.assert_close(out.double().cpu(), want.detach(), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_absent_rows_may_hold_anything_reduced(sdm_impl, entry, reduction):
+def test_absent_rows_may_hold_anything_reduced(sdm_impl, entry, reduction, path):
     """The same for a reduced loss, NaN in an absent row on both sides at once."""
     q, g, kw = _absent_problem(sdm_impl.device)
+    kw.update(_path(sdm_impl, path))
     dq, dg = q.clone(), g.clone()
     dq[1], dg[4] = math.nan, math.nan
     got = _run(sdm_impl, entry, dq, dg, reduction=reduction, **kw)
@@ -368,9 +396,10 @@ def _bad_labels_on_absent_pairs(labels):
     return bad
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("check", [False, True], ids=["default", "check_values"])
-def test_garbage_of_absent_samples_is_accepted(sdm_impl, entry, check):
+def test_garbage_of_absent_samples_is_accepted(sdm_impl, entry, check, path):
     """Absent samples may hold anything, also for ``check_values=True`` (which must not reject
     them): NaN / inf features in absent rows, NaN / inf / negative labels on pairs involving
     an absent sample. The result is that of clean values there."""
@@ -380,9 +409,9 @@ def test_garbage_of_absent_samples_is_accepted(sdm_impl, entry, check):
     dq, dg = q.clone(), g.clone()
     dq[1], dg[4, 2] = math.nan, math.inf
     dirty = dict(kw, labels=_bad_labels_on_absent_pairs(kw["labels"]))
-    extra = sdm_impl.value_check_kwargs if check else {}
+    extra = dict(sdm_impl.value_check_kwargs if check else {}, **_path(sdm_impl, path))
     got = _run(sdm_impl, entry, dq, dg, **dirty, **extra)
-    want = _run(sdm_impl, entry, q, g, **kw)
+    want = _run(sdm_impl, entry, q, g, **kw, **_path(sdm_impl, path))
     _assert_same(got, want, "garbage of absent samples")
 
 

@@ -159,19 +159,63 @@ def test_chunking_does_not_change_the_result(variant):
 # --------------------------------------------------------------------------- tests that kill the
 # mutants of issue 12 section 6 (each one-line bug of kernel work, named in its docstring)
 
+def _stats_float64(q, g, kw, scale):
+    """SDMStats's fields from their definition (docs/contract.md, options.SDMStats), in float64
+    and independent of both backends: per direction the valid rows (present, with a positive
+    among the present columns), the mean over them of the softmax mass on their positives
+    (labels > 0 or equal ids), and the mean and max norm of the present samples' raw features."""
+    q64, g64 = q.double().cpu(), g.double().cpu()
+    n, m = q64.shape[0], g64.shape[0]
+    q_keep = kw["q_mask"].cpu() if "q_mask" in kw else torch.ones(n, dtype=torch.bool)
+    g_keep = kw["g_mask"].cpu() if "g_mask" in kw else torch.ones(m, dtype=torch.bool)
+    if "labels" in kw:
+        positive = kw["labels"].cpu() > 0
+    else:
+        positive = kw["q_ids"].cpu()[:, None] == kw["g_ids"].cpu()[None, :]
+    positive = positive & q_keep[:, None] & g_keep[None, :]
+    S = scale * torch.nn.functional.normalize(q64, dim=1, eps=1e-12) @ torch.nn.functional.normalize(
+        g64, dim=1, eps=1e-12).T
+    out = {}
+    for name, logits, pos, keep, side in (("q2g", S, positive, q_keep, g_keep),
+                                          ("g2q", S.T, positive.T, g_keep, q_keep)):
+        P = logits.masked_fill(~side[None, :], -math.inf).softmax(1)      # over the present columns
+        valid = keep & pos.any(1)
+        out[f"valid_{name}"] = valid.sum()
+        mass = torch.where(pos, P, 0.0).sum(1)[valid]
+        out[f"pos_prob_{name}"] = mass.mean() if valid.any() else torch.zeros((), dtype=torch.float64)
+    for name, x, keep in (("q", q64, q_keep), ("g", g64, g_keep)):
+        norms = x.norm(dim=1)[keep]
+        out[f"{name}_norm_mean"], out[f"{name}_norm_max"] = norms.mean(), norms.max()
+    return out
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_statistics_match_the_torch_backend(variant):
-    """return_stats=True against the torch backend at 37 x 45, where each program walks several
-    column tiles: the positive mass is an online statistic that must be rescaled with the
-    running maximum (mutant: the rescale dropped, 0.211 vs 0.146)."""
-    q, g, kw = _problem(37, 45, 16, torch.float32, seed=12, masks=True)
-    for kl in ("forward", "reverse"):
-        _, ours = sdm_triton.sdm_loss(q, g, **kw, kl=kl, backend="triton", kernel_config=variant + "_seg1",
-                                      return_stats=True)
-        _, base = sdm_triton.sdm_loss(q, g, **kw, kl=kl, backend="torch", return_stats=True)
-        for field in base.__dataclass_fields__:
-            torch.testing.assert_close(getattr(ours, field).double(), getattr(base, field).double(),
-                                       rtol=1e-5, atol=1e-6, msg=lambda s: f"{field} ({kl}): {s}")
+    """return_stats=True against the torch backend and both against float64 statistics from
+    their definition (`_stats_float64`), at 37 x 45 (N != M: a count of the wrong direction
+    shows) where each program walks several column tiles, with masks, ids and dense labels.
+    The positive mass is an online statistic that must be rescaled with the running maximum
+    (mutant: the rescale dropped, 0.211 vs 0.146); pos_prob_g2q divided by the q2g valid count
+    is wrong in both backends alike (issue 26: 0.208 for 0.138), which only float64 sees."""
+    for dense in (False, True):
+        q, g, kw = _problem(37, 45, 16, torch.float32, seed=12, dense=dense, masks=True)
+        want = _stats_float64(q, g, kw, scale=50.0)
+        assert want["valid_q2g"] != want["valid_g2q"]
+        for kl in ("forward", "reverse"):
+            _, ours = sdm_triton.sdm_loss(q, g, **kw, kl=kl, backend="triton", kernel_config=variant + "_seg1",
+                                          return_stats=True)
+            _, base = sdm_triton.sdm_loss(q, g, **kw, kl=kl, backend="torch", return_stats=True)
+            for field in base.__dataclass_fields__:
+                torch.testing.assert_close(getattr(ours, field).double(), getattr(base, field).double(),
+                                           rtol=1e-5, atol=1e-6, msg=lambda s: f"{field} ({kl}, dense={dense}): {s}")
+                for backend, stats in (("triton", ours), ("torch", base)):
+                    got = getattr(stats, field).double().cpu()
+                    if field.startswith("valid"):
+                        assert int(got) == int(want[field]), (backend, field, kl, dense)
+                    else:
+                        torch.testing.assert_close(
+                            got, want[field], rtol=1e-5, atol=1e-6,
+                            msg=lambda s: f"{backend} {field} vs float64 ({kl}, dense={dense}): {s}")
 
 
 #: Feature dims of the fp32 accuracy test: a dot of one BLOCK_K step, of three (D = 160: the

@@ -112,6 +112,32 @@ MUTANTS = [
            [("        return x\n    return x.to(tl.float32)", "        return x\n    return x")],
            "tests/test_compile_check.py::test_kernels_compile_with_inductor_scalar_types",
            "float arguments used as launched: fp64 under torch.compile (a loop-carried fp32 turns fp64)"),
+    # issue 26 section 5: survivors of a second round of one-line mutants (kernels, launch layer,
+    # host reduction)
+    Mutant("multi_seg_gallery", "sdm_triton/kernels/stats.py",
+           [("k = ((pid // segs) % K).to(tl.int64)", "k = (pid % K).to(tl.int64)")],
+           "tests/test_galleries.py::test_triton_matches_float64_no_worse_than_pytorch",
+           "the statistics' gallery index of a q-row program decoded without its column segment (K > 1 "
+           "galleries in several segments, K sharing a factor with their count: unwritten partials, NaN)"),
+    Mutant("chunked_operand_stride_d", "sdm_triton/kernels/grad.py",
+           [("offs_d[None, :] * sx_d,\n                    mask=keep[:, None] & d_in[None, :], other=0.0)",
+             "offs_d[None, :],\n                    mask=keep[:, None] & d_in[None, :], other=0.0)")],
+           "tests/test_hygiene.py::test_strided_arguments_give_the_numbers_of_the_contiguous_copy",
+           "the chunked backward's operand kernel reads features with a unit feature stride "
+           "(x.T.contiguous().T features)"),
+    Mutant("chunked_q_mask_stride", "sdm_triton/launch/backward.py",
+           [('p.q_mask, (0, _side_args(p)["s_qmsk"])', "p.q_mask, (0, 1)")],
+           "tests/test_hygiene.py::test_strided_arguments_give_the_numbers_of_the_contiguous_copy",
+           "the chunked backward's q side reads q_mask with stride 1 (a column of a presence table)"),
+    Mutant("chunked_radial_guard", "sdm_triton/kernels/grad.py",
+           [("radial = tl.where(norm > NORM_EPS, radial * r * r, 0.0)", "radial = radial * r * r")],
+           "tests/test_edge_values.py::test_norms_below_norm_eps",
+           "the chunked input gradient projects the radial part off a row of norm below NORM_EPS "
+           "(F.normalize's backward there is d / NORM_EPS)"),
+    Mutant("pos_g2q_count", "sdm_triton/reduction.py",
+           [("red[RED.pos_g2q] / n_g.clamp_min(1)", "red[RED.pos_g2q] / n_q.clamp_min(1)")],
+           "tests/test_kernels.py::test_statistics_match_the_torch_backend",
+           "pos_prob_g2q averaged over the q2g valid count (both backends alike: N != M shows it)"),
 ]
 
 
