@@ -603,6 +603,24 @@ def test_single_rank_group_equals_sdm_loss():
         dist.destroy_process_group()
 
 
+def test_feature_norms_past_fp32_square_sums_in_the_statistics():
+    """A row of norm 3.5e20 (normalize=False): its fp32 square sum overflows, its norm does not
+    (the statistics read it as sdm_loss does, reduction.row_norms); one rank."""
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        gen = torch.Generator().manual_seed(3)
+        q, g = torch.randn(6, 8, generator=gen), torch.randn(7, 8, generator=gen)
+        q[2] *= 3.5e20 / q[2].norm()
+        ids = torch.arange(6) % 3, torch.arange(7) % 3
+        _, stats = sdm_triton.sdm_loss_distributed(q, g, *ids, normalize=False, logit_scale=1e-21, return_stats=True)
+        norms = q.double().norm(dim=1)
+        assert torch.isfinite(stats.q_norm_max)
+        torch.testing.assert_close(stats.q_norm_max.double(), norms.max(), rtol=1e-6, atol=0)
+        torch.testing.assert_close(stats.q_norm_mean.double(), norms.mean(), rtol=1e-6, atol=0)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_module_validates_its_options_at_construction():
     """SDMLossDistributed checks every option when it is built (no process group needed)."""
     from sdm_triton.distributed import SDMLossDistributed

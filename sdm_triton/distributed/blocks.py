@@ -33,7 +33,7 @@ from ..autograd import without_autocast
 from ..backend import RED
 from ..options import SDMRowLosses, SDMStats, compute_dtype
 from ..problem import Problem
-from ..reduction import add_label_masses, reduced_value, stats_from_red
+from ..reduction import add_label_masses, reduced_value, row_norms, stats_from_red
 from .comm import Comm, all_reduce
 from .metadata import Call
 
@@ -165,7 +165,7 @@ def global_stats(setup: Setup, totals: torch.Tensor) -> SDMStats:
     c, comm = setup.call, setup.comm
     sums, maxes = [], []
     for x, mask in ((c.q, c.q_mask), (c.g, c.g_mask)):
-        nx = torch.linalg.vector_norm(x.detach().float(), dim=1)
+        nx = row_norms(x.detach().float())              # no overflow from norms of 2^64
         keep = mask if mask is not None else torch.ones_like(nx, dtype=torch.bool)
         kept = torch.where(keep, nx, torch.zeros_like(nx))
         sums += [kept.sum().double(), keep.sum().double()]
