@@ -91,6 +91,8 @@ def sdm_loss(
     check_values:    also check (a host synchronisation) that present samples' features are
                      finite, labels of present pairs finite and >= 0, a logit_scale tensor > 0;
                      a ValueError names the problem. Without it such values give a NaN loss.
+                     Under torch.compile the check runs at a graph break (same ValueError);
+                     torch.compile(fullgraph=True) refuses it while tracing, naming check_values.
     return_stats:    return ``(loss, SDMStats)``.
     kernel_config:   expert knobs of the Triton kernels (``KernelConfig`` or its name), for
                      benchmarks and tests.
@@ -173,6 +175,8 @@ def _compute(q, g, q_ids, g_ids, labels, q_mask, g_mask, temperature, logit_scal
     if torch.compiler.is_compiling():
         # the graph gets the backend's operator (ops.py)
         from . import ops
+        if check_values:   # outside the graph, at a graph break (ops.py; it was skipped before issue 26)
+            ops.check_values_outside_the_graph(q, g, labels, scale, q_mask, g_mask)
         value, rows, valid, red, _ = ops.forward_op(dispatch.resolve_name(backend, q))(
             q, g, q_ids, g_ids, labels, q_mask, g_mask, scale_t, scale_value, opts.name(), config.name(),
             workspace_bytes, galleries, scalar, return_stats)

@@ -31,8 +31,33 @@ from torch.library import custom_op, register_autograd, triton_op
 
 from . import dispatch
 from .backend import NUM_RED, ForwardOut
-from .options import KernelConfig, SDMOptions, compute_dtype
+from .options import KernelConfig, SDMOptions, check_values, compute_dtype
 from .problem import Problem
+
+#: Why ``check_values=True`` cannot be part of a compiled graph (torch.compile's error shows it
+#: under ``fullgraph=True``).
+CHECK_VALUES_UNDER_COMPILE = (
+    "sdm_triton: check_values=True reads the feature, label and logit_scale values on the host (a "
+    "synchronisation), which a compiled graph cannot hold: torch.compile runs the check eagerly at a "
+    "graph break, and torch.compile(fullgraph=True) refuses it. Under fullgraph=True pass "
+    "check_values=False (a bad value then gives a NaN loss) and check the inputs outside the compiled "
+    "function, e.g. with sdm_triton.check_finite")
+
+
+def _compiler_disabled(fn, reason: str):
+    try:   # torch >= 2.7 shows the reason in its error
+        return torch.compiler.disable(fn, reason=reason)
+    except TypeError:
+        return torch.compiler.disable(fn)
+
+
+#: ``check_values=True`` while torch.compile traces (api.py): the check branches on device values,
+#: so it cannot be traced; it runs outside the graph, eagerly, at a graph break, and raises the
+#: same ValueError as in eager mode (the rest of the call stays in the graph). Under
+#: ``fullgraph=True`` the compiler refuses the call while tracing, with the reason above. Built
+#: here, not in api.py: ``torch.compiler.disable`` imports torch._dynamo, which this module
+#: (imported only while compiling) does anyway.
+check_values_outside_the_graph = _compiler_disabled(check_values, CHECK_VALUES_UNDER_COMPILE)
 
 
 def _problem(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, scale_value, options, config, workspace_bytes,

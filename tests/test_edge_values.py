@@ -8,6 +8,7 @@
 * ids of two integer dtypes compare by value (int8 -1 is not uint8 255);
 * feature norms whose square sum overflows fp32: NaN when normalised, right when not (the
   loss, gradients and norm statistics); rows of norm below NORM_EPS: F.normalize's gradient;
+* huge logits (normalize=False with features ~1e20, temperature 1e-6): right gradients (issue 26.4);
 * dense labels: a label mass past fp32 is NaN, subnormal labels give the normal labels' loss;
 * a float argument fp32 cannot hold as a normal number is a ValueError naming it;
 * labels that require grad, a conflicting preset ``combine``, non-tensor features: clear errors.
@@ -223,6 +224,52 @@ def test_norms_below_norm_eps(backend, config, kl):
             if i == 4 and name == "q":          # a zero row: its gradient is d / NORM_EPS too, ~1e12
                 assert exact[i].abs().max() > 1e10
             assert _rel(ours[i], exact[i]) < 1e-5, (name, i, _rel(ours[i], exact[i]))
+
+
+
+# --------------------------------------------------------------------------- huge logits
+
+def _huge_logit_case(case, dtype):
+    """Issue 26.4's cases: features ~1e20 with normalize=False (logits ~1e22 at the default
+    s = 50: they fit fp32), or temperature 1e-6 (s = 1e6). Random features: every softmax is one-hot."""
+    gen = torch.Generator().manual_seed(0)
+    q, g = torch.randn(8, 16, generator=gen), torch.randn(8, 16, generator=gen)
+    qi, gi = torch.randint(0, 3, (8,), generator=gen), torch.randint(0, 3, (8,), generator=gen)
+    qi[0] = gi[0]
+    if case == "features_1e20_unnormalised":
+        q, kw, s = q * 1e20, dict(normalize=False), 50.0
+    else:
+        kw, s = dict(temperature=1e-6), 1e6
+    return q.to(DEVICE, dtype), g.to(DEVICE, dtype), qi.to(DEVICE), gi.to(DEVICE), kw, s
+
+
+@pytest.mark.parametrize("backend,config", PATHS)
+@pytest.mark.parametrize("kl", ["forward", "reverse"])
+@pytest.mark.parametrize("case", ["features_1e20_unnormalised", "temperature_1e-6"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_huge_logits_give_the_right_gradients(backend, config, kl, case, dtype):
+    """Logits of 1e6 to 1e22 (issue 26.4): the loss was right, but on the interpreted Triton
+    backend dq had an inf and dg erred by 20-30% (features 1e20), dg by 1e-2 (s = 1e6, forward
+    KL) and by ~1e303 times the truth, which is 0 (reverse KL). The backward's exp2(t - m) took the
+    forward's row maxima m of the other direction, computed on tiles with the operands swapped,
+    which numpy's matmul sums in another order: one rounding of t at |t| ~ 1e22 is 1e15 in the
+    exponent (`tiles.logit_dot`). Now as exact as the fp32 formula (float64 truth on the same
+    inputs; bf16: the gradients' own rounding)."""
+    q, g, qi, gi, kw, s = _huge_logit_case(case, dtype)
+    qa, ga = q.clone().requires_grad_(), g.clone().requires_grad_()
+    loss = _loss(backend, config)(qa, ga, qi, gi, kl=kl, **kw)
+    loss.backward()
+    q64, g64 = q.double().requires_grad_(), g.double().requires_grad_()
+    want = reference.sdm_loss(q64, g64, qi, gi, kl=kl, **kw)
+    want.backward()
+    assert abs(loss.item() - want.item()) <= 1e-5 * abs(want.item())
+    rtol = 1e-5 if dtype == torch.float32 else 2**-7
+    for ours, exact, other in ((qa.grad, q64.grad, g64), (ga.grad, g64.grad, q64)):
+        assert torch.isfinite(ours).all()
+        # reverse KL: the truth is 0 (P is one-hot); its scale is s |other side| (forward KL's)
+        scale = s * other.detach().norm().item()
+        err = (ours.double() - exact).norm().item()
+        assert err <= rtol * exact.norm().item() + 1e-6 * scale, (err, exact.norm().item(), scale)
 
 
 # --------------------------------------------------------------------------- dense labels

@@ -149,6 +149,41 @@ def test_the_chunked_backward_products_compile():
     torch.library.opcheck(addmm_f32, (torch.zeros(24, 16), w, x))
 
 
+@pytest.mark.parametrize("entry", ["sdm_loss", "sdm_loss_multi", "SDMLoss"])
+def test_check_values_under_compile_checks_or_refuses(entry):
+    """check_values=True under torch.compile (issue 26.4: it was skipped, a NaN feature passed
+    unchecked): compiled without fullgraph the check runs at a graph break and raises eager's
+    ValueError, good values give eager's loss; with fullgraph=True tracing refuses the call,
+    naming check_values (the torch backend: the Triton one cannot be compiled on the CPU; the
+    check sits before the backend's operator, the same for both)."""
+    q, g, qi, gi, qm, ls = _case(n=6, m=7, d=5)
+    q, g = q.detach(), g.detach()
+    module = sdm_triton.SDMLoss(backend="torch", check_values=True)
+
+    def step(q, g):
+        if entry == "sdm_loss":
+            return sdm_triton.sdm_loss(q, g, qi, gi, q_mask=qm, backend="torch", check_values=True)
+        if entry == "SDMLoss":
+            return module(q, g, qi, gi, q_mask=qm)
+        return sdm_triton.sdm_loss_multi(q, [g, g.flip(0)], qi, gi, q_mask=qm, backend="torch",
+                                         check_values=True).sum()
+
+    bad = q.clone()
+    bad[int(qm.nonzero()[0])] = float("nan")        # a present row
+    torch._dynamo.reset()
+    compiled = torch.compile(step)
+    with pytest.raises(ValueError, match="q contains NaN or Inf in a present row"):
+        compiled(bad, g)
+    assert torch.equal(compiled(q, g), step(q, g))
+    absent = q.clone()
+    absent[int((~qm).nonzero()[0])] = float("nan")  # an absent row may hold anything
+    assert torch.equal(compiled(absent, g), step(q, g))
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="check_values=True") as err:
+        torch.compile(step, fullgraph=True)(q, g)
+    assert "fullgraph=True" in str(err.value) and "check_finite" in str(err.value)
+
+
 def test_custom_ops_pass_opcheck():
     """The torch backend's operators: schema, fake (meta) implementation and autograd
     registration agree with the real op (the Triton backend's are triton_ops, traced by the

@@ -108,6 +108,11 @@ MUTANTS = [
            [("t = libdevice.mul_rn(cos, s_log2e)", "t = cos * s_log2e")],
            "tests/test_kernels.py::test_exact_logits_give_gradients_to_fp32_accuracy",
            "t = cos * s log2e left to the compiler, which fuses it into the backward's t - m", gpu_only=True),
+    Mutant("tiles_transposed_interpreted", "sdm_triton/kernels/tiles.py",
+           [("    if INTERPRETED and not A_IS_Q:\n", "    if False:\n")],
+           "tests/test_edge_values.py::test_huge_logits_give_the_right_gradients",
+           "the interpreter's gallery-row logit tiles summed by numpy in another order than the query-row ones: "
+           "the backward's t is a rounding off the forward's maxima, inf / wrong at huge logits (issue 26.4)"),
     Mutant("fp64_scalars", "sdm_triton/kernels/tiles.py",
            [("        return x\n    return x.to(tl.float32)", "        return x\n    return x")],
            "tests/test_compile_check.py::test_kernels_compile_with_inductor_scalar_types",

@@ -47,8 +47,8 @@ import triton
 import triton.language as tl
 
 from .prep import NORM_EPS
-from .tiles import (FLT_MIN, LN2, LOG2E, NEG_BIG, as_f32, dot_tile, label_tile, load_scale, log2_logits, present,
-                    row_ids, split_hi_lo)
+from .tiles import (FLT_MIN, LN2, LOG2E, NEG_BIG, as_f32, dot_tile, label_tile, load_scale, log2_logits, logit_dot,
+                    present, row_ids, split_hi_lo)
 
 
 @triton.jit
@@ -144,14 +144,16 @@ def _fused_rows(
     rows, row_in, n_cols, D, s_log2e, eps, ln_eps, inv_gmax,
     REVERSE: tl.constexpr, DENSE: tl.constexpr, MEAN: tl.constexpr, WANT_DSCALE: tl.constexpr,
     HALF: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    INDEX: tl.constexpr, A_IS_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """acc += sum_j W_ij b'_j over every column of one softmax block (gallery k or the queries).
 
-    S is rebuilt with the forward's own dot (`dot_tile`, the same BLOCK_K steps): P =
-    exp2(t - m - log2 l) must see the t its (m, l) came from, bit for bit. One rounding of
-    difference is u |t| in log P (~3e-5 at s = 200), which the cancelling sum of dL/ds showed."""
+    S is rebuilt with the forward's own dot (`logit_dot`, the same BLOCK_K steps): P =
+    exp2(t - m - log2 l) must see the t its (m, l) came from, bit for bit, for the column's
+    softmax too (the forward computed it with the operands swapped). One rounding of
+    difference is u |t| in log P (~3e-5 at s = 200), which the cancelling sum of dL/ds showed;
+    at |t| ~ 1e22 it is inf (issue 26.4)."""
     arow = a_dir + rows
     m_r = tl.load(saved_ptr + arow, mask=row_in, other=0.0)
     il_r = tl.load(saved_ptr + NDR + arow, mask=row_in, other=0.0)
@@ -167,9 +169,10 @@ def _fused_rows(
         cols = (n0 + tl.arange(0, BLOCK_N)).to(INDEX)
         col_in = cols < n_cols
         col_ok = present(b_msk, b_moff, s_bmsk, cols, col_in)
-        dot = dot_tile(a_ptr=a_ptr, sa_row=sa_row, sa_d=sa_d, rows=rows, row_in=row_ok,
-                       b_ptr=b_ptr, sb_row=sb_row, sb_d=sb_d, cols=cols, col_in=col_ok, D=D,
-                       BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION)
+        dot = logit_dot(a_ptr=a_ptr, sa_row=sa_row, sa_d=sa_d, rows=rows, row_in=row_ok,
+                        b_ptr=b_ptr, sb_row=sb_row, sb_d=sb_d, cols=cols, col_in=col_ok, D=D,
+                        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
+                        A_IS_Q=A_IS_Q)
         # the columns' features over all of D, for the product; absent columns load as 0 (they may hold NaN)
         b_tile = tl.load(b_ptr + cols[:, None] * sb_row + offs_d[None, :] * sb_d,
                          mask=col_ok[:, None] & d_in[None, :], other=0.0)                    # [BN, BD]
@@ -296,7 +299,7 @@ def _fused_grad_kernel(
                 rows=rows, row_in=row_in, n_cols=M, D=D, s_log2e=s_log2e, eps=eps, ln_eps=ln_eps, inv_gmax=inv_gmax,
                 REVERSE=REVERSE, DENSE=DENSE, MEAN=MEAN, WANT_DSCALE=WANT_DSCALE,
                 HALF=HALF, IS_FP32=IS_FP32, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
-                INDEX=INDEX, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D)
+                INDEX=INDEX, A_IS_Q=True, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D)
         norm = tl.load(pre_ptr + 2 * NR + rows, mask=row_in, other=0.0)
         x = tl.load(q_ptr + rows[:, None] * sq_row + offs_d[None, :] * sq_d,
                     mask=row_ok[:, None] & d_in[None, :], other=0.0).to(tl.float32)
@@ -331,7 +334,7 @@ def _fused_grad_kernel(
             rows=rows, row_in=row_in, n_cols=N, D=D, s_log2e=s_log2e, eps=eps, ln_eps=ln_eps, inv_gmax=inv_gmax,
             REVERSE=REVERSE, DENSE=DENSE, MEAN=MEAN, WANT_DSCALE=False,
             HALF=HALF, IS_FP32=IS_FP32, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
-            INDEX=INDEX, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D)
+            INDEX=INDEX, A_IS_Q=False, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D)
         norm = tl.load(pre_ptr + 2 * NR + srow, mask=row_in, other=0.0)
         x = tl.load(gk + rows[:, None] * sg_row + offs_d[None, :] * sg_d,
                     mask=row_ok[:, None] & d_in[None, :], other=0.0).to(tl.float32)
@@ -419,6 +422,7 @@ def _grad_chunk_kernel(
     row_ok = present(q_msk, 0, s_qmsk, rows, row_in)
     col_ok = present(g_msk, k * s_gmsk_gal, s_gmsk, cols, col_in)
     gk = g_ptr + k * sg_gal
+    # q rows as the A operand: `logit_dot`'s orientation (the forward's t, bit for bit)
     dot = dot_tile(a_ptr=q_ptr, sa_row=sq_row, sa_d=sq_d, rows=rows, row_in=row_ok,
                    b_ptr=gk, sb_row=sg_row, sb_d=sg_d, cols=cols, col_in=col_ok, D=D,
                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION)

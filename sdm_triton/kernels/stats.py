@@ -22,7 +22,8 @@ logits and their count), where the tile is in registers anyway.
 import triton
 import triton.language as tl
 
-from .tiles import ABSENT, LOG2E, NEG_BIG, as_f32, dot_tile, label_tile, load_ids, load_scale, log2_logits, present, row_ids
+from .tiles import (ABSENT, LOG2E, NEG_BIG, as_f32, label_tile, load_ids, load_scale, log2_logits, logit_dot, present,
+                    row_ids)
 
 NUM_STATS = tl.constexpr(5)   # m, l, lin, pos, logy (dense labels) | cnt (identity labels)
 #: The fifth statistic (slot 4 of ``out[s]``) has two meanings, by DENSE: logy with dense labels
@@ -40,7 +41,7 @@ def _stats_rows(
     pre_ptr, a_pre, b_pre, lab_ptr, a_dir, out_ptr, NDR,
     row0, n_rows, col0, col1, D, scale_log2e, eps,
     REVERSE: tl.constexpr, DENSE: tl.constexpr, WANT_POS: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX: tl.constexpr, A_IS_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = (row0 + tl.arange(0, BLOCK_M)).to(INDEX)
@@ -61,9 +62,10 @@ def _stats_rows(
     for n0 in range(col0, col1, BLOCK_N):
         cols = (n0 + tl.arange(0, BLOCK_N)).to(INDEX)
         col_ok = present(b_msk, b_moff, s_bmsk, cols, cols < col1)
-        acc = dot_tile(a_ptr=a_ptr, sa_row=sa_row, sa_d=sa_d, rows=rows, row_in=row_ok,
-                       b_ptr=b_ptr, sb_row=sb_row, sb_d=sb_d, cols=cols, col_in=col_ok, D=D,
-                       BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION)
+        acc = logit_dot(a_ptr=a_ptr, sa_row=sa_row, sa_d=sa_d, rows=rows, row_in=row_ok,
+                        b_ptr=b_ptr, sb_row=sb_row, sb_d=sb_d, cols=cols, col_in=col_ok, D=D,
+                        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
+                        A_IS_Q=A_IS_Q)
         rb = tl.load(pre_ptr + b_pre + cols, mask=col_ok, other=0.0)
         _, t = log2_logits(acc, ra, rb, scale_log2e)                          # [BM, BN], log2 domain
         t = tl.where(col_ok[None, :], t, ABSENT)
@@ -140,7 +142,7 @@ def _stats_kernel(
             out_ptr=out_ptr + seg * (NUM_STATS * NDR), NDR=NDR,
             row0=row0, n_rows=N, col0=col0, col1=tl.minimum(col0 + seg_cols_q, M), D=D, scale_log2e=s_log2e, eps=eps,
             REVERSE=REVERSE, DENSE=DENSE, WANT_POS=WANT_POS, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
-            INDEX=INDEX, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+            INDEX=INDEX, A_IS_Q=True, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     else:
         p = pid - n_q_programs
         segs = tl.cdiv(N, seg_cols_g)
@@ -158,4 +160,4 @@ def _stats_kernel(
             out_ptr=out_ptr + seg * (NUM_STATS * NDR), NDR=NDR,
             row0=row0, n_rows=M, col0=col0, col1=tl.minimum(col0 + seg_cols_g, N), D=D, scale_log2e=s_log2e, eps=eps,
             REVERSE=REVERSE, DENSE=DENSE, WANT_POS=WANT_POS, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
-            INDEX=INDEX, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+            INDEX=INDEX, A_IS_Q=False, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
