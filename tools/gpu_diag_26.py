@@ -66,14 +66,14 @@ def accuracy(which):
     return out
 
 
-def timings(sizes=(4096, 16384)):
+def timings(sizes=(4096, 16384), dtypes=("float32", "bfloat16")):
     """{label: median ms} of forward and forward + backward, fp32 ("ieee") and bf16, D = 512."""
     import torch
     import triton
     import sdm_triton
 
     out = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (getattr(torch, name) for name in dtypes):
         for n in sizes:
             gen = torch.Generator(device="cuda").manual_seed(0)
             q = torch.randn(n, 512, device="cuda", generator=gen).to(dtype).requires_grad_()
@@ -136,8 +136,8 @@ def compiled_steps(sizes):
     return rows
 
 
-def _run_child(path, part):
-    r = subprocess.run([sys.executable, __file__, "--child", part], env=_child_env(path), capture_output=True,
+def _run_child(path, part, extra=()):
+    r = subprocess.run([sys.executable, __file__, "--child", part, *extra], env=_child_env(path), capture_output=True,
                        text=True)
     if r.returncode != 0:
         print(f"{path} {part}: FAILED\n{r.stderr[-3000:]}")
@@ -148,13 +148,32 @@ def _run_child(path, part):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--old", help="folder holding an older sdm_triton package")
-    ap.add_argument("--sizes", default="256,2048,4096,8192,32768")
+    ap.add_argument("--sizes", default="256,2048,4096,8192,32768", help="of the compiled steps")
+    ap.add_argument("--parts", default="accuracy,timings,compile")
+    ap.add_argument("--timings", default="float32,bfloat16:4096,16384", help="dtypes:sizes of part 2")
+    ap.add_argument("--old-accuracy", action="store_true", help="part 1 for the old package too")
     ap.add_argument("--child", choices=["kernels", "baselines", "timings"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    t_dtypes, t_sizes = args.timings.split(":")
     if args.child:
-        print(json.dumps(timings() if args.child == "timings" else accuracy(args.child)))
+        print(json.dumps(timings(tuple(int(x) for x in t_sizes.split(",")), tuple(t_dtypes.split(",")))
+                         if args.child == "timings" else accuracy(args.child)))
         return 0
+    parts = args.parts.split(",")
     runs = [("new", ROOT)] + ([("old", args.old)] if args.old else [])
+    if "accuracy" in parts:
+        part_accuracy([r for r in runs if r[0] == "new" or args.old_accuracy])
+    if "timings" in parts:
+        part_timings(runs, args.timings)
+    if "compile" in parts:
+        print("== 3. torch.compile(fullgraph=True) of a bf16 sdm_loss step, D = 512")
+        sys.path.insert(0, ROOT)
+        for row in compiled_steps([int(s) for s in args.sizes.split(",")]):
+            print(row)
+    return 0
+
+
+def part_accuracy(runs):
     acc = {label: _run_child(path, "kernels") for label, path in runs}
     base = _run_child(ROOT, "baselines")
     print("== 1. anti-aligned fp32, s = 200, 16 x 40: relative error vs float64 (rows | dq | dg)")
@@ -163,15 +182,13 @@ def main():
     for label, table in acc.items():
         for case, e in table.items():
             print(f"{label + ' ' + case:34s} " + " | ".join(f"{e[k]:.2e}" for k in ("rows", "dq", "dg")))
-    tim = {label: _run_child(path, "timings") for label, path in runs}
+
+
+def part_timings(runs, spec):
+    tim = {label: _run_child(path, "timings", ["--timings", spec]) for label, path in runs}
     print("== 2. median ms, D = 512, forward KL, pk4 ids (" + " / ".join(tim) + ")")
     for case in tim.get("new", {}):
         print(f"{case:28s} " + " / ".join(f"{tim[label].get(case, float('nan')):8.3f}" for label in tim))
-    print("== 3. torch.compile(fullgraph=True) of a bf16 sdm_loss step, D = 512")
-    sys.path.insert(0, ROOT)
-    for row in compiled_steps([int(s) for s in args.sizes.split(",")]):
-        print(row)
-    return 0
 
 
 if __name__ == "__main__":
