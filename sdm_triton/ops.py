@@ -34,6 +34,11 @@ from .backend import NUM_RED, ForwardOut
 from .options import KernelConfig, SDMOptions, compute_dtype
 from .problem import Problem
 
+# Triton's presence is a constant while torch.compile traces `dispatch.resolve_name` (called, not
+# traced). Marked here: a compiling call imports this module before it resolves the backend's
+# name, and only such a call does (the mark's import of torch._dynamo costs ``import sdm_triton`` 1 s).
+torch.compiler.assume_constant_result(dispatch._triton_importable)
+
 
 def _problem(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, scale_value, options, config, workspace_bytes,
              galleries, scalar_value, return_stats) -> Problem:

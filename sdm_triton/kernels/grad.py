@@ -254,11 +254,12 @@ def _fused_grad_kernel(
     WANT_DSCALE: tl.constexpr, SCALE_W: tl.constexpr,
     HALF: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """Programs [0, n_q_programs): BLOCK_M q rows against every gallery -> dq rows (and the
     dL/ds partial); the rest: BLOCK_M rows of one gallery against the queries -> dg rows.
-    ``dg`` is [K * M, D] (contiguous rows per gallery)."""
+    ``dg`` is [K * M, D] (contiguous rows per gallery). BLOCK_W: rows per step of the fp16
+    scale's walk over every weight (SCALE_W)."""
     pid = tl.program_id(0)
     NR = N + K * M
     NDR = K * N + K * M
@@ -269,7 +270,7 @@ def _fused_grad_kernel(
     gmax = 1.0
     if SCALE_W:
         gmax = _max_weight(saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr, s_dv=s_dv, drows_ptr=drows_ptr,
-                           red_ptr=red_ptr, K=K, N=N, M=M, coef_q=coef_q, coef_g=coef_g, MEAN=MEAN, BLOCK=256)
+                           red_ptr=red_ptr, K=K, N=N, M=M, coef_q=coef_q, coef_g=coef_g, MEAN=MEAN, BLOCK=BLOCK_W)
     inv_gmax = 1.0 / gmax
     offs_d = tl.arange(0, BLOCK_D)
     d_in = offs_d < D

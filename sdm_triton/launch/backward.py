@@ -13,7 +13,6 @@ import torch
 import triton
 
 from ..backend import ForwardOut, reduction_coefficients
-from ..dispatch import backward_path, interpreting, padded_d, table_tiles
 from ..kernels.grad import (
     _fused_grad_kernel,
     _grad_chunk_kernel,
@@ -23,6 +22,7 @@ from ..kernels.grad import (
 )
 from .. import matmul
 from ..problem import Problem
+from .policy import backward_path, interpreting, padded_d, table_tiles
 from .tiles import (_cdiv, _chunk_tiles, _dot_precision, _fused_tiles, _per_problem, _problem_index, _side_args, _span,
                     _stats_tiles, _traceable, tracing)
 
@@ -103,6 +103,7 @@ def _fused_backward(p: Problem, out: ForwardOut, d_value, d_rows, want, grad_dty
         coef_q=coef_q, coef_g=coef_g, MEAN=p.options.reduction == "mean", NORMALIZE=p.options.normalize,
         WANT_DSCALE=want_scale, SCALE_W=p.q.dtype == torch.float16, INDEX=_problem_index(p), **flags,
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=_stats_tiles(p).block_k, BLOCK_D=block_d,
+        BLOCK_W=table_tiles("max_weight").block_m,
         num_warps=t.num_warps,
         num_stages=t.num_stages)
     return (dq if want_q else None), dg, (dsp.sum() if want_scale else None)

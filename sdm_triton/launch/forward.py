@@ -5,34 +5,20 @@ directions, column segments when the row blocks alone would leave the GPU idle) 
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 
 from ..backend import NUM_RED, NUM_STATS, ForwardOut, Statistics
-from ..dispatch import interpreting, padded_d, table_tiles
 from ..kernels.finish import _finish_kernel
 from ..kernels.prep import _prep_kernel
 from ..kernels.stats import NUM_STATS as _KERNEL_NUM_STATS
 from ..kernels.stats import _stats_kernel
 from ..problem import Problem
-from .tiles import _cdiv, _dot_precision, _problem_index, _side_args, _stats_tiles, _traceable
+from .policy import column_segments, interpreting, table_tiles
+from .tiles import _cdiv, _dot_precision, _prep_tiles, _problem_index, _side_args, _stats_tiles, _traceable
 
 assert _KERNEL_NUM_STATS.value == NUM_STATS, "kernels/stats.py and backend.py disagree on NUM_STATS"
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _target_programs(device: torch.device) -> int:
-    """Programs that fill the GPU (two per SM); a handful under the interpreter, so that small
-    test cases still cut their columns into segments."""
-    if device.type != "cuda":
-        return 4
-    return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _want_pos(p: Problem) -> bool:
@@ -46,7 +32,7 @@ def prepare(p: Problem, label_masses: Optional[torch.Tensor] = None) -> torch.Te
     row ysum, ylny (dense labels; from ``label_masses`` [2, NDR] when given)."""
     n, m, k, d = p.n, p.m, p.galleries, p.d
     nr, ndr = p.num_samples, p.num_rows
-    t = _stats_tiles(p)
+    t = _prep_tiles(p)
     buf = torch.empty(3 * nr + 2 * ndr, dtype=torch.float32, device=p.q.device)
     pre, lab = buf[:3 * nr], buf[3 * nr:]
     n_qp = _cdiv(n, t.block_m) * k
@@ -55,16 +41,15 @@ def prepare(p: Problem, label_masses: Optional[torch.Tensor] = None) -> torch.Te
     _traceable(_prep_kernel)[(n_qp + n_gp,)](
         **_side_args(p), pre_ptr=pre, lab_ptr=lab, N=n, M=m, K=k, n_q_programs=n_qp, D=d,
         NORMALIZE=p.options.normalize, DENSE=p.dense and not masses_given, BLOCK_M=t.block_m,
-        BLOCK_N=t.block_n, BLOCK_K=min(t.block_k, padded_d(d)), num_warps=4)
+        BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps)
     if masses_given:      # summed over blocks or ranks: a mass that overflowed there is NaN
         lab.view(2, ndr).copy_(torch.where(torch.isinf(label_masses), float("nan"), label_masses))
     return buf
 
 
 def statistics(p: Problem, prepared: torch.Tensor) -> Statistics:
-    """part [S, NUM_STATS, NDR] fp32 (kernels/stats.py), in column segments: enough programs
-    to fill the GPU, each walking at least one column tile (``KernelConfig.segments`` fixes
-    their number; 1 gives exactly one segment per side)."""
+    """part [S, NUM_STATS, NDR] fp32 (kernels/stats.py), in column segments
+    (`policy.column_segments`)."""
     n, m, k, d = p.n, p.m, p.galleries, p.d
     nr, ndr = p.num_samples, p.num_rows
     dev = p.q.device
@@ -74,8 +59,7 @@ def statistics(p: Problem, prepared: torch.Tensor) -> Statistics:
     n_qp = _cdiv(n, t.block_m) * k
     n_gp = k * _cdiv(m, t.block_m)
     base = n_qp + n_gp
-    segs = max(1, min(p.config.segments or _cdiv(_target_programs(dev), base),
-                      _cdiv(max(n, m), t.block_n)))
+    segs = column_segments(p, base, t.block_n)
     seg_q = _cdiv(_cdiv(m, segs), t.block_n) * t.block_n
     seg_g = _cdiv(_cdiv(n, segs), t.block_n) * t.block_n
     s_q, s_g = _cdiv(m, seg_q), _cdiv(n, seg_g)
