@@ -86,3 +86,45 @@ def test_the_import_graph_is_read():
     assert "sdm_triton.kernels.grad" in _imports("sdm_triton.launch.backward", modules["sdm_triton.launch.backward"],
                                                  modules)
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+# --------------------------------------------------------------------------- the problem built once
+
+
+def test_the_operators_arguments_are_the_problem_flattened():
+    """ops.operator_args flattens a Problem into the operators' arguments and ops._problem reads
+    them back: every field survives the round trip, the options and config as their names."""
+    import dataclasses
+
+    import torch
+
+    from sdm_triton import ops
+    from sdm_triton.options import KernelConfig, SDMOptions
+    from sdm_triton.problem import Problem
+
+    q, g = torch.randn(3, 4), torch.randn(2, 5, 4)
+    p = Problem(q=q, g=g, q_ids=torch.arange(3), g_ids=None, labels=None, q_mask=torch.ones(3, dtype=torch.bool),
+                g_mask=None, scale=torch.tensor(7.0), scale_value=0.0,
+                options=SDMOptions(kl="reverse", eps=1e-3, direction="q2g", combine="sum", reduction="none"),
+                config=KernelConfig.parse("chunked_m16n16"), workspace_bytes=123, galleries=2, scalar_value=False,
+                return_stats=True)
+    args = ops.operator_args(p)
+    assert [type(a) for a in args if not isinstance(a, torch.Tensor) and a is not None] == [
+        float, str, str, int, int, bool, bool]
+    back = ops._problem(args)
+    for field in dataclasses.fields(Problem):
+        if field.init:
+            assert getattr(back, field.name) is getattr(p, field.name) or getattr(back, field.name) == getattr(
+                p, field.name), field.name
+
+
+def test_describe_path_refuses_a_keyword_sdm_loss_does_not_take():
+    import pytest
+    import torch
+
+    import sdm_triton
+
+    q = torch.randn(4, 8)
+    assert sdm_triton.describe_path(q, q, torch.arange(4), torch.arange(4), temperature=0.1, kl="reverse") == "torch"
+    with pytest.raises(TypeError, match="tempreature"):
+        sdm_triton.describe_path(q, q, tempreature=0.1)
