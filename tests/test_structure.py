@@ -128,3 +128,20 @@ def test_describe_path_refuses_a_keyword_sdm_loss_does_not_take():
     assert sdm_triton.describe_path(q, q, torch.arange(4), torch.arange(4), temperature=0.1, kl="reverse") == "torch"
     with pytest.raises(TypeError, match="tempreature"):
         sdm_triton.describe_path(q, q, tempreature=0.1)
+
+
+# --------------------------------------------------------------------------- the testing kit
+
+
+def test_the_testing_kit_exports_what_its_docstring_documents():
+    """sdm_triton.testing's public names are the ones its docstring shows users; the project's
+    own tests import the rest from the kit's private modules."""
+    import re
+
+    import pytest
+
+    testing = pytest.importorskip("sdm_triton.testing")
+    shown = set(re.findall(r"``(?:sdm_triton\.testing\.)?(\w+)", testing.__doc__))
+    documented = {name for name in shown & set(dir(testing)) if not name.startswith("_")}
+    assert set(testing.__all__) == documented
+    assert {"problems", "sdm_options", "problem", "assert_close_to_reference", "check_properties"} <= documented
