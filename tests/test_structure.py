@@ -145,3 +145,23 @@ def test_the_testing_kit_exports_what_its_docstring_documents():
     documented = {name for name in shown & set(dir(testing)) if not name.startswith("_")}
     assert set(testing.__all__) == documented
     assert {"problems", "sdm_options", "problem", "assert_close_to_reference", "check_properties"} <= documented
+
+
+# --------------------------------------------------------------------------- named slots
+
+
+def test_the_kernels_slots_are_the_hosts():
+    """Each buffer the kernels share with the host has its slots named in kernels/slots.py, in
+    the order of the host's list: reordering one side alone would silently break the other
+    (the statistics and the distributed weights read ``red`` by name)."""
+    import pytest
+
+    pytest.importorskip("triton")
+    from sdm_triton.backend import RED_FIELDS
+    from sdm_triton.kernels import slots
+    from sdm_triton.launch.forward import LABEL_MASS_FIELDS, PREPARED_FIELDS, STATE_FIELDS
+
+    for prefix, host in (("PRE_", PREPARED_FIELDS), ("LAB_", LABEL_MASS_FIELDS), ("STATE_", STATE_FIELDS),
+                         ("RED_", RED_FIELDS)):
+        kernel = {name: value.value for name, value in vars(slots).items() if name.startswith(prefix)}
+        assert kernel == {prefix + field.upper(): i for i, field in enumerate(host)}, prefix

@@ -47,6 +47,8 @@ import triton
 import triton.language as tl
 
 from .prep import NORM_EPS
+from .slots import (PRE_C, PRE_NORM, PRE_R, RED_VALID_G2Q, RED_VALID_Q2G, STATE_INV_L, STATE_INV_YSUM, STATE_LN_L,
+                    STATE_M)
 from .tiles import (FLT_MIN, LN2, LOG2E, NEG_BIG, as_f32, dot_tile, label_tile, load_scale, log2_logits, present,
                     row_ids, split_hi_lo)
 
@@ -56,11 +58,12 @@ def row_weights(idx, in_range, k, saved_ptr, NDR, dv_ptr, s_dv, drows_ptr, red_p
                 MEAN: tl.constexpr):
     """(w, 1 / ysum) of softmax rows ``idx`` (direction-row space) of gallery k.
 
-    w = dvalue[k] * coef / (valid count if MEAN) + drows[idx] for valid rows, else 0.
+    w = dvalue[k] * coef / (valid count if MEAN) + drows[idx] for valid rows, else 0; the valid
+    count is row ``cnt_row`` of ``red`` (RED_VALID_Q2G or RED_VALID_G2Q, the rows' direction).
     ``dv_ptr`` / ``drows_ptr`` None: that output got no gradient. ``s_dv``: dvalue's stride (0 when
     autograd hands over an expanded gradient, as ``losses.sum().backward()`` does for [K] values).
     """
-    inv_y = tl.load(saved_ptr + 2 * NDR + idx, mask=in_range, other=0.0)
+    inv_y = tl.load(saved_ptr + STATE_INV_YSUM * NDR + idx, mask=in_range, other=0.0)
     w = tl.zeros(idx.shape, dtype=tl.float32)
     if dv_ptr is not None:
         c = as_f32(coef) * tl.load(dv_ptr + k * s_dv).to(tl.float32)
@@ -153,9 +156,9 @@ def _fused_rows(
     exp2(t - m - log2 l) must see the t its (m, l) came from, bit for bit. One rounding of
     difference is u |t| in log P (~3e-5 at s = 200), which the cancelling sum of dL/ds showed."""
     arow = a_dir + rows
-    m_r = tl.load(saved_ptr + arow, mask=row_in, other=0.0)
-    il_r = tl.load(saved_ptr + NDR + arow, mask=row_in, other=0.0)
-    ll_r = tl.load(saved_ptr + 3 * NDR + arow, mask=row_in, other=0.0)
+    m_r = tl.load(saved_ptr + STATE_M * NDR + arow, mask=row_in, other=0.0)
+    il_r = tl.load(saved_ptr + STATE_INV_L * NDR + arow, mask=row_in, other=0.0)
+    ll_r = tl.load(saved_ptr + STATE_LN_L * NDR + arow, mask=row_in, other=0.0)
     w_r, iy_r = row_weights(idx=arow, in_range=row_in, k=k, saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr, s_dv=s_dv,
                             drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, coef=coef_a, cnt_row=cnt_a, MEAN=MEAN)
     L_r = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -174,16 +177,16 @@ def _fused_rows(
         b_tile = tl.load(b_ptr + cols[:, None] * sb_row + offs_d[None, :] * sb_d,
                          mask=col_ok[:, None] & d_in[None, :], other=0.0)                    # [BN, BD]
         bcol = b_pre + cols
-        rb = tl.load(pre_ptr + bcol, mask=col_ok, other=0.0)
-        cb = tl.load(pre_ptr + NR + bcol, mask=col_ok, other=0.0)
+        rb = tl.load(pre_ptr + PRE_R * NR + bcol, mask=col_ok, other=0.0)
+        cb = tl.load(pre_ptr + PRE_C * NR + bcol, mask=col_ok, other=0.0)
         cos, t = log2_logits(dot, ra, rb, s_log2e)
         both = row_ok[:, None] & col_ok[None, :]
         y = label_tile(ai=ai, b_ids=b_ids, b_off=b_ioff, sb_id=sb_id, lab=lab, lab_off=lab_off, sl_row=sl_row,
                        sl_col=sl_col, rows=rows, cols=cols, col_in=col_in, both=both, DENSE=DENSE)
         ccol = b_dir + cols
-        m_c = tl.load(saved_ptr + ccol, mask=col_in, other=0.0)
-        il_c = tl.load(saved_ptr + NDR + ccol, mask=col_in, other=0.0)
-        ll_c = tl.load(saved_ptr + 3 * NDR + ccol, mask=col_in, other=0.0)
+        m_c = tl.load(saved_ptr + STATE_M * NDR + ccol, mask=col_in, other=0.0)
+        il_c = tl.load(saved_ptr + STATE_INV_L * NDR + ccol, mask=col_in, other=0.0)
+        ll_c = tl.load(saved_ptr + STATE_LN_L * NDR + ccol, mask=col_in, other=0.0)
         w_c, iy_c = row_weights(idx=ccol, in_range=col_in, k=k, saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr, s_dv=s_dv,
                                 drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, coef=coef_b, cnt_row=cnt_b, MEAN=MEAN)
         L_c = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -231,12 +234,14 @@ def _max_weight(saved_ptr, NDR, dv_ptr, s_dv, drows_ptr, red_ptr, K, N, M, coef_
         for i0 in range(0, N, BLOCK):
             i = i0 + tl.arange(0, BLOCK).to(tl.int64)
             w, _ = row_weights(idx=k * N + i, in_range=i < N, k=k, saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr,
-                               s_dv=s_dv, drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, coef=coef_q, cnt_row=1, MEAN=MEAN)
+                               s_dv=s_dv, drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, coef=coef_q, cnt_row=RED_VALID_Q2G,
+                               MEAN=MEAN)
             top = tl.maximum(top, tl.abs(w))
         for j0 in range(0, M, BLOCK):
             j = j0 + tl.arange(0, BLOCK).to(tl.int64)
             w, _ = row_weights(idx=K * N + k * M + j, in_range=j < M, k=k, saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr,
-                               s_dv=s_dv, drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, coef=coef_g, cnt_row=3, MEAN=MEAN)
+                               s_dv=s_dv, drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, coef=coef_g, cnt_row=RED_VALID_G2Q,
+                               MEAN=MEAN)
             top = tl.maximum(top, tl.abs(w))
     return tl.maximum(tl.max(top, axis=0), FLT_MIN)
 
@@ -280,8 +285,8 @@ def _fused_grad_kernel(
         rows = (pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)).to(INDEX)
         row_in = rows < N
         row_ok = present(q_msk, 0, s_qmsk, rows, row_in)
-        ra = tl.load(pre_ptr + rows, mask=row_in, other=0.0)
-        ca = tl.load(pre_ptr + NR + rows, mask=row_in, other=1.0)
+        ra = tl.load(pre_ptr + PRE_R * NR + rows, mask=row_in, other=0.0)
+        ca = tl.load(pre_ptr + PRE_C * NR + rows, mask=row_in, other=1.0)
         pa = ra / ca
         ai = row_ids(q_ids, 0, s_qid, rows, row_in, DENSE)
         for k in range(0, K):
@@ -293,12 +298,12 @@ def _fused_grad_kernel(
                 pre_ptr=pre_ptr, NR=NR, b_pre=N + k * M, saved_ptr=saved_ptr, rows_ptr=rows_ptr, NDR=NDR,
                 a_dir=k * N, b_dir=K * N + k * M,
                 dv_ptr=dv_ptr, s_dv=s_dv, drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, k=k,
-                coef_a=coef_q, coef_b=coef_g, cnt_a=1, cnt_b=3,
+                coef_a=coef_q, coef_b=coef_g, cnt_a=RED_VALID_Q2G, cnt_b=RED_VALID_G2Q,
                 rows=rows, row_in=row_in, n_cols=M, D=D, s_log2e=s_log2e, eps=eps, ln_eps=ln_eps, inv_gmax=inv_gmax,
                 REVERSE=REVERSE, DENSE=DENSE, MEAN=MEAN, WANT_DSCALE=WANT_DSCALE,
                 HALF=HALF, IS_FP32=IS_FP32, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
                 INDEX=INDEX, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D)
-        norm = tl.load(pre_ptr + 2 * NR + rows, mask=row_in, other=0.0)
+        norm = tl.load(pre_ptr + PRE_NORM * NR + rows, mask=row_in, other=0.0)
         x = tl.load(q_ptr + rows[:, None] * sq_row + offs_d[None, :] * sq_d,
                     mask=row_ok[:, None] & d_in[None, :], other=0.0).to(tl.float32)
         if dq_ptr is not None:   # None: dq not asked for (these programs ran for dL/ds)
@@ -316,8 +321,8 @@ def _fused_grad_kernel(
         row_ok = present(g_msk, gal * s_gmsk_gal, s_gmsk, rows, row_in)
         gk = g_ptr + gal * sg_gal
         srow = N + gal * M + rows
-        ra = tl.load(pre_ptr + srow, mask=row_in, other=0.0)
-        ca = tl.load(pre_ptr + NR + srow, mask=row_in, other=1.0)
+        ra = tl.load(pre_ptr + PRE_R * NR + srow, mask=row_in, other=0.0)
+        ca = tl.load(pre_ptr + PRE_C * NR + srow, mask=row_in, other=1.0)
         pa = ra / ca
         ai = row_ids(g_ids, gal * s_gid_gal, s_gid, rows, row_in, DENSE)
         acc, ds_acc = _fused_rows(
@@ -328,12 +333,12 @@ def _fused_grad_kernel(
             pre_ptr=pre_ptr, NR=NR, b_pre=0, saved_ptr=saved_ptr, rows_ptr=rows_ptr, NDR=NDR,
             a_dir=K * N + gal * M, b_dir=gal * N,
             dv_ptr=dv_ptr, s_dv=s_dv, drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, k=gal,
-            coef_a=coef_g, coef_b=coef_q, cnt_a=3, cnt_b=1,
+            coef_a=coef_g, coef_b=coef_q, cnt_a=RED_VALID_G2Q, cnt_b=RED_VALID_Q2G,
             rows=rows, row_in=row_in, n_cols=N, D=D, s_log2e=s_log2e, eps=eps, ln_eps=ln_eps, inv_gmax=inv_gmax,
             REVERSE=REVERSE, DENSE=DENSE, MEAN=MEAN, WANT_DSCALE=False,
             HALF=HALF, IS_FP32=IS_FP32, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
             INDEX=INDEX, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D)
-        norm = tl.load(pre_ptr + 2 * NR + srow, mask=row_in, other=0.0)
+        norm = tl.load(pre_ptr + PRE_NORM * NR + srow, mask=row_in, other=0.0)
         x = tl.load(gk + rows[:, None] * sg_row + offs_d[None, :] * sg_d,
                     mask=row_ok[:, None] & d_in[None, :], other=0.0).to(tl.float32)
         if dg_ptr is not None:   # None: no gallery programs are launched (this branch must still compile)
@@ -355,13 +360,13 @@ def _weights_kernel(saved_ptr, dv_ptr, s_dv, drows_ptr, red_ptr, w_ptr, N, M, K,
     for i0 in range(0, N, BLOCK):
         i = i0 + tl.arange(0, BLOCK).to(tl.int64)
         w, _ = row_weights(idx=k * N + i, in_range=i < N, k=k, saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr, s_dv=s_dv,
-                           drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, coef=coef_q, cnt_row=1, MEAN=MEAN)
+                           drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, coef=coef_q, cnt_row=RED_VALID_Q2G, MEAN=MEAN)
         tl.store(w_ptr + k * N + i, w, mask=i < N)
     for j0 in range(0, M, BLOCK):
         j = j0 + tl.arange(0, BLOCK).to(tl.int64)
         idx = K * N + k * M + j
         w, _ = row_weights(idx=idx, in_range=j < M, k=k, saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr, s_dv=s_dv,
-                           drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, coef=coef_g, cnt_row=3, MEAN=MEAN)
+                           drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, coef=coef_g, cnt_row=RED_VALID_G2Q, MEAN=MEAN)
         tl.store(w_ptr + idx, w, mask=j < M)
 
 
@@ -375,7 +380,7 @@ def _operand_kernel(x_ptr, sx_gal, sx_row, sx_d, msk, s_msk_gal, s_msk, pre_ptr,
     row_in = j < M
     keep = present(msk, k * s_msk_gal, s_msk, j, row_in)
     rows = k * M + j
-    c = tl.load(pre_ptr + NR + s0 + rows, mask=row_in, other=0.0)
+    c = tl.load(pre_ptr + PRE_C * NR + s0 + rows, mask=row_in, other=0.0)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_in = offs_d < D
@@ -423,11 +428,11 @@ def _grad_chunk_kernel(
     dot = dot_tile(a_ptr=q_ptr, sa_row=sq_row, sa_d=sq_d, rows=rows, row_in=row_ok,
                    b_ptr=gk, sb_row=sg_row, sb_d=sg_d, cols=cols, col_in=col_ok, D=D,
                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION)
-    ra = tl.load(pre_ptr + rows, mask=row_in, other=0.0)
-    ca = tl.load(pre_ptr + NR + rows, mask=row_in, other=1.0)
+    ra = tl.load(pre_ptr + PRE_R * NR + rows, mask=row_in, other=0.0)
+    ca = tl.load(pre_ptr + PRE_C * NR + rows, mask=row_in, other=1.0)
     bcol = N + k * M + cols
-    rb = tl.load(pre_ptr + bcol, mask=col_ok, other=0.0)
-    cb = tl.load(pre_ptr + NR + bcol, mask=col_ok, other=1.0)
+    rb = tl.load(pre_ptr + PRE_R * NR + bcol, mask=col_ok, other=0.0)
+    cb = tl.load(pre_ptr + PRE_C * NR + bcol, mask=col_ok, other=1.0)
     cos, t = log2_logits(dot, ra, rb, s_log2e)
     both = row_ok[:, None] & col_ok[None, :]
     ai = row_ids(q_ids, 0, s_qid, rows, row_in, DENSE)
@@ -435,15 +440,15 @@ def _grad_chunk_kernel(
                    sl_col=sl_g, rows=rows, cols=cols, col_in=col_in, both=both, DENSE=DENSE)
     arow = k * N + rows
     ccol = K * N + k * M + cols
-    m_r = tl.load(saved_ptr + arow, mask=row_in, other=0.0)
-    il_r = tl.load(saved_ptr + NDR + arow, mask=row_in, other=0.0)
-    iy_r = tl.load(saved_ptr + 2 * NDR + arow, mask=row_in, other=0.0)
-    ll_r = tl.load(saved_ptr + 3 * NDR + arow, mask=row_in, other=0.0)
+    m_r = tl.load(saved_ptr + STATE_M * NDR + arow, mask=row_in, other=0.0)
+    il_r = tl.load(saved_ptr + STATE_INV_L * NDR + arow, mask=row_in, other=0.0)
+    iy_r = tl.load(saved_ptr + STATE_INV_YSUM * NDR + arow, mask=row_in, other=0.0)
+    ll_r = tl.load(saved_ptr + STATE_LN_L * NDR + arow, mask=row_in, other=0.0)
     w_r = tl.load(w_ptr + arow, mask=row_in, other=0.0)
-    m_c = tl.load(saved_ptr + ccol, mask=col_in, other=0.0)
-    il_c = tl.load(saved_ptr + NDR + ccol, mask=col_in, other=0.0)
-    iy_c = tl.load(saved_ptr + 2 * NDR + ccol, mask=col_in, other=0.0)
-    ll_c = tl.load(saved_ptr + 3 * NDR + ccol, mask=col_in, other=0.0)
+    m_c = tl.load(saved_ptr + STATE_M * NDR + ccol, mask=col_in, other=0.0)
+    il_c = tl.load(saved_ptr + STATE_INV_L * NDR + ccol, mask=col_in, other=0.0)
+    iy_c = tl.load(saved_ptr + STATE_INV_YSUM * NDR + ccol, mask=col_in, other=0.0)
+    ll_c = tl.load(saved_ptr + STATE_LN_L * NDR + ccol, mask=col_in, other=0.0)
     w_c = tl.load(w_ptr + ccol, mask=col_in, other=0.0)
     L_r = tl.zeros((BLOCK_M,), dtype=tl.float32)
     L_c = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -486,9 +491,9 @@ def _input_grad_kernel(u_ptr, su_row, u2_ptr, x_ptr, sx_gal, sx_row, sx_d, msk, 
     if gmax_ptr is not None:
         gmax = tl.load(gmax_ptr)
     srow = s0 + k * M + j
-    r = tl.load(pre_ptr + srow, mask=row_in, other=0.0)
-    c = tl.load(pre_ptr + NR + srow, mask=row_in, other=0.0)
-    norm = tl.load(pre_ptr + 2 * NR + srow, mask=row_in, other=0.0)
+    r = tl.load(pre_ptr + PRE_R * NR + srow, mask=row_in, other=0.0)
+    c = tl.load(pre_ptr + PRE_C * NR + srow, mask=row_in, other=0.0)
+    norm = tl.load(pre_ptr + PRE_NORM * NR + srow, mask=row_in, other=0.0)
     factor = s * c * gmax
     radial = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if NORMALIZE:

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .. import options as _contract
+from .slots import LAB_YLNY, LAB_YSUM, PRE_C, PRE_NORM, PRE_R
 from .tiles import load_labels, pow2_below, present
 
 NORM_EPS = tl.constexpr(_contract.NORM_EPS)
@@ -73,9 +74,9 @@ def _prep_rows(
         r = 1.0 / safe if NORMALIZE else tl.full((BLOCK_M,), 1.0, tl.float32)
         if NORMALIZE:
             r = tl.where(norm >= NORM_LIMIT, float("nan"), r)
-        tl.store(pre_ptr + a_pre + rows, r, mask=row_in)
-        tl.store(pre_ptr + NR + a_pre + rows, pow2_below(safe), mask=row_in)
-        tl.store(pre_ptr + 2 * NR + a_pre + rows, norm, mask=row_in)
+        tl.store(pre_ptr + PRE_R * NR + a_pre + rows, r, mask=row_in)
+        tl.store(pre_ptr + PRE_C * NR + a_pre + rows, pow2_below(safe), mask=row_in)
+        tl.store(pre_ptr + PRE_NORM * NR + a_pre + rows, norm, mask=row_in)
 
     if DENSE:   # with ids the statistics pass counts the positives on its tiles (stats.py)
         ysum = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -93,8 +94,8 @@ def _prep_rows(
         # a mass past fp32's range (weights near 1e38 / LABEL_SCALE) is NaN, never a finite loss
         ysum = tl.where(tl.abs(ysum) == float("inf"), float("nan"), ysum)
         ylny = tl.where(tl.abs(ylny) == float("inf"), float("nan"), ylny)
-        tl.store(lab_ptr + a_dir + rows, ysum, mask=row_in)
-        tl.store(lab_ptr + NDR + a_dir + rows, ylny, mask=row_in)
+        tl.store(lab_ptr + LAB_YSUM * NDR + a_dir + rows, ysum, mask=row_in)
+        tl.store(lab_ptr + LAB_YLNY * NDR + a_dir + rows, ylny, mask=row_in)
 
 
 # Sizes change from batch to batch: no divisibility specialisation on them.

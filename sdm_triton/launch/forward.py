@@ -20,6 +20,20 @@ from .tiles import _cdiv, _dot_precision, _prep_tiles, _problem_index, _side_arg
 
 assert _KERNEL_NUM_STATS.value == NUM_STATS, "kernels/stats.py and backend.py disagree on NUM_STATS"
 
+#: The slots of the buffers the kernels share with the host, in order (kernels/slots.py names them
+#: PRE_*, LAB_*, STATE_*; tests/test_structure.py checks that the two agree): the prepared
+#: buffer's per-sample slots, then its per-softmax-row label masses; the state the finish kernel
+#: saves per softmax row for the backward.
+PREPARED_FIELDS = ("r", "c", "norm")
+LABEL_MASS_FIELDS = ("ysum", "ylny")
+STATE_FIELDS = ("m", "inv_l", "inv_ysum", "ln_l")
+
+
+def _parts(p: Problem, prepared: torch.Tensor):
+    """(per-sample slots, label masses) of the prepared buffer."""
+    n = len(PREPARED_FIELDS) * p.num_samples
+    return prepared[:n], prepared[n:]
+
 
 def _want_pos(p: Problem) -> bool:
     """Whether the statistics carry the positives' softmax mass (statistics asked for, or reverse
@@ -33,8 +47,9 @@ def prepare(p: Problem, label_masses: Optional[torch.Tensor] = None) -> torch.Te
     n, m, k, d = p.n, p.m, p.galleries, p.d
     nr, ndr = p.num_samples, p.num_rows
     t = _prep_tiles(p)
-    buf = torch.empty(3 * nr + 2 * ndr, dtype=torch.float32, device=p.q.device)
-    pre, lab = buf[:3 * nr], buf[3 * nr:]
+    buf = torch.empty(len(PREPARED_FIELDS) * nr + len(LABEL_MASS_FIELDS) * ndr, dtype=torch.float32,
+                      device=p.q.device)
+    pre, lab = _parts(p, buf)
     n_qp = _cdiv(n, t.block_m) * k
     n_gp = k * _cdiv(m, t.block_m)
     masses_given = p.dense and label_masses is not None
@@ -43,7 +58,7 @@ def prepare(p: Problem, label_masses: Optional[torch.Tensor] = None) -> torch.Te
         NORMALIZE=p.options.normalize, DENSE=p.dense and not masses_given, BLOCK_M=t.block_m,
         BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps)
     if masses_given:      # summed over blocks or ranks: a mass that overflowed there is NaN
-        lab.view(2, ndr).copy_(torch.where(torch.isinf(label_masses), float("nan"), label_masses))
+        lab.view(len(LABEL_MASS_FIELDS), ndr).copy_(torch.where(torch.isinf(label_masses), float("nan"), label_masses))
     return buf
 
 
@@ -51,11 +66,11 @@ def statistics(p: Problem, prepared: torch.Tensor) -> Statistics:
     """part [S, NUM_STATS, NDR] fp32 (kernels/stats.py), in column segments
     (`policy.column_segments`)."""
     n, m, k, d = p.n, p.m, p.galleries, p.d
-    nr, ndr = p.num_samples, p.num_rows
+    ndr = p.num_rows
     dev = p.q.device
     o = p.options
     t = _stats_tiles(p)
-    pre, lab = prepared[:3 * nr], prepared[3 * nr:]
+    pre, lab = _parts(p, prepared)
     n_qp = _cdiv(n, t.block_m) * k
     n_gp = k * _cdiv(m, t.block_m)
     base = n_qp + n_gp
@@ -79,7 +94,7 @@ def finish(p: Problem, partial: torch.Tensor, segments_q: int, segments_g: int,
     """kernels/finish.py over the first segments_q (q rows) / segments_g (gallery rows)
     segments of ``partial`` [S, NUM_STATS, NDR] (contiguous fp32)."""
     n, m, k = p.n, p.m, p.galleries
-    nr, ndr = p.num_samples, p.num_rows
+    ndr = p.num_rows
     dev, f32 = p.q.device, torch.float32
     o = p.options
     if partial.dtype != f32 or not partial.is_contiguous() or tuple(partial.shape[1:]) != (NUM_STATS, ndr):
@@ -89,11 +104,12 @@ def finish(p: Problem, partial: torch.Tensor, segments_q: int, segments_g: int,
     value = torch.empty(() if p.scalar_value else (k,), dtype=f32, device=dev)
     rows = torch.empty(ndr, dtype=f32, device=dev)
     valid = torch.empty(ndr, dtype=torch.bool, device=dev)
-    saved = torch.empty(4 * ndr, dtype=f32, device=dev)      # m, 1 / l, 1 / ysum, ln l
+    saved = torch.empty(len(STATE_FIELDS) * ndr, dtype=f32, device=dev)
     red = torch.empty((NUM_RED, k), dtype=f32, device=dev)
     ft = table_tiles("finish")
+    pre, lab = _parts(p, prepared)
     _traceable(_finish_kernel)[(1,)](
-        part_ptr=partial, pre_ptr=prepared[:3 * nr], lab_ptr=prepared[3 * nr:], q_msk=args["q_msk"],
+        part_ptr=partial, pre_ptr=pre, lab_ptr=lab, q_msk=args["q_msk"],
         s_qmsk=args["s_qmsk"], g_msk=args["g_msk"], s_gmsk_gal=args["s_gmsk_gal"], s_gmsk=args["s_gmsk"],
         scale_ptr=p.scale, rows_ptr=rows, valid_ptr=valid, saved_ptr=saved, red_ptr=red, value_ptr=value,
         N=n, M=m, K=k, S_q=segments_q, S_g=segments_g, scale_value=p.scale_value, eps=o.eps,
@@ -104,12 +120,14 @@ def finish(p: Problem, partial: torch.Tensor, segments_q: int, segments_g: int,
 
 
 def row_state(p: Problem, out: ForwardOut) -> torch.Tensor:
-    """[6, NDR] fp32: m, 1 / l, 1 / ysum, ln l (the finish kernel's ``saved``), loss, validity."""
+    """[6, NDR] fp32: the finish kernel's ``saved`` (`STATE_FIELDS`), loss, validity."""
     ndr = p.num_rows
     _, saved = out.state
-    return torch.cat([saved.view(4, ndr), out.rows.view(1, ndr), out.valid.view(1, ndr).to(torch.float32)])
+    return torch.cat([saved.view(len(STATE_FIELDS), ndr), out.rows.view(1, ndr),
+                      out.valid.view(1, ndr).to(torch.float32)])
 
 
 def state_from_rows(p: Problem, prepared: torch.Tensor, rows: torch.Tensor) -> ForwardOut:
     red = torch.zeros((NUM_RED, p.galleries), dtype=torch.float32, device=p.q.device)
-    return ForwardOut(None, rows[4].contiguous(), rows[5] != 0, red, (prepared, rows[:4].contiguous().view(-1)))
+    s = len(STATE_FIELDS)
+    return ForwardOut(None, rows[s].contiguous(), rows[s + 1] != 0, red, (prepared, rows[:s].contiguous().view(-1)))
