@@ -1,7 +1,7 @@
 """Backward: dL/dS recomputed tile by tile from the forward's statistics, and the gradients.
 
 For a pair of present samples (row i of one side, column j of the other), with the log2-domain
-logit t_ij and each softmax's saved (m, log2 l, 1 / ysum) and loss L (`finish.py`):
+logit t_ij and each softmax's saved state (m, 1 / l, 1 / ysum, ln l) and loss L (`finish.py`):
 
     P_ij  = exp2(t_ij - m_i) / l_i,   ln P_ij = ln2 (t_ij - m_i) - ln l_i     (t - m: exact near the max)
     P'_ij = exp2(t_ij - m'_j) / l'_j                      (the column's own softmax)
@@ -73,6 +73,32 @@ def row_weights(idx, in_range, k, saved_ptr, NDR, dv_ptr, s_dv, drows_ptr, red_p
     if drows_ptr is not None:
         w += tl.load(drows_ptr + idx, mask=in_range, other=0.0).to(tl.float32)
     return tl.where(in_range & (inv_y != 0), w, 0.0), inv_y
+
+
+@triton.jit
+def softmax_state(saved_ptr, NDR, idx, in_range):
+    """(m, 1 / l, 1 / ysum, ln l) of softmax rows ``idx``, as finish.py saved them."""
+    m = tl.load(saved_ptr + STATE_M * NDR + idx, mask=in_range, other=0.0)
+    il = tl.load(saved_ptr + STATE_INV_L * NDR + idx, mask=in_range, other=0.0)
+    iy = tl.load(saved_ptr + STATE_INV_YSUM * NDR + idx, mask=in_range, other=0.0)
+    ll = tl.load(saved_ptr + STATE_LN_L * NDR + idx, mask=in_range, other=0.0)
+    return m, il, iy, ll
+
+
+@triton.jit
+def row_losses(rows_ptr, idx, in_range, REVERSE: tl.constexpr):
+    """The losses of softmax rows ``idx`` where reverse KL's dS reads them (0 for forward KL)."""
+    L = tl.zeros(idx.shape, dtype=tl.float32)
+    if REVERSE:
+        L = tl.load(rows_ptr + idx, mask=in_range, other=0.0)
+    return L
+
+
+@triton.jit
+def scaled_w(dS, pa, rb, cb, inv_gmax):
+    """W = dS p_i p_j / gmax on a tile (module doc): ``pa`` = p_i of the rows, p_j = r_j / c_j of
+    the columns (``cb`` 1 where a column is absent: its r_j and dS are 0)."""
+    return dS * (pa[:, None] * (rb / cb)[None, :]) * inv_gmax
 
 
 @triton.jit
@@ -153,17 +179,13 @@ def _fused_rows(
     """acc += sum_j W_ij b'_j over every column of one softmax block (gallery k or the queries).
 
     S is rebuilt with the forward's own dot (`dot_tile`, the same BLOCK_K steps): P =
-    exp2(t - m - log2 l) must see the t its (m, l) came from, bit for bit. One rounding of
+    exp2(t - m) / l must see the t its (m, l) came from, bit for bit. One rounding of
     difference is u |t| in log P (~3e-5 at s = 200), which the cancelling sum of dL/ds showed."""
     arow = a_dir + rows
-    m_r = tl.load(saved_ptr + STATE_M * NDR + arow, mask=row_in, other=0.0)
-    il_r = tl.load(saved_ptr + STATE_INV_L * NDR + arow, mask=row_in, other=0.0)
-    ll_r = tl.load(saved_ptr + STATE_LN_L * NDR + arow, mask=row_in, other=0.0)
+    m_r, il_r, _iy_r, ll_r = softmax_state(saved_ptr, NDR, arow, row_in)          # 1 / ysum: row_weights'
     w_r, iy_r = row_weights(idx=arow, in_range=row_in, k=k, saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr, s_dv=s_dv,
                             drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, coef=coef_a, cnt_row=cnt_a, MEAN=MEAN)
-    L_r = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    if REVERSE:
-        L_r = tl.load(rows_ptr + arow, mask=row_in, other=0.0)
+    L_r = row_losses(rows_ptr, arow, row_in, REVERSE)
     offs_d = tl.arange(0, BLOCK_D)
     d_in = offs_d < D
     for n0 in range(0, n_cols, BLOCK_N):
@@ -178,20 +200,16 @@ def _fused_rows(
                          mask=col_ok[:, None] & d_in[None, :], other=0.0)                    # [BN, BD]
         bcol = b_pre + cols
         rb = tl.load(pre_ptr + PRE_R * NR + bcol, mask=col_ok, other=0.0)
-        cb = tl.load(pre_ptr + PRE_C * NR + bcol, mask=col_ok, other=0.0)
+        cb = tl.load(pre_ptr + PRE_C * NR + bcol, mask=col_ok, other=1.0)
         cos, t = log2_logits(dot, ra, rb, s_log2e)
         both = row_ok[:, None] & col_ok[None, :]
         y = label_tile(ai=ai, b_ids=b_ids, b_off=b_ioff, sb_id=sb_id, lab=lab, lab_off=lab_off, sl_row=sl_row,
                        sl_col=sl_col, rows=rows, cols=cols, col_in=col_in, both=both, DENSE=DENSE)
         ccol = b_dir + cols
-        m_c = tl.load(saved_ptr + STATE_M * NDR + ccol, mask=col_in, other=0.0)
-        il_c = tl.load(saved_ptr + STATE_INV_L * NDR + ccol, mask=col_in, other=0.0)
-        ll_c = tl.load(saved_ptr + STATE_LN_L * NDR + ccol, mask=col_in, other=0.0)
+        m_c, il_c, _iy_c, ll_c = softmax_state(saved_ptr, NDR, ccol, col_in)
         w_c, iy_c = row_weights(idx=ccol, in_range=col_in, k=k, saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr, s_dv=s_dv,
                                 drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, coef=coef_b, cnt_row=cnt_b, MEAN=MEAN)
-        L_c = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        if REVERSE:
-            L_c = tl.load(rows_ptr + ccol, mask=col_in, other=0.0)
+        L_c = row_losses(rows_ptr, ccol, col_in, REVERSE)
         g_r, g_c = ds_tile(t=t, y=y, both=both,
                            m_r=m_r, il_r=il_r, ll_r=ll_r, iy_r=iy_r, w_r=w_r, L_r=L_r,
                            m_c=m_c, il_c=il_c, ll_c=ll_c, iy_c=iy_c, w_c=w_c, L_c=L_c,
@@ -199,7 +217,7 @@ def _fused_rows(
         dS = g_r + g_c
         if WANT_DSCALE:
             ds_acc += scale_grad_rows(g_r, g_c, cos, m_r, m_c, 1.0 / s_log2e)
-        W = dS * (pa[:, None] * (rb / tl.where(col_ok, cb, 1.0))[None, :]) * inv_gmax
+        W = scaled_w(dS, pa, rb, cb, inv_gmax)
         b_op = half_operand(b_tile.to(tl.float32) * cb[:, None], HALF, UPCAST)          # c_j b_j: exact
         acc = accumulate_product(acc, W, b_op, HALF, IS_FP32, UPCAST, DOT_PRECISION)
     return acc, ds_acc
@@ -226,23 +244,38 @@ def store_gradient(out_ptr, so_row, so_d, rows, row_in, offs_d, d_in, g, OUT: tl
 
 
 @triton.jit
+def _gallery_weights(k, top, w_ptr, saved_ptr, NDR, dv_ptr, s_dv, drows_ptr, red_ptr, K, N, M, coef_q, coef_g,
+                     MEAN: tl.constexpr, BLOCK: tl.constexpr):
+    """The weights (`row_weights`) of gallery k's softmax rows (the q rows against it, then its own),
+    BLOCK at a time: stored at ``w_ptr`` (None: not stored); returns ``top`` [BLOCK], a running
+    max |w|, raised by them."""
+    for i0 in range(0, N, BLOCK):
+        i = i0 + tl.arange(0, BLOCK).to(tl.int64)
+        w, _ = row_weights(idx=k * N + i, in_range=i < N, k=k, saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr, s_dv=s_dv,
+                           drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, coef=coef_q, cnt_row=RED_VALID_Q2G, MEAN=MEAN)
+        if w_ptr is not None:
+            tl.store(w_ptr + k * N + i, w, mask=i < N)
+        top = tl.maximum(top, tl.abs(w))
+    for j0 in range(0, M, BLOCK):
+        j = j0 + tl.arange(0, BLOCK).to(tl.int64)
+        idx = K * N + k * M + j
+        w, _ = row_weights(idx=idx, in_range=j < M, k=k, saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr, s_dv=s_dv,
+                           drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, coef=coef_g, cnt_row=RED_VALID_G2Q, MEAN=MEAN)
+        if w_ptr is not None:
+            tl.store(w_ptr + idx, w, mask=j < M)
+        top = tl.maximum(top, tl.abs(w))
+    return top
+
+
+@triton.jit
 def _max_weight(saved_ptr, NDR, dv_ptr, s_dv, drows_ptr, red_ptr, K, N, M, coef_q, coef_g,
                 MEAN: tl.constexpr, BLOCK: tl.constexpr):
     """max |w| over every softmax row (for fp16 workspaces), at least the smallest normal float."""
     top = tl.zeros((BLOCK,), dtype=tl.float32)
     for k in range(0, K):
-        for i0 in range(0, N, BLOCK):
-            i = i0 + tl.arange(0, BLOCK).to(tl.int64)
-            w, _ = row_weights(idx=k * N + i, in_range=i < N, k=k, saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr,
-                               s_dv=s_dv, drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, coef=coef_q, cnt_row=RED_VALID_Q2G,
-                               MEAN=MEAN)
-            top = tl.maximum(top, tl.abs(w))
-        for j0 in range(0, M, BLOCK):
-            j = j0 + tl.arange(0, BLOCK).to(tl.int64)
-            w, _ = row_weights(idx=K * N + k * M + j, in_range=j < M, k=k, saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr,
-                               s_dv=s_dv, drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, coef=coef_g, cnt_row=RED_VALID_G2Q,
-                               MEAN=MEAN)
-            top = tl.maximum(top, tl.abs(w))
+        top = _gallery_weights(k=k, top=top, w_ptr=None, saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr, s_dv=s_dv,
+                               drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, N=N, M=M, coef_q=coef_q, coef_g=coef_g,
+                               MEAN=MEAN, BLOCK=BLOCK)
     return tl.maximum(tl.max(top, axis=0), FLT_MIN)
 
 
@@ -357,17 +390,9 @@ def _weights_kernel(saved_ptr, dv_ptr, s_dv, drows_ptr, red_ptr, w_ptr, N, M, K,
     """w[NDR] (`row_weights`) for every softmax row; program k handles gallery k."""
     k = tl.program_id(0).to(tl.int64)
     NDR = K * N + K * M
-    for i0 in range(0, N, BLOCK):
-        i = i0 + tl.arange(0, BLOCK).to(tl.int64)
-        w, _ = row_weights(idx=k * N + i, in_range=i < N, k=k, saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr, s_dv=s_dv,
-                           drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, coef=coef_q, cnt_row=RED_VALID_Q2G, MEAN=MEAN)
-        tl.store(w_ptr + k * N + i, w, mask=i < N)
-    for j0 in range(0, M, BLOCK):
-        j = j0 + tl.arange(0, BLOCK).to(tl.int64)
-        idx = K * N + k * M + j
-        w, _ = row_weights(idx=idx, in_range=j < M, k=k, saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr, s_dv=s_dv,
-                           drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, coef=coef_g, cnt_row=RED_VALID_G2Q, MEAN=MEAN)
-        tl.store(w_ptr + idx, w, mask=j < M)
+    _gallery_weights(k=k, top=tl.zeros((BLOCK,), dtype=tl.float32), w_ptr=w_ptr, saved_ptr=saved_ptr, NDR=NDR,
+                     dv_ptr=dv_ptr, s_dv=s_dv, drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, N=N, M=M, coef_q=coef_q,
+                     coef_g=coef_g, MEAN=MEAN, BLOCK=BLOCK)
 
 
 @triton.jit(do_not_specialize=["M", "s0"])
@@ -440,21 +465,12 @@ def _grad_chunk_kernel(
                    sl_col=sl_g, rows=rows, cols=cols, col_in=col_in, both=both, DENSE=DENSE)
     arow = k * N + rows
     ccol = K * N + k * M + cols
-    m_r = tl.load(saved_ptr + STATE_M * NDR + arow, mask=row_in, other=0.0)
-    il_r = tl.load(saved_ptr + STATE_INV_L * NDR + arow, mask=row_in, other=0.0)
-    iy_r = tl.load(saved_ptr + STATE_INV_YSUM * NDR + arow, mask=row_in, other=0.0)
-    ll_r = tl.load(saved_ptr + STATE_LN_L * NDR + arow, mask=row_in, other=0.0)
+    m_r, il_r, iy_r, ll_r = softmax_state(saved_ptr, NDR, arow, row_in)
     w_r = tl.load(w_ptr + arow, mask=row_in, other=0.0)
-    m_c = tl.load(saved_ptr + STATE_M * NDR + ccol, mask=col_in, other=0.0)
-    il_c = tl.load(saved_ptr + STATE_INV_L * NDR + ccol, mask=col_in, other=0.0)
-    iy_c = tl.load(saved_ptr + STATE_INV_YSUM * NDR + ccol, mask=col_in, other=0.0)
-    ll_c = tl.load(saved_ptr + STATE_LN_L * NDR + ccol, mask=col_in, other=0.0)
+    m_c, il_c, iy_c, ll_c = softmax_state(saved_ptr, NDR, ccol, col_in)
     w_c = tl.load(w_ptr + ccol, mask=col_in, other=0.0)
-    L_r = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    L_c = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if REVERSE:
-        L_r = tl.load(rows_ptr + arow, mask=row_in, other=0.0)
-        L_c = tl.load(rows_ptr + ccol, mask=col_in, other=0.0)
+    L_r = row_losses(rows_ptr, arow, row_in, REVERSE)
+    L_c = row_losses(rows_ptr, ccol, col_in, REVERSE)
     g_r, g_c = ds_tile(t=t, y=y, both=both,
                        m_r=m_r, il_r=il_r, ll_r=ll_r, iy_r=iy_r, w_r=w_r, L_r=L_r,
                        m_c=m_c, il_c=il_c, ll_c=ll_c, iy_c=iy_c, w_c=w_c, L_c=L_c,
@@ -462,7 +478,7 @@ def _grad_chunk_kernel(
     dS = g_r + g_c
     if WANT_DSCALE:
         tl.store(dscale_ptr + pid_n * N + rows, scale_grad_rows(g_r, g_c, cos, m_r, m_c, 1.0 / s_log2e), mask=row_in)
-    W = dS * ((ra / ca)[:, None] * (rb / cb)[None, :]) * inv_gmax
+    W = scaled_w(dS, ra / ca, rb, cb, inv_gmax)
     width = col1 - col0
     offs = rows[:, None] * s_ws_row + (cols - col0)[None, :]
     tile_in = row_in[:, None] & col_in[None, :]

@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 from .slots import LAB_YSUM, PRE_R
-from .tiles import ABSENT, LOG2E, NEG_BIG, as_f32, dot_tile, label_tile, load_ids, load_scale, log2_logits, present, row_ids
+from .tiles import (ABSENT, LOG2E, NEG_BIG, as_f32, dot_tile, label_tile, load_scale, log2_logits, present, row_ids,
+                    same_ids)
 
 NUM_STATS = tl.constexpr(5)   # m, l, lin, pos, logy (dense labels) | cnt (identity labels)
 #: The slots of ``out[s]`` (per softmax row: ``slot * NDR + row``), finish.py reads them.
@@ -84,8 +85,7 @@ def _stats_rows(
                            DENSE=DENSE)
             positive = y > 0
         else:
-            bi = load_ids(b_ids, b_ioff, sb_id, cols, col_ok)
-            positive = (ai[:, None] == bi[None, :]) & col_ok[None, :]
+            positive = same_ids(ai, b_ids, b_ioff, sb_id, cols, col_ok) & col_ok[None, :]
             cnt += tl.sum(positive.to(tl.float32), axis=1)
         if REVERSE:
             lin = alpha * (lin + (m - m_new) * l) + tl.sum(p * (t - m_new[:, None]), axis=1)

@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import triton
 
-from ..backend import ForwardOut, reduction_coefficients
+from ..backend import ForwardOut, option_coefficients
 from ..kernels.grad import (
     _fused_grad_kernel,
     _grad_chunk_kernel,
@@ -26,8 +26,10 @@ from .policy import backward_path, interpreting, padded_d, table_tiles
 from .tiles import (_cdiv, _chunk_tiles, _dot_precision, _fused_tiles, _per_problem, _problem_index, _side_args, _span,
                     _stats_tiles, _traceable, tracing)
 
-_HALF = {torch.float16: triton.language.float16, torch.bfloat16: triton.language.bfloat16,
-         torch.float32: triton.language.float32}
+#: The input dtype as Triton names it: the kernels' HALF, the dtype of W's hi and lo halves and of
+#: the product operands (for fp32 inputs, IS_FP32, W is one fp32 product and HALF goes unused).
+_TL_DTYPE = {torch.float16: triton.language.float16, torch.bfloat16: triton.language.bfloat16,
+             torch.float32: triton.language.float32}
 
 
 class Side(NamedTuple):
@@ -75,10 +77,10 @@ def _state_coefficients_flags(p: Problem, out: ForwardOut):
     directions, and the kernels' constexpr flags."""
     buf, saved = out.state
     o = p.options
-    coef_q, coef_g = reduction_coefficients(p)
+    coef_q, coef_g = option_coefficients(o)
     dtype = p.q.dtype
     upcast = interpreting() and dtype == torch.bfloat16
-    flags = dict(REVERSE=o.reverse, DENSE=p.dense, HALF=_HALF[dtype], IS_FP32=dtype == torch.float32,
+    flags = dict(REVERSE=o.reverse, DENSE=p.dense, HALF=_TL_DTYPE[dtype], IS_FP32=dtype == torch.float32,
                  UPCAST=upcast, DOT_PRECISION=_dot_precision(dtype))
     return buf, saved, coef_q, coef_g, flags
 
@@ -126,7 +128,9 @@ def _chunked_backward(p: Problem, out: ForwardOut, d_value, d_rows, want, grad_d
                                       red_ptr=out.red, w_ptr=w,
                                       N=n, M=m, K=k, coef_q=coef_q, coef_g=coef_g, MEAN=p.options.reduction == "mean",
                                       BLOCK=table_tiles("weights").block_m)
-    # fp16 workspaces: divide W by the largest weight (dS stays O(1), inside fp16's range)
+    # fp16 workspaces: divide W by the largest weight (dS stays O(1), inside fp16's range); the
+    # weights are in memory here, so torch takes their maximum (the fused kernel, which keeps none,
+    # recomputes them: kernels/grad.py's _max_weight)
     gmax = w.abs().amax().clamp_min(torch.finfo(f32).tiny).reshape(1) if dtype == torch.float16 else None
 
     gemm_dtype = dtype if split else f32

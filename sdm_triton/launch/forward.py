@@ -16,7 +16,8 @@ from ..kernels.stats import NUM_STATS as _KERNEL_NUM_STATS
 from ..kernels.stats import _stats_kernel
 from ..problem import Problem
 from .policy import column_segments, interpreting, table_tiles
-from .tiles import _cdiv, _dot_precision, _prep_tiles, _problem_index, _side_args, _stats_tiles, _traceable
+from .tiles import (_cdiv, _dot_precision, _per_problem, _prep_tiles, _problem_index, _side_args, _stats_tiles,
+                    _traceable)
 
 assert _KERNEL_NUM_STATS.value == NUM_STATS, "kernels/stats.py and backend.py disagree on NUM_STATS"
 
@@ -27,6 +28,14 @@ assert _KERNEL_NUM_STATS.value == NUM_STATS, "kernels/stats.py and backend.py di
 PREPARED_FIELDS = ("r", "c", "norm")
 LABEL_MASS_FIELDS = ("ysum", "ylny")
 STATE_FIELDS = ("m", "inv_l", "inv_ysum", "ln_l")
+
+
+@_per_problem
+def _prep_args(p: Problem) -> dict:
+    """`_side_args` but the identity labels (the preparation reads none: the statistics pass counts
+    the positives)."""
+    ids = ("q_ids", "s_qid", "g_ids", "s_gid_gal", "s_gid")
+    return {name: value for name, value in _side_args(p).items() if name not in ids}
 
 
 def _parts(p: Problem, prepared: torch.Tensor):
@@ -54,7 +63,7 @@ def prepare(p: Problem, label_masses: Optional[torch.Tensor] = None) -> torch.Te
     n_gp = k * _cdiv(m, t.block_m)
     masses_given = p.dense and label_masses is not None
     _traceable(_prep_kernel)[(n_qp + n_gp,)](
-        **_side_args(p), pre_ptr=pre, lab_ptr=lab, N=n, M=m, K=k, n_q_programs=n_qp, D=d,
+        **_prep_args(p), pre_ptr=pre, lab_ptr=lab, N=n, M=m, K=k, n_q_programs=n_qp, D=d,
         NORMALIZE=p.options.normalize, DENSE=p.dense and not masses_given, BLOCK_M=t.block_m,
         BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps)
     if masses_given:      # summed over blocks or ranks: a mass that overflowed there is NaN
