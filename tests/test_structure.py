@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
+import re
 from pathlib import Path
+
+import pytest
+import torch
+
+import sdm_triton
 
 PACKAGE = Path(__file__).resolve().parent.parent / "sdm_triton"
 
@@ -94,10 +101,6 @@ def test_the_import_graph_is_read():
 def test_the_operators_arguments_are_the_problem_flattened():
     """ops.operator_args flattens a Problem into the operators' arguments and ops._problem reads
     them back: every field survives the round trip, the options and config as their names."""
-    import dataclasses
-
-    import torch
-
     from sdm_triton import ops
     from sdm_triton.options import KernelConfig, SDMOptions
     from sdm_triton.problem import Problem
@@ -119,11 +122,6 @@ def test_the_operators_arguments_are_the_problem_flattened():
 
 
 def test_describe_path_refuses_a_keyword_sdm_loss_does_not_take():
-    import pytest
-    import torch
-
-    import sdm_triton
-
     q = torch.randn(4, 8)
     assert sdm_triton.describe_path(q, q, torch.arange(4), torch.arange(4), temperature=0.1, kl="reverse") == "torch"
     with pytest.raises(TypeError, match="tempreature"):
@@ -136,10 +134,6 @@ def test_describe_path_refuses_a_keyword_sdm_loss_does_not_take():
 def test_the_testing_kit_exports_what_its_docstring_documents():
     """sdm_triton.testing's public names are the ones its docstring shows users; the project's
     own tests import the rest from the kit's private modules."""
-    import re
-
-    import pytest
-
     testing = pytest.importorskip("sdm_triton.testing")
     shown = set(re.findall(r"``(?:sdm_triton\.testing\.)?(\w+)", testing.__doc__))
     documented = {name for name in shown & set(dir(testing)) if not name.startswith("_")}
@@ -154,8 +148,6 @@ def test_the_kernels_slots_are_the_hosts():
     """Each buffer the kernels share with the host has its slots named in kernels/slots.py, in
     the order of the host's list: reordering one side alone would silently break the other
     (the statistics and the distributed weights read ``red`` by name)."""
-    import pytest
-
     pytest.importorskip("triton")
     from sdm_triton.backend import RED_FIELDS
     from sdm_triton.kernels import slots
