@@ -9,6 +9,7 @@ returned value, per-row losses or statistics, as views of the kernels' outputs.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Optional, Union
 
 import torch
@@ -105,8 +106,10 @@ def sdm_loss(
     q_ids, g_ids = resolve_ids(q, g, q_ids, g_ids)
     validate_inputs(q, g, q_ids, g_ids, labels, q_mask, g_mask)
     q_ids, g_ids = comparable_ids(q_ids, g_ids)
-    return _compute(q, g, q_ids, g_ids, labels, q_mask, g_mask, temperature, logit_scale, opts, backend,
-                    check_values, return_stats, config, workspace_bytes, galleries=1, scalar=True)
+    p = _problem(q, g, q_ids, g_ids, labels, q_mask, g_mask, temperature=temperature, logit_scale=logit_scale,
+                 options=opts, config=config, workspace_bytes=workspace_bytes, galleries=1, scalar_value=True,
+                 return_stats=return_stats)
+    return _compute(p, backend, check_values)
 
 
 def sdm_loss_multi(
@@ -151,8 +154,10 @@ def sdm_loss_multi(
     q_ids, g_ids, ids_k = resolve_gallery_ids(q, per_gallery, q_ids, g_ids)
     for g_k, ids, labels_k, mask_k in zip(per_gallery.gs, ids_k, per_gallery.labels, per_gallery.g_mask):
         validate_inputs(q, g_k, q_ids, ids, labels_k, q_mask, mask_k)
-    return _compute(q, g, q_ids, g_ids, labels, q_mask, g_mask, temperature, logit_scale, opts, backend,
-                    check_values, return_stats, config, workspace_bytes, galleries=k, scalar=False)
+    p = _problem(q, g, q_ids, g_ids, labels, q_mask, g_mask, temperature=temperature, logit_scale=logit_scale,
+                 options=opts, config=config, workspace_bytes=workspace_bytes, galleries=k, scalar_value=False,
+                 return_stats=return_stats)
+    return _compute(p, backend, check_values)
 
 
 def _check_call(q, temperature, logit_scale, backend, check_values, return_stats, kernel_config,
@@ -167,44 +172,49 @@ def _check_call(q, temperature, logit_scale, backend, check_values, return_stats
     return as_kernel_config(kernel_config)
 
 
-def _compute(q, g, q_ids, g_ids, labels, q_mask, g_mask, temperature, logit_scale, opts, backend,
-             check_values, return_stats, config, workspace_bytes, galleries, scalar):
+def _problem(q, g, q_ids, g_ids, labels, q_mask, g_mask, *, temperature, logit_scale, options, config,
+             workspace_bytes, galleries, scalar_value, return_stats) -> Problem:
+    """The call's `Problem` (validated arguments), its logit scale resolved on the features'
+    device: a 0-dim tensor, or a float (``scale_value``)."""
     scale = resolve_scale(temperature, logit_scale, q)
     scale_t = scale if isinstance(scale, torch.Tensor) else None
-    scale_value = float(scale) if scale_t is None else 0.0
+    return Problem(q=q, g=g, q_ids=q_ids, g_ids=g_ids, labels=labels, q_mask=q_mask, g_mask=g_mask, scale=scale_t,
+                   scale_value=float(scale) if scale_t is None else 0.0, options=options, config=config,
+                   workspace_bytes=workspace_bytes, galleries=galleries, scalar_value=scalar_value,
+                   return_stats=return_stats)
+
+
+def _compute(p: Problem, backend: str, check_values: bool):
     if torch.compiler.is_compiling():
         # the graph gets the backend's operator (ops.py)
         from . import ops
         if check_values:   # outside the graph, at a graph break (ops.py; it was skipped before issue 26)
-            ops.check_values_outside_the_graph(q, g, labels, scale, q_mask, g_mask)
-        value, rows, valid, red, _ = ops.forward_op(dispatch.resolve_name(backend, q))(
-            q, g, q_ids, g_ids, labels, q_mask, g_mask, scale_t, scale_value, opts.name(), config.name(),
-            workspace_bytes, galleries, scalar, return_stats)
+            ops.check_values_outside_the_graph(p.q, p.g, p.labels, p.scale if p.scale is not None else p.scale_value,
+                                               p.q_mask, p.g_mask)
+        value, rows, valid, red, _ = ops.forward_op(dispatch.resolve_name(backend, p.q))(*ops.operator_args(p))
     else:
-        be = dispatch.pick_backend(backend, q)
+        be = dispatch.pick_backend(backend, p.q)
         if check_values:
-            _check_values(q, g, labels, scale, q_mask, g_mask)
-        p = Problem(q=q, g=g, q_ids=q_ids, g_ids=g_ids, labels=labels, q_mask=q_mask, g_mask=g_mask, scale=scale_t,
-                    scale_value=scale_value, options=opts, config=config, workspace_bytes=workspace_bytes,
-                    galleries=galleries, scalar_value=scalar, return_stats=return_stats)
-        value, rows, valid, red = SDMFunction.apply(q, g, scale_t, p, be)
-    return _result(opts, q.shape[0], g.shape[-2], galleries, scalar, return_stats, value, rows, valid, red)
+            _check_values(p.q, p.g, p.labels, p.scale if p.scale is not None else p.scale_value, p.q_mask, p.g_mask)
+        value, rows, valid, red = SDMFunction.apply(p.q, p.g, p.scale, p, be)
+    return _result(p, value, rows, valid, red)
 
 
-def _result(o: SDMOptions, n: int, m: int, k: int, scalar: bool, return_stats: bool, value, rows, valid, red):
+def _result(p: Problem, value, rows, valid, red):
     """What the caller asked for, as views of the backend's outputs (module doc)."""
-    if o.reduction != "none" and not return_stats:
+    o, n, m, k = p.options, p.n, p.m, p.galleries
+    if o.reduction != "none" and not p.return_stats:
         return value
-    q_shape, g_shape = ((n,), (m,)) if scalar else ((k, n), (k, m))
+    q_shape, g_shape = ((n,), (m,)) if p.scalar_value else ((k, n), (k, m))
     out = value
     if o.reduction == "none":
         q2g, q2g_ok = rows[:k * n].view(q_shape), valid[:k * n].view(q_shape)
         g2q, g2q_ok = rows[k * n:].view(g_shape), valid[k * n:].view(g_shape)
         out = SDMRowLosses(q2g if o.wants_q2g else None, g2q if o.wants_g2q else None,
                            q2g_ok if o.wants_q2g else None, g2q_ok if o.wants_g2q else None)
-    if not return_stats:
+    if not p.return_stats:
         return out
-    return out, _stats(scalar, red)
+    return out, _stats(p.scalar_value, red)
 
 
 def _stats(scalar: bool, red) -> SDMStats:
@@ -245,17 +255,26 @@ class SDMLoss(torch.nn.Module):
         return f"temperature={self.temperature}, " + ", ".join(f"{k}={v!r}" for k, v in shown.items())
 
 
-def describe_path(q, g, backend: str = "auto", **kwargs) -> str:
-    """Which implementation ``sdm_loss(q, g, ..., backend=backend)`` runs (for benchmark notes)."""
+def describe_path(q, g, q_ids=None, g_ids=None, *, backend: str = "auto", kernel_config=None, galleries: int = 1,
+                  **loss_kwargs) -> str:
+    """Which implementation ``sdm_loss(q, g, ..., backend=backend)`` runs (for benchmark notes);
+    ``galleries``: the K of an ``sdm_loss_multi`` call with ``g`` as its gallery. The path
+    depends on the sizes, the dtype and ``kernel_config``; ``loss_kwargs`` are the rest of
+    ``sdm_loss``'s keyword arguments (a name it does not take raises TypeError)."""
+    unknown = sorted(set(loss_kwargs) - _LOSS_KEYWORDS)
+    if unknown:
+        raise TypeError(f"describe_path() got keyword arguments that sdm_loss does not take: {unknown}")
     be = dispatch.pick_backend(backend, q)
     if be.name != "triton":
         return be.name
     from .launch import describe_path as triton_path
-    k = kwargs.get("galleries", 1)
-    p = Problem(q=q, g=g, q_ids=None, g_ids=None, labels=None, q_mask=None, g_mask=None, scale=None, scale_value=1.0,
-                options=SDMOptions(), config=as_kernel_config(kwargs.get("kernel_config")),
-                workspace_bytes=DEFAULT_WORKSPACE_BYTES, galleries=k, scalar_value=True, return_stats=False)
+    p = _problem(q, g, None, None, None, None, None, temperature=1.0, logit_scale=None, options=SDMOptions(),
+                 config=as_kernel_config(kernel_config), workspace_bytes=DEFAULT_WORKSPACE_BYTES, galleries=galleries,
+                 scalar_value=True, return_stats=False)
     return triton_path(p)
+
+
+_LOSS_KEYWORDS = frozenset(inspect.signature(sdm_loss).parameters)
 
 
 __all__ = ["sdm_loss", "sdm_loss_multi", "SDMLoss", "SDMStats", "SDMRowLosses", "BACKENDS", "describe_path"]

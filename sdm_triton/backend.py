@@ -123,13 +123,8 @@ class Backend(Protocol):
         value and reduction are not filled."""
 
 
-def reduction_coefficients(p: Problem) -> Tuple[float, float]:
-    """The weight each direction's (summed or averaged) loss has in the value: 0 if not asked for,
-    0.5 when two directions combine by mean."""
-    return option_coefficients(p.options)
-
-
 def option_coefficients(o) -> Tuple[float, float]:
-    """`reduction_coefficients` from the options alone (``SDMOptions``)."""
+    """The weight each direction's (summed or averaged) loss has in the value under options ``o``
+    (``SDMOptions``): 0 if not asked for, 0.5 when two directions combine by mean."""
     half = 0.5 if (o.wants_q2g and o.wants_g2q and o.combine == "mean") else 1.0
     return (half if o.wants_q2g else 0.0), (half if o.wants_g2q else 0.0)

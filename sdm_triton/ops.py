@@ -15,14 +15,16 @@ The backward gets the forward's state as saved tensors (no recomputation). The p
 uses these operators only while ``torch.compile`` traces; eager calls go straight to the
 autograd Function (no dispatcher round trip). The loss's options travel as one string, their canonical name
 (``SDMOptions.name()``), the kernel config likewise (``KernelConfig.name()``); both are parsed
-once per name. The operators' arguments are listed once per pair (`_forward_function`,
-`_backward_function`: torch.library infers the schema from those signatures) and read into a
-`Problem` in one place (`_problem`).
+once per name. The operators take the problem's fields in `Problem`'s order (`_FIELDS`, read
+from its definition: torch.library infers the schema from the signature `_signed` gives),
+flattened by `operator_args` and read back into a `Problem` by `_problem`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -59,28 +61,61 @@ def _compiler_disabled(fn, reason: str):
 #: (imported only while compiling) does anyway.
 check_values_outside_the_graph = _compiler_disabled(check_values, CHECK_VALUES_UNDER_COMPILE)
 
+# Triton's presence is a constant while torch.compile traces `dispatch.resolve_name` (called, not
+# traced). Marked here: a compiling call imports this module before it resolves the backend's
+# name, and only such a call does (the mark's import of torch._dynamo costs ``import sdm_triton`` 1 s).
+torch.compiler.assume_constant_result(dispatch._triton_importable)
 
-def _problem(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, scale_value, options, config, workspace_bytes,
-             galleries, scalar_value, return_stats) -> Problem:
-    """The `Problem` of the operators' arguments (both operators of a pair take these, in this order)."""
-    return Problem(q=q, g=g, q_ids=q_ids, g_ids=g_ids, labels=labels, q_mask=q_mask, g_mask=g_mask, scale=scale,
-                   scale_value=scale_value, options=SDMOptions.parse(options), config=KernelConfig.parse(config),
-                   workspace_bytes=workspace_bytes, galleries=galleries, scalar_value=scalar_value,
-                   return_stats=return_stats)
+
+#: How each type of `Problem` field travels through the operators: (its type in their signature,
+#: what turns the field into that argument, what turns the argument back). The options and the
+#: kernel config travel as their canonical names, parsed once per name.
+_TRAVEL = {
+    "torch.Tensor": (Tensor, None, None),
+    "Optional[torch.Tensor]": (Optional[Tensor], None, None),
+    "float": (float, None, None),
+    "int": (int, None, None),
+    "bool": (bool, None, None),
+    "SDMOptions": (str, SDMOptions.name, SDMOptions.parse),
+    "KernelConfig": (str, KernelConfig.name, KernelConfig.parse),
+}
+#: (name, argument type, to argument, from argument) of the problem's fields, in `Problem`'s order:
+#: both operators of a pair take them (the backward after its own leading arguments). A field
+#: added to `Problem` travels without an edit here (unless of a new type).
+_FIELDS = tuple((f.name, *_TRAVEL[f.type]) for f in dataclasses.fields(Problem) if f.init)
+#: the position of each field among the operators' problem arguments
+_AT = {name: i for i, (name, *_) in enumerate(_FIELDS)}
+#: the positions of the tensors among them (saved for the backward)
+_TENSORS = tuple(i for i, (_, kind, _, _) in enumerate(_FIELDS) if kind in (Tensor, Optional[Tensor]))
+
+
+def operator_args(p: Problem) -> tuple:
+    """The operators' problem arguments of ``p``: the inverse of `_problem`."""
+    return tuple(getattr(p, name) if to_arg is None else to_arg(getattr(p, name)) for name, _, to_arg, _ in _FIELDS)
+
+
+def _problem(args) -> Problem:
+    """The `Problem` of the operators' problem arguments: the inverse of `operator_args`."""
+    return Problem(**{name: value if from_arg is None else from_arg(value)
+                      for (name, _, _, from_arg), value in zip(_FIELDS, args)})
+
+
+def _signed(fn, leading, trailing, returns):
+    """``fn`` with the signature torch.library infers the operator's schema from: the ``leading``
+    (name, type) arguments, the problem's fields, the ``trailing`` ones."""
+    params = [*leading, *((name, kind) for name, kind, _, _ in _FIELDS), *trailing]
+    fn.__signature__ = inspect.Signature(
+        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=kind) for name, kind in params],
+        return_annotation=returns)
+    return fn
 
 
 def _forward_function(body: Callable[[Problem], Tuple]):
-    """``body(problem)`` as a function of the forward operators' arguments: their schema is
-    inferred from this signature. Outputs: (value, rows, valid, red, state), `backend.ForwardOut`
-    with the state as a list."""
-    def forward(
-        q: Tensor, g: Tensor, q_ids: Optional[Tensor], g_ids: Optional[Tensor], labels: Optional[Tensor],
-        q_mask: Optional[Tensor], g_mask: Optional[Tensor], scale: Optional[Tensor], scale_value: float,
-        options: str, config: str, workspace_bytes: int, galleries: int, scalar_value: bool, return_stats: bool,
-    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, List[Tensor]]:
-        return body(_problem(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, scale_value, options, config,
-                             workspace_bytes, galleries, scalar_value, return_stats))
-    return forward
+    """``body(problem)`` as a function of the forward operators' arguments, the problem's fields.
+    Outputs: (value, rows, valid, red, state), `backend.ForwardOut` with the state as a list."""
+    def forward(*args):
+        return body(_problem(args))
+    return _signed(forward, (), (), Tuple[Tensor, Tensor, Tensor, Tensor, List[Tensor]])
 
 
 def _backward_function(body: Callable[..., Tuple]):
@@ -88,18 +123,14 @@ def _backward_function(body: Callable[..., Tuple]):
     operators' arguments: the gradients of (value, rows), the forward's outputs but the value,
     the forward's arguments, and which of (dq, dg, d_scale) to compute. Outputs (dq, dg,
     d_scale); a gradient that was not asked for comes back as an empty tensor."""
-    def backward(
-        d_value: Optional[Tensor], d_rows: Optional[Tensor], rows: Tensor, valid: Tensor, red: Tensor,
-        state: List[Tensor],
-        q: Tensor, g: Tensor, q_ids: Optional[Tensor], g_ids: Optional[Tensor], labels: Optional[Tensor],
-        q_mask: Optional[Tensor], g_mask: Optional[Tensor], scale: Optional[Tensor], scale_value: float,
-        options: str, config: str, workspace_bytes: int, galleries: int, scalar_value: bool, return_stats: bool,
-        want_q: bool, want_g: bool, want_scale: bool,
-    ) -> Tuple[Tensor, Tensor, Tensor]:
-        p = _problem(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, scale_value, options, config,
-                     workspace_bytes, galleries, scalar_value, return_stats)
-        return body(p, ForwardOut(None, rows, valid, red, tuple(state)), d_value, d_rows, (want_q, want_g, want_scale))
-    return backward
+    def backward(d_value, d_rows, rows, valid, red, state, *args):
+        *fields, want_q, want_g, want_scale = args
+        return body(_problem(fields), ForwardOut(None, rows, valid, red, tuple(state)), d_value, d_rows,
+                    (want_q, want_g, want_scale))
+    leading = (("d_value", Optional[Tensor]), ("d_rows", Optional[Tensor]), ("rows", Tensor), ("valid", Tensor),
+               ("red", Tensor), ("state", List[Tensor]))
+    trailing = (("want_q", bool), ("want_g", bool), ("want_scale", bool))
+    return _signed(backward, leading, trailing, Tuple[Tensor, Tensor, Tensor])
 
 
 def _launches(backend: str):
@@ -166,20 +197,26 @@ sdm_backward_torch_op.register_fake(_backward_function(_backward_fake))
 
 def _make_backward(backward_op):
     def backward(ctx, d_value, d_rows, _d_valid, _d_red, _d_state):
-        q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, rows, valid, red, *state = ctx.saved_tensors
-        want_q, want_g, want_scale = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[7]
-        dq, dg, d_scale = backward_op(d_value, d_rows, rows, valid, red, state, q, g, q_ids, g_ids, labels, q_mask,
-                                      g_mask, scale, *ctx.settings, want_q, want_g, want_scale)
-        return ((dq if want_q else None, dg if want_g else None) + (None,) * 5
-                + (d_scale.to(scale.dtype) if want_scale else None,) + (None,) * len(ctx.settings))
+        saved = ctx.saved_tensors
+        args = list(ctx.settings)
+        for i, t in zip(_TENSORS, saved):
+            args[i] = t
+        rows, valid, red, *state = saved[len(_TENSORS):]
+        want_q, want_g, want_scale = (ctx.needs_input_grad[_AT[name]] for name in ("q", "g", "scale"))
+        dq, dg, d_scale = backward_op(d_value, d_rows, rows, valid, red, state, *args, want_q, want_g, want_scale)
+        grads = [None] * len(_FIELDS)
+        grads[_AT["q"]] = dq if want_q else None
+        grads[_AT["g"]] = dg if want_g else None
+        grads[_AT["scale"]] = d_scale.to(args[_AT["scale"]].dtype) if want_scale else None
+        return tuple(grads)
     return backward
 
 
 def _setup_context(ctx, inputs, output):
     _value, rows, valid, red, state = output
-    q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, *settings = inputs
-    ctx.save_for_backward(q, g, q_ids, g_ids, labels, q_mask, g_mask, scale, rows, valid, red, *state)
-    ctx.settings = settings          # the arguments after the tensors: scale_value, options, config, ...
+    ctx.save_for_backward(*(inputs[i] for i in _TENSORS), rows, valid, red, *state)
+    # the arguments that are not tensors (scale_value, options, config, ...), in place; None for the tensors
+    ctx.settings = tuple(None if i in _TENSORS else x for i, x in enumerate(inputs))
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(valid, red)
 
@@ -189,5 +226,6 @@ register_autograd("sdm_triton::forward_torch", _make_backward(sdm_backward_torch
 
 
 def forward_op(backend_name: str):
-    """The forward operator of a resolved backend name ("triton" or "torch")."""
+    """The forward operator of a resolved backend name ("triton" or "torch"); it takes
+    `operator_args` of the problem."""
     return sdm_forward_op if backend_name == "triton" else sdm_forward_torch_op

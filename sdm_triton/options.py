@@ -23,7 +23,9 @@ NORM_EPS = 1e-12
 #: overflows fp32 and its raw dot products can, so normalised it gives NaN, never a wrong loss.
 NORM_LIMIT = 2.0**64
 #: Dense labels are multiplied by 2^24 where they are read (exact): only Y = y / ysum matters, and
-#: the scaling keeps 1 / ysum finite for subnormal labels. Weights past ~1e29 overflow: NaN loss.
+#: the scaling keeps 1 / ysum finite for subnormal labels. The price is range: a weight past 2^104
+#: (~2e31) is inf once scaled, and a row's scaled sums overflow sooner (sum y ln y, which forward
+#: KL reads, from weights of ~1e29): the loss is NaN.
 LABEL_SCALE = 2.0**24
 #: The fp32 range every float argument (logit scale, 1 / temperature, eps) must lie in: normal
 #: numbers, so that 1 / (s log2 e) and ln eps stay finite in the kernels.

@@ -17,7 +17,8 @@ import torch
 from hypothesis import given, seed, settings
 from hypothesis import strategies as st
 
-from sdm_triton.testing import LOG10_NORM_RANGE, SIGNALS, TEMPERATURE_RANGE, problems
+from sdm_triton.testing import problems
+from sdm_triton.testing._problems import LOG10_NORM_RANGE, SIGNALS, TEMPERATURE_RANGE
 
 # problems() at SPEC's ranges, the project's own tests' draws
 PROJECT_PROBLEMS = dict(log10_norms=LOG10_NORM_RANGE, temperatures=TEMPERATURE_RANGE, signals=SIGNALS,

@@ -540,15 +540,16 @@ def test_learnable_scale_with_frozen_features(config, frozen):
 
 
 def test_tile_table_covers_every_pass_size_class_and_dtype():
-    """sdm_triton.dispatch.TILES answers every (pass, size class, dtype) table_tiles can ask
+    """sdm_triton.launch.policy.TILES answers every (pass, size class, dtype) table_tiles can ask
     for, the GPU's size classes included (a class or pass added without its tiles would fail
     only on a GPU, at that size), and the backwards leave block_k to the statistics pass."""
-    from sdm_triton import dispatch
+    from sdm_triton.launch import policy
     classes = {"stats": ("small", "medium", "large"), "chunked": ("small", "medium", "large"),
-               "fused": ("narrow", "wide"), "finish": ("any",), "weights": ("any",), "operand": ("any",)}
+               "fused": ("narrow", "wide"), "prep": ("any",), "max_weight": ("any",), "finish": ("any",),
+               "weights": ("any",), "operand": ("any",)}
     for kind, sizes in classes.items():
         for size in ("interpreter", *sizes):
             for dtype in ("half", "fp32"):
-                assert (kind, size, dtype) in dispatch.TILES or (kind, size, "any") in dispatch.TILES, (kind, size)
-    assert {kind for kind, _, _ in dispatch.TILES} == set(classes)
-    assert all(t.block_k is None for (kind, _, _), t in dispatch.TILES.items() if kind in ("fused", "chunked"))
+                assert (kind, size, dtype) in policy.TILES or (kind, size, "any") in policy.TILES, (kind, size)
+    assert {kind for kind, _, _ in policy.TILES} == set(classes)
+    assert all(t.block_k is None for (kind, _, _), t in policy.TILES.items() if kind in ("fused", "chunked"))

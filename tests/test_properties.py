@@ -18,30 +18,18 @@ import torch.nn.functional as F
 from hypothesis import assume
 from hypothesis import strategies as st
 
-from sdm_triton import testing
-from sdm_triton.testing import (
-    ARG_LAYOUTS,
-    FAST_DTYPES,
-    FLOOR_ULPS,
-    HALF_DTYPES,
-    NORM_EPS,
-    RTOL,
-    UNIT_ROUNDOFF,
-    assert_close,
-    directions,
-    grad_outputs,
-    log_uniform,
-    run,
-    sdm_options,
-)
+from sdm_triton.options import NORM_EPS
+from sdm_triton.testing import _compare, _properties, sdm_options
+from sdm_triton.testing._compare import FLOOR_ULPS, RTOL, UNIT_ROUNDOFF, assert_close, directions, grad_outputs, run
+from sdm_triton.testing._problems import ARG_LAYOUTS, FAST_DTYPES, HALF_DTYPES, log_uniform
 from strategies import backend_property, cases
 
 F64 = torch.float64
-TRUTH = testing.dense_reference
+TRUTH = _compare.dense_reference
 
 
 def truth_for(case, opts, gout=1.0):
-    return testing.truth_for(case, opts, gout, reference=TRUTH)
+    return _compare.truth_for(case, opts, gout, reference=TRUTH)
 
 
 # --------------------------------------------------------------------------- properties
@@ -51,7 +39,7 @@ def test_forward_loss_is_nonnegative(sdm_impl, data):
     """forward: every row loss and the reduced loss are >= 0, exactly, for every dtype,
     temperature in [0.005, 10] and feature norm in [1e-4, 1e4]; invalid rows are 0."""
     case = data.draw(cases(sdm_impl, dtypes=FAST_DTYPES, fp16_grads_fit=False))
-    testing.forward_kl_nonnegative(sdm_impl, case, data.draw(sdm_options(kl=("forward",))))
+    _properties.forward_kl_nonnegative(sdm_impl, case, data.draw(sdm_options(kl=("forward",))))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -78,7 +66,7 @@ def test_reverse_loss_lower_bound(sdm_impl, data):
     """reverse: each row loss is >= -log(1 + M_valid * eps), up to float rounding."""
     case = data.draw(cases(sdm_impl, dtypes=FAST_DTYPES, fp16_grads_fit=False))
     opts = data.draw(sdm_options(kl=("reverse",), reduction=("none",)))
-    testing.reverse_kl_lower_bound(sdm_impl, case, opts, reference=TRUTH)
+    _properties.reverse_kl_lower_bound(sdm_impl, case, opts, reference=TRUTH)
 
 
 @pytest.mark.parametrize("eps", [1e-8, 1e-2, 0.1])
@@ -106,7 +94,7 @@ def test_finite_loss_and_gradients(sdm_impl, data):
     case = data.draw(cases(sdm_impl, dtypes=FAST_DTYPES, fp16_grads_fit=False))
     opts = data.draw(sdm_options())
     gout = grad_outputs(case, opts, data.draw(st.integers(0, 2**31)))
-    testing.finite_loss_and_gradients(sdm_impl, case, opts, gout, reference=TRUTH)
+    _properties.finite_loss_and_gradients(sdm_impl, case, opts, gout, reference=TRUTH)
 
 
 @backend_property()
@@ -123,7 +111,7 @@ def test_scale_invariance(sdm_impl, data):
         c = 2.0 ** data.draw(st.integers(-6, 6))
     else:
         c = data.draw(log_uniform(1e-3, 1e3))
-    assert testing.scale_invariance(sdm_impl, case, opts, c, grad_outputs(case, opts, 1), reference=TRUTH)
+    assert _properties.scale_invariance(sdm_impl, case, opts, c, grad_outputs(case, opts, 1), reference=TRUTH)
 
 
 @backend_property()
@@ -134,7 +122,7 @@ def test_mask_equals_subset(sdm_impl, data):
                            mask_kinds=("random", "all_false", "kill_positives")))
     opts = data.draw(sdm_options())
     gout = grad_outputs(case, opts, data.draw(st.integers(0, 2**31)))
-    testing.mask_equals_subset(sdm_impl, case, opts, gout, reference=TRUTH)
+    _properties.mask_equals_subset(sdm_impl, case, opts, gout, reference=TRUTH)
 
 
 @backend_property()
@@ -144,7 +132,7 @@ def test_invalid_rows_have_no_loss_and_no_gradient(sdm_impl, data):
     case = data.draw(cases(sdm_impl, label_kinds=("ids", "soft", "binary")))
     direction = data.draw(st.sampled_from(("q2g", "g2q")))
     opts = data.draw(sdm_options(direction=(direction,), reduction=("none",)))
-    assume(testing.invalid_rows_get_nothing(sdm_impl, case, opts, grad_outputs(case, opts, 7), reference=TRUTH))
+    assume(_properties.invalid_rows_get_nothing(sdm_impl, case, opts, grad_outputs(case, opts, 7), reference=TRUTH))
 
 
 @backend_property()
@@ -155,7 +143,7 @@ def test_permutation_equivariance(sdm_impl, data):
     opts = data.draw(sdm_options(reduction=("none",)))
     pq = torch.tensor(data.draw(st.permutations(range(case.n))), device=case.q.device)
     pg = torch.tensor(data.draw(st.permutations(range(case.m))), device=case.q.device)
-    testing.permutation_equivariance(sdm_impl, case, opts, pq, pg, grad_outputs(case, opts, 3), reference=TRUTH)
+    _properties.permutation_equivariance(sdm_impl, case, opts, pq, pg, grad_outputs(case, opts, 3), reference=TRUTH)
 
 
 def _logits64(case):
@@ -246,7 +234,7 @@ def test_agrees_with_float64_evaluation(sdm_impl, data):
     case = data.draw(cases(sdm_impl, dtypes=(torch.float32, torch.float64)))
     opts = data.draw(sdm_options(normalize=(True, False)))
     gout = grad_outputs(case, opts, data.draw(st.integers(0, 2**31)))
-    testing.assert_close_to_reference(sdm_impl, case, opts, grad_output=gout, reference=TRUTH)
+    _compare.assert_close_to_reference(sdm_impl, case, opts, grad_output=gout, reference=TRUTH)
 
 
 @backend_property()
@@ -258,7 +246,7 @@ def test_half_inputs_are_computed_in_fp32(sdm_impl, data):
     case = data.draw(cases(sdm_impl, dtypes=HALF_DTYPES))
     opts = data.draw(sdm_options())
     gout = grad_outputs(case, opts, data.draw(st.integers(0, 2**31)))
-    testing.assert_close_to_reference(sdm_impl, case, opts, grad_output=gout, reference=TRUTH,
+    _compare.assert_close_to_reference(sdm_impl, case, opts, grad_output=gout, reference=TRUTH,
                                       grad_extra_rtol=2 * UNIT_ROUNDOFF[case.dtype])
 
 
@@ -274,7 +262,7 @@ def test_noncontiguous_inputs_give_the_same_result(sdm_impl, data):
     opts = data.draw(sdm_options())
     gout = grad_outputs(case, opts, 5)
     truth = truth_for(case, opts, gout)
-    testing.assume_gradients_fit(case, truth)
+    _compare.assume_gradients_fit(case, truth)
     strided = run(sdm_impl, case, opts, gout)
     dense_case = case.contiguous()
     dense = run(sdm_impl, dense_case, opts, gout)

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 
 import sdm_triton
 from sdm_triton import testing
+from sdm_triton.testing._problems import DTYPES, FAST_DTYPES
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "test_my_sdm.py"
 EXAMPLE_TESTS = ("test_my_sdm_loss_matches_the_reference", "test_my_sdm_loss_has_the_properties")
@@ -110,7 +111,7 @@ def test_a_problem_prints_as_the_call_that_rebuilds_it():
     seen = []
 
     @settings(max_examples=30, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-    @given(testing.problems(max_rows=10, max_dim=8, dtypes=testing.DTYPES))
+    @given(testing.problems(max_rows=10, max_dim=8, dtypes=DTYPES))
     def rebuilds(problem):
         again = eval(repr(problem), {"sdm_triton": sdm_triton})
         for name in ("q", "g", "q_ids", "g_ids", "labels", "q_mask", "g_mask"):
@@ -135,7 +136,7 @@ def _torch_backend(*args, **kwargs):
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(problem=testing.problems(max_rows=10, max_dim=12, dtypes=testing.FAST_DTYPES),
+@given(problem=testing.problems(max_rows=10, max_dim=12, dtypes=FAST_DTYPES),
        options=testing.sdm_options(normalize=(True, False)))
 def test_the_torch_backend_passes_the_kit_at_its_defaults(problem, options):
     testing.assert_close_to_reference(_torch_backend, problem, options)

@@ -133,15 +133,16 @@ def main():
              COMBINE_MEAN=True, STATS=True, WANT_POS=True, INTERPRETED=False, BLOCK=1024), 4, 1,
              ("q_msk", "g_msk", "scale_ptr")),
             ("fused_d512", grad._fused_grad_kernel, dict(common, MEAN=True, NORMALIZE=True, WANT_DSCALE=True,
-             SCALE_W=False, HALF=half[dtype], IS_FP32=dtype == "fp32", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, BLOCK_D=512), 4, 1,
+             SCALE_W=False, HALF=half[dtype], IS_FP32=dtype == "fp32", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, BLOCK_D=512,
+             BLOCK_W=256), 4, 1,
              nones + ("drows_ptr",)),
             # a gradient not asked for: its pointer is None and its branch must still compile
             ("fused_nodg", grad._fused_grad_kernel, dict(common, MEAN=True, NORMALIZE=True, WANT_DSCALE=True,
              SCALE_W=False, HALF=half[dtype], IS_FP32=dtype == "fp32", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64,
-             BLOCK_D=128), 4, 1, nones + ("drows_ptr", "dg_ptr")),
+             BLOCK_D=128, BLOCK_W=256), 4, 1, nones + ("drows_ptr", "dg_ptr")),
             ("fused_nodq", grad._fused_grad_kernel, dict(common, MEAN=True, NORMALIZE=True, WANT_DSCALE=False,
              SCALE_W=dtype == "fp16", HALF=half[dtype], IS_FP32=dtype == "fp32", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64,
-             BLOCK_D=128), 4, 1, nones + ("dv_ptr", "dq_ptr", "dscale_ptr")),
+             BLOCK_D=128, BLOCK_W=256), 4, 1, nones + ("dv_ptr", "dq_ptr", "dscale_ptr")),
             ("chunk128", grad._grad_chunk_kernel, dict(common, WANT_DSCALE=False, HALF=half[dtype],
              IS_FP32=dtype == "fp32", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3, nones + ("q_msk", "g_msk", "gmax_ptr",
                                                                                         "scale_ptr")),
@@ -192,9 +193,9 @@ def scalar_jobs(dtype: str, reverse: bool, dense: bool):
         ("finish_ls", finish._finish_kernel, dict(REVERSE=reverse, DENSE=dense, WANT_Q2G=True, WANT_G2Q=True,
          MEAN=False, COMBINE_MEAN=False, STATS=False, WANT_POS=False, BLOCK=256), 4, 1, ("q_msk", "g_msk")),
         ("fused", grad._fused_grad_kernel, dict(bwd, SCALE_W=dtype == "fp16", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32,
-         BLOCK_D=64), 4, 1, labels + ("drows_ptr", "scale_ptr")),
+         BLOCK_D=64, BLOCK_W=256), 4, 1, labels + ("drows_ptr", "scale_ptr")),
         ("fused_ls", grad._fused_grad_kernel, dict(bwd, SCALE_W=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32,
-         BLOCK_D=64), 4, 1, labels + ("dv_ptr", "dg_ptr")),
+         BLOCK_D=64, BLOCK_W=256), 4, 1, labels + ("dv_ptr", "dg_ptr")),
         ("chunk", grad._grad_chunk_kernel, dict(bwd, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 4, 2,
          labels + ("gmax_ptr", "scale_ptr")),
         ("chunk_ls", grad._grad_chunk_kernel, dict(bwd, WANT_DSCALE=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 4, 2,
@@ -251,7 +252,8 @@ def sweep(target):
                 (64, 32, 128, 4, 1), (32, 64, 128, 4, 2)]:
         bm, bn, bd, w, s = cfg
         k = compile_one(grad._fused_grad_kernel, "bf16", dict(common, MEAN=True, NORMALIZE=True, WANT_DSCALE=False,
-                        SCALE_W=False, HALF=tl.bfloat16, IS_FP32=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, BLOCK_D=bd),
+                        SCALE_W=False, HALF=tl.bfloat16, IS_FP32=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, BLOCK_D=bd,
+                        BLOCK_W=256),
                         ("lab", "q_msk", "g_msk", "scale_ptr", "drows_ptr"), target, w, s)
         print("fused", cfg, resources(k))
 

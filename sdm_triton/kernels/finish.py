@@ -23,10 +23,11 @@ directions, the positive mass, the present samples' norm statistics, and the val
 import triton
 import triton.language as tl
 
-from .stats import NUM_STATS, SLOT_CNT, SLOT_LOGY
+from .slots import (LAB_YLNY, LAB_YSUM, PRE_NORM, RED_G_NORM_MAX, RED_G_NORM_MEAN, RED_POS_G2Q, RED_POS_Q2G,
+                    RED_Q_NORM_MAX, RED_Q_NORM_MEAN, RED_SUM_G2Q, RED_SUM_Q2G, RED_VALID_G2Q, RED_VALID_Q2G,
+                    STATE_INV_L, STATE_INV_YSUM, STATE_LN_L, STATE_M)
+from .stats import NUM_STATS, SLOT_CNT, SLOT_L, SLOT_LIN, SLOT_LOGY, SLOT_M, SLOT_POS
 from .tiles import FLT_MIN, LN2, as_f32, ln_precise, load_scale, present
-
-# ``red`` [10, K] holds, per gallery, the rows named by backend.RED_FIELDS (in that order).
 
 
 @triton.jit
@@ -46,7 +47,7 @@ def _finish_rows(
         idx = dir0 + i
         m = tl.full((BLOCK,), -float("inf"), dtype=tl.float32)
         for s in range(0, S):
-            m = tl.maximum(m, tl.load(part_ptr + s * (NUM_STATS * NDR) + idx, mask=i_in, other=0.0))
+            m = tl.maximum(m, tl.load(part_ptr + s * (NUM_STATS * NDR) + SLOT_M * NDR + idx, mask=i_in, other=0.0))
         l = tl.zeros((BLOCK,), dtype=tl.float32)
         lin = tl.zeros((BLOCK,), dtype=tl.float32)
         pos = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -54,22 +55,22 @@ def _finish_rows(
         npos = tl.zeros((BLOCK,), dtype=tl.float32)
         for s in range(0, S):
             base = part_ptr + s * (NUM_STATS * NDR) + idx
-            shift = tl.load(base, mask=i_in, other=0.0) - m
+            shift = tl.load(base + SLOT_M * NDR, mask=i_in, other=0.0) - m
             alpha = tl.exp2(shift)
-            l_s = tl.load(base + NDR, mask=i_in, other=0.0)
+            l_s = tl.load(base + SLOT_L * NDR, mask=i_in, other=0.0)
             l += alpha * l_s
             if REVERSE:
-                lin += alpha * (tl.load(base + 2 * NDR, mask=i_in, other=0.0) + shift * l_s)
+                lin += alpha * (tl.load(base + SLOT_LIN * NDR, mask=i_in, other=0.0) + shift * l_s)
                 if DENSE:
                     logy += alpha * tl.load(base + SLOT_LOGY * NDR, mask=i_in, other=0.0)
             else:
-                lin += tl.load(base + 2 * NDR, mask=i_in, other=0.0)
+                lin += tl.load(base + SLOT_LIN * NDR, mask=i_in, other=0.0)
             if not DENSE:
                 npos += tl.load(base + SLOT_CNT * NDR, mask=i_in, other=0.0)
             if WANT_POS:
-                pos += alpha * tl.load(base + 3 * NDR, mask=i_in, other=0.0)
+                pos += alpha * tl.load(base + SLOT_POS * NDR, mask=i_in, other=0.0)
         if DENSE:
-            ysum = tl.load(lab_ptr + idx, mask=i_in, other=0.0)
+            ysum = tl.load(lab_ptr + LAB_YSUM * NDR + idx, mask=i_in, other=0.0)
         else:
             ysum = npos
         valid = present(msk, moff, s_msk, i, i_in) & ((ysum > 0) | (ysum != ysum))
@@ -86,16 +87,16 @@ def _finish_rows(
         else:
             loss = LN2 * (m - lin / safe_y) + ln_l - ln_precise(safe_y)
             if DENSE:
-                loss += tl.load(lab_ptr + NDR + idx, mask=i_in, other=0.0) / safe_y
+                loss += tl.load(lab_ptr + LAB_YLNY * NDR + idx, mask=i_in, other=0.0) / safe_y
             loss = tl.where(loss < 0, 0.0, loss)          # KL >= 0 exactly; keeps NaN
         loss = tl.where(s_ok, loss, float("nan"))
         loss = tl.where(valid, loss, 0.0)
         tl.store(rows_ptr + idx, loss, mask=i_in)
         tl.store(valid_ptr + idx, valid.to(tl.int8), mask=i_in)
-        tl.store(saved_ptr + idx, m, mask=i_in)
-        tl.store(saved_ptr + NDR + idx, 1.0 / safe_l, mask=i_in)
-        tl.store(saved_ptr + 2 * NDR + idx, tl.where(valid, 1.0 / safe_y, 0.0), mask=i_in)
-        tl.store(saved_ptr + 3 * NDR + idx, ln_l, mask=i_in)
+        tl.store(saved_ptr + STATE_M * NDR + idx, m, mask=i_in)
+        tl.store(saved_ptr + STATE_INV_L * NDR + idx, 1.0 / safe_l, mask=i_in)
+        tl.store(saved_ptr + STATE_INV_YSUM * NDR + idx, tl.where(valid, 1.0 / safe_y, 0.0), mask=i_in)
+        tl.store(saved_ptr + STATE_LN_L * NDR + idx, ln_l, mask=i_in)
         sum_l += loss
         cnt += valid.to(tl.float32)
         sum_pos += tl.where(valid, pos / safe_l, 0.0)
@@ -111,7 +112,7 @@ def _norm_stats(pre_ptr, NR, msk, moff, s_msk, s0, n, BLOCK: tl.constexpr):
     for i0 in range(0, n, BLOCK):
         i = i0 + tl.arange(0, BLOCK).to(tl.int64)
         keep = present(msk, moff, s_msk, i, i < n)
-        x = tl.load(pre_ptr + 2 * NR + s0 + i, mask=keep, other=0.0)
+        x = tl.load(pre_ptr + PRE_NORM * NR + s0 + i, mask=keep, other=0.0)
         total += x
         cnt += keep.to(tl.float32)
         top = tl.maximum(top, x)
@@ -165,15 +166,15 @@ def _finish_kernel(
             value = 0.5 * value
         tl.store(value_ptr + k, tl.where(s_ok, value, float("nan")))
         red = red_ptr + k
-        tl.store(red, sq)
-        tl.store(red + K, cq)
-        tl.store(red + 2 * K, sg)
-        tl.store(red + 3 * K, cg)
+        tl.store(red + RED_SUM_Q2G * K, sq)
+        tl.store(red + RED_VALID_Q2G * K, cq)
+        tl.store(red + RED_SUM_G2Q * K, sg)
+        tl.store(red + RED_VALID_G2Q * K, cg)
         if STATS:
-            tl.store(red + 4 * K, pq)
-            tl.store(red + 5 * K, pg)
+            tl.store(red + RED_POS_Q2G * K, pq)
+            tl.store(red + RED_POS_G2Q * K, pg)
             g_sum, g_cnt, g_max = _norm_stats(pre_ptr, NR, g_msk, gmoff, s_gmsk, N + k * M, M, BLOCK)
-            tl.store(red + 6 * K, q_sum / tl.maximum(q_cnt, 1.0))
-            tl.store(red + 7 * K, q_max)
-            tl.store(red + 8 * K, g_sum / tl.maximum(g_cnt, 1.0))
-            tl.store(red + 9 * K, g_max)
+            tl.store(red + RED_Q_NORM_MEAN * K, q_sum / tl.maximum(q_cnt, 1.0))
+            tl.store(red + RED_Q_NORM_MAX * K, q_max)
+            tl.store(red + RED_G_NORM_MEAN * K, g_sum / tl.maximum(g_cnt, 1.0))
+            tl.store(red + RED_G_NORM_MAX * K, g_max)

@@ -1,7 +1,7 @@
 """Backward: dL/dS recomputed tile by tile from the forward's statistics, and the gradients.
 
 For a pair of present samples (row i of one side, column j of the other), with the log2-domain
-logit t_ij and each softmax's saved (m, log2 l, 1 / ysum) and loss L (`finish.py`):
+logit t_ij and each softmax's saved state (m, 1 / l, 1 / ysum, ln l) and loss L (`finish.py`):
 
     P_ij  = exp2(t_ij - m_i) / l_i,   ln P_ij = ln2 (t_ij - m_i) - ln l_i     (t - m: exact near the max)
     P'_ij = exp2(t_ij - m'_j) / l'_j                      (the column's own softmax)
@@ -47,6 +47,8 @@ import triton
 import triton.language as tl
 
 from .prep import NORM_EPS
+from .slots import (PRE_C, PRE_NORM, PRE_R, RED_VALID_G2Q, RED_VALID_Q2G, STATE_INV_L, STATE_INV_YSUM, STATE_LN_L,
+                    STATE_M)
 from .tiles import (FLT_MIN, LN2, LOG2E, NEG_BIG, as_f32, dot_tile, label_tile, load_scale, log2_logits, logit_dot,
                     present, row_ids, split_hi_lo)
 
@@ -56,11 +58,12 @@ def row_weights(idx, in_range, k, saved_ptr, NDR, dv_ptr, s_dv, drows_ptr, red_p
                 MEAN: tl.constexpr):
     """(w, 1 / ysum) of softmax rows ``idx`` (direction-row space) of gallery k.
 
-    w = dvalue[k] * coef / (valid count if MEAN) + drows[idx] for valid rows, else 0.
+    w = dvalue[k] * coef / (valid count if MEAN) + drows[idx] for valid rows, else 0; the valid
+    count is row ``cnt_row`` of ``red`` (RED_VALID_Q2G or RED_VALID_G2Q, the rows' direction).
     ``dv_ptr`` / ``drows_ptr`` None: that output got no gradient. ``s_dv``: dvalue's stride (0 when
     autograd hands over an expanded gradient, as ``losses.sum().backward()`` does for [K] values).
     """
-    inv_y = tl.load(saved_ptr + 2 * NDR + idx, mask=in_range, other=0.0)
+    inv_y = tl.load(saved_ptr + STATE_INV_YSUM * NDR + idx, mask=in_range, other=0.0)
     w = tl.zeros(idx.shape, dtype=tl.float32)
     if dv_ptr is not None:
         c = as_f32(coef) * tl.load(dv_ptr + k * s_dv).to(tl.float32)
@@ -70,6 +73,32 @@ def row_weights(idx, in_range, k, saved_ptr, NDR, dv_ptr, s_dv, drows_ptr, red_p
     if drows_ptr is not None:
         w += tl.load(drows_ptr + idx, mask=in_range, other=0.0).to(tl.float32)
     return tl.where(in_range & (inv_y != 0), w, 0.0), inv_y
+
+
+@triton.jit
+def softmax_state(saved_ptr, NDR, idx, in_range):
+    """(m, 1 / l, 1 / ysum, ln l) of softmax rows ``idx``, as finish.py saved them."""
+    m = tl.load(saved_ptr + STATE_M * NDR + idx, mask=in_range, other=0.0)
+    il = tl.load(saved_ptr + STATE_INV_L * NDR + idx, mask=in_range, other=0.0)
+    iy = tl.load(saved_ptr + STATE_INV_YSUM * NDR + idx, mask=in_range, other=0.0)
+    ll = tl.load(saved_ptr + STATE_LN_L * NDR + idx, mask=in_range, other=0.0)
+    return m, il, iy, ll
+
+
+@triton.jit
+def row_losses(rows_ptr, idx, in_range, REVERSE: tl.constexpr):
+    """The losses of softmax rows ``idx`` where reverse KL's dS reads them (0 for forward KL)."""
+    L = tl.zeros(idx.shape, dtype=tl.float32)
+    if REVERSE:
+        L = tl.load(rows_ptr + idx, mask=in_range, other=0.0)
+    return L
+
+
+@triton.jit
+def scaled_w(dS, pa, rb, cb, inv_gmax):
+    """W = dS p_i p_j / gmax on a tile (module doc): ``pa`` = p_i of the rows, p_j = r_j / c_j of
+    the columns (``cb`` 1 where a column is absent: its r_j and dS are 0)."""
+    return dS * (pa[:, None] * (rb / cb)[None, :]) * inv_gmax
 
 
 @triton.jit
@@ -150,19 +179,15 @@ def _fused_rows(
     """acc += sum_j W_ij b'_j over every column of one softmax block (gallery k or the queries).
 
     S is rebuilt with the forward's own dot (`logit_dot`, the same BLOCK_K steps): P =
-    exp2(t - m - log2 l) must see the t its (m, l) came from, bit for bit, for the column's
-    softmax too (the forward computed it with the operands swapped). One rounding of
-    difference is u |t| in log P (~3e-5 at s = 200), which the cancelling sum of dL/ds showed;
-    at |t| ~ 1e22 it is inf (issue 26.4)."""
+    exp2(t - m) / l must see the t its (m, l) came from, bit for bit, for the column's softmax
+    too (the forward computed it with the operands swapped). One rounding of difference is
+    u |t| in log P (~3e-5 at s = 200), which the cancelling sum of dL/ds showed; at |t| ~ 1e22
+    it is inf (issue 26.4)."""
     arow = a_dir + rows
-    m_r = tl.load(saved_ptr + arow, mask=row_in, other=0.0)
-    il_r = tl.load(saved_ptr + NDR + arow, mask=row_in, other=0.0)
-    ll_r = tl.load(saved_ptr + 3 * NDR + arow, mask=row_in, other=0.0)
+    m_r, il_r, _iy_r, ll_r = softmax_state(saved_ptr, NDR, arow, row_in)          # 1 / ysum: row_weights'
     w_r, iy_r = row_weights(idx=arow, in_range=row_in, k=k, saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr, s_dv=s_dv,
                             drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, coef=coef_a, cnt_row=cnt_a, MEAN=MEAN)
-    L_r = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    if REVERSE:
-        L_r = tl.load(rows_ptr + arow, mask=row_in, other=0.0)
+    L_r = row_losses(rows_ptr, arow, row_in, REVERSE)
     offs_d = tl.arange(0, BLOCK_D)
     d_in = offs_d < D
     for n0 in range(0, n_cols, BLOCK_N):
@@ -177,21 +202,17 @@ def _fused_rows(
         b_tile = tl.load(b_ptr + cols[:, None] * sb_row + offs_d[None, :] * sb_d,
                          mask=col_ok[:, None] & d_in[None, :], other=0.0)                    # [BN, BD]
         bcol = b_pre + cols
-        rb = tl.load(pre_ptr + bcol, mask=col_ok, other=0.0)
-        cb = tl.load(pre_ptr + NR + bcol, mask=col_ok, other=0.0)
+        rb = tl.load(pre_ptr + PRE_R * NR + bcol, mask=col_ok, other=0.0)
+        cb = tl.load(pre_ptr + PRE_C * NR + bcol, mask=col_ok, other=1.0)
         cos, t = log2_logits(dot, ra, rb, s_log2e)
         both = row_ok[:, None] & col_ok[None, :]
         y = label_tile(ai=ai, b_ids=b_ids, b_off=b_ioff, sb_id=sb_id, lab=lab, lab_off=lab_off, sl_row=sl_row,
                        sl_col=sl_col, rows=rows, cols=cols, col_in=col_in, both=both, DENSE=DENSE)
         ccol = b_dir + cols
-        m_c = tl.load(saved_ptr + ccol, mask=col_in, other=0.0)
-        il_c = tl.load(saved_ptr + NDR + ccol, mask=col_in, other=0.0)
-        ll_c = tl.load(saved_ptr + 3 * NDR + ccol, mask=col_in, other=0.0)
+        m_c, il_c, _iy_c, ll_c = softmax_state(saved_ptr, NDR, ccol, col_in)
         w_c, iy_c = row_weights(idx=ccol, in_range=col_in, k=k, saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr, s_dv=s_dv,
                                 drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, coef=coef_b, cnt_row=cnt_b, MEAN=MEAN)
-        L_c = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        if REVERSE:
-            L_c = tl.load(rows_ptr + ccol, mask=col_in, other=0.0)
+        L_c = row_losses(rows_ptr, ccol, col_in, REVERSE)
         g_r, g_c = ds_tile(t=t, y=y, both=both,
                            m_r=m_r, il_r=il_r, ll_r=ll_r, iy_r=iy_r, w_r=w_r, L_r=L_r,
                            m_c=m_c, il_c=il_c, ll_c=ll_c, iy_c=iy_c, w_c=w_c, L_c=L_c,
@@ -199,7 +220,7 @@ def _fused_rows(
         dS = g_r + g_c
         if WANT_DSCALE:
             ds_acc += scale_grad_rows(g_r, g_c, cos, m_r, m_c, 1.0 / s_log2e)
-        W = dS * (pa[:, None] * (rb / tl.where(col_ok, cb, 1.0))[None, :]) * inv_gmax
+        W = scaled_w(dS, pa, rb, cb, inv_gmax)
         b_op = half_operand(b_tile.to(tl.float32) * cb[:, None], HALF, UPCAST)          # c_j b_j: exact
         acc = accumulate_product(acc, W, b_op, HALF, IS_FP32, UPCAST, DOT_PRECISION)
     return acc, ds_acc
@@ -226,21 +247,38 @@ def store_gradient(out_ptr, so_row, so_d, rows, row_in, offs_d, d_in, g, OUT: tl
 
 
 @triton.jit
+def _gallery_weights(k, top, w_ptr, saved_ptr, NDR, dv_ptr, s_dv, drows_ptr, red_ptr, K, N, M, coef_q, coef_g,
+                     MEAN: tl.constexpr, BLOCK: tl.constexpr):
+    """The weights (`row_weights`) of gallery k's softmax rows (the q rows against it, then its own),
+    BLOCK at a time: stored at ``w_ptr`` (None: not stored); returns ``top`` [BLOCK], a running
+    max |w|, raised by them."""
+    for i0 in range(0, N, BLOCK):
+        i = i0 + tl.arange(0, BLOCK).to(tl.int64)
+        w, _ = row_weights(idx=k * N + i, in_range=i < N, k=k, saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr, s_dv=s_dv,
+                           drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, coef=coef_q, cnt_row=RED_VALID_Q2G, MEAN=MEAN)
+        if w_ptr is not None:
+            tl.store(w_ptr + k * N + i, w, mask=i < N)
+        top = tl.maximum(top, tl.abs(w))
+    for j0 in range(0, M, BLOCK):
+        j = j0 + tl.arange(0, BLOCK).to(tl.int64)
+        idx = K * N + k * M + j
+        w, _ = row_weights(idx=idx, in_range=j < M, k=k, saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr, s_dv=s_dv,
+                           drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, coef=coef_g, cnt_row=RED_VALID_G2Q, MEAN=MEAN)
+        if w_ptr is not None:
+            tl.store(w_ptr + idx, w, mask=j < M)
+        top = tl.maximum(top, tl.abs(w))
+    return top
+
+
+@triton.jit
 def _max_weight(saved_ptr, NDR, dv_ptr, s_dv, drows_ptr, red_ptr, K, N, M, coef_q, coef_g,
                 MEAN: tl.constexpr, BLOCK: tl.constexpr):
     """max |w| over every softmax row (for fp16 workspaces), at least the smallest normal float."""
     top = tl.zeros((BLOCK,), dtype=tl.float32)
     for k in range(0, K):
-        for i0 in range(0, N, BLOCK):
-            i = i0 + tl.arange(0, BLOCK).to(tl.int64)
-            w, _ = row_weights(idx=k * N + i, in_range=i < N, k=k, saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr,
-                               s_dv=s_dv, drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, coef=coef_q, cnt_row=1, MEAN=MEAN)
-            top = tl.maximum(top, tl.abs(w))
-        for j0 in range(0, M, BLOCK):
-            j = j0 + tl.arange(0, BLOCK).to(tl.int64)
-            w, _ = row_weights(idx=K * N + k * M + j, in_range=j < M, k=k, saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr,
-                               s_dv=s_dv, drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, coef=coef_g, cnt_row=3, MEAN=MEAN)
-            top = tl.maximum(top, tl.abs(w))
+        top = _gallery_weights(k=k, top=top, w_ptr=None, saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr, s_dv=s_dv,
+                               drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, N=N, M=M, coef_q=coef_q, coef_g=coef_g,
+                               MEAN=MEAN, BLOCK=BLOCK)
     return tl.maximum(tl.max(top, axis=0), FLT_MIN)
 
 
@@ -257,11 +295,12 @@ def _fused_grad_kernel(
     WANT_DSCALE: tl.constexpr, SCALE_W: tl.constexpr,
     HALF: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """Programs [0, n_q_programs): BLOCK_M q rows against every gallery -> dq rows (and the
     dL/ds partial); the rest: BLOCK_M rows of one gallery against the queries -> dg rows.
-    ``dg`` is [K * M, D] (contiguous rows per gallery)."""
+    ``dg`` is [K * M, D] (contiguous rows per gallery). BLOCK_W: rows per step of the fp16
+    scale's walk over every weight (SCALE_W)."""
     pid = tl.program_id(0)
     NR = N + K * M
     NDR = K * N + K * M
@@ -272,7 +311,7 @@ def _fused_grad_kernel(
     gmax = 1.0
     if SCALE_W:
         gmax = _max_weight(saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr, s_dv=s_dv, drows_ptr=drows_ptr,
-                           red_ptr=red_ptr, K=K, N=N, M=M, coef_q=coef_q, coef_g=coef_g, MEAN=MEAN, BLOCK=256)
+                           red_ptr=red_ptr, K=K, N=N, M=M, coef_q=coef_q, coef_g=coef_g, MEAN=MEAN, BLOCK=BLOCK_W)
     inv_gmax = 1.0 / gmax
     offs_d = tl.arange(0, BLOCK_D)
     d_in = offs_d < D
@@ -282,8 +321,8 @@ def _fused_grad_kernel(
         rows = (pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)).to(INDEX)
         row_in = rows < N
         row_ok = present(q_msk, 0, s_qmsk, rows, row_in)
-        ra = tl.load(pre_ptr + rows, mask=row_in, other=0.0)
-        ca = tl.load(pre_ptr + NR + rows, mask=row_in, other=1.0)
+        ra = tl.load(pre_ptr + PRE_R * NR + rows, mask=row_in, other=0.0)
+        ca = tl.load(pre_ptr + PRE_C * NR + rows, mask=row_in, other=1.0)
         pa = ra / ca
         ai = row_ids(q_ids, 0, s_qid, rows, row_in, DENSE)
         for k in range(0, K):
@@ -295,12 +334,12 @@ def _fused_grad_kernel(
                 pre_ptr=pre_ptr, NR=NR, b_pre=N + k * M, saved_ptr=saved_ptr, rows_ptr=rows_ptr, NDR=NDR,
                 a_dir=k * N, b_dir=K * N + k * M,
                 dv_ptr=dv_ptr, s_dv=s_dv, drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, k=k,
-                coef_a=coef_q, coef_b=coef_g, cnt_a=1, cnt_b=3,
+                coef_a=coef_q, coef_b=coef_g, cnt_a=RED_VALID_Q2G, cnt_b=RED_VALID_G2Q,
                 rows=rows, row_in=row_in, n_cols=M, D=D, s_log2e=s_log2e, eps=eps, ln_eps=ln_eps, inv_gmax=inv_gmax,
                 REVERSE=REVERSE, DENSE=DENSE, MEAN=MEAN, WANT_DSCALE=WANT_DSCALE,
                 HALF=HALF, IS_FP32=IS_FP32, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
                 INDEX=INDEX, A_IS_Q=True, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D)
-        norm = tl.load(pre_ptr + 2 * NR + rows, mask=row_in, other=0.0)
+        norm = tl.load(pre_ptr + PRE_NORM * NR + rows, mask=row_in, other=0.0)
         x = tl.load(q_ptr + rows[:, None] * sq_row + offs_d[None, :] * sq_d,
                     mask=row_ok[:, None] & d_in[None, :], other=0.0).to(tl.float32)
         if dq_ptr is not None:   # None: dq not asked for (these programs ran for dL/ds)
@@ -318,8 +357,8 @@ def _fused_grad_kernel(
         row_ok = present(g_msk, gal * s_gmsk_gal, s_gmsk, rows, row_in)
         gk = g_ptr + gal * sg_gal
         srow = N + gal * M + rows
-        ra = tl.load(pre_ptr + srow, mask=row_in, other=0.0)
-        ca = tl.load(pre_ptr + NR + srow, mask=row_in, other=1.0)
+        ra = tl.load(pre_ptr + PRE_R * NR + srow, mask=row_in, other=0.0)
+        ca = tl.load(pre_ptr + PRE_C * NR + srow, mask=row_in, other=1.0)
         pa = ra / ca
         ai = row_ids(g_ids, gal * s_gid_gal, s_gid, rows, row_in, DENSE)
         acc, ds_acc = _fused_rows(
@@ -330,12 +369,12 @@ def _fused_grad_kernel(
             pre_ptr=pre_ptr, NR=NR, b_pre=0, saved_ptr=saved_ptr, rows_ptr=rows_ptr, NDR=NDR,
             a_dir=K * N + gal * M, b_dir=gal * N,
             dv_ptr=dv_ptr, s_dv=s_dv, drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, k=gal,
-            coef_a=coef_g, coef_b=coef_q, cnt_a=3, cnt_b=1,
+            coef_a=coef_g, coef_b=coef_q, cnt_a=RED_VALID_G2Q, cnt_b=RED_VALID_Q2G,
             rows=rows, row_in=row_in, n_cols=N, D=D, s_log2e=s_log2e, eps=eps, ln_eps=ln_eps, inv_gmax=inv_gmax,
             REVERSE=REVERSE, DENSE=DENSE, MEAN=MEAN, WANT_DSCALE=False,
             HALF=HALF, IS_FP32=IS_FP32, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
             INDEX=INDEX, A_IS_Q=False, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D)
-        norm = tl.load(pre_ptr + 2 * NR + srow, mask=row_in, other=0.0)
+        norm = tl.load(pre_ptr + PRE_NORM * NR + srow, mask=row_in, other=0.0)
         x = tl.load(gk + rows[:, None] * sg_row + offs_d[None, :] * sg_d,
                     mask=row_ok[:, None] & d_in[None, :], other=0.0).to(tl.float32)
         if dg_ptr is not None:   # None: no gallery programs are launched (this branch must still compile)
@@ -354,17 +393,9 @@ def _weights_kernel(saved_ptr, dv_ptr, s_dv, drows_ptr, red_ptr, w_ptr, N, M, K,
     """w[NDR] (`row_weights`) for every softmax row; program k handles gallery k."""
     k = tl.program_id(0).to(tl.int64)
     NDR = K * N + K * M
-    for i0 in range(0, N, BLOCK):
-        i = i0 + tl.arange(0, BLOCK).to(tl.int64)
-        w, _ = row_weights(idx=k * N + i, in_range=i < N, k=k, saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr, s_dv=s_dv,
-                           drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, coef=coef_q, cnt_row=1, MEAN=MEAN)
-        tl.store(w_ptr + k * N + i, w, mask=i < N)
-    for j0 in range(0, M, BLOCK):
-        j = j0 + tl.arange(0, BLOCK).to(tl.int64)
-        idx = K * N + k * M + j
-        w, _ = row_weights(idx=idx, in_range=j < M, k=k, saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr, s_dv=s_dv,
-                           drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, coef=coef_g, cnt_row=3, MEAN=MEAN)
-        tl.store(w_ptr + idx, w, mask=j < M)
+    _gallery_weights(k=k, top=tl.zeros((BLOCK,), dtype=tl.float32), w_ptr=w_ptr, saved_ptr=saved_ptr, NDR=NDR,
+                     dv_ptr=dv_ptr, s_dv=s_dv, drows_ptr=drows_ptr, red_ptr=red_ptr, K=K, N=N, M=M, coef_q=coef_q,
+                     coef_g=coef_g, MEAN=MEAN, BLOCK=BLOCK)
 
 
 @triton.jit(do_not_specialize=["M", "s0"])
@@ -377,7 +408,7 @@ def _operand_kernel(x_ptr, sx_gal, sx_row, sx_d, msk, s_msk_gal, s_msk, pre_ptr,
     row_in = j < M
     keep = present(msk, k * s_msk_gal, s_msk, j, row_in)
     rows = k * M + j
-    c = tl.load(pre_ptr + NR + s0 + rows, mask=row_in, other=0.0)
+    c = tl.load(pre_ptr + PRE_C * NR + s0 + rows, mask=row_in, other=0.0)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_in = offs_d < D
@@ -426,11 +457,11 @@ def _grad_chunk_kernel(
     dot = dot_tile(a_ptr=q_ptr, sa_row=sq_row, sa_d=sq_d, rows=rows, row_in=row_ok,
                    b_ptr=gk, sb_row=sg_row, sb_d=sg_d, cols=cols, col_in=col_ok, D=D,
                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION)
-    ra = tl.load(pre_ptr + rows, mask=row_in, other=0.0)
-    ca = tl.load(pre_ptr + NR + rows, mask=row_in, other=1.0)
+    ra = tl.load(pre_ptr + PRE_R * NR + rows, mask=row_in, other=0.0)
+    ca = tl.load(pre_ptr + PRE_C * NR + rows, mask=row_in, other=1.0)
     bcol = N + k * M + cols
-    rb = tl.load(pre_ptr + bcol, mask=col_ok, other=0.0)
-    cb = tl.load(pre_ptr + NR + bcol, mask=col_ok, other=1.0)
+    rb = tl.load(pre_ptr + PRE_R * NR + bcol, mask=col_ok, other=0.0)
+    cb = tl.load(pre_ptr + PRE_C * NR + bcol, mask=col_ok, other=1.0)
     cos, t = log2_logits(dot, ra, rb, s_log2e)
     both = row_ok[:, None] & col_ok[None, :]
     ai = row_ids(q_ids, 0, s_qid, rows, row_in, DENSE)
@@ -438,21 +469,12 @@ def _grad_chunk_kernel(
                    sl_col=sl_g, rows=rows, cols=cols, col_in=col_in, both=both, DENSE=DENSE)
     arow = k * N + rows
     ccol = K * N + k * M + cols
-    m_r = tl.load(saved_ptr + arow, mask=row_in, other=0.0)
-    il_r = tl.load(saved_ptr + NDR + arow, mask=row_in, other=0.0)
-    iy_r = tl.load(saved_ptr + 2 * NDR + arow, mask=row_in, other=0.0)
-    ll_r = tl.load(saved_ptr + 3 * NDR + arow, mask=row_in, other=0.0)
+    m_r, il_r, iy_r, ll_r = softmax_state(saved_ptr, NDR, arow, row_in)
     w_r = tl.load(w_ptr + arow, mask=row_in, other=0.0)
-    m_c = tl.load(saved_ptr + ccol, mask=col_in, other=0.0)
-    il_c = tl.load(saved_ptr + NDR + ccol, mask=col_in, other=0.0)
-    iy_c = tl.load(saved_ptr + 2 * NDR + ccol, mask=col_in, other=0.0)
-    ll_c = tl.load(saved_ptr + 3 * NDR + ccol, mask=col_in, other=0.0)
+    m_c, il_c, iy_c, ll_c = softmax_state(saved_ptr, NDR, ccol, col_in)
     w_c = tl.load(w_ptr + ccol, mask=col_in, other=0.0)
-    L_r = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    L_c = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if REVERSE:
-        L_r = tl.load(rows_ptr + arow, mask=row_in, other=0.0)
-        L_c = tl.load(rows_ptr + ccol, mask=col_in, other=0.0)
+    L_r = row_losses(rows_ptr, arow, row_in, REVERSE)
+    L_c = row_losses(rows_ptr, ccol, col_in, REVERSE)
     g_r, g_c = ds_tile(t=t, y=y, both=both,
                        m_r=m_r, il_r=il_r, ll_r=ll_r, iy_r=iy_r, w_r=w_r, L_r=L_r,
                        m_c=m_c, il_c=il_c, ll_c=ll_c, iy_c=iy_c, w_c=w_c, L_c=L_c,
@@ -460,7 +482,7 @@ def _grad_chunk_kernel(
     dS = g_r + g_c
     if WANT_DSCALE:
         tl.store(dscale_ptr + pid_n * N + rows, scale_grad_rows(g_r, g_c, cos, m_r, m_c, 1.0 / s_log2e), mask=row_in)
-    W = dS * ((ra / ca)[:, None] * (rb / cb)[None, :]) * inv_gmax
+    W = scaled_w(dS, ra / ca, rb, cb, inv_gmax)
     width = col1 - col0
     offs = rows[:, None] * s_ws_row + (cols - col0)[None, :]
     tile_in = row_in[:, None] & col_in[None, :]
@@ -489,9 +511,9 @@ def _input_grad_kernel(u_ptr, su_row, u2_ptr, x_ptr, sx_gal, sx_row, sx_d, msk, 
     if gmax_ptr is not None:
         gmax = tl.load(gmax_ptr)
     srow = s0 + k * M + j
-    r = tl.load(pre_ptr + srow, mask=row_in, other=0.0)
-    c = tl.load(pre_ptr + NR + srow, mask=row_in, other=0.0)
-    norm = tl.load(pre_ptr + 2 * NR + srow, mask=row_in, other=0.0)
+    r = tl.load(pre_ptr + PRE_R * NR + srow, mask=row_in, other=0.0)
+    c = tl.load(pre_ptr + PRE_C * NR + srow, mask=row_in, other=0.0)
+    norm = tl.load(pre_ptr + PRE_NORM * NR + srow, mask=row_in, other=0.0)
     factor = s * c * gmax
     radial = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if NORMALIZE:

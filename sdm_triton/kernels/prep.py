@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .. import options as _contract
+from .slots import LAB_YLNY, LAB_YSUM, PRE_C, PRE_NORM, PRE_R
 from .tiles import load_labels, pow2_below, present
 
 NORM_EPS = tl.constexpr(_contract.NORM_EPS)
@@ -50,8 +51,8 @@ def _square_sums(a_ptr, sa_row, sa_d, rows, row_ok, D, scale, SCALED: tl.constex
 
 @triton.jit
 def _prep_rows(
-    a_ptr, sa_row, sa_d, a_msk, a_moff, s_amsk, a_ids, a_ioff, sa_id,
-    b_msk, b_moff, s_bmsk, b_ids, b_ioff, sb_id, lab, lab_off, sl_row, sl_col,
+    a_ptr, sa_row, sa_d, a_msk, a_moff, s_amsk,
+    b_msk, b_moff, s_bmsk, lab, lab_off, sl_row, sl_col,
     pre_ptr, NR, a_pre, lab_ptr, NDR, a_dir,
     row0, n_rows, n_cols, D,
     WRITE_NORMS, NORMALIZE: tl.constexpr, DENSE: tl.constexpr,
@@ -73,9 +74,9 @@ def _prep_rows(
         r = 1.0 / safe if NORMALIZE else tl.full((BLOCK_M,), 1.0, tl.float32)
         if NORMALIZE:
             r = tl.where(norm >= NORM_LIMIT, float("nan"), r)
-        tl.store(pre_ptr + a_pre + rows, r, mask=row_in)
-        tl.store(pre_ptr + NR + a_pre + rows, pow2_below(safe), mask=row_in)
-        tl.store(pre_ptr + 2 * NR + a_pre + rows, norm, mask=row_in)
+        tl.store(pre_ptr + PRE_R * NR + a_pre + rows, r, mask=row_in)
+        tl.store(pre_ptr + PRE_C * NR + a_pre + rows, pow2_below(safe), mask=row_in)
+        tl.store(pre_ptr + PRE_NORM * NR + a_pre + rows, norm, mask=row_in)
 
     if DENSE:   # with ids the statistics pass counts the positives on its tiles (stats.py)
         ysum = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -93,8 +94,8 @@ def _prep_rows(
         # a mass past fp32's range (weights near 1e38 / LABEL_SCALE) is NaN, never a finite loss
         ysum = tl.where(tl.abs(ysum) == float("inf"), float("nan"), ysum)
         ylny = tl.where(tl.abs(ylny) == float("inf"), float("nan"), ylny)
-        tl.store(lab_ptr + a_dir + rows, ysum, mask=row_in)
-        tl.store(lab_ptr + NDR + a_dir + rows, ylny, mask=row_in)
+        tl.store(lab_ptr + LAB_YSUM * NDR + a_dir + rows, ysum, mask=row_in)
+        tl.store(lab_ptr + LAB_YLNY * NDR + a_dir + rows, ylny, mask=row_in)
 
 
 # Sizes change from batch to batch: no divisibility specialisation on them.
@@ -102,7 +103,6 @@ def _prep_rows(
 def _prep_kernel(
     q_ptr, sq_row, sq_d, g_ptr, sg_gal, sg_row, sg_d,
     q_msk, s_qmsk, g_msk, s_gmsk_gal, s_gmsk,
-    q_ids, s_qid, g_ids, s_gid_gal, s_gid,
     lab, sl_q, sl_gal, sl_g,
     pre_ptr, lab_ptr,
     N, M, K, n_q_programs, D,
@@ -118,8 +118,8 @@ def _prep_kernel(
         row0 = (pid // K).to(tl.int64) * BLOCK_M
         _prep_rows(
             a_ptr=q_ptr, sa_row=sq_row, sa_d=sq_d,
-            a_msk=q_msk, a_moff=0, s_amsk=s_qmsk, a_ids=q_ids, a_ioff=0, sa_id=s_qid,
-            b_msk=g_msk, b_moff=k * s_gmsk_gal, s_bmsk=s_gmsk, b_ids=g_ids, b_ioff=k * s_gid_gal, sb_id=s_gid,
+            a_msk=q_msk, a_moff=0, s_amsk=s_qmsk,
+            b_msk=g_msk, b_moff=k * s_gmsk_gal, s_bmsk=s_gmsk,
             lab=lab, lab_off=k * sl_gal, sl_row=sl_q, sl_col=sl_g,
             pre_ptr=pre_ptr, NR=NR, a_pre=0, lab_ptr=lab_ptr, NDR=NDR, a_dir=k * N,
             row0=row0, n_rows=N, n_cols=M, D=D,
@@ -132,8 +132,8 @@ def _prep_kernel(
         row0 = (p % m_blocks).to(tl.int64) * BLOCK_M
         _prep_rows(
             a_ptr=g_ptr + k * sg_gal, sa_row=sg_row, sa_d=sg_d,
-            a_msk=g_msk, a_moff=k * s_gmsk_gal, s_amsk=s_gmsk, a_ids=g_ids, a_ioff=k * s_gid_gal, sa_id=s_gid,
-            b_msk=q_msk, b_moff=0, s_bmsk=s_qmsk, b_ids=q_ids, b_ioff=0, sb_id=s_qid,
+            a_msk=g_msk, a_moff=k * s_gmsk_gal, s_amsk=s_gmsk,
+            b_msk=q_msk, b_moff=0, s_bmsk=s_qmsk,
             lab=lab, lab_off=k * sl_gal, sl_row=sl_g, sl_col=sl_q,
             pre_ptr=pre_ptr, NR=NR, a_pre=N + k * M, lab_ptr=lab_ptr, NDR=NDR, a_dir=K * N + k * M,
             row0=row0, n_rows=M, n_cols=N, D=D,

@@ -22,10 +22,16 @@ logits and their count), where the tile is in registers anyway.
 import triton
 import triton.language as tl
 
-from .tiles import (ABSENT, LOG2E, NEG_BIG, as_f32, label_tile, load_ids, load_scale, log2_logits, logit_dot, present,
-                    row_ids)
+from .slots import LAB_YSUM, PRE_R
+from .tiles import (ABSENT, LOG2E, NEG_BIG, as_f32, label_tile, load_scale, log2_logits, logit_dot, present,
+                    row_ids, same_ids)
 
 NUM_STATS = tl.constexpr(5)   # m, l, lin, pos, logy (dense labels) | cnt (identity labels)
+#: The slots of ``out[s]`` (per softmax row: ``slot * NDR + row``), finish.py reads them.
+SLOT_M = tl.constexpr(0)
+SLOT_L = tl.constexpr(1)
+SLOT_LIN = tl.constexpr(2)
+SLOT_POS = tl.constexpr(3)
 #: The fifth statistic (slot 4 of ``out[s]``) has two meanings, by DENSE: logy with dense labels
 #: (reverse KL only), cnt, the count of positives, with identity labels (their label mass). Each
 #: name is used where its meaning holds (here and in finish.py).
@@ -38,7 +44,7 @@ def _stats_rows(
     a_ptr, sa_row, sa_d, b_ptr, sb_row, sb_d,
     a_msk, a_moff, s_amsk, b_msk, b_moff, s_bmsk, a_ids, a_ioff, sa_id, b_ids, b_ioff, sb_id,
     lab, lab_off, sl_row, sl_col,
-    pre_ptr, a_pre, b_pre, lab_ptr, a_dir, out_ptr, NDR,
+    pre_ptr, NR, a_pre, b_pre, lab_ptr, a_dir, out_ptr, NDR,
     row0, n_rows, col0, col1, D, scale_log2e, eps,
     REVERSE: tl.constexpr, DENSE: tl.constexpr, WANT_POS: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX: tl.constexpr, A_IS_Q: tl.constexpr,
@@ -47,11 +53,11 @@ def _stats_rows(
     rows = (row0 + tl.arange(0, BLOCK_M)).to(INDEX)
     row_in = rows < n_rows
     row_ok = present(a_msk, a_moff, s_amsk, rows, row_in)
-    ra = tl.load(pre_ptr + a_pre + rows, mask=row_in, other=0.0)
+    ra = tl.load(pre_ptr + PRE_R * NR + a_pre + rows, mask=row_in, other=0.0)
     ai = row_ids(a_ids, a_ioff, sa_id, rows, row_in, DENSE)
     inv_ya = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if DENSE and REVERSE:   # Y = y / ysum inside the log: the label mass comes first (prep.py)
-        ysum = tl.load(lab_ptr + a_dir + rows, mask=row_in, other=0.0)
+        ysum = tl.load(lab_ptr + LAB_YSUM * NDR + a_dir + rows, mask=row_in, other=0.0)
         inv_ya = tl.where(ysum > 0, 1.0 / ysum, 0.0)
     m = tl.full((BLOCK_M,), NEG_BIG, dtype=tl.float32)
     l = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -66,7 +72,7 @@ def _stats_rows(
                         b_ptr=b_ptr, sb_row=sb_row, sb_d=sb_d, cols=cols, col_in=col_ok, D=D,
                         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
                         A_IS_Q=A_IS_Q)
-        rb = tl.load(pre_ptr + b_pre + cols, mask=col_ok, other=0.0)
+        rb = tl.load(pre_ptr + PRE_R * NR + b_pre + cols, mask=col_ok, other=0.0)
         _, t = log2_logits(acc, ra, rb, scale_log2e)                          # [BM, BN], log2 domain
         t = tl.where(col_ok[None, :], t, ABSENT)
         m_new = tl.maximum(m, tl.max(t, axis=1))
@@ -80,8 +86,7 @@ def _stats_rows(
                            DENSE=DENSE)
             positive = y > 0
         else:
-            bi = load_ids(b_ids, b_ioff, sb_id, cols, col_ok)
-            positive = (ai[:, None] == bi[None, :]) & col_ok[None, :]
+            positive = same_ids(ai, b_ids, b_ioff, sb_id, cols, col_ok) & col_ok[None, :]
             cnt += tl.sum(positive.to(tl.float32), axis=1)
         if REVERSE:
             lin = alpha * (lin + (m - m_new) * l) + tl.sum(p * (t - m_new[:, None]), axis=1)
@@ -96,11 +101,11 @@ def _stats_rows(
         l = alpha * l + tl.sum(p, axis=1)
         m = m_new
     out = out_ptr + a_dir + rows
-    tl.store(out, m, mask=row_in)
-    tl.store(out + NDR, l, mask=row_in)
-    tl.store(out + 2 * NDR, lin, mask=row_in)
+    tl.store(out + SLOT_M * NDR, m, mask=row_in)
+    tl.store(out + SLOT_L * NDR, l, mask=row_in)
+    tl.store(out + SLOT_LIN * NDR, lin, mask=row_in)
     if WANT_POS:
-        tl.store(out + 3 * NDR, pos, mask=row_in)
+        tl.store(out + SLOT_POS * NDR, pos, mask=row_in)
     if DENSE and REVERSE:
         tl.store(out + SLOT_LOGY * NDR, logy, mask=row_in)
     if not DENSE:
@@ -124,6 +129,7 @@ def _stats_kernel(
     segments) of gallery rows. ``out`` is [segments, NUM_STATS, NDR]: program p of a segment
     s writes out[s]. ``scale_ptr`` None: the scale is ``scale_value``."""
     pid = tl.program_id(0)
+    NR = N + K * M
     NDR = K * N + K * M
     s_log2e = load_scale(scale_ptr, scale_value) * LOG2E
     eps = as_f32(eps)
@@ -138,7 +144,7 @@ def _stats_kernel(
             a_msk=q_msk, a_moff=0, s_amsk=s_qmsk, b_msk=g_msk, b_moff=k * s_gmsk_gal, s_bmsk=s_gmsk,
             a_ids=q_ids, a_ioff=0, sa_id=s_qid, b_ids=g_ids, b_ioff=k * s_gid_gal, sb_id=s_gid,
             lab=lab, lab_off=k * sl_gal, sl_row=sl_q, sl_col=sl_g,
-            pre_ptr=pre_ptr, a_pre=0, b_pre=N + k * M, lab_ptr=lab_ptr, a_dir=k * N,
+            pre_ptr=pre_ptr, NR=NR, a_pre=0, b_pre=N + k * M, lab_ptr=lab_ptr, a_dir=k * N,
             out_ptr=out_ptr + seg * (NUM_STATS * NDR), NDR=NDR,
             row0=row0, n_rows=N, col0=col0, col1=tl.minimum(col0 + seg_cols_q, M), D=D, scale_log2e=s_log2e, eps=eps,
             REVERSE=REVERSE, DENSE=DENSE, WANT_POS=WANT_POS, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
@@ -156,7 +162,7 @@ def _stats_kernel(
             a_msk=g_msk, a_moff=k * s_gmsk_gal, s_amsk=s_gmsk, b_msk=q_msk, b_moff=0, s_bmsk=s_qmsk,
             a_ids=g_ids, a_ioff=k * s_gid_gal, sa_id=s_gid, b_ids=q_ids, b_ioff=0, sb_id=s_qid,
             lab=lab, lab_off=k * sl_gal, sl_row=sl_g, sl_col=sl_q,
-            pre_ptr=pre_ptr, a_pre=N + k * M, b_pre=0, lab_ptr=lab_ptr, a_dir=K * N + k * M,
+            pre_ptr=pre_ptr, NR=NR, a_pre=N + k * M, b_pre=0, lab_ptr=lab_ptr, a_dir=K * N + k * M,
             out_ptr=out_ptr + seg * (NUM_STATS * NDR), NDR=NDR,
             row0=row0, n_rows=M, col0=col0, col1=tl.minimum(col0 + seg_cols_g, N), D=D, scale_log2e=s_log2e, eps=eps,
             REVERSE=REVERSE, DENSE=DENSE, WANT_POS=WANT_POS, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,

@@ -165,6 +165,14 @@ def load_ids(ids_ptr, off, s_id, idx, in_range):
 
 
 @triton.jit
+def same_ids(ai, b_ids, b_off, sb_id, cols, col_in):
+    """[BLOCK_M, BLOCK_N] bool: id_i == id_j, the rows' ids ``ai`` (`row_ids`) against those of
+    columns ``cols`` (loaded where ``col_in``)."""
+    bi = load_ids(b_ids, b_off, sb_id, cols, col_in)
+    return ai[:, None] == bi[None, :]
+
+
+@triton.jit
 def row_ids(a_ids, off, sa_id, rows, row_in, DENSE: tl.constexpr):
     """The rows' identity labels (loaded once per program; 0 with dense labels)."""
     if DENSE:
@@ -176,7 +184,7 @@ def row_ids(a_ids, off, sa_id, rows, row_in, DENSE: tl.constexpr):
 
 #: Dense labels are multiplied by 2^24 as they are loaded (exact): only Y = y / ysum matters,
 #: and the scaling keeps ysum and 1 / ysum normal fp32 numbers for subnormal labels (all ~1e-42
-#: gave 1 / ysum = inf, then NaN). Values above 2^104 (~2e31) overflow to inf: a NaN loss.
+#: gave 1 / ysum = inf, then NaN). Its price in range (from ~1e29, a NaN loss): options.LABEL_SCALE.
 LABEL_SCALE = tl.constexpr(_contract.LABEL_SCALE)
 
 
@@ -198,8 +206,7 @@ def label_tile(ai, b_ids, b_off, sb_id, lab, lab_off, sl_row, sl_col, rows, cols
     if DENSE:
         y = load_labels(lab, lab_off, sl_row, sl_col, rows, cols, both)
     else:
-        bi = load_ids(b_ids, b_off, sb_id, cols, col_in)
-        y = (ai[:, None] == bi[None, :]).to(tl.float32)
+        y = same_ids(ai, b_ids, b_off, sb_id, cols, col_in).to(tl.float32)
     return tl.where(both, y, 0.0)
 
 

@@ -12,8 +12,9 @@ one module per role as there:
                  and the input-gradient kernel (large problems; workspace bounded by
                  ``workspace_bytes``); `backward_path` picks one.
 
-What is chosen by size (the backward path, every tile shape) is chosen in
-`sdm_triton.dispatch`; `KernelConfig` fields given by the caller win over its tiles.
+    policy.py    what is chosen by size: the backward path (`backward_path`), every tile shape
+                 (``TILES``), the forward's column segments; `KernelConfig` fields given by the
+                 caller win over its tiles.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from __future__ import annotations
 import torch
 
 from ..backend import ForwardOut
-from ..dispatch import FUSED_MAX_D, FUSED_MAX_LOGITS, backward_path, interpreting
 from ..problem import Problem
 from . import backward as _backward
 from . import forward as _forward
+from .policy import backward_path, interpreting
 from .tiles import _stats_tiles, traceable_launches
 
 
@@ -70,5 +71,4 @@ def describe_path(p: Problem) -> str:
             f"backward {backward_path(p)}")
 
 
-__all__ = ["TritonBackend", "describe_path", "traceable_launches", "interpreting", "backward_path",
-           "FUSED_MAX_D", "FUSED_MAX_LOGITS"]
+__all__ = ["TritonBackend", "describe_path", "traceable_launches"]

@@ -12,8 +12,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import triton
 
-from ..backend import ForwardOut, reduction_coefficients
-from ..dispatch import backward_path, interpreting, padded_d, table_tiles
+from ..backend import ForwardOut, option_coefficients
 from ..kernels.grad import (
     _fused_grad_kernel,
     _grad_chunk_kernel,
@@ -23,11 +22,14 @@ from ..kernels.grad import (
 )
 from .. import matmul
 from ..problem import Problem
+from .policy import backward_path, interpreting, padded_d, table_tiles
 from .tiles import (_cdiv, _chunk_tiles, _dot_precision, _fused_tiles, _per_problem, _problem_index, _side_args, _span,
                     _stats_tiles, _traceable, tracing)
 
-_HALF = {torch.float16: triton.language.float16, torch.bfloat16: triton.language.bfloat16,
-         torch.float32: triton.language.float32}
+#: The input dtype as Triton names it: the kernels' HALF, the dtype of W's hi and lo halves and of
+#: the product operands (for fp32 inputs, IS_FP32, W is one fp32 product and HALF goes unused).
+_TL_DTYPE = {torch.float16: triton.language.float16, torch.bfloat16: triton.language.bfloat16,
+             torch.float32: triton.language.float32}
 
 
 class Side(NamedTuple):
@@ -75,10 +77,10 @@ def _state_coefficients_flags(p: Problem, out: ForwardOut):
     directions, and the kernels' constexpr flags."""
     buf, saved = out.state
     o = p.options
-    coef_q, coef_g = reduction_coefficients(p)
+    coef_q, coef_g = option_coefficients(o)
     dtype = p.q.dtype
     upcast = interpreting() and dtype == torch.bfloat16
-    flags = dict(REVERSE=o.reverse, DENSE=p.dense, HALF=_HALF[dtype], IS_FP32=dtype == torch.float32,
+    flags = dict(REVERSE=o.reverse, DENSE=p.dense, HALF=_TL_DTYPE[dtype], IS_FP32=dtype == torch.float32,
                  UPCAST=upcast, DOT_PRECISION=_dot_precision(dtype))
     return buf, saved, coef_q, coef_g, flags
 
@@ -103,6 +105,7 @@ def _fused_backward(p: Problem, out: ForwardOut, d_value, d_rows, want, grad_dty
         coef_q=coef_q, coef_g=coef_g, MEAN=p.options.reduction == "mean", NORMALIZE=p.options.normalize,
         WANT_DSCALE=want_scale, SCALE_W=p.q.dtype == torch.float16, INDEX=_problem_index(p), **flags,
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=_stats_tiles(p).block_k, BLOCK_D=block_d,
+        BLOCK_W=table_tiles("max_weight").block_m,
         num_warps=t.num_warps,
         num_stages=t.num_stages)
     return (dq if want_q else None), dg, (dsp.sum() if want_scale else None)
@@ -125,7 +128,9 @@ def _chunked_backward(p: Problem, out: ForwardOut, d_value, d_rows, want, grad_d
                                       red_ptr=out.red, w_ptr=w,
                                       N=n, M=m, K=k, coef_q=coef_q, coef_g=coef_g, MEAN=p.options.reduction == "mean",
                                       BLOCK=table_tiles("weights").block_m)
-    # fp16 workspaces: divide W by the largest weight (dS stays O(1), inside fp16's range)
+    # fp16 workspaces: divide W by the largest weight (dS stays O(1), inside fp16's range); the
+    # weights are in memory here, so torch takes their maximum (the fused kernel, which keeps none,
+    # recomputes them: kernels/grad.py's _max_weight)
     gmax = w.abs().amax().clamp_min(torch.finfo(f32).tiny).reshape(1) if dtype == torch.float16 else None
 
     gemm_dtype = dtype if split else f32

@@ -5,34 +5,43 @@ directions, column segments when the row blocks alone would leave the GPU idle) 
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 
 from ..backend import NUM_RED, NUM_STATS, ForwardOut, Statistics
-from ..dispatch import interpreting, padded_d, table_tiles
 from ..kernels.finish import _finish_kernel
 from ..kernels.prep import _prep_kernel
 from ..kernels.stats import NUM_STATS as _KERNEL_NUM_STATS
 from ..kernels.stats import _stats_kernel
 from ..problem import Problem
-from .tiles import _cdiv, _dot_precision, _problem_index, _side_args, _stats_tiles, _traceable
+from .policy import column_segments, interpreting, table_tiles
+from .tiles import (_cdiv, _dot_precision, _per_problem, _prep_tiles, _problem_index, _side_args, _stats_tiles,
+                    _traceable)
 
 assert _KERNEL_NUM_STATS.value == NUM_STATS, "kernels/stats.py and backend.py disagree on NUM_STATS"
 
+#: The slots of the buffers the kernels share with the host, in order (kernels/slots.py names them
+#: PRE_*, LAB_*, STATE_*; tests/test_structure.py checks that the two agree): the prepared
+#: buffer's per-sample slots, then its per-softmax-row label masses; the state the finish kernel
+#: saves per softmax row for the backward.
+PREPARED_FIELDS = ("r", "c", "norm")
+LABEL_MASS_FIELDS = ("ysum", "ylny")
+STATE_FIELDS = ("m", "inv_l", "inv_ysum", "ln_l")
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+
+@_per_problem
+def _prep_args(p: Problem) -> dict:
+    """`_side_args` but the identity labels (the preparation reads none: the statistics pass counts
+    the positives)."""
+    ids = ("q_ids", "s_qid", "g_ids", "s_gid_gal", "s_gid")
+    return {name: value for name, value in _side_args(p).items() if name not in ids}
 
 
-def _target_programs(device: torch.device) -> int:
-    """Programs that fill the GPU (two per SM); a handful under the interpreter, so that small
-    test cases still cut their columns into segments."""
-    if device.type != "cuda":
-        return 4
-    return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+def _parts(p: Problem, prepared: torch.Tensor):
+    """(per-sample slots, label masses) of the prepared buffer."""
+    n = len(PREPARED_FIELDS) * p.num_samples
+    return prepared[:n], prepared[n:]
 
 
 def _want_pos(p: Problem) -> bool:
@@ -46,36 +55,35 @@ def prepare(p: Problem, label_masses: Optional[torch.Tensor] = None) -> torch.Te
     row ysum, ylny (dense labels; from ``label_masses`` [2, NDR] when given)."""
     n, m, k, d = p.n, p.m, p.galleries, p.d
     nr, ndr = p.num_samples, p.num_rows
-    t = _stats_tiles(p)
-    buf = torch.empty(3 * nr + 2 * ndr, dtype=torch.float32, device=p.q.device)
-    pre, lab = buf[:3 * nr], buf[3 * nr:]
+    t = _prep_tiles(p)
+    buf = torch.empty(len(PREPARED_FIELDS) * nr + len(LABEL_MASS_FIELDS) * ndr, dtype=torch.float32,
+                      device=p.q.device)
+    pre, lab = _parts(p, buf)
     n_qp = _cdiv(n, t.block_m) * k
     n_gp = k * _cdiv(m, t.block_m)
     masses_given = p.dense and label_masses is not None
     _traceable(_prep_kernel)[(n_qp + n_gp,)](
-        **_side_args(p), pre_ptr=pre, lab_ptr=lab, N=n, M=m, K=k, n_q_programs=n_qp, D=d,
+        **_prep_args(p), pre_ptr=pre, lab_ptr=lab, N=n, M=m, K=k, n_q_programs=n_qp, D=d,
         NORMALIZE=p.options.normalize, DENSE=p.dense and not masses_given, BLOCK_M=t.block_m,
-        BLOCK_N=t.block_n, BLOCK_K=min(t.block_k, padded_d(d)), num_warps=4)
+        BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps)
     if masses_given:      # summed over blocks or ranks: a mass that overflowed there is NaN
-        lab.view(2, ndr).copy_(torch.where(torch.isinf(label_masses), float("nan"), label_masses))
+        lab.view(len(LABEL_MASS_FIELDS), ndr).copy_(torch.where(torch.isinf(label_masses), float("nan"), label_masses))
     return buf
 
 
 def statistics(p: Problem, prepared: torch.Tensor) -> Statistics:
-    """part [S, NUM_STATS, NDR] fp32 (kernels/stats.py), in column segments: enough programs
-    to fill the GPU, each walking at least one column tile (``KernelConfig.segments`` fixes
-    their number; 1 gives exactly one segment per side)."""
+    """part [S, NUM_STATS, NDR] fp32 (kernels/stats.py), in column segments
+    (`policy.column_segments`)."""
     n, m, k, d = p.n, p.m, p.galleries, p.d
-    nr, ndr = p.num_samples, p.num_rows
+    ndr = p.num_rows
     dev = p.q.device
     o = p.options
     t = _stats_tiles(p)
-    pre, lab = prepared[:3 * nr], prepared[3 * nr:]
+    pre, lab = _parts(p, prepared)
     n_qp = _cdiv(n, t.block_m) * k
     n_gp = k * _cdiv(m, t.block_m)
     base = n_qp + n_gp
-    segs = max(1, min(p.config.segments or _cdiv(_target_programs(dev), base),
-                      _cdiv(max(n, m), t.block_n)))
+    segs = column_segments(p, base, t.block_n)
     seg_q = _cdiv(_cdiv(m, segs), t.block_n) * t.block_n
     seg_g = _cdiv(_cdiv(n, segs), t.block_n) * t.block_n
     s_q, s_g = _cdiv(m, seg_q), _cdiv(n, seg_g)
@@ -95,7 +103,7 @@ def finish(p: Problem, partial: torch.Tensor, segments_q: int, segments_g: int,
     """kernels/finish.py over the first segments_q (q rows) / segments_g (gallery rows)
     segments of ``partial`` [S, NUM_STATS, NDR] (contiguous fp32)."""
     n, m, k = p.n, p.m, p.galleries
-    nr, ndr = p.num_samples, p.num_rows
+    ndr = p.num_rows
     dev, f32 = p.q.device, torch.float32
     o = p.options
     if partial.dtype != f32 or not partial.is_contiguous() or tuple(partial.shape[1:]) != (NUM_STATS, ndr):
@@ -105,11 +113,12 @@ def finish(p: Problem, partial: torch.Tensor, segments_q: int, segments_g: int,
     value = torch.empty(() if p.scalar_value else (k,), dtype=f32, device=dev)
     rows = torch.empty(ndr, dtype=f32, device=dev)
     valid = torch.empty(ndr, dtype=torch.bool, device=dev)
-    saved = torch.empty(4 * ndr, dtype=f32, device=dev)      # m, 1 / l, 1 / ysum, ln l
+    saved = torch.empty(len(STATE_FIELDS) * ndr, dtype=f32, device=dev)
     red = torch.empty((NUM_RED, k), dtype=f32, device=dev)
     ft = table_tiles("finish")
+    pre, lab = _parts(p, prepared)
     _traceable(_finish_kernel)[(1,)](
-        part_ptr=partial, pre_ptr=prepared[:3 * nr], lab_ptr=prepared[3 * nr:], q_msk=args["q_msk"],
+        part_ptr=partial, pre_ptr=pre, lab_ptr=lab, q_msk=args["q_msk"],
         s_qmsk=args["s_qmsk"], g_msk=args["g_msk"], s_gmsk_gal=args["s_gmsk_gal"], s_gmsk=args["s_gmsk"],
         scale_ptr=p.scale, rows_ptr=rows, valid_ptr=valid, saved_ptr=saved, red_ptr=red, value_ptr=value,
         N=n, M=m, K=k, S_q=segments_q, S_g=segments_g, scale_value=p.scale_value, eps=o.eps,
@@ -120,12 +129,14 @@ def finish(p: Problem, partial: torch.Tensor, segments_q: int, segments_g: int,
 
 
 def row_state(p: Problem, out: ForwardOut) -> torch.Tensor:
-    """[6, NDR] fp32: m, 1 / l, 1 / ysum, ln l (the finish kernel's ``saved``), loss, validity."""
+    """[6, NDR] fp32: the finish kernel's ``saved`` (`STATE_FIELDS`), loss, validity."""
     ndr = p.num_rows
     _, saved = out.state
-    return torch.cat([saved.view(4, ndr), out.rows.view(1, ndr), out.valid.view(1, ndr).to(torch.float32)])
+    return torch.cat([saved.view(len(STATE_FIELDS), ndr), out.rows.view(1, ndr),
+                      out.valid.view(1, ndr).to(torch.float32)])
 
 
 def state_from_rows(p: Problem, prepared: torch.Tensor, rows: torch.Tensor) -> ForwardOut:
     red = torch.zeros((NUM_RED, p.galleries), dtype=torch.float32, device=p.q.device)
-    return ForwardOut(None, rows[4].contiguous(), rows[5] != 0, red, (prepared, rows[:4].contiguous().view(-1)))
+    s = len(STATE_FIELDS)
+    return ForwardOut(None, rows[s].contiguous(), rows[s + 1] != 0, red, (prepared, rows[:s].contiguous().view(-1)))

@@ -2,8 +2,8 @@
 tensors as the kernels name them, and how a launch is routed (eager or traced).
 
 The launch-side counterpart of `kernels/tiles.py`. Tile shapes: `KernelConfig` fields given
-by the caller win; otherwise the tile table of `sdm_triton.dispatch` (``TILES``, by pass,
-size class and dtype; small fixed tiles under the CPU interpreter), which `_stats_tiles`,
+by the caller win; otherwise the tile table of `policy.py` (``TILES``, by pass, size class
+and dtype; small fixed tiles under the CPU interpreter), which `_stats_tiles`, `_prep_tiles`,
 `_fused_tiles` and `_chunk_tiles` read once per problem.
 """
 
@@ -18,8 +18,8 @@ import torch
 import triton
 
 from ..backend import NUM_STATS
-from ..dispatch import Tiles, table_tiles
 from ..problem import Problem
+from .policy import Tiles, padded_d, table_tiles
 
 try:
     from torch.library import wrap_triton as _wrap_triton
@@ -94,9 +94,17 @@ def _stats_tiles(p: Problem) -> Tiles:
 
 
 @_per_problem
+def _prep_tiles(p: Problem) -> Tiles:
+    """The preparation pass's tiles: the statistics pass's rows and columns, a feature step no
+    larger than padded D, the table's warps."""
+    t = _stats_tiles(p)
+    return Tiles(t.block_m, t.block_n, min(t.block_k, padded_d(p.d)), table_tiles("prep").num_warps, None)
+
+
+@_per_problem
 def _fused_tiles(p: Problem) -> Tiles:
     """The fused backward's tiles (block_k None: it steps as `_stats_tiles`; its BLOCK_D is
-    dispatch.padded_d)."""
+    policy.padded_d)."""
     return _merge(p.config, table_tiles("fused", p), backward=True)
 
 

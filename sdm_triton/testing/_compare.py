@@ -36,12 +36,11 @@ from typing import Callable, Optional
 import torch
 from hypothesis import assume
 
-from sdm_triton.options import SDMRowLosses
+from sdm_triton.options import NORM_EPS, SDMRowLosses
 
 from ._problems import HALF_DTYPES
 
 F64 = torch.float64
-NORM_EPS = 1e-12            # SPEC step 1: F.normalize semantics, F.normalize's default eps
 DIRECTIONS = ("q2g", "g2q")
 UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
@@ -356,7 +355,7 @@ def assert_close(what, actual, truth, baseline, floor, rtol, context=None, row_w
     """|actual - truth| <= (rtol + extra_rtol) |truth| + max(floor, BASELINE_FACTOR * |baseline - truth|).
 
     ``row_wise``: rows of a matrix compared by their 2-norm (gradients of q and g).
-    ``context``: a ``Problem`` (its repro is printed on failure) or a string.
+    ``context``: an ``SDMProblem`` (its repro is printed on failure) or a string.
     """
     actual = actual.detach().to(F64).cpu()
     truth = truth.detach().to(F64).cpu()

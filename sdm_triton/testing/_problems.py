@@ -5,7 +5,7 @@ Hypothesis draws the *recipe* of a problem (sizes, dtype, identities, masks, tem
 range, which rows are zero, memory layouts); the feature values come from a
 ``torch.Generator`` seeded by a drawn integer, because drawing thousands of floats through
 Hypothesis is slow and shrinks poorly. ``problem(**recipe)`` builds the tensors from the
-recipe alone, and a ``Problem`` prints as that call: a failing example is a repro that can be
+recipe alone, and an ``SDMProblem`` prints as that call: a failing example is a repro that can be
 pasted into a Python prompt.
 
 Memory layouts (SPEC, "Input hygiene": any strides, for every tensor argument). Features:
@@ -18,7 +18,7 @@ value broadcast with stride 0 (only where every entry is equal). Dense labels: `
 ``strided`` (gaps holding NaN / the complement), ``expanded_row`` (a [1, M] row expanded to
 [N, M]) and ``expanded_col`` (an [N, 1] column expanded), the expanded ones where the labels'
 rows (columns) are equal, which ``label_pattern`` makes common. The values are always those of
-the contiguous tensors; ``Problem.contiguous()`` gives that copy.
+the contiguous tensors; ``SDMProblem.contiguous()`` gives that copy.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ ARGUMENTS = ("q_ids", "g_ids", "labels", "q_mask", "g_mask")
 
 
 @dataclasses.dataclass(frozen=True)
-class Problem:
+class SDMProblem:
     """One input of the loss: features, ids or dense labels, masks, temperature or logit scale.
 
     Tensors are detached and hold the values in their drawn layout for ids, labels and masks;
@@ -145,7 +145,7 @@ class Problem:
     def scale_value(self) -> float:
         return 1.0 / self.temperature
 
-    def contiguous(self) -> "Problem":
+    def contiguous(self) -> "SDMProblem":
         """The same problem with every tensor argument (features, ids, labels, masks) contiguous."""
         dense = (lambda t: None if t is None else t.contiguous().clone())
         layouts = {k: ("contiguous" if v is not None else None) for k, v in self.recipe.items()
@@ -287,8 +287,8 @@ def problem(N: int, M: int, D: int, *, labels: str = "ids", seed: int = 0, dtype
             q_mask: Optional[str] = None, g_mask: Optional[str] = None, nan_absent: bool = False,
             layout: str = "contiguous", q_ids_layout: Optional[str] = None, g_ids_layout: Optional[str] = None,
             labels_layout: Optional[str] = None, q_mask_layout: Optional[str] = None,
-            g_mask_layout: Optional[str] = None) -> Problem:
-    """The problem of a recipe: what ``problems()`` draws and what a ``Problem`` prints as.
+            g_mask_layout: Optional[str] = None) -> SDMProblem:
+    """The problem of a recipe: what ``problems()`` draws and what an ``SDMProblem`` prints as.
 
     * ``N``, ``M``, ``D``: rows of q, rows of g, feature dim; ``dtype`` and ``device`` of the features.
     * ``labels``: ``"ids"`` / ``"unique_ids"`` (``q_ids``, ``g_ids`` lists; default
@@ -388,7 +388,7 @@ def problem(N: int, M: int, D: int, *, labels: str = "ids", seed: int = 0, dtype
                   nan_absent=nan_absent, equal_rows=equal_rows, device=str(device),
                   **{name + "_layout": (given[name] or "contiguous") if t is not None else None
                      for name, t in args.items()})
-    return Problem(q=q, g=g, **args, temperature=temperature, use_logit_scale=logit_scale, recipe=recipe)
+    return SDMProblem(q=q, g=g, **args, temperature=temperature, use_logit_scale=logit_scale, recipe=recipe)
 
 
 _RECIPE_DEFAULTS = dict(
@@ -451,7 +451,7 @@ def problems(draw, max_rows: int = 16, max_dim: int = 40, *, dtypes=(torch.float
              zero_rows: bool = True, log10_norms=LOG10_NORMS, temperatures=SCALE_TEMPERATURES,
              temperature=None, logit_scale=None, signals=SIGNALS + ANTI_SIGNALS, nan_absent: bool = True,
              fp16_grads_fit: bool = True, device="cpu"):
-    """A Hypothesis strategy for SDM problems (``Problem``; its repr is a repro).
+    """A Hypothesis strategy for SDM problems (``SDMProblem``; its repr is a repro).
 
     * sizes ``N, M`` in ``1..max_rows``, ``D`` in ``1..max_dim`` (any integer, so most are
       not powers of two); features in one of ``dtypes`` on ``device``;

@@ -1,0 +1,160 @@
+"""The Triton backend's choices by size, in one place: the backward path, the tile shape of every
+launch, and the forward's column segments (issue 22; moved here from dispatch.py, issue 29).
+The rest of `sdm_triton.launch` looks them up; `KernelConfig` fields a caller gives win over
+the tiles (launch/tiles.py merges them). The chunked backward's column chunks follow the
+caller's workspace bound (``workspace_bytes``), not the size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import torch
+
+from ..kernels.tiles import INTERPRETED
+
+
+def interpreting() -> bool:
+    """Whether Triton's CPU interpreter runs the kernels (``TRITON_INTERPRET=1``, read once where
+    the kernels are decorated, as Triton reads it): then the small tiles of the "interpreter"
+    size class."""
+    return INTERPRETED.value
+
+
+#: The fused backward keeps u [BLOCK_M, D] in registers: used up to this padded D.
+FUSED_MAX_D = 512
+#: ... and while the problem is small: the fused kernel runs each side's rows against all
+#: columns with small tiles; above this many logits (N * K * M) the chunked path is faster.
+FUSED_MAX_LOGITS = 2**23
+#: Logits (N * K * M) from which a problem is "medium", and "large" (the statistics pass's
+#: tiles grow with the problem: bench/NOTES.md).
+MEDIUM_LOGITS = 2**20
+LARGE_LOGITS = 2**24
+#: Padded D from which the fused backward is "wide" (a smaller row block: u [BLOCK_M, D] in registers).
+WIDE_D = 256
+
+
+def logits(p) -> int:
+    """N * K * M: the size every choice below is made by."""
+    return p.n * p.galleries * p.m
+
+
+def padded_d(d: int) -> int:
+    """D padded to a power of two, at least 16: the fused backward's BLOCK_D (a row block's
+    gradient over all of D), and the bound of the preparation pass's feature step."""
+    return max(16, 1 << (d - 1).bit_length())
+
+
+def backward_path(p) -> str:
+    """"fused" or "chunked" (sdm_triton/launch/backward.py): the caller's
+    KernelConfig.backward, else by size. The fused kernel keeps a row block's gradient over
+    all of D on chip, so above FUSED_MAX_D it hands over to the chunked one whatever was
+    asked (at D = 4096 it would need 256 KiB of shared memory, more than a Hopper SM has)."""
+    if padded_d(p.d) > FUSED_MAX_D:
+        return "chunked"
+    if p.config.backward != "auto":
+        return p.config.backward
+    return "fused" if logits(p) <= FUSED_MAX_LOGITS else "chunked"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """A launch's tile shape: a program's rows (block_m) and columns (block_n), its step along
+    the features (block_k), and the compiler's warps and pipeline stages. None: not this
+    pass's to choose (the backwards rebuild S with the statistics pass's block_k, step for
+    step: KernelConfig has no bwd_block_k; Triton's default warps)."""
+    block_m: Optional[int]
+    block_n: Optional[int]
+    block_k: Optional[int]
+    num_warps: Optional[int]
+    num_stages: Optional[int]
+
+
+#: The tile table: (pass, size class, dtype) -> Tiles, every launch's tile shape in one place.
+#:
+#: pass: "stats" (the forward's statistics), "prep" (the preparation pass: the statistics
+#: pass's block_m / block_n and a block_k no larger than padded_d, its own warps), "fused" and
+#: "chunked" (the backwards' main kernels), "max_weight" (the fused backward's fp16 scale:
+#: every row's weight, block_m at a time, in each program), "finish" and "weights" (one row
+#: per lane, block_m rows at a time), "operand" (the chunked backward's operand and
+#: input-gradient kernels: block_m rows, block_k features at a time).
+#: size class (`size_class`): "interpreter" under the CPU interpreter, whatever the size;
+#: otherwise "small" / "medium" / "large" by logits (MEDIUM_LOGITS, LARGE_LOGITS) for
+#: "stats" and "chunked", "narrow" / "wide" by padded D (WIDE_D) for "fused", "any" for the
+#: passes whose tiles do not depend on the size.
+#: dtype: "half" (bf16, fp16) or "fp32" where they differ, else "any".
+#: Measured on an H200 (bench/NOTES.md) where a comment says so.
+TILES = {
+    # pass       size class      dtype        block_m block_n block_k warps stages
+    ("stats", "interpreter", "any"): Tiles(16, 16, 16, 1, 1),
+    ("stats", "small", "any"): Tiles(32, 32, 64, 4, 2),
+    ("stats", "medium", "any"): Tiles(64, 64, 64, 4, 3),
+    # H200, bf16, N = 16384 / 32768: 1.36x / 1.49x faster than 128 x 128 (bench/NOTES.md 20)
+    ("stats", "large", "half"): Tiles(128, 256, 64, 8, 3),
+    # fp32 at 128 x 256: 196 KiB of shared memory, unmeasured
+    ("stats", "large", "fp32"): Tiles(128, 128, 64, 8, 3),
+    ("prep", "interpreter", "any"): Tiles(None, None, None, 4, None),
+    ("prep", "any", "any"): Tiles(None, None, None, 4, None),
+    ("fused", "interpreter", "any"): Tiles(16, 16, None, 1, 1),
+    ("fused", "narrow", "any"): Tiles(32, 32, None, 4, 1),
+    ("fused", "wide", "any"): Tiles(16, 32, None, 4, 1),
+    ("max_weight", "interpreter", "any"): Tiles(256, None, None, None, None),
+    ("max_weight", "any", "any"): Tiles(256, None, None, None, None),
+    ("chunked", "interpreter", "any"): Tiles(16, 16, None, 1, 1),
+    ("chunked", "small", "any"): Tiles(128, 64, None, 8, 3),
+    ("chunked", "medium", "any"): Tiles(128, 64, None, 8, 3),
+    ("chunked", "large", "any"): Tiles(128, 64, None, 8, 3),
+    ("finish", "interpreter", "any"): Tiles(16, None, None, 4, None),
+    ("finish", "any", "any"): Tiles(1024, None, None, 4, None),
+    ("weights", "interpreter", "any"): Tiles(16, None, None, None, None),
+    ("weights", "any", "any"): Tiles(1024, None, None, None, None),
+    ("operand", "interpreter", "any"): Tiles(16, None, 16, 4, None),
+    ("operand", "any", "any"): Tiles(32, None, 128, 4, None),
+}
+
+
+def size_class(kind: str, p=None) -> str:
+    """The size class of problem ``p`` for pass ``kind`` (`TILES`)."""
+    if interpreting():
+        return "interpreter"
+    if kind == "fused":
+        return "wide" if padded_d(p.d) >= WIDE_D else "narrow"
+    if kind in ("stats", "chunked"):
+        n = logits(p)
+        return "large" if n >= LARGE_LOGITS else "medium" if n >= MEDIUM_LOGITS else "small"
+    return "any"
+
+
+def table_tiles(kind: str, p=None) -> Tiles:
+    """`TILES`' entry for pass ``kind`` of problem ``p`` (None for the passes of size class
+    "any"), its dtype's entry before the "any" one."""
+    size = size_class(kind, p)
+    if p is not None:
+        tiles = TILES.get((kind, size, "fp32" if p.q.dtype == torch.float32 else "half"))
+        if tiles is not None:
+            return tiles
+    return TILES[(kind, size, "any")]
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs that fill the GPU (two per SM); a handful under the interpreter, so that small
+    test cases still cut their columns into segments."""
+    if device.type != "cuda":
+        return 4
+    return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def column_segments(p, row_programs: int, block_n: int) -> int:
+    """How many column segments the statistics pass cuts each side into: enough programs to fill
+    the GPU with ``row_programs`` row blocks, each segment at least one column tile of
+    ``block_n`` (``KernelConfig.segments`` fixes their number; 1 gives exactly one segment per
+    side)."""
+    wanted = p.config.segments or -(-_target_programs(p.q.device) // row_programs)
+    return max(1, min(wanted, -(-max(p.n, p.m) // block_n)))
