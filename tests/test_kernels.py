@@ -243,13 +243,8 @@ def test_anti_aligned_features_at_a_large_scale(variant, kl, d):
     formula on a sequential chain's cosines must fail that bound (checked here at D >= 160, where
     the chain is more than two steps long), so the test can tell the two apart. The loss itself
     also carries the fp32 rounding of logits near 300 in the log2 domain: 4x, as elsewhere."""
-    gen = torch.Generator().manual_seed(13)
-    base = torch.randn(1, d, generator=gen)
-    q = base + 0.05 * torch.randn(16, d, generator=gen)
-    g = -base + 0.05 * torch.randn(40, d, generator=gen)
-    ids = torch.arange(16) % 3, torch.arange(40) % 3
-    weights = torch.rand(16, generator=gen, dtype=torch.float64), torch.rand(40, generator=gen, dtype=torch.float64)
-    case = (q, g, ids, kl, 200.0, weights)
+    case = anti_aligned_case(d, kl)
+    q, g = case[:2]
     truth = _fp32_formula(*case, cosines=None)
     seg = "" if "seg" in variant else "_seg4"
     ours = _errors(_sdm_rows_and_grads(*case, config=variant + seg), truth)
@@ -266,6 +261,19 @@ def test_anti_aligned_features_at_a_large_scale(variant, kl, d):
     if d >= 160:
         chain = _errors(_fp32_formula(*case, cosines=fp32_dot_cosines(q, g, chain=None)), truth)
         assert chain["dq"] > bound["dq"] or chain["dg"] > bound["dg"], ("the test cannot see the chain", chain, bound)
+
+
+def anti_aligned_case(d, kl):
+    """(q, g, ids, kl, scale, row weights) of the anti-aligned test (tools/gpu_diag_26.py runs it
+    too): 16 queries near a random direction, 40 gallery rows near its opposite, 3 identities,
+    s = 200, random weights on the per-row losses (CPU tensors)."""
+    gen = torch.Generator().manual_seed(13)
+    base = torch.randn(1, d, generator=gen)
+    q = base + 0.05 * torch.randn(16, d, generator=gen)
+    g = -base + 0.05 * torch.randn(40, d, generator=gen)
+    ids = torch.arange(16) % 3, torch.arange(40) % 3
+    weights = torch.rand(16, generator=gen, dtype=torch.float64), torch.rand(40, generator=gen, dtype=torch.float64)
+    return q, g, ids, kl, 200.0, weights
 
 
 def fp32_dot_cosines(q, g, chain=16, compensated=False):
