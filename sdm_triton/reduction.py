@@ -9,6 +9,7 @@ its first rows) are indexed by name (`backend.RED`).
                        absent, NaN for a bad dense weight (< 0, NaN, inf)
     add_label_masses   each softmax row's label mass (ysum, sum y ln y) over one gallery's
                        columns, chunked
+    ln_unscaled        ln(y / LABEL_SCALE) of a scaled dense weight or label mass
     reduced_value      the loss from the reduction's sums and valid counts (kernels/finish.py)
     gradient_weights   each softmax row's weight in dL/dS from the gradients of the value and
                        of the rows (kernels/grad.py computes the same in its ``row_weights``)
@@ -43,16 +44,27 @@ def pair_labels(labels: Optional[torch.Tensor], q_ids: Optional[torch.Tensor], g
     return torch.where(both, y, torch.zeros_like(y))
 
 
+def ln_unscaled(y: torch.Tensor) -> torch.Tensor:
+    """ln(y / LABEL_SCALE) of scaled dense weights y > 0 (options.LABEL_SCALE): the division is
+    exact unless it leaves the normal range, where ln y - ln LABEL_SCALE is taken instead."""
+    small = y < torch.finfo(y.dtype).tiny * LABEL_SCALE
+    return torch.where(small, torch.log(y) - math.log(LABEL_SCALE), torch.log(y * (1 / LABEL_SCALE)))
+
+
 def add_label_masses(q_masses: torch.Tensor, g_masses: torch.Tensor, labels, q_ids, g_ids, q_keep, g_keep,
                      width: int, ct) -> None:
     """Add the q rows' label masses over one gallery's columns to ``q_masses`` [2, N] and write
     the gallery rows' (over the q rows) to ``g_masses`` [2, M] (ysum, then sum y ln y), ``width``
-    columns at a time (`pair_labels` for the arguments)."""
+    columns at a time (`pair_labels` for the arguments). Dense labels: ysum of the scaled
+    weights, sum y ln(y / LABEL_SCALE) (options.LABEL_SCALE); identity labels: the count, 0."""
     m = g_keep.shape[0]
     for c0 in range(0, m, width):
         c1 = min(m, c0 + width)
         y = pair_labels(labels, q_ids, g_ids, q_keep, g_keep, c0, c1, ct)
-        ylny = torch.xlogy(y, y)
+        if labels is None:
+            ylny = torch.zeros_like(y)
+        else:   # y * 0: NaN stays NaN
+            ylny = torch.where(y > 0, y * ln_unscaled(torch.where(y > 0, y, 1)), y * 0)
         q_masses[0] += y.sum(1)
         q_masses[1] += ylny.sum(1)
         g_masses[0, c0:c1] = y.sum(0)

@@ -29,7 +29,8 @@ import torch
 from .backend import NUM_RED, NUM_STATS, RED, ForwardOut, Statistics
 from .options import NORM_EPS, NORM_LIMIT, compute_dtype
 from .problem import Problem
-from .reduction import add_label_masses, cast_gradient, gradient_weights, pair_labels, reduced_value, row_norms
+from .reduction import (add_label_masses, cast_gradient, gradient_weights, ln_unscaled, pair_labels, reduced_value,
+                        row_norms)
 
 
 def _views(p: Problem):
@@ -240,7 +241,8 @@ class TorchBackend:
             loss = body
         else:
             safe = torch.where(ysum > 0, ysum, torch.ones_like(ysum))
-            loss = row_logl - body + ylny / safe - torch.log(safe)
+            ln_ysum = torch.log(safe) if p.labels is None else ln_unscaled(safe)   # (add_label_masses)
+            loss = row_logl - body + ylny / safe - ln_ysum
             loss = torch.where(loss < 0, zero, loss)                 # KL >= 0; NaN stays
         loss = torch.where(s_ok, loss, nan)
         rows = torch.where(valid, loss, zero)

@@ -37,7 +37,9 @@ BUGS = {
 }
 # A comparison's failure names the quantity and the element: "loss: got 4.02, expected 0: ...",
 # "d/dq: not finite at [1, 0]: ...", "q2g row losses: element [3] off by ...", "d/dg: row 2 ...".
-NAMES_THE_ELEMENT = re.compile(r"^(loss|q2g|g2q|d/d\w+)[^\n]*: (not finite|got|element|row|shapes)", re.M)
+# (or that the function raised on a valid problem: directions_swapped's masked_scatter does where
+# the two sides' present counts differ, as the GPU run's first example had them, issue 26)
+NAMES_THE_ELEMENT = re.compile(r"^(loss|q2g|g2q|d/d\w+)[^\n]*: (not finite|got|element|row|shapes|raised)", re.M)
 
 
 @contextlib.contextmanager
@@ -105,6 +107,24 @@ def test_a_failure_names_the_worst_element_both_values_and_the_tolerance():
     assert re.match(r"d/dq: row 2 \(2-norm of the difference\) off by \S+ > tolerance \S+ \(\S+x\); "
                     r"at \[2, 1\]: got \S+, expected \S+", text), text
     assert repr(problem) in text and "options = {}" in text, text
+
+
+def test_a_function_that_raises_on_a_valid_problem_is_named_with_the_error_and_the_repro():
+    """An implementation that crashes (here as directions_swapped's example does on the GPU's first
+    example: per-row losses of the wrong side scattered into the other's mask) fails with what it
+    raised, where, and the repro."""
+    problem = testing.problem(N=5, M=3, D=3, q_ids=[0, 1, 1, 2, 3], g_ids=[1, 0, 2], seed=3)
+
+    def scatters_the_wrong_side(q, g, **kwargs):
+        rows = sdm_triton.sdm_loss(q, g, backend="torch", **{**kwargs, "reduction": "none"})
+        return torch.zeros(5).masked_scatter(torch.ones(5, dtype=torch.bool), rows.g2q).sum()
+
+    with pytest.raises(AssertionError) as failure:
+        testing.assert_close_to_reference(scatters_the_wrong_side, problem, grad_output=1.0)
+    text = str(failure.value)
+    assert text.startswith("loss: raised RuntimeError in scatters_the_wrong_side: "), text
+    assert NAMES_THE_ELEMENT.search(text) and repr(problem) in text, text
+    assert isinstance(failure.value.__cause__, RuntimeError)
 
 
 def test_a_problem_prints_as_the_call_that_rebuilds_it():

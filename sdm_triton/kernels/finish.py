@@ -8,7 +8,8 @@ Merging partial statistics over disjoint column segments (shift_s = m_s - m, alp
 Row losses (log2-domain statistics, `stats.py`; ysum: the merged count of positives with
 identity labels, or with dense labels ysum, ylny from `prep.py`):
 
-    forward:          L = ln2 (m + log2 l - lin / ysum) + ylny / ysum - ln ysum     (clamped at 0: KL >= 0)
+    forward:          L = ln2 (m + log2 l - lin / ysum) + ylny / ysum - ln ysum     (clamped at 0: KL >= 0;
+                      dense: ylny and ln ysum of the unscaled labels, options.LABEL_SCALE)
     reverse, ids:     L = ln2 (lin / l - log2 l) - [P+ ln(1/ysum + eps) + (1 - P+) ln eps],  P+ = pos / l
     reverse, dense:   L = ln2 (lin / l - log2 l) - logy / l
 
@@ -27,7 +28,7 @@ from .slots import (LAB_YLNY, LAB_YSUM, PRE_NORM, RED_G_NORM_MAX, RED_G_NORM_MEA
                     RED_Q_NORM_MAX, RED_Q_NORM_MEAN, RED_SUM_G2Q, RED_SUM_Q2G, RED_VALID_G2Q, RED_VALID_Q2G,
                     STATE_INV_L, STATE_INV_YSUM, STATE_LN_L, STATE_M)
 from .stats import NUM_STATS, SLOT_CNT, SLOT_L, SLOT_LIN, SLOT_LOGY, SLOT_M, SLOT_POS
-from .tiles import FLT_MIN, LN2, as_f32, ln_precise, load_scale, present
+from .tiles import FLT_MIN, LN2, as_f32, ln_precise, ln_unscaled, load_scale, present
 
 
 @triton.jit
@@ -85,9 +86,11 @@ def _finish_rows(
                 p_pos = pos / safe_l
                 loss -= p_pos * tl.log(1.0 / safe_y + eps) + (1.0 - p_pos) * ln_eps
         else:
-            loss = LN2 * (m - lin / safe_y) + ln_l - ln_precise(safe_y)
-            if DENSE:
-                loss += tl.load(lab_ptr + LAB_YLNY * NDR + idx, mask=i_in, other=0.0) / safe_y
+            if DENSE:   # the label terms with unscaled logarithms (prep.py, options.LABEL_SCALE)
+                ylny = tl.load(lab_ptr + LAB_YLNY * NDR + idx, mask=i_in, other=0.0)
+                loss = LN2 * (m - lin / safe_y) + ln_l + (ylny / safe_y - ln_unscaled(safe_y))
+            else:
+                loss = LN2 * (m - lin / safe_y) + ln_l - ln_precise(safe_y)
             loss = tl.where(loss < 0, 0.0, loss)          # KL >= 0 exactly; keeps NaN
         loss = tl.where(s_ok, loss, float("nan"))
         loss = tl.where(valid, loss, 0.0)

@@ -32,7 +32,10 @@ sum_j W_ij y'_j = p_i sum_j dS_ij y_hat_j, so dL/dx_i = s c_i (u_i - x_hat_i (x_
 with u_i = sum_j W_ij y'_j. For half inputs W is split into hi + lo halves of the input dtype
 (two tensor-core products, ~16 bits of W): one rounding of W to a half dtype puts errors of
 2^-9 |dS| into every product, more than the gradient's own rounding (SPEC, precision), as
-measured in bench/NOTES.md. fp16 W is divided by the largest weight first (its range).
+measured in bench/NOTES.md. fp16 W is divided by the largest weight first (its range), then
+multiplied by a power of two that its bound leaves room for (`launch.backward.fp16_w_headroom`):
+a W below fp16's normal range keeps only an absolute accuracy, and a gradient that the
+projection off x_hat leaves small lost it (issue 26: 6.5% of a dg row, where fp32 inputs err 0.7%).
 
 Two ways to run the products:
     _fused_grad_kernel   one launch: a program owns BLOCK_M rows of one side, walks every
@@ -290,7 +293,7 @@ def _fused_grad_kernel(
     lab, sl_q, sl_gal, sl_g,
     pre_ptr, saved_ptr, rows_ptr, red_ptr, scale_ptr, dv_ptr, s_dv, drows_ptr,
     dq_ptr, sdq_row, sdq_d, dg_ptr, sdg_row, sdg_d, dscale_ptr,
-    N, M, K, n_q_programs, D, scale_value, eps, coef_q, coef_g,
+    N, M, K, n_q_programs, D, scale_value, eps, coef_q, coef_g, w_headroom,
     REVERSE: tl.constexpr, DENSE: tl.constexpr, MEAN: tl.constexpr, NORMALIZE: tl.constexpr,
     WANT_DSCALE: tl.constexpr, SCALE_W: tl.constexpr,
     HALF: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -300,7 +303,7 @@ def _fused_grad_kernel(
     """Programs [0, n_q_programs): BLOCK_M q rows against every gallery -> dq rows (and the
     dL/ds partial); the rest: BLOCK_M rows of one gallery against the queries -> dg rows.
     ``dg`` is [K * M, D] (contiguous rows per gallery). BLOCK_W: rows per step of the fp16
-    scale's walk over every weight (SCALE_W)."""
+    scale's walk over every weight (SCALE_W); ``w_headroom``: launch.backward.fp16_w_headroom."""
     pid = tl.program_id(0)
     NR = N + K * M
     NDR = K * N + K * M
@@ -312,6 +315,8 @@ def _fused_grad_kernel(
     if SCALE_W:
         gmax = _max_weight(saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr, s_dv=s_dv, drows_ptr=drows_ptr,
                            red_ptr=red_ptr, K=K, N=N, M=M, coef_q=coef_q, coef_g=coef_g, MEAN=MEAN, BLOCK=BLOCK_W)
+        headroom = as_f32(w_headroom)
+        gmax = tl.maximum(gmax / headroom, FLT_MIN)
     inv_gmax = 1.0 / gmax
     offs_d = tl.arange(0, BLOCK_D)
     d_in = offs_d < D

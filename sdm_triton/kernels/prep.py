@@ -9,7 +9,7 @@ For each sample x (a row of q, or of a gallery):
 With dense labels, for each softmax row (a q row against gallery k, or a gallery row against
 the queries), over the present columns j:
 
-    ysum = sum_j y_ij,    ylny = sum_j y_ij ln y_ij
+    ysum = sum_j y_ij,    ylny = sum_j y_ij ln(y_ij / LABEL_SCALE)   (y_ij scaled: tiles.LABEL_SCALE)
 
 (With identity labels the count of positives is taken by the statistics pass, on the tiles
 whose ids it compares anyway: a pass of its own over N x M id pairs cost 7 ms at 32768.)
@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .. import options as _contract
 from .slots import LAB_YLNY, LAB_YSUM, PRE_C, PRE_NORM, PRE_R
-from .tiles import load_labels, pow2_below, present
+from .tiles import ln_unscaled, load_labels, pow2_below, present
 
 NORM_EPS = tl.constexpr(_contract.NORM_EPS)
 #: 2^64: a row at least this long has a square sum past fp32's range, and its raw dots with
@@ -90,7 +90,8 @@ def _prep_rows(
             bad = (y < 0) | (y != y) | (y == float("inf"))
             y = tl.where(bad, float("nan"), y)
             ysum += tl.sum(y, axis=1)
-            ylny += tl.sum(tl.where(y > 0, y * tl.log(y), 0.0), axis=1)
+            # ln of the unscaled weight, accurate (tl.log is lg2.approx on the GPU)
+            ylny += tl.sum(tl.where(y > 0, y * ln_unscaled(tl.where(y > 0, y, 1.0)), 0.0), axis=1)
         # a mass past fp32's range (weights near 1e38 / LABEL_SCALE) is NaN, never a finite loss
         ysum = tl.where(tl.abs(ysum) == float("inf"), float("nan"), ysum)
         ylny = tl.where(tl.abs(ylny) == float("inf"), float("nan"), ylny)

@@ -15,6 +15,7 @@ softmax uses exp2. ``r_i * r_j`` is formed first: the product commutes exactly, 
 computed with rows and columns swapped gives the same t bit for bit.
 """
 
+import math
 import os
 
 import triton
@@ -186,6 +187,7 @@ def row_ids(a_ids, off, sa_id, rows, row_in, DENSE: tl.constexpr):
 #: and the scaling keeps ysum and 1 / ysum normal fp32 numbers for subnormal labels (all ~1e-42
 #: gave 1 / ysum = inf, then NaN). Its price in range (from ~1e29, a NaN loss): options.LABEL_SCALE.
 LABEL_SCALE = tl.constexpr(_contract.LABEL_SCALE)
+LN_LABEL_SCALE = tl.constexpr(math.log(_contract.LABEL_SCALE))
 
 
 @triton.jit
@@ -255,6 +257,15 @@ def ln_precise(x):
     else:
         out = libdevice.log(x)
     return out
+
+
+@triton.jit
+def ln_unscaled(y):
+    """ln(y / LABEL_SCALE) of scaled dense weights or masses y > 0, to fp32 accuracy: the label
+    terms of forward KL take the logarithms of unscaled weights (options.LABEL_SCALE says why).
+    The division is exact unless it leaves the normal range (where the GPU would flush it)."""
+    small = y < FLT_MIN * LABEL_SCALE
+    return tl.where(small, ln_precise(y) - LN_LABEL_SCALE, ln_precise(y * (1.0 / LABEL_SCALE)))
 
 
 @triton.jit

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import math
+
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -71,6 +73,18 @@ def backward(p: Problem, out: ForwardOut, d_value, d_rows, want, partial_grads: 
     return _chunked_backward(p, out, d_value, d_rows, want, grad_dtype)
 
 
+def fp16_w_headroom(o) -> float:
+    """The power of two that fp16 W (kernels/grad.py: dS p_i p_j / gmax) is multiplied by, as
+    large as its bound leaves room for: fp16's normal range ends at 2^-14, and a W below it
+    keeps only an absolute accuracy, 2^-25 of the largest weight with no headroom (issue 26:
+    one dg row 6.5% off, the hi + lo split's 22 bits lost). |dS| <= 2 gmax |d| and p_i p_j < 4:
+    |W| <= 8 B with B bounding |d_ij|: 1 for forward KL (|P - Y| <= 1), and for reverse KL,
+    d = P (ln P - ln(Y + eps) - L): P |ln P| <= 1/e, |ln(Y + eps)| <= |ln eps|, and
+    |L| <= max(|ln eps|, ln M) with ln M < 32. W stays below 2^14 (fp16's largest is 65504)."""
+    bound = 1.0 if not o.reverse else 1.0 + 2.0 * max(abs(math.log(o.eps)), 32.0)
+    return 2.0 ** math.floor(math.log2(2.0**11 / bound))
+
+
 def _state_coefficients_flags(p: Problem, out: ForwardOut):
     """What both backwards hand their kernels: the forward's state (the prepared per-sample
     buffer and the saved per-row statistics), the reduction coefficients of the two
@@ -102,7 +116,8 @@ def _fused_backward(p: Problem, out: ForwardOut, d_value, d_rows, want, grad_dty
         scale_ptr=p.scale, dv_ptr=d_value, s_dv=_dv_stride(d_value), drows_ptr=d_rows,
         dq_ptr=dq, sdq_row=d, sdq_d=1, dg_ptr=dg, sdg_row=d, sdg_d=1, dscale_ptr=dsp,
         N=n, M=m, K=k, n_q_programs=n_qp, D=d, scale_value=p.scale_value, eps=p.options.eps,
-        coef_q=coef_q, coef_g=coef_g, MEAN=p.options.reduction == "mean", NORMALIZE=p.options.normalize,
+        coef_q=coef_q, coef_g=coef_g, w_headroom=fp16_w_headroom(p.options),
+        MEAN=p.options.reduction == "mean", NORMALIZE=p.options.normalize,
         WANT_DSCALE=want_scale, SCALE_W=p.q.dtype == torch.float16, INDEX=_problem_index(p), **flags,
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=_stats_tiles(p).block_k, BLOCK_D=block_d,
         BLOCK_W=table_tiles("max_weight").block_m,
@@ -128,10 +143,13 @@ def _chunked_backward(p: Problem, out: ForwardOut, d_value, d_rows, want, grad_d
                                       red_ptr=out.red, w_ptr=w,
                                       N=n, M=m, K=k, coef_q=coef_q, coef_g=coef_g, MEAN=p.options.reduction == "mean",
                                       BLOCK=table_tiles("weights").block_m)
-    # fp16 workspaces: divide W by the largest weight (dS stays O(1), inside fp16's range); the
-    # weights are in memory here, so torch takes their maximum (the fused kernel, which keeps none,
-    # recomputes them: kernels/grad.py's _max_weight)
-    gmax = w.abs().amax().clamp_min(torch.finfo(f32).tiny).reshape(1) if dtype == torch.float16 else None
+    # fp16 workspaces: divide W by the largest weight (dS stays O(1), inside fp16's range), then
+    # lift it by fp16_w_headroom; the weights are in memory here, so torch takes their maximum
+    # (the fused kernel, which keeps none, recomputes them: kernels/grad.py's _max_weight)
+    gmax = None
+    if dtype == torch.float16:
+        headroom = fp16_w_headroom(p.options)
+        gmax = (w.abs().amax().clamp_min(torch.finfo(f32).tiny * headroom) / headroom).reshape(1)
 
     gemm_dtype = dtype if split else f32
     q_op = _operand(q_side, pre=buf, nr=nr, dtype=gemm_dtype)

@@ -423,7 +423,7 @@ def assert_close_to_reference(fn, problem, options=None, *, grad_output=None, re
     baseline the oracle in the compute dtype (the module's docstring). An fp16 problem whose
     exact gradient overflows fp16 is rejected with ``hypothesis.assume``. On failure an
     AssertionError names the quantity, the worst element, both values, the tolerance and the
-    repro.
+    repro; an exception raised by ``fn`` on the (valid) problem becomes one that says so.
     """
     options = dict(options or {})
     if grad_output is None:
@@ -432,5 +432,12 @@ def assert_close_to_reference(fn, problem, options=None, *, grad_output=None, re
     assume_gradients_fit(problem, truth)
     if grad_extra_rtol is None:
         grad_extra_rtol = 2 * UNIT_ROUNDOFF[problem.dtype] if problem.dtype in HALF_DTYPES else 0.0
-    result = run(fn, problem, options, grad_output)
+    try:
+        result = run(fn, problem, options, grad_output)
+    except AssertionError:
+        raise
+    except Exception as exc:   # the function under test failed on a valid problem: say so, with the repro
+        name = getattr(fn, "__name__", type(fn).__name__)
+        raise AssertionError(f"loss: raised {type(exc).__name__} in {name}: {exc}"
+                             f"{describe(problem, options)}") from exc
     assert_matches_truth(result, truth, describe(problem, options), grad_extra_rtol)
