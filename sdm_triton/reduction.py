@@ -29,18 +29,23 @@ from .options import LABEL_SCALE, SDMOptions, SDMStats
 
 
 def pair_labels(labels: Optional[torch.Tensor], q_ids: Optional[torch.Tensor], g_ids: Optional[torch.Tensor],
-                q_keep: torch.Tensor, g_keep: torch.Tensor, c0: int, c1: int, ct) -> torch.Tensor:
-    """y [N, c1 - c0] of the q rows against columns [c0, c1) of one gallery: from ``labels``
-    [N, M] when given (times LABEL_SCALE, as the kernels read them: Y = y / ysum is unchanged,
-    and subnormal weights keep 1 / ysum finite), else ``q_ids`` [N] == ``g_ids`` [M]; 0 on a pair
-    with an absent sample (``q_keep`` [N], ``g_keep`` [M]), NaN for a bad dense weight."""
-    both = q_keep[:, None] & g_keep[None, c0:c1]
+                q_keep: Optional[torch.Tensor], g_keep: Optional[torch.Tensor], c0: int, c1: int, ct) -> torch.Tensor:
+    """y [..., N, c1 - c0] of the q rows against columns [c0, c1) of one gallery, or of a stack of
+    galleries (leading axes of ``labels`` [..., N, M], ``g_ids`` and ``g_keep`` [..., M]): from
+    ``labels`` when given (times LABEL_SCALE, as the kernels read them: Y = y / ysum is unchanged,
+    and subnormal weights keep 1 / ysum finite), else ``q_ids`` [N] == ``g_ids``; 0 on a pair
+    with an absent sample (``q_keep`` [N], ``g_keep``; None: every sample present), NaN for a bad
+    dense weight."""
     if labels is not None:
-        y = labels[:, c0:c1].to(ct) * LABEL_SCALE
-        y = torch.where((y < 0) | ~torch.isfinite(y), torch.full_like(y, math.nan), y)
+        y = labels[..., c0:c1].to(ct) * LABEL_SCALE
+        y = torch.where((y < 0) | ~torch.isfinite(y), math.nan, y)
     else:
-        y = (q_ids[:, None] == g_ids[None, c0:c1]).to(ct)
-    return torch.where(both, y, torch.zeros_like(y))
+        y = (q_ids[:, None] == g_ids[..., None, c0:c1]).to(ct)
+    if q_keep is not None:
+        y = torch.where(q_keep[:, None], y, 0)
+    if g_keep is not None:
+        y = torch.where(g_keep[..., None, c0:c1], y, 0)
+    return y
 
 
 def add_label_masses(q_masses: torch.Tensor, g_masses: torch.Tensor, labels, q_ids, g_ids, q_keep, g_keep,
