@@ -441,6 +441,7 @@ class TorchBackend:
         # every row quantity the pairs read, q rows [5, K, N] and gallery rows [5, K, M]
         state = torch.stack([row_m, row_logl, out.rows.to(ct), w, inv_y])
         q_state, g_state = state[:, :kn].unflatten(1, (k_count, n)), state[:, kn:].unflatten(1, (k_count, m))
+        stacked = self.dense(p) and n == m
         if self.dense(p):
             blocks = [(slice(0, k_count), 0, m)]
         else:
@@ -455,8 +456,6 @@ class TorchBackend:
             S = s * cos
             y = pair_labels(None if labels is None else labels[ks], p.q_ids, None if g_ids is None else g_ids[ks],
                             q_mask, None if g_mask is None else g_mask[ks], c0, c1, ct)
-            qs, gs = q_state[:, ks], g_state[:, ks, c0:c1]                           # [5, Kb, N], [5, Kb, C]
-            on_r, on_c = (qs[4] != 0)[..., None], (gs[4] != 0)[..., None, :]
             both = None
             if q_mask is not None or g_mask is not None:
                 both = torch.ones((), dtype=torch.bool, device=p.q.device)
@@ -464,8 +463,22 @@ class TorchBackend:
                     both = both & q_mask[:, None]
                 if g_mask is not None:
                     both = both & g_mask[ks, None, c0:c1]
-                on_r, on_c = on_r & both, on_c & both
-            dS = _pair_grad(S, y, qs, on_r, o) + _pair_grad(S.mT, y.mT, gs, on_c.mT, o).mT    # [Kb, N, C]
+            if not stacked:
+                qs, gs = q_state[:, ks], g_state[:, ks, c0:c1]                       # [5, Kb, N], [5, Kb, C]
+                on_r, on_c = (qs[4] != 0)[..., None], (gs[4] != 0)[..., None, :]
+                if both is not None:
+                    on_r, on_c = on_r & both, on_c & both
+            if stacked:          # the dense square problem: both directions in one [2K, N, N] block
+                on = (state.unflatten(1, (2 * k_count, n))[4] != 0)[..., None]
+                if both is not None:
+                    both_k = both.expand(k_count, n, m)
+                    on = on & torch.cat([both_k, both_k.mT])
+                y_k = y.expand(k_count, n, m)
+                d = _pair_grad(torch.cat([S, S.mT]), torch.cat([y_k, y_k.mT]), state.unflatten(1, (2 * k_count, n)),
+                               on, o)
+                dS = d[:k_count] + d[k_count:].mT
+            else:
+                dS = _pair_grad(S, y, qs, on_r, o) + _pair_grad(S.mT, y.mT, gs, on_c.mT, o).mT    # [Kb, N, C]
             if want_q:
                 part = (dS @ g_blk).sum(0) if dS.shape[0] > 1 else dS[0] @ g_blk[0]
                 dq_hat = s * part if dq_hat is None else dq_hat + s * part
