@@ -87,18 +87,20 @@ def gradient_weights(o: SDMOptions, red: torch.Tensor, valid: torch.Tensor, n: i
     ``d_value`` [K] (or 0-dim for K = 1) and ``d_rows`` may be None: no gradient."""
     k = red.shape[-1]
     m = valid.shape[0] // k - n
-    w = torch.zeros(valid.shape[0], dtype=ct, device=valid.device)
+    w = None
     if d_value is not None:
         coef_q, coef_g = option_coefficients(o)
-        dv = d_value.reshape(k).to(ct)
+        dv = d_value.reshape(k, 1).to(ct)
         c_q, c_g = coef_q * dv, coef_g * dv
         if o.reduction == "mean":
-            c_q = c_q / red[RED.valid_q2g].clamp_min(1).to(ct)
-            c_g = c_g / red[RED.valid_g2q].clamp_min(1).to(ct)
-        w = w + torch.cat([c_q.repeat_interleave(n), c_g.repeat_interleave(m)])
+            c_q = c_q / red[RED.valid_q2g, :, None].clamp_min(1).to(ct)
+            c_g = c_g / red[RED.valid_g2q, :, None].clamp_min(1).to(ct)
+        w = torch.cat([c_q.expand(k, n).flatten(), c_g.expand(k, m).flatten()])
     if d_rows is not None:
-        w = w + d_rows.to(ct)
-    return torch.where(valid, w, torch.zeros((), dtype=ct, device=w.device))
+        w = d_rows.to(ct) if w is None else w + d_rows.to(ct)
+    if w is None:
+        return torch.zeros(valid.shape[0], dtype=ct, device=valid.device)
+    return w.masked_fill(~valid, 0)
 
 
 def cast_gradient(x: Optional[torch.Tensor], dtype: torch.dtype, factor: float = 1.0) -> Optional[torch.Tensor]:

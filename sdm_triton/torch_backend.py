@@ -84,8 +84,7 @@ def _max_sum(S):
     """(max, sum exp(S - max)) over the last axis: the rows' softmax normaliser in one block
     (max -inf and sum 0 for a row without a present column)."""
     m = S.amax(-1)
-    safe = torch.where(torch.isfinite(m), m, 0)
-    return m, torch.exp(S - safe[..., None]).sum(-1)
+    return m, torch.exp(S - m.masked_fill(~torch.isfinite(m), 0)[..., None]).sum(-1)
 
 
 def _merge_max_sum(m, l, S):
@@ -98,8 +97,8 @@ def _merge_max_sum(m, l, S):
 
 def _safe_m_logl(m, l):
     """(m, log l) with rows that saw no present column set to (0, 0) (they are invalid); NaN stays."""
-    ok = l != 0
-    return torch.where(ok, m, 0), torch.where(ok, torch.log(torch.where(ok, l, 1)), 0)
+    empty = l == 0
+    return m.masked_fill(empty, 0), torch.log(l.masked_fill(empty, 1)).masked_fill(empty, 0)
 
 
 def _row_sums(S, m, logl, y, iy, o):
@@ -108,16 +107,16 @@ def _row_sums(S, m, logl, y, iy, o):
     ln P = (S - m) - log l: S - m is exact near the row's maximum, where the small differences of
     P - Y live."""
     # the softmax domain: absent columns hold -inf; a NaN (a present sample's NaN feature) stays in
-    domain = S != -math.inf
-    shifted = torch.where(domain, S - m[..., None], 0)
-    log_p = torch.where(domain, shifted - logl[..., None], 0)
-    p = torch.where(domain, log_p.exp(), 0)
+    outside = S == -math.inf
+    shifted = (S - m[..., None]).masked_fill(outside, 0)
+    log_p = (shifted - logl[..., None]).masked_fill(outside, 0)
+    p = log_p.exp().masked_fill(outside, 0)
     Y = y * iy[..., None]
     if o.reverse:
         x = (p * (log_p - torch.log(Y + o.eps))).sum(-1)
     else:
         x = (Y * shifted).sum(-1)
-    pos = torch.where(y > 0, p, 0).sum(-1)
+    pos = p.masked_fill(~(y > 0), 0).sum(-1)
     return x, pos, Y.sum(-1)
 
 
@@ -134,6 +133,13 @@ def _pair_grad(S, y, state, on, o):
     else:
         d = P - Y
     return torch.where(on, w[..., None] * d, 0)
+
+
+def _products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [N, D] times each b [K, C, D] transposed: [K, N, C] (one mm for K = 1)."""
+    if b.shape[0] == 1:
+        return (a @ b[0].T)[None]
+    return a @ b.mT
 
 
 class Prepared(NamedTuple):
@@ -252,9 +258,9 @@ class TorchBackend:
         valid = (ysum > 0) | torch.isnan(ysum)
         if q_mask is not None or g_mask is not None:
             k, n, m = p.galleries, p.n, p.m
-            dev = ysum.device
-            keep = torch.cat([q_mask.repeat(k) if q_mask is not None else torch.ones(k * n, dtype=torch.bool, device=dev),
-                              g_mask.reshape(-1) if g_mask is not None else torch.ones(k * m, dtype=torch.bool, device=dev)])
+            ones = lambda c: torch.ones(c, dtype=torch.bool, device=ysum.device)     # noqa: E731
+            keep = torch.cat([q_mask.repeat(k) if q_mask is not None else ones(k * n),
+                              g_mask.reshape(-1) if g_mask is not None else ones(k * m)])
             valid = valid & keep
         return valid, torch.where(valid, 1 / torch.where(valid, ysum, 1), 0)
 
@@ -323,7 +329,7 @@ class TorchBackend:
         row complete. [1, NUM_STATS, NDR]."""
         o = p.options
         g_mask = None if p.g_mask is None else prep.g_keep
-        S = prep.s * (prep.q_hat @ prep.g_hat.mT)                                 # [K, N, M]
+        S = prep.s * _products(prep.q_hat, prep.g_hat)                              # [K, N, M]
         rows_dir = S if g_mask is None else S.masked_fill(~g_mask[:, None, :], -math.inf)
         cols_dir = S if p.q_mask is None else S.masked_fill(~p.q_mask[None, :, None], -math.inf)
         blocks = self._blocks(p, rows_dir, cols_dir)
@@ -365,26 +371,31 @@ class TorchBackend:
             loss = torch.where(loss < 0, 0, loss)                    # KL >= 0; NaN stays
         if p.scale is not None:                                      # a float scale was checked on the host
             loss = torch.where(torch.isfinite(s) & (s > 0), loss, math.nan)
-        rows = torch.where(valid, loss, 0)
-        row_m = torch.where(valid, row_m, 0)
-        row_logl = torch.where(valid, row_logl, 0)
+        invalid = ~valid
+        rows = loss.masked_fill(invalid, 0)
+        row_m = row_m.masked_fill(invalid, 0)
+        row_logl = row_logl.masked_fill(invalid, 0)
 
         # the reduction [NUM_RED, K], every gallery at once
-        per_row = torch.stack([rows, valid.to(ct), torch.where(valid, pos, 0)])          # [3, NDR]
+        per_row = torch.stack([rows, valid.to(ct), pos.masked_fill(invalid, 0)])          # [3, NDR]
         q_sums = per_row[:, :kn].unflatten(1, (k_count, n)).sum(-1)                        # [3, K]
         g_sums = per_row[:, kn:].unflatten(1, (k_count, m)).sum(-1)
-        q_kept = torch.where(prep.q_keep, prep.q_norm, 0)
-        g_kept = torch.where(prep.g_keep, prep.g_norm, 0)                                  # [K, M]
-        q_count = prep.q_keep.sum().clamp_min(1).to(ct)
-        g_count = prep.g_keep.sum(-1).clamp_min(1).to(ct)
         fields = [None] * NUM_RED
         fields[RED.sum_q2g], fields[RED.valid_q2g], fields[RED.pos_q2g] = q_sums.unbind(0)
         fields[RED.sum_g2q], fields[RED.valid_g2q], fields[RED.pos_g2q] = g_sums.unbind(0)
-        fields[RED.q_norm_mean] = (q_kept.sum() / q_count).expand(k_count)
-        fields[RED.q_norm_max] = q_kept.max().expand(k_count)
-        fields[RED.g_norm_mean] = g_kept.sum(-1) / g_count
-        fields[RED.g_norm_max] = g_kept.amax(-1)
-        red = torch.stack(fields)
+        if p.return_stats:            # the norm rows are read by SDMStats only (api._stats); else 0
+            q_kept = torch.where(prep.q_keep, prep.q_norm, 0)
+            g_kept = torch.where(prep.g_keep, prep.g_norm, 0)                              # [K, M]
+            q_count = prep.q_keep.sum().clamp_min(1).to(ct)
+            g_count = prep.g_keep.sum(-1).clamp_min(1).to(ct)
+            fields[RED.q_norm_mean] = (q_kept.sum() / q_count).expand(k_count)
+            fields[RED.q_norm_max] = q_kept.max().expand(k_count)
+            fields[RED.g_norm_mean] = g_kept.sum(-1) / g_count
+            fields[RED.g_norm_max] = g_kept.amax(-1)
+            red = torch.stack(fields)
+        else:
+            norms = q_sums.new_zeros((NUM_RED - RED.q_norm_mean, k_count))                  # the last rows
+            red = torch.cat([torch.stack(fields[:RED.q_norm_mean]), norms])
         value = reduced_value(o, red)
         if p.scale is not None:
             value = torch.where(torch.isfinite(s) & (s > 0), value, math.nan)
@@ -452,7 +463,7 @@ class TorchBackend:
         d_s = torch.zeros((), dtype=ct, device=p.q.device)
         for ks, c0, c1 in blocks:
             g_blk = g_hats[ks, c0:c1]                                               # [Kb, C, D]
-            cos = q_hat @ g_blk.mT                                                  # [Kb, N, C]
+            cos = _products(q_hat, g_blk)                                           # [Kb, N, C]
             S = s * cos
             y = pair_labels(None if labels is None else labels[ks], p.q_ids, None if g_ids is None else g_ids[ks],
                             q_mask, None if g_mask is None else g_mask[ks], c0, c1, ct)
@@ -483,10 +494,11 @@ class TorchBackend:
                 part = (dS @ g_blk).sum(0) if dS.shape[0] > 1 else dS[0] @ g_blk[0]
                 dq_hat = s * part if dq_hat is None else dq_hat + s * part
             if want_g:
+                part = s * ((dS[0].T @ q_hat)[None] if dS.shape[0] == 1 else dS.mT @ q_hat)  # [Kb, C, D]
                 if dg_hat is None:
-                    dg_hat = s * (dS.mT @ q_hat)
+                    dg_hat = part
                 else:
-                    dg_hat[ks, c0:c1] = s * (dS.mT @ q_hat)
+                    dg_hat[ks, c0:c1] = part
             if want_scale:
                 prod = dS * cos
                 d_s = d_s + (prod if both is None else torch.where(both, prod, 0)).sum()
