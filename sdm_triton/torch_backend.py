@@ -80,11 +80,12 @@ def _normalised(x: torch.Tensor, keep: Optional[torch.Tensor], normalize: bool, 
     return x * r[:, None], norm
 
 
-def _max_sum(S):
+def _max_sum(S, bounded=False):
     """(max, sum exp(S - max)) over the last axis: the rows' softmax normaliser in one block
-    (max -inf and sum 0 for a row without a present column)."""
+    (max -inf and sum 0 for a row without a present column). ``bounded``: S holds no infinity
+    (`_bounded`), so no guard is needed."""
     m = S.amax(-1)
-    return m, torch.exp(S - m.masked_fill(~torch.isfinite(m), 0)[..., None]).sum(-1)
+    return m, torch.exp(S - (m if bounded else m.masked_fill(~torch.isfinite(m), 0))[..., None]).sum(-1)
 
 
 def _merge_max_sum(m, l, S):
@@ -95,22 +96,27 @@ def _merge_max_sum(m, l, S):
     return m_new, l * alpha + torch.exp(S - safe[..., None]).sum(-1)
 
 
-def _safe_m_logl(m, l):
-    """(m, log l) with rows that saw no present column set to (0, 0) (they are invalid); NaN stays."""
+def _safe_m_logl(m, l, bounded=False):
+    """(m, log l) with rows that saw no present column set to (0, 0) (they are invalid); NaN stays.
+    ``bounded`` (`_bounded`): every row saw one (l >= 1 or NaN)."""
+    if bounded:
+        return m, torch.log(l)
     empty = l == 0
     return m.masked_fill(empty, 0), torch.log(l.masked_fill(empty, 1)).masked_fill(empty, 0)
 
 
-def _row_sums(S, m, logl, y, iy, o):
+def _row_sums(S, m, logl, y, iy, o, bounded=False):
     """(x, pos, ysum) of `TorchBackend.statistics` for a block S [..., R, C] (softmax over the last
     axis, absent columns -inf), with the rows' (m, log l) [..., R], labels y and 1 / ysum iy [..., R].
     ln P = (S - m) - log l: S - m is exact near the row's maximum, where the small differences of
-    P - Y live."""
-    # the softmax domain: absent columns hold -inf; a NaN (a present sample's NaN feature) stays in
-    outside = S == -math.inf
-    shifted = (S - m[..., None]).masked_fill(outside, 0)
-    log_p = (shifted - logl[..., None]).masked_fill(outside, 0)
-    p = log_p.exp().masked_fill(outside, 0)
+    P - Y live. ``bounded`` (`_bounded`): no -inf in S, no column outside the softmax."""
+    shifted = S - m[..., None]
+    log_p = shifted - logl[..., None]
+    p = log_p.exp()
+    if not bounded:
+        # the softmax domain: absent columns hold -inf; a NaN (a present sample's NaN feature) stays in
+        outside = S == -math.inf
+        shifted, log_p, p = shifted.masked_fill(outside, 0), log_p.masked_fill(outside, 0), p.masked_fill(outside, 0)
     Y = y * iy[..., None]
     if o.reverse:
         x = (p * (log_p - torch.log(Y + o.eps))).sum(-1)
@@ -125,7 +131,7 @@ def _pair_grad(S, y, state, on, o):
     [5, ..., R] (m, log l, loss, weight w, 1 / ysum) and labels y; 0 off ``on`` (pairs of present
     samples in valid rows):  forward P - Y,  reverse P (ln P - ln(Y + eps) - L)."""
     m, logl, rows, w, iy = state
-    log_p = torch.where(on, (S - m[..., None]) - logl[..., None], 0)
+    log_p = (S - m[..., None]) - logl[..., None]     # off ``on`` anything (inf, NaN): not selected below
     P = log_p.exp()
     Y = y * iy[..., None]
     if o.reverse:
@@ -178,6 +184,13 @@ class TorchBackend:
     def _chunk_width(self, p: Problem, ct) -> int:
         per_col = 8 * p.n * torch.empty((), dtype=ct).element_size()    # ~8 [N, C] temporaries
         return max(1, min(p.m, p.workspace_bytes // per_col))
+
+    @staticmethod
+    def _bounded(p: Problem) -> bool:
+        """S is finite or NaN, never -inf or +inf, and every sample is present: normalised
+        features (|S| <= s, a NaN or inf feature gives NaN) under a float scale (checked on the
+        host), no masks. Then every softmax row sees every column, and l >= 1 (or NaN)."""
+        return p.options.normalize and p.scale is None and p.q_mask is None and p.g_mask is None
 
     @staticmethod
     def _blocks(p: Problem, rows_dir: torch.Tensor, cols_dir: torch.Tensor):
@@ -334,9 +347,11 @@ class TorchBackend:
         cols_dir = S if p.q_mask is None else S.masked_fill(~p.q_mask[None, :, None], -math.inf)
         blocks = self._blocks(p, rows_dir, cols_dir)
         parts = []
+        bounded = self._bounded(p)
         for T, y, iy in zip(blocks, prep.labels, self._split_rows(p, prep.inv_y, len(blocks))):
-            mx, l = _max_sum(T)
-            parts.append(torch.stack([mx, l, *_row_sums(T, *_safe_m_logl(mx, l), y, iy, o)]).flatten(1))
+            mx, l = _max_sum(T, bounded)
+            parts.append(torch.stack([mx, l, *_row_sums(T, *_safe_m_logl(mx, l, bounded), y, iy, o, bounded)])
+                         .flatten(1))
         return (parts[0] if len(parts) == 1 else torch.cat(parts, 1))[None]
 
     def finish(self, p: Problem, partial: torch.Tensor, segments_q: int, segments_g: int,

@@ -76,8 +76,9 @@ def _inputs(n, m, k, dtype, seed):
     return q.to(dtype), g.to(dtype)
 
 
-def _run(n, m, k, kw, q, g, scale, options, fn=None, **call):
-    """(value or rows, dq, dg, d_logit_scale) of one call; absent samples hold NaN."""
+def _run(n, m, k, kw, q, g, scale, options, fn=None, tensor_scale=True, **call):
+    """(value or rows, dq, dg, d_logit_scale) of one call, the scale a tensor that requires grad
+    (else a float: d_logit_scale None); absent samples hold NaN."""
     q, g = q.clone(), g.clone()
     if "q_mask" in kw:
         q[~kw["q_mask"]] = float("nan")
@@ -85,7 +86,10 @@ def _run(n, m, k, kw, q, g, scale, options, fn=None, **call):
         g[~kw["g_mask"]] = float("nan")
     q.requires_grad_(True)
     g.requires_grad_(True)
-    ls = torch.tensor(scale, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, requires_grad=True)
+    ls = scale
+    if tensor_scale:
+        ls = torch.tensor(scale, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+                          requires_grad=True)
     if fn is None:
         fn = sdm_triton.sdm_loss_multi if k else sdm_triton.sdm_loss
     kw = {key: (v.to(q.dtype) if key == "labels" else v) for key, v in kw.items()}
@@ -98,7 +102,7 @@ def _run(n, m, k, kw, q, g, scale, options, fn=None, **call):
         value = out
         total = out.sum()
     total.backward()
-    return value.detach(), q.grad, g.grad, ls.grad
+    return value.detach(), q.grad, g.grad, (ls.grad if tensor_scale else None)
 
 
 @pytest.fixture
@@ -114,27 +118,36 @@ def path_counter(monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize("scale_kind", ["tensor", "float"])
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{v}" for v in o.values()))
 @pytest.mark.parametrize("name", CASES)
-def test_dense_and_chunked_paths_agree_float64(name, options, path_counter):
+def test_dense_and_chunked_paths_agree_float64(name, options, scale_kind, path_counter):
+    """A float scale without masks takes the dense path's unguarded form (`TorchBackend._bounded`)."""
     n, m, k, kw = _case(name)
+    tensor_scale = scale_kind == "tensor"
     q, g = _inputs(n, m, k, torch.float64, seed=CASES.index(name))
     ref_fn = reference.sdm_loss_multi if k else reference.sdm_loss
     for scale in SCALES:
         path_counter.clear()
-        dense = _run(n, m, k, kw, q, g, scale, options, backend="torch", workspace_bytes=DENSE_WS)
+        dense = _run(n, m, k, kw, q, g, scale, options, backend="torch", workspace_bytes=DENSE_WS,
+                     tensor_scale=tensor_scale)
         assert path_counter, "the dense path did not run"
-        ref = _run(n, m, k, kw, q, g, scale, options, fn=ref_fn)
+        ref = _run(n, m, k, kw, q, g, scale, options, fn=ref_fn, tensor_scale=tensor_scale)
         for field, a, b in zip(("value", "dq", "dg", "ds"), dense, ref):
+            if a is None:
+                continue
             assert torch.isfinite(a).all(), (field, scale)
             assert _rel(a, b) < 1e-10, (field, scale, _rel(a, b))
         for ws in CHUNKED_WS:
             path_counter.clear()
-            chunked = _run(n, m, k, kw, q, g, scale, options, backend="torch", workspace_bytes=ws)
+            chunked = _run(n, m, k, kw, q, g, scale, options, backend="torch", workspace_bytes=ws,
+                           tensor_scale=tensor_scale)
             assert not path_counter, "the chunked path took the dense statistics"
             # the paths sum the rows' terms in another order; those terms hold ln P in [-2 s, 0]
             tol = 1e-13 * max(1.0, scale)
             for field, a, b in zip(("value", "dq", "dg", "ds"), dense, chunked):
+                if a is None:
+                    continue
                 assert _agree(field, a, b, tol, n, m, k), (field, scale, ws, _rel(a, b))
 
 
@@ -166,3 +179,27 @@ def test_the_dense_path_is_chosen_by_the_workspace(path_counter):
         path_counter.clear()
         sdm_triton.sdm_loss_multi(q, g, **kw, backend="torch", workspace_bytes=ws)
         assert bool(path_counter) == dense, ws
+
+
+@pytest.mark.parametrize("kl", ["forward", "reverse"])
+def test_bad_features_on_the_unguarded_dense_path(kl, path_counter):
+    """No masks, a float scale (the dense path without its -inf guards): a zero feature row is
+    fine and equal on both paths; a NaN or an inf feature of a present sample makes the loss NaN
+    on both paths, never a finite number."""
+    n = 8
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.arange(n) // 2
+    for bad in (0.0, float("nan"), float("inf")):
+        q, g = torch.randn(n, 5, generator=gen, dtype=torch.float64), torch.randn(n, 5, generator=gen,
+                                                                                dtype=torch.float64)
+        q[3] = bad
+        losses = []
+        for ws in (DENSE_WS, 1):
+            path_counter.clear()
+            losses.append(sdm_triton.sdm_loss(q, g, ids, ids, temperature=0.02, kl=kl, backend="torch",
+                                              workspace_bytes=ws))
+            assert bool(path_counter) == (ws == DENSE_WS)
+        if bad == 0.0:
+            assert torch.isfinite(losses[0]) and _rel(losses[0], losses[1]) < 1e-12
+        else:
+            assert torch.isnan(losses[0]) and torch.isnan(losses[1]), (bad, losses)
