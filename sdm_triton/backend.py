@@ -54,6 +54,7 @@ class ForwardOut(NamedTuple):
     rows: torch.Tensor      # [NDR] per-row losses (0 for invalid rows), differentiable
     valid: torch.Tensor     # [NDR] bool
     red: torch.Tensor       # [NUM_RED, K] per-gallery sums, valid counts, positive mass, norm statistics
+                            # (the torch backend fills the norm rows only for problem.return_stats)
     state: Tuple[torch.Tensor, ...]   # what the backward needs (backend-specific, saved for backward)
 
 

@@ -141,11 +141,34 @@ def _launches(backend: str):
     return contextlib.nullcontext()
 
 
+def _unaliased(outputs, inputs):
+    """``outputs`` with a copy of each tensor that shares memory with one of ``inputs`` or with an
+    earlier output: a custom operator's outputs may alias neither (the torch backend's state can
+    hold the scale itself, its q_hat and g_hat are views of one buffer, and so are its dq and dg),
+    nor start inside a buffer where the fake implementation's start at 0. Real tensors only (it
+    reads their storage)."""
+    seen = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, Tensor) and t.numel()}
+    result = []
+    for t in outputs:
+        if t.numel():
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen or t.storage_offset():
+                t = t.clone()
+                ptr = t.untyped_storage().data_ptr()
+            seen.add(ptr)
+        result.append(t)
+    return result
+
+
 def _run_forward(backend: str):
     def run(p: Problem):
         with torch.autocast(p.q.device.type, enabled=False), _launches(backend):
             out = dispatch.pick_backend(backend, p.q).forward(p)
-        # an operator's outputs may not alias its inputs (the torch backend's state can hold the scale itself)
+        if backend == "torch":     # opaque, on real tensors (the Triton backend's body is traced)
+            value, rows, valid, red, *state = _unaliased((out.value, out.rows, out.valid, out.red, *out.state),
+                                                         operator_args(p))
+            return value, rows, valid, red, state
+        # an operator's outputs may not alias its inputs (a state may hold the scale itself)
         state = [t.clone() if (p.scale is not None and t is p.scale) else t for t in out.state]
         return out.value, out.rows, out.valid, out.red, state
     return run
@@ -156,8 +179,12 @@ def _run_backward(backend: str):
         with torch.autocast(p.q.device.type, enabled=False), _launches(backend):
             dq, dg, d_scale = dispatch.pick_backend(backend, p.q).backward(p, out, d_value, d_rows, want)
         empty = p.q.new_empty(0)
-        return (dq if dq is not None else empty, dg if dg is not None else empty,
-                d_scale.reshape(()).float() if d_scale is not None else empty.float())
+        grads = (dq if dq is not None else empty, dg if dg is not None else empty,
+                 d_scale.reshape(()).float() if d_scale is not None else empty.float())
+        if backend == "torch":     # its dq and dg can be views of one buffer
+            grads = tuple(_unaliased(grads, (*operator_args(p), d_value, d_rows, out.rows, out.valid, out.red,
+                                             *out.state)))
+        return grads
     return run
 
 

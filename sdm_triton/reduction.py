@@ -10,6 +10,7 @@ its first rows) are indexed by name (`backend.RED`).
     add_label_masses   each softmax row's label mass (ysum, sum y ln y) over one gallery's
                        columns, chunked
     ln_unscaled        ln(y / LABEL_SCALE) of a scaled dense weight or label mass
+    label_ylny         y ln(y / LABEL_SCALE) of scaled dense weights (their masses' second row)
     reduced_value      the loss from the reduction's sums and valid counts (kernels/finish.py)
     gradient_weights   each softmax row's weight in dL/dS from the gradients of the value and
                        of the rows (kernels/grad.py computes the same in its ``row_weights``)
@@ -30,18 +31,23 @@ from .options import LABEL_SCALE, SDMOptions, SDMStats
 
 
 def pair_labels(labels: Optional[torch.Tensor], q_ids: Optional[torch.Tensor], g_ids: Optional[torch.Tensor],
-                q_keep: torch.Tensor, g_keep: torch.Tensor, c0: int, c1: int, ct) -> torch.Tensor:
-    """y [N, c1 - c0] of the q rows against columns [c0, c1) of one gallery: from ``labels``
-    [N, M] when given (times LABEL_SCALE, as the kernels read them: Y = y / ysum is unchanged,
-    and subnormal weights keep 1 / ysum finite), else ``q_ids`` [N] == ``g_ids`` [M]; 0 on a pair
-    with an absent sample (``q_keep`` [N], ``g_keep`` [M]), NaN for a bad dense weight."""
-    both = q_keep[:, None] & g_keep[None, c0:c1]
+                q_keep: Optional[torch.Tensor], g_keep: Optional[torch.Tensor], c0: int, c1: int, ct) -> torch.Tensor:
+    """y [..., N, c1 - c0] of the q rows against columns [c0, c1) of one gallery, or of a stack of
+    galleries (leading axes of ``labels`` [..., N, M], ``g_ids`` and ``g_keep`` [..., M]): from
+    ``labels`` when given (times LABEL_SCALE, as the kernels read them: Y = y / ysum is unchanged,
+    and subnormal weights keep 1 / ysum finite), else ``q_ids`` [N] == ``g_ids``; 0 on a pair
+    with an absent sample (``q_keep`` [N], ``g_keep``; None: every sample present), NaN for a bad
+    dense weight."""
     if labels is not None:
-        y = labels[:, c0:c1].to(ct) * LABEL_SCALE
-        y = torch.where((y < 0) | ~torch.isfinite(y), torch.full_like(y, math.nan), y)
+        y = labels[..., c0:c1].to(ct) * LABEL_SCALE
+        y = torch.where((y < 0) | ~torch.isfinite(y), math.nan, y)
     else:
-        y = (q_ids[:, None] == g_ids[None, c0:c1]).to(ct)
-    return torch.where(both, y, torch.zeros_like(y))
+        y = (q_ids[:, None] == g_ids[..., None, c0:c1]).to(ct)
+    if q_keep is not None:
+        y = torch.where(q_keep[:, None], y, 0)
+    if g_keep is not None:
+        y = torch.where(g_keep[..., None, c0:c1], y, 0)
+    return y
 
 
 def ln_unscaled(y: torch.Tensor) -> torch.Tensor:
@@ -49,6 +55,11 @@ def ln_unscaled(y: torch.Tensor) -> torch.Tensor:
     exact unless it leaves the normal range, where ln y - ln LABEL_SCALE is taken instead."""
     small = y < torch.finfo(y.dtype).tiny * LABEL_SCALE
     return torch.where(small, torch.log(y) - math.log(LABEL_SCALE), torch.log(y * (1 / LABEL_SCALE)))
+
+
+def label_ylny(y: torch.Tensor) -> torch.Tensor:
+    """y ln(y / LABEL_SCALE) of scaled dense weights, elementwise: 0 where y = 0, NaN stays."""
+    return torch.where(y > 0, y * ln_unscaled(torch.where(y > 0, y, 1)), y * 0)
 
 
 def add_label_masses(q_masses: torch.Tensor, g_masses: torch.Tensor, labels, q_ids, g_ids, q_keep, g_keep,
@@ -61,10 +72,7 @@ def add_label_masses(q_masses: torch.Tensor, g_masses: torch.Tensor, labels, q_i
     for c0 in range(0, m, width):
         c1 = min(m, c0 + width)
         y = pair_labels(labels, q_ids, g_ids, q_keep, g_keep, c0, c1, ct)
-        if labels is None:
-            ylny = torch.zeros_like(y)
-        else:   # y * 0: NaN stays NaN
-            ylny = torch.where(y > 0, y * ln_unscaled(torch.where(y > 0, y, 1)), y * 0)
+        ylny = torch.zeros_like(y) if labels is None else label_ylny(y)
         q_masses[0] += y.sum(1)
         q_masses[1] += ylny.sum(1)
         g_masses[0, c0:c1] = y.sum(0)
@@ -94,18 +102,20 @@ def gradient_weights(o: SDMOptions, red: torch.Tensor, valid: torch.Tensor, n: i
     ``d_value`` [K] (or 0-dim for K = 1) and ``d_rows`` may be None: no gradient."""
     k = red.shape[-1]
     m = valid.shape[0] // k - n
-    w = torch.zeros(valid.shape[0], dtype=ct, device=valid.device)
+    w = None
     if d_value is not None:
         coef_q, coef_g = option_coefficients(o)
-        dv = d_value.reshape(k).to(ct)
+        dv = d_value.reshape(k, 1).to(ct)
         c_q, c_g = coef_q * dv, coef_g * dv
         if o.reduction == "mean":
-            c_q = c_q / red[RED.valid_q2g].clamp_min(1).to(ct)
-            c_g = c_g / red[RED.valid_g2q].clamp_min(1).to(ct)
-        w = w + torch.cat([c_q.repeat_interleave(n), c_g.repeat_interleave(m)])
+            c_q = c_q / red[RED.valid_q2g, :, None].clamp_min(1).to(ct)
+            c_g = c_g / red[RED.valid_g2q, :, None].clamp_min(1).to(ct)
+        w = torch.cat([c_q.expand(k, n).flatten(), c_g.expand(k, m).flatten()])
     if d_rows is not None:
-        w = w + d_rows.to(ct)
-    return torch.where(valid, w, torch.zeros((), dtype=ct, device=w.device))
+        w = d_rows.to(ct) if w is None else w + d_rows.to(ct)
+    if w is None:
+        return torch.zeros(valid.shape[0], dtype=ct, device=valid.device)
+    return w.masked_fill(~valid, 0)
 
 
 def cast_gradient(x: Optional[torch.Tensor], dtype: torch.dtype, factor: float = 1.0) -> Optional[torch.Tensor]:

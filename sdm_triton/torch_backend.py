@@ -1,19 +1,31 @@
-"""The torch backend: `backend.Backend` in plain PyTorch, chunked over columns.
+"""The torch backend: `backend.Backend` in plain PyTorch, dense or chunked over columns.
 
 It runs wherever PyTorch runs (the CPU path of ``backend="auto"``, float64 included) and is
-an implementation of the loss independent of the Triton kernels, in the natural-log domain
-and with two passes instead of online softmax statistics, for the tests. Memory: S is built
-for all N query rows and a chunk of C gallery columns at a time ([N, C] in the compute dtype,
-C from ``workspace_bytes``), so it stays O((N + M) D + N C).
+an implementation of the loss independent of the Triton kernels, in the natural-log domain,
+for the tests. Two paths, one decision (`TorchBackend.dense`):
 
-The forward's primitives (`backend.Backend`), per gallery k, chunk by chunk:
-    prepare     q_hat, g_hat, norms, and each softmax row's label mass (ysum, sum y ln y;
-                identity labels too: the reverse KL below needs Y_ij = y_ij / ysum_i per pair)
-    statistics  pass 1: S = s q_hat g_hat^T; the query rows' (max, sum exp) merged across
-                chunks; the gallery rows' softmax over the queries is complete within a chunk,
-                their sums now. pass 2: the query rows' sums with their (max, sum exp):
-                forward sum_j Y (S - m), reverse sum_j P (ln P - ln(Y + eps)), computed per
-                pair (no cancelling difference of two sums). One segment: [1, 5, NDR]
+    dense    the whole S [K, N, M] fits ``workspace_bytes`` (DENSE_TEMPORARIES copies of it):
+             built once for every gallery, every softmax row is complete in it, so the
+             statistics take one pass with both directions side by side ([2K, N, N] when
+             N = M, the q rows' block and the gallery rows' block otherwise), the labels are
+             built once (prepare) and the backward is one block. At small N M (training batch
+             sizes on the CPU, N = 64 on a GPU) a call is a fixed number of tensor ops, about
+             as many as the plain formula does (bench/NOTES.md, section 24).
+    chunked  S for all N query rows and a chunk of C gallery columns of one gallery at a time
+             ([N, C] in the compute dtype, C from ``workspace_bytes``), so memory stays
+             O((N + M) D + N C); the query rows take two passes (their softmax's (max, sum
+             exp) merged across chunks, then the sums with it).
+
+Both paths run the same per-row math (`_max_sum`, `_row_sums`, `_pair_grad`) on blocks with
+the softmax over the last axis, and agree to rounding. No host synchronisation in either.
+
+The forward's primitives (`backend.Backend`):
+    prepare     q_hat, g_hat, norms, presence, and each softmax row's label mass (ysum, sum
+                y ln y; identity labels too: the reverse KL below needs Y_ij = y_ij / ysum_i per
+                pair), with each row's validity and 1 / ysum
+    statistics  per softmax row: (max, sum exp) of S, then forward sum_j Y (S - m), reverse
+                sum_j P (ln P - ln(Y + eps)), computed per pair (no cancelling difference of
+                two sums). One segment: [1, 5, NDR]
     finish      merge segments (one in a single process: the sums as they are; several when
                 the distributed strategies bring those of other column blocks), the losses
     backward    dS = w_i d_ij + w'_j d'_ij (kernels/grad.py), dq_hat += s dS g_hat, dg_hat = s dS^T q_hat
@@ -22,15 +34,20 @@ The forward's primitives (`backend.Backend`), per gallery k, chunk by chunk:
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
 from .backend import NUM_RED, NUM_STATS, RED, ForwardOut, Statistics
 from .options import NORM_EPS, NORM_LIMIT, compute_dtype
 from .problem import Problem
-from .reduction import (add_label_masses, cast_gradient, gradient_weights, ln_unscaled, pair_labels, reduced_value,
-                        row_norms)
+from .reduction import (add_label_masses, cast_gradient, gradient_weights, label_ylny, ln_unscaled, pair_labels,
+                        reduced_value, row_norms)
+
+
+#: [K, N, M] temporaries of the compute dtype the dense path holds at once (S, both directions'
+#: blocks, their shifted logits, log P, P and labels): it runs when that many fit ``workspace_bytes``.
+DENSE_TEMPORARIES = 16
 
 
 def _views(p: Problem):
@@ -43,11 +60,18 @@ def _views(p: Problem):
     return g, g_ids, g_mask, labels
 
 
-def _normalised(x: torch.Tensor, keep: torch.Tensor, normalize: bool, ct):
-    """(x_hat, norm): absent rows become 0 before anything touches them (they may hold NaN).
-    In fp32 a row of norm >= 2^64 (its square sum overflows) is NaN, as in the kernels (prep.py);
-    its norm, reported by the statistics, is right (`row_norms`)."""
-    x = torch.where(keep[:, None], x.to(ct), torch.zeros((), dtype=ct, device=x.device))
+def _masked_rows(x: torch.Tensor, keep: Optional[torch.Tensor], ct) -> torch.Tensor:
+    """x [R, D] in the compute dtype with absent rows (``keep`` False; None: none) set to 0 before
+    anything touches them (they may hold NaN)."""
+    x = x.to(ct)
+    return x if keep is None else torch.where(keep[:, None], x, 0)
+
+
+def _normalised(x: torch.Tensor, keep: Optional[torch.Tensor], normalize: bool, ct):
+    """(x_hat, norm) of rows x [R, D], absent rows 0 (`_masked_rows`). In fp32 a row of norm >=
+    2^64 (its square sum overflows) is NaN, as in the kernels (prep.py); its norm, reported by the
+    statistics, is right (`row_norms`)."""
+    x = _masked_rows(x, keep, ct)
     norm = row_norms(x)
     if not normalize:
         return x, norm
@@ -57,24 +81,78 @@ def _normalised(x: torch.Tensor, keep: torch.Tensor, normalize: bool, ct):
     return x * r[:, None], norm
 
 
+def _max_sum(S, bounded=False):
+    """(max, sum exp(S - max)) over the last axis: the rows' softmax normaliser in one block
+    (max -inf and sum 0 for a row without a present column). ``bounded``: S holds no infinity
+    (`_bounded`), so no guard is needed."""
+    m = S.amax(-1)
+    return m, torch.exp(S - (m if bounded else m.masked_fill(~torch.isfinite(m), 0))[..., None]).sum(-1)
+
+
 def _merge_max_sum(m, l, S):
-    """Online softmax over columns: (max, sum exp(S - max)) of the rows so far and of S."""
-    m_new = torch.maximum(m, S.amax(1))
-    safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
-    alpha = torch.where(torch.isfinite(m), torch.exp(m - safe), torch.zeros_like(m))
-    return m_new, l * alpha + torch.exp(S - safe[:, None]).sum(1)
+    """Online softmax over the last axis: (max, sum exp(S - max)) of the rows so far and of S."""
+    m_new = torch.maximum(m, S.amax(-1))
+    safe = torch.where(torch.isfinite(m_new), m_new, 0)
+    alpha = torch.where(torch.isfinite(m), torch.exp(m - safe), 0)
+    return m_new, l * alpha + torch.exp(S - safe[..., None]).sum(-1)
 
 
-def _safe_m_logl(m, l):
-    """(m, log l) with rows that saw no present column set to (0, 0) (they are invalid); NaN stays."""
-    ok = l != 0
-    return torch.where(ok, m, torch.zeros_like(m)), torch.where(ok, torch.log(torch.where(ok, l, torch.ones_like(l))),
-                                                                 torch.zeros_like(l))
+def _safe_m_logl(m, l, bounded=False):
+    """(m, log l) with rows that saw no present column set to (0, 0) (they are invalid); NaN stays.
+    ``bounded`` (`_bounded`): every row saw one (l >= 1 or NaN)."""
+    if bounded:
+        return m, torch.log(l)
+    empty = l == 0
+    return m.masked_fill(empty, 0), torch.log(l.masked_fill(empty, 1)).masked_fill(empty, 0)
+
+
+def _row_sums(S, m, logl, y, iy, o, bounded=False):
+    """(x, pos, ysum) of `TorchBackend.statistics` for a block S [..., R, C] (softmax over the last
+    axis, absent columns -inf), with the rows' (m, log l) [..., R], labels y and 1 / ysum iy [..., R].
+    ln P = (S - m) - log l: S - m is exact near the row's maximum, where the small differences of
+    P - Y live. ``bounded`` (`_bounded`): no -inf in S, no column outside the softmax."""
+    shifted = S - m[..., None]
+    log_p = shifted - logl[..., None]
+    p = log_p.exp()
+    if not bounded:
+        # the softmax domain: absent columns hold -inf; a NaN (a present sample's NaN feature) stays in
+        outside = S == -math.inf
+        shifted, log_p, p = shifted.masked_fill(outside, 0), log_p.masked_fill(outside, 0), p.masked_fill(outside, 0)
+    Y = y * iy[..., None]
+    if o.reverse:
+        x = (p * (log_p - torch.log(Y + o.eps))).sum(-1)
+    else:
+        x = (Y * shifted).sum(-1)
+    pos = p.masked_fill(~(y > 0), 0).sum(-1)
+    return x, pos, Y.sum(-1)
+
+
+def _pair_grad(S, y, state, on, o):
+    """w_i dL_i/dS_ij of a block S [..., R, C] (softmax over the last axis) from its rows' state
+    [5, ..., R] (m, log l, loss, weight w, 1 / ysum) and labels y; 0 off ``on`` (pairs of present
+    samples in valid rows):  forward P - Y,  reverse P (ln P - ln(Y + eps) - L)."""
+    m, logl, rows, w, iy = state
+    log_p = (S - m[..., None]) - logl[..., None]     # off ``on`` anything (inf, NaN): not selected below
+    P = log_p.exp()
+    Y = y * iy[..., None]
+    if o.reverse:
+        d = P * (log_p - torch.log(Y + o.eps) - rows[..., None])
+    else:
+        d = P - Y
+    return torch.where(on, w[..., None] * d, 0)
+
+
+def _products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [N, D] times each b [K, C, D] transposed: [K, N, C] (one mm for K = 1)."""
+    if b.shape[0] == 1:
+        return (a @ b[0].T)[None]
+    return a @ b.mT
 
 
 class Prepared(NamedTuple):
     """`TorchBackend.prepare`: the normalised features (0 for absent samples), norms, presence,
-    label masses [2, NDR] (ysum, sum y ln y) and the scale."""
+    label masses [2, NDR] (ysum, sum y ln y), the scale, each softmax row's validity and 1 / ysum
+    (0 for an invalid row), and on the dense path the labels of its blocks (`TorchBackend._blocks`)."""
     q_hat: torch.Tensor      # [N, D] compute dtype
     q_norm: torch.Tensor     # [N]
     q_keep: torch.Tensor     # [N] bool
@@ -83,6 +161,9 @@ class Prepared(NamedTuple):
     g_keep: torch.Tensor     # [K, M] bool
     masses: torch.Tensor     # [2, NDR]
     s: torch.Tensor          # 0-dim
+    valid: torch.Tensor      # [NDR] bool
+    inv_y: torch.Tensor      # [NDR]
+    labels: Optional[Tuple[torch.Tensor, ...]] = None   # dense path: y of each block
 
 
 class TorchBackend:
@@ -92,15 +173,42 @@ class TorchBackend:
     def check_supported(q: torch.Tensor) -> None:
         return None
 
+    @staticmethod
+    def dense(p: Problem) -> bool:
+        """The dense path (module doc): DENSE_TEMPORARIES copies of S [K, N, M] fit the workspace."""
+        key = "torch_dense"
+        if key not in p.derived:
+            elt = torch.empty((), dtype=compute_dtype(p.q.dtype)).element_size()
+            p.derived[key] = DENSE_TEMPORARIES * p.galleries * p.n * p.m * elt <= p.workspace_bytes
+        return p.derived[key]
+
     def _chunk_width(self, p: Problem, ct) -> int:
         per_col = 8 * p.n * torch.empty((), dtype=ct).element_size()    # ~8 [N, C] temporaries
         return max(1, min(p.m, p.workspace_bytes // per_col))
 
     @staticmethod
-    def _labels(p, k, labels, g_ids, q_keep, g_keep, c0, c1, ct):
-        """y on the pairs of present samples, columns [c0, c1) of gallery k; bad weights -> NaN."""
-        return pair_labels(None if labels is None else labels[k], p.q_ids, None if g_ids is None else g_ids[k],
-                           q_keep, g_keep, c0, c1, ct)
+    def _bounded(p: Problem) -> bool:
+        """S is finite or NaN, never -inf or +inf, and every sample is present: normalised
+        features (|S| <= s, a NaN or inf feature gives NaN) under a float scale (checked on the
+        host), no masks. Then every softmax row sees every column, and l >= 1 (or NaN)."""
+        return p.options.normalize and p.scale is None and p.q_mask is None and p.g_mask is None
+
+    @staticmethod
+    def _blocks(p: Problem, rows_dir: torch.Tensor, cols_dir: torch.Tensor):
+        """The dense blocks (module doc) of [K, N, M] tensors for the q rows' softmax (``rows_dir``)
+        and the gallery rows' (``cols_dir``): softmax rows on the second last axis in the order of
+        the problem's rows, softmax over the last axis."""
+        if p.n == p.m:
+            return (torch.cat([rows_dir, cols_dir.mT]),)
+        return (rows_dir, cols_dir.mT)
+
+    @staticmethod
+    def _split_rows(p: Problem, v: torch.Tensor, blocks: int):
+        """A [..., NDR] vector of rows as the dense blocks' row vectors."""
+        k, n, m = p.galleries, p.n, p.m
+        if blocks == 1:
+            return (v.unflatten(-1, (2 * k, n)),)
+        return (v[..., :k * n].unflatten(-1, (k, n)), v[..., k * n:].unflatten(-1, (k, m)))
 
     # ----------------------------------------------------------------------------- forward
     #: prepare() needs the label masses of identity labels too (module doc: Y_ij inside the log)
@@ -112,21 +220,41 @@ class TorchBackend:
         return self.finish(p, st.partial, st.segments_q, st.segments_g, prepared)
 
     def prepare(self, p: Problem, label_masses: Optional[torch.Tensor] = None) -> Prepared:
-        """Normalised features, norms, presence and the label masses (ysum, ylny) of every softmax
-        row: from the labels (chunked: they may be dense [N, M]), or ``label_masses`` [2, NDR]."""
+        """Normalised features, norms, presence, the label masses (ysum, ylny) of every softmax
+        row: from the labels (chunked: they may be dense [N, M]), or ``label_masses`` [2, NDR];
+        each row's validity and 1 / ysum."""
         o = p.options
         n, m, k_count = p.n, p.m, p.galleries
         ct = compute_dtype(p.q.dtype)
         dev = p.q.device
         g3, g_ids, g_mask, labels = _views(p)
         s = p.scale.to(ct) if p.scale is not None else torch.tensor(p.scale_value, dtype=ct, device=dev)
-        q_keep = p.q_mask if p.q_mask is not None else torch.ones(n, dtype=torch.bool, device=dev)
+        q_mask = p.q_mask
+        # both sides normalised together: one set of ops for N + K M rows
+        x = torch.cat([p.q, g3.reshape(k_count * m, p.d)])
+        keep = None if q_mask is None and g_mask is None else torch.cat([
+            q_mask if q_mask is not None else torch.ones(n, dtype=torch.bool, device=dev),
+            g_mask.reshape(-1) if g_mask is not None else torch.ones(k_count * m, dtype=torch.bool, device=dev)])
+        x_hat, norm = _normalised(x, keep, o.normalize, ct)
+        q_hat, g_hat = x_hat[:n], x_hat[n:].view(k_count, m, p.d)
+        q_norm, g_norm = norm[:n], norm[n:].view(k_count, m)
+        q_keep = q_mask if q_mask is not None else torch.ones(n, dtype=torch.bool, device=dev)
         g_keep = g_mask if g_mask is not None else torch.ones((k_count, m), dtype=torch.bool, device=dev)
-        q_hat, q_norm = _normalised(p.q, q_keep, o.normalize, ct)
-        g_hats, g_norms = zip(*(_normalised(g3[k], g_keep[k], o.normalize, ct) for k in range(k_count)))
+        blocks = None
+        if self.dense(p):
+            y = pair_labels(labels, p.q_ids, g_ids, q_mask, g_mask, 0, m, ct).expand(k_count, n, m)
+            blocks = self._blocks(p, y, y)
         if label_masses is not None:     # summed over blocks or ranks: may overflow there
             masses = label_masses.to(ct)
             masses = torch.where(torch.isinf(masses), math.nan, masses)
+        elif blocks is not None:
+            ysum = torch.cat([b.sum(-1).flatten() for b in blocks])
+            if labels is None:           # 0 / 1 labels: y ln y = 0, and the counts cannot overflow
+                masses = torch.stack([ysum, torch.zeros_like(ysum)])
+            else:
+                ylny = torch.cat([label_ylny(b).sum(-1).flatten() for b in blocks])
+                masses = torch.stack([ysum, ylny])
+                masses = torch.where(torch.isinf(masses), math.nan, masses)
         else:
             masses = torch.zeros((2, p.num_rows), dtype=ct, device=dev)
             width = self._chunk_width(p, ct)
@@ -134,14 +262,20 @@ class TorchBackend:
                 q0, g0 = k * n, k_count * n + k * m
                 add_label_masses(masses[:, q0:q0 + n], masses[:, g0:g0 + m], None if labels is None else labels[k],
                                  p.q_ids, None if g_ids is None else g_ids[k], q_keep, g_keep[k], width, ct)
-        return Prepared(q_hat, q_norm, q_keep, torch.stack(g_hats), torch.stack(g_norms), g_keep, masses, s)
+        valid, inv_y = self._valid_inv_y(p, masses[0], q_mask, g_mask)
+        return Prepared(q_hat, q_norm, q_keep, g_hat, g_norm, g_keep, masses, s, valid, inv_y, blocks)
 
-    def _valid_inv_y(self, p: Problem, prep: Prepared):
+    @staticmethod
+    def _valid_inv_y(p: Problem, ysum, q_mask, g_mask):
         """(valid [NDR], 1 / ysum [NDR], 0 for invalid rows): a row is valid when its sample is
         present and its label mass > 0 (NaN, from bad labels, counts: its NaN reaches the loss)."""
-        keep = torch.cat([prep.q_keep.repeat(p.galleries), prep.g_keep.reshape(-1)])
-        ysum = prep.masses[0]
-        valid = keep & ((ysum > 0) | torch.isnan(ysum))
+        valid = (ysum > 0) | torch.isnan(ysum)
+        if q_mask is not None or g_mask is not None:
+            k, n, m = p.galleries, p.n, p.m
+            ones = lambda c: torch.ones(c, dtype=torch.bool, device=ysum.device)     # noqa: E731
+            keep = torch.cat([q_mask.repeat(k) if q_mask is not None else ones(k * n),
+                              g_mask.reshape(-1) if g_mask is not None else ones(k * m)])
+            valid = valid & keep
         return valid, torch.where(valid, 1 / torch.where(valid, ysum, 1), 0)
 
     def statistics(self, p: Problem, prep: Prepared) -> Statistics:
@@ -155,9 +289,12 @@ class TorchBackend:
             ysum  sum_j Y_ij                       (forward: to move x to another m when merging)
 
         with P_ij = exp(S_ij - m) / l the softmax over these columns and Y_ij = y_ij / ysum_i
-        (the row's label mass over ALL columns, from prepare). The query rows take two passes
-        over the column chunks (the softmax's (m, l) first, then the sums with them); a gallery
-        row's softmax over the queries is complete within a chunk."""
+        (the row's label mass over ALL columns, from prepare). Dense: one pass over the blocks.
+        Chunked: the query rows take two passes over the column chunks (the softmax's (m, l)
+        first, then the sums with them); a gallery row's softmax over the queries is complete
+        within a chunk."""
+        if prep.labels is not None:
+            return Statistics(self._dense_statistics(p, prep), 1, 1)
         o = p.options
         n, m, k_count = p.n, p.m, p.galleries
         ct = compute_dtype(p.q.dtype)
@@ -165,7 +302,7 @@ class TorchBackend:
         _, g_ids, _, labels = _views(p)
         s = prep.s
         q_keep = prep.q_keep
-        _, inv_y = self._valid_inv_y(p, prep)
+        inv_y = prep.inv_y
         width = self._chunk_width(p, ct)
         part = torch.zeros((1, NUM_STATS, p.num_rows), dtype=ct, device=dev)
         for k in range(k_count):
@@ -181,9 +318,9 @@ class TorchBackend:
                 m_q, l_q = _merge_max_sum(m_q, l_q, S.masked_fill(~g_keep[None, c0:c1], -math.inf))
                 y = self._labels(p, k, labels, g_ids, q_keep, g_keep, c0, c1, ct)
                 St = S.T.masked_fill(~q_keep[None, :], -math.inf)                 # [C, N]
-                mc, lc = _merge_max_sum(torch.full_like(St[:, 0], -math.inf), torch.zeros_like(St[:, 0]), St)
+                mc, lc = _max_sum(St)
                 part[0, :, g0 + c0:g0 + c1] = torch.stack(
-                    [mc, lc, *self._row_sums(St, *_safe_m_logl(mc, lc), y.T, inv_y[g0 + c0:g0 + c1], o)])
+                    [mc, lc, *_row_sums(St, *_safe_m_logl(mc, lc), y.T, inv_y[g0 + c0:g0 + c1], o)])
             # pass 2: the query rows' sums with their (m, l)
             m_safe, logl_q = _safe_m_logl(m_q, l_q)
             sums = torch.zeros((3, n), dtype=ct, device=dev)
@@ -191,26 +328,32 @@ class TorchBackend:
                 c1 = min(m, c0 + width)
                 S = (s * (prep.q_hat @ g_hat[c0:c1].T)).masked_fill(~g_keep[None, c0:c1], -math.inf)
                 y = self._labels(p, k, labels, g_ids, q_keep, g_keep, c0, c1, ct)
-                sums += torch.stack(self._row_sums(S, m_safe, logl_q, y, inv_y[qi], o))
+                sums += torch.stack(_row_sums(S, m_safe, logl_q, y, inv_y[qi], o))
             part[0, :, qi] = torch.cat([torch.stack([m_q, l_q]), sums])
         return Statistics(part, 1, 1)
 
     @staticmethod
-    def _row_sums(S, m, logl, y, iy, o):
-        """(x, pos, ysum) of `statistics` for a chunk, with the rows' (m, log l). ln P = (S - m) -
-        log l: S - m is exact near the row's maximum, where the small differences of P - Y live."""
-        # the softmax domain: absent columns hold -inf; a NaN (a present sample's NaN feature) stays in
-        domain = S != -math.inf
-        shifted = torch.where(domain, S - m[:, None], torch.zeros_like(S))
-        log_p = torch.where(domain, shifted - logl[:, None], torch.zeros_like(S))
-        p = torch.where(domain, log_p.exp(), torch.zeros_like(S))
-        Y = y * iy[:, None]
-        if o.reverse:
-            x = (p * (log_p - torch.log(Y + o.eps))).sum(1)
-        else:
-            x = (Y * shifted).sum(1)
-        pos = torch.where(y > 0, p, torch.zeros_like(p)).sum(1)
-        return x, pos, Y.sum(1)
+    def _labels(p, k, labels, g_ids, q_keep, g_keep, c0, c1, ct):
+        """y on the pairs of present samples, columns [c0, c1) of gallery k; bad weights -> NaN."""
+        return pair_labels(None if labels is None else labels[k], p.q_ids, None if g_ids is None else g_ids[k],
+                           q_keep, g_keep, c0, c1, ct)
+
+    def _dense_statistics(self, p: Problem, prep: Prepared) -> torch.Tensor:
+        """`statistics` in one pass: S [K, N, M] once, its blocks (absent columns -inf), every
+        row complete. [1, NUM_STATS, NDR]."""
+        o = p.options
+        g_mask = None if p.g_mask is None else prep.g_keep
+        S = prep.s * _products(prep.q_hat, prep.g_hat)                              # [K, N, M]
+        rows_dir = S if g_mask is None else S.masked_fill(~g_mask[:, None, :], -math.inf)
+        cols_dir = S if p.q_mask is None else S.masked_fill(~p.q_mask[None, :, None], -math.inf)
+        blocks = self._blocks(p, rows_dir, cols_dir)
+        parts = []
+        bounded = self._bounded(p)
+        for T, y, iy in zip(blocks, prep.labels, self._split_rows(p, prep.inv_y, len(blocks))):
+            mx, l = _max_sum(T, bounded)
+            parts.append(torch.stack([mx, l, *_row_sums(T, *_safe_m_logl(mx, l, bounded), y, iy, o, bounded)])
+                         .flatten(1))
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, 1))[None]
 
     def finish(self, p: Problem, partial: torch.Tensor, segments_q: int, segments_g: int,
                prepared: Prepared) -> ForwardOut:
@@ -221,50 +364,58 @@ class TorchBackend:
                       L = ln l - that + sum_j Y ln Y       (>= 0: clamped, NaN stays)
             reverse:  L = sum_s w_s (x_s + ln w_s),        pos = sum_s w_s pos_s
 
-        (one segment: w = 1, the loss of the two passes as they are). A segment without
-        present columns (l_s = 0) takes no part."""
+        (one segment: w = 1, the loss of the pass(es) as they are). A segment without present
+        columns (l_s = 0) takes no part."""
         o = p.options
         prep = prepared
         n, m, k_count = p.n, p.m, p.galleries
         ct = compute_dtype(p.q.dtype)
-        dev = p.q.device
         kn = k_count * n
         s = prep.s
-        s_ok = torch.isfinite(s) & (s > 0)
-        nan = torch.full((), math.nan, dtype=ct, device=dev)
-        zero = torch.zeros((), dtype=ct, device=dev)
-        merged = [self._merge(partial[:segments_q, :, :kn], o), self._merge(partial[:segments_g, :, kn:], o)]
-        row_m, row_logl, body, pos = (torch.cat(x) for x in zip(*merged))
-        valid, inv_y = self._valid_inv_y(p, prep)
+        if segments_q == segments_g:
+            row_m, row_logl, body, pos = self._merge(partial[:segments_q], o)
+        else:
+            merged = [self._merge(partial[:segments_q, :, :kn], o), self._merge(partial[:segments_g, :, kn:], o)]
+            row_m, row_logl, body, pos = (torch.cat(x) for x in zip(*merged))
+        valid, inv_y = prep.valid, prep.inv_y
         ysum, ylny = prep.masses[0], prep.masses[1]
         if o.reverse:
             loss = body
         else:
-            safe = torch.where(ysum > 0, ysum, torch.ones_like(ysum))
-            ln_ysum = torch.log(safe) if p.labels is None else ln_unscaled(safe)   # (add_label_masses)
+            safe = torch.where(ysum > 0, ysum, 1)
+            ln_ysum = torch.log(safe) if p.labels is None else ln_unscaled(safe)   # (reduction.label_ylny)
             loss = row_logl - body + ylny / safe - ln_ysum
-            loss = torch.where(loss < 0, zero, loss)                 # KL >= 0; NaN stays
-        loss = torch.where(s_ok, loss, nan)
-        rows = torch.where(valid, loss, zero)
-        row_m = torch.where(valid, row_m, zero)
-        row_logl = torch.where(valid, row_logl, zero)
+            loss = torch.where(loss < 0, 0, loss)                    # KL >= 0; NaN stays
+        if p.scale is not None:                                      # a float scale was checked on the host
+            loss = torch.where(torch.isfinite(s) & (s > 0), loss, math.nan)
+        invalid = ~valid
+        rows = loss.masked_fill(invalid, 0)
+        row_m = row_m.masked_fill(invalid, 0)
+        row_logl = row_logl.masked_fill(invalid, 0)
 
-        red = torch.zeros((NUM_RED, k_count), dtype=ct, device=dev)
-        q_norm_kept = torch.where(prep.q_keep, prep.q_norm, 0)
-        for k in range(k_count):
-            qi = slice(k * n, (k + 1) * n)
-            gi = slice(kn + k * m, kn + (k + 1) * m)
-            for field, x in ((RED.sum_q2g, rows[qi].sum()), (RED.valid_q2g, valid[qi].sum()),
-                             (RED.sum_g2q, rows[gi].sum()), (RED.valid_g2q, valid[gi].sum()),
-                             (RED.pos_q2g, torch.where(valid[qi], pos[qi], 0).sum()),
-                             (RED.pos_g2q, torch.where(valid[gi], pos[gi], 0).sum())):
-                red[field, k] = x
-            g_norm_kept = torch.where(prep.g_keep[k], prep.g_norm[k], 0)
-            for mean, top, kept, keep in ((RED.q_norm_mean, RED.q_norm_max, q_norm_kept, prep.q_keep),
-                                          (RED.g_norm_mean, RED.g_norm_max, g_norm_kept, prep.g_keep[k])):
-                red[mean, k] = kept.sum() / keep.sum().clamp_min(1)
-                red[top, k] = kept.max()
-        value = torch.where(s_ok, reduced_value(o, red), nan)
+        # the reduction [NUM_RED, K], every gallery at once
+        per_row = torch.stack([rows, valid.to(ct), pos.masked_fill(invalid, 0)])          # [3, NDR]
+        q_sums = per_row[:, :kn].unflatten(1, (k_count, n)).sum(-1)                        # [3, K]
+        g_sums = per_row[:, kn:].unflatten(1, (k_count, m)).sum(-1)
+        fields = [None] * NUM_RED
+        fields[RED.sum_q2g], fields[RED.valid_q2g], fields[RED.pos_q2g] = q_sums.unbind(0)
+        fields[RED.sum_g2q], fields[RED.valid_g2q], fields[RED.pos_g2q] = g_sums.unbind(0)
+        if p.return_stats:            # the norm rows are read by SDMStats only (api._stats); else 0
+            q_kept = torch.where(prep.q_keep, prep.q_norm, 0)
+            g_kept = torch.where(prep.g_keep, prep.g_norm, 0)                              # [K, M]
+            q_count = prep.q_keep.sum().clamp_min(1).to(ct)
+            g_count = prep.g_keep.sum(-1).clamp_min(1).to(ct)
+            fields[RED.q_norm_mean] = (q_kept.sum() / q_count).expand(k_count)
+            fields[RED.q_norm_max] = q_kept.max().expand(k_count)
+            fields[RED.g_norm_mean] = g_kept.sum(-1) / g_count
+            fields[RED.g_norm_max] = g_kept.amax(-1)
+            red = torch.stack(fields)
+        else:
+            norms = q_sums.new_zeros((NUM_RED - RED.q_norm_mean, k_count))                  # the last rows
+            red = torch.cat([torch.stack(fields[:RED.q_norm_mean]), norms])
+        value = reduced_value(o, red)
+        if p.scale is not None:
+            value = torch.where(torch.isfinite(s) & (s > 0), value, math.nan)
         if p.scalar_value:
             value = value[0]
         return ForwardOut(value, rows, valid, red, (row_m, row_logl, inv_y, prep.g_hat, prep.q_hat, s))
@@ -274,12 +425,13 @@ class TorchBackend:
         """(m, log l, body, pos) of rows from their segments [S, NUM_STATS, R] (`finish`); (0, 0)
         for (m, log l) of a row without any present column."""
         m_s, l_s, x_s, pos_s, y_s = part.unbind(1)
+        if part.shape[0] == 1:                                              # one segment: w = 1 exactly
+            m_safe, logl = _safe_m_logl(m_s[0], l_s[0])
+            return m_safe, logl, x_s[0], pos_s[0]
         empty = l_s == 0                                                    # NaN is not empty: it stays
         m = torch.where(empty, -math.inf, m_s).amax(0)
         l = torch.where(empty, 0, l_s * torch.exp(m_s - m)).sum(0)
         m_safe, logl = _safe_m_logl(m, l)
-        if part.shape[0] == 1:                                              # one segment: w = 1 exactly
-            return m_safe, logl, x_s[0], pos_s[0]
         zero = torch.zeros((), dtype=part.dtype, device=part.device)
         log_w = torch.log(torch.where(empty, 1, l_s)) + (m_s - m) - logl
         w = torch.where(empty, zero, torch.exp(log_w))
@@ -302,71 +454,103 @@ class TorchBackend:
 
     # ----------------------------------------------------------------------------- backward
     def backward(self, p: Problem, out: ForwardOut, d_value, d_rows, want, partial_grads: bool = False):
+        """Per block of pairs (dense: every gallery's S at once; chunked: a chunk of one gallery's
+        columns): dS = w_i d_ij + w'_j d'_ij (`_pair_grad` on the rows' and on the columns' state),
+        then the products with the features and the normalisation's backward."""
         want_q, want_g, want_scale = want
         o = p.options
         n, m, k_count = p.n, p.m, p.galleries
+        kn = k_count * n
         ct = compute_dtype(p.q.dtype)
-        dev = p.q.device
         row_m, row_logl, inv_y, g_hats, q_hat, s = out.state
         g3, g_ids, g_mask, labels = _views(p)
-        q_keep = p.q_mask if p.q_mask is not None else torch.ones(n, dtype=torch.bool, device=dev)
+        q_mask = p.q_mask
         w = gradient_weights(o, out.red, out.valid, n, d_value, d_rows, ct)
-        width = self._chunk_width(p, ct)
-        dq_hat = torch.zeros((n, p.d), dtype=ct, device=dev)
-        dg_hat = torch.zeros((k_count, m, p.d), dtype=ct, device=dev)
-        d_s = torch.zeros((), dtype=ct, device=dev)
-        zero = torch.zeros((), dtype=ct, device=dev)
-        for k in range(k_count):
-            g_keep = g_mask[k] if g_mask is not None else torch.ones(m, dtype=torch.bool, device=dev)
-            qi = slice(k * n, (k + 1) * n)
-            gi0 = k_count * n + k * m
-            for c0 in range(0, m, width):
-                c1 = min(m, c0 + width)
-                gj = slice(gi0 + c0, gi0 + c1)
-                cos = q_hat @ g_hats[k][c0:c1].T
-                S = s * cos
-                both = q_keep[:, None] & g_keep[None, c0:c1]
-                y = self._labels(p, k, labels, g_ids, q_keep, g_keep, c0, c1, ct)
-                on_r = both & (inv_y[qi] != 0)[:, None]
-                on_c = both & (inv_y[gj] != 0)[None, :]
-                log_p = torch.where(on_r, (S - row_m[qi][:, None]) - row_logl[qi][:, None], zero)
-                log_pc = torch.where(on_c, (S - row_m[gj][None, :]) - row_logl[gj][None, :], zero)
-                P, Pc = log_p.exp(), log_pc.exp()
-                Y, Yc = y * inv_y[qi][:, None], y * inv_y[gj][None, :]
-                if o.reverse:
-                    d_r = P * (log_p - torch.log(Y + o.eps) - out.rows[qi].to(ct)[:, None])
-                    d_c = Pc * (log_pc - torch.log(Yc + o.eps) - out.rows[gj].to(ct)[None, :])
+        # every row quantity the pairs read, q rows [5, K, N] and gallery rows [5, K, M]
+        state = torch.stack([row_m, row_logl, out.rows.to(ct), w, inv_y])
+        q_state, g_state = state[:, :kn].unflatten(1, (k_count, n)), state[:, kn:].unflatten(1, (k_count, m))
+        stacked = self.dense(p) and n == m
+        if self.dense(p):
+            blocks = [(slice(0, k_count), 0, m)]
+        else:
+            width = self._chunk_width(p, ct)
+            blocks = [(slice(k, k + 1), c0, min(m, c0 + width)) for k in range(k_count) for c0 in range(0, m, width)]
+        dq_hat = None
+        dg_hat = torch.zeros((k_count, m, p.d), dtype=ct, device=p.q.device) if len(blocks) > 1 else None
+        d_s = torch.zeros((), dtype=ct, device=p.q.device)
+        for ks, c0, c1 in blocks:
+            g_blk = g_hats[ks, c0:c1]                                               # [Kb, C, D]
+            cos = _products(q_hat, g_blk)                                           # [Kb, N, C]
+            S = s * cos
+            y = pair_labels(None if labels is None else labels[ks], p.q_ids, None if g_ids is None else g_ids[ks],
+                            q_mask, None if g_mask is None else g_mask[ks], c0, c1, ct)
+            both = None
+            if q_mask is not None or g_mask is not None:
+                both = torch.ones((), dtype=torch.bool, device=p.q.device)
+                if q_mask is not None:
+                    both = both & q_mask[:, None]
+                if g_mask is not None:
+                    both = both & g_mask[ks, None, c0:c1]
+            if not stacked:
+                qs, gs = q_state[:, ks], g_state[:, ks, c0:c1]                       # [5, Kb, N], [5, Kb, C]
+                on_r, on_c = (qs[4] != 0)[..., None], (gs[4] != 0)[..., None, :]
+                if both is not None:
+                    on_r, on_c = on_r & both, on_c & both
+            if stacked:          # the dense square problem: both directions in one [2K, N, N] block
+                on = (state.unflatten(1, (2 * k_count, n))[4] != 0)[..., None]
+                if both is not None:
+                    both_k = both.expand(k_count, n, m)
+                    on = on & torch.cat([both_k, both_k.mT])
+                y_k = y.expand(k_count, n, m)
+                d = _pair_grad(torch.cat([S, S.mT]), torch.cat([y_k, y_k.mT]), state.unflatten(1, (2 * k_count, n)),
+                               on, o)
+                dS = d[:k_count] + d[k_count:].mT
+            else:
+                dS = _pair_grad(S, y, qs, on_r, o) + _pair_grad(S.mT, y.mT, gs, on_c.mT, o).mT    # [Kb, N, C]
+            if want_q:
+                part = (dS @ g_blk).sum(0) if dS.shape[0] > 1 else dS[0] @ g_blk[0]
+                dq_hat = s * part if dq_hat is None else dq_hat + s * part
+            if want_g:
+                part = s * ((dS[0].T @ q_hat)[None] if dS.shape[0] == 1 else dS.mT @ q_hat)  # [Kb, C, D]
+                if dg_hat is None:
+                    dg_hat = part
                 else:
-                    d_r, d_c = P - Y, Pc - Yc
-                dS = torch.where(on_r, w[qi][:, None] * d_r, zero) + torch.where(on_c, w[gj][None, :] * d_c, zero)
-                if want_q:
-                    dq_hat += s * (dS @ g_hats[k][c0:c1])
-                if want_g:
-                    dg_hat[k, c0:c1] = s * (dS.T @ q_hat)
-                if want_scale:
-                    d_s = d_s + torch.where(both, dS * cos, zero).sum()
-        dq = self._input_gradient(p.q, q_hat, q_keep, dq_hat, o.normalize, partial_grads) if want_q else None
-        dg = None
-        if want_g:
-            g_keep_all = g_mask if g_mask is not None else torch.ones((k_count, m), dtype=torch.bool, device=dev)
-            dg = torch.stack([self._input_gradient(g3[k], g_hats[k], g_keep_all[k], dg_hat[k], o.normalize,
-                                                   partial_grads)
-                              for k in range(k_count)])
-            dg = dg.reshape(p.g.shape)
+                    dg_hat[ks, c0:c1] = part
+            if want_scale:
+                prod = dS * cos
+                d_s = d_s + (prod if both is None else torch.where(both, prod, 0)).sum()
+        dq = dg = None
+        if want_q and want_g:
+            x = torch.cat([p.q, g3.reshape(k_count * m, p.d)])
+            keep = None if q_mask is None and g_mask is None else torch.cat([
+                q_mask if q_mask is not None else torch.ones(n, dtype=torch.bool, device=p.q.device),
+                g_mask.reshape(-1) if g_mask is not None else torch.ones(k_count * m, dtype=torch.bool,
+                                                                          device=p.q.device)])
+            d_x = self._input_gradient(x, torch.cat([q_hat, g_hats.reshape(k_count * m, p.d)]), keep,
+                                       torch.cat([dq_hat, dg_hat.reshape(k_count * m, p.d)]), o.normalize, True)
+            dq, dg = d_x[:n], d_x[n:].reshape(p.g.shape)
+            if not partial_grads:
+                dq, dg = cast_gradient(dq, p.q.dtype), cast_gradient(dg, p.g.dtype)
+        elif want_q:
+            dq = self._input_gradient(p.q, q_hat, q_mask, dq_hat, o.normalize, partial_grads)
+        elif want_g:
+            dg = self._input_gradient(g3.reshape(k_count * m, p.d), g_hats.reshape(k_count * m, p.d),
+                                      None if g_mask is None else g_mask.reshape(-1),
+                                      dg_hat.reshape(k_count * m, p.d), o.normalize, partial_grads).reshape(p.g.shape)
         return dq, dg, (d_s if want_scale else None)
 
     @staticmethod
     def _input_gradient(x, x_hat, keep, d_hat, normalize, partial=False):
-        """F.normalize's backward (d / max(|x|, eps) projected off x_hat), 0 for absent rows; in
-        x's dtype (rounded: past the dtype's range it is inf, as GradScaler expects), or left in the
-        compute dtype when ``partial``."""
+        """F.normalize's backward (d / max(|x|, eps) projected off x_hat), 0 for absent rows (``keep``
+        False; None: none); in x's dtype (rounded: past the dtype's range it is inf, as GradScaler
+        expects), or left in the compute dtype when ``partial``."""
         ct = d_hat.dtype
-        xf = torch.where(keep[:, None], x.to(ct), torch.zeros((), dtype=ct, device=x.device))
         if normalize:
-            norm = row_norms(xf)
+            norm = row_norms(_masked_rows(x, keep, ct))
             radial = (x_hat * d_hat).sum(1, keepdim=True)
             g = torch.where((norm > NORM_EPS)[:, None], d_hat - x_hat * radial, d_hat) / norm.clamp_min(NORM_EPS)[:, None]
         else:
             g = d_hat
-        g = torch.where(keep[:, None], g, torch.zeros((), dtype=ct, device=x.device))
+        if keep is not None:
+            g = torch.where(keep[:, None], g, 0)
         return g if partial else cast_gradient(g, x.dtype)
