@@ -17,9 +17,11 @@ from sdm_triton import launch, reference
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-# both backward paths; non-square forward and backward tiles (interpreter: 16 x 32 and 32 x 16)
-VARIANTS = (["fused", "chunked", "chunked_m64n128bm64bn128", "fused_m32n64bm16bn32"] if CUDA
-            else ["fused_m16n32bm32bn16", "chunked_m32n16bm16bn32", "chunked_m16n16bm16bn16seg3"])
+# both backward paths; non-square forward and backward tiles (interpreter: 16 x 32 and 32 x 16);
+# forward KL with ids by identity centroids (the default) and, in the first variant, in the loop
+# ("tiles", KernelConfig.positives: issue 27)
+VARIANTS = (["fused_m32n64bm16bn32_tiles", "fused", "chunked", "chunked_m64n128bm64bn128"] if CUDA
+            else ["fused_m16n32bm32bn16_tiles", "chunked_m32n16bm16bn32", "chunked_m16n16bm16bn16seg3"])
 
 
 def _rel(a, b):

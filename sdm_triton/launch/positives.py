@@ -7,16 +7,19 @@ logits (`kernels/stats.py`, slots cnt and lin):
     cnt_i = #{present j : id_j = id_i}
     lin_i = sum_{present j: id_j = id_i} t_ij = (<x_i, c_id(i)> r_i) s log2 e,   c_k = sum_{present j: id_j = k} x_j r_j
 
-(x the raw features in fp32, r the inverse norms of the preparation pass): O((N + K M) D)
+(x the raw features, r the inverse norms of the preparation pass): O((N + K M) D)
 work beside the N x M loop, which then computes the log-sum-exps alone. Identities are
 grouped by sorting (ids are any integers, int64 ones included: no hashing, no torch.unique
 and no host synchronisation); each column side's centroids are sums over its group, each row
 looks its identity up by binary search.
 
-Rounding: lin_i is a different fp32 evaluation of sum_j t_ij than the tiles' (a few units of
-roundoff times |t|, relative: the error the float64 comparison allows a logit, `testing._compare`);
-the loss clamp of `finish.py` keeps forward KL >= 0 where the two evaluations of a perfect
-fit differ in the last bits. The backward does not read lin (dL/dS = P - Y).
+Rounding: the centroids and the dots are accumulated in float64 and lin rounded to fp32 once
+before the scale (so that the order of the scatter's additions, an atomic one on a GPU, changes
+no bit but at a rounding tie, ~2^-29 of the values). lin_i is thus a different evaluation of
+sum_j t_ij than the tiles' (a few units of fp32 roundoff times |t| apart, the error the float64
+comparison allows a logit, `testing._compare`); the loss clamp of `finish.py` keeps forward KL
+>= 0 where the two evaluations of a perfect fit differ in the last bits. The backward does not
+read lin (dL/dS = P - Y).
 """
 
 from __future__ import annotations
@@ -37,14 +40,17 @@ def _scale_log2e(p: Problem):
     return float(np.float32(p.scale_value) * np.float32(LOG2E.value))
 
 
+F64 = torch.float64
+
+
 def _present(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """``x`` in fp32 with absent samples' rows 0 (they may hold anything, NaN included)."""
-    return torch.where(keep[..., None], x.to(torch.float32), 0.0)
+    """``x`` in float64 with absent samples' rows 0 (they may hold anything, NaN included)."""
+    return torch.where(keep[..., None], x.to(F64), 0.0)
 
 
 def _groups(col_ids: torch.Tensor, col_x: torch.Tensor, col_keep: torch.Tensor):
     """The identity groups of a column side, batched over galleries: ``col_ids`` [B, C] int64,
-    ``col_x`` [B, C, D] fp32 (rows x_j r_j, 0 where absent), ``col_keep`` [B, C] bool.
+    ``col_x`` [B, C, D] float64 (rows x_j r_j, 0 where absent), ``col_keep`` [B, C] bool.
     Returns (sorted ids [B, C], group of each sorted position [B, C] (global: b C + local),
     present count per group [B C], centroid per group [B C, D])."""
     b, c, d = col_x.shape
@@ -56,21 +62,21 @@ def _groups(col_ids: torch.Tensor, col_x: torch.Tensor, col_keep: torch.Tensor):
     group = torch.empty_like(group_sorted).scatter_(-1, perm, group_sorted)   # of each column as given
     counts = torch.zeros(b * c, dtype=torch.float32, device=col_ids.device)
     counts.index_add_(0, group.reshape(-1), col_keep.reshape(-1).to(torch.float32))
-    centroids = torch.zeros(b * c, d, dtype=torch.float32, device=col_ids.device)
+    centroids = torch.zeros(b * c, d, dtype=F64, device=col_ids.device)
     centroids.index_add_(0, group.reshape(-1), col_x.reshape(b * c, d))
     return sorted_ids, group_sorted, counts, centroids
 
 
 def _rows_against(row_ids, row_x, row_r, sorted_ids, group_sorted, counts, centroids, s_log2e):
-    """(lin, cnt) [B, R] of rows with ids ``row_ids`` [B, R], raw fp32 rows ``row_x`` [B, R, D]
-    and inverse norms ``row_r`` [B, R] against the column groups of `_groups`."""
+    """(lin, cnt) [B, R] fp32 of rows with ids ``row_ids`` [B, R], raw rows ``row_x`` [B, R, D]
+    (float64) and inverse norms ``row_r`` [B, R] against the column groups of `_groups`."""
     c = sorted_ids.shape[-1]
     at = torch.searchsorted(sorted_ids, row_ids.contiguous()).clamp_(max=c - 1)   # the first column id >= the row's
     found = sorted_ids.gather(-1, at) == row_ids
     group = group_sorted.gather(-1, at)
     cnt = torch.where(found, counts[group], 0.0)
-    dot = (row_x * centroids[group]).sum(dim=-1)                        # <x_i, c_id(i)>
-    lin = torch.where(found & (cnt > 0), dot * row_r * s_log2e, 0.0)
+    cos = ((row_x * centroids[group]).sum(dim=-1) * row_r).to(torch.float32)   # <x_i, c_id(i)> r_i
+    lin = torch.where(found & (cnt > 0), cos * s_log2e, 0.0)
     return lin, cnt
 
 
@@ -86,7 +92,7 @@ def positives(p: Problem, r: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     g = p.g if p.g.dim() == 3 else p.g.unsqueeze(0)
     q_ids = p.q_ids.to(torch.int64)                                      # ids compare by value
     g_ids = p.g_ids.to(torch.int64).expand(k, m)
-    r_q, r_g = r[:n], r[n:].view(k, m)
+    r_q, r_g = r[:n].to(F64), r[n:].view(k, m).to(F64)
     qx = _present(p.q, q_keep)                                           # [N, D]
     gx = _present(g, g_keep).expand(k, m, d)                             # [K, M, D]
 
