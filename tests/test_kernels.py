@@ -414,17 +414,20 @@ def test_triton_backend_errors():
 
 
 @pytest.mark.gpu
-def test_no_host_synchronisation_in_forward_and_backward():
+@pytest.mark.parametrize("kl,dense", [("reverse", True), ("forward", False)])
+def test_no_host_synchronisation_in_forward_and_backward(kl, dense):
+    """Dense labels (reverse KL), and ids with forward KL: the positives' terms from identity
+    centroids (launch/positives.py: sorts, binary searches, scatters and gathers on the device)."""
     for cfg in ("fused", "chunked"):
-        q, g, kw = _problem(512, 640, 128, torch.bfloat16, seed=1, masks=True, dense=True)
+        q, g, kw = _problem(512, 640, 128, torch.bfloat16, seed=1, masks=True, dense=dense)
         q.requires_grad_()
         g.requires_grad_()
         ls = torch.tensor(30.0, device="cuda", requires_grad=True)
-        sdm_triton.sdm_loss(q, g, logit_scale=ls, kernel_config=cfg, kl="reverse", **kw).backward()
+        sdm_triton.sdm_loss(q, g, logit_scale=ls, kernel_config=cfg, kl=kl, **kw).backward()
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            sdm_triton.sdm_loss(q, g, logit_scale=ls, kernel_config=cfg, kl="reverse", **kw).backward()
+            sdm_triton.sdm_loss(q, g, logit_scale=ls, kernel_config=cfg, kl=kl, **kw).backward()
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
