@@ -105,7 +105,7 @@ def test_compile_fullgraph_galleries_triton_backend_gpu():
 def test_compile_fullgraph_forward_kl_centroids_gpu(galleries):
     """Forward KL with ids: the positives' terms from identity centroids (torch ops beside the
     kernels, launch/positives.py: issue 27) traced into the compiled graph."""
-    _compiled_equals_eager("triton", "cuda", galleries=galleries, kl="forward")
+    _compiled_equals_eager("triton", "cuda", galleries=galleries, kl="forward", config="centroids")
 
 
 @pytest.mark.gpu
