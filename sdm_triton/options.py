@@ -43,6 +43,9 @@ COMBINE_CHOICES = ("mean", "sum")
 REDUCTION_CHOICES = ("mean", "sum", "none")
 FEATURE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 BACKWARD_CHOICES = ("auto", "fused", "chunked")
+#: KernelConfig.positives: how the forward gets the positives' terms of identity labels
+#: (launch/policy.positives_path).
+POSITIVES_CHOICES = ("auto", "tiles", "centroids")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,10 +143,13 @@ class KernelConfig:
     block_k (the backward rebuilds S step for step as the forward did); segments: column
     segments per row block in the forward; backward: "fused" (one launch, gradients accumulated in the kernel: small
     problems) or "chunked" (dL/dS written to a bounded workspace chunk by chunk and
-    multiplied with cuBLAS: large problems).
+    multiplied with cuBLAS: large problems); positives: "tiles" (identity labels compared and
+    summed inside the forward's N x M loop) or "centroids" (counts and logit sums from
+    identity centroids outside it; forward KL with ids, no statistics: else tiles).
 
     ``KernelConfig.parse("chunked_m128n128k64w8s3_bm128bn64bw8")`` reads the same fields from
-    a name (tokens ``fused``, ``chunked``, and ``m n k w s seg bm bn bw bs`` + number).
+    a name (tokens ``fused``, ``chunked``, ``tiles``, ``centroids``, and
+    ``m n k w s seg bm bn bw bs`` + number).
     """
 
     block_m: Optional[int] = None
@@ -153,6 +159,7 @@ class KernelConfig:
     num_stages: Optional[int] = None
     segments: Optional[int] = None
     backward: str = "auto"
+    positives: str = "auto"
     bwd_block_m: Optional[int] = None
     bwd_block_n: Optional[int] = None
     bwd_num_warps: Optional[int] = None
@@ -160,6 +167,7 @@ class KernelConfig:
 
     def __post_init__(self):
         check_choice("backward", self.backward, BACKWARD_CHOICES)
+        check_choice("positives", self.positives, POSITIVES_CHOICES)
         for name in ("block_m", "block_n", "block_k", "bwd_block_m", "bwd_block_n"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 16 or v & (v - 1)):
@@ -171,7 +179,7 @@ class KernelConfig:
 
     def name(self) -> str:
         """The canonical name: ``KernelConfig.parse(c.name()) == c``."""
-        parts = [] if self.backward == "auto" else [self.backward]
+        parts = [v for v in (self.backward, self.positives) if v != "auto"]
         sizes = "".join(f"{token}{getattr(self, field)}" for token, field in self._TOKENS.items()
                         if getattr(self, field) is not None)
         return "_".join(parts + ([sizes] if sizes else [])) or "auto"
@@ -220,6 +228,9 @@ def _parse_kernel_config(name: str) -> KernelConfig:
     for token in filter(None, re.split(r"[_\-\s]+", rest)):
         if token in ("fused", "chunked"):
             fields["backward"] = token
+            continue
+        if token in ("tiles", "centroids"):
+            fields["positives"] = token
             continue
         parts = re.findall(r"(seg|b[mnws]|[mnkws])(\d+)", token)
         if not parts or "".join(a + b for a, b in parts) != token:

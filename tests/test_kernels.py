@@ -17,9 +17,11 @@ from sdm_triton import launch, reference
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-# both backward paths; non-square forward and backward tiles (interpreter: 16 x 32 and 32 x 16)
-VARIANTS = (["fused", "chunked", "chunked_m64n128bm64bn128", "fused_m32n64bm16bn32"] if CUDA
-            else ["fused_m16n32bm32bn16", "chunked_m32n16bm16bn32", "chunked_m16n16bm16bn16seg3"])
+# both backward paths; non-square forward and backward tiles (interpreter: 16 x 32 and 32 x 16);
+# forward KL with ids in the loop ("tiles", the default; forced in the first variant) and by
+# identity centroids in the second (KernelConfig.positives: issue 27)
+VARIANTS = (["fused_m32n64bm16bn32_tiles", "fused_centroids", "chunked", "chunked_m64n128bm64bn128"] if CUDA
+            else ["fused_m16n32bm32bn16_tiles", "chunked_centroids_m32n16bm16bn32", "chunked_m16n16bm16bn16seg3"])
 
 
 def _rel(a, b):
@@ -412,17 +414,20 @@ def test_triton_backend_errors():
 
 
 @pytest.mark.gpu
-def test_no_host_synchronisation_in_forward_and_backward():
-    for cfg in ("fused", "chunked"):
-        q, g, kw = _problem(512, 640, 128, torch.bfloat16, seed=1, masks=True, dense=True)
+@pytest.mark.parametrize("kl,dense", [("reverse", True), ("forward", False)])
+def test_no_host_synchronisation_in_forward_and_backward(kl, dense):
+    """Dense labels (reverse KL), and ids with forward KL: the positives' terms from identity
+    centroids (launch/positives.py: sorts, binary searches, scatters and gathers on the device)."""
+    for cfg in (("fused", "chunked") if dense else ("fused_centroids", "chunked_centroids")):
+        q, g, kw = _problem(512, 640, 128, torch.bfloat16, seed=1, masks=True, dense=dense)
         q.requires_grad_()
         g.requires_grad_()
         ls = torch.tensor(30.0, device="cuda", requires_grad=True)
-        sdm_triton.sdm_loss(q, g, logit_scale=ls, kernel_config=cfg, kl="reverse", **kw).backward()
+        sdm_triton.sdm_loss(q, g, logit_scale=ls, kernel_config=cfg, kl=kl, **kw).backward()
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            sdm_triton.sdm_loss(q, g, logit_scale=ls, kernel_config=cfg, kl="reverse", **kw).backward()
+            sdm_triton.sdm_loss(q, g, logit_scale=ls, kernel_config=cfg, kl=kl, **kw).backward()
         finally:
             torch.cuda.set_sync_debug_mode("default")
 

@@ -33,7 +33,7 @@ def _grads(fn, q, g, qi, gi, qm, ls):
     return loss.detach(), q.grad.clone(), g.grad.clone(), ls.grad.clone()
 
 
-def _compiled_equals_eager(backend, device, galleries=False, config="auto", workspace_bytes=1 << 26,
+def _compiled_equals_eager(backend, device, galleries=False, config="auto", workspace_bytes=1 << 26, kl="reverse",
                            **case_kwargs):
     """A compiled step gives eager's loss and gradients; compiling it logs no warning (issue 26:
     torch 2.11 logged 23 tracebacks a compile from its analysis of the kernels). ``galleries``
@@ -41,7 +41,7 @@ def _compiled_equals_eager(backend, device, galleries=False, config="auto", work
     the user's autograd ops, summed in fp32 by a compiled graph: equal in fp32 only); "stacked":
     a [3, M, D] leaf tensor of galleries (the package's gradients alone, any dtype)."""
     def step(q, g, qi, gi, ls, qm):
-        kw = dict(logit_scale=ls, q_mask=qm, kl="reverse", backend=backend, kernel_config=config,
+        kw = dict(logit_scale=ls, q_mask=qm, kl=kl, backend=backend, kernel_config=config,
                   workspace_bytes=workspace_bytes)
         if galleries:
             gs = g if galleries == "stacked" else [g, g.flip(0), -g]
@@ -98,6 +98,14 @@ def test_compile_fullgraph_triton_backend_gpu():
 @pytest.mark.gpu
 def test_compile_fullgraph_galleries_triton_backend_gpu():
     _compiled_equals_eager("triton", "cuda", galleries=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("galleries", [False, "stacked"])
+def test_compile_fullgraph_forward_kl_centroids_gpu(galleries):
+    """Forward KL with ids: the positives' terms from identity centroids (torch ops beside the
+    kernels, launch/positives.py: issue 27) traced into the compiled graph."""
+    _compiled_equals_eager("triton", "cuda", galleries=galleries, kl="forward", config="centroids")
 
 
 @pytest.mark.gpu

@@ -201,7 +201,8 @@ def test_options_and_kernel_config_names_round_trip(fields):
     o = SDMOptions(**fields)
     back = SDMOptions.parse(o.name())
     assert back == o and float(back.eps).hex() == float(o.eps).hex()
-    for config in (KernelConfig(), KernelConfig(block_m=32, backward="chunked", bwd_num_warps=8, segments=2)):
+    for config in (KernelConfig(), KernelConfig(block_m=32, backward="chunked", bwd_num_warps=8, segments=2),
+                   KernelConfig(positives="tiles"), KernelConfig(backward="fused", positives="centroids", block_n=64)):
         assert KernelConfig.parse(config.name()) == config
     with pytest.raises(ValueError, match="cannot read 'x=1'"):
         SDMOptions.parse(o.name() + ",x=1")

@@ -123,12 +123,12 @@ def main():
         jobs = [
             ("prep", prep._prep_kernel, dict(NORMALIZE=True, DENSE=dense, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), 4, 1,
              nones + ("q_msk", "g_msk")),
-            ("stats128", stats._stats_kernel, dict(common, WANT_POS=reverse, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
+            ("stats128", stats._stats_kernel, dict(common, WANT_POS=reverse, LOOP_IDS=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
              8, 3, nones + ("q_msk", "g_msk", "scale_ptr")),
-            ("stats256", stats._stats_kernel, dict(common, WANT_POS=reverse, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64),
+            ("stats256", stats._stats_kernel, dict(common, WANT_POS=reverse, LOOP_IDS=True, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64),
              8, 3, nones + ("q_msk", "g_msk", "scale_ptr")),
-            ("stats32", stats._stats_kernel, dict(common, WANT_POS=reverse, BLOCK_M=32, BLOCK_N=32, BLOCK_K=64),
-             4, 2, nones + ("scale_ptr",)),
+            ("stats32", stats._stats_kernel, dict(common, WANT_POS=reverse, LOOP_IDS=True, BLOCK_M=32, BLOCK_N=32,
+             BLOCK_K=64), 4, 2, nones + ("scale_ptr",)),
             ("finish", finish._finish_kernel, dict(REVERSE=reverse, DENSE=dense, WANT_Q2G=True, WANT_G2Q=True, MEAN=True,
              COMBINE_MEAN=True, STATS=True, WANT_POS=True, INTERPRETED=False, BLOCK=1024), 4, 1,
              ("q_msk", "g_msk", "scale_ptr")),
@@ -147,6 +147,9 @@ def main():
              IS_FP32=dtype == "fp32", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3, nones + ("q_msk", "g_msk", "gmax_ptr",
                                                                                         "scale_ptr")),
         ]
+        if not dense and not reverse:   # the centroid path (issue 27): the loop computes log-sum-exps alone
+            jobs += [(name + "c", kernel, dict(consts, LOOP_IDS=False), w, s, nn)
+                     for name, kernel, consts, w, s, nn in jobs if name.startswith("stats")]
         for name, kernel, consts, w, s, nn in jobs:
             try:
                 k = compile_one(kernel, dtype, consts, nn, target, w, s)
@@ -184,10 +187,12 @@ def scalar_jobs(dtype: str, reverse: bool, dense: bool):
     return [
         ("prep", prep._prep_kernel, dict(NORMALIZE=True, DENSE=dense, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16), 4, 1,
          labels),
-        ("stats", stats._stats_kernel, dict(common, WANT_POS=True, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32), 4, 2,
-         labels + ("scale_ptr",)),
-        ("stats_ls", stats._stats_kernel, dict(common, WANT_POS=True, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32), 4, 2,
-         labels + ("q_msk", "g_msk")),
+        ("stats", stats._stats_kernel, dict(common, WANT_POS=True, LOOP_IDS=True, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32),
+         4, 2, labels + ("scale_ptr",)),
+        ("stats_ls", stats._stats_kernel, dict(common, WANT_POS=True, LOOP_IDS=True, BLOCK_M=32, BLOCK_N=32,
+         BLOCK_K=32), 4, 2, labels + ("q_msk", "g_msk")),
+        ("stats_lse", stats._stats_kernel, dict(common, WANT_POS=False, LOOP_IDS=False, BLOCK_M=32, BLOCK_N=32,
+         BLOCK_K=32), 4, 2, labels + ("scale_ptr",)),
         ("finish", finish._finish_kernel, dict(REVERSE=reverse, DENSE=dense, WANT_Q2G=True, WANT_G2Q=True, MEAN=True,
          COMBINE_MEAN=True, STATS=True, WANT_POS=True, BLOCK=256), 4, 1, ("scale_ptr",)),
         ("finish_ls", finish._finish_kernel, dict(REVERSE=reverse, DENSE=dense, WANT_Q2G=True, WANT_G2Q=True,
@@ -231,7 +236,8 @@ def scalar_typings(target, typings=tuple(SCALARS)) -> int:
 
 
 def sweep(target):
-    """Registers / stack of the large-problem kernels over tile shapes (bf16, forward KL, ids)."""
+    """Registers / stack of the large-problem kernels over tile shapes (bf16, forward KL, ids):
+    the statistics kernel with the ids in its loop ("stats") and without ("stats_lse", issue 27)."""
     tl = triton.language
     common = dict(REVERSE=False, DENSE=False, UPCAST=False, DOT_PRECISION="ieee", INDEX=tl.int32)
     nones = ("lab", "q_msk", "g_msk", "scale_ptr")
@@ -239,9 +245,10 @@ def sweep(target):
     for cfg in [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4),
                 (128, 64, 64, 8, 3), (64, 128, 64, 4, 3), (256, 128, 64, 8, 3)]:
         bm, bn, bk, w, s = cfg
-        k = compile_one(stats._stats_kernel, "bf16", dict(common, WANT_POS=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
-                        nones, target, w, s)
-        print("stats", cfg, resources(k))
+        for label, loop_ids in (("stats", True), ("stats_lse", False)):
+            k = compile_one(stats._stats_kernel, "bf16", dict(common, WANT_POS=False, LOOP_IDS=loop_ids, BLOCK_M=bm,
+                            BLOCK_N=bn, BLOCK_K=bk), nones, target, w, s)
+            print(label, cfg, resources(k))
     for cfg in [(128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3),
                 (64, 64, 64, 4, 3), (128, 128, 64, 8, 2), (64, 128, 64, 8, 3)]:
         bm, bn, bk, w, s = cfg

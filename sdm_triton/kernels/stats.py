@@ -14,9 +14,15 @@ in [BLOCK_M, BLOCK_N] tiles, FlashAttention's online softmax in the log2 domain
     cnt'  = cnt + #{j : id_j = id_i}                     (identity labels: the label mass)
 
 and writes the five partial statistics (m, l, lin, pos, logy | cnt) of its rows for its
-segment (`finish.py` merges segments and turns them into losses). With identity labels the
-tile loop holds, beyond the log-sum-exp, one compare and two masked sums (the positives'
-logits and their count), where the tile is in registers anyway.
+segment (`finish.py` merges segments and turns them into losses). With identity labels and
+``LOOP_IDS`` the tile loop holds, beyond the log-sum-exp, one compare and two masked sums (the
+positives' logits and their count), where the tile is in registers anyway.
+
+Without ``LOOP_IDS`` (identity labels, forward KL, no positives' mass: issue 27) the loop is
+the plain online log-sum-exp (m, l) and lin, cnt are written as 0: the label terms come from
+outside the N x M loop, O((N + M) D) work (`launch/positives.py`: cnt_i and
+lin_i = s log2 e <q_i r_i, sum_{j: id_j = id_i} g_j r_j>, the identity centroids), which the
+launcher writes into segment 0 (forward KL merges lin and cnt by plain sums).
 """
 
 import triton
@@ -46,15 +52,17 @@ def _stats_rows(
     lab, lab_off, sl_row, sl_col,
     pre_ptr, NR, a_pre, b_pre, lab_ptr, a_dir, out_ptr, NDR,
     row0, n_rows, col0, col1, D, scale_log2e, eps,
-    REVERSE: tl.constexpr, DENSE: tl.constexpr, WANT_POS: tl.constexpr,
+    REVERSE: tl.constexpr, DENSE: tl.constexpr, WANT_POS: tl.constexpr, LOOP_IDS: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX: tl.constexpr, A_IS_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # the labels enter the loop: dense ones always, ids unless their terms come from outside
+    LABELS: tl.constexpr = DENSE or LOOP_IDS
     rows = (row0 + tl.arange(0, BLOCK_M)).to(INDEX)
     row_in = rows < n_rows
     row_ok = present(a_msk, a_moff, s_amsk, rows, row_in)
     ra = tl.load(pre_ptr + PRE_R * NR + a_pre + rows, mask=row_in, other=0.0)
-    ai = row_ids(a_ids, a_ioff, sa_id, rows, row_in, DENSE)
+    ai = row_ids(a_ids, a_ioff, sa_id, rows, row_in, DENSE or not LOOP_IDS)
     inv_ya = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if DENSE and REVERSE:   # Y = y / ysum inside the log: the label mass comes first (prep.py)
         ysum = tl.load(lab_ptr + LAB_YSUM * NDR + a_dir + rows, mask=row_in, other=0.0)
@@ -80,24 +88,25 @@ def _stats_rows(
         p = tl.exp2(t - m_new[:, None])
         # the labels of the tile: a compare with ids (row_ids); a [BM, BN] load with dense labels.
         # Absent rows need no masking here: they are invalid, finish.py drops them.
-        if DENSE:
-            y = label_tile(ai=ai, b_ids=b_ids, b_off=b_ioff, sb_id=sb_id, lab=lab, lab_off=lab_off, sl_row=sl_row,
-                           sl_col=sl_col, rows=rows, cols=cols, col_in=col_ok, both=row_in[:, None] & col_ok[None, :],
-                           DENSE=DENSE)
-            positive = y > 0
-        else:
-            positive = same_ids(ai, b_ids, b_ioff, sb_id, cols, col_ok) & col_ok[None, :]
-            cnt += tl.sum(positive.to(tl.float32), axis=1)
-        if REVERSE:
-            lin = alpha * (lin + (m - m_new) * l) + tl.sum(p * (t - m_new[:, None]), axis=1)
+        if LABELS:
             if DENSE:
-                logy = alpha * logy + tl.sum(p * tl.log(y * inv_ya[:, None] + eps), axis=1)
-        elif DENSE:
-            lin += tl.sum(y * t, axis=1)
-        else:
-            lin += tl.sum(tl.where(positive, t, 0.0), axis=1)
-        if WANT_POS:
-            pos = alpha * pos + tl.sum(tl.where(positive, p, 0.0), axis=1)
+                y = label_tile(ai=ai, b_ids=b_ids, b_off=b_ioff, sb_id=sb_id, lab=lab, lab_off=lab_off,
+                               sl_row=sl_row, sl_col=sl_col, rows=rows, cols=cols, col_in=col_ok,
+                               both=row_in[:, None] & col_ok[None, :], DENSE=DENSE)
+                positive = y > 0
+            else:
+                positive = same_ids(ai, b_ids, b_ioff, sb_id, cols, col_ok) & col_ok[None, :]
+                cnt += tl.sum(positive.to(tl.float32), axis=1)
+            if REVERSE:
+                lin = alpha * (lin + (m - m_new) * l) + tl.sum(p * (t - m_new[:, None]), axis=1)
+                if DENSE:
+                    logy = alpha * logy + tl.sum(p * tl.log(y * inv_ya[:, None] + eps), axis=1)
+            elif DENSE:
+                lin += tl.sum(y * t, axis=1)
+            else:
+                lin += tl.sum(tl.where(positive, t, 0.0), axis=1)
+            if WANT_POS:
+                pos = alpha * pos + tl.sum(tl.where(positive, p, 0.0), axis=1)
         l = alpha * l + tl.sum(p, axis=1)
         m = m_new
     out = out_ptr + a_dir + rows
@@ -121,7 +130,7 @@ def _stats_kernel(
     lab, sl_q, sl_gal, sl_g,
     pre_ptr, lab_ptr, scale_ptr, out_ptr,
     N, M, K, n_q_programs, seg_cols_q, seg_cols_g, D, scale_value, eps,
-    REVERSE: tl.constexpr, DENSE: tl.constexpr, WANT_POS: tl.constexpr,
+    REVERSE: tl.constexpr, DENSE: tl.constexpr, WANT_POS: tl.constexpr, LOOP_IDS: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -147,7 +156,7 @@ def _stats_kernel(
             pre_ptr=pre_ptr, NR=NR, a_pre=0, b_pre=N + k * M, lab_ptr=lab_ptr, a_dir=k * N,
             out_ptr=out_ptr + seg * (NUM_STATS * NDR), NDR=NDR,
             row0=row0, n_rows=N, col0=col0, col1=tl.minimum(col0 + seg_cols_q, M), D=D, scale_log2e=s_log2e, eps=eps,
-            REVERSE=REVERSE, DENSE=DENSE, WANT_POS=WANT_POS, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
+            REVERSE=REVERSE, DENSE=DENSE, WANT_POS=WANT_POS, LOOP_IDS=LOOP_IDS, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
             INDEX=INDEX, A_IS_Q=True, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     else:
         p = pid - n_q_programs
@@ -165,5 +174,5 @@ def _stats_kernel(
             pre_ptr=pre_ptr, NR=NR, a_pre=N + k * M, b_pre=0, lab_ptr=lab_ptr, a_dir=K * N + k * M,
             out_ptr=out_ptr + seg * (NUM_STATS * NDR), NDR=NDR,
             row0=row0, n_rows=M, col0=col0, col1=tl.minimum(col0 + seg_cols_g, N), D=D, scale_log2e=s_log2e, eps=eps,
-            REVERSE=REVERSE, DENSE=DENSE, WANT_POS=WANT_POS, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
+            REVERSE=REVERSE, DENSE=DENSE, WANT_POS=WANT_POS, LOOP_IDS=LOOP_IDS, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
             INDEX=INDEX, A_IS_Q=False, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)

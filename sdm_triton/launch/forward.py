@@ -13,13 +13,16 @@ from ..backend import NUM_RED, NUM_STATS, ForwardOut, Statistics
 from ..kernels.finish import _finish_kernel
 from ..kernels.prep import _prep_kernel
 from ..kernels.stats import NUM_STATS as _KERNEL_NUM_STATS
+from ..kernels.stats import SLOT_CNT, SLOT_LIN
 from ..kernels.stats import _stats_kernel
 from ..problem import Problem
-from .policy import column_segments, interpreting, table_tiles
+from .policy import column_segments, interpreting, positives_path, table_tiles
+from .positives import positives
 from .tiles import (_cdiv, _dot_precision, _per_problem, _prep_tiles, _problem_index, _side_args, _stats_tiles,
                     _traceable)
 
 assert _KERNEL_NUM_STATS.value == NUM_STATS, "kernels/stats.py and backend.py disagree on NUM_STATS"
+_SLOT_LIN, _SLOT_CNT = SLOT_LIN.value, SLOT_CNT.value
 
 #: The slots of the buffers the kernels share with the host, in order (kernels/slots.py names them
 #: PRE_*, LAB_*, STATE_*; tests/test_structure.py checks that the two agree): the prepared
@@ -73,7 +76,9 @@ def prepare(p: Problem, label_masses: Optional[torch.Tensor] = None) -> torch.Te
 
 def statistics(p: Problem, prepared: torch.Tensor) -> Statistics:
     """part [S, NUM_STATS, NDR] fp32 (kernels/stats.py), in column segments
-    (`policy.column_segments`)."""
+    (`policy.column_segments`). With `policy.positives_path` "centroids" the kernel computes the
+    log-sum-exps alone and the positives' lin and cnt (`positives.py`) go into segment 0 (forward
+    KL merges them by plain sums; the kernel wrote 0 in every segment)."""
     n, m, k, d = p.n, p.m, p.galleries, p.d
     ndr = p.num_rows
     dev = p.q.device
@@ -88,13 +93,18 @@ def statistics(p: Problem, prepared: torch.Tensor) -> Statistics:
     seg_g = _cdiv(_cdiv(n, segs), t.block_n) * t.block_n
     s_q, s_g = _cdiv(m, seg_q), _cdiv(n, seg_g)
     part = torch.empty((max(s_q, s_g), NUM_STATS, ndr), dtype=torch.float32, device=dev)
+    loop_ids = positives_path(p) == "tiles"
     _traceable(_stats_kernel)[(n_qp * s_q + n_gp * s_g,)](
         **_side_args(p), pre_ptr=pre, lab_ptr=lab, scale_ptr=p.scale, out_ptr=part,
         N=n, M=m, K=k, n_q_programs=n_qp * s_q, seg_cols_q=seg_q, seg_cols_g=seg_g, D=d,
-        scale_value=p.scale_value, eps=o.eps, REVERSE=o.reverse, DENSE=p.dense, WANT_POS=_want_pos(p),
+        scale_value=p.scale_value, eps=o.eps, REVERSE=o.reverse, DENSE=p.dense, WANT_POS=_want_pos(p), LOOP_IDS=loop_ids,
         UPCAST=interpreting() and p.q.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(p.q.dtype),
         INDEX=_problem_index(p), BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
         num_warps=t.num_warps, num_stages=t.num_stages)
+    if not loop_ids:
+        lin, cnt = positives(p, pre[:p.num_samples])
+        part[0, _SLOT_LIN].copy_(lin)
+        part[0, _SLOT_CNT].copy_(cnt)
     return Statistics(part, s_q, s_g)
 
 

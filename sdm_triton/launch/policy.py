@@ -59,6 +59,20 @@ def backward_path(p) -> str:
     return "fused" if logits(p) <= FUSED_MAX_LOGITS else "chunked"
 
 
+def positives_path(p) -> str:
+    """How the statistics pass gets the positives' terms of identity labels: "centroids" (the
+    kernel computes log-sum-exps alone; counts and logit sums from identity centroids,
+    launch/positives.py: issue 27) or "tiles" (compared and summed inside the N x M loop).
+    Centroids serve forward KL with identity labels when no positives' softmax mass is wanted
+    (reverse KL's loss and ``return_stats`` need it: tiles); KernelConfig.positives forces
+    either where both apply (dense labels always take the tiles). "auto" is "tiles" until the
+    centroids have run the GPU suite and been timed against the yardstick (bench/NOTES.md 25:
+    built on the CPU, not yet run on a GPU)."""
+    if p.dense or p.options.reverse or p.return_stats:
+        return "tiles"
+    return "centroids" if p.config.positives == "centroids" else "tiles"
+
+
 @dataclasses.dataclass(frozen=True)
 class Tiles:
     """A launch's tile shape: a program's rows (block_m) and columns (block_n), its step along

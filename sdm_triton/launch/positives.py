@@ -1,0 +1,106 @@
+"""The positives' terms of forward KL with identity labels, outside the statistics loop (issue 27).
+
+With identity labels, a softmax row i (a q row against gallery k, or a row of gallery k
+against the queries) needs of its positives only their count and the sum of their log2-domain
+logits (`kernels/stats.py`, slots cnt and lin):
+
+    cnt_i = #{present j : id_j = id_i}
+    lin_i = sum_{present j: id_j = id_i} t_ij = (<x_i, c_id(i)> r_i) s log2 e,   c_k = sum_{present j: id_j = k} x_j r_j
+
+(x the raw features, r the inverse norms of the preparation pass): O((N + K M) D)
+work beside the N x M loop, which then computes the log-sum-exps alone. Identities are
+grouped by sorting (ids are any integers, int64 ones included: no hashing, no torch.unique
+and no host synchronisation); each column side's centroids are sums over its group, each row
+looks its identity up by binary search.
+
+Rounding: the centroids and the dots are accumulated in float64 and lin rounded to fp32 once
+before the scale (so that the order of the scatter's additions, an atomic one on a GPU, changes
+no bit but at a rounding tie, ~2^-29 of the values). lin_i is thus a different evaluation of
+sum_j t_ij than the tiles' (a few units of fp32 roundoff times |t| apart, the error the float64
+comparison allows a logit, `testing._compare`); the loss clamp of `finish.py` keeps forward KL
+>= 0 where the two evaluations of a perfect fit differ in the last bits. The backward does not
+read lin (dL/dS = P - Y).
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+import torch
+
+from ..kernels.tiles import LOG2E
+from ..problem import Problem
+
+
+def _scale_log2e(p: Problem):
+    """s log2 e as the statistics kernel forms it: the fp32 scale times fp32 log2 e, rounded."""
+    if p.scale is not None:
+        return p.scale.detach().to(torch.float32) * np.float32(LOG2E.value).item()
+    return float(np.float32(p.scale_value) * np.float32(LOG2E.value))
+
+
+F64 = torch.float64
+
+
+def _present(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``x`` in float64 with absent samples' rows 0 (they may hold anything, NaN included)."""
+    return torch.where(keep[..., None], x.to(F64), 0.0)
+
+
+def _groups(col_ids: torch.Tensor, col_x: torch.Tensor, col_keep: torch.Tensor):
+    """The identity groups of a column side, batched over galleries: ``col_ids`` [B, C] int64,
+    ``col_x`` [B, C, D] float64 (rows x_j r_j, 0 where absent), ``col_keep`` [B, C] bool.
+    Returns (sorted ids [B, C], group of each sorted position [B, C] (global: b C + local),
+    present count per group [B C], centroid per group [B C, D])."""
+    b, c, d = col_x.shape
+    sorted_ids, perm = torch.sort(col_ids, dim=-1)
+    first = torch.ones_like(sorted_ids, dtype=torch.bool)
+    first[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
+    base = torch.arange(b, device=col_ids.device)[:, None] * c
+    group_sorted = torch.cumsum(first, dim=-1) - 1 + base          # [B, C]
+    group = torch.empty_like(group_sorted).scatter_(-1, perm, group_sorted)   # of each column as given
+    counts = torch.zeros(b * c, dtype=torch.float32, device=col_ids.device)
+    counts.index_add_(0, group.reshape(-1), col_keep.reshape(-1).to(torch.float32))
+    centroids = torch.zeros(b * c, d, dtype=F64, device=col_ids.device)
+    centroids.index_add_(0, group.reshape(-1), col_x.reshape(b * c, d))
+    return sorted_ids, group_sorted, counts, centroids
+
+
+def _rows_against(row_ids, row_x, row_r, sorted_ids, group_sorted, counts, centroids, s_log2e):
+    """(lin, cnt) [B, R] fp32 of rows with ids ``row_ids`` [B, R], raw rows ``row_x`` [B, R, D]
+    (float64) and inverse norms ``row_r`` [B, R] against the column groups of `_groups`."""
+    c = sorted_ids.shape[-1]
+    at = torch.searchsorted(sorted_ids, row_ids.contiguous()).clamp_(max=c - 1)   # the first column id >= the row's
+    found = sorted_ids.gather(-1, at) == row_ids
+    group = group_sorted.gather(-1, at)
+    cnt = torch.where(found, counts[group], 0.0)
+    cos = ((row_x * centroids[group]).sum(dim=-1) * row_r).to(torch.float32)   # <x_i, c_id(i)> r_i
+    lin = torch.where(found & (cnt > 0), cos * s_log2e, 0.0)
+    return lin, cnt
+
+
+def positives(p: Problem, r: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(lin, cnt), each [NDR] fp32 in the softmax-row order of `problem.py`, over this problem's
+    columns; ``r`` [NR]: the preparation pass's inverse norms (slot PRE_R)."""
+    n, m, k, d = p.n, p.m, p.galleries, p.d
+    dev = p.q.device
+    s_log2e = _scale_log2e(p)
+    q_keep = p.q_mask.to(torch.bool) if p.q_mask is not None else torch.ones(n, dtype=torch.bool, device=dev)
+    g_keep = (p.g_mask.to(torch.bool) if p.g_mask is not None
+              else torch.ones(m, dtype=torch.bool, device=dev)).expand(k, m)
+    g = p.g if p.g.dim() == 3 else p.g.unsqueeze(0)
+    q_ids = p.q_ids.to(torch.int64)                                      # ids compare by value
+    g_ids = p.g_ids.to(torch.int64).expand(k, m)
+    r_q, r_g = r[:n].to(F64), r[n:].view(k, m).to(F64)
+    qx = _present(p.q, q_keep)                                           # [N, D]
+    gx = _present(g, g_keep).expand(k, m, d)                             # [K, M, D]
+
+    # q rows against each gallery: the galleries' identity centroids
+    g_groups = _groups(g_ids, gx * r_g[..., None], g_keep)
+    lin_q, cnt_q = _rows_against(q_ids.expand(k, n), qx.expand(k, n, d), r_q.expand(k, n), *g_groups, s_log2e)
+    # each gallery's rows against the queries: the queries' centroids, once
+    q_groups = _groups(q_ids[None], (qx * r_q[:, None])[None], q_keep[None])
+    lin_g, cnt_g = _rows_against(g_ids.reshape(1, k * m), gx.reshape(1, k * m, d), r_g.reshape(1, k * m),
+                                 *q_groups, s_log2e)
+    return torch.cat([lin_q.reshape(-1), lin_g.reshape(-1)]), torch.cat([cnt_q.reshape(-1), cnt_g.reshape(-1)])
