@@ -143,6 +143,16 @@ MUTANTS = [
            [("red[RED.pos_g2q] / n_g.clamp_min(1)", "red[RED.pos_g2q] / n_q.clamp_min(1)")],
            "tests/test_kernels.py::test_statistics_match_the_torch_backend",
            "pos_prob_g2q averaged over the q2g valid count (both backends alike: N != M shows it)"),
+    Mutant("label_terms_scaled", "sdm_triton/kernels/finish.py",
+           [("ln_l + (ylny / safe_y - ln_unscaled(safe_y))", "ln_l + (ylny / safe_y - ln_precise(safe_y)) + 16.635532333438686")],
+           "tests/test_edge_values.py::test_dense_label_terms_are_as_accurate_as_the_reference",
+           "forward KL's dense label terms with the scaled labels' ln ysum and ln 2^24 added back: the "
+           "fp32 cancellation of 16.6 that the GPU suite found (issue 26; its torch-backend twin too)"),
+    Mutant("fp16_w_no_headroom", "sdm_triton/launch/backward.py",
+           [("    return 2.0 ** math.floor(math.log2(2.0**11 / bound))", "    return 1.0")],
+           "tests/test_edge_values.py::test_fp16_w_keeps_its_accuracy_below_the_normal_range",
+           "fp16 W divided by the largest weight only: below fp16's normal range it keeps an absolute "
+           "accuracy, one dg row 6.5% off (issue 26)"),
 ]
 
 
