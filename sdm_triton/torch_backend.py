@@ -106,11 +106,13 @@ def _safe_m_logl(m, l, bounded=False):
     return m.masked_fill(empty, 0), torch.log(l.masked_fill(empty, 1)).masked_fill(empty, 0)
 
 
-def _row_sums(S, m, logl, y, iy, o, bounded=False):
+def _row_sums(S, m, logl, y, iy, o, bounded=False, pairs=None):
     """(x, pos, ysum) of `TorchBackend.statistics` for a block S [..., R, C] (softmax over the last
     axis, absent columns -inf), with the rows' (m, log l) [..., R], labels y and 1 / ysum iy [..., R].
     ln P = (S - m) - log l: S - m is exact near the row's maximum, where the small differences of
-    P - Y live. ``bounded`` (`_bounded`): no -inf in S, no column outside the softmax."""
+    P - Y live. ``bounded`` (`_bounded`): no -inf in S, no column outside the softmax. ``pairs``: a
+    list that receives the block's (P, ln P - ln(Y + eps)) (reverse) or (P, Y) (forward), the pair
+    terms `_pair_grad` would rebuild."""
     shifted = S - m[..., None]
     log_p = shifted - logl[..., None]
     p = log_p.exp()
@@ -120,18 +122,27 @@ def _row_sums(S, m, logl, y, iy, o, bounded=False):
         shifted, log_p, p = shifted.masked_fill(outside, 0), log_p.masked_fill(outside, 0), p.masked_fill(outside, 0)
     Y = y * iy[..., None]
     if o.reverse:
-        x = (p * (log_p - torch.log(Y + o.eps))).sum(-1)
+        ratio = log_p - torch.log(Y + o.eps)
+        x = (p * ratio).sum(-1)
     else:
         x = (Y * shifted).sum(-1)
+    if pairs is not None:
+        pairs.append((p, ratio if o.reverse else Y))
     pos = p.masked_fill(~(y > 0), 0).sum(-1)
     return x, pos, Y.sum(-1)
 
 
-def _pair_grad(S, y, state, on, o):
+def _pair_grad(S, y, state, on, o, pair=None):
     """w_i dL_i/dS_ij of a block S [..., R, C] (softmax over the last axis) from its rows' state
     [5, ..., R] (m, log l, loss, weight w, 1 / ysum) and labels y; 0 off ``on`` (pairs of present
-    samples in valid rows):  forward P - Y,  reverse P (ln P - ln(Y + eps) - L)."""
+    samples in valid rows):  forward P - Y,  reverse P (ln P - ln(Y + eps) - L). ``pair``: the
+    forward's (P, ln P - ln(Y + eps)) or (P, Y) of this block (`_row_sums`; S and y are then unused):
+    the same numbers, from the same state."""
     m, logl, rows, w, iy = state
+    if pair is not None:
+        P, t = pair
+        d = P * (t - rows[..., None]) if o.reverse else P - t
+        return torch.where(on, w[..., None] * d, 0)
     log_p = (S - m[..., None]) - logl[..., None]     # off ``on`` anything (inf, NaN): not selected below
     P = log_p.exp()
     Y = y * iy[..., None]
@@ -349,11 +360,15 @@ class TorchBackend:
         blocks = self._blocks(p, rows_dir, cols_dir)
         parts = []
         bounded = self._bounded(p)
+        pairs = [] if bounded else None
         for T, y, iy in zip(blocks, prep.labels, self._split_rows(p, prep.inv_y, len(blocks))):
             mx, l = _max_sum(T, bounded)
-            parts.append(torch.stack([mx, l, *_row_sums(T, *_safe_m_logl(mx, l, bounded), y, iy, o, bounded)])
+            parts.append(torch.stack([mx, l, *_row_sums(T, *_safe_m_logl(mx, l, bounded), y, iy, o, bounded, pairs)])
                          .flatten(1))
-        return (parts[0] if len(parts) == 1 else torch.cat(parts, 1))[None]
+        partial = (parts[0] if len(parts) == 1 else torch.cat(parts, 1))[None]
+        if bounded:     # for the backward of this very forward (`finish`, `_saved_pairs`)
+            p.derived["torch_pairs"] = (partial, pairs)
+        return partial
 
     def finish(self, p: Problem, partial: torch.Tensor, segments_q: int, segments_g: int,
                prepared: Prepared) -> ForwardOut:
@@ -392,6 +407,10 @@ class TorchBackend:
         rows = loss.masked_fill(invalid, 0)
         row_m = row_m.masked_fill(invalid, 0)
         row_logl = row_logl.masked_fill(invalid, 0)
+        saved = p.derived.pop("torch_pairs", None)
+        if saved is not None and saved[0] is partial and segments_q == segments_g == 1:
+            # one segment, this problem's own: the forward's pair terms hold for this state's valid rows
+            p.derived["torch_pairs_state"] = (row_m, row_logl, saved[1])
 
         # the reduction [NUM_RED, K], every gallery at once
         per_row = torch.stack([rows, valid.to(ct), pos.masked_fill(invalid, 0)])          # [3, NDR]
@@ -470,6 +489,7 @@ class TorchBackend:
         state = torch.stack([row_m, row_logl, out.rows.to(ct), w, inv_y])
         q_state, g_state = state[:, :kn].unflatten(1, (k_count, n)), state[:, kn:].unflatten(1, (k_count, m))
         stacked = self.dense(p) and n == m
+        pairs = self._saved_pairs(p, row_m, row_logl)
         if self.dense(p):
             blocks = [(slice(0, k_count), 0, m)]
         else:
@@ -480,10 +500,12 @@ class TorchBackend:
         d_s = torch.zeros((), dtype=ct, device=p.q.device)
         for ks, c0, c1 in blocks:
             g_blk = g_hats[ks, c0:c1]                                               # [Kb, C, D]
-            cos = _products(q_hat, g_blk)                                           # [Kb, N, C]
-            S = s * cos
-            y = pair_labels(None if labels is None else labels[ks], p.q_ids, None if g_ids is None else g_ids[ks],
-                            q_mask, None if g_mask is None else g_mask[ks], c0, c1, ct)
+            cos = _products(q_hat, g_blk) if pairs is None or want_scale else None  # [Kb, N, C]
+            if pairs is None:
+                S = s * cos
+                y = pair_labels(None if labels is None else labels[ks], p.q_ids,
+                                None if g_ids is None else g_ids[ks], q_mask, None if g_mask is None else g_mask[ks],
+                                c0, c1, ct)
             both = None
             if q_mask is not None or g_mask is not None:
                 both = torch.ones((), dtype=torch.bool, device=p.q.device)
@@ -501,12 +523,17 @@ class TorchBackend:
                 if both is not None:
                     both_k = both.expand(k_count, n, m)
                     on = on & torch.cat([both_k, both_k.mT])
-                y_k = y.expand(k_count, n, m)
-                d = _pair_grad(torch.cat([S, S.mT]), torch.cat([y_k, y_k.mT]), state.unflatten(1, (2 * k_count, n)),
-                               on, o)
+                if pairs is None:
+                    y_k = y.expand(k_count, n, m)
+                    d = _pair_grad(torch.cat([S, S.mT]), torch.cat([y_k, y_k.mT]),
+                                   state.unflatten(1, (2 * k_count, n)), on, o)
+                else:
+                    d = _pair_grad(None, None, state.unflatten(1, (2 * k_count, n)), on, o, pairs[0])
                 dS = d[:k_count] + d[k_count:].mT
-            else:
+            elif pairs is None:
                 dS = _pair_grad(S, y, qs, on_r, o) + _pair_grad(S.mT, y.mT, gs, on_c.mT, o).mT    # [Kb, N, C]
+            else:
+                dS = _pair_grad(None, None, qs, on_r, o, pairs[0]) + _pair_grad(None, None, gs, on_c.mT, o, pairs[1]).mT
             if want_q:
                 part = (dS @ g_blk).sum(0) if dS.shape[0] > 1 else dS[0] @ g_blk[0]
                 dq_hat = s * part if dq_hat is None else dq_hat + s * part
@@ -538,6 +565,15 @@ class TorchBackend:
                                       None if g_mask is None else g_mask.reshape(-1),
                                       dg_hat.reshape(k_count * m, p.d), o.normalize, partial_grads).reshape(p.g.shape)
         return dq, dg, (d_s if want_scale else None)
+
+    def _saved_pairs(self, p: Problem, row_m, row_logl):
+        """The forward's pair terms of the dense blocks (`_row_sums`), when this backward's state is
+        the one `finish` made from them (the same tensors: not a state merged across ranks or rebuilt
+        by `state_from_rows`); else None (the backward rebuilds S and the labels)."""
+        saved = p.derived.get("torch_pairs_state")
+        if saved is None or not self.dense(p) or saved[0] is not row_m or saved[1] is not row_logl:
+            return None
+        return saved[2]
 
     @staticmethod
     def _input_gradient(x, x_hat, keep, d_hat, normalize, partial=False):
