@@ -247,6 +247,7 @@ class TorchBackend:
             q_mask if q_mask is not None else torch.ones(n, dtype=torch.bool, device=dev),
             g_mask.reshape(-1) if g_mask is not None else torch.ones(k_count * m, dtype=torch.bool, device=dev)])
         x_hat, norm = _normalised(x, keep, o.normalize, ct)
+        p.derived["torch_x_hat"] = (x_hat, norm)      # the backward's, when its q_hat is this one's view
         q_hat, g_hat = x_hat[:n], x_hat[n:].view(k_count, m, p.d)
         q_norm, g_norm = norm[:n], norm[n:].view(k_count, m)
         q_keep = q_mask if q_mask is not None else torch.ones(n, dtype=torch.bool, device=dev)
@@ -548,13 +549,20 @@ class TorchBackend:
                 d_s = d_s + (prod if both is None else torch.where(both, prod, 0)).sum()
         dq = dg = None
         if want_q and want_g:
-            x = torch.cat([p.q, g3.reshape(k_count * m, p.d)])
             keep = None if q_mask is None and g_mask is None else torch.cat([
                 q_mask if q_mask is not None else torch.ones(n, dtype=torch.bool, device=p.q.device),
                 g_mask.reshape(-1) if g_mask is not None else torch.ones(k_count * m, dtype=torch.bool,
                                                                           device=p.q.device)])
-            d_x = self._input_gradient(x, torch.cat([q_hat, g_hats.reshape(k_count * m, p.d)]), keep,
-                                       torch.cat([dq_hat, dg_hat.reshape(k_count * m, p.d)]), o.normalize, True)
+            saved = p.derived.get("torch_x_hat")
+            if saved is not None and saved[0].shape[0] == n + k_count * m and q_hat._base is saved[0] \
+                    and g_hats._base is saved[0]:
+                # the forward's normalised rows and norms (prepare: the same inputs, saved by autograd)
+                x, x_hat, norm = None, saved[0], saved[1]
+            else:
+                x, x_hat, norm = torch.cat([p.q, g3.reshape(k_count * m, p.d)]), \
+                    torch.cat([q_hat, g_hats.reshape(k_count * m, p.d)]), None
+            d_x = self._input_gradient(x, x_hat, keep, torch.cat([dq_hat, dg_hat.reshape(k_count * m, p.d)]),
+                                       o.normalize, True, norm)
             dq, dg = d_x[:n], d_x[n:].reshape(p.g.shape)
             if not partial_grads:
                 dq, dg = cast_gradient(dq, p.q.dtype), cast_gradient(dg, p.g.dtype)
@@ -576,13 +584,15 @@ class TorchBackend:
         return saved[2]
 
     @staticmethod
-    def _input_gradient(x, x_hat, keep, d_hat, normalize, partial=False):
+    def _input_gradient(x, x_hat, keep, d_hat, normalize, partial=False, norm=None):
         """F.normalize's backward (d / max(|x|, eps) projected off x_hat), 0 for absent rows (``keep``
         False; None: none); in x's dtype (rounded: past the dtype's range it is inf, as GradScaler
-        expects), or left in the compute dtype when ``partial``."""
+        expects), or left in the compute dtype when ``partial``. ``norm``: x's row norms (`row_norms`
+        of its present rows) when the caller has them (x is then not read)."""
         ct = d_hat.dtype
         if normalize:
-            norm = row_norms(_masked_rows(x, keep, ct))
+            if norm is None:
+                norm = row_norms(_masked_rows(x, keep, ct))
             radial = (x_hat * d_hat).sum(1, keepdim=True)
             g = torch.where((norm > NORM_EPS)[:, None], d_hat - x_hat * radial, d_hat) / norm.clamp_min(NORM_EPS)[:, None]
         else:
