@@ -189,7 +189,7 @@ class TorchBackend:
         """The dense path (module doc): DENSE_TEMPORARIES copies of S [K, N, M] fit the workspace."""
         key = "torch_dense"
         if key not in p.derived:
-            elt = torch.empty((), dtype=compute_dtype(p.q.dtype)).element_size()
+            elt = compute_dtype(p.q.dtype).itemsize
             p.derived[key] = DENSE_TEMPORARIES * p.galleries * p.n * p.m * elt <= p.workspace_bytes
         return p.derived[key]
 
@@ -388,8 +388,10 @@ class TorchBackend:
         ct = compute_dtype(p.q.dtype)
         kn = k_count * n
         s = prep.s
-        if segments_q == segments_g:
-            row_m, row_logl, body, pos = self._merge(partial[:segments_q], o)
+        saved = p.derived.pop("torch_pairs", None)
+        own = saved is not None and saved[0] is partial and segments_q == segments_g == 1
+        if segments_q == segments_g:     # own: the dense statistics of a `_bounded` problem, l >= 1 or NaN
+            row_m, row_logl, body, pos = self._merge(partial[:segments_q], o, own)
         else:
             merged = [self._merge(partial[:segments_q, :, :kn], o), self._merge(partial[:segments_g, :, kn:], o)]
             row_m, row_logl, body, pos = (torch.cat(x) for x in zip(*merged))
@@ -408,8 +410,7 @@ class TorchBackend:
         rows = loss.masked_fill(invalid, 0)
         row_m = row_m.masked_fill(invalid, 0)
         row_logl = row_logl.masked_fill(invalid, 0)
-        saved = p.derived.pop("torch_pairs", None)
-        if saved is not None and saved[0] is partial and segments_q == segments_g == 1:
+        if own:
             # one segment, this problem's own: the forward's pair terms hold for this state's valid rows
             p.derived["torch_pairs_state"] = (row_m, row_logl, saved[1])
 
@@ -441,12 +442,13 @@ class TorchBackend:
         return ForwardOut(value, rows, valid, red, (row_m, row_logl, inv_y, prep.g_hat, prep.q_hat, s))
 
     @staticmethod
-    def _merge(part: torch.Tensor, o):
+    def _merge(part: torch.Tensor, o, bounded=False):
         """(m, log l, body, pos) of rows from their segments [S, NUM_STATS, R] (`finish`); (0, 0)
-        for (m, log l) of a row without any present column."""
+        for (m, log l) of a row without any present column (``bounded``: one segment whose every
+        row saw a column, `_safe_m_logl`)."""
         m_s, l_s, x_s, pos_s, y_s = part.unbind(1)
         if part.shape[0] == 1:                                              # one segment: w = 1 exactly
-            m_safe, logl = _safe_m_logl(m_s[0], l_s[0])
+            m_safe, logl = _safe_m_logl(m_s[0], l_s[0], bounded)
             return m_safe, logl, x_s[0], pos_s[0]
         empty = l_s == 0                                                    # NaN is not empty: it stays
         m = torch.where(empty, -math.inf, m_s).amax(0)
