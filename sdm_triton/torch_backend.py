@@ -281,14 +281,15 @@ class TorchBackend:
     def _valid_inv_y(p: Problem, ysum, q_mask, g_mask):
         """(valid [NDR], 1 / ysum [NDR], 0 for invalid rows): a row is valid when its sample is
         present and its label mass > 0 (NaN, from bad labels, counts: its NaN reaches the loss)."""
-        valid = (ysum > 0) | torch.isnan(ysum)
+        invalid = ysum <= 0              # NaN is not: it is valid
         if q_mask is not None or g_mask is not None:
             k, n, m = p.galleries, p.n, p.m
             ones = lambda c: torch.ones(c, dtype=torch.bool, device=ysum.device)     # noqa: E731
             keep = torch.cat([q_mask.repeat(k) if q_mask is not None else ones(k * n),
                               g_mask.reshape(-1) if g_mask is not None else ones(k * m)])
-            valid = valid & keep
-        return valid, torch.where(valid, 1 / torch.where(valid, ysum, 1), 0)
+            invalid = invalid | ~keep
+        # 1 / inf = 0 for an invalid row; the others' reciprocal is that of 1 / ysum bit for bit
+        return ~invalid, ysum.masked_fill(invalid, math.inf).reciprocal()
 
     def statistics(self, p: Problem, prep: Prepared) -> Statistics:
         """One segment per side: [1, NUM_STATS, NDR] (module doc). Per softmax row, over this
