@@ -106,11 +106,13 @@ def _safe_m_logl(m, l, bounded=False):
     return m.masked_fill(empty, 0), torch.log(l.masked_fill(empty, 1)).masked_fill(empty, 0)
 
 
-def _row_sums(S, m, logl, y, iy, o, bounded=False):
+def _row_sums(S, m, logl, y, iy, o, bounded=False, pairs=None):
     """(x, pos, ysum) of `TorchBackend.statistics` for a block S [..., R, C] (softmax over the last
     axis, absent columns -inf), with the rows' (m, log l) [..., R], labels y and 1 / ysum iy [..., R].
     ln P = (S - m) - log l: S - m is exact near the row's maximum, where the small differences of
-    P - Y live. ``bounded`` (`_bounded`): no -inf in S, no column outside the softmax."""
+    P - Y live. ``bounded`` (`_bounded`): no -inf in S, no column outside the softmax. ``pairs``: a
+    list that receives the block's (P, ln P - ln(Y + eps)) (reverse) or (P, Y) (forward), the pair
+    terms `_pair_grad` would rebuild."""
     shifted = S - m[..., None]
     log_p = shifted - logl[..., None]
     p = log_p.exp()
@@ -120,18 +122,27 @@ def _row_sums(S, m, logl, y, iy, o, bounded=False):
         shifted, log_p, p = shifted.masked_fill(outside, 0), log_p.masked_fill(outside, 0), p.masked_fill(outside, 0)
     Y = y * iy[..., None]
     if o.reverse:
-        x = (p * (log_p - torch.log(Y + o.eps))).sum(-1)
+        ratio = log_p - torch.log(Y + o.eps)
+        x = (p * ratio).sum(-1)
     else:
         x = (Y * shifted).sum(-1)
+    if pairs is not None:
+        pairs.append((p, ratio if o.reverse else Y))
     pos = p.masked_fill(~(y > 0), 0).sum(-1)
     return x, pos, Y.sum(-1)
 
 
-def _pair_grad(S, y, state, on, o):
+def _pair_grad(S, y, state, on, o, pair=None):
     """w_i dL_i/dS_ij of a block S [..., R, C] (softmax over the last axis) from its rows' state
     [5, ..., R] (m, log l, loss, weight w, 1 / ysum) and labels y; 0 off ``on`` (pairs of present
-    samples in valid rows):  forward P - Y,  reverse P (ln P - ln(Y + eps) - L)."""
+    samples in valid rows):  forward P - Y,  reverse P (ln P - ln(Y + eps) - L). ``pair``: the
+    forward's (P, ln P - ln(Y + eps)) or (P, Y) of this block (`_row_sums`; S and y are then unused):
+    the same numbers, from the same state."""
     m, logl, rows, w, iy = state
+    if pair is not None:
+        P, t = pair
+        d = P * (t - rows[..., None]) if o.reverse else P - t
+        return torch.where(on, w[..., None] * d, 0)
     log_p = (S - m[..., None]) - logl[..., None]     # off ``on`` anything (inf, NaN): not selected below
     P = log_p.exp()
     Y = y * iy[..., None]
@@ -178,7 +189,7 @@ class TorchBackend:
         """The dense path (module doc): DENSE_TEMPORARIES copies of S [K, N, M] fit the workspace."""
         key = "torch_dense"
         if key not in p.derived:
-            elt = torch.empty((), dtype=compute_dtype(p.q.dtype)).element_size()
+            elt = compute_dtype(p.q.dtype).itemsize
             p.derived[key] = DENSE_TEMPORARIES * p.galleries * p.n * p.m * elt <= p.workspace_bytes
         return p.derived[key]
 
@@ -236,6 +247,7 @@ class TorchBackend:
             q_mask if q_mask is not None else torch.ones(n, dtype=torch.bool, device=dev),
             g_mask.reshape(-1) if g_mask is not None else torch.ones(k_count * m, dtype=torch.bool, device=dev)])
         x_hat, norm = _normalised(x, keep, o.normalize, ct)
+        p.derived["torch_x_hat"] = (x_hat, norm)      # the backward's, when its q_hat is this one's view
         q_hat, g_hat = x_hat[:n], x_hat[n:].view(k_count, m, p.d)
         q_norm, g_norm = norm[:n], norm[n:].view(k_count, m)
         q_keep = q_mask if q_mask is not None else torch.ones(n, dtype=torch.bool, device=dev)
@@ -269,14 +281,15 @@ class TorchBackend:
     def _valid_inv_y(p: Problem, ysum, q_mask, g_mask):
         """(valid [NDR], 1 / ysum [NDR], 0 for invalid rows): a row is valid when its sample is
         present and its label mass > 0 (NaN, from bad labels, counts: its NaN reaches the loss)."""
-        valid = (ysum > 0) | torch.isnan(ysum)
+        invalid = ysum <= 0              # NaN is not: it is valid
         if q_mask is not None or g_mask is not None:
             k, n, m = p.galleries, p.n, p.m
             ones = lambda c: torch.ones(c, dtype=torch.bool, device=ysum.device)     # noqa: E731
             keep = torch.cat([q_mask.repeat(k) if q_mask is not None else ones(k * n),
                               g_mask.reshape(-1) if g_mask is not None else ones(k * m)])
-            valid = valid & keep
-        return valid, torch.where(valid, 1 / torch.where(valid, ysum, 1), 0)
+            invalid = invalid | ~keep
+        # 1 / inf = 0 for an invalid row; the others' reciprocal is that of 1 / ysum bit for bit
+        return ~invalid, ysum.masked_fill(invalid, math.inf).reciprocal()
 
     def statistics(self, p: Problem, prep: Prepared) -> Statistics:
         """One segment per side: [1, NUM_STATS, NDR] (module doc). Per softmax row, over this
@@ -349,11 +362,15 @@ class TorchBackend:
         blocks = self._blocks(p, rows_dir, cols_dir)
         parts = []
         bounded = self._bounded(p)
+        pairs = [] if bounded else None
         for T, y, iy in zip(blocks, prep.labels, self._split_rows(p, prep.inv_y, len(blocks))):
             mx, l = _max_sum(T, bounded)
-            parts.append(torch.stack([mx, l, *_row_sums(T, *_safe_m_logl(mx, l, bounded), y, iy, o, bounded)])
+            parts.append(torch.stack([mx, l, *_row_sums(T, *_safe_m_logl(mx, l, bounded), y, iy, o, bounded, pairs)])
                          .flatten(1))
-        return (parts[0] if len(parts) == 1 else torch.cat(parts, 1))[None]
+        partial = (parts[0] if len(parts) == 1 else torch.cat(parts, 1))[None]
+        if bounded:     # for the backward of this very forward (`finish`, `_saved_pairs`)
+            p.derived["torch_pairs"] = (partial, pairs)
+        return partial
 
     def finish(self, p: Problem, partial: torch.Tensor, segments_q: int, segments_g: int,
                prepared: Prepared) -> ForwardOut:
@@ -372,8 +389,10 @@ class TorchBackend:
         ct = compute_dtype(p.q.dtype)
         kn = k_count * n
         s = prep.s
-        if segments_q == segments_g:
-            row_m, row_logl, body, pos = self._merge(partial[:segments_q], o)
+        saved = p.derived.pop("torch_pairs", None)
+        own = saved is not None and saved[0] is partial and segments_q == segments_g == 1
+        if segments_q == segments_g:     # own: the dense statistics of a `_bounded` problem, l >= 1 or NaN
+            row_m, row_logl, body, pos = self._merge(partial[:segments_q], o, own)
         else:
             merged = [self._merge(partial[:segments_q, :, :kn], o), self._merge(partial[:segments_g, :, kn:], o)]
             row_m, row_logl, body, pos = (torch.cat(x) for x in zip(*merged))
@@ -392,6 +411,9 @@ class TorchBackend:
         rows = loss.masked_fill(invalid, 0)
         row_m = row_m.masked_fill(invalid, 0)
         row_logl = row_logl.masked_fill(invalid, 0)
+        if own:
+            # one segment, this problem's own: the forward's pair terms hold for this state's valid rows
+            p.derived["torch_pairs_state"] = (row_m, row_logl, saved[1])
 
         # the reduction [NUM_RED, K], every gallery at once
         per_row = torch.stack([rows, valid.to(ct), pos.masked_fill(invalid, 0)])          # [3, NDR]
@@ -421,12 +443,13 @@ class TorchBackend:
         return ForwardOut(value, rows, valid, red, (row_m, row_logl, inv_y, prep.g_hat, prep.q_hat, s))
 
     @staticmethod
-    def _merge(part: torch.Tensor, o):
+    def _merge(part: torch.Tensor, o, bounded=False):
         """(m, log l, body, pos) of rows from their segments [S, NUM_STATS, R] (`finish`); (0, 0)
-        for (m, log l) of a row without any present column."""
+        for (m, log l) of a row without any present column (``bounded``: one segment whose every
+        row saw a column, `_safe_m_logl`)."""
         m_s, l_s, x_s, pos_s, y_s = part.unbind(1)
         if part.shape[0] == 1:                                              # one segment: w = 1 exactly
-            m_safe, logl = _safe_m_logl(m_s[0], l_s[0])
+            m_safe, logl = _safe_m_logl(m_s[0], l_s[0], bounded)
             return m_safe, logl, x_s[0], pos_s[0]
         empty = l_s == 0                                                    # NaN is not empty: it stays
         m = torch.where(empty, -math.inf, m_s).amax(0)
@@ -470,6 +493,7 @@ class TorchBackend:
         state = torch.stack([row_m, row_logl, out.rows.to(ct), w, inv_y])
         q_state, g_state = state[:, :kn].unflatten(1, (k_count, n)), state[:, kn:].unflatten(1, (k_count, m))
         stacked = self.dense(p) and n == m
+        pairs = self._saved_pairs(p, row_m, row_logl)
         if self.dense(p):
             blocks = [(slice(0, k_count), 0, m)]
         else:
@@ -480,10 +504,12 @@ class TorchBackend:
         d_s = torch.zeros((), dtype=ct, device=p.q.device)
         for ks, c0, c1 in blocks:
             g_blk = g_hats[ks, c0:c1]                                               # [Kb, C, D]
-            cos = _products(q_hat, g_blk)                                           # [Kb, N, C]
-            S = s * cos
-            y = pair_labels(None if labels is None else labels[ks], p.q_ids, None if g_ids is None else g_ids[ks],
-                            q_mask, None if g_mask is None else g_mask[ks], c0, c1, ct)
+            cos = _products(q_hat, g_blk) if pairs is None or want_scale else None  # [Kb, N, C]
+            if pairs is None:
+                S = s * cos
+                y = pair_labels(None if labels is None else labels[ks], p.q_ids,
+                                None if g_ids is None else g_ids[ks], q_mask, None if g_mask is None else g_mask[ks],
+                                c0, c1, ct)
             both = None
             if q_mask is not None or g_mask is not None:
                 both = torch.ones((), dtype=torch.bool, device=p.q.device)
@@ -501,12 +527,17 @@ class TorchBackend:
                 if both is not None:
                     both_k = both.expand(k_count, n, m)
                     on = on & torch.cat([both_k, both_k.mT])
-                y_k = y.expand(k_count, n, m)
-                d = _pair_grad(torch.cat([S, S.mT]), torch.cat([y_k, y_k.mT]), state.unflatten(1, (2 * k_count, n)),
-                               on, o)
+                if pairs is None:
+                    y_k = y.expand(k_count, n, m)
+                    d = _pair_grad(torch.cat([S, S.mT]), torch.cat([y_k, y_k.mT]),
+                                   state.unflatten(1, (2 * k_count, n)), on, o)
+                else:
+                    d = _pair_grad(None, None, state.unflatten(1, (2 * k_count, n)), on, o, pairs[0])
                 dS = d[:k_count] + d[k_count:].mT
-            else:
+            elif pairs is None:
                 dS = _pair_grad(S, y, qs, on_r, o) + _pair_grad(S.mT, y.mT, gs, on_c.mT, o).mT    # [Kb, N, C]
+            else:
+                dS = _pair_grad(None, None, qs, on_r, o, pairs[0]) + _pair_grad(None, None, gs, on_c.mT, o, pairs[1]).mT
             if want_q:
                 part = (dS @ g_blk).sum(0) if dS.shape[0] > 1 else dS[0] @ g_blk[0]
                 dq_hat = s * part if dq_hat is None else dq_hat + s * part
@@ -521,13 +552,20 @@ class TorchBackend:
                 d_s = d_s + (prod if both is None else torch.where(both, prod, 0)).sum()
         dq = dg = None
         if want_q and want_g:
-            x = torch.cat([p.q, g3.reshape(k_count * m, p.d)])
             keep = None if q_mask is None and g_mask is None else torch.cat([
                 q_mask if q_mask is not None else torch.ones(n, dtype=torch.bool, device=p.q.device),
                 g_mask.reshape(-1) if g_mask is not None else torch.ones(k_count * m, dtype=torch.bool,
                                                                           device=p.q.device)])
-            d_x = self._input_gradient(x, torch.cat([q_hat, g_hats.reshape(k_count * m, p.d)]), keep,
-                                       torch.cat([dq_hat, dg_hat.reshape(k_count * m, p.d)]), o.normalize, True)
+            saved = p.derived.get("torch_x_hat")
+            if saved is not None and saved[0].shape[0] == n + k_count * m and q_hat._base is saved[0] \
+                    and g_hats._base is saved[0]:
+                # the forward's normalised rows and norms (prepare: the same inputs, saved by autograd)
+                x, x_hat, norm = None, saved[0], saved[1]
+            else:
+                x, x_hat, norm = torch.cat([p.q, g3.reshape(k_count * m, p.d)]), \
+                    torch.cat([q_hat, g_hats.reshape(k_count * m, p.d)]), None
+            d_x = self._input_gradient(x, x_hat, keep, torch.cat([dq_hat, dg_hat.reshape(k_count * m, p.d)]),
+                                       o.normalize, True, norm)
             dq, dg = d_x[:n], d_x[n:].reshape(p.g.shape)
             if not partial_grads:
                 dq, dg = cast_gradient(dq, p.q.dtype), cast_gradient(dg, p.g.dtype)
@@ -539,14 +577,25 @@ class TorchBackend:
                                       dg_hat.reshape(k_count * m, p.d), o.normalize, partial_grads).reshape(p.g.shape)
         return dq, dg, (d_s if want_scale else None)
 
+    def _saved_pairs(self, p: Problem, row_m, row_logl):
+        """The forward's pair terms of the dense blocks (`_row_sums`), when this backward's state is
+        the one `finish` made from them (the same tensors: not a state merged across ranks or rebuilt
+        by `state_from_rows`); else None (the backward rebuilds S and the labels)."""
+        saved = p.derived.get("torch_pairs_state")
+        if saved is None or not self.dense(p) or saved[0] is not row_m or saved[1] is not row_logl:
+            return None
+        return saved[2]
+
     @staticmethod
-    def _input_gradient(x, x_hat, keep, d_hat, normalize, partial=False):
+    def _input_gradient(x, x_hat, keep, d_hat, normalize, partial=False, norm=None):
         """F.normalize's backward (d / max(|x|, eps) projected off x_hat), 0 for absent rows (``keep``
         False; None: none); in x's dtype (rounded: past the dtype's range it is inf, as GradScaler
-        expects), or left in the compute dtype when ``partial``."""
+        expects), or left in the compute dtype when ``partial``. ``norm``: x's row norms (`row_norms`
+        of its present rows) when the caller has them (x is then not read)."""
         ct = d_hat.dtype
         if normalize:
-            norm = row_norms(_masked_rows(x, keep, ct))
+            if norm is None:
+                norm = row_norms(_masked_rows(x, keep, ct))
             radial = (x_hat * d_hat).sum(1, keepdim=True)
             g = torch.where((norm > NORM_EPS)[:, None], d_hat - x_hat * radial, d_hat) / norm.clamp_min(NORM_EPS)[:, None]
         else:
