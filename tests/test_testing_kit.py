@@ -16,7 +16,8 @@ import types
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, assume, given, settings
+from hypothesis.errors import UnsatisfiedAssumption
 
 import sdm_triton
 from sdm_triton import testing
@@ -125,6 +126,13 @@ def test_a_function_that_raises_on_a_valid_problem_is_named_with_the_error_and_t
     assert text.startswith("loss: raised RuntimeError in scatters_the_wrong_side: "), text
     assert NAMES_THE_ELEMENT.search(text) and repr(problem) in text, text
     assert isinstance(failure.value.__cause__, RuntimeError)
+
+    # hypothesis's own exceptions pass through: a function's assume(False) rejects the example
+    def rejects(q, g, **kwargs):
+        assume(False)
+
+    with pytest.raises(UnsatisfiedAssumption):
+        testing.assert_close_to_reference(rejects, problem, grad_output=1.0)
 
 
 def test_a_problem_prints_as_the_call_that_rebuilds_it():

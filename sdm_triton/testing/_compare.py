@@ -35,6 +35,7 @@ from typing import Callable, Optional
 
 import torch
 from hypothesis import assume
+from hypothesis.errors import HypothesisException
 
 from sdm_triton.options import NORM_EPS, SDMRowLosses
 
@@ -434,7 +435,7 @@ def assert_close_to_reference(fn, problem, options=None, *, grad_output=None, re
         grad_extra_rtol = 2 * UNIT_ROUNDOFF[problem.dtype] if problem.dtype in HALF_DTYPES else 0.0
     try:
         result = run(fn, problem, options, grad_output)
-    except AssertionError:
+    except (AssertionError, HypothesisException):   # its own checks, or its assume() / reject()
         raise
     except Exception as exc:   # the function under test failed on a valid problem: say so, with the repro
         name = getattr(fn, "__name__", type(fn).__name__)
