@@ -27,6 +27,10 @@ from typing import Optional
 import torch
 
 from .backend import RED, option_coefficients
+
+#: the valid counts' rows of the reduction, (valid_q2g, valid_g2q), as one strided view
+VALID_ROWS = slice(RED.valid_q2g, RED.valid_g2q + 1, RED.valid_g2q - RED.valid_q2g)
+assert tuple(range(RED.valid_q2g, RED.valid_g2q + 1, RED.valid_g2q - RED.valid_q2g)) == (RED.valid_q2g, RED.valid_g2q)
 from .options import LABEL_SCALE, SDMOptions, SDMStats
 
 
@@ -105,12 +109,16 @@ def gradient_weights(o: SDMOptions, red: torch.Tensor, valid: torch.Tensor, n: i
     w = None
     if d_value is not None:
         coef_q, coef_g = option_coefficients(o)
-        dv = d_value.reshape(k, 1).to(ct)
-        c_q, c_g = coef_q * dv, coef_g * dv
+        dv = d_value.reshape(1, k, 1).to(ct)
+        # c [2 (q rows, gallery rows), K, 1]; one product when the directions' coefficients agree
+        c = coef_q * dv if coef_q == coef_g else torch.cat([coef_q * dv, coef_g * dv])
         if o.reduction == "mean":
-            c_q = c_q / red[RED.valid_q2g, :, None].clamp_min(1).to(ct)
-            c_g = c_g / red[RED.valid_g2q, :, None].clamp_min(1).to(ct)
-        w = torch.cat([c_q.expand(k, n).flatten(), c_g.expand(k, m).flatten()])
+            c = c / red[VALID_ROWS, :, None].clamp_min(1).to(ct)
+        c = c.expand(2, k, 1)
+        if n == m:
+            w = c.expand(2, k, n).reshape(-1)
+        else:
+            w = torch.cat([c[0].expand(k, n).flatten(), c[1].expand(k, m).flatten()])
     if d_rows is not None:
         w = d_rows.to(ct) if w is None else w + d_rows.to(ct)
     if w is None:

@@ -135,25 +135,25 @@ def _row_sums(S, m, logl, y, iy, o, bounded=False, pairs=None, shifted=None):
     return x, pos, Y
 
 
-def _pair_grad(S, y, state, on, o, pair=None):
+def _pair_grad(S, y, state, off, o, pair=None):
     """w_i dL_i/dS_ij of a block S [..., R, C] (softmax over the last axis) from its rows' state
-    [5, ..., R] (m, log l, loss, weight w, 1 / ysum) and labels y; 0 off ``on`` (pairs of present
-    samples in valid rows):  forward P - Y,  reverse P (ln P - ln(Y + eps) - L). ``pair``: the
+    [5, ..., R] (m, log l, loss, weight w, 1 / ysum) and labels y; 0 on ``off`` (pairs of an absent
+    sample, invalid rows):  forward P - Y,  reverse P (ln P - ln(Y + eps) - L). ``pair``: the
     forward's (P, ln P - ln(Y + eps)) or (P, Y) of this block (`_row_sums`; S and y are then unused):
     the same numbers, from the same state."""
     m, logl, rows, w, iy = state
     if pair is not None:
         P, t = pair
         d = P * (t - rows[..., None]) if o.reverse else P - t
-        return torch.where(on, w[..., None] * d, 0)
-    log_p = (S - m[..., None]) - logl[..., None]     # off ``on`` anything (inf, NaN): not selected below
+        return (w[..., None] * d).masked_fill(off, 0)
+    log_p = (S - m[..., None]) - logl[..., None]     # on ``off`` anything (inf, NaN): not selected below
     P = log_p.exp()
     Y = y * iy[..., None]
     if o.reverse:
         d = P * (log_p - torch.log(Y + o.eps) - rows[..., None])
     else:
         d = P - Y
-    return torch.where(on, w[..., None] * d, 0)
+    return (w[..., None] * d).masked_fill(off, 0)
 
 
 def _products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -546,7 +546,7 @@ class TorchBackend:
             blocks = [(slice(k, k + 1), c0, min(m, c0 + width)) for k in range(k_count) for c0 in range(0, m, width)]
         dq_hat = None
         dg_hat = torch.zeros((k_count, m, p.d), dtype=ct, device=p.q.device) if len(blocks) > 1 else None
-        d_s = torch.zeros((), dtype=ct, device=p.q.device)
+        d_s = torch.zeros((), dtype=ct, device=p.q.device) if want_scale else None
         for ks, c0, c1 in blocks:
             g_blk = g_hats[ks, c0:c1]                                               # [Kb, C, D]
             cos = _products(q_hat, g_blk) if pairs is None or want_scale else None  # [Kb, N, C]
@@ -555,34 +555,34 @@ class TorchBackend:
                 y = pair_labels(None if labels is None else labels[ks], p.q_ids,
                                 None if g_ids is None else g_ids[ks], q_mask, None if g_mask is None else g_mask[ks],
                                 c0, c1, ct)
-            both = None
-            if q_mask is not None or g_mask is not None:
-                both = torch.ones((), dtype=torch.bool, device=p.q.device)
-                if q_mask is not None:
-                    both = both & q_mask[:, None]
-                if g_mask is not None:
-                    both = both & g_mask[ks, None, c0:c1]
+            absent = None        # pairs with an absent sample (None: none)
+            if q_mask is not None:
+                absent = ~q_mask[:, None]
+            if g_mask is not None:
+                absent_g = ~g_mask[ks, None, c0:c1]
+                absent = absent_g if absent is None else absent | absent_g
+            # off: pairs of invalid rows (1 / ysum = 0) or of an absent sample
             if not stacked:
                 qs, gs = q_state[:, ks], g_state[:, ks, c0:c1]                       # [5, Kb, N], [5, Kb, C]
-                on_r, on_c = (qs[4] != 0)[..., None], (gs[4] != 0)[..., None, :]
-                if both is not None:
-                    on_r, on_c = on_r & both, on_c & both
+                off_r, off_c = (qs[4] == 0)[..., None], (gs[4] == 0)[..., None, :]
+                if absent is not None:
+                    off_r, off_c = off_r | absent, off_c | absent
             if stacked:          # the dense square problem: both directions in one [2K, N, N] block
-                on = (state.unflatten(1, (2 * k_count, n))[4] != 0)[..., None]
-                if both is not None:
-                    both_k = both.expand(k_count, n, m)
-                    on = on & torch.cat([both_k, both_k.mT])
+                off = (state.unflatten(1, (2 * k_count, n))[4] == 0)[..., None]
+                if absent is not None:
+                    absent_k = absent.expand(k_count, n, m)
+                    off = off | torch.cat([absent_k, absent_k.mT])
                 if pairs is None:
                     y_k = y.expand(k_count, n, m)
                     d = _pair_grad(torch.cat([S, S.mT]), torch.cat([y_k, y_k.mT]),
-                                   state.unflatten(1, (2 * k_count, n)), on, o)
+                                   state.unflatten(1, (2 * k_count, n)), off, o)
                 else:
-                    d = _pair_grad(None, None, state.unflatten(1, (2 * k_count, n)), on, o, pairs[0])
+                    d = _pair_grad(None, None, state.unflatten(1, (2 * k_count, n)), off, o, pairs[0])
                 dS = d[:k_count] + d[k_count:].mT
             elif pairs is None:
-                dS = _pair_grad(S, y, qs, on_r, o) + _pair_grad(S.mT, y.mT, gs, on_c.mT, o).mT    # [Kb, N, C]
+                dS = _pair_grad(S, y, qs, off_r, o) + _pair_grad(S.mT, y.mT, gs, off_c.mT, o).mT    # [Kb, N, C]
             else:
-                dS = _pair_grad(None, None, qs, on_r, o, pairs[0]) + _pair_grad(None, None, gs, on_c.mT, o, pairs[1]).mT
+                dS = _pair_grad(None, None, qs, off_r, o, pairs[0]) + _pair_grad(None, None, gs, off_c.mT, o, pairs[1]).mT
             if want_q:
                 part = (dS @ g_blk).sum(0) if dS.shape[0] > 1 else dS[0] @ g_blk[0]
                 dq_hat = s * part if dq_hat is None else dq_hat + s * part
@@ -594,7 +594,7 @@ class TorchBackend:
                     dg_hat[ks, c0:c1] = part
             if want_scale:
                 prod = dS * cos
-                d_s = d_s + (prod if both is None else torch.where(both, prod, 0)).sum()
+                d_s = d_s + (prod if absent is None else prod.masked_fill(absent, 0)).sum()
         dq = dg = None
         if want_q and want_g:
             keep = None if q_mask is None and g_mask is None else torch.cat([
