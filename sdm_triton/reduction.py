@@ -44,7 +44,8 @@ def pair_labels(labels: Optional[torch.Tensor], q_ids: Optional[torch.Tensor], g
     dense weight."""
     if labels is not None:
         y = labels[..., c0:c1].to(ct) * LABEL_SCALE
-        y = torch.where((y < 0) | ~torch.isfinite(y), math.nan, y)
+        # bad: < 0, NaN or inf (isfinite alone dispatches four ops)
+        y = y.masked_fill(~(y >= 0) | (y == math.inf), math.nan)
     else:
         y = (q_ids[:, None] == g_ids[..., None, c0:c1]).to(ct)
     if q_keep is not None:
@@ -63,7 +64,8 @@ def ln_unscaled(y: torch.Tensor) -> torch.Tensor:
 
 def label_ylny(y: torch.Tensor) -> torch.Tensor:
     """y ln(y / LABEL_SCALE) of scaled dense weights, elementwise: 0 where y = 0, NaN stays."""
-    return torch.where(y > 0, y * ln_unscaled(torch.where(y > 0, y, 1)), y * 0)
+    pos = y > 0
+    return torch.where(pos, y * ln_unscaled(y.masked_fill(~pos, 1)), y * 0)
 
 
 def add_label_masses(q_masses: torch.Tensor, g_masses: torch.Tensor, labels, q_ids, g_ids, q_keep, g_keep,

@@ -289,7 +289,7 @@ class TorchBackend:
             ysum = self._rows_of(b.sum(-1) for b in blocks)
             if labels is not None:       # (identity labels: y ln y = 0, and the counts cannot overflow)
                 masses = torch.stack([ysum, self._rows_of(label_ylny(b).sum(-1) for b in blocks)])
-                ysum, ylny = torch.where(torch.isinf(masses), math.nan, masses)
+                ysum, ylny = masses.masked_fill(torch.isinf(masses), math.nan)
         else:
             masses = torch.zeros((2, p.num_rows), dtype=ct, device=dev)
             width = self._chunk_width(p, ct)
