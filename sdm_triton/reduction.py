@@ -144,10 +144,7 @@ def row_norms(x: torch.Tensor) -> torch.Tensor:
     range (fp32: norms from 2^64, say 3.5e20 with ``normalize=False``): there again with the row
     scaled by 2^-100 (exact), as kernels/prep.py does; the components this takes below the normal
     range are < 2^-90 of such a norm. Both are computed (no host synchronisation); inf and NaN
-    features stay inf and NaN. fp32: the square sum in float64, which holds every one (one op
-    instead of the two norms and the choice; the norm rounded once to fp32)."""
-    if x.dtype == torch.float32:
-        return torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).to(x.dtype)
+    features stay inf and NaN."""
     norm = torch.linalg.vector_norm(x, dim=1)
     scaled = torch.linalg.vector_norm(x * 2.0**-100, dim=1) * 2.0**100
     return torch.where(torch.isinf(norm), scaled, norm)
