@@ -27,6 +27,10 @@ from typing import Optional
 import torch
 
 from .backend import RED, option_coefficients
+
+#: the valid counts' rows of the reduction, (valid_q2g, valid_g2q), as one strided view
+VALID_ROWS = slice(RED.valid_q2g, RED.valid_g2q + 1, RED.valid_g2q - RED.valid_q2g)
+assert tuple(range(RED.valid_q2g, RED.valid_g2q + 1, RED.valid_g2q - RED.valid_q2g)) == (RED.valid_q2g, RED.valid_g2q)
 from .options import LABEL_SCALE, SDMOptions, SDMStats
 
 
@@ -40,7 +44,8 @@ def pair_labels(labels: Optional[torch.Tensor], q_ids: Optional[torch.Tensor], g
     dense weight."""
     if labels is not None:
         y = labels[..., c0:c1].to(ct) * LABEL_SCALE
-        y = torch.where((y < 0) | ~torch.isfinite(y), math.nan, y)
+        # bad: < 0, NaN or inf (isfinite alone dispatches four ops)
+        y = y.masked_fill(~(y >= 0) | (y == math.inf), math.nan)
     else:
         y = (q_ids[:, None] == g_ids[..., None, c0:c1]).to(ct)
     if q_keep is not None:
@@ -59,7 +64,8 @@ def ln_unscaled(y: torch.Tensor) -> torch.Tensor:
 
 def label_ylny(y: torch.Tensor) -> torch.Tensor:
     """y ln(y / LABEL_SCALE) of scaled dense weights, elementwise: 0 where y = 0, NaN stays."""
-    return torch.where(y > 0, y * ln_unscaled(torch.where(y > 0, y, 1)), y * 0)
+    pos = y > 0
+    return torch.where(pos, y * ln_unscaled(y.masked_fill(~pos, 1)), y * 0)
 
 
 def add_label_masses(q_masses: torch.Tensor, g_masses: torch.Tensor, labels, q_ids, g_ids, q_keep, g_keep,
@@ -105,12 +111,16 @@ def gradient_weights(o: SDMOptions, red: torch.Tensor, valid: torch.Tensor, n: i
     w = None
     if d_value is not None:
         coef_q, coef_g = option_coefficients(o)
-        dv = d_value.reshape(k, 1).to(ct)
-        c_q, c_g = coef_q * dv, coef_g * dv
+        dv = d_value.reshape(1, k, 1).to(ct)
+        # c [2 (q rows, gallery rows), K, 1]; one product when the directions' coefficients agree
+        c = coef_q * dv if coef_q == coef_g else torch.cat([coef_q * dv, coef_g * dv])
         if o.reduction == "mean":
-            c_q = c_q / red[RED.valid_q2g, :, None].clamp_min(1).to(ct)
-            c_g = c_g / red[RED.valid_g2q, :, None].clamp_min(1).to(ct)
-        w = torch.cat([c_q.expand(k, n).flatten(), c_g.expand(k, m).flatten()])
+            c = c / red[VALID_ROWS, :, None].clamp_min(1).to(ct)
+        c = c.expand(2, k, 1)
+        if n == m:
+            w = c.expand(2, k, n).reshape(-1)
+        else:
+            w = torch.cat([c[0].expand(k, n).flatten(), c[1].expand(k, m).flatten()])
     if d_rows is not None:
         w = d_rows.to(ct) if w is None else w + d_rows.to(ct)
     if w is None:

@@ -38,11 +38,11 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from .backend import NUM_RED, NUM_STATS, RED, ForwardOut, Statistics
+from .backend import NUM_RED, NUM_STATS, RED, ForwardOut, Statistics, option_coefficients
 from .options import NORM_EPS, NORM_LIMIT, compute_dtype
 from .problem import Problem
 from .reduction import (add_label_masses, cast_gradient, gradient_weights, label_ylny, ln_unscaled, pair_labels,
-                        reduced_value, row_norms)
+                        row_norms)
 
 
 #: [K, N, M] temporaries of the compute dtype the dense path holds at once (S, both directions'
@@ -77,16 +77,17 @@ def _normalised(x: torch.Tensor, keep: Optional[torch.Tensor], normalize: bool, 
         return x, norm
     r = 1 / norm.clamp_min(NORM_EPS)
     if ct == torch.float32:
-        r = torch.where(norm >= NORM_LIMIT, math.nan, r)
+        r = r.masked_fill(norm >= NORM_LIMIT, math.nan)
     return x * r[:, None], norm
 
 
 def _max_sum(S, bounded=False):
-    """(max, sum exp(S - max)) over the last axis: the rows' softmax normaliser in one block
-    (max -inf and sum 0 for a row without a present column). ``bounded``: S holds no infinity
-    (`_bounded`), so no guard is needed."""
+    """(max, sum exp(S - max), S - max) over the last axis: the rows' softmax normaliser in one
+    block (max -inf and sum 0 for a row without a present column). ``bounded``: S holds no
+    infinity (`_bounded`), so no guard is needed, and S - max is `_row_sums`' shifted logits."""
     m = S.amax(-1)
-    return m, torch.exp(S - (m if bounded else m.masked_fill(~torch.isfinite(m), 0))[..., None]).sum(-1)
+    shifted = S - (m if bounded else m.masked_fill(~torch.isfinite(m), 0))[..., None]
+    return m, torch.exp(shifted).sum(-1), shifted
 
 
 def _merge_max_sum(m, l, S):
@@ -106,14 +107,16 @@ def _safe_m_logl(m, l, bounded=False):
     return m.masked_fill(empty, 0), torch.log(l.masked_fill(empty, 1)).masked_fill(empty, 0)
 
 
-def _row_sums(S, m, logl, y, iy, o, bounded=False, pairs=None):
-    """(x, pos, ysum) of `TorchBackend.statistics` for a block S [..., R, C] (softmax over the last
+def _row_sums(S, m, logl, y, iy, o, bounded=False, pairs=None, shifted=None):
+    """(x, pos, Y) of `TorchBackend.statistics` for a block S [..., R, C] (softmax over the last
     axis, absent columns -inf), with the rows' (m, log l) [..., R], labels y and 1 / ysum iy [..., R].
     ln P = (S - m) - log l: S - m is exact near the row's maximum, where the small differences of
     P - Y live. ``bounded`` (`_bounded`): no -inf in S, no column outside the softmax. ``pairs``: a
     list that receives the block's (P, ln P - ln(Y + eps)) (reverse) or (P, Y) (forward), the pair
-    terms `_pair_grad` would rebuild."""
-    shifted = S - m[..., None]
+    terms `_pair_grad` would rebuild. ``shifted``: S - m when the caller has it (`_max_sum`, bounded:
+    the same m)."""
+    if shifted is None:
+        shifted = S - m[..., None]
     log_p = shifted - logl[..., None]
     p = log_p.exp()
     if not bounded:
@@ -129,28 +132,28 @@ def _row_sums(S, m, logl, y, iy, o, bounded=False, pairs=None):
     if pairs is not None:
         pairs.append((p, ratio if o.reverse else Y))
     pos = p.masked_fill(~(y > 0), 0).sum(-1)
-    return x, pos, Y.sum(-1)
+    return x, pos, Y
 
 
-def _pair_grad(S, y, state, on, o, pair=None):
+def _pair_grad(S, y, state, off, o, pair=None):
     """w_i dL_i/dS_ij of a block S [..., R, C] (softmax over the last axis) from its rows' state
-    [5, ..., R] (m, log l, loss, weight w, 1 / ysum) and labels y; 0 off ``on`` (pairs of present
-    samples in valid rows):  forward P - Y,  reverse P (ln P - ln(Y + eps) - L). ``pair``: the
+    [5, ..., R] (m, log l, loss, weight w, 1 / ysum) and labels y; 0 on ``off`` (pairs of an absent
+    sample, invalid rows):  forward P - Y,  reverse P (ln P - ln(Y + eps) - L). ``pair``: the
     forward's (P, ln P - ln(Y + eps)) or (P, Y) of this block (`_row_sums`; S and y are then unused):
     the same numbers, from the same state."""
     m, logl, rows, w, iy = state
     if pair is not None:
         P, t = pair
         d = P * (t - rows[..., None]) if o.reverse else P - t
-        return torch.where(on, w[..., None] * d, 0)
-    log_p = (S - m[..., None]) - logl[..., None]     # off ``on`` anything (inf, NaN): not selected below
+        return (w[..., None] * d).masked_fill(off, 0)
+    log_p = (S - m[..., None]) - logl[..., None]     # on ``off`` anything (inf, NaN): not selected below
     P = log_p.exp()
     Y = y * iy[..., None]
     if o.reverse:
         d = P * (log_p - torch.log(Y + o.eps) - rows[..., None])
     else:
         d = P - Y
-    return torch.where(on, w[..., None] * d, 0)
+    return (w[..., None] * d).masked_fill(off, 0)
 
 
 def _products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -162,19 +165,34 @@ def _products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class Prepared(NamedTuple):
     """`TorchBackend.prepare`: the normalised features (0 for absent samples), norms, presence,
-    label masses [2, NDR] (ysum, sum y ln y), the scale, each softmax row's validity and 1 / ysum
-    (0 for an invalid row), and on the dense path the labels of its blocks (`TorchBackend._blocks`)."""
+    label masses (ysum, sum y ln y), the scale, each softmax row's validity and 1 / ysum (0 for an
+    invalid row), and on the dense path the labels of its blocks (`TorchBackend._blocks`)."""
     q_hat: torch.Tensor      # [N, D] compute dtype
     q_norm: torch.Tensor     # [N]
-    q_keep: torch.Tensor     # [N] bool
+    q_keep: Optional[torch.Tensor]     # [N] bool; None (dense path): every sample present
     g_hat: torch.Tensor      # [K, M, D]
     g_norm: torch.Tensor     # [K, M]
-    g_keep: torch.Tensor     # [K, M] bool
-    masses: torch.Tensor     # [2, NDR]
+    g_keep: Optional[torch.Tensor]     # [K, M] bool; None (dense path): every sample present
+    ysum: torch.Tensor       # [NDR] label mass
+    ylny: Optional[torch.Tensor]       # [NDR] sum y ln y; None: 0 (identity labels of this problem)
     s: torch.Tensor          # 0-dim
     valid: torch.Tensor      # [NDR] bool
+    invalid: torch.Tensor    # [NDR] bool, ~valid
     inv_y: torch.Tensor      # [NDR]
     labels: Optional[Tuple[torch.Tensor, ...]] = None   # dense path: y of each block
+
+
+class DenseRows(NamedTuple):
+    """`TorchBackend._dense_statistics`: each softmax row's statistics [NDR] over all its columns,
+    the blocks' Y = y / ysum, and (`_bounded` problems) their pair terms for the backward."""
+    m: torch.Tensor          # max_j S_ij as it is (-inf: no present column)
+    l: torch.Tensor          # sum_j exp(S_ij - m)
+    safe_m: torch.Tensor     # m, 0 for a row without a present column (`_safe_m_logl`)
+    logl: torch.Tensor       # ln l, likewise
+    x: torch.Tensor          # forward: sum_j Y (S - m); reverse: sum_j P (ln P - ln(Y + eps))
+    pos: torch.Tensor        # sum_{j: y_ij > 0} P_ij
+    Y: Tuple[torch.Tensor, ...]
+    pairs: Optional[list]
 
 
 class TorchBackend:
@@ -227,6 +245,11 @@ class TorchBackend:
 
     def forward(self, p: Problem) -> ForwardOut:
         prepared = self.prepare(p)
+        if prepared.labels is not None:
+            # dense: one segment per side, complete: its rows go to the losses as they are (what
+            # `finish` of its partial computes, without the partial and its merge)
+            r = self._dense_statistics(p, prepared)
+            return self._losses(p, prepared, r.safe_m, r.logl, r.x, r.pos, r.pairs)
         st = self.statistics(p, prepared)
         return self.finish(p, st.partial, st.segments_q, st.segments_g, prepared)
 
@@ -250,23 +273,23 @@ class TorchBackend:
         p.derived["torch_x_hat"] = (x_hat, norm)      # the backward's, when its q_hat is this one's view
         q_hat, g_hat = x_hat[:n], x_hat[n:].view(k_count, m, p.d)
         q_norm, g_norm = norm[:n], norm[n:].view(k_count, m)
-        q_keep = q_mask if q_mask is not None else torch.ones(n, dtype=torch.bool, device=dev)
-        g_keep = g_mask if g_mask is not None else torch.ones((k_count, m), dtype=torch.bool, device=dev)
+        q_keep, g_keep = q_mask, g_mask      # the dense path reads None as "every sample present"
         blocks = None
         if self.dense(p):
             y = pair_labels(labels, p.q_ids, g_ids, q_mask, g_mask, 0, m, ct).expand(k_count, n, m)
             blocks = self._blocks(p, y, y)
+        else:
+            q_keep = q_mask if q_mask is not None else torch.ones(n, dtype=torch.bool, device=dev)
+            g_keep = g_mask if g_mask is not None else torch.ones((k_count, m), dtype=torch.bool, device=dev)
+        ylny = None
         if label_masses is not None:     # summed over blocks or ranks: may overflow there
             masses = label_masses.to(ct)
-            masses = torch.where(torch.isinf(masses), math.nan, masses)
+            ysum, ylny = torch.where(torch.isinf(masses), math.nan, masses)
         elif blocks is not None:
-            ysum = torch.cat([b.sum(-1).flatten() for b in blocks])
-            if labels is None:           # 0 / 1 labels: y ln y = 0, and the counts cannot overflow
-                masses = torch.stack([ysum, torch.zeros_like(ysum)])
-            else:
-                ylny = torch.cat([label_ylny(b).sum(-1).flatten() for b in blocks])
-                masses = torch.stack([ysum, ylny])
-                masses = torch.where(torch.isinf(masses), math.nan, masses)
+            ysum = self._rows_of(b.sum(-1) for b in blocks)
+            if labels is not None:       # (identity labels: y ln y = 0, and the counts cannot overflow)
+                masses = torch.stack([ysum, self._rows_of(label_ylny(b).sum(-1) for b in blocks)])
+                ysum, ylny = masses.masked_fill(torch.isinf(masses), math.nan)
         else:
             masses = torch.zeros((2, p.num_rows), dtype=ct, device=dev)
             width = self._chunk_width(p, ct)
@@ -274,12 +297,19 @@ class TorchBackend:
                 q0, g0 = k * n, k_count * n + k * m
                 add_label_masses(masses[:, q0:q0 + n], masses[:, g0:g0 + m], None if labels is None else labels[k],
                                  p.q_ids, None if g_ids is None else g_ids[k], q_keep, g_keep[k], width, ct)
-        valid, inv_y = self._valid_inv_y(p, masses[0], q_mask, g_mask)
-        return Prepared(q_hat, q_norm, q_keep, g_hat, g_norm, g_keep, masses, s, valid, inv_y, blocks)
+            ysum, ylny = masses
+        valid, invalid, inv_y = self._valid_inv_y(p, ysum, q_mask, g_mask)
+        return Prepared(q_hat, q_norm, q_keep, g_hat, g_norm, g_keep, ysum, ylny, s, valid, invalid, inv_y, blocks)
+
+    @staticmethod
+    def _rows_of(block_rows) -> torch.Tensor:
+        """The dense blocks' row vectors [..., R] (in block order) as one vector [NDR] of softmax rows."""
+        parts = [v.flatten() for v in block_rows]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     @staticmethod
     def _valid_inv_y(p: Problem, ysum, q_mask, g_mask):
-        """(valid [NDR], 1 / ysum [NDR], 0 for invalid rows): a row is valid when its sample is
+        """(valid [NDR], ~valid, 1 / ysum [NDR], 0 for invalid rows): a row is valid when its sample is
         present and its label mass > 0 (NaN, from bad labels, counts: its NaN reaches the loss)."""
         invalid = ysum <= 0              # NaN is not: it is valid
         if q_mask is not None or g_mask is not None:
@@ -289,7 +319,7 @@ class TorchBackend:
                               g_mask.reshape(-1) if g_mask is not None else ones(k * m)])
             invalid = invalid | ~keep
         # 1 / inf = 0 for an invalid row; the others' reciprocal is that of 1 / ysum bit for bit
-        return ~invalid, ysum.masked_fill(invalid, math.inf).reciprocal()
+        return ~invalid, invalid, ysum.masked_fill(invalid, math.inf).reciprocal()
 
     def statistics(self, p: Problem, prep: Prepared) -> Statistics:
         """One segment per side: [1, NUM_STATS, NDR] (module doc). Per softmax row, over this
@@ -307,7 +337,9 @@ class TorchBackend:
         first, then the sums with them); a gallery row's softmax over the queries is complete
         within a chunk."""
         if prep.labels is not None:
-            return Statistics(self._dense_statistics(p, prep), 1, 1)
+            r = self._dense_statistics(p, prep)
+            ysum_s = self._rows_of(Y.sum(-1) for Y in r.Y)
+            return Statistics(torch.stack([r.m, r.l, r.x, r.pos, ysum_s])[None], 1, 1)
         o = p.options
         n, m, k_count = p.n, p.m, p.galleries
         ct = compute_dtype(p.q.dtype)
@@ -331,9 +363,9 @@ class TorchBackend:
                 m_q, l_q = _merge_max_sum(m_q, l_q, S.masked_fill(~g_keep[None, c0:c1], -math.inf))
                 y = self._labels(p, k, labels, g_ids, q_keep, g_keep, c0, c1, ct)
                 St = S.T.masked_fill(~q_keep[None, :], -math.inf)                 # [C, N]
-                mc, lc = _max_sum(St)
-                part[0, :, g0 + c0:g0 + c1] = torch.stack(
-                    [mc, lc, *_row_sums(St, *_safe_m_logl(mc, lc), y.T, inv_y[g0 + c0:g0 + c1], o)])
+                mc, lc, _ = _max_sum(St)
+                x, pos, Y = _row_sums(St, *_safe_m_logl(mc, lc), y.T, inv_y[g0 + c0:g0 + c1], o)
+                part[0, :, g0 + c0:g0 + c1] = torch.stack([mc, lc, x, pos, Y.sum(-1)])
             # pass 2: the query rows' sums with their (m, l)
             m_safe, logl_q = _safe_m_logl(m_q, l_q)
             sums = torch.zeros((3, n), dtype=ct, device=dev)
@@ -341,7 +373,8 @@ class TorchBackend:
                 c1 = min(m, c0 + width)
                 S = (s * (prep.q_hat @ g_hat[c0:c1].T)).masked_fill(~g_keep[None, c0:c1], -math.inf)
                 y = self._labels(p, k, labels, g_ids, q_keep, g_keep, c0, c1, ct)
-                sums += torch.stack(_row_sums(S, m_safe, logl_q, y, inv_y[qi], o))
+                x, pos, Y = _row_sums(S, m_safe, logl_q, y, inv_y[qi], o)
+                sums += torch.stack([x, pos, Y.sum(-1)])
             part[0, :, qi] = torch.cat([torch.stack([m_q, l_q]), sums])
         return Statistics(part, 1, 1)
 
@@ -351,30 +384,29 @@ class TorchBackend:
         return pair_labels(None if labels is None else labels[k], p.q_ids, None if g_ids is None else g_ids[k],
                            q_keep, g_keep, c0, c1, ct)
 
-    def _dense_statistics(self, p: Problem, prep: Prepared) -> torch.Tensor:
+    def _dense_statistics(self, p: Problem, prep: Prepared) -> DenseRows:
         """`statistics` in one pass: S [K, N, M] once, its blocks (absent columns -inf), every
-        row complete. [1, NUM_STATS, NDR]."""
+        row complete (`DenseRows`)."""
         o = p.options
-        g_mask = None if p.g_mask is None else prep.g_keep
         S = prep.s * _products(prep.q_hat, prep.g_hat)                              # [K, N, M]
-        rows_dir = S if g_mask is None else S.masked_fill(~g_mask[:, None, :], -math.inf)
+        rows_dir = S if p.g_mask is None else S.masked_fill(~prep.g_keep[:, None, :], -math.inf)
         cols_dir = S if p.q_mask is None else S.masked_fill(~p.q_mask[None, :, None], -math.inf)
         blocks = self._blocks(p, rows_dir, cols_dir)
-        parts = []
         bounded = self._bounded(p)
         pairs = [] if bounded else None
+        parts, Ys = [], []
         for T, y, iy in zip(blocks, prep.labels, self._split_rows(p, prep.inv_y, len(blocks))):
-            mx, l = _max_sum(T, bounded)
-            parts.append(torch.stack([mx, l, *_row_sums(T, *_safe_m_logl(mx, l, bounded), y, iy, o, bounded, pairs)])
-                         .flatten(1))
-        partial = (parts[0] if len(parts) == 1 else torch.cat(parts, 1))[None]
-        if bounded:     # for the backward of this very forward (`finish`, `_saved_pairs`)
-            p.derived["torch_pairs"] = (partial, pairs)
-        return partial
+            mx, l, shifted = _max_sum(T, bounded)
+            m_safe, logl = _safe_m_logl(mx, l, bounded)
+            x, pos, Y = _row_sums(T, m_safe, logl, y, iy, o, bounded, pairs, shifted if bounded else None)
+            parts.append((mx, l, m_safe, logl, x, pos))
+            Ys.append(Y)
+        return DenseRows(*(self._rows_of(v) for v in zip(*parts)), tuple(Ys), pairs)
 
     def finish(self, p: Problem, partial: torch.Tensor, segments_q: int, segments_g: int,
                prepared: Prepared) -> ForwardOut:
-        """Merge the segments (module doc), then per-row losses, validity, reduction, state:
+        """Merge the segments (module doc), then per-row losses, validity, reduction, state
+        (`_losses`):
 
             m = max_s m_s,  l = sum_s l_s e^(m_s - m),  w_s = l_s e^(m_s - m) / l
             forward:  sum_j Y_ij (S_ij - m) = sum_s x_s + ysum_s (m_s - m),
@@ -384,72 +416,85 @@ class TorchBackend:
         (one segment: w = 1, the loss of the pass(es) as they are). A segment without present
         columns (l_s = 0) takes no part."""
         o = p.options
-        prep = prepared
-        n, m, k_count = p.n, p.m, p.galleries
-        ct = compute_dtype(p.q.dtype)
-        kn = k_count * n
-        s = prep.s
-        saved = p.derived.pop("torch_pairs", None)
-        own = saved is not None and saved[0] is partial and segments_q == segments_g == 1
-        if segments_q == segments_g:     # own: the dense statistics of a `_bounded` problem, l >= 1 or NaN
-            row_m, row_logl, body, pos = self._merge(partial[:segments_q], o, own)
+        kn = p.galleries * p.n
+        if segments_q == segments_g:
+            row_m, row_logl, body, pos = self._merge(partial[:segments_q], o)
         else:
             merged = [self._merge(partial[:segments_q, :, :kn], o), self._merge(partial[:segments_g, :, kn:], o)]
             row_m, row_logl, body, pos = (torch.cat(x) for x in zip(*merged))
-        valid, inv_y = prep.valid, prep.inv_y
-        ysum, ylny = prep.masses[0], prep.masses[1]
+        return self._losses(p, prepared, row_m, row_logl, body, pos)
+
+    def _losses(self, p: Problem, prep: Prepared, row_m, row_logl, body, pos, pairs=None) -> ForwardOut:
+        """The ForwardOut of rows with their merged (m, log l) ((0, 0) for a row without a present
+        column), body (the sums of `finish`'s doc) and positive mass: the losses, the reduction and
+        the backward's state, every invalid row's entries 0. ``pairs``: the dense blocks' pair terms
+        (`_dense_statistics` of a `_bounded` problem), which hold for this state: kept for its
+        backward (`_saved_pairs`)."""
+        o = p.options
+        n, m, k_count = p.n, p.m, p.galleries
+        ct = compute_dtype(p.q.dtype)
+        s = prep.s
         if o.reverse:
             loss = body
         else:
+            ysum = prep.ysum
             safe = torch.where(ysum > 0, ysum, 1)
             ln_ysum = torch.log(safe) if p.labels is None else ln_unscaled(safe)   # (reduction.label_ylny)
-            loss = row_logl - body + ylny / safe - ln_ysum
+            loss = row_logl - body
+            if prep.ylny is not None:                                # (None: sum y ln y = 0)
+                loss = loss + prep.ylny / safe
+            loss = loss - ln_ysum
             loss = torch.where(loss < 0, 0, loss)                    # KL >= 0; NaN stays
         if p.scale is not None:                                      # a float scale was checked on the host
             loss = torch.where(torch.isfinite(s) & (s > 0), loss, math.nan)
-        invalid = ~valid
-        rows = loss.masked_fill(invalid, 0)
-        row_m = row_m.masked_fill(invalid, 0)
-        row_logl = row_logl.masked_fill(invalid, 0)
-        if own:
-            # one segment, this problem's own: the forward's pair terms hold for this state's valid rows
-            p.derived["torch_pairs_state"] = (row_m, row_logl, saved[1])
+        # rows, state and the reduction's per-row terms (loss, valid, pos): 0 in invalid rows, one op
+        per_row = torch.stack([loss, prep.valid.to(ct), pos, row_m, row_logl]).masked_fill(prep.invalid, 0)
+        rows, row_m, row_logl = per_row[0], per_row[3], per_row[4]
+        if pairs is not None:
+            p.derived["torch_pairs_state"] = (row_m, row_logl, pairs)
 
-        # the reduction [NUM_RED, K], every gallery at once
-        per_row = torch.stack([rows, valid.to(ct), pos.masked_fill(invalid, 0)])          # [3, NDR]
-        q_sums = per_row[:, :kn].unflatten(1, (k_count, n)).sum(-1)                        # [3, K]
-        g_sums = per_row[:, kn:].unflatten(1, (k_count, m)).sum(-1)
-        fields = [None] * NUM_RED
-        fields[RED.sum_q2g], fields[RED.valid_q2g], fields[RED.pos_q2g] = q_sums.unbind(0)
-        fields[RED.sum_g2q], fields[RED.valid_g2q], fields[RED.pos_g2q] = g_sums.unbind(0)
-        if p.return_stats:            # the norm rows are read by SDMStats only (api._stats); else 0
-            q_kept = torch.where(prep.q_keep, prep.q_norm, 0)
-            g_kept = torch.where(prep.g_keep, prep.g_norm, 0)                              # [K, M]
-            q_count = prep.q_keep.sum().clamp_min(1).to(ct)
-            g_count = prep.g_keep.sum(-1).clamp_min(1).to(ct)
-            fields[RED.q_norm_mean] = (q_kept.sum() / q_count).expand(k_count)
-            fields[RED.q_norm_max] = q_kept.max().expand(k_count)
-            fields[RED.g_norm_mean] = g_kept.sum(-1) / g_count
-            fields[RED.g_norm_max] = g_kept.amax(-1)
-            red = torch.stack(fields)
+        # the reduction [NUM_RED, K], every gallery at once: sums [3 (loss, valid, pos), 2 (q, g rows), K]
+        if n == m:
+            sums = per_row[:3].unflatten(1, (2, k_count, n)).sum(-1)
         else:
-            norms = q_sums.new_zeros((NUM_RED - RED.q_norm_mean, k_count))                  # the last rows
-            red = torch.cat([torch.stack(fields[:RED.q_norm_mean]), norms])
-        value = reduced_value(o, red)
+            kn = k_count * n
+            sums = torch.stack([per_row[:3, :kn].unflatten(1, (k_count, n)).sum(-1),
+                                per_row[:3, kn:].unflatten(1, (k_count, m)).sum(-1)], 1)
+        if p.return_stats:            # the norm rows are read by SDMStats only (api._stats); else 0
+            q_kept, g_kept = prep.q_norm, prep.g_norm                                    # [N], [K, M]
+            q_count, g_count = n, m
+            if prep.q_keep is not None:
+                q_kept = torch.where(prep.q_keep, q_kept, 0)
+                q_count = prep.q_keep.sum().clamp_min(1).to(ct)
+            if prep.g_keep is not None:
+                g_kept = torch.where(prep.g_keep, g_kept, 0)
+                g_count = prep.g_keep.sum(-1).clamp_min(1).to(ct)
+            norms = torch.stack([(q_kept.sum() / q_count).expand(k_count), q_kept.max().expand(k_count),
+                                 g_kept.sum(-1) / g_count, g_kept.amax(-1)])
+        else:
+            norms = sums.new_zeros((NUM_RED - RED.q_norm_mean, k_count))                   # the last rows
+        # RED's order: (sum, valid) of the q rows, of the gallery rows, then pos of both, the norms
+        red = torch.cat([sums[:2].transpose(0, 1).reshape(4, k_count), sums[2], norms])
+        # the value (`reduction.reduced_value`, from the sums): each direction's [K], weighted
+        coef_q, coef_g = option_coefficients(o)
+        part = sums[0] / sums[1].clamp_min(1) if o.reduction == "mean" else sums[0]    # [2, K]
+        if coef_q == coef_g:
+            value = (part if coef_q == 1 else part * coef_q).sum(0)
+        else:
+            value = coef_q * part[0] + coef_g * part[1]
         if p.scale is not None:
             value = torch.where(torch.isfinite(s) & (s > 0), value, math.nan)
         if p.scalar_value:
             value = value[0]
-        return ForwardOut(value, rows, valid, red, (row_m, row_logl, inv_y, prep.g_hat, prep.q_hat, s))
+        return ForwardOut(value, rows, prep.valid, red, (row_m, row_logl, prep.inv_y, prep.g_hat, prep.q_hat, s))
 
     @staticmethod
-    def _merge(part: torch.Tensor, o, bounded=False):
+    def _merge(part: torch.Tensor, o):
         """(m, log l, body, pos) of rows from their segments [S, NUM_STATS, R] (`finish`); (0, 0)
-        for (m, log l) of a row without any present column (``bounded``: one segment whose every
-        row saw a column, `_safe_m_logl`)."""
+        for (m, log l) of a row without any present column."""
         m_s, l_s, x_s, pos_s, y_s = part.unbind(1)
         if part.shape[0] == 1:                                              # one segment: w = 1 exactly
-            m_safe, logl = _safe_m_logl(m_s[0], l_s[0], bounded)
+            m_safe, logl = _safe_m_logl(m_s[0], l_s[0])
             return m_safe, logl, x_s[0], pos_s[0]
         empty = l_s == 0                                                    # NaN is not empty: it stays
         m = torch.where(empty, -math.inf, m_s).amax(0)
@@ -501,7 +546,7 @@ class TorchBackend:
             blocks = [(slice(k, k + 1), c0, min(m, c0 + width)) for k in range(k_count) for c0 in range(0, m, width)]
         dq_hat = None
         dg_hat = torch.zeros((k_count, m, p.d), dtype=ct, device=p.q.device) if len(blocks) > 1 else None
-        d_s = torch.zeros((), dtype=ct, device=p.q.device)
+        d_s = torch.zeros((), dtype=ct, device=p.q.device) if want_scale else None
         for ks, c0, c1 in blocks:
             g_blk = g_hats[ks, c0:c1]                                               # [Kb, C, D]
             cos = _products(q_hat, g_blk) if pairs is None or want_scale else None  # [Kb, N, C]
@@ -510,34 +555,34 @@ class TorchBackend:
                 y = pair_labels(None if labels is None else labels[ks], p.q_ids,
                                 None if g_ids is None else g_ids[ks], q_mask, None if g_mask is None else g_mask[ks],
                                 c0, c1, ct)
-            both = None
-            if q_mask is not None or g_mask is not None:
-                both = torch.ones((), dtype=torch.bool, device=p.q.device)
-                if q_mask is not None:
-                    both = both & q_mask[:, None]
-                if g_mask is not None:
-                    both = both & g_mask[ks, None, c0:c1]
+            absent = None        # pairs with an absent sample (None: none)
+            if q_mask is not None:
+                absent = ~q_mask[:, None]
+            if g_mask is not None:
+                absent_g = ~g_mask[ks, None, c0:c1]
+                absent = absent_g if absent is None else absent | absent_g
+            # off: pairs of invalid rows (1 / ysum = 0) or of an absent sample
             if not stacked:
                 qs, gs = q_state[:, ks], g_state[:, ks, c0:c1]                       # [5, Kb, N], [5, Kb, C]
-                on_r, on_c = (qs[4] != 0)[..., None], (gs[4] != 0)[..., None, :]
-                if both is not None:
-                    on_r, on_c = on_r & both, on_c & both
+                off_r, off_c = (qs[4] == 0)[..., None], (gs[4] == 0)[..., None, :]
+                if absent is not None:
+                    off_r, off_c = off_r | absent, off_c | absent
             if stacked:          # the dense square problem: both directions in one [2K, N, N] block
-                on = (state.unflatten(1, (2 * k_count, n))[4] != 0)[..., None]
-                if both is not None:
-                    both_k = both.expand(k_count, n, m)
-                    on = on & torch.cat([both_k, both_k.mT])
+                off = (state.unflatten(1, (2 * k_count, n))[4] == 0)[..., None]
+                if absent is not None:
+                    absent_k = absent.expand(k_count, n, m)
+                    off = off | torch.cat([absent_k, absent_k.mT])
                 if pairs is None:
                     y_k = y.expand(k_count, n, m)
                     d = _pair_grad(torch.cat([S, S.mT]), torch.cat([y_k, y_k.mT]),
-                                   state.unflatten(1, (2 * k_count, n)), on, o)
+                                   state.unflatten(1, (2 * k_count, n)), off, o)
                 else:
-                    d = _pair_grad(None, None, state.unflatten(1, (2 * k_count, n)), on, o, pairs[0])
+                    d = _pair_grad(None, None, state.unflatten(1, (2 * k_count, n)), off, o, pairs[0])
                 dS = d[:k_count] + d[k_count:].mT
             elif pairs is None:
-                dS = _pair_grad(S, y, qs, on_r, o) + _pair_grad(S.mT, y.mT, gs, on_c.mT, o).mT    # [Kb, N, C]
+                dS = _pair_grad(S, y, qs, off_r, o) + _pair_grad(S.mT, y.mT, gs, off_c.mT, o).mT    # [Kb, N, C]
             else:
-                dS = _pair_grad(None, None, qs, on_r, o, pairs[0]) + _pair_grad(None, None, gs, on_c.mT, o, pairs[1]).mT
+                dS = _pair_grad(None, None, qs, off_r, o, pairs[0]) + _pair_grad(None, None, gs, off_c.mT, o, pairs[1]).mT
             if want_q:
                 part = (dS @ g_blk).sum(0) if dS.shape[0] > 1 else dS[0] @ g_blk[0]
                 dq_hat = s * part if dq_hat is None else dq_hat + s * part
@@ -549,7 +594,7 @@ class TorchBackend:
                     dg_hat[ks, c0:c1] = part
             if want_scale:
                 prod = dS * cos
-                d_s = d_s + (prod if both is None else torch.where(both, prod, 0)).sum()
+                d_s = d_s + (prod if absent is None else prod.masked_fill(absent, 0)).sum()
         dq = dg = None
         if want_q and want_g:
             keep = None if q_mask is None and g_mask is None else torch.cat([
