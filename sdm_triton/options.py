@@ -148,7 +148,7 @@ class KernelConfig:
     identity centroids outside it; forward KL with ids, no statistics: else tiles).
 
     ``KernelConfig.parse("chunked_m128n128k64w8s3_bm128bn64bw8")`` reads the same fields from
-    a name (tokens ``fused``, ``chunked``, ``tiles``, ``centroids``, and
+    a name (tokens ``fused``, ``chunked``, ``tiles``, ``centroids``, ``auto`` (sets nothing), and
     ``m n k w s seg bm bn bw bs`` + number).
     """
 
@@ -226,6 +226,8 @@ def _parse_kernel_config(name: str) -> KernelConfig:
     if rest in ("", "auto", "default"):
         return KernelConfig()
     for token in filter(None, re.split(r"[_\-\s]+", rest)):
+        if token in ("auto", "default"):         # what is not named is chosen: "auto_centroids"
+            continue
         if token in ("fused", "chunked"):
             fields["backward"] = token
             continue

@@ -169,3 +169,9 @@ def test_which_path_runs():
     for kw in (dict(kl="reverse"), dict(dense=True), dict(stats=True)):
         assert path("centroids", **kw) == "tiles", kw
     assert KernelConfig.parse("chunked_centroids_m16").name() == "chunked_centroids_m16"
+    # the names this file composes from CONFIGS on either machine ("auto" is the GPU's: its
+    # "auto_centroids" failed to parse on the H100 only, bench/NOTES.md 29)
+    for config in ("auto", "m16n16", "m16n32seg3", "m64n128seg3"):
+        for positives in ("tiles", "centroids"):
+            assert KernelConfig.parse(f"{config}_{positives}").positives == positives
+    assert KernelConfig.parse("auto_centroids") == KernelConfig(positives="centroids")

@@ -1,7 +1,8 @@
 """Where the host time of a small training step goes on a GPU (issue 28), in three views:
 
 1. cProfile of sdm_loss steps (bf16, forward KL, N = 64, D = 512): the functions with the most
-   time of their own, and the cumulative view of the package's own functions;
+   time of their own, and the cumulative view of the package's own functions; then each
+   kernel's GPU time per step (torch.profiler): a step synchronised per call waits for both;
 2. each Triton launch of one step, replayed alone: host microseconds of ``kernel[grid](**kw)``,
    of Triton's argument binder alone, and of the compiled kernel's launcher called directly with
    the bound arguments (what a cached launch would cost);
@@ -45,6 +46,14 @@ def _host_us(fn, reps):
         times.append((time.perf_counter() - t0) * 1e5)
         torch.cuda.synchronize()
     return statistics.median(times)
+
+
+def _cuda_us(event) -> float:
+    """An event's own device time in us (the attribute's name changed across torch versions)."""
+    for name in ("self_device_time_total", "self_cuda_time_total"):
+        if hasattr(event, name):
+            return float(getattr(event, name))
+    return 0.0
 
 
 def _record_launches(step):
@@ -127,6 +136,16 @@ def main():
         pstats.Stats(pr, stream=s).sort_stats(order).print_stats(args.top)
         print(f"\n--- cProfile of 200 steps, by {order} ---")
         print("\n".join(line for line in s.getvalue().splitlines()[6:] if line.strip()))
+
+    print("\n--- GPU time of each kernel (torch.profiler, 50 steps; us per step) ---")
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(50):
+            step()
+        torch.cuda.synchronize()
+    for e in sorted(prof.key_averages(), key=lambda e: -_cuda_us(e))[:12]:
+        if _cuda_us(e) > 0:
+            print(f"{e.key[:60]:60s} {e.count / 50:5.1f} calls {_cuda_us(e) / 50:9.1f} us")
 
     print("\n--- each launch of one step, replayed: host us per launch ---")
     rows = []
