@@ -211,3 +211,48 @@ def pytest_runtest_logreport(report):
     if _FAILURE_LOG and report.failed:
         with open(_FAILURE_LOG, "a") as f:
             f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext[-6000:]}\n\n")
+
+
+_COMPILE_LOG = os.environ.get("SDM_COMPILE_LOG")
+
+
+def _log_compiles(path: str) -> None:
+    """With SDM_COMPILE_LOG=path (tools/gpu_suite.sh sets it on a GPU), append one line per
+    Triton compilation: the test, the kernel, its constexpr values and the seconds it took
+    (a hit of Triton's on-disk cache, filled by another worker, takes milliseconds). A bare
+    machine's suite is bound by these compiles (bench/NOTES.md 29): the log says which
+    kernels and which specialisations cost the time. `tools/compile_log.py` sums it up."""
+    import json
+    import time
+
+    from triton.runtime.jit import JITFunction
+
+    compile_once = JITFunction._do_compile
+
+    def timed(self, key, signature, device, constexprs, options, attrs, warmup):
+        t0 = time.perf_counter()
+        kernel = compile_once(self, key, signature, device, constexprs, options, attrs, warmup)
+        if hasattr(kernel, "result"):          # an asynchronous compile: the time is the wait
+            kernel.result()
+        line = {"test": os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" (", 1)[0],
+                "kernel": self.fn.__name__, "s": round(time.perf_counter() - t0, 3),
+                "constexprs": {_arg_name(self, k): repr(v) for k, v in constexprs.items()},
+                "types": ",".join(str(v) for v in signature.values() if v != "constexpr"),
+                "attrs": repr(sorted((_arg_name(self, k), repr(v)) for k, v in (attrs or {}).items())),
+                "options": {k: getattr(options, k, None) for k in ("num_warps", "num_stages")}}
+        with open(path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+        return kernel
+
+    JITFunction._do_compile = timed
+
+
+def _arg_name(fn, path) -> str:
+    """A jit function's argument named by Triton's path (a tuple of indices) into its arguments."""
+    if isinstance(path, tuple) and path and isinstance(path[0], int) and path[0] < len(fn.arg_names):
+        return fn.arg_names[path[0]] + "".join(f"[{i}]" for i in path[1:])
+    return str(path)
+
+
+if _COMPILE_LOG and os.environ.get("TRITON_INTERPRET") != "1":
+    _log_compiles(_COMPILE_LOG)

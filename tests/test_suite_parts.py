@@ -27,3 +27,41 @@ def test_the_parts_partition_the_suite(monkeypatch):
 def test_a_bad_part_is_refused(monkeypatch):
     with pytest.raises(pytest.UsageError, match="SDM_TEST_PART=3/2"):
         _part(monkeypatch, "3/2", ["a"])
+
+
+def test_the_compile_log_records_and_sums_up_each_compilation(monkeypatch, tmp_path):
+    """SDM_COMPILE_LOG (conftest._log_compiles): one line per Triton compilation, named by the
+    kernel's own argument names; tools/compile_log.py sums them by kernel and by test."""
+    import importlib.util
+    import json
+    import os
+
+    from triton.runtime.jit import JITFunction
+
+    import conftest
+    from sdm_triton.kernels.stats import _stats_kernel
+
+    calls = []
+    monkeypatch.setattr(JITFunction, "_do_compile", lambda self, *a: calls.append(a) or "compiled")
+    log = tmp_path / "compiles.jsonl"
+    conftest._log_compiles(str(log))
+    names = _stats_kernel.arg_names
+    block_m, reverse = names.index("BLOCK_M"), names.index("REVERSE")
+    options = types.SimpleNamespace(num_warps=8, num_stages=3)
+    for rev in (True, False):
+        got = JITFunction._do_compile(_stats_kernel, "key", {"q_ptr": "*bf16", "N": "i32", "BLOCK_M": "constexpr"},
+                                      0, {(block_m,): 128, (reverse,): rev}, options, {}, False)
+        assert got == "compiled"
+    assert len(calls) == 2
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["constexprs"] for r in rows] == [{"BLOCK_M": "128", "REVERSE": "True"},
+                                               {"BLOCK_M": "128", "REVERSE": "False"}]
+    assert rows[0]["kernel"] == "_stats_kernel" and rows[0]["types"] == "*bf16,i32"
+    assert rows[0]["options"] == {"num_warps": 8, "num_stages": 3}
+
+    spec = importlib.util.spec_from_file_location(
+        "compile_log", os.path.join(os.path.dirname(__file__), "..", "tools", "compile_log.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    text = "\n".join(tool.summarise(log.read_text().splitlines()))
+    assert "2 compilations" in text and "_stats_kernel" in text and "REVERSE (2)" in text, text

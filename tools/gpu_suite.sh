@@ -42,10 +42,12 @@ workers=${SDM_TEST_WORKERS:-$(( cores > 16 ? 14 : (cores > 2 ? cores - 2 : 1) ))
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export SDM_HYPOTHESIS_PROFILE=${SDM_HYPOTHESIS_PROFILE:-gpu} SDM_HYPOTHESIS_NO_SHRINK=${SDM_HYPOTHESIS_NO_SHRINK:-1}
 export SDM_FAILURE_LOG=${SDM_FAILURE_LOG:-$out/gpu_suite_failures.log}
+# one line per Triton compilation (tests/conftest.py), summed up at the end (tools/compile_log.py)
+export SDM_COMPILE_LOG=${SDM_COMPILE_LOG:-$out/gpu_suite_compiles.jsonl}
 export SDM_REQUIRE_BACKENDS=${SDM_REQUIRE_BACKENDS:-reference,torch,triton}
 rev=$(cat .rev 2>/dev/null || git rev-parse --short HEAD 2>/dev/null)
 python3 -c "import torch, triton; print('card:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none', '| torch', torch.__version__, '| triton', triton.__version__, '| rev $rev')" | tee "$out/gpu_suite.log"
-rm -f "$SDM_FAILURE_LOG"
+rm -f "$SDM_FAILURE_LOG" "$SDM_COMPILE_LOG"
 # test paths first (default: all of tests/), then any pytest options
 paths=()
 while [ $# -gt 0 ] && [ -e "${1%%::*}" ]; do paths+=("$1"); shift; done
@@ -56,6 +58,7 @@ t0=$(date +%s)
 python3 -m pytest "${paths[@]}" -q -p no:cacheprovider -p no:benchmark -n "$workers" --durations=25 -rfE "$@" 2>&1 \
   | tee -a "$out/gpu_suite.log"
 rc=${PIPESTATUS[0]}
+[ -s "$SDM_COMPILE_LOG" ] && python3 tools/compile_log.py "$SDM_COMPILE_LOG" --top 8 | tee -a "$out/gpu_suite.log"
 last=$(grep -E "[0-9]+ (passed|failed)" "$out/gpu_suite.log" | tail -n 1 | tr -d '=')
 echo "SUMMARY ($([ $quick = 1 ] && echo quick || echo full)${part:+, part $part}, $(( $(date +%s) - t0 )) s, ${SDM_HYPOTHESIS_MAX_EXAMPLES} examples): ${last:-no result} (pytest exit $rc)" \
   | tee -a "$out/gpu_suite.log"
