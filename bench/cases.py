@@ -130,7 +130,7 @@ class Preset:
 
 
 _GPU_METHODS = ("floor", "sdm_triton", "sdm_torch", "reference", "reference_compiled",
-                "formula_eager", "formula_compiled", "inf_cl", "sdm_triton_multi")
+                "formula_eager", "formula_compiled", "formula_autocast", "inf_cl", "sdm_triton_multi")
 
 
 def _only(fam: Family, *ns: int, labels: Optional[Tuple[str, ...]] = None) -> Family:

@@ -15,6 +15,9 @@ the gradients of the leaves.
     formula_eager       the ten-line formula users write (IRRA's compute_sdm, the seed's
                         sdm_loss_stable), fp32 S under TF32 (float32 matmul precision "high")
     formula_compiled    torch.compile of the same function, TF32 too
+    formula_autocast    torch.compile of the same function under torch.autocast(bfloat16), as a
+                        CLIP step under autocast runs it: bf16 logits (q_hat @ g_hat.T in bf16).
+                        Its error is reported, not gated (REPORTED_METHODS): a peer, not a target
     inf_cl              Inf-CL's cal_inf_loss (optional import), unique ids only
     sdm_triton_multi    sdm_triton.sdm_loss_multi(...).sum(): K galleries against one anchor in one call
                         (``sdm_triton`` on the same case is K separate calls)
@@ -39,11 +42,17 @@ import sdm_triton
 from .cases import EPS, TEMPERATURE, Case, Inputs
 
 METHODS = ("floor", "sdm_triton", "sdm_torch", "reference", "reference_compiled", "formula_eager",
-           "formula_compiled", "inf_cl", "sdm_triton_multi")
+           "formula_compiled", "formula_autocast", "inf_cl", "sdm_triton_multi")
 #: Methods whose variants are kernel_config strings.
 TRITON_METHODS = ("sdm_triton", "sdm_triton_multi")
 #: Methods whose products run in TF32 (10-bit mantissa) by design: their gate is at that precision.
 TF32_METHODS = ("inf_cl", "formula_eager", "formula_compiled")
+#: Methods whose error against the trusted result is reported beside their time but gates nothing:
+#: bf16 logits by design (an error of order s 2^-9 per logit), a peer users run, not a target.
+#: Only a non-finite result fails them.
+REPORTED_METHODS = ("formula_autocast",)
+#: The compiled peers: a torch.compile failure skips them with the reason (bench/suite.py).
+COMPILED_METHODS = ("reference_compiled", "formula_compiled", "formula_autocast")
 NO_VARIANT = "-"
 DEFAULT_VARIANT = "default"
 
@@ -193,6 +202,14 @@ def formula_sdm(q: torch.Tensor, g: torch.Tensor, q_ids: Optional[torch.Tensor] 
 FORMULA_PRECISION = "high"
 
 
+def formula_sdm_autocast(q: torch.Tensor, g: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """`formula_sdm` under ``torch.autocast(bfloat16)`` on the inputs' device, as a CLIP-style
+    training step under autocast runs it: the similarity matmul in bf16 (bf16 logits), softmax
+    and KL in fp32 (autocast's float32 list)."""
+    with torch.autocast(device_type=q.device.type, dtype=torch.bfloat16):
+        return formula_sdm(q, g, *args, **kwargs)
+
+
 # ---------------------------------------------------------------------------------------------
 # Triton availability and variants
 
@@ -337,16 +354,24 @@ def build(method: str, variant: str, case: Case, inputs: Inputs, device: torch.d
         compiled = _compiled("reference", reference.sdm_loss, device)
         fn = _sum_over_galleries(lambda q, g, **lk: compiled(q, g, **lk, **kw), inputs)
         return LossRunner(fn, inputs.leaves, "torch.compile(reference.sdm_loss, dynamic=False)")
-    if method in ("formula_eager", "formula_compiled"):
+    if method in ("formula_eager", "formula_compiled", "formula_autocast"):
         if not inputs.every_row_has_a_positive():
             raise SkipMethod("the plain formula has no guard for rows without a positive (0 / 0 target)")
-        one = formula_sdm if method == "formula_eager" else _compiled("formula", formula_sdm, device)
+        if method == "formula_eager":
+            one = formula_sdm
+        elif method == "formula_compiled":
+            one = _compiled("formula", formula_sdm, device)
+        else:
+            one = _compiled("formula_autocast", formula_sdm_autocast, device)
         fkw = _formula_kwargs(case)
         fn = _sum_over_galleries(lambda q, g, **lk: one(q, g, **lk, **fkw), inputs)
         calls = f"{case.k} calls, summed; " if case.k > 1 else ""
-        compiled = "torch.compile(dynamic=False) of " if method == "formula_compiled" else ""
-        return LossRunner(fn, inputs.leaves, f"{calls}{compiled}the user's formula, fp32 S, "
-                          f"float32 matmul precision {FORMULA_PRECISION!r} (TF32)", precision=FORMULA_PRECISION)
+        compiled = "torch.compile(dynamic=False) of " if method != "formula_eager" else ""
+        if method == "formula_autocast":
+            what = "the user's formula under torch.autocast(bfloat16): bf16 S; error reported, not gated"
+        else:
+            what = f"the user's formula, fp32 S, float32 matmul precision {FORMULA_PRECISION!r} (TF32)"
+        return LossRunner(fn, inputs.leaves, f"{calls}{compiled}{what}", precision=FORMULA_PRECISION)
     if method == "inf_cl":
         return _inf_cl_runner(case, inputs, device)
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -360,7 +385,7 @@ def estimate_bytes(method: str, case: Case) -> int:
         return case.k * REFERENCE_BYTES_PER_NM * nm   # all K graphs live until backward
     if method == "formula_eager":
         return case.k * FORMULA_EAGER_BYTES_PER_NM[case.kl] * nm
-    if method == "formula_compiled":
+    if method in ("formula_compiled", "formula_autocast"):     # bf16 S: no more than the fp32 one
         return case.k * FORMULA_COMPILED_BYTES_PER_NM[case.kl] * nm
     if method == "floor":
         return 3 * nm * elt                          # dS, S and one product's output

@@ -249,7 +249,7 @@ def _run_method(cfg, case, inputs, device, method, variant, emit, floor_ms, get_
     except Exception as exc:
         if _is_oom(exc):
             skip(f"out of memory ({_short(exc)[:120]})")
-        elif method in ("reference_compiled", "formula_compiled"):
+        elif method in M.COMPILED_METHODS:
             skip(f"torch.compile failed: {_short(exc)}")
         elif variant not in (M.DEFAULT_VARIANT, M.NO_VARIANT) and isinstance(exc, ValueError) \
                 and "kernel_config" in str(exc):

@@ -310,3 +310,30 @@ def test_count_ops_counter():
     assert sum(c.allocs.values()) >= sum(c.ops.values()) - 2 and c.alloc_bytes > 0
     assert not c.syncs and not c.launches
     assert "ATen ops that launch work" in co.table({"step": c})
+
+
+def test_formula_autocast_reports_its_bf16_error_without_gating(tmp_path, monkeypatch):
+    """formula_autocast (issue 27's peer): the formula under torch.autocast(bfloat16), compiled;
+    its error against float64 is reported in the rows and the table, gates nothing (only a
+    non-finite result fails it), and is the bf16 logits' (far above the fp32 formula's)."""
+    monkeypatch.setattr(M, "COMPILE_BACKEND", "eager")     # dynamo's wiring without code generation
+    monkeypatch.setattr(M, "_COMPILED", {})
+    monkeypatch.setattr(M, "_compile_probe", lambda device: None)
+    case = Case(16, 16, 16, "fp32", "forward", "pk4")
+    cfg = bench.Config(cases=[case], methods=("formula_eager", "formula_autocast"), modes=("fwd+bwd",),
+                       out=tmp_path, device="cpu", plots=False, cpu_budget_s=0.01, verbose=False)
+    result = bench.run(cfg)
+    rows = {r["method"]: r for r in _rows_of(result.rows, case)}
+    auto, eager = rows["formula_autocast"], rows["formula_eager"]
+    assert auto["status"] == "ok" and "autocast" in auto["note"] and "torch.compile" in auto["note"], auto
+    assert float(auto["loss_rel_err"]) > 100 * max(float(eager["loss_rel_err"]), 1e-9), (auto, eager)
+    assert float(auto["loss_rel_err"]) > measure.LOSS_RTOL          # it would fail the package's gate
+    line = [ln for ln in result.table.splitlines() if "formula_autocast" in ln][0]
+    assert "not gated" in line and "error vs" in line, line
+
+    finite = measure.Truth(torch.tensor(1.0, dtype=torch.float64), [torch.ones(2, dtype=torch.float64)], "t")
+
+    class Broken:
+        def loss_and_grads(self):
+            return torch.tensor(float("nan")), [torch.ones(2)]
+    assert not measure.check("formula_autocast", Broken(), finite, case).ok

@@ -29,7 +29,8 @@ def main():
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--d", type=int, default=32)
     ap.add_argument("--reps", type=int, default=300)
-    ap.add_argument("--profile", action="store_true", help="print the cumulative cProfile of 200 steps")
+    ap.add_argument("--profile", action="store_true", help="print the cProfile of 200 steps")
+    ap.add_argument("--sort", default="cumulative", help="cProfile order: cumulative or tottime")
     args = ap.parse_args()
     launches = [0]
 
@@ -61,7 +62,7 @@ def main():
         for _ in range(200):
             step()
         pr.disable()
-        pstats.Stats(pr).sort_stats("cumulative").print_stats(30)
+        pstats.Stats(pr).sort_stats(args.sort).print_stats(30)
 
 
 if __name__ == "__main__":
