@@ -18,11 +18,12 @@ segment (`finish.py` merges segments and turns them into losses). With identity 
 ``LOOP_IDS`` the tile loop holds, beyond the log-sum-exp, one compare and two masked sums (the
 positives' logits and their count), where the tile is in registers anyway.
 
-Without ``LOOP_IDS`` (identity labels, forward KL, no positives' mass: issue 27) the loop is
-the plain online log-sum-exp (m, l) and lin, cnt are written as 0: the label terms come from
-outside the N x M loop, O((N + M) D) work (`launch/positives.py`: cnt_i and
-lin_i = s log2 e <q_i r_i, sum_{j: id_j = id_i} g_j r_j>, the identity centroids), which the
-launcher writes into segment 0 (forward KL merges lin and cnt by plain sums).
+Without ``LOOP_IDS`` (identity labels: issue 27) the loop is the plain online log-sum-exp
+(m, l), with reverse KL's label-free lin; cnt, pos and forward KL's lin are written as 0: the
+label terms come from outside the N x M loop (`launch/positives.py`): cnt_i and, forward KL,
+lin_i = s log2 e <q_i r_i, sum_{j: id_j = id_i} g_j r_j> (the identity centroids,
+O((N + M) D) work), which the launcher writes into segment 0 (lin and cnt merge by plain sums);
+the positives' mass, when wanted, by a gather over each row's positives (`positives.py`).
 """
 
 import triton
@@ -86,6 +87,8 @@ def _stats_rows(
         m_new = tl.maximum(m, tl.max(t, axis=1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(t - m_new[:, None])
+        if REVERSE:     # sum_j P ln P: no labels in it
+            lin = alpha * (lin + (m - m_new) * l) + tl.sum(p * (t - m_new[:, None]), axis=1)
         # the labels of the tile: a compare with ids (row_ids); a [BM, BN] load with dense labels.
         # Absent rows need no masking here: they are invalid, finish.py drops them.
         if LABELS:
@@ -98,7 +101,6 @@ def _stats_rows(
                 positive = same_ids(ai, b_ids, b_ioff, sb_id, cols, col_ok) & col_ok[None, :]
                 cnt += tl.sum(positive.to(tl.float32), axis=1)
             if REVERSE:
-                lin = alpha * (lin + (m - m_new) * l) + tl.sum(p * (t - m_new[:, None]), axis=1)
                 if DENSE:
                     logy = alpha * logy + tl.sum(p * tl.log(y * inv_ya[:, None] + eps), axis=1)
             elif DENSE:

@@ -17,7 +17,7 @@ from ..kernels.stats import SLOT_CNT, SLOT_LIN
 from ..kernels.stats import _stats_kernel
 from ..problem import Problem
 from .policy import column_segments, interpreting, positives_path, table_tiles
-from .positives import positives
+from .positives import positive_mass, positives
 from .tiles import (_cdiv, _dot_precision, _per_problem, _prep_tiles, _problem_index, _side_args, _stats_tiles,
                     _traceable)
 
@@ -78,7 +78,8 @@ def statistics(p: Problem, prepared: torch.Tensor) -> Statistics:
     """part [S, NUM_STATS, NDR] fp32 (kernels/stats.py), in column segments
     (`policy.column_segments`). With `policy.positives_path` "centroids" the kernel computes the
     log-sum-exps alone and the positives' lin and cnt (`positives.py`) go into segment 0 (forward
-    KL merges them by plain sums; the kernel wrote 0 in every segment)."""
+    KL merges them by plain sums; the kernel wrote 0 in every segment), and the positives'
+    softmax mass, when wanted, into the segment of each row's maximum (`positives.positive_mass`)."""
     n, m, k, d = p.n, p.m, p.galleries, p.d
     ndr = p.num_rows
     dev = p.q.device
@@ -93,7 +94,9 @@ def statistics(p: Problem, prepared: torch.Tensor) -> Statistics:
     seg_g = _cdiv(_cdiv(n, segs), t.block_n) * t.block_n
     s_q, s_g = _cdiv(m, seg_q), _cdiv(n, seg_g)
     part = torch.empty((max(s_q, s_g), NUM_STATS, ndr), dtype=torch.float32, device=dev)
-    loop_ids = positives_path(p) == "tiles"
+    # the gather of the positives' mass puts row c's positive in column lane c of a statistics
+    # tile (kernels/positives.py): tiles with fewer columns than rows keep the loop
+    loop_ids = positives_path(p) == "tiles" or (_want_pos(p) and t.block_n < t.block_m)
     _traceable(_stats_kernel)[(n_qp * s_q + n_gp * s_g,)](
         **_side_args(p), pre_ptr=pre, lab_ptr=lab, scale_ptr=p.scale, out_ptr=part,
         N=n, M=m, K=k, n_q_programs=n_qp * s_q, seg_cols_q=seg_q, seg_cols_g=seg_g, D=d,
@@ -102,9 +105,13 @@ def statistics(p: Problem, prepared: torch.Tensor) -> Statistics:
         INDEX=_problem_index(p), BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
         num_warps=t.num_warps, num_stages=t.num_stages)
     if not loop_ids:
-        lin, cnt = positives(p, pre[:p.num_samples])
-        part[0, _SLOT_LIN].copy_(lin)
+        r = pre[:p.num_samples]
+        lin, cnt = positives(p, r, want_lin=not o.reverse)       # reverse KL's lin is the loop's
+        if lin is not None:
+            part[0, _SLOT_LIN].copy_(lin)
         part[0, _SLOT_CNT].copy_(cnt)
+        if _want_pos(p):
+            positive_mass(p, r, part)
     return Statistics(part, s_q, s_g)
 
 

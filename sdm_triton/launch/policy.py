@@ -63,12 +63,13 @@ def positives_path(p) -> str:
     """How the statistics pass gets the positives' terms of identity labels: "centroids" (the
     kernel computes log-sum-exps alone; counts and logit sums from identity centroids,
     launch/positives.py: issue 27) or "tiles" (compared and summed inside the N x M loop).
-    Centroids serve forward KL with identity labels when no positives' softmax mass is wanted
-    (reverse KL's loss and ``return_stats`` need it: tiles); KernelConfig.positives forces
-    either where both apply (dense labels always take the tiles). "auto" is "tiles" until the
-    centroids have run the GPU suite and been timed against the yardstick (bench/NOTES.md 25:
-    built on the CPU, not yet run on a GPU)."""
-    if p.dense or p.options.reverse or p.return_stats:
+    Centroids serve identity labels: forward KL's counts and logit sums from the centroids,
+    the positives' softmax mass (reverse KL's loss, ``return_stats``) by a gather over each
+    row's positives after the statistics pass (kernels/positives.py); KernelConfig.positives
+    forces either (dense labels always take the tiles). "auto" is "tiles" until the centroids
+    have run the GPU suite and been timed against the yardstick (bench/NOTES.md 25, 31: built
+    on the CPU, not yet run on a GPU)."""
+    if p.dense:
         return "tiles"
     return "centroids" if p.config.positives == "centroids" else "tiles"
 

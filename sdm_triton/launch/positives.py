@@ -24,13 +24,18 @@ read lin (dL/dS = P - Y).
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
-
+from ..kernels.positives import _positive_mass_kernel
+from ..kernels.stats import NUM_STATS, SLOT_M, SLOT_POS
 from ..kernels.tiles import LOG2E
 from ..problem import Problem
+from .policy import interpreting
+from .tiles import _cdiv, _dot_precision, _stats_tiles, _traceable
+
+_SLOT_M, _SLOT_POS = SLOT_M.value, SLOT_POS.value
 
 
 def _scale_log2e(p: Problem):
@@ -48,12 +53,12 @@ def _present(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.where(keep[..., None], x.to(F64), 0.0)
 
 
-def _groups(col_ids: torch.Tensor, col_x: torch.Tensor, col_keep: torch.Tensor):
+def _groups(col_ids: torch.Tensor, col_x, col_keep: torch.Tensor):
     """The identity groups of a column side, batched over galleries: ``col_ids`` [B, C] int64,
-    ``col_x`` [B, C, D] float64 (rows x_j r_j, 0 where absent), ``col_keep`` [B, C] bool.
-    Returns (sorted ids [B, C], group of each sorted position [B, C] (global: b C + local),
-    present count per group [B C], centroid per group [B C, D])."""
-    b, c, d = col_x.shape
+    ``col_x`` [B, C, D] float64 (rows x_j r_j, 0 where absent; None: no centroids wanted),
+    ``col_keep`` [B, C] bool. Returns (sorted ids [B, C], group of each sorted position [B, C]
+    (global: b C + local), present count per group [B C], centroid per group [B C, D] or None)."""
+    b, c = col_ids.shape
     sorted_ids, perm = torch.sort(col_ids, dim=-1)
     first = torch.ones_like(sorted_ids, dtype=torch.bool)
     first[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
@@ -62,8 +67,11 @@ def _groups(col_ids: torch.Tensor, col_x: torch.Tensor, col_keep: torch.Tensor):
     group = torch.empty_like(group_sorted).scatter_(-1, perm, group_sorted)   # of each column as given
     counts = torch.zeros(b * c, dtype=torch.float32, device=col_ids.device)
     counts.index_add_(0, group.reshape(-1), col_keep.reshape(-1).to(torch.float32))
-    centroids = torch.zeros(b * c, d, dtype=F64, device=col_ids.device)
-    centroids.index_add_(0, group.reshape(-1), col_x.reshape(b * c, d))
+    centroids = None
+    if col_x is not None:
+        d = col_x.shape[-1]
+        centroids = torch.zeros(b * c, d, dtype=F64, device=col_ids.device)
+        centroids.index_add_(0, group.reshape(-1), col_x.reshape(b * c, d))
     return sorted_ids, group_sorted, counts, centroids
 
 
@@ -75,14 +83,18 @@ def _rows_against(row_ids, row_x, row_r, sorted_ids, group_sorted, counts, centr
     found = sorted_ids.gather(-1, at) == row_ids
     group = group_sorted.gather(-1, at)
     cnt = torch.where(found, counts[group], 0.0)
+    if centroids is None:
+        return None, cnt
     cos = ((row_x * centroids[group]).sum(dim=-1) * row_r).to(torch.float32)   # <x_i, c_id(i)> r_i
     lin = torch.where(found & (cnt > 0), cos * s_log2e, 0.0)
     return lin, cnt
 
 
-def positives(p: Problem, r: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def positives(p: Problem, r: torch.Tensor, want_lin: bool = True) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
     """(lin, cnt), each [NDR] fp32 in the softmax-row order of `problem.py`, over this problem's
-    columns; ``r`` [NR]: the preparation pass's inverse norms (slot PRE_R)."""
+    columns; ``r`` [NR]: the preparation pass's inverse norms (slot PRE_R). ``want_lin`` False
+    (reverse KL, whose lin the statistics loop computes without labels): lin is None and no
+    centroid is formed, the counts alone."""
     n, m, k, d = p.n, p.m, p.galleries, p.d
     dev = p.q.device
     s_log2e = _scale_log2e(p)
@@ -97,10 +109,60 @@ def positives(p: Problem, r: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     gx = _present(g, g_keep).expand(k, m, d)                             # [K, M, D]
 
     # q rows against each gallery: the galleries' identity centroids
-    g_groups = _groups(g_ids, gx * r_g[..., None], g_keep)
+    g_groups = _groups(g_ids, gx * r_g[..., None] if want_lin else None, g_keep)
     lin_q, cnt_q = _rows_against(q_ids.expand(k, n), qx.expand(k, n, d), r_q.expand(k, n), *g_groups, s_log2e)
     # each gallery's rows against the queries: the queries' centroids, once
-    q_groups = _groups(q_ids[None], (qx * r_q[:, None])[None], q_keep[None])
+    q_groups = _groups(q_ids[None], (qx * r_q[:, None])[None] if want_lin else None, q_keep[None])
     lin_g, cnt_g = _rows_against(g_ids.reshape(1, k * m), gx.reshape(1, k * m, d), r_g.reshape(1, k * m),
                                  *q_groups, s_log2e)
-    return torch.cat([lin_q.reshape(-1), lin_g.reshape(-1)]), torch.cat([cnt_q.reshape(-1), cnt_g.reshape(-1)])
+    cnt = torch.cat([cnt_q.reshape(-1), cnt_g.reshape(-1)])
+    if not want_lin:
+        return None, cnt
+    return torch.cat([lin_q.reshape(-1), lin_g.reshape(-1)]), cnt
+
+
+def _ranges(row_ids: torch.Tensor, col_ids: torch.Tensor):
+    """Each row's positives as a range of the column side's sorted order: (lo, hi) [B, R] int64
+    of rows ``row_ids`` [B, R] against columns ``col_ids`` [B, C] (int64), and ``perm`` [B, C]
+    (sorted position -> column). Absent columns stay in the ranges (the kernel skips them)."""
+    sorted_ids, perm = torch.sort(col_ids, dim=-1)
+    rows = row_ids.contiguous()
+    lo = torch.searchsorted(sorted_ids, rows)
+    hi = torch.searchsorted(sorted_ids, rows, right=True)
+    return lo, hi, perm
+
+
+def positive_mass(p: Problem, r: torch.Tensor, part: torch.Tensor) -> None:
+    """Each identity-labelled softmax row's positives' mass, sum_{j positive} 2^(t_ij - M_i), into
+    the statistics ``part`` [S, NUM_STATS, NDR] at the segment of the row's maximum M_i
+    (`kernels/positives.py`): the statistics pass (m of every segment) must have run. ``r`` [NR]:
+    the preparation pass's inverse norms."""
+    n, m, k, d = p.n, p.m, p.galleries, p.d
+    q_ids = p.q_ids.to(torch.int64)                                      # ids compare by value
+    g_ids = p.g_ids.to(torch.int64).expand(k, m)
+    sg_gal, sg_row, sg_d = p.g_strides()
+    s_gmsk_gal, s_gmsk = p.g_mask_strides()
+    s_qmsk = p.q_mask.stride(0) if p.q_mask is not None else 0
+    t = _stats_tiles(p)          # the statistics pass's tiles: its logits bit for bit (kernels/positives.py)
+    common = dict(part_ptr=part, S=part.shape[0], NDR=p.num_rows, D=d, scale_ptr=p.scale, scale_value=p.scale_value,
+                  NUM_STATS=NUM_STATS, SLOT_M=_SLOT_M, SLOT_POS=_SLOT_POS,
+                  UPCAST=interpreting() and p.q.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(p.q.dtype),
+                  BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps,
+                  num_stages=t.num_stages)
+    q_side = dict(ptr=p.q, gal=0, row=p.q.stride(0), d=p.q.stride(1), msk=p.q_mask, msk_gal=0, msk_s=s_qmsk,
+                  r=r[:n], r_gal=0)
+    g_side = dict(ptr=p.g, gal=sg_gal, row=sg_row, d=sg_d, msk=p.g_mask, msk_gal=s_gmsk_gal, msk_s=s_gmsk,
+                  r=r[n:], r_gal=m)
+    # q rows against each gallery's columns, then each gallery's rows against the queries
+    lo_q, hi_q, perm_g = _ranges(q_ids.expand(k, n), g_ids)
+    lo_g, hi_g, perm_q = _ranges(g_ids, q_ids.expand(k, n))
+    for a, b, lo, hi, perm, dir0, rows, a_is_q in ((q_side, g_side, lo_q, hi_q, perm_g, 0, n, True),
+                                                  (g_side, q_side, lo_g, hi_g, perm_q, k * n, m, False)):
+        _traceable(_positive_mass_kernel)[(_cdiv(rows, t.block_m), k)](
+            a_ptr=a["ptr"], sa_gal=a["gal"], sa_row=a["row"], sa_d=a["d"],
+            b_ptr=b["ptr"], sb_gal=b["gal"], sb_row=b["row"], sb_d=b["d"],
+            a_msk=a["msk"], s_amsk_gal=a["msk_gal"], s_amsk=a["msk_s"],
+            b_msk=b["msk"], s_bmsk_gal=b["msk_gal"], s_bmsk=b["msk_s"],
+            a_r_ptr=a["r"], s_ar_gal=a["r_gal"], b_r_ptr=b["r"], s_br_gal=b["r_gal"],
+            lo_ptr=lo, hi_ptr=hi, perm_ptr=perm, s_perm_gal=perm.stride(0),
+            dir0=dir0, n_rows=rows, A_IS_Q=a_is_q, **common)
