@@ -103,11 +103,24 @@ def dot_tile(a_ptr, sa_row, sa_d, rows, row_in, b_ptr, sb_row, sb_d, cols, col_i
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        if a.dtype == tl.float32:
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = _logit_mma(a, b, acc, DOT_PRECISION)
     return acc
+
+
+@triton.jit
+def _logit_mma(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b for the logit tiles. On the GPU tl.dot (fp32 at ``DOT_PRECISION``; half
+    inputs on the tensor cores). Under the CPU interpreter the products are summed along the
+    features by numpy's reduction instead of its matmul: each element then takes the same
+    operations whatever its position in the tile and whichever operand holds it (numpy's sgemm
+    rounds a row differently at another row position: bench/NOTES.md 31), so a tile of gathered
+    rows (kernels/positives.py) or of swapped operands has the statistics loop's logits bit for
+    bit, as the tensor cores' do."""
+    if INTERPRETED:
+        return acc + tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -141,7 +154,7 @@ def _dot_tile_fp32(a_ptr, sa_row, sa_d, rows, row_in, b_ptr, sb_row, sb_d, cols,
     for k0 in range(0, D, FP32_CHAIN):
         offs_k = k0 + tl.arange(0, FP32_CHAIN)
         a, b = _dot_operands(a_ptr, sa_row, sa_d, rows, row_in, b_ptr, sb_row, sb_d, cols, col_in, D, offs_k)
-        y = tl.dot(a, b, lost, input_precision="ieee")              # this step's sum, plus what was lost
+        y = _logit_mma(a, b, lost, "ieee")                          # this step's sum, plus what was lost
         total = acc + y
         lost = y - (total - acc)                                    # exact: what rounding total lost of y
         acc = total
