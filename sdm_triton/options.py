@@ -144,8 +144,9 @@ class KernelConfig:
     segments per row block in the forward; backward: "fused" (one launch, gradients accumulated in the kernel: small
     problems) or "chunked" (dL/dS written to a bounded workspace chunk by chunk and
     multiplied with cuBLAS: large problems); positives: "tiles" (identity labels compared and
-    summed inside the forward's N x M loop) or "centroids" (counts and logit sums from
-    identity centroids outside it; forward KL with ids, no statistics: else tiles).
+    summed inside the forward's N x M loop) or "centroids" (identity labels: counts and logit
+    sums from identity centroids outside it, the positives' softmax mass of reverse KL and the
+    statistics by a gather over each row's positives; dense labels: tiles).
 
     ``KernelConfig.parse("chunked_m128n128k64w8s3_bm128bn64bw8")`` reads the same fields from
     a name (tokens ``fused``, ``chunked``, ``tiles``, ``centroids``, ``auto`` (sets nothing), and

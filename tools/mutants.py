@@ -108,11 +108,22 @@ MUTANTS = [
            [("t = libdevice.mul_rn(cos, s_log2e)", "t = cos * s_log2e")],
            "tests/test_kernels.py::test_exact_logits_give_gradients_to_fp32_accuracy",
            "t = cos * s log2e left to the compiler, which fuses it into the backward's t - m", gpu_only=True),
-    Mutant("tiles_transposed_interpreted", "sdm_triton/kernels/tiles.py",
-           [("    if INTERPRETED and not A_IS_Q:\n", "    if False:\n")],
+    Mutant("interpreter_matmul", "sdm_triton/kernels/tiles.py",
+           [("    if INTERPRETED:\n        return acc + tl.sum(", "    if False:\n        return acc + tl.sum(")],
            "tests/test_edge_values.py::test_huge_logits_give_the_right_gradients",
-           "the interpreter's gallery-row logit tiles summed by numpy in another order than the query-row ones: "
-           "the backward's t is a rounding off the forward's maxima, inf / wrong at huge logits (issue 26.4)"),
+           "the interpreter's logit tiles by numpy's matmul, which rounds a product differently with the "
+           "operands swapped: the backward's t is a rounding off the forward's maxima, inf / wrong at huge "
+           "logits (issue 26.4)"),
+    Mutant("interpreter_matmul_gather", "sdm_triton/kernels/tiles.py",
+           [("    if INTERPRETED:\n        return acc + tl.sum(", "    if False:\n        return acc + tl.sum(")],
+           "tests/test_positives.py::test_centroids_match_float64",
+           "the interpreter's logit tiles by numpy's matmul, which rounds a row differently at another row "
+           "position: the gathered positives' t a rounding off the loop's, reverse KL's loss ~18 u|t| off"),
+    Mutant("gather_all_segments", "sdm_triton/launch/positives.py",
+           [("dir0=dir0, n_rows=rows, S=segs, **common)", "dir0=dir0, n_rows=rows, S=part.shape[0], **common)")],
+           "tests/test_positives.py::test_centroids_match_float64",
+           "the positives' gather takes every segment of the buffer for both sides' maxima: the side with "
+           "fewer segments reads slots nobody wrote (NaN under the interpreter, garbage on a GPU)"),
     Mutant("fp64_scalars", "sdm_triton/kernels/tiles.py",
            [("        return x\n    return x.to(tl.float32)", "        return x\n    return x")],
            "tests/test_compile_check.py::test_kernels_compile_with_inductor_scalar_types",

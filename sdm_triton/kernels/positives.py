@@ -37,13 +37,13 @@ def _positive_mass_kernel(
     lo_ptr, hi_ptr, perm_ptr, s_perm_gal,
     part_ptr, S, NDR, dir0, n_rows, D, scale_ptr, scale_value,
     NUM_STATS: tl.constexpr, SLOT_M: tl.constexpr, SLOT_POS: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, A_IS_Q: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Grid: (row blocks, galleries). Gallery k's rows of the A side are ``dir0 + k n_rows + i``
     in the direction-row space; ``*_gal`` strides step a side's tensors by gallery (0 where the
     side is shared: the queries). ``lo``/``hi`` [K, n_rows] (contiguous), ``perm`` [K, C].
-    The tile shape, BLOCK_K, UPCAST, DOT_PRECISION and A_IS_Q are the statistics pass's
+    The tile shape, BLOCK_K, UPCAST and DOT_PRECISION are the statistics pass's
     (BLOCK_N >= BLOCK_M): each step's logits are a [BLOCK_M, BLOCK_N] tile whose column c holds
     the positive of row c, and t_ij is its diagonal."""
     k = tl.program_id(1).to(tl.int64)
@@ -78,7 +78,7 @@ def _positive_mass_kernel(
         acc = logit_dot(a_ptr=a_ptr + k * sa_gal, sa_row=sa_row, sa_d=sa_d, rows=rows, row_in=row_ok,
                         b_ptr=b_ptr + k * sb_gal, sb_row=sb_row, sb_d=sb_d, cols=col, col_in=col_on, D=D,
                         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, UPCAST=UPCAST,
-                        DOT_PRECISION=DOT_PRECISION, A_IS_Q=A_IS_Q)
+                        DOT_PRECISION=DOT_PRECISION)
         r_b = tl.load(b_r_ptr + k * s_br_gal + col, mask=col_on, other=0.0)
         _, t = log2_logits(acc, r_a, r_b, s_log2e)                            # the loop's t, bit for bit
         on = tl.sum(tl.where(diag, col_on[None, :].to(tl.int32), 0), axis=1) > 0

@@ -54,7 +54,7 @@ def _stats_rows(
     pre_ptr, NR, a_pre, b_pre, lab_ptr, a_dir, out_ptr, NDR,
     row0, n_rows, col0, col1, D, scale_log2e, eps,
     REVERSE: tl.constexpr, DENSE: tl.constexpr, WANT_POS: tl.constexpr, LOOP_IDS: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX: tl.constexpr, A_IS_Q: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # the labels enter the loop: dense ones always, ids unless their terms come from outside
@@ -79,8 +79,7 @@ def _stats_rows(
         col_ok = present(b_msk, b_moff, s_bmsk, cols, cols < col1)
         acc = logit_dot(a_ptr=a_ptr, sa_row=sa_row, sa_d=sa_d, rows=rows, row_in=row_ok,
                         b_ptr=b_ptr, sb_row=sb_row, sb_d=sb_d, cols=cols, col_in=col_ok, D=D,
-                        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
-                        A_IS_Q=A_IS_Q)
+                        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION)
         rb = tl.load(pre_ptr + PRE_R * NR + b_pre + cols, mask=col_ok, other=0.0)
         _, t = log2_logits(acc, ra, rb, scale_log2e)                          # [BM, BN], log2 domain
         t = tl.where(col_ok[None, :], t, ABSENT)
@@ -159,7 +158,7 @@ def _stats_kernel(
             out_ptr=out_ptr + seg * (NUM_STATS * NDR), NDR=NDR,
             row0=row0, n_rows=N, col0=col0, col1=tl.minimum(col0 + seg_cols_q, M), D=D, scale_log2e=s_log2e, eps=eps,
             REVERSE=REVERSE, DENSE=DENSE, WANT_POS=WANT_POS, LOOP_IDS=LOOP_IDS, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
-            INDEX=INDEX, A_IS_Q=True, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+            INDEX=INDEX, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     else:
         p = pid - n_q_programs
         segs = tl.cdiv(N, seg_cols_g)
@@ -177,4 +176,4 @@ def _stats_kernel(
             out_ptr=out_ptr + seg * (NUM_STATS * NDR), NDR=NDR,
             row0=row0, n_rows=M, col0=col0, col1=tl.minimum(col0 + seg_cols_g, N), D=D, scale_log2e=s_log2e, eps=eps,
             REVERSE=REVERSE, DENSE=DENSE, WANT_POS=WANT_POS, LOOP_IDS=LOOP_IDS, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
-            INDEX=INDEX, A_IS_Q=False, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+            INDEX=INDEX, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)

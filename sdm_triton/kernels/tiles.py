@@ -284,28 +284,21 @@ def ln_unscaled(y):
 @triton.jit
 def logit_dot(a_ptr, sa_row, sa_d, rows, row_in, b_ptr, sb_row, sb_d, cols, col_in, D,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, A_IS_Q: tl.constexpr):
-    """`dot_tile` of a logit tile whose rows are queries (``A_IS_Q``) or gallery samples.
+              UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """`dot_tile` of a logit tile, its rows queries or gallery samples.
 
     The backwards rebuild t and take exp2(t - m) with the forward's row maxima m of both
     softmaxes: a tile of q rows uses the maxima of gallery rows, which the forward computed on
-    tiles of gallery rows, the operands swapped. That needs <q_i, g_j> bit for bit whichever
-    side is the A operand: one rounding of difference is a factor 2^(u |t|) in P, and at
-    |t| ~ 1e6 (temperature 1e-6) or 1e22 (normalize=False, features ~1e20) that is a softmax
-    off by percents, or exp2 of a large positive number: inf (issue 26.4).
-    On the GPU `dot_tile` is symmetric already: an fp32 output is an FMA chain over the same
-    products in D order whichever operand holds them, and a tensor-core step adds the same
-    products at the same positions (tools/gpu_diag_26_edges.py measures it). The CPU
-    interpreter's dot is numpy's matmul, whose BLAS sums in an order that changes with the
-    transposition (and the tile shape): there a gallery-row tile is computed as the transpose
-    of the query-row product, the same numpy call as the q rows' tile of the backward (with
-    the default tiles, 16 x 16 in every pass: `dispatch.TILES`). The GPU's code is unchanged
-    (INTERPRETED is a constant: the same SASS)."""
-    if INTERPRETED and not A_IS_Q:
-        acc = dot_tile(a_ptr=b_ptr, sa_row=sb_row, sa_d=sb_d, rows=cols, row_in=col_in,
-                       b_ptr=a_ptr, sb_row=sa_row, sb_d=sa_d, cols=rows, col_in=row_in, D=D,
-                       BLOCK_M=BLOCK_N, BLOCK_N=BLOCK_M, BLOCK_K=BLOCK_K, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION)
-        return tl.trans(acc)
+    tiles of gallery rows, the operands swapped; the positives' gather (kernels/positives.py)
+    puts a row's pairs at other positions of its tile. That needs <q_i, g_j> bit for bit
+    whichever side is the A operand and wherever the pair sits in the tile: one rounding of
+    difference is a factor 2^(u |t|) in P, and at |t| ~ 1e6 (temperature 1e-6) or 1e22
+    (normalize=False, features ~1e20) that is a softmax off by percents, or exp2 of a large
+    positive number: inf (issue 26.4). On the GPU `dot_tile` is so already: an fp32 output is
+    an FMA chain over the same products in D order whichever operand holds them, and a
+    tensor-core step adds the same products per element (tools/gpu_diag_26_edges.py measures
+    the swap). Under the CPU interpreter `_logit_mma` sums the products by numpy's reduction,
+    which is so too (numpy's matmul is neither: bench/NOTES.md 31)."""
     return dot_tile(a_ptr=a_ptr, sa_row=sa_row, sa_d=sa_d, rows=rows, row_in=row_in,
                     b_ptr=b_ptr, sb_row=sb_row, sb_d=sb_d, cols=cols, col_in=col_in, D=D,
                     BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION)

@@ -5,6 +5,7 @@ directions, column segments when the row blocks alone would leave the GPU idle) 
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -93,7 +94,14 @@ def statistics(p: Problem, prepared: torch.Tensor) -> Statistics:
     seg_q = _cdiv(_cdiv(m, segs), t.block_n) * t.block_n
     seg_g = _cdiv(_cdiv(n, segs), t.block_n) * t.block_n
     s_q, s_g = _cdiv(m, seg_q), _cdiv(n, seg_g)
-    part = torch.empty((max(s_q, s_g), NUM_STATS, ndr), dtype=torch.float32, device=dev)
+    # the q rows have s_q segments, the gallery rows s_g: the rest of a side's slots is never
+    # written. Under the interpreter (the CPU tests) it holds +inf, so that a read of one shows
+    # (NaN would not: tl.maximum ignores it).
+    shape = (max(s_q, s_g), NUM_STATS, ndr)
+    if interpreting():
+        part = torch.full(shape, math.inf, dtype=torch.float32, device=dev)
+    else:
+        part = torch.empty(shape, dtype=torch.float32, device=dev)
     # the gather of the positives' mass puts row c's positive in column lane c of a statistics
     # tile (kernels/positives.py): tiles with fewer columns than rows keep the loop
     loop_ids = positives_path(p) == "tiles" or (_want_pos(p) and t.block_n < t.block_m)
@@ -111,7 +119,7 @@ def statistics(p: Problem, prepared: torch.Tensor) -> Statistics:
             part[0, _SLOT_LIN].copy_(lin)
         part[0, _SLOT_CNT].copy_(cnt)
         if _want_pos(p):
-            positive_mass(p, r, part)
+            positive_mass(p, r, part, s_q, s_g)
     return Statistics(part, s_q, s_g)
 
 

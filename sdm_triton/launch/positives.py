@@ -132,11 +132,12 @@ def _ranges(row_ids: torch.Tensor, col_ids: torch.Tensor):
     return lo, hi, perm
 
 
-def positive_mass(p: Problem, r: torch.Tensor, part: torch.Tensor) -> None:
+def positive_mass(p: Problem, r: torch.Tensor, part: torch.Tensor, segments_q: int, segments_g: int) -> None:
     """Each identity-labelled softmax row's positives' mass, sum_{j positive} 2^(t_ij - M_i), into
     the statistics ``part`` [S, NUM_STATS, NDR] at the segment of the row's maximum M_i
     (`kernels/positives.py`): the statistics pass (m of every segment) must have run. ``r`` [NR]:
-    the preparation pass's inverse norms."""
+    the preparation pass's inverse norms; ``segments_q`` / ``segments_g``: the segments the q rows
+    / gallery rows have in ``part`` (the others hold no statistics of theirs: never read)."""
     n, m, k, d = p.n, p.m, p.galleries, p.d
     q_ids = p.q_ids.to(torch.int64)                                      # ids compare by value
     g_ids = p.g_ids.to(torch.int64).expand(k, m)
@@ -144,7 +145,7 @@ def positive_mass(p: Problem, r: torch.Tensor, part: torch.Tensor) -> None:
     s_gmsk_gal, s_gmsk = p.g_mask_strides()
     s_qmsk = p.q_mask.stride(0) if p.q_mask is not None else 0
     t = _stats_tiles(p)          # the statistics pass's tiles: its logits bit for bit (kernels/positives.py)
-    common = dict(part_ptr=part, S=part.shape[0], NDR=p.num_rows, D=d, scale_ptr=p.scale, scale_value=p.scale_value,
+    common = dict(part_ptr=part, NDR=p.num_rows, D=d, scale_ptr=p.scale, scale_value=p.scale_value,
                   NUM_STATS=NUM_STATS, SLOT_M=_SLOT_M, SLOT_POS=_SLOT_POS,
                   UPCAST=interpreting() and p.q.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(p.q.dtype),
                   BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps,
@@ -156,8 +157,8 @@ def positive_mass(p: Problem, r: torch.Tensor, part: torch.Tensor) -> None:
     # q rows against each gallery's columns, then each gallery's rows against the queries
     lo_q, hi_q, perm_g = _ranges(q_ids.expand(k, n), g_ids)
     lo_g, hi_g, perm_q = _ranges(g_ids, q_ids.expand(k, n))
-    for a, b, lo, hi, perm, dir0, rows, a_is_q in ((q_side, g_side, lo_q, hi_q, perm_g, 0, n, True),
-                                                  (g_side, q_side, lo_g, hi_g, perm_q, k * n, m, False)):
+    for a, b, lo, hi, perm, dir0, rows, segs in ((q_side, g_side, lo_q, hi_q, perm_g, 0, n, segments_q),
+                                                (g_side, q_side, lo_g, hi_g, perm_q, k * n, m, segments_g)):
         _traceable(_positive_mass_kernel)[(_cdiv(rows, t.block_m), k)](
             a_ptr=a["ptr"], sa_gal=a["gal"], sa_row=a["row"], sa_d=a["d"],
             b_ptr=b["ptr"], sb_gal=b["gal"], sb_row=b["row"], sb_d=b["d"],
@@ -165,4 +166,4 @@ def positive_mass(p: Problem, r: torch.Tensor, part: torch.Tensor) -> None:
             b_msk=b["msk"], s_bmsk_gal=b["msk_gal"], s_bmsk=b["msk_s"],
             a_r_ptr=a["r"], s_ar_gal=a["r_gal"], b_r_ptr=b["r"], s_br_gal=b["r_gal"],
             lo_ptr=lo, hi_ptr=hi, perm_ptr=perm, s_perm_gal=perm.stride(0),
-            dir0=dir0, n_rows=rows, A_IS_Q=a_is_q, **common)
+            dir0=dir0, n_rows=rows, S=segs, **common)
