@@ -17,13 +17,14 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from sdm_triton.kernels import finish, grad, prep, stats  # noqa: E402
+from sdm_triton.kernels import finish, grad, positives, prep, stats  # noqa: E402
 
-FEAT = {"q_ptr", "g_ptr", "a_ptr", "x_ptr"}
+FEAT = {"q_ptr", "g_ptr", "a_ptr", "b_ptr", "x_ptr"}
 F32_PTRS = {"pre_ptr", "lab_ptr", "out_ptr", "part_ptr", "rows_ptr", "saved_ptr", "red_ptr", "value_ptr",
-            "scale_ptr", "dv_ptr", "drows_ptr", "dscale_ptr", "w_ptr", "gmax_ptr", "u_ptr", "u2_ptr"}
-BOOL_PTRS = {"q_msk", "g_msk", "msk", "valid_ptr"}
-ID_PTRS = {"q_ids", "g_ids"}
+            "scale_ptr", "dv_ptr", "drows_ptr", "dscale_ptr", "w_ptr", "gmax_ptr", "u_ptr", "u2_ptr",
+            "a_r_ptr", "b_r_ptr"}
+BOOL_PTRS = {"q_msk", "g_msk", "msk", "valid_ptr", "a_msk", "b_msk"}
+ID_PTRS = {"q_ids", "g_ids", "lo_ptr", "hi_ptr", "perm_ptr"}
 
 
 #: Scalar argument types a launch may give the kernels: eager launches type a Python float as fp32
@@ -106,6 +107,7 @@ def main():
     ap.add_argument("--scalars", action="store_true",
                     help="only: every kernel once per scalar typing (eager and Inductor's), small tiles")
     ap.add_argument("--typings", default=",".join(SCALARS), help="with --scalars: which typings (eager,inductor,constants)")
+    ap.add_argument("--only", default="", help="the default run, only the jobs whose name starts with this")
     args = ap.parse_args()
     target = GPUTarget("cuda", args.arch, 32)
     if args.sweep:
@@ -147,10 +149,16 @@ def main():
              IS_FP32=dtype == "fp32", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3, nones + ("q_msk", "g_msk", "gmax_ptr",
                                                                                         "scale_ptr")),
         ]
-        if not dense and not reverse:   # the centroid path (issue 27): the loop computes log-sum-exps alone
+        if not dense:   # the centroid path (issue 27): the loop computes log-sum-exps alone, then the gather
             jobs += [(name + "c", kernel, dict(consts, LOOP_IDS=False), w, s, nn)
                      for name, kernel, consts, w, s, nn in jobs if name.startswith("stats")]
+            jobs += [("gather" + str(bn), positives._positive_mass_kernel,
+                      dict(NUM_STATS=5, SLOT_M=0, SLOT_POS=3, UPCAST=False, DOT_PRECISION="ieee",
+                           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64), w, s, ("a_msk", "b_msk", "scale_ptr"))
+                     for bm, bn, w, s in ((128, 256, 8, 3), (32, 32, 4, 2))]
         for name, kernel, consts, w, s, nn in jobs:
+            if not name.startswith(args.only):
+                continue
             try:
                 k = compile_one(kernel, dtype, consts, nn, target, w, s)
                 rows.append((name, dtype, reverse, dense, *resources(k), "ok"))
