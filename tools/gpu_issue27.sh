@@ -1,0 +1,30 @@
+#!/bin/bash
+# One device call for issue 27 (bench/NOTES.md 25, 31): the centroids path against the in-loop
+# compare, both KL directions, with the floor and the compiled formulas (fp32 TF32 and under
+# autocast), the yardsticks of the same call, and a profile of one forward per variant.
+#   needs .yard/ (copies of ../shared/yardsticks/*.py: carry it); writes under $OUT
+set -u
+out=${OUT:-/tmp}
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
+python3 -m pytest tests/test_positives.py -q -x -p no:cacheprovider 2>&1 | tail -n 3 > "$out/i27_positives.log"
+python3 -m bench --preset gpu-throughput --methods floor,sdm_triton,formula_compiled,formula_autocast \
+  --variants centroids,tiles --sizes 16384,32768 --labels pk4 --kl forward,reverse --dtypes bf16 \
+  --modes fwd,fwd+bwd --no-plots --out "$out/bench27" > "$out/i27_bench.log" 2>&1
+(cd .yard && SIZES=16384,32768 python3 lse_pass.py; SIZES=32768 python3 stats_pass.py) > "$out/i27_yard.log" 2>&1
+python3 - > "$out/i27_profile.log" 2>&1 <<'PY'
+import torch, sdm_triton
+from torch.profiler import profile
+q = torch.randn(32768, 512, device="cuda", dtype=torch.bfloat16)
+i = torch.arange(32768, device="cuda") // 4
+for kl in ("forward", "reverse"):
+    for c in ("centroids", "tiles"):
+        sdm_triton.sdm_loss(q, q, i, i, kl=kl, kernel_config=c)
+    torch.cuda.synchronize()
+    with profile() as p:
+        for c in ("centroids", "tiles"):
+            sdm_triton.sdm_loss(q, q, i, i, kl=kl, kernel_config=c)
+        torch.cuda.synchronize()
+    print(kl); print(p.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+PY
+cat "$out/i27_positives.log"; tail -n 30 "$out/i27_bench.log"; tail -n 14 "$out/i27_yard.log"
+grep -E "^(forward|reverse)$|_stats_kernel|_positive_mass|Self CUDA time total" "$out/i27_profile.log" | head -n 20
