@@ -4,11 +4,11 @@
 With identity labels, a softmax row i's positives are the present columns of its identity. The
 launcher (`launch/positives.py`) sorts the column side's ids once and gives each row the range
 [lo_i, hi_i) of its identity in that order (``perm`` maps a sorted position to its column). A
-program owns BLOCK_R rows; it walks their ranges together, one positive of each row per step,
+program owns BLOCK_M rows; it walks their ranges together, one positive of each row per step,
 and adds 2^(t_ij - M_i) with
 
     t_ij = <a_i, b_j> (r_i r_j) s log2 e       (as `tiles.log2_logits` forms it, rounded once)
-    M_i  = max_s m_s                           (the statistics' row maxima over the segments)
+    M_i  = max_s m_s                           (the statistics' row maxima over the row's segments)
 
 Finish merges a row's segments as pos = sum_s 2^(m_s - M) pos_s (`finish.py`): the sum goes into
 the segment s* whose maximum is M (2^0 = 1, no overflow whatever the spread of the segments),
