@@ -46,7 +46,10 @@ export SDM_FAILURE_LOG=${SDM_FAILURE_LOG:-$out/gpu_suite_failures.log}
 export SDM_COMPILE_LOG=${SDM_COMPILE_LOG:-$out/gpu_suite_compiles.jsonl}
 export SDM_REQUIRE_BACKENDS=${SDM_REQUIRE_BACKENDS:-reference,torch,triton}
 rev=$(cat .rev 2>/dev/null || git rev-parse --short HEAD 2>/dev/null)
-python3 -c "import torch, triton; print('card:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none', '| torch', torch.__version__, '| triton', triton.__version__, '| rev $rev')" | tee "$out/gpu_suite.log"
+# the package's sources as they are here (a device copy's git HEAD may lag the files sent): compare
+# with `find sdm_triton -name '*.py' | sort | xargs cat | sha1sum` in the checkout
+src=$(find sdm_triton -name '*.py' | sort | xargs cat | sha1sum | cut -c1-12)
+python3 -c "import torch, triton; print('card:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none', '| torch', torch.__version__, '| triton', triton.__version__, '| rev $rev | sources $src')" | tee "$out/gpu_suite.log"
 rm -f "$SDM_FAILURE_LOG" "$SDM_COMPILE_LOG"
 # test paths first (default: all of tests/), then any pytest options
 paths=()
