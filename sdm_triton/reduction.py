@@ -27,11 +27,11 @@ from typing import Optional
 import torch
 
 from .backend import RED, option_coefficients
+from .options import LABEL_SCALE, SDMOptions, SDMStats
 
 #: the valid counts' rows of the reduction, (valid_q2g, valid_g2q), as one strided view
 VALID_ROWS = slice(RED.valid_q2g, RED.valid_g2q + 1, RED.valid_g2q - RED.valid_q2g)
 assert tuple(range(RED.valid_q2g, RED.valid_g2q + 1, RED.valid_g2q - RED.valid_q2g)) == (RED.valid_q2g, RED.valid_g2q)
-from .options import LABEL_SCALE, SDMOptions, SDMStats
 
 
 def pair_labels(labels: Optional[torch.Tensor], q_ids: Optional[torch.Tensor], g_ids: Optional[torch.Tensor],

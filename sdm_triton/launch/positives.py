@@ -24,16 +24,17 @@ read lin (dL/dS = P - Y).
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
+
 from ..kernels.positives import _positive_mass_kernel
 from ..kernels.stats import NUM_STATS, SLOT_M, SLOT_POS
 from ..kernels.tiles import LOG2E
 from ..problem import Problem
 from .policy import interpreting
-from .tiles import _cdiv, _dot_precision, _stats_tiles, _traceable
+from .tiles import _cdiv, _dot_precision, _per_problem, _stats_tiles, _traceable
 
 _SLOT_M, _SLOT_POS = SLOT_M.value, SLOT_POS.value
 
@@ -53,24 +54,42 @@ def _present(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.where(keep[..., None], x.to(F64), 0.0)
 
 
-def _groups(col_ids: torch.Tensor, col_x, col_keep: torch.Tensor):
-    """The identity groups of a column side, batched over galleries: ``col_ids`` [B, C] int64,
-    ``col_x`` [B, C, D] float64 (rows x_j r_j, 0 where absent; None: no centroids wanted),
-    ``col_keep`` [B, C] bool. Returns (sorted ids [B, C], group of each sorted position [B, C]
-    (global: b C + local), present count per group [B C], centroid per group [B C, D] or None)."""
-    b, c = col_ids.shape
-    sorted_ids, perm = torch.sort(col_ids, dim=-1)
+class _Order(NamedTuple):
+    """The ids of both sides as int64 (ids compare by value) and each column side's sorted order:
+    ``g_ids`` [K, M], ``q_ids`` [N]; (sorted ids, perm: sorted position -> column) of the
+    galleries [K, M] and of the queries [1, N]."""
+    q_ids: torch.Tensor
+    g_ids: torch.Tensor
+    g_sorted: Tuple[torch.Tensor, torch.Tensor]
+    q_sorted: Tuple[torch.Tensor, torch.Tensor]
+
+
+@_per_problem
+def _order(p: Problem) -> _Order:
+    """`_Order` of a problem, sorted once for the centroids and the gather."""
+    q_ids = p.q_ids.to(torch.int64)
+    g_ids = p.g_ids.to(torch.int64).expand(p.galleries, p.m)
+    return _Order(q_ids, g_ids, torch.sort(g_ids, dim=-1), torch.sort(q_ids[None], dim=-1))
+
+
+def _groups(sorted_ids: torch.Tensor, perm: torch.Tensor, col_x, col_keep: torch.Tensor):
+    """The identity groups of a column side, batched over galleries: its ids sorted, ``sorted_ids``
+    and ``perm`` [B, C] (`_Order`), ``col_x`` [B, C, D] float64 (rows x_j r_j, 0 where absent;
+    None: no centroids wanted), ``col_keep`` [B, C] bool. Returns (sorted ids [B, C], group of
+    each sorted position [B, C] (global: b C + local), present count per group [B C], centroid
+    per group [B C, D] or None)."""
+    b, c = sorted_ids.shape
     first = torch.ones_like(sorted_ids, dtype=torch.bool)
     first[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
-    base = torch.arange(b, device=col_ids.device)[:, None] * c
+    base = torch.arange(b, device=sorted_ids.device)[:, None] * c
     group_sorted = torch.cumsum(first, dim=-1) - 1 + base          # [B, C]
     group = torch.empty_like(group_sorted).scatter_(-1, perm, group_sorted)   # of each column as given
-    counts = torch.zeros(b * c, dtype=torch.float32, device=col_ids.device)
+    counts = torch.zeros(b * c, dtype=torch.float32, device=sorted_ids.device)
     counts.index_add_(0, group.reshape(-1), col_keep.reshape(-1).to(torch.float32))
     centroids = None
     if col_x is not None:
         d = col_x.shape[-1]
-        centroids = torch.zeros(b * c, d, dtype=F64, device=col_ids.device)
+        centroids = torch.zeros(b * c, d, dtype=F64, device=sorted_ids.device)
         centroids.index_add_(0, group.reshape(-1), col_x.reshape(b * c, d))
     return sorted_ids, group_sorted, counts, centroids
 
@@ -102,17 +121,17 @@ def positives(p: Problem, r: torch.Tensor, want_lin: bool = True) -> Tuple[Optio
     g_keep = (p.g_mask.to(torch.bool) if p.g_mask is not None
               else torch.ones(m, dtype=torch.bool, device=dev)).expand(k, m)
     g = p.g if p.g.dim() == 3 else p.g.unsqueeze(0)
-    q_ids = p.q_ids.to(torch.int64)                                      # ids compare by value
-    g_ids = p.g_ids.to(torch.int64).expand(k, m)
+    order = _order(p)
+    q_ids, g_ids = order.q_ids, order.g_ids
     r_q, r_g = r[:n].to(F64), r[n:].view(k, m).to(F64)
     qx = _present(p.q, q_keep)                                           # [N, D]
     gx = _present(g, g_keep).expand(k, m, d)                             # [K, M, D]
 
     # q rows against each gallery: the galleries' identity centroids
-    g_groups = _groups(g_ids, gx * r_g[..., None] if want_lin else None, g_keep)
+    g_groups = _groups(*order.g_sorted, gx * r_g[..., None] if want_lin else None, g_keep)
     lin_q, cnt_q = _rows_against(q_ids.expand(k, n), qx.expand(k, n, d), r_q.expand(k, n), *g_groups, s_log2e)
     # each gallery's rows against the queries: the queries' centroids, once
-    q_groups = _groups(q_ids[None], (qx * r_q[:, None])[None] if want_lin else None, q_keep[None])
+    q_groups = _groups(*order.q_sorted, (qx * r_q[:, None])[None] if want_lin else None, q_keep[None])
     lin_g, cnt_g = _rows_against(g_ids.reshape(1, k * m), gx.reshape(1, k * m, d), r_g.reshape(1, k * m),
                                  *q_groups, s_log2e)
     cnt = torch.cat([cnt_q.reshape(-1), cnt_g.reshape(-1)])
@@ -121,15 +140,16 @@ def positives(p: Problem, r: torch.Tensor, want_lin: bool = True) -> Tuple[Optio
     return torch.cat([lin_q.reshape(-1), lin_g.reshape(-1)]), cnt
 
 
-def _ranges(row_ids: torch.Tensor, col_ids: torch.Tensor):
-    """Each row's positives as a range of the column side's sorted order: (lo, hi) [B, R] int64
-    of rows ``row_ids`` [B, R] against columns ``col_ids`` [B, C] (int64), and ``perm`` [B, C]
-    (sorted position -> column). Absent columns stay in the ranges (the kernel skips them)."""
-    sorted_ids, perm = torch.sort(col_ids, dim=-1)
+def _ranges(row_ids: torch.Tensor, sorted_ids: torch.Tensor):
+    """Each row's positives as a range [lo, hi) of a column side's sorted ids (`_Order`): rows
+    ``row_ids`` [B, R] against ``sorted_ids`` [B, C], or [1, C] shared by every row. Absent
+    columns stay in the ranges (the kernel skips them)."""
     rows = row_ids.contiguous()
-    lo = torch.searchsorted(sorted_ids, rows)
-    hi = torch.searchsorted(sorted_ids, rows, right=True)
-    return lo, hi, perm
+    if sorted_ids.shape[0] == 1 < rows.shape[0]:          # one sorted side for every gallery's rows
+        flat = rows.reshape(-1)
+        return (torch.searchsorted(sorted_ids[0], flat).view(rows.shape),
+                torch.searchsorted(sorted_ids[0], flat, right=True).view(rows.shape))
+    return torch.searchsorted(sorted_ids, rows), torch.searchsorted(sorted_ids, rows, right=True)
 
 
 def positive_mass(p: Problem, r: torch.Tensor, part: torch.Tensor, segments_q: int, segments_g: int) -> None:
@@ -139,8 +159,7 @@ def positive_mass(p: Problem, r: torch.Tensor, part: torch.Tensor, segments_q: i
     the preparation pass's inverse norms; ``segments_q`` / ``segments_g``: the segments the q rows
     / gallery rows have in ``part`` (the others hold no statistics of theirs: never read)."""
     n, m, k, d = p.n, p.m, p.galleries, p.d
-    q_ids = p.q_ids.to(torch.int64)                                      # ids compare by value
-    g_ids = p.g_ids.to(torch.int64).expand(k, m)
+    order = _order(p)
     sg_gal, sg_row, sg_d = p.g_strides()
     s_gmsk_gal, s_gmsk = p.g_mask_strides()
     s_qmsk = p.q_mask.stride(0) if p.q_mask is not None else 0
@@ -155,8 +174,9 @@ def positive_mass(p: Problem, r: torch.Tensor, part: torch.Tensor, segments_q: i
     g_side = dict(ptr=p.g, gal=sg_gal, row=sg_row, d=sg_d, msk=p.g_mask, msk_gal=s_gmsk_gal, msk_s=s_gmsk,
                   r=r[n:], r_gal=m)
     # q rows against each gallery's columns, then each gallery's rows against the queries
-    lo_q, hi_q, perm_g = _ranges(q_ids.expand(k, n), g_ids)
-    lo_g, hi_g, perm_q = _ranges(g_ids, q_ids.expand(k, n))
+    (g_sorted, perm_g), (q_sorted, perm_q) = order.g_sorted, order.q_sorted
+    lo_q, hi_q = _ranges(order.q_ids.expand(k, n), g_sorted)
+    lo_g, hi_g = _ranges(order.g_ids, q_sorted)
     for a, b, lo, hi, perm, dir0, rows, segs in ((q_side, g_side, lo_q, hi_q, perm_g, 0, n, segments_q),
                                                 (g_side, q_side, lo_g, hi_g, perm_q, k * n, m, segments_g)):
         _traceable(_positive_mass_kernel)[(_cdiv(rows, t.block_m), k)](
@@ -165,5 +185,5 @@ def positive_mass(p: Problem, r: torch.Tensor, part: torch.Tensor, segments_q: i
             a_msk=a["msk"], s_amsk_gal=a["msk_gal"], s_amsk=a["msk_s"],
             b_msk=b["msk"], s_bmsk_gal=b["msk_gal"], s_bmsk=b["msk_s"],
             a_r_ptr=a["r"], s_ar_gal=a["r_gal"], b_r_ptr=b["r"], s_br_gal=b["r_gal"],
-            lo_ptr=lo, hi_ptr=hi, perm_ptr=perm, s_perm_gal=perm.stride(0),
+            lo_ptr=lo, hi_ptr=hi, perm_ptr=perm, s_perm_gal=perm.stride(0) if perm.shape[0] > 1 else 0,
             dir0=dir0, n_rows=rows, S=segs, **common)
