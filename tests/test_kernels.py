@@ -414,10 +414,11 @@ def test_triton_backend_errors():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kl,dense", [("reverse", True), ("forward", False)])
+@pytest.mark.parametrize("kl,dense", [("reverse", True), ("forward", False), ("reverse", False)])
 def test_no_host_synchronisation_in_forward_and_backward(kl, dense):
-    """Dense labels (reverse KL), and ids with forward KL: the positives' terms from identity
-    centroids (launch/positives.py: sorts, binary searches, scatters and gathers on the device)."""
+    """Dense labels (reverse KL), and ids with either KL: the positives' terms from identity
+    centroids and, reverse KL, their mass by the gather (launch/positives.py: sorts, binary
+    searches, scatters and gathers on the device; the gather's loop bound is read in the kernel)."""
     for cfg in (("fused", "chunked") if dense else ("fused_centroids", "chunked_centroids")):
         q, g, kw = _problem(512, 640, 128, torch.bfloat16, seed=1, masks=True, dense=dense)
         q.requires_grad_()
