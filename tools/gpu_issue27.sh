@@ -6,10 +6,10 @@
 set -u
 out=${OUT:-/tmp}
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
-python3 -m pytest tests/test_positives.py -q -x -p no:cacheprovider 2>&1 | tail -n 3 > "$out/i27_positives.log"
-python3 -m bench --preset gpu-throughput --methods floor,sdm_triton,formula_compiled,formula_autocast \
-  --variants centroids,tiles --sizes 16384,32768 --labels pk4 --kl forward,reverse --dtypes bf16 \
-  --modes fwd,fwd+bwd --no-plots --out "$out/bench27" > "$out/i27_bench.log" 2>&1
+# the centroids path's tests first (the gather kernel failed to compile on Triton 3.6 once:
+# bench/NOTES.md 33), in parallel workers
+python3 -m pytest tests/test_positives.py tests/test_kernels.py -k "centroids or positives" -q -p no:cacheprovider \
+  -n 14 2>&1 | tail -n 5 > "$out/i27_positives.log"
 (cd .yard && SIZES=16384,32768 python3 lse_pass.py; SIZES=32768 python3 stats_pass.py) > "$out/i27_yard.log" 2>&1
 python3 - > "$out/i27_profile.log" 2>&1 <<'PY'
 import torch, sdm_triton
@@ -26,5 +26,9 @@ for kl in ("forward", "reverse"):
         torch.cuda.synchronize()
     print(kl); print(p.key_averages().table(sort_by="cuda_time_total", row_limit=15))
 PY
+# the bench last: its compiles of the formula take the time; what it finished comes back
+timeout ${BENCH_S:-300} python3 -m bench --preset gpu-throughput --methods ${METHODS:-floor,sdm_triton,formula_compiled} \
+  --variants centroids,tiles --sizes 16384,32768 --labels pk4 --kl forward,reverse --dtypes bf16 \
+  --modes fwd,fwd+bwd --no-plots --out "$out/bench27" > "$out/i27_bench.log" 2>&1
 cat "$out/i27_positives.log"; tail -n 30 "$out/i27_bench.log"; tail -n 14 "$out/i27_yard.log"
 grep -E "^(forward|reverse)$|_stats_kernel|_positive_mass|Self CUDA time total" "$out/i27_profile.log" | head -n 20

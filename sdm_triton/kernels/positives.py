@@ -26,7 +26,7 @@ O(BLOCK_N sum_i |positives(i)| D), still far below the N x M loop's at the sizes
 import triton
 import triton.language as tl
 
-from .tiles import LOG2E, NEG_BIG, load_scale, log2_logits, logit_dot, present
+from .tiles import LOG2E, NEG_BIG, load_scale, log2_logit_pairs, logit_dot, present
 
 
 @triton.jit(do_not_specialize=["n_rows", "S", "NDR", "D"])
@@ -65,23 +65,36 @@ def _positive_mass_kernel(
         s_max = tl.where(m_s > m_row, s, s_max)
         m_row = tl.maximum(m_row, m_s)
     ranges = lo_ptr + k * n_rows
-    count_m = tl.where(row_ok, tl.load(hi_ptr + k * n_rows + rows, mask=row_in, other=0)
-                       - tl.load(ranges + rows, mask=row_in, other=0), 0)
+    lo_m = tl.load(ranges + rows, mask=row_in, other=0)
+    count_m = tl.where(row_ok, tl.load(hi_ptr + k * n_rows + rows, mask=row_in, other=0) - lo_m, 0)
     lo_n = tl.load(ranges + lanes, mask=lane_in, other=0)
-    count_n = tl.where(lane_ok, tl.load(hi_ptr + k * n_rows + lanes, mask=lane_in, other=0) - lo_n, 0)
+    hi_n = tl.load(hi_ptr + k * n_rows + lanes, mask=lane_in, other=0)
+    count_n = tl.where(lane_ok, hi_n - lo_n, 0)
     r_a = tl.load(a_r_ptr + k * s_ar_gal + rows, mask=row_in, other=0.0)
     diag = tl.arange(0, BLOCK_M)[:, None] == tl.arange(0, BLOCK_N)[None, :]
     mass = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for j in range(0, tl.max(count_m, axis=0)):
-        col = tl.load(perm_ptr + k * s_perm_gal + lo_n + j, mask=j < count_n, other=0)
-        col_on = present(b_msk, k * s_bmsk_gal, s_bmsk, col, j < count_n)   # absent columns: no positives
+        # Lane c's positive j, its index clamped into the lane's range instead of masked (an empty
+        # range reads position 0: a loop step exists only where some row has a positive, so the
+        # column side is not empty). Triton 3.6 fails to compile (TritonGPURemoveLayoutConversions:
+        # 'mask type matches ptr type') when one predicate masks this vector load and also the
+        # tile's column loads; the mask's own load below is keyed on a fresh predicate for the
+        # same reason.
+        lane_on = j < count_n
+        col = tl.load(perm_ptr + k * s_perm_gal + tl.maximum(tl.minimum(lo_n + j, hi_n - 1), 0))
+        col_on = lane_on & present(b_msk, k * s_bmsk_gal, s_bmsk, col, col >= 0)   # absent columns: no positives
         acc = logit_dot(a_ptr=a_ptr + k * sa_gal, sa_row=sa_row, sa_d=sa_d, rows=rows, row_in=row_ok,
                         b_ptr=b_ptr + k * sb_gal, sb_row=sb_row, sb_d=sb_d, cols=col, col_in=col_on, D=D,
                         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, UPCAST=UPCAST,
                         DOT_PRECISION=DOT_PRECISION)
-        r_b = tl.load(b_r_ptr + k * s_br_gal + col, mask=col_on, other=0.0)
-        _, t = log2_logits(acc, r_a, r_b, s_log2e)                            # the loop's t, bit for bit
-        on = tl.sum(tl.where(diag, col_on[None, :].to(tl.int32), 0), axis=1) > 0
-        t_pair = tl.sum(tl.where(diag, t, 0.0), axis=1)                        # exact: one term per row
+        # the same positives row by row (the tile's lanes reach the rows only through its diagonal;
+        # reading them again costs two vector loads, and Triton 3.6's layout pass fails to relayout
+        # the lane vectors for row use at BLOCK_M = BLOCK_N = 32)
+        pos_on = j < count_m
+        col_m = tl.load(perm_ptr + k * s_perm_gal + lo_m + j, mask=pos_on, other=0)
+        on = present(b_msk, k * s_bmsk_gal, s_bmsk, col_m, pos_on)
+        r_b = tl.load(b_r_ptr + k * s_br_gal + col_m, mask=on, other=0.0)
+        dot = tl.sum(tl.where(diag, acc, 0.0), axis=1)                          # exact: one term per row
+        t_pair = log2_logit_pairs(dot, r_a, r_b, s_log2e)                       # the loop's t, bit for bit
         mass += tl.exp2(tl.where(on, t_pair - m_row, -float("inf")))          # off rows: 2^-inf = 0
     tl.store(part_ptr + s_max * (NUM_STATS * NDR) + SLOT_POS * NDR + idx, mass, mask=row_in)

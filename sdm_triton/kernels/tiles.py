@@ -77,6 +77,18 @@ def log2_logits(dot, ra, rb, s_log2e):
     return cos, t
 
 
+@triton.jit
+def log2_logit_pairs(dot, ra, rb, s_log2e):
+    """`log2_logits`' t of pairs (i, j_i) given as vectors: the same operations on each element,
+    so the same bits as the tile's entry (the positives' gather, `positives.py`)."""
+    cos = dot * (ra * rb)
+    if INTERPRETED:
+        t = cos * s_log2e
+    else:
+        t = libdevice.mul_rn(cos, s_log2e)
+    return t
+
+
 #: fp32 "ieee" dots: the length of one FMA chain (`_dot_tile_fp32`). 16 was as accurate and cost
 #: 35% of the fp32 statistics pass on an H100 (bench/NOTES.md 23).
 FP32_CHAIN = tl.constexpr(32)
