@@ -17,9 +17,9 @@
 # had not finished in 560 s; bench/NOTES.md 22).
 # The last lines: the slowest 10 tests and a one-line summary.
 #
-# Needs pytest, hypothesis and pytest-xdist; the device machine gets xdist as wheels
-# (.whl/xdist, see bench/NOTES.md). SDM_HYPOTHESIS_PROFILE defaults to "gpu" (200 examples
-# per property, up to 300 rows and D 300; see tests/conftest.py).
+# Needs pytest, hypothesis and pytest-xdist (the device machine's image has them).
+# SDM_HYPOTHESIS_PROFILE defaults to "gpu" (200 examples per property, up to 300 rows and D 300;
+# see tests/conftest.py).
 set -u -o pipefail
 out=${OUT:-/tmp}
 quick=0
@@ -57,8 +57,14 @@ while [ $# -gt 0 ] && [ -e "${1%%::*}" ]; do paths+=("$1"); shift; done
 if [ ${#paths[@]} -eq 0 ]; then
   if [ $quick = 1 ]; then paths=("${QUICK_PATHS[@]}"); else paths=(tests); fi
 fi
+# work stealing (pytest-xdist >= 3.2): an idle worker takes queued tests from a busy one, so a few
+# long tests (compiles of a property test's many specialisations, 80-140 s) do not end the run
+# on one worker while the others wait
+dist=()
+python3 -c "import sys, xdist; sys.exit(tuple(map(int, xdist.__version__.split('.')[:2])) < (3, 2))" 2>/dev/null \
+  && dist=(--dist worksteal)
 t0=$(date +%s)
-python3 -m pytest "${paths[@]}" -q -p no:cacheprovider -p no:benchmark -n "$workers" --durations=25 -rfE "$@" 2>&1 \
+python3 -m pytest "${paths[@]}" -q -p no:cacheprovider -p no:benchmark -n "$workers" "${dist[@]}" --durations=25 -rfE "$@" 2>&1 \
   | tee -a "$out/gpu_suite.log"
 rc=${PIPESTATUS[0]}
 [ -s "$SDM_COMPILE_LOG" ] && python3 tools/compile_log.py "$SDM_COMPILE_LOG" --top 8 | tee -a "$out/gpu_suite.log"
