@@ -8,7 +8,8 @@ out=${OUT:-/tmp}
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 # the centroids path's tests first (the gather kernel failed to compile on Triton 3.6 once:
 # bench/NOTES.md 33), in parallel workers
-python3 -m pytest tests/test_positives.py tests/test_kernels.py -k "centroids or positives" -q -p no:cacheprovider \
+python3 -m pytest tests/test_positives.py tests/test_kernels.py tests/test_launch.py -k "centroids or positives or launch" \
+  -q -p no:cacheprovider \
   -n 14 2>&1 | tail -n 5 > "$out/i27_positives.log"
 (cd .yard && SIZES=16384,32768 python3 lse_pass.py; SIZES=32768 python3 stats_pass.py) > "$out/i27_yard.log" 2>&1
 python3 - > "$out/i27_profile.log" 2>&1 <<'PY'

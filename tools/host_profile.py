@@ -29,6 +29,7 @@ from triton.runtime import driver
 
 import sdm_triton
 from sdm_triton.launch import backward as _bwd
+from sdm_triton.launch import direct as _direct
 from sdm_triton.launch import forward as _fwd
 
 
@@ -99,6 +100,7 @@ def _launch_costs(kernel, grid, kw, reps):
         "kernel[grid](**kw)": _host_us(lambda: kernel[grid](**kw), reps),
         "binder only": _host_us(lambda: binder(**opts), reps),
         "compiled.run direct": _host_us(direct, reps),
+        "sdm_triton's launcher": _host_us(lambda: _direct._launch(kernel, grid, dict(kw)), reps),
         "stream query": _host_us(lambda: driver.active.get_current_stream(driver.active.get_current_device()), reps),
     }
 
@@ -121,6 +123,13 @@ def main():
         q.grad = g.grad = None
 
     print(f"\nstep (bf16, forward KL, N = {n}, D = {d}), host us per step: {_host_us(step, args.reps):.1f}")
+    # the direct launcher (sdm_triton/launch/direct.py) against Triton's kernel[grid](**kw), alternately
+    for rep in range(3):
+        for enabled in (False, True):
+            _direct.ENABLED = enabled
+            _direct._LAUNCHERS.clear()
+            label = "direct launches" if enabled else "kernel[grid](**kw)"
+            print(f"  round {rep}: {label:20s} host us per step: {_host_us(step, args.reps):.1f}")
 
     pr = cProfile.Profile()
     for _ in range(20):

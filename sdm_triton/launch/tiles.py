@@ -19,6 +19,7 @@ import triton
 
 from ..backend import NUM_STATS
 from ..problem import Problem
+from .direct import launcher
 from .policy import Tiles, padded_d, table_tiles
 
 try:
@@ -48,7 +49,9 @@ def tracing() -> bool:
 
 
 def _traceable(kernel):
-    return _wrap_triton(kernel) if (_wrap_triton is not None and _TRACING.get()) else kernel
+    """How ``kernel[grid](**kw)`` runs here: through wrap_triton while traced, else directly
+    (`direct.launcher`: Triton's binder and the compiled launcher, without run()'s bookkeeping)."""
+    return _wrap_triton(kernel) if (_wrap_triton is not None and _TRACING.get()) else launcher(kernel)
 
 
 def _per_problem(fn):

@@ -1,0 +1,132 @@
+"""The direct launcher (`sdm_triton/launch/direct.py`, issue 28): a compiled specialisation is
+launched through Triton's binder and compiled launcher alone, everything else through
+``kernel[grid](**kw)``.
+
+On the CPU the routing is checked against a stand-in for Triton's JITFunction (its binder, cache
+and compiled kernel recorded); on a GPU, a training step's outputs through the direct launcher
+equal those through ``kernel[grid](**kw)`` bit for bit, and the direct path is the one taken."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from sdm_triton.launch import direct
+
+
+class _Compiled:
+    def __init__(self, loaded=True):
+        self.module = object() if loaded else None
+        self.function = "fn"
+        self.packed_metadata = "meta"
+        self.calls = []
+
+    @property
+    def run(self):
+        return lambda *a: self.calls.append(a)
+
+
+class _Kernel:
+    """Stand-in for a JITFunction: ``device_caches[device]`` = (cache, key cache, target, backend,
+    binder), ``kernel[grid](**kw)`` recorded as Triton's own path."""
+
+    def __init__(self, compiled=None):
+        self.debug = False
+        self.pre_run_hooks = []
+        self.cache = {}
+        if compiled is not None:
+            self.cache["key"] = compiled
+        self.bound = []
+        self.plain = []
+
+        def binder(**kw):
+            self.bound.append(kw)
+            return dict(a=kw["a"], b=kw["b"]), ["spec"], "options"
+        self.device_caches = {0: (self.cache, {}, None, None, binder)}
+
+    def __getitem__(self, grid):
+        return lambda **kw: self.plain.append((grid, kw)) or "plain"
+
+
+@pytest.fixture
+def fake_triton(monkeypatch):
+    """The direct path's view of Triton, faked: device 0, stream 7, no hooks, cache key "key"."""
+    runtime = types.SimpleNamespace(debug=False, launch_enter_hook=None, launch_exit_hook=None)
+    knobs = types.SimpleNamespace(runtime=runtime, compilation=types.SimpleNamespace(instrumentation_mode=""))
+    active = types.SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda d: 7)
+    monkeypatch.setattr(direct, "_knobs", knobs)
+    monkeypatch.setattr(direct, "_driver", types.SimpleNamespace(active=active))
+    monkeypatch.setattr(direct, "_cache_key", lambda key_cache, spec, options: "key")
+    return runtime
+
+
+def test_a_compiled_specialisation_launches_through_its_launcher(fake_triton):
+    compiled = _Compiled()
+    kernel = _Kernel(compiled)
+    assert direct._Direct(kernel)[(3, 2)](a=1, b=None) is compiled
+    assert kernel.plain == []
+    # the grid padded to three dimensions, no launch metadata or hooks, the bound arguments in order
+    assert compiled.calls == [(3, 2, 1, 7, "fn", "meta", None, None, None, 1, None)]
+    assert kernel.bound[0]["debug"] is False and "instrumentation_mode" in kernel.bound[0]
+
+
+@pytest.mark.parametrize("why", ["not compiled", "not loaded", "compiling", "pre-run hook", "launch hook"])
+def test_everything_else_goes_through_tritons_own_launch(fake_triton, why):
+    compiled = None if why == "not compiled" else _Compiled(loaded=why != "not loaded")
+    if why == "compiling":
+        compiled.result = lambda: None     # an asynchronous compile's future
+    kernel = _Kernel(compiled)
+    if why == "pre-run hook":
+        kernel.pre_run_hooks.append(lambda *a, **k: None)
+    if why == "launch hook":
+        fake_triton.launch_enter_hook = lambda *a: None
+    assert direct._Direct(kernel)[(5,)](a=1, b=2) == "plain"
+    assert [grid for grid, _ in kernel.plain] == [(5,)]
+    assert compiled is None or compiled.calls == []
+
+
+def test_interpreted_kernels_are_launched_as_they_are():
+    from sdm_triton.kernels import stats
+
+    kernel = stats._stats_kernel
+    expected = direct.ENABLED and hasattr(kernel, "device_caches") and not hasattr(kernel, "rewritten_fn")
+    assert isinstance(direct.launcher(kernel), direct._Direct) == expected
+    assert direct.launcher(kernel) is direct.launcher(kernel)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n, dtype, kl", [(64, torch.bfloat16, "forward"), (200, torch.float32, "reverse"),
+                                          (3000, torch.bfloat16, "reverse")])
+def test_direct_launches_give_the_plain_launches_bits(monkeypatch, n, dtype, kl):
+    import sdm_triton
+
+    gen = torch.Generator(device="cuda").manual_seed(n)
+    q = torch.randn(n, 96, device="cuda", generator=gen).to(dtype).requires_grad_()
+    g = torch.randn(n + 5, 96, device="cuda", generator=gen).to(dtype).requires_grad_()
+    qi = torch.randint(0, n // 4 + 1, (n,), device="cuda", generator=gen)
+    gi = torch.randint(0, n // 4 + 1, (n + 5,), device="cuda", generator=gen)
+
+    def step():
+        q.grad = g.grad = None
+        loss = sdm_triton.sdm_loss(q, g, qi, gi, kl=kl)
+        loss.backward()
+        return loss.detach().clone(), q.grad.clone(), g.grad.clone()
+
+    step()                                    # compiles and loads every kernel of the step
+    from triton.runtime.jit import JITFunction
+
+    through_run = []
+    run = JITFunction.run
+    monkeypatch.setattr(JITFunction, "run", lambda self, *a, **kw: through_run.append(self.fn.__name__)
+                        or run(self, *a, **kw))
+    fast = step()
+    assert through_run == [], f"launched through JITFunction.run, not directly: {through_run}"
+    monkeypatch.setattr(direct, "ENABLED", False)
+    monkeypatch.setattr(direct, "_LAUNCHERS", {})
+    plain = step()
+    assert through_run, "the plain launches did not go through JITFunction.run"
+    for a, b in zip(fast, plain):
+        assert torch.equal(a, b)
