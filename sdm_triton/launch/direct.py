@@ -20,6 +20,7 @@ package's kernels read module constants that nothing assigns).
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Dict
 
 try:   # Triton's own pieces of JITFunction.run (3.x); absent or different: plain launches
@@ -32,9 +33,12 @@ except ImportError:   # pragma: no cover - other Triton versions
 
 __all__ = ["launcher", "ENABLED"]
 
-#: False where this Triton's JITFunction lacks what the direct path reads (then every launch is
-#: ``kernel[grid](**kw)``).
-ENABLED = _cache_key is not None and all(hasattr(_knobs, n) for n in ("runtime", "compilation"))
+#: Whether launches go the direct way. Opt-in (``SDM_TRITON_DIRECT_LAUNCH=1``) until the GPU suite
+#: has run with it on the GPU machine's Triton (3.6): written and tested against a stand-in on the
+#: CPU, where no compiled kernel runs (bench/NOTES.md 34). False also where this Triton lacks what
+#: the direct path reads: then every launch is ``kernel[grid](**kw)``.
+ENABLED = (os.environ.get("SDM_TRITON_DIRECT_LAUNCH", "0") == "1" and _cache_key is not None
+           and all(hasattr(_knobs, n) for n in ("runtime", "compilation")))
 
 
 class _Direct:
