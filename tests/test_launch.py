@@ -1,10 +1,13 @@
-"""The direct launcher (`sdm_triton/launch/direct.py`, issue 28): a compiled specialisation is
-launched through Triton's binder and compiled launcher alone, everything else through
-``kernel[grid](**kw)``.
+"""The launch layer's host side.
 
-On the CPU the routing is checked against a stand-in for Triton's JITFunction (its binder, cache
-and compiled kernel recorded); on a GPU, a training step's outputs through the direct launcher
-equal those through ``kernel[grid](**kw)`` bit for bit, and the direct path is the one taken."""
+The direct launcher (`sdm_triton/launch/direct.py`, issue 28): a compiled specialisation is
+launched through Triton's binder and compiled launcher alone, everything else through
+``kernel[grid](**kw)``. On the CPU the routing is checked against a stand-in for Triton's
+JITFunction (its binder, cache and compiled kernel recorded); on a GPU, a training step's
+outputs through the direct launcher equal those through ``kernel[grid](**kw)`` bit for bit,
+and the direct path is the one taken.
+
+The prepared buffer's layout: its label masses aligned whatever the sizes."""
 
 from __future__ import annotations
 
@@ -132,3 +135,26 @@ def test_direct_launches_give_the_plain_launches_bits(monkeypatch, n, dtype, kl)
     assert through_run, "the plain launches did not go through JITFunction.run"
     for a, b in zip(fast, plain):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("n, m, k", [(1, 1, 1), (3, 5, 1), (7, 2, 3), (64, 64, 1), (5, 6, 2)])
+def test_the_label_masses_are_aligned_whatever_the_sizes(n, m, k):
+    """prepare's buffer starts the label masses at a multiple of 32 floats: Triton specialises a
+    pointer on its 16-byte alignment, and at 3 NR floats the masses' pointer was aligned for
+    NR % 4 == 0 only (prep, stats and finish compiled twice over: bench/NOTES.md 34). The
+    per-sample slots and the masses do not overlap, and the masses hold 2 NDR floats."""
+    from sdm_triton.launch.forward import LABEL_MASS_FIELDS, PREPARED_FIELDS, _label_offset, _parts
+    from sdm_triton.options import KernelConfig, SDMOptions
+    from sdm_triton.problem import Problem
+
+    q = torch.randn(n, 4)
+    g = torch.randn(m, 4) if k == 1 else torch.randn(k, m, 4)
+    p = Problem(q=q, g=g, q_ids=torch.arange(n), g_ids=torch.arange(m).expand(k, m) if k > 1 else torch.arange(m),
+                labels=None, q_mask=None, g_mask=None, scale=None, scale_value=1.0, options=SDMOptions(),
+                config=KernelConfig(), workspace_bytes=0, galleries=k, scalar_value=True, return_stats=False)
+    buf = torch.empty(_label_offset(p) + len(LABEL_MASS_FIELDS) * p.num_rows)
+    pre, lab = _parts(p, buf)
+    assert pre.numel() == len(PREPARED_FIELDS) * p.num_samples and pre.data_ptr() == buf.data_ptr()
+    assert lab.numel() == len(LABEL_MASS_FIELDS) * p.num_rows
+    assert (lab.data_ptr() - buf.data_ptr()) % 128 == 0
+    assert lab.data_ptr() >= pre.data_ptr() + pre.numel() * 4

@@ -402,7 +402,7 @@ def _weights_kernel(saved_ptr, dv_ptr, s_dv, drows_ptr, red_ptr, w_ptr, N, M, K,
                      coef_g=coef_g, MEAN=MEAN, BLOCK=BLOCK)
 
 
-@triton.jit(do_not_specialize=["M", "s0"])
+@triton.jit(do_not_specialize=["M", "s0", "NR"])
 def _operand_kernel(x_ptr, sx_gal, sx_row, sx_d, msk, s_msk_gal, s_msk, pre_ptr, NR, s0, out_ptr,
                     M, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """x' = c x in the input dtype (exact), 0 for absent rows: the cuBLAS products' operand.
@@ -498,7 +498,7 @@ def _grad_chunk_kernel(
         tl.store(ws_ptr + offs + width, lo.to(HALF), mask=tile_in)
 
 
-@triton.jit(do_not_specialize=["n_rows", "M", "s0", "r0", "gal"])
+@triton.jit(do_not_specialize=["n_rows", "M", "s0", "r0", "gal", "NR"])
 def _input_grad_kernel(u_ptr, su_row, u2_ptr, x_ptr, sx_gal, sx_row, sx_d, msk, s_msk_gal, s_msk,
                        pre_ptr, NR, s0, gal, r0, scale_ptr, scale_value, gmax_ptr, out_ptr, so_row, so_d,
                        n_rows, M, D, NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):

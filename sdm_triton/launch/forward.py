@@ -42,10 +42,20 @@ def _prep_args(p: Problem) -> dict:
     return {name: value for name, value in _side_args(p).items() if name not in ids}
 
 
+#: The label masses start at a multiple of this many floats in the prepared buffer (128 bytes).
+#: Triton specialises a pointer argument on its 16-byte alignment: at 3 NR floats the masses'
+#: pointer was aligned for NR % 4 == 0 only, which compiled prep, stats and finish twice over
+#: (91 extra specialisations in one GPU suite run: bench/NOTES.md 34).
+_LABEL_MASS_ALIGN = 32
+
+
+def _label_offset(p: Problem) -> int:
+    return -(-len(PREPARED_FIELDS) * p.num_samples // _LABEL_MASS_ALIGN) * _LABEL_MASS_ALIGN
+
+
 def _parts(p: Problem, prepared: torch.Tensor):
     """(per-sample slots, label masses) of the prepared buffer."""
-    n = len(PREPARED_FIELDS) * p.num_samples
-    return prepared[:n], prepared[n:]
+    return prepared[:len(PREPARED_FIELDS) * p.num_samples], prepared[_label_offset(p):]
 
 
 def _want_pos(p: Problem) -> bool:
@@ -55,13 +65,13 @@ def _want_pos(p: Problem) -> bool:
 
 
 def prepare(p: Problem, label_masses: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``buf`` [3 NR + 2 NDR] fp32: per sample r, c, norm (kernels/prep.py), then per softmax
-    row ysum, ylny (dense labels; from ``label_masses`` [2, NDR] when given)."""
+    """``buf`` fp32: per sample r, c, norm (kernels/prep.py) [3 NR], then from the next multiple
+    of 32 floats per softmax row ysum, ylny (dense labels; from ``label_masses`` [2, NDR] when
+    given)."""
     n, m, k, d = p.n, p.m, p.galleries, p.d
     nr, ndr = p.num_samples, p.num_rows
     t = _prep_tiles(p)
-    buf = torch.empty(len(PREPARED_FIELDS) * nr + len(LABEL_MASS_FIELDS) * ndr, dtype=torch.float32,
-                      device=p.q.device)
+    buf = torch.empty(_label_offset(p) + len(LABEL_MASS_FIELDS) * ndr, dtype=torch.float32, device=p.q.device)
     pre, lab = _parts(p, buf)
     n_qp = _cdiv(n, t.block_m) * k
     n_gp = k * _cdiv(m, t.block_m)
