@@ -8,8 +8,10 @@
 #
 # --part K/N: part K of N of the selection, each test by a hash of its id (tests/conftest.py):
 # N such runs, one per device call, run every test once. The whole suite does not fit one
-# 10-minute call (issue 26); two parts do, the second faster on the same warm machine (Triton's
-# cache).
+# 10-minute call (issue 26): its ~1700 distinct Triton specialisations take ~4900 compile-seconds,
+# ~350 s on 14 workers before any test runs, and a hash split spreads them over every part
+# (bench/NOTES.md 34). Use four parts (--part 1/4 ... 4/4, the first from a bare machine predicted
+# at ~250 s); two parts took 560+ s (bare) and 395 s (warm).
 # --quick: the kernel-facing files only (every kernel path per dtype, the GPU-marked tests, the
 # compiled steps), Hypothesis capped at 10 examples: the check after a kernel change. Without it,
 # the whole suite with the gpu profile capped at SDM_HYPOTHESIS_MAX_EXAMPLES (default 10: on one
