@@ -65,3 +65,38 @@ def test_the_compile_log_records_and_sums_up_each_compilation(monkeypatch, tmp_p
     spec.loader.exec_module(tool)
     text = "\n".join(tool.summarise(log.read_text().splitlines()))
     assert "2 compilations" in text and "_stats_kernel" in text and "REVERSE (2)" in text, text
+
+
+def _suite_summary():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "tools", "suite_summary.py")
+    spec = importlib.util.spec_from_file_location("suite_summary", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _log(k, n, result, rc=0, seconds=200, sources="abc123"):
+    return (f"card: H100 | torch 2.11 | triton 3.6.0 | rev 1234567 | sources {sources}\n....\n"
+            f"SUMMARY (full, part {k}/{n}, {seconds} s, 10 examples): {result} (pytest exit {rc})\n")
+
+
+def test_the_suite_summary_sums_the_parts_and_wants_them_all():
+    """tools/suite_summary.py: one line for a suite run in parts, ok only when every part K of N
+    ran once, on the same sources, with no failure and exit 0."""
+    summarise = _suite_summary().summarise
+    ok = summarise([_log(2, 2, "10 passed, 2 skipped in 9s", seconds=150),
+                    _log(1, 2, "7 passed, 1 skipped, 3 warnings in 9s", seconds=250)])
+    assert ok.startswith("SUITE ok: whole suite in 2 part(s) of 2 (sources abc123): 17 passed, 0 failed, 3 skipped")
+    assert "250 + 150 = 400 s" in ok or "150 + 250 = 400 s" in ok
+    bad = summarise([_log(1, 2, "1 failed, 7 passed in 9s", rc=1), _log(2, 2, "10 passed in 9s")])
+    assert bad.startswith("SUITE NOT OK") and "1 failed" in bad
+    assert "INCOMPLETE (missing part(s) 2/3, 3/3)" in summarise([_log(1, 3, "5 passed in 9s")])
+    with pytest.raises(ValueError, match="different sources"):
+        summarise([_log(1, 2, "5 passed in 9s"), _log(2, 2, "5 passed in 9s", sources="def456")])
+    with pytest.raises(ValueError, match="given twice"):
+        summarise([_log(1, 2, "5 passed in 9s"), _log(1, 2, "5 passed in 9s")])
+    with pytest.raises(ValueError, match="without a SUMMARY"):
+        summarise(["card: H100\n.... [ 40%]\n"])
