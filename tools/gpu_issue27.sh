@@ -1,8 +1,11 @@
 #!/bin/bash
-# One device call for issue 27 (bench/NOTES.md 25, 31): the centroids path against the in-loop
-# compare, both KL directions, with the floor and the compiled formulas (fp32 TF32 and under
-# autocast), the yardsticks of the same call, and a profile of one forward per variant.
-#   needs .yard/ (copies of ../shared/yardsticks/*.py: carry it); writes under $OUT
+# One device call for issue 27 (bench/NOTES.md 25, 31, 33): the centroids path's tests (and the
+# direct launcher's), the yardsticks (lse_pass, stats_pass), a profile of one forward per variant
+# at 32768, then the bench last (its compiles of the formula take the time): the centroids path
+# against the in-loop compare, both KL directions, with the floor and the compiled formula
+# (METHODS, default floor,sdm_triton,formula_compiled; formula_autocast is a further peer), under
+# a BENCH_S limit (default 300 s; what it finished comes back, one line per measurement).
+#   needs .yard/ (copies of ../shared/yardsticks/*.py: carry it) and .rev; writes under $OUT
 set -u
 out=${OUT:-/tmp}
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
