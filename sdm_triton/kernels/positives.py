@@ -87,9 +87,9 @@ def _positive_mass_kernel(
                         b_ptr=b_ptr + k * sb_gal, sb_row=sb_row, sb_d=sb_d, cols=col, col_in=col_on, D=D,
                         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, UPCAST=UPCAST,
                         DOT_PRECISION=DOT_PRECISION)
-        # the same positives row by row (the tile's lanes reach the rows only through its diagonal;
-        # reading them again costs two vector loads, and Triton 3.6's layout pass fails to relayout
-        # the lane vectors for row use at BLOCK_M = BLOCK_N = 32)
+        # the same positives row by row: the lanes reach the rows only through the tile's diagonal,
+        # so the positive's column, presence and norm are read again for the rows (two small
+        # vector loads) and only the dot goes through the diagonal
         pos_on = j < count_m
         col_m = tl.load(perm_ptr + k * s_perm_gal + lo_m + j, mask=pos_on, other=0)
         on = present(b_msk, k * s_bmsk_gal, s_bmsk, col_m, pos_on)
