@@ -16,6 +16,7 @@ its first rows) are indexed by name (`backend.RED`).
                        of the rows (kernels/grad.py computes the same in its ``row_weights``)
     cast_gradient      a gradient summed in the compute dtype, in its input's dtype
     row_norms          each row's norm, also where its square sum overflows the dtype
+    may_apply          whether a rarely applying guard must be computed (CPU: only where it applies)
     stats_from_red     `SDMStats` from the reduction's counts and positive mass
 """
 
@@ -146,8 +147,22 @@ def row_norms(x: torch.Tensor) -> torch.Tensor:
     range are < 2^-90 of such a norm. Both are computed (no host synchronisation); inf and NaN
     features stay inf and NaN."""
     norm = torch.linalg.vector_norm(x, dim=1)
+    overflowed = torch.isinf(norm)
+    if not may_apply(overflowed):
+        return norm
     scaled = torch.linalg.vector_norm(x * 2.0**-100, dim=1) * 2.0**100
-    return torch.where(torch.isinf(norm), scaled, norm)
+    return torch.where(overflowed, scaled, norm)
+
+
+def may_apply(flags: torch.Tensor) -> bool:
+    """Whether a guard that rarely applies (``flags``: where it does) must be computed. On the CPU,
+    outside torch.compile's tracing, reading ``flags.any()`` costs no device synchronisation, and
+    a guard that applies nowhere is skipped: the result is the same, bit for bit, and the torch
+    backend's small problems are bound by such per-op costs (issue 28). Elsewhere it is always
+    computed: branching on a CUDA value would synchronise, and a traced graph cannot branch."""
+    if flags.device.type != "cpu" or torch.compiler.is_compiling():
+        return True
+    return bool(flags.any())
 
 
 def stats_from_red(red: torch.Tensor, q_norm_mean, q_norm_max, g_norm_mean, g_norm_max,

@@ -41,8 +41,8 @@ import torch
 from .backend import NUM_RED, NUM_STATS, RED, ForwardOut, Statistics, option_coefficients
 from .options import NORM_EPS, NORM_LIMIT, compute_dtype
 from .problem import Problem
-from .reduction import (add_label_masses, cast_gradient, gradient_weights, label_ylny, ln_unscaled, pair_labels,
-                        row_norms)
+from .reduction import (add_label_masses, cast_gradient, gradient_weights, label_ylny, ln_unscaled, may_apply,
+                        pair_labels, row_norms)
 
 
 #: [K, N, M] temporaries of the compute dtype the dense path holds at once (S, both directions'
@@ -642,7 +642,11 @@ class TorchBackend:
             if norm is None:
                 norm = row_norms(_masked_rows(x, keep, ct))
             radial = (x_hat * d_hat).sum(1, keepdim=True)
-            g = torch.where((norm > NORM_EPS)[:, None], d_hat - x_hat * radial, d_hat) / norm.clamp_min(NORM_EPS)[:, None]
+            g = d_hat - x_hat * radial
+            tiny = ~(norm > NORM_EPS)          # rows of norm <= NORM_EPS (and NaN): no projection
+            if may_apply(tiny):
+                g = torch.where(tiny[:, None], d_hat, g)
+            g = g / norm.clamp_min(NORM_EPS)[:, None]
         else:
             g = d_hat
         if keep is not None:
