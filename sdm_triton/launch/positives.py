@@ -96,7 +96,8 @@ def _groups(sorted_ids: torch.Tensor, perm: torch.Tensor, col_x, col_keep: torch
 
 def _rows_against(row_ids, row_x, row_r, sorted_ids, group_sorted, counts, centroids, s_log2e):
     """(lin, cnt) [B, R] fp32 of rows with ids ``row_ids`` [B, R], raw rows ``row_x`` [B, R, D]
-    (float64) and inverse norms ``row_r`` [B, R] against the column groups of `_groups`."""
+    (float64) and inverse norms ``row_r`` [B, R] against the column groups of `_groups`; lin None
+    (and ``row_x``, ``row_r`` unread: None) where the groups have no centroids."""
     c = sorted_ids.shape[-1]
     at = torch.searchsorted(sorted_ids, row_ids.contiguous()).clamp_(max=c - 1)   # the first column id >= the row's
     found = sorted_ids.gather(-1, at) == row_ids
@@ -123,17 +124,23 @@ def positives(p: Problem, r: torch.Tensor, want_lin: bool = True) -> Tuple[Optio
     g = p.g if p.g.dim() == 3 else p.g.unsqueeze(0)
     order = _order(p)
     q_ids, g_ids = order.q_ids, order.g_ids
-    r_q, r_g = r[:n].to(F64), r[n:].view(k, m).to(F64)
-    qx = _present(p.q, q_keep)                                           # [N, D]
-    gx = _present(g, g_keep).expand(k, m, d)                             # [K, M, D]
+    if want_lin:    # the features in float64, 0 where absent (the counts alone need none of it)
+        r_q, r_g = r[:n].to(F64), r[n:].view(k, m).to(F64)
+        qx = _present(p.q, q_keep)                                       # [N, D]
+        gx = _present(g, g_keep).expand(k, m, d)                         # [K, M, D]
+        g_cols, q_cols = gx * r_g[..., None], (qx * r_q[:, None])[None]
+        q_rows = (qx.expand(k, n, d), r_q.expand(k, n))
+        g_rows = (gx.reshape(1, k * m, d), r_g.reshape(1, k * m))
+    else:
+        g_cols = q_cols = None
+        q_rows = g_rows = (None, None)
 
     # q rows against each gallery: the galleries' identity centroids
-    g_groups = _groups(*order.g_sorted, gx * r_g[..., None] if want_lin else None, g_keep)
-    lin_q, cnt_q = _rows_against(q_ids.expand(k, n), qx.expand(k, n, d), r_q.expand(k, n), *g_groups, s_log2e)
+    g_groups = _groups(*order.g_sorted, g_cols, g_keep)
+    lin_q, cnt_q = _rows_against(q_ids.expand(k, n), *q_rows, *g_groups, s_log2e)
     # each gallery's rows against the queries: the queries' centroids, once
-    q_groups = _groups(*order.q_sorted, (qx * r_q[:, None])[None] if want_lin else None, q_keep[None])
-    lin_g, cnt_g = _rows_against(g_ids.reshape(1, k * m), gx.reshape(1, k * m, d), r_g.reshape(1, k * m),
-                                 *q_groups, s_log2e)
+    q_groups = _groups(*order.q_sorted, q_cols, q_keep[None])
+    lin_g, cnt_g = _rows_against(g_ids.reshape(1, k * m), *g_rows, *q_groups, s_log2e)
     cnt = torch.cat([cnt_q.reshape(-1), cnt_g.reshape(-1)])
     if not want_lin:
         return None, cnt
