@@ -70,23 +70,22 @@ def log2_logits(dot, ra, rb, s_log2e):
     skips t's rounding: the backward's exp2(t - m) then differs from the forward's by u |t|
     (1e-4 in P at |t| ~ 6000: issue 18's exact-logit failures). ``mul.rn`` is never contracted."""
     cos = dot * (ra[:, None] * rb[None, :])
-    if INTERPRETED:
-        t = cos * s_log2e
-    else:
-        t = libdevice.mul_rn(cos, s_log2e)
-    return cos, t
+    return cos, _times_rounded(cos, s_log2e)
 
 
 @triton.jit
 def log2_logit_pairs(dot, ra, rb, s_log2e):
     """`log2_logits`' t of pairs (i, j_i) given as vectors: the same operations on each element,
     so the same bits as the tile's entry (the positives' gather, `positives.py`)."""
-    cos = dot * (ra * rb)
+    return _times_rounded(dot * (ra * rb), s_log2e)
+
+
+@triton.jit
+def _times_rounded(x, y):
+    """x * y rounded on its own: never contracted into an FMA with what follows (`log2_logits`)."""
     if INTERPRETED:
-        t = cos * s_log2e
-    else:
-        t = libdevice.mul_rn(cos, s_log2e)
-    return t
+        return x * y
+    return libdevice.mul_rn(x, y)
 
 
 #: fp32 "ieee" dots: the length of one FMA chain (`_dot_tile_fp32`). 16 was as accurate and cost
