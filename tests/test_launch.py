@@ -90,13 +90,25 @@ def test_everything_else_goes_through_tritons_own_launch(fake_triton, why):
     assert compiled is None or compiled.calls == []
 
 
-def test_interpreted_kernels_are_launched_as_they_are():
+def test_only_compiled_kernels_are_wrapped_and_only_when_enabled(monkeypatch):
+    """Enabled, a compiled JIT function is wrapped (once, the same launcher every call); the
+    interpreter's kernels come back as they are. Disabled (the default for now), every kernel
+    comes back as it is."""
     from sdm_triton.kernels import stats
+    from sdm_triton.launch.policy import interpreting
 
     kernel = stats._stats_kernel
-    expected = direct.ENABLED and hasattr(kernel, "device_caches")
-    assert isinstance(direct.launcher(kernel), direct._Direct) == expected
-    assert direct.launcher(kernel) is direct.launcher(kernel)
+    monkeypatch.setattr(direct, "ENABLED", True)
+    monkeypatch.setattr(direct, "_LAUNCHERS", {})
+    got = direct.launcher(kernel)
+    if interpreting():
+        assert got is kernel
+    else:
+        assert isinstance(got, direct._Direct) and got.kernel is kernel
+    assert direct.launcher(kernel) is got
+    monkeypatch.setattr(direct, "ENABLED", False)
+    monkeypatch.setattr(direct, "_LAUNCHERS", {})
+    assert direct.launcher(kernel) is kernel
 
 
 @pytest.mark.gpu
