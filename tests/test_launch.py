@@ -90,6 +90,26 @@ def test_everything_else_goes_through_tritons_own_launch(fake_triton, why):
     assert compiled is None or compiled.calls == []
 
 
+@pytest.mark.skipif(direct._knobs is None, reason="this Triton has no knobs module")
+@pytest.mark.parametrize("hook", ["launch_enter_hook", "launch_exit_hook"])
+def test_no_hook_is_seen_until_one_is_registered(hook):
+    """Triton's own knobs, not a stand-in: Triton 3.6 and 3.8 keep each launch hook in a chain
+    that is never None, empty when nothing is registered. Reading "not None" as "hooked" sent
+    every launch the plain way on the GPU (bench/NOTES.md 36)."""
+    kernel = _Kernel()
+    assert not direct._hooked(kernel)
+    chain = getattr(direct._knobs.runtime, hook)
+    if hasattr(chain, "add"):
+        def f(*a, **k):
+            return None
+        chain.add(f)
+        try:
+            assert direct._hooked(kernel)
+        finally:
+            chain.remove(f)
+        assert not direct._hooked(kernel)
+
+
 def test_only_compiled_kernels_are_wrapped_and_only_when_enabled(monkeypatch):
     """Enabled, a compiled JIT function is wrapped (once, the same launcher every call); the
     interpreter's kernels come back as they are. Disabled (the default for now), every kernel

@@ -58,11 +58,20 @@ class _Direct:
         return launch
 
 
+def _set(hook) -> bool:
+    """Whether a launch hook is registered. Triton 3.6 and 3.8 hold the launch hooks in a
+    `HookChain` that is never None (its ``calls`` list is empty when none is registered); older
+    ones hold a function or None."""
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)
+    return True if calls is None else len(calls) > 0
+
+
 def _hooked(kernel) -> bool:
     runtime = _knobs.runtime
-    return bool(kernel.pre_run_hooks or runtime.launch_enter_hook is not None
-                or runtime.launch_exit_hook is not None
-                or getattr(runtime, "add_stages_inspection_hook", None) is not None)
+    return bool(kernel.pre_run_hooks or _set(runtime.launch_enter_hook) or _set(runtime.launch_exit_hook)
+                or _set(getattr(runtime, "add_stages_inspection_hook", None)))
 
 
 def _launch(kernel, grid, kw: Dict[str, Any]):
