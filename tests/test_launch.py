@@ -99,15 +99,17 @@ def test_no_hook_is_seen_until_one_is_registered(hook):
     kernel = _Kernel()
     assert not direct._hooked(kernel)
     chain = getattr(direct._knobs.runtime, hook)
-    if hasattr(chain, "add"):
-        def f(*a, **k):
-            return None
-        chain.add(f)
-        try:
-            assert direct._hooked(kernel)
-        finally:
-            chain.remove(f)
-        assert not direct._hooked(kernel)
+    if not hasattr(chain, "add"):
+        pytest.skip("this Triton holds a launch hook as a function or None, not in a chain")
+
+    def f(*a, **k):
+        return None
+    chain.add(f)
+    try:
+        assert direct._hooked(kernel)
+    finally:
+        chain.remove(f)
+    assert not direct._hooked(kernel)
 
 
 def test_only_compiled_kernels_are_wrapped_and_only_when_enabled(monkeypatch):

@@ -58,7 +58,7 @@ class _Direct:
         return launch
 
 
-def _set(hook) -> bool:
+def _registered(hook) -> bool:
     """Whether a launch hook is registered. Triton 3.6 and 3.8 hold the launch hooks in a
     `HookChain` that is never None (its ``calls`` list is empty when none is registered); older
     ones hold a function or None."""
@@ -70,8 +70,9 @@ def _set(hook) -> bool:
 
 def _hooked(kernel) -> bool:
     runtime = _knobs.runtime
-    return bool(kernel.pre_run_hooks or _set(runtime.launch_enter_hook) or _set(runtime.launch_exit_hook)
-                or _set(getattr(runtime, "add_stages_inspection_hook", None)))
+    return bool(kernel.pre_run_hooks or _registered(runtime.launch_enter_hook)
+                or _registered(runtime.launch_exit_hook)
+                or _registered(getattr(runtime, "add_stages_inspection_hook", None)))
 
 
 def _launch(kernel, grid, kw: Dict[str, Any]):
