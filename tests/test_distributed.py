@@ -16,13 +16,17 @@ join deadline turn a hang into a failure.
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import functools
 import json
 import os
+import signal
 import socket
+import sys
 import tempfile
 import time
 import traceback
+import warnings
 
 import pytest
 import torch
@@ -484,6 +488,7 @@ def _worker(rank, world, port, out_dir, backend, gpu):
             if gpu or interpreter_usable():
                 runs[name + TRITON_SUFFIX] = dict(dtype=torch.float32, backend="triton", tol=2e-5, device=device)
             for key, kw in runs.items():
+                print(f"case {key}", file=sys.stderr, flush=True)   # where a crash happened (rank log)
                 try:
                     errs = _run_case(name, case, rank, world, 1000 + i, **kw)
                 except Exception:   # noqa: BLE001 -- recorded; the other ranks may now fail on a timeout
@@ -506,31 +511,63 @@ def _worker(rank, world, port, out_dir, backend, gpu):
 
 @functools.lru_cache(maxsize=None)
 def _group_results(world: int, backend: str = "gloo", gpu: bool = False, deadline_s: float = 150.0):
-    """Run every case in one spawned group; {case: {rank: [errors]}}.
-
-    A child killed by a signal (seen: SIGABRT from gloo's C++ layer, about one full-suite
-    run in three on this 2-core machine, never reproduced in the file alone) is retried
-    once with a fresh port; a second crash fails. Every assertion still runs on the
-    retried results. The crash itself is an open question (closing note of the session).
-    """
-    try:
-        return spawn_group(_worker, (backend, gpu), world, deadline_s)
-    except mp.ProcessExitedException:
-        return spawn_group(_worker, (backend, gpu), world, deadline_s)
+    """Run every case in one spawned group; {case: {rank: [errors]}}."""
+    return spawn_group(_worker, (backend, gpu), world, deadline_s)
 
 
-def spawn_group(worker, worker_args: tuple, world: int, deadline_s: float) -> dict:
+class ChildKilled(RuntimeError):
+    """A child of a process group died by a signal; the message quotes every rank's log."""
+
+
+class CrashWarning(UserWarning):
+    """A child of a process group died by a signal and the group ran again."""
+
+
+class GroupCrashed(RuntimeError):
+    """Every try of a process group had a child die by a signal; the message quotes the ranks' logs."""
+
+
+# A child killed by a signal fails the tests only after CRASH_TRIES tries in a row crashed; every
+# assertion runs on the results of a group that finished. Seen: SIGABRT, on 2-core machines in
+# whole-suite runs only (never in this file alone), cause unknown: about one run in three once
+# (one retry was enough then), and on CI at 8e7811d the first two groups of 2 in a row, the next
+# one of the same run fine (bench/NOTES.md, section 37). Each crash is a CrashWarning (pytest's
+# warnings summary) quoting every rank's log: stderr, where gloo's C++ layer says why it aborts,
+# and faulthandler's Python stacks, so the next one names its cause.
+CRASH_TRIES = 3
+
+
+def spawn_group(worker, worker_args: tuple, world: int, deadline_s: float, tries: int = CRASH_TRIES) -> dict:
     """Run ``worker(rank, world, port, out_dir, *worker_args)`` in ``world`` spawned processes;
     each writes ``rank{r}.json`` (name -> result) into out_dir. Returns name -> {rank: result}.
+    A group whose child dies by a signal runs again with a fresh port, ``tries`` times in all.
     (Also used by tools/gloo_exactness.py.)"""
+    reports = []
+    for attempt in range(1, tries + 1):
+        try:
+            return _spawn_group_once(worker, worker_args, world, deadline_s)
+        except ChildKilled as exc:
+            reports.append(f"try {attempt}: {exc}")
+            # shown in pytest's warnings summary even when a later try passes
+            warnings.warn(f"process group of {world}, try {attempt} of {tries}: {exc}", CrashWarning, stacklevel=1)
+    raise GroupCrashed(f"each of {tries} tries of a process group of {world} had a child killed by a signal\n"
+                       + "\n".join(reports))
+
+
+def _spawn_group_once(worker, worker_args, world, deadline_s):
     out_dir = tempfile.mkdtemp(prefix="sdm_dist_")
-    ctx = mp.start_processes(worker, args=(world, _free_port(), out_dir, *worker_args), nprocs=world,
+    ctx = mp.start_processes(_child_main, args=(worker, world, _free_port(), out_dir, *worker_args), nprocs=world,
                              join=False, start_method="spawn")
     t_end = time.monotonic() + deadline_s
     try:
         while not ctx.join(timeout=max(0.1, t_end - time.monotonic())):
             if time.monotonic() > t_end:
-                raise TimeoutError(f"process group of {world} did not finish in {deadline_s} s (a hang?)")
+                raise TimeoutError(f"process group of {world} did not finish in {deadline_s} s (a hang?)\n"
+                                   + _rank_logs(out_dir, world))
+    except mp.ProcessExitedException as exc:
+        if exc.signal_name is None:   # a non-zero exit code: the worker's own failure, not retried
+            raise
+        raise ChildKilled(f"rank {exc.error_index} died by {exc.signal_name}\n{_rank_logs(out_dir, world)}") from exc
     finally:
         for proc in ctx.processes:
             if proc.is_alive():
@@ -541,6 +578,35 @@ def spawn_group(worker, worker_args: tuple, world: int, deadline_s: float) -> di
             for name, errs in json.load(f).items():
                 merged.setdefault(name, {})[rank] = errs
     return merged
+
+
+def _child_main(rank, worker, world, port, out_dir, *worker_args):
+    """A child's entry: its stderr goes to rank{r}.log in out_dir (gloo's C++ layer writes
+    "terminate called after throwing ..." there before it aborts), and faulthandler writes
+    every thread's Python stack there on a fatal signal (SIGABRT included) and on SIGTERM."""
+    fd = os.open(os.path.join(out_dir, f"rank{rank}.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 2)
+    os.close(fd)
+    faulthandler.enable(all_threads=True)
+    # the group's other children get SIGTERM when one dies: their stacks say where they waited
+    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
+    worker(rank, world, port, out_dir, *worker_args)
+
+
+_LOG_NOISE = ("RuntimeWarning", "output = op(", "return TensorHandle(")   # the interpreter's warnings on inf / nan
+
+
+def _rank_logs(out_dir, world, lines=40):
+    """The last lines of every rank's log, the interpreter's floating-point warnings left out."""
+    parts = []
+    for rank in range(world):
+        try:
+            with open(os.path.join(out_dir, f"rank{rank}.log"), errors="replace") as f:
+                text = [ln.rstrip() for ln in f if not any(n in ln for n in _LOG_NOISE)]
+        except OSError as exc:
+            text = [f"(no log: {exc})"]
+        parts.append(f"--- rank {rank} log (last {lines} lines) ---\n" + "\n".join(text[-lines:]))
+    return "\n".join(parts)
 
 
 def _assert_case(results, name, world):
@@ -591,6 +657,41 @@ def test_default_convention_is_exact_under_ddp_averaging(world, name):
     """Issue 15 C: with the default grad_convention, DDP's averaged gradients of the encoders and of
     the logit scale are those of the single-process loss of the global batch."""
     _assert_case(_group_results(world), name, world)
+
+
+def _aborting_worker(rank, world, port, out_dir, marker):
+    """Rank 1 aborts as gloo's C++ layer does (a message on stderr, then SIGABRT): on every try
+    when ``marker`` is None, else on the first try only (it creates ``marker``)."""
+    print(f"rank {rank} started", file=sys.stderr, flush=True)
+    if rank == 1 and (marker is None or not os.path.exists(marker)):
+        if marker is not None:
+            open(marker, "w").close()
+        print("terminate called after throwing an instance of 'test::Abort'", file=sys.stderr, flush=True)
+        os.abort()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"ran": rank}, f)
+
+
+def test_a_crashed_group_runs_again_and_says_why(tmp_path):
+    """The harness itself: a child killed by a signal is reported with its log (its stderr and
+    faulthandler's Python stack), and the group's next try gives the results."""
+    with pytest.warns(CrashWarning) as record:
+        results = spawn_group(_aborting_worker, (str(tmp_path / "crashed"),), 2, 60.0, tries=2)
+    assert results == {"ran": {0: 0, 1: 1}}
+    (warning,) = [w for w in record if issubclass(w.category, CrashWarning)]
+    message = str(warning.message)
+    for expected in ("try 1 of 2", "rank 1 died by SIGABRT", "--- rank 1 log", "test::Abort",
+                     "Fatal Python error: Aborted", "in _aborting_worker"):
+        assert expected in message, (expected, message)
+
+
+def test_a_group_that_keeps_crashing_fails_with_every_try_reported():
+    with pytest.warns(CrashWarning), pytest.raises(GroupCrashed) as info:
+        spawn_group(_aborting_worker, (None,), 2, 60.0, tries=2)
+    message = str(info.value)
+    assert message.startswith("each of 2 tries of a process group of 2 had a child killed by a signal")
+    assert "try 1: rank 1 died by SIGABRT" in message and "try 2: rank 1 died by SIGABRT" in message
+    assert message.count("test::Abort") == 2
 
 
 def test_single_rank_group_equals_sdm_loss():
