@@ -4,7 +4,10 @@
 # and each worker compiles what its tests need into the shared Triton cache.
 #
 #   bash tools/gpu_suite.sh [--quick] [--part K/N] [test paths] [extra pytest args]
-#                                                          (log: $OUT/gpu_suite.log or /tmp)
+#
+# Writes into $OUT (or /tmp): gpu_suite.log, gpu_suite_failures.log (the failures, as they
+# happen) and gpu_suite_compiles.jsonl.gz (one line per Triton compilation); with --part K/N
+# each name ends in _partK (gpu_suite_part3.log, ...), so parts run in one call come back apart.
 #
 # --part K/N: part K of N of the selection, each test by a hash of its id (tests/conftest.py):
 # N such runs, one per device call, run every test once. The whole suite does not fit one
@@ -34,7 +37,11 @@ while true; do
     *) break ;;
   esac
 done
-if [ -n "$part" ]; then export SDM_TEST_PART=$part; fi
+# with --part K/N every file it writes is named for its part (gpu_suite_partK.log, ...), so that
+# several parts can run in one device call and come back side by side
+sfx=""
+if [ -n "$part" ]; then export SDM_TEST_PART=$part; sfx="_part${part%%/*}"; fi
+log="$out/gpu_suite$sfx.log"
 QUICK_PATHS=(tests/test_kernels.py tests/test_edge_values.py tests/test_galleries.py tests/test_training.py
              tests/test_hygiene.py)
 export SDM_HYPOTHESIS_MAX_EXAMPLES=${SDM_HYPOTHESIS_MAX_EXAMPLES:-10}
@@ -44,16 +51,16 @@ cores=$(nproc)
 workers=${SDM_TEST_WORKERS:-$(( cores > 16 ? 14 : (cores > 2 ? cores - 2 : 1) ))}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export SDM_HYPOTHESIS_PROFILE=${SDM_HYPOTHESIS_PROFILE:-gpu} SDM_HYPOTHESIS_NO_SHRINK=${SDM_HYPOTHESIS_NO_SHRINK:-1}
-export SDM_FAILURE_LOG=${SDM_FAILURE_LOG:-$out/gpu_suite_failures.log}
+export SDM_FAILURE_LOG=${SDM_FAILURE_LOG:-$out/gpu_suite_failures$sfx.log}
 # one line per Triton compilation (tests/conftest.py), summed up at the end (tools/compile_log.py)
-export SDM_COMPILE_LOG=${SDM_COMPILE_LOG:-$out/gpu_suite_compiles.jsonl}
+export SDM_COMPILE_LOG=${SDM_COMPILE_LOG:-$out/gpu_suite_compiles$sfx.jsonl}
 export SDM_REQUIRE_BACKENDS=${SDM_REQUIRE_BACKENDS:-reference,torch,triton}
 rev=$(cat .rev 2>/dev/null || git rev-parse --short HEAD 2>/dev/null)
 # the package's sources as they are here (a device copy's git HEAD may lag the files sent): compare
 # with `find sdm_triton -name '*.py' | sort | xargs cat | sha1sum` in the checkout
 src=$(find sdm_triton -name '*.py' | sort | xargs cat | sha1sum | cut -c1-12)
-python3 -c "import torch, triton; print('card:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none', '| torch', torch.__version__, '| triton', triton.__version__, '| rev $rev | sources $src')" | tee "$out/gpu_suite.log"
-rm -f "$SDM_FAILURE_LOG" "$SDM_COMPILE_LOG"
+python3 -c "import torch, triton; print('card:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none', '| torch', torch.__version__, '| triton', triton.__version__, '| rev $rev | sources $src')" | tee "$log"
+rm -f "$SDM_FAILURE_LOG" "$SDM_COMPILE_LOG" "$SDM_COMPILE_LOG.gz"
 # test paths first (default: all of tests/), then any pytest options
 paths=()
 while [ $# -gt 0 ] && [ -e "${1%%::*}" ]; do paths+=("$1"); shift; done
@@ -68,10 +75,13 @@ python3 -c "import sys, xdist; sys.exit(tuple(map(int, xdist.__version__.split('
   && dist=(--dist worksteal)
 t0=$(date +%s)
 python3 -m pytest "${paths[@]}" -q -p no:cacheprovider -p no:benchmark -n "$workers" "${dist[@]}" --durations=25 -rfE "$@" 2>&1 \
-  | tee -a "$out/gpu_suite.log"
+  | tee -a "$log"
 rc=${PIPESTATUS[0]}
-[ -s "$SDM_COMPILE_LOG" ] && python3 tools/compile_log.py "$SDM_COMPILE_LOG" --top 8 | tee -a "$out/gpu_suite.log"
-last=$(grep -E "[0-9]+ (passed|failed)" "$out/gpu_suite.log" | tail -n 1 | tr -d '=')
+if [ -s "$SDM_COMPILE_LOG" ]; then
+  python3 tools/compile_log.py "$SDM_COMPILE_LOG" --top 8 | tee -a "$log"
+  gzip -f "$SDM_COMPILE_LOG"     # (a part's log is megabytes: gzipped it comes back from a device call)
+fi
+last=$(grep -E "[0-9]+ (passed|failed)" "$log" | tail -n 1 | tr -d '=')
 echo "SUMMARY ($([ $quick = 1 ] && echo quick || echo full)${part:+, part $part}, $(( $(date +%s) - t0 )) s, ${SDM_HYPOTHESIS_MAX_EXAMPLES} examples): ${last:-no result} (pytest exit $rc)" \
-  | tee -a "$out/gpu_suite.log"
+  | tee -a "$log"
 exit $rc
