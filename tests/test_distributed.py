@@ -683,6 +683,8 @@ def _aborting_worker(rank, world, port, out_dir, marker):
         if marker is not None:
             open(marker, "w").close()
         print("terminate called after throwing an instance of 'test::Abort'", file=sys.stderr, flush=True)
+        import resource   # (POSIX)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))   # no core file in the working directory
         os.abort()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"ran": rank}, f)
