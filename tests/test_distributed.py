@@ -599,7 +599,8 @@ def _child_main(rank, worker, world, port, out_dir, *worker_args):
     os.close(fd)
     faulthandler.enable(all_threads=True)
     # the group's other children get SIGTERM when one dies: their stacks say where they waited
-    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
+    if hasattr(faulthandler, "register"):   # (not on Windows)
+        faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
     worker(rank, world, port, out_dir, *worker_args)
     # The results are on disk and the group is destroyed: leave without the interpreter's
     # finalization. There, after every case had run and the results were written, a thread of
