@@ -262,7 +262,9 @@ class TorchBackend:
         ct = compute_dtype(p.q.dtype)
         dev = p.q.device
         g3, g_ids, g_mask, labels = _views(p)
-        s = p.scale.to(ct) if p.scale is not None else torch.tensor(p.scale_value, dtype=ct, device=dev)
+        # (torch.full, not torch.tensor: a tensor from Python data is a blocking host-to-device copy
+        # on a GPU, a host synchronisation each call: pytorch/pytorch#190217)
+        s = p.scale.to(ct) if p.scale is not None else torch.full((), p.scale_value, dtype=ct, device=dev)
         q_mask = p.q_mask
         # both sides normalised together: one set of ops for N + K M rows
         x = torch.cat([p.q, g3.reshape(k_count * m, p.d)])
