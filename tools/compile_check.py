@@ -155,7 +155,7 @@ def main():
             # with and without masks: Triton 3.6 refused the gather at 32x32 over how its mask
             # loads were keyed (bench/NOTES.md 33)
             jobs += [("gather" + str(bn) + ("" if masks else "m"), positives._positive_mass_kernel,
-                      dict(NUM_STATS=5, SLOT_M=0, SLOT_POS=3, UPCAST=False, DOT_PRECISION="ieee",
+                      dict(NUM_STATS=5, SLOT_M=0, SLOT_NEG=3, UPCAST=False, DOT_PRECISION="ieee",
                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64), w, s, masks + ("scale_ptr",))
                      for bm, bn, w, s in ((128, 256, 8, 3), (32, 32, 4, 2)) for masks in (("a_msk", "b_msk"), ())]
         for name, kernel, consts, w, s, nn in jobs:

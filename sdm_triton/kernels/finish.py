@@ -2,7 +2,7 @@
 
 Merging partial statistics over disjoint column segments (shift_s = m_s - m, alpha_s = 2^shift_s):
 
-    m = max_s m_s,  l = sum alpha_s l_s,  pos = sum alpha_s pos_s,  logy = sum alpha_s logy_s
+    m = max_s m_s,  l = sum alpha_s l_s,  neg = sum alpha_s neg_s,  logy = sum alpha_s logy_s
     forward KL:  lin = sum_s lin_s            reverse KL:  lin = sum_s alpha_s (lin_s + shift_s l_s)
 
 Row losses (log2-domain statistics, `stats.py`; ysum: the merged count of positives with
@@ -10,7 +10,8 @@ identity labels, or with dense labels ysum, ylny from `prep.py`):
 
     forward:          L = ln2 (m + log2 l - lin / ysum) + ylny / ysum - ln ysum     (clamped at 0: KL >= 0;
                       dense: ylny and ln ysum of the unscaled labels, options.LABEL_SCALE)
-    reverse, ids:     L = ln2 (lin / l - log2 l) - [P+ ln(1/ysum + eps) + (1 - P+) ln eps],  P+ = pos / l
+    reverse, ids:     L = ln2 (lin / l - log2 l) - [P+ ln(1/ysum + eps) + P- ln eps],
+                      P- = neg / l (the negatives' mass as summed: stats.py), P+ = 1 - P-
     reverse, dense:   L = ln2 (lin / l - log2 l) - logy / l
 
 (written with ln l = ln2 log2 l, the accurate logarithm: lg2.approx errs by ~2^-22).
@@ -27,7 +28,7 @@ import triton.language as tl
 from .slots import (LAB_YLNY, LAB_YSUM, PRE_NORM, RED_G_NORM_MAX, RED_G_NORM_MEAN, RED_POS_G2Q, RED_POS_Q2G,
                     RED_Q_NORM_MAX, RED_Q_NORM_MEAN, RED_SUM_G2Q, RED_SUM_Q2G, RED_VALID_G2Q, RED_VALID_Q2G,
                     STATE_INV_L, STATE_INV_YSUM, STATE_LN_L, STATE_M)
-from .stats import NUM_STATS, SLOT_CNT, SLOT_L, SLOT_LIN, SLOT_LOGY, SLOT_M, SLOT_POS
+from .stats import NUM_STATS, SLOT_CNT, SLOT_L, SLOT_LIN, SLOT_LOGY, SLOT_M, SLOT_NEG
 from .tiles import FLT_MIN, LN2, as_f32, ln_precise, ln_unscaled, load_scale, present
 
 
@@ -51,7 +52,7 @@ def _finish_rows(
             m = tl.maximum(m, tl.load(part_ptr + s * (NUM_STATS * NDR) + SLOT_M * NDR + idx, mask=i_in, other=0.0))
         l = tl.zeros((BLOCK,), dtype=tl.float32)
         lin = tl.zeros((BLOCK,), dtype=tl.float32)
-        pos = tl.zeros((BLOCK,), dtype=tl.float32)
+        neg = tl.zeros((BLOCK,), dtype=tl.float32)
         logy = tl.zeros((BLOCK,), dtype=tl.float32)
         npos = tl.zeros((BLOCK,), dtype=tl.float32)
         for s in range(0, S):
@@ -69,7 +70,7 @@ def _finish_rows(
             if not DENSE:
                 npos += tl.load(base + SLOT_CNT * NDR, mask=i_in, other=0.0)
             if WANT_POS:
-                pos += alpha * tl.load(base + SLOT_POS * NDR, mask=i_in, other=0.0)
+                neg += alpha * tl.load(base + SLOT_NEG * NDR, mask=i_in, other=0.0)
         if DENSE:
             ysum = tl.load(lab_ptr + LAB_YSUM * NDR + idx, mask=i_in, other=0.0)
         else:
@@ -78,13 +79,16 @@ def _finish_rows(
         safe_l = tl.where(valid & (l > 0), l, 1.0)
         safe_y = tl.where(valid, ysum, 1.0)
         ln_l = ln_precise(safe_l)        # once per row: the accurate log, not lg2.approx
+        # the softmax mass of the negatives and of the positives: the negatives' as summed (accurate
+        # where the positives hold almost all of it: reverse KL multiplies it by ln eps), stats.py
+        p_neg = neg / safe_l
+        p_pos = 1.0 - p_neg
         if REVERSE:
             loss = LN2 * (lin / safe_l) - ln_l
             if DENSE:
                 loss -= logy / safe_l
             else:
-                p_pos = pos / safe_l
-                loss -= p_pos * tl.log(1.0 / safe_y + eps) + (1.0 - p_pos) * ln_eps
+                loss -= p_pos * tl.log(1.0 / safe_y + eps) + p_neg * ln_eps
         else:
             if DENSE:   # the label terms with unscaled logarithms (prep.py, options.LABEL_SCALE)
                 ylny = tl.load(lab_ptr + LAB_YLNY * NDR + idx, mask=i_in, other=0.0)
@@ -102,7 +106,7 @@ def _finish_rows(
         tl.store(saved_ptr + STATE_LN_L * NDR + idx, ln_l, mask=i_in)
         sum_l += loss
         cnt += valid.to(tl.float32)
-        sum_pos += tl.where(valid, pos / safe_l, 0.0)
+        sum_pos += tl.where(valid, p_pos, 0.0)
     return tl.sum(sum_l, axis=0), tl.sum(cnt, axis=0), tl.sum(sum_pos, axis=0)
 
 

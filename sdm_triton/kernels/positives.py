@@ -10,9 +10,11 @@ and adds 2^(t_ij - M_i) with
     t_ij = <a_i, b_j> (r_i r_j) s log2 e       (as `tiles.log2_logits` forms it, rounded once)
     M_i  = max_s m_s                           (the statistics' row maxima over the row's segments)
 
-Finish merges a row's segments as pos = sum_s 2^(m_s - M) pos_s (`finish.py`): the sum goes into
-the segment s* whose maximum is M (2^0 = 1, no overflow whatever the spread of the segments),
-the other segments hold 0 (the statistics pass wrote 0 without ``LOOP_IDS``).
+Finish merges a row's segments as neg = sum_s 2^(m_s - M) neg_s (`finish.py`), the negatives'
+mass; without ``LOOP_IDS`` the statistics pass wrote each segment's whole l there, and the sum of
+the positives comes off the segment s* whose maximum is M (2^0 = 1, no overflow whatever the
+spread of the segments). (So neg = l - pos here: where the positives hold almost all of a row's
+mass, the centroids path keeps less of the negatives' than the in-loop compare, bench/NOTES.md 37.)
 
 t must be the statistics loop's bit for bit: at a near-perfect fit a row's positive is its
 maximum, P = 2^(t - M) = 1, and reverse KL's loss carries pos ln eps: a t one rounding off
@@ -36,7 +38,7 @@ def _positive_mass_kernel(
     a_r_ptr, s_ar_gal, b_r_ptr, s_br_gal,
     lo_ptr, hi_ptr, perm_ptr, s_perm_gal,
     part_ptr, S, NDR, dir0, n_rows, D, scale_ptr, scale_value,
-    NUM_STATS: tl.constexpr, SLOT_M: tl.constexpr, SLOT_POS: tl.constexpr,
+    NUM_STATS: tl.constexpr, SLOT_M: tl.constexpr, SLOT_NEG: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -97,4 +99,7 @@ def _positive_mass_kernel(
         dot = tl.sum(tl.where(diag, acc, 0.0), axis=1)                          # exact: one term per row
         t_pair = log2_logit_pairs(dot, r_a, r_b, s_log2e)                       # the loop's t, bit for bit
         mass += tl.exp2(tl.where(on, t_pair - m_row, -float("inf")))          # off rows: 2^-inf = 0
-    tl.store(part_ptr + s_max * (NUM_STATS * NDR) + SLOT_POS * NDR + idx, mass, mask=row_in)
+    # the statistics pass counted every column as negative (stats.py): the positives come off
+    # the negatives' mass of the segment holding the maximum, in its scale (2^(t - m_row))
+    neg = part_ptr + s_max * (NUM_STATS * NDR) + SLOT_NEG * NDR + idx
+    tl.store(neg, tl.load(neg, mask=row_in, other=0.0) - mass, mask=row_in)

@@ -9,21 +9,27 @@ in [BLOCK_M, BLOCK_N] tiles, FlashAttention's online softmax in the log2 domain
     l'   = alpha l + sum_j p_ij
     forward KL:   lin' = lin + sum_j y_ij t_ij                          (no rescale)
     reverse KL:   lin' = alpha (lin + (m - m') l) + sum_j p_ij (t_ij - m')
-    pos'  = alpha pos + sum_{j: y_ij > 0} p_ij          (reverse KL with ids; statistics)
+    neg'  = alpha neg + sum_{j: y_ij <= 0} p_ij         (reverse KL with ids; statistics)
     logy' = alpha logy + sum_j p_ij ln(y_ij / ysum_i + eps)   (reverse KL with dense labels)
     cnt'  = cnt + #{j : id_j = id_i}                     (identity labels: the label mass)
 
-and writes the five partial statistics (m, l, lin, pos, logy | cnt) of its rows for its
-segment (`finish.py` merges segments and turns them into losses). With identity labels and
+and writes the five partial statistics (m, l, lin, neg, logy | cnt) of its rows for its
+segment (`finish.py` merges segments and turns them into losses). The negatives' mass, not the
+positives': at a good fit the positives hold 1 - delta of the mass, and 1 - pos (which reverse
+KL's loss needs, times ln eps) would keep nothing of delta in fp32, while the backward's dS sums
+the negatives pair by pair; their row sums must agree (bench/NOTES.md 37). The positives' mass
+is l - neg. With identity labels and
 ``LOOP_IDS`` the tile loop holds, beyond the log-sum-exp, one compare and two masked sums (the
 positives' logits and their count), where the tile is in registers anyway.
 
 Without ``LOOP_IDS`` (identity labels: issue 27) the loop is the plain online log-sum-exp
-(m, l), with reverse KL's label-free lin; cnt, pos and forward KL's lin are written as 0: the
+(m, l), with reverse KL's label-free lin; cnt and forward KL's lin are written as 0, neg as l
+(every column counted negative): the
 label terms come from outside the N x M loop (`launch/positives.py`): cnt_i and, forward KL,
 lin_i = s log2 e <q_i r_i, sum_{j: id_j = id_i} g_j r_j> (the identity centroids,
 O((N + M) D) work), which the launcher writes into segment 0 (lin and cnt merge by plain sums);
-the positives' mass, when wanted, by a gather over each row's positives (`positives.py`).
+the positives' mass, when wanted, by a gather over each row's positives (`positives.py`), which
+takes it off neg.
 """
 
 import triton
@@ -33,12 +39,12 @@ from .slots import LAB_YSUM, PRE_R
 from .tiles import (ABSENT, LOG2E, NEG_BIG, as_f32, label_tile, load_scale, log2_logits, logit_dot, present,
                     row_ids, same_ids)
 
-NUM_STATS = tl.constexpr(5)   # m, l, lin, pos, logy (dense labels) | cnt (identity labels)
+NUM_STATS = tl.constexpr(5)   # m, l, lin, neg, logy (dense labels) | cnt (identity labels)
 #: The slots of ``out[s]`` (per softmax row: ``slot * NDR + row``), finish.py reads them.
 SLOT_M = tl.constexpr(0)
 SLOT_L = tl.constexpr(1)
 SLOT_LIN = tl.constexpr(2)
-SLOT_POS = tl.constexpr(3)
+SLOT_NEG = tl.constexpr(3)
 #: The fifth statistic (slot 4 of ``out[s]``) has two meanings, by DENSE: logy with dense labels
 #: (reverse KL only), cnt, the count of positives, with identity labels (their label mass). Each
 #: name is used where its meaning holds (here and in finish.py).
@@ -71,7 +77,7 @@ def _stats_rows(
     m = tl.full((BLOCK_M,), NEG_BIG, dtype=tl.float32)
     l = tl.zeros((BLOCK_M,), dtype=tl.float32)
     lin = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    pos = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    neg = tl.zeros((BLOCK_M,), dtype=tl.float32)
     logy = tl.zeros((BLOCK_M,), dtype=tl.float32)
     cnt = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(col0, col1, BLOCK_N):
@@ -107,15 +113,15 @@ def _stats_rows(
             else:
                 lin += tl.sum(tl.where(positive, t, 0.0), axis=1)
             if WANT_POS:
-                pos = alpha * pos + tl.sum(tl.where(positive, p, 0.0), axis=1)
+                neg = alpha * neg + tl.sum(tl.where(positive, 0.0, p), axis=1)
         l = alpha * l + tl.sum(p, axis=1)
         m = m_new
     out = out_ptr + a_dir + rows
     tl.store(out + SLOT_M * NDR, m, mask=row_in)
     tl.store(out + SLOT_L * NDR, l, mask=row_in)
     tl.store(out + SLOT_LIN * NDR, lin, mask=row_in)
-    if WANT_POS:
-        tl.store(out + SLOT_POS * NDR, pos, mask=row_in)
+    if WANT_POS:   # (labels outside the loop: all of l, the gather takes the positives off)
+        tl.store(out + SLOT_NEG * NDR, neg if LABELS else l, mask=row_in)
     if DENSE and REVERSE:
         tl.store(out + SLOT_LOGY * NDR, logy, mask=row_in)
     if not DENSE:

@@ -90,7 +90,8 @@ def statistics(p: Problem, prepared: torch.Tensor) -> Statistics:
     (`policy.column_segments`). With `policy.positives_path` "centroids" the kernel computes the
     log-sum-exps alone and the positives' lin and cnt (`positives.py`) go into segment 0 (forward
     KL merges them by plain sums; the kernel wrote 0 in every segment), and the positives'
-    softmax mass, when wanted, into the segment of each row's maximum (`positives.positive_mass`)."""
+    softmax mass, when wanted, comes off the negatives' (the kernel wrote l) in the segment of each
+    row's maximum (`positives.positive_mass`)."""
     n, m, k, d = p.n, p.m, p.galleries, p.d
     ndr = p.num_rows
     dev = p.q.device

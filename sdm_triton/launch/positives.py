@@ -30,13 +30,13 @@ import numpy as np
 import torch
 
 from ..kernels.positives import _positive_mass_kernel
-from ..kernels.stats import NUM_STATS, SLOT_M, SLOT_POS
+from ..kernels.stats import NUM_STATS, SLOT_M, SLOT_NEG
 from ..kernels.tiles import LOG2E
 from ..problem import Problem
 from .policy import interpreting
 from .tiles import _cdiv, _dot_precision, _per_problem, _stats_tiles, _traceable
 
-_SLOT_M, _SLOT_POS = SLOT_M.value, SLOT_POS.value
+_SLOT_M, _SLOT_NEG = SLOT_M.value, SLOT_NEG.value
 
 
 def _scale_log2e(p: Problem):
@@ -160,8 +160,9 @@ def _ranges(row_ids: torch.Tensor, sorted_ids: torch.Tensor):
 
 
 def positive_mass(p: Problem, r: torch.Tensor, part: torch.Tensor, segments_q: int, segments_g: int) -> None:
-    """Each identity-labelled softmax row's positives' mass, sum_{j positive} 2^(t_ij - M_i), into
-    the statistics ``part`` [S, NUM_STATS, NDR] at the segment of the row's maximum M_i
+    """Each identity-labelled softmax row's positives' mass, sum_{j positive} 2^(t_ij - M_i), taken
+    off the negatives' mass (there: every column's) of the statistics ``part`` [S, NUM_STATS, NDR]
+    at the segment of the row's maximum M_i
     (`kernels/positives.py`): the statistics pass (m of every segment) must have run. ``r`` [NR]:
     the preparation pass's inverse norms; ``segments_q`` / ``segments_g``: the segments the q rows
     / gallery rows have in ``part`` (the others hold no statistics of theirs: never read)."""
@@ -172,7 +173,7 @@ def positive_mass(p: Problem, r: torch.Tensor, part: torch.Tensor, segments_q: i
     s_qmsk = p.q_mask.stride(0) if p.q_mask is not None else 0
     t = _stats_tiles(p)          # the statistics pass's tiles: its logits bit for bit (kernels/positives.py)
     common = dict(part_ptr=part, NDR=p.num_rows, D=d, scale_ptr=p.scale, scale_value=p.scale_value,
-                  NUM_STATS=NUM_STATS, SLOT_M=_SLOT_M, SLOT_POS=_SLOT_POS,
+                  NUM_STATS=NUM_STATS, SLOT_M=_SLOT_M, SLOT_NEG=_SLOT_NEG,
                   UPCAST=interpreting() and p.q.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(p.q.dtype),
                   BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps,
                   num_stages=t.num_stages)
