@@ -106,7 +106,8 @@ def _finish_rows(
         tl.store(saved_ptr + STATE_LN_L * NDR + idx, ln_l, mask=i_in)
         sum_l += loss
         cnt += valid.to(tl.float32)
-        sum_pos += tl.where(valid, p_pos, 0.0)
+        if WANT_POS:   # (else neg is 0 and the statistics' slots stay 0)
+            sum_pos += tl.where(valid, p_pos, 0.0)
     return tl.sum(sum_l, axis=0), tl.sum(cnt, axis=0), tl.sum(sum_pos, axis=0)
 
 
