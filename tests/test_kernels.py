@@ -7,6 +7,7 @@ larger shapes, 64-bit offsets and the absence of host synchronisation.
 Each backward path runs on every case: "fused" (one launch) and "chunked" (workspace + cuBLAS).
 """
 
+import functools
 import math
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 
 import sdm_triton
 from sdm_triton import launch, reference
+from bench.methods import formula_sdm
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -507,28 +509,14 @@ def test_half_gradients_of_near_perfect_fits(dtype, config, fit):
         assert _rel(o, e) <= 4 * rounding, (_rel(o, e), rounding)
 
 
-def _irra_formula(q, g, ids, scale, eps):
-    """IRRA's reverse-KL SDM as users write it, in the features' dtype (both directions' means
-    summed): the "PyTorch computing the same formula" that docs/contract.md measures against."""
-    q_hat = torch.nn.functional.normalize(q, dim=1)
-    g_hat = torch.nn.functional.normalize(g, dim=1)
-    sim = scale * q_hat @ g_hat.T
-    y = (ids[:, None] == ids[None, :]).to(q.dtype)
-    total = 0.0
-    for s_dir, y_dir in ((sim, y), (sim.T, y.T)):
-        target = y_dir / y_dir.sum(dim=1, keepdim=True)
-        p = torch.softmax(s_dir, dim=1)
-        total = total + (p * (torch.log_softmax(s_dir, dim=1) - torch.log(target + eps))).sum(dim=1).mean()
-    return total
-
-
 @pytest.mark.parametrize("config", ["fused_tiles", "chunked_tiles"])
 @pytest.mark.parametrize("sigma", [1.0, 0.5, 0.2])
 def test_reverse_kl_gradients_at_well_separated_fits(config, sigma):
     """IRRA's settings (reverse KL, eps = 1e-8, s = 50, the directions summed), one positive per
     row, g = q + sigma * noise (positive cosines ~0.7 to ~0.98): each row's loss is ~ -eps and the
     gradient 1e-9 to 1e-12, carried by the negatives' softmax mass. The kernels' fp32 gradient is
-    within 4x of the plain formula's own fp32 error (docs/contract.md). Finish once formed the
+    within 4x of the plain formula's own fp32 error (docs/contract.md; the formula users write,
+    bench.methods.formula_sdm, is "PyTorch computing the same formula"). Finish once formed the
     negatives' mass as 1 - P+, which keeps nothing of it here: the gradient 0.3-21x off (mutant
     neg_as_one_minus_pos; bench/NOTES.md 37). (The centroids path still forms it as l - pos.)"""
     n, d = (256, 128) if CUDA else (24, 64)
@@ -540,7 +528,7 @@ def test_reverse_kl_gradients_at_well_separated_fits(config, sigma):
     kw = dict(logit_scale=50.0, kl="reverse", eps=1e-8, combine="sum")
     exact = _grads(reference.sdm_loss, q.double(), g.double(), ids, **kw)
     ours = _grads(_triton(config), q, g, ids, **kw)
-    formula = _grads(lambda a, b, qi, gi: _irra_formula(a, b, qi, 50.0, 1e-8), q, g, ids)
+    formula = _grads(functools.partial(formula_sdm, scale=50.0, kl="reverse", eps=1e-8, combine="sum"), q, g, ids)
     for o, f, e in zip(ours, formula, exact):
         assert _rel(o, e) <= 4 * _rel(f, e) + 16 * 2.0**-24, (_rel(o, e), _rel(f, e))
 

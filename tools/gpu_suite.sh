@@ -15,7 +15,8 @@
 # ~350 s on 14 workers before any test runs, and a hash split spreads them over every part
 # (bench/NOTES.md 34). Use four parts (--part 1/4 ... 4/4): on one H100 they took 182 s (bare
 # machine), 119, 178 and 134 s (bench/NOTES.md 36); two parts took 560+ s (bare) and 395 s
-# (warm). `python3 tools/suite_summary.py part logs...` prints the one line for the whole suite (every part there once, same sources).
+# (warm). `python3 tools/suite_summary.py part logs...` prints the one line for the whole suite
+# (every part there once, same sources).
 # --quick: the kernel-facing files only (every kernel path per dtype, the GPU-marked tests, the
 # compiled steps), Hypothesis capped at 10 examples: the check after a kernel change. Without it,
 # the whole suite with the gpu profile capped at SDM_HYPOTHESIS_MAX_EXAMPLES (default 10: on one
