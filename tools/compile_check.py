@@ -17,14 +17,16 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from sdm_triton.kernels import finish, grad, positives, prep, stats  # noqa: E402
+from sdm_triton.kernels import finish, grad, prep, stats  # noqa: E402
 
 FEAT = {"q_ptr", "g_ptr", "a_ptr", "b_ptr", "x_ptr"}
 F32_PTRS = {"pre_ptr", "lab_ptr", "out_ptr", "part_ptr", "rows_ptr", "saved_ptr", "red_ptr", "value_ptr",
             "scale_ptr", "dv_ptr", "drows_ptr", "dscale_ptr", "w_ptr", "gmax_ptr", "u_ptr", "u2_ptr",
             "a_r_ptr", "b_r_ptr"}
 BOOL_PTRS = {"q_msk", "g_msk", "msk", "valid_ptr", "a_msk", "b_msk"}
-ID_PTRS = {"q_ids", "g_ids", "lo_ptr", "hi_ptr", "perm_ptr"}
+#: The ids' pointer type: "*i64", or the job's ``consts["_ids"]`` (not a kernel parameter): "*i32",
+#: the ranks of launch/positives.py.
+ID_PTRS = {"q_ids", "g_ids"}
 
 
 #: Scalar argument types a launch may give the kernels: eager launches type a Python float as fp32
@@ -56,7 +58,7 @@ def signature(kernel, dtype: str, consts: dict, nones=(), scalars: str = "eager"
         elif name in BOOL_PTRS:
             sig[name] = "*i1"
         elif name in ID_PTRS:
-            sig[name] = "*i64"
+            sig[name] = consts.get("_ids", "*i64")
         elif name == "lab":
             sig[name] = "*fp32"
         elif name in ("scale_value", "eps", "coef_q", "coef_g"):
@@ -125,11 +127,11 @@ def main():
         jobs = [
             ("prep", prep._prep_kernel, dict(NORMALIZE=True, DENSE=dense, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), 4, 1,
              nones + ("q_msk", "g_msk")),
-            ("stats128", stats._stats_kernel, dict(common, WANT_POS=reverse, LOOP_IDS=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
+            ("stats128", stats._stats_kernel, dict(common, WANT_POS=reverse, LOOP_IDS=True, LOOP_TERMS=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
              8, 3, nones + ("q_msk", "g_msk", "scale_ptr")),
-            ("stats256", stats._stats_kernel, dict(common, WANT_POS=reverse, LOOP_IDS=True, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64),
+            ("stats256", stats._stats_kernel, dict(common, WANT_POS=reverse, LOOP_IDS=True, LOOP_TERMS=True, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64),
              8, 3, nones + ("q_msk", "g_msk", "scale_ptr")),
-            ("stats32", stats._stats_kernel, dict(common, WANT_POS=reverse, LOOP_IDS=True, BLOCK_M=32, BLOCK_N=32,
+            ("stats32", stats._stats_kernel, dict(common, WANT_POS=reverse, LOOP_IDS=True, LOOP_TERMS=True, BLOCK_M=32, BLOCK_N=32,
              BLOCK_K=64), 4, 2, nones + ("scale_ptr",)),
             ("finish", finish._finish_kernel, dict(REVERSE=reverse, DENSE=dense, WANT_Q2G=True, WANT_G2Q=True, MEAN=True,
              COMBINE_MEAN=True, STATS=True, WANT_POS=True, INTERPRETED=False, BLOCK=1024), 4, 1,
@@ -149,15 +151,10 @@ def main():
              IS_FP32=dtype == "fp32", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3, nones + ("q_msk", "g_msk", "gmax_ptr",
                                                                                         "scale_ptr")),
         ]
-        if not dense:   # the centroid path (issue 27): the loop computes log-sum-exps alone, then the gather
-            jobs += [(name + "c", kernel, dict(consts, LOOP_IDS=False), w, s, nn)
+        if not dense:   # the centroid path (issue 27): no label terms in the loop; reverse KL's
+            # negatives' mass from a compare of int32 ranks
+            jobs += [(name + "c", kernel, dict(consts, LOOP_IDS=reverse, LOOP_TERMS=False, _ids="*i32"), w, s, nn)
                      for name, kernel, consts, w, s, nn in jobs if name.startswith("stats")]
-            # with and without masks: Triton 3.6 refused the gather at 32x32 over how its mask
-            # loads were keyed (bench/NOTES.md 33)
-            jobs += [("gather" + str(bn) + ("" if masks else "m"), positives._positive_mass_kernel,
-                      dict(NUM_STATS=5, SLOT_M=0, SLOT_NEG=3, UPCAST=False, DOT_PRECISION="ieee",
-                           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64), w, s, masks + ("scale_ptr",))
-                     for bm, bn, w, s in ((128, 256, 8, 3), (32, 32, 4, 2)) for masks in (("a_msk", "b_msk"), ())]
         for name, kernel, consts, w, s, nn in jobs:
             if not name.startswith(args.only):
                 continue
@@ -197,11 +194,13 @@ def scalar_jobs(dtype: str, reverse: bool, dense: bool):
     return [
         ("prep", prep._prep_kernel, dict(NORMALIZE=True, DENSE=dense, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16), 4, 1,
          labels),
-        ("stats", stats._stats_kernel, dict(common, WANT_POS=True, LOOP_IDS=True, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32),
+        ("stats", stats._stats_kernel, dict(common, WANT_POS=True, LOOP_IDS=True, LOOP_TERMS=True, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32),
          4, 2, labels + ("scale_ptr",)),
-        ("stats_ls", stats._stats_kernel, dict(common, WANT_POS=True, LOOP_IDS=True, BLOCK_M=32, BLOCK_N=32,
+        ("stats_ls", stats._stats_kernel, dict(common, WANT_POS=True, LOOP_IDS=True, LOOP_TERMS=True, BLOCK_M=32, BLOCK_N=32,
          BLOCK_K=32), 4, 2, labels + ("q_msk", "g_msk")),
-        ("stats_lse", stats._stats_kernel, dict(common, WANT_POS=False, LOOP_IDS=False, BLOCK_M=32, BLOCK_N=32,
+        ("stats_neg", stats._stats_kernel, dict(common, WANT_POS=True, LOOP_IDS=not dense, LOOP_TERMS=dense,
+         BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, _ids="*i32"), 4, 2, labels + ("scale_ptr",)),
+        ("stats_lse", stats._stats_kernel, dict(common, WANT_POS=False, LOOP_IDS=False, LOOP_TERMS=False, BLOCK_M=32, BLOCK_N=32,
          BLOCK_K=32), 4, 2, labels + ("scale_ptr",)),
         ("finish", finish._finish_kernel, dict(REVERSE=reverse, DENSE=dense, WANT_Q2G=True, WANT_G2Q=True, MEAN=True,
          COMBINE_MEAN=True, STATS=True, WANT_POS=True, BLOCK=256), 4, 1, ("scale_ptr",)),
@@ -256,7 +255,7 @@ def sweep(target):
                 (128, 64, 64, 8, 3), (64, 128, 64, 4, 3), (256, 128, 64, 8, 3)]:
         bm, bn, bk, w, s = cfg
         for label, loop_ids in (("stats", True), ("stats_lse", False)):
-            k = compile_one(stats._stats_kernel, "bf16", dict(common, WANT_POS=False, LOOP_IDS=loop_ids, BLOCK_M=bm,
+            k = compile_one(stats._stats_kernel, "bf16", dict(common, WANT_POS=False, LOOP_IDS=loop_ids, LOOP_TERMS=loop_ids, BLOCK_M=bm,
                             BLOCK_N=bn, BLOCK_K=bk), nones, target, w, s)
             print(label, cfg, resources(k))
     for cfg in [(128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3),

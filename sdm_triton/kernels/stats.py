@@ -18,18 +18,19 @@ segment (`finish.py` merges segments and turns them into losses). The negatives'
 positives': at a good fit the positives hold 1 - delta of the mass, and 1 - pos (which reverse
 KL's loss needs, times ln eps) would keep nothing of delta in fp32, while the backward's dS sums
 the negatives pair by pair; their row sums must agree (bench/NOTES.md 37). The positives' mass
-is l - neg. With identity labels and
-``LOOP_IDS`` the tile loop holds, beyond the log-sum-exp, one compare and two masked sums (the
-positives' logits and their count), where the tile is in registers anyway.
+is l - neg.
 
-Without ``LOOP_IDS`` (identity labels: issue 27) the loop is the plain online log-sum-exp
-(m, l), with reverse KL's label-free lin; cnt and forward KL's lin are written as 0, neg as l
-(every column counted negative): the
-label terms come from outside the N x M loop (`launch/positives.py`): cnt_i and, forward KL,
-lin_i = s log2 e <q_i r_i, sum_{j: id_j = id_i} g_j r_j> (the identity centroids,
-O((N + M) D) work), which the launcher writes into segment 0 (lin and cnt merge by plain sums);
-the positives' mass, when wanted, by a gather over each row's positives (`positives.py`), which
-takes it off neg.
+Identity labels enter the loop in two ways, by two switches:
+  ``LOOP_IDS``    the tile's ids are compared (row id against column id), for the negatives'
+                  mass when it is wanted (``WANT_POS``), and for the label terms below;
+  ``LOOP_TERMS``  the label terms cnt and forward KL's lin are summed from that compare. Without
+                  it (issue 27) they come from outside the N x M loop (`launch/positives.py`:
+                  the identity centroids and counts, O((N + M) D) work) and the kernel writes 0
+                  for them (the launcher writes segment 0; lin and cnt merge by plain sums).
+Without either the loop is the plain online log-sum-exp (m, l), with reverse KL's label-free lin.
+The negatives' mass has no form outside the loop (l - pos cancels as 1 - pos does), so it keeps
+the compare; its launcher passes int32 ranks for the ids where the terms come from outside
+(`positives.ranks`), the cheapest compare.
 """
 
 import triton
@@ -60,11 +61,12 @@ def _stats_rows(
     pre_ptr, NR, a_pre, b_pre, lab_ptr, a_dir, out_ptr, NDR,
     row0, n_rows, col0, col1, D, scale_log2e, eps,
     REVERSE: tl.constexpr, DENSE: tl.constexpr, WANT_POS: tl.constexpr, LOOP_IDS: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX: tl.constexpr,
+    LOOP_TERMS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # the labels enter the loop: dense ones always, ids unless their terms come from outside
+    # the labels enter the loop: dense ones always, ids where the loop compares them
     LABELS: tl.constexpr = DENSE or LOOP_IDS
+    tl.static_assert(LABELS or not (WANT_POS or LOOP_TERMS), "the negatives' mass and the loop's label terms need the labels")
     rows = (row0 + tl.arange(0, BLOCK_M)).to(INDEX)
     row_in = rows < n_rows
     row_ok = present(a_msk, a_moff, s_amsk, rows, row_in)
@@ -104,13 +106,14 @@ def _stats_rows(
                 positive = y > 0
             else:
                 positive = same_ids(ai, b_ids, b_ioff, sb_id, cols, col_ok) & col_ok[None, :]
-                cnt += tl.sum(positive.to(tl.float32), axis=1)
+                if LOOP_TERMS:
+                    cnt += tl.sum(positive.to(tl.float32), axis=1)
             if REVERSE:
                 if DENSE:
                     logy = alpha * logy + tl.sum(p * tl.log(y * inv_ya[:, None] + eps), axis=1)
             elif DENSE:
                 lin += tl.sum(y * t, axis=1)
-            else:
+            elif LOOP_TERMS:
                 lin += tl.sum(tl.where(positive, t, 0.0), axis=1)
             if WANT_POS:
                 neg = alpha * neg + tl.sum(tl.where(positive, 0.0, p), axis=1)
@@ -120,8 +123,8 @@ def _stats_rows(
     tl.store(out + SLOT_M * NDR, m, mask=row_in)
     tl.store(out + SLOT_L * NDR, l, mask=row_in)
     tl.store(out + SLOT_LIN * NDR, lin, mask=row_in)
-    if WANT_POS:   # (labels outside the loop: all of l, the gather takes the positives off)
-        tl.store(out + SLOT_NEG * NDR, neg if LABELS else l, mask=row_in)
+    if WANT_POS:
+        tl.store(out + SLOT_NEG * NDR, neg, mask=row_in)
     if DENSE and REVERSE:
         tl.store(out + SLOT_LOGY * NDR, logy, mask=row_in)
     if not DENSE:
@@ -138,7 +141,7 @@ def _stats_kernel(
     pre_ptr, lab_ptr, scale_ptr, out_ptr,
     N, M, K, n_q_programs, seg_cols_q, seg_cols_g, D, scale_value, eps,
     REVERSE: tl.constexpr, DENSE: tl.constexpr, WANT_POS: tl.constexpr, LOOP_IDS: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX: tl.constexpr,
+    LOOP_TERMS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Grid: (row blocks x galleries x segments) of q rows, then (galleries x row blocks x
@@ -163,7 +166,7 @@ def _stats_kernel(
             pre_ptr=pre_ptr, NR=NR, a_pre=0, b_pre=N + k * M, lab_ptr=lab_ptr, a_dir=k * N,
             out_ptr=out_ptr + seg * (NUM_STATS * NDR), NDR=NDR,
             row0=row0, n_rows=N, col0=col0, col1=tl.minimum(col0 + seg_cols_q, M), D=D, scale_log2e=s_log2e, eps=eps,
-            REVERSE=REVERSE, DENSE=DENSE, WANT_POS=WANT_POS, LOOP_IDS=LOOP_IDS, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
+            REVERSE=REVERSE, DENSE=DENSE, WANT_POS=WANT_POS, LOOP_IDS=LOOP_IDS, LOOP_TERMS=LOOP_TERMS, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
             INDEX=INDEX, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     else:
         p = pid - n_q_programs
@@ -181,5 +184,5 @@ def _stats_kernel(
             pre_ptr=pre_ptr, NR=NR, a_pre=N + k * M, b_pre=0, lab_ptr=lab_ptr, a_dir=K * N + k * M,
             out_ptr=out_ptr + seg * (NUM_STATS * NDR), NDR=NDR,
             row0=row0, n_rows=M, col0=col0, col1=tl.minimum(col0 + seg_cols_g, N), D=D, scale_log2e=s_log2e, eps=eps,
-            REVERSE=REVERSE, DENSE=DENSE, WANT_POS=WANT_POS, LOOP_IDS=LOOP_IDS, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
+            REVERSE=REVERSE, DENSE=DENSE, WANT_POS=WANT_POS, LOOP_IDS=LOOP_IDS, LOOP_TERMS=LOOP_TERMS, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
             INDEX=INDEX, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)

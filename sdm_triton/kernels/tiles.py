@@ -184,9 +184,14 @@ def present(msk_ptr, off, s_msk, idx, in_range):
 
 @triton.jit
 def load_ids(ids_ptr, off, s_id, idx, in_range):
-    """Identity labels as int64 values: ids of two integer dtypes compare by value (Triton would
-    promote int8 vs uint8 to uint8, making -1 equal 255)."""
-    return tl.load(ids_ptr + off + idx * s_id, mask=in_range, other=0).to(tl.int64)
+    """Identity labels as int64 values, int32 ones as they are: ids of two integer dtypes compare
+    by value (Triton would promote int8 vs uint8 to uint8, making -1 equal 255; int32 against
+    int64 promotes to int64, by value), and two int32 sides (the ranks of `positives.ranks`)
+    compare in int32, the cheaper compare inside the N x M loop."""
+    ids = tl.load(ids_ptr + off + idx * s_id, mask=in_range, other=0)
+    if ids_ptr.dtype.element_ty != tl.int32:
+        ids = ids.to(tl.int64)
+    return ids
 
 
 @triton.jit

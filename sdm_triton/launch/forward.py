@@ -16,9 +16,9 @@ from ..kernels.prep import _prep_kernel
 from ..kernels.stats import NUM_STATS as _KERNEL_NUM_STATS
 from ..kernels.stats import SLOT_CNT, SLOT_LIN
 from ..kernels.stats import _stats_kernel
-from ..problem import Problem
+from ..problem import Problem, _gallery_row_strides
 from .policy import column_segments, interpreting, positives_path, table_tiles
-from .positives import positive_mass, positives
+from .positives import positives, ranks
 from .tiles import (_cdiv, _dot_precision, _per_problem, _prep_tiles, _problem_index, _side_args, _stats_tiles,
                     _traceable)
 
@@ -87,11 +87,10 @@ def prepare(p: Problem, label_masses: Optional[torch.Tensor] = None) -> torch.Te
 
 def statistics(p: Problem, prepared: torch.Tensor) -> Statistics:
     """part [S, NUM_STATS, NDR] fp32 (kernels/stats.py), in column segments
-    (`policy.column_segments`). With `policy.positives_path` "centroids" the kernel computes the
-    log-sum-exps alone and the positives' lin and cnt (`positives.py`) go into segment 0 (forward
-    KL merges them by plain sums; the kernel wrote 0 in every segment), and the positives'
-    softmax mass, when wanted, comes off the negatives' (the kernel wrote l) in the segment of each
-    row's maximum (`positives.positive_mass`)."""
+    (`policy.column_segments`). With `policy.positives_path` "centroids" the loop sums no label
+    terms: the positives' lin and cnt (`positives.positives`) go into segment 0 (forward KL
+    merges them by plain sums; the kernel wrote 0 in every segment), and the loop compares ids
+    only for the negatives' softmax mass, when it is wanted, as int32 ranks (`positives.ranks`)."""
     n, m, k, d = p.n, p.m, p.galleries, p.d
     ndr = p.num_rows
     dev = p.q.device
@@ -113,24 +112,26 @@ def statistics(p: Problem, prepared: torch.Tensor) -> Statistics:
         part = torch.full(shape, math.inf, dtype=torch.float32, device=dev)
     else:
         part = torch.empty(shape, dtype=torch.float32, device=dev)
-    # the gather of the positives' mass puts row c's positive in column lane c of a statistics
-    # tile (kernels/positives.py): tiles with fewer columns than rows keep the loop
-    loop_ids = positives_path(p) == "tiles" or (_want_pos(p) and t.block_n < t.block_m)
+    loop_terms = positives_path(p) == "tiles"
+    loop_ids = loop_terms or _want_pos(p)
+    args = _side_args(p)
+    if loop_ids and not loop_terms:       # the negatives' mass alone: compare int32 ranks
+        q_rank, g_rank = ranks(p)
+        s_gid_gal, s_gid = _gallery_row_strides(g_rank)
+        args.update(q_ids=q_rank, s_qid=q_rank.stride(0), g_ids=g_rank, s_gid_gal=s_gid_gal, s_gid=s_gid)
     _traceable(_stats_kernel)[(n_qp * s_q + n_gp * s_g,)](
-        **_side_args(p), pre_ptr=pre, lab_ptr=lab, scale_ptr=p.scale, out_ptr=part,
+        **args, pre_ptr=pre, lab_ptr=lab, scale_ptr=p.scale, out_ptr=part,
         N=n, M=m, K=k, n_q_programs=n_qp * s_q, seg_cols_q=seg_q, seg_cols_g=seg_g, D=d,
-        scale_value=p.scale_value, eps=o.eps, REVERSE=o.reverse, DENSE=p.dense, WANT_POS=_want_pos(p), LOOP_IDS=loop_ids,
+        scale_value=p.scale_value, eps=o.eps, REVERSE=o.reverse, DENSE=p.dense, WANT_POS=_want_pos(p),
+        LOOP_IDS=loop_ids, LOOP_TERMS=loop_terms,
         UPCAST=interpreting() and p.q.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(p.q.dtype),
         INDEX=_problem_index(p), BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
         num_warps=t.num_warps, num_stages=t.num_stages)
-    if not loop_ids:
-        r = pre[:p.num_samples]
-        lin, cnt = positives(p, r, want_lin=not o.reverse)       # reverse KL's lin is the loop's
+    if not loop_terms:
+        lin, cnt = positives(p, pre[:p.num_samples], want_lin=not o.reverse)   # reverse KL's lin is the loop's
         if lin is not None:
             part[0, _SLOT_LIN].copy_(lin)
         part[0, _SLOT_CNT].copy_(cnt)
-        if _want_pos(p):
-            positive_mass(p, r, part, s_q, s_g)
     return Statistics(part, s_q, s_g)
 
 

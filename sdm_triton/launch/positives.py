@@ -20,6 +20,9 @@ sum_j t_ij than the tiles' (a few units of fp32 roundoff times |t| apart, the er
 comparison allows a logit, `testing._compare`); the loss clamp of `finish.py` keeps forward KL
 >= 0 where the two evaluations of a perfect fit differ in the last bits. The backward does not
 read lin (dL/dS = P - Y).
+
+The negatives' softmax mass (reverse KL's loss, ``return_stats``) has no such form: it stays a
+compare inside the loop, of int32 ranks (`ranks`) rather than the ids.
 """
 
 from __future__ import annotations
@@ -29,14 +32,9 @@ from typing import NamedTuple, Optional, Tuple
 import numpy as np
 import torch
 
-from ..kernels.positives import _positive_mass_kernel
-from ..kernels.stats import NUM_STATS, SLOT_M, SLOT_NEG
 from ..kernels.tiles import LOG2E
 from ..problem import Problem
-from .policy import interpreting
-from .tiles import _cdiv, _dot_precision, _per_problem, _stats_tiles, _traceable
-
-_SLOT_M, _SLOT_NEG = SLOT_M.value, SLOT_NEG.value
+from .tiles import _per_problem
 
 
 def _scale_log2e(p: Problem):
@@ -66,7 +64,7 @@ class _Order(NamedTuple):
 
 @_per_problem
 def _order(p: Problem) -> _Order:
-    """`_Order` of a problem, sorted once for the centroids and the gather."""
+    """`_Order` of a problem, sorted once for its centroids and counts."""
     q_ids = p.q_ids.to(torch.int64)
     g_ids = p.g_ids.to(torch.int64).expand(p.galleries, p.m)
     return _Order(q_ids, g_ids, torch.sort(g_ids, dim=-1), torch.sort(q_ids[None], dim=-1))
@@ -147,51 +145,23 @@ def positives(p: Problem, r: torch.Tensor, want_lin: bool = True) -> Tuple[Optio
     return torch.cat([lin_q.reshape(-1), lin_g.reshape(-1)]), cnt
 
 
-def _ranges(row_ids: torch.Tensor, sorted_ids: torch.Tensor):
-    """Each row's positives as a range [lo, hi) of a column side's sorted ids (`_Order`): rows
-    ``row_ids`` [B, R] against ``sorted_ids`` [B, C], or [1, C] shared by every row. Absent
-    columns stay in the ranges (the kernel skips them)."""
-    rows = row_ids.contiguous()
-    if sorted_ids.shape[0] == 1 < rows.shape[0]:          # one sorted side for every gallery's rows
-        flat = rows.reshape(-1)
-        return (torch.searchsorted(sorted_ids[0], flat).view(rows.shape),
-                torch.searchsorted(sorted_ids[0], flat, right=True).view(rows.shape))
-    return torch.searchsorted(sorted_ids, rows), torch.searchsorted(sorted_ids, rows, right=True)
+@_per_problem
+def ranks(p: Problem) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The identity labels of both sides as int32 ranks in one numbering (equal ranks exactly
+    where the ids are equal, by value): (q ranks [N], gallery ranks shaped as ``p.g_ids``).
 
-
-def positive_mass(p: Problem, r: torch.Tensor, part: torch.Tensor, segments_q: int, segments_g: int) -> None:
-    """Each identity-labelled softmax row's positives' mass, sum_{j positive} 2^(t_ij - M_i), taken
-    off the negatives' mass (there: every column's) of the statistics ``part`` [S, NUM_STATS, NDR]
-    at the segment of the row's maximum M_i
-    (`kernels/positives.py`): the statistics pass (m of every segment) must have run. ``r`` [NR]:
-    the preparation pass's inverse norms; ``segments_q`` / ``segments_g``: the segments the q rows
-    / gallery rows have in ``part`` (the others hold no statistics of theirs: never read)."""
-    n, m, k, d = p.n, p.m, p.galleries, p.d
-    order = _order(p)
-    sg_gal, sg_row, sg_d = p.g_strides()
-    s_gmsk_gal, s_gmsk = p.g_mask_strides()
-    s_qmsk = p.q_mask.stride(0) if p.q_mask is not None else 0
-    t = _stats_tiles(p)          # the statistics pass's tiles: its logits bit for bit (kernels/positives.py)
-    common = dict(part_ptr=part, NDR=p.num_rows, D=d, scale_ptr=p.scale, scale_value=p.scale_value,
-                  NUM_STATS=NUM_STATS, SLOT_M=_SLOT_M, SLOT_NEG=_SLOT_NEG,
-                  UPCAST=interpreting() and p.q.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(p.q.dtype),
-                  BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps,
-                  num_stages=t.num_stages)
-    q_side = dict(ptr=p.q, gal=0, row=p.q.stride(0), d=p.q.stride(1), msk=p.q_mask, msk_gal=0, msk_s=s_qmsk,
-                  r=r[:n], r_gal=0)
-    g_side = dict(ptr=p.g, gal=sg_gal, row=sg_row, d=sg_d, msk=p.g_mask, msk_gal=s_gmsk_gal, msk_s=s_gmsk,
-                  r=r[n:], r_gal=m)
-    # q rows against each gallery's columns, then each gallery's rows against the queries
-    (g_sorted, perm_g), (q_sorted, perm_q) = order.g_sorted, order.q_sorted
-    lo_q, hi_q = _ranges(order.q_ids.expand(k, n), g_sorted)
-    lo_g, hi_g = _ranges(order.g_ids, q_sorted)
-    for a, b, lo, hi, perm, dir0, rows, segs in ((q_side, g_side, lo_q, hi_q, perm_g, 0, n, segments_q),
-                                                (g_side, q_side, lo_g, hi_g, perm_q, k * n, m, segments_g)):
-        _traceable(_positive_mass_kernel)[(_cdiv(rows, t.block_m), k)](
-            a_ptr=a["ptr"], sa_gal=a["gal"], sa_row=a["row"], sa_d=a["d"],
-            b_ptr=b["ptr"], sb_gal=b["gal"], sb_row=b["row"], sb_d=b["d"],
-            a_msk=a["msk"], s_amsk_gal=a["msk_gal"], s_amsk=a["msk_s"],
-            b_msk=b["msk"], s_bmsk_gal=b["msk_gal"], s_bmsk=b["msk_s"],
-            a_r_ptr=a["r"], s_ar_gal=a["r_gal"], b_r_ptr=b["r"], s_br_gal=b["r_gal"],
-            lo_ptr=lo, hi_ptr=hi, perm_ptr=perm, s_perm_gal=perm.stride(0) if perm.shape[0] > 1 else 0,
-            dir0=dir0, n_rows=rows, S=segs, **common)
+    The statistics loop compares ids only where it needs the negatives' softmax mass (reverse
+    KL, ``return_stats``): a pair by pair sum that no quantity outside the loop can stand in
+    for (l - pos cancels where the positives hold almost all of a row's mass: bench/NOTES.md 37,
+    38). Ranks make that compare an int32 one (the int64 ids' loads and compares cost 1.5 ms per
+    direction more at N = 32768: ../shared/yardsticks/stats_pass.py). One sort of the N + K M ids,
+    no host synchronisation."""
+    q_ids = p.q_ids.to(torch.int64)
+    g_ids = p.g_ids.to(torch.int64)
+    ids = torch.cat([q_ids, g_ids.reshape(-1)])
+    sorted_ids, perm = torch.sort(ids)
+    first = torch.ones_like(sorted_ids, dtype=torch.bool)
+    first[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    rank_sorted = (torch.cumsum(first, dim=0) - 1).to(torch.int32)
+    rank = torch.empty_like(rank_sorted).scatter_(0, perm, rank_sorted)
+    return rank[:p.n], rank[p.n:].view(g_ids.shape)
