@@ -145,8 +145,8 @@ class KernelConfig:
     problems) or "chunked" (dL/dS written to a bounded workspace chunk by chunk and
     multiplied with cuBLAS: large problems); positives: "tiles" (identity labels compared and
     summed inside the forward's N x M loop) or "centroids" (identity labels: counts and logit
-    sums from identity centroids outside it, the positives' softmax mass of reverse KL and the
-    statistics by a gather over each row's positives; dense labels: tiles).
+    sums from identity centroids outside it; the negatives' softmax mass of reverse KL and the
+    statistics from a compare of int32 ranks inside it; dense labels: tiles).
 
     ``KernelConfig.parse("chunked_m128n128k64w8s3_bm128bn64bw8")`` reads the same fields from
     a name (tokens ``fused``, ``chunked``, ``tiles``, ``centroids``, ``auto`` (sets nothing), and

@@ -24,8 +24,9 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 TRUTH = _compare.dense_reference
 #: (config, paths): one tile per side, and non-square tiles cutting the columns into segments
-#: (the centroids' terms go into segment 0 and merge with the others by plain sums)
-CONFIGS = ["m16n16", "m16n32seg3"] if not CUDA else ["auto", "m64n128seg3"]
+#: (the centroids' terms go into segment 0 and merge with the others by plain sums) with the
+#: chunked backward (whose W pass compares ranks on the centroids path)
+CONFIGS = ["m16n16", "chunked_m16n32seg3"] if not CUDA else ["auto", "chunked_m64n128seg3"]
 I64 = torch.iinfo(torch.int64)
 
 
@@ -186,7 +187,7 @@ def test_which_path_runs():
     assert KernelConfig.parse("chunked_centroids_m16").name() == "chunked_centroids_m16"
     # the names this file composes from CONFIGS on either machine ("auto" is the GPU's: its
     # "auto_centroids" failed to parse on the H100 only, bench/NOTES.md 29)
-    for config in ("auto", "m16n16", "m16n32seg3", "m64n128seg3"):
+    for config in ("auto", "m16n16", "chunked_m16n32seg3", "chunked_m64n128seg3"):
         for positives in ("tiles", "centroids"):
             assert KernelConfig.parse(f"{config}_{positives}").positives == positives
     assert KernelConfig.parse("auto_centroids") == KernelConfig(positives="centroids")

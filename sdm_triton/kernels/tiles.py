@@ -74,13 +74,6 @@ def log2_logits(dot, ra, rb, s_log2e):
 
 
 @triton.jit
-def log2_logit_pairs(dot, ra, rb, s_log2e):
-    """`log2_logits`' t of pairs (i, j_i) given as vectors: the same operations on each element,
-    so the same bits as the tile's entry (the positives' gather, `positives.py`)."""
-    return _times_rounded(dot * (ra * rb), s_log2e)
-
-
-@triton.jit
 def _times_rounded(x, y):
     """x * y rounded on its own: never contracted into an FMA with what follows (`log2_logits`)."""
     if INTERPRETED:
@@ -124,9 +117,9 @@ def _logit_mma(a, b, acc, DOT_PRECISION: tl.constexpr):
     inputs on the tensor cores). Under the CPU interpreter the products are summed along the
     features by numpy's reduction instead of its matmul: each element then takes the same
     operations whatever its position in the tile and whichever operand holds it (numpy's sgemm
-    rounds a row differently at another row position: bench/NOTES.md 31), so a tile of gathered
-    rows (kernels/positives.py) or of swapped operands has the statistics loop's logits bit for
-    bit, as the tensor cores' do."""
+    rounds a row differently at another row position: bench/NOTES.md 31), so a tile of swapped
+    operands, or one cut at other rows, has the statistics loop's logits bit for bit, as the
+    tensor cores' do."""
     if INTERPRETED:
         return acc + tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
     if a.dtype == tl.float32:
@@ -305,9 +298,9 @@ def logit_dot(a_ptr, sa_row, sa_d, rows, row_in, b_ptr, sb_row, sb_d, cols, col_
 
     The backwards rebuild t and take exp2(t - m) with the forward's row maxima m of both
     softmaxes: a tile of q rows uses the maxima of gallery rows, which the forward computed on
-    tiles of gallery rows, the operands swapped; the positives' gather (kernels/positives.py)
-    puts a row's pairs at other positions of its tile. That needs <q_i, g_j> bit for bit
-    whichever side is the A operand and wherever the pair sits in the tile: one rounding of
+    tiles of gallery rows, the operands swapped, and the chunked backward's tiles cut the rows
+    and columns where the forward's did not. That needs <q_i, g_j> bit for bit whichever side
+    is the A operand and wherever the pair sits in the tile: one rounding of
     difference is a factor 2^(u |t|) in P, and at |t| ~ 1e6 (temperature 1e-6) or 1e22
     (normalize=False, features ~1e20) that is a softmax off by percents, or exp2 of a large
     positive number: inf (issue 26.4). On the GPU `dot_tile` is so already: an fp32 output is

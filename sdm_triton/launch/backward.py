@@ -24,7 +24,8 @@ from ..kernels.grad import (
 )
 from .. import matmul
 from ..problem import Problem
-from .policy import backward_path, interpreting, padded_d, table_tiles
+from .policy import backward_path, interpreting, padded_d, positives_path, table_tiles
+from .positives import ids_as_ranks
 from .tiles import (_cdiv, _chunk_tiles, _dot_precision, _fused_tiles, _per_problem, _problem_index, _side_args, _span,
                     _stats_tiles, _traceable, tracing)
 
@@ -133,6 +134,8 @@ def _chunked_backward(p: Problem, out: ForwardOut, d_value, d_rows, want, grad_d
     dev, f32, dtype = p.q.device, torch.float32, p.q.dtype
     buf, saved, coef_q, coef_g, flags = _state_coefficients_flags(p, out)
     args = _side_args(p)
+    if positives_path(p) == "centroids":      # the W pass compares identity labels as int32 ranks
+        args = ids_as_ranks(p, args)
     q_side, g_side = _sides(p)
     split = dtype != torch.float32
     t = _chunk_tiles(p)

@@ -16,9 +16,9 @@ from ..kernels.prep import _prep_kernel
 from ..kernels.stats import NUM_STATS as _KERNEL_NUM_STATS
 from ..kernels.stats import SLOT_CNT, SLOT_LIN
 from ..kernels.stats import _stats_kernel
-from ..problem import Problem, _gallery_row_strides
+from ..problem import Problem
 from .policy import column_segments, interpreting, positives_path, table_tiles
-from .positives import positives, ranks
+from .positives import ids_as_ranks, positives
 from .tiles import (_cdiv, _dot_precision, _per_problem, _prep_tiles, _problem_index, _side_args, _stats_tiles,
                     _traceable)
 
@@ -116,9 +116,7 @@ def statistics(p: Problem, prepared: torch.Tensor) -> Statistics:
     loop_ids = loop_terms or _want_pos(p)
     args = _side_args(p)
     if loop_ids and not loop_terms:       # the negatives' mass alone: compare int32 ranks
-        q_rank, g_rank = ranks(p)
-        s_gid_gal, s_gid = _gallery_row_strides(g_rank)
-        args.update(q_ids=q_rank, s_qid=q_rank.stride(0), g_ids=g_rank, s_gid_gal=s_gid_gal, s_gid=s_gid)
+        args = ids_as_ranks(p, args)
     _traceable(_stats_kernel)[(n_qp * s_q + n_gp * s_g,)](
         **args, pre_ptr=pre, lab_ptr=lab, scale_ptr=p.scale, out_ptr=part,
         N=n, M=m, K=k, n_q_programs=n_qp * s_q, seg_cols_q=seg_q, seg_cols_g=seg_g, D=d,

@@ -61,14 +61,14 @@ def backward_path(p) -> str:
 
 def positives_path(p) -> str:
     """How the statistics pass gets the positives' terms of identity labels: "centroids" (the
-    kernel computes log-sum-exps alone; counts and logit sums from identity centroids,
+    loop sums no label terms: counts and forward KL's logit sums come from identity centroids,
     launch/positives.py: issue 27) or "tiles" (compared and summed inside the N x M loop).
-    Centroids serve identity labels: forward KL's counts and logit sums from the centroids,
-    the positives' softmax mass (reverse KL's loss, ``return_stats``) by a gather over each
-    row's positives after the statistics pass (kernels/positives.py); KernelConfig.positives
-    forces either (dense labels always take the tiles). "auto" is "tiles" until the centroids
-    have run the GPU suite and been timed against the yardstick (bench/NOTES.md 25, 31: built
-    on the CPU, not yet run on a GPU)."""
+    On the centroids path the negatives' softmax mass (reverse KL's loss, ``return_stats``)
+    stays a compare inside the loop, of int32 ranks (`positives.ranks`), as do the chunked
+    backward's labels; KernelConfig.positives forces either (dense labels always take the
+    tiles). "auto" is "tiles" until the centroids have run the whole GPU suite as the default
+    (timed on an H100, bench/NOTES.md 38: the forward at N = 32768 3.2x (forward KL) and 5.4x
+    (reverse) faster than the loop's compare of int64 ids)."""
     if p.dense:
         return "tiles"
     return "centroids" if p.config.positives == "centroids" else "tiles"

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..kernels.tiles import LOG2E
-from ..problem import Problem
+from ..problem import Problem, _gallery_row_strides
 from .tiles import _per_problem
 
 
@@ -165,3 +165,12 @@ def ranks(p: Problem) -> Tuple[torch.Tensor, torch.Tensor]:
     rank_sorted = (torch.cumsum(first, dim=0) - 1).to(torch.int32)
     rank = torch.empty_like(rank_sorted).scatter_(0, perm, rank_sorted)
     return rank[:p.n], rank[p.n:].view(g_ids.shape)
+
+
+def ids_as_ranks(p: Problem, args: dict) -> dict:
+    """A launch's `_side_args` with the identity labels replaced by their int32 `ranks`: the
+    compares of the N x M loops (the statistics pass's negatives' mass, the chunked backward's
+    labels) on the centroids path."""
+    q_rank, g_rank = ranks(p)
+    s_gid_gal, s_gid = _gallery_row_strides(g_rank)
+    return dict(args, q_ids=q_rank, s_qid=q_rank.stride(0), g_ids=g_rank, s_gid_gal=s_gid_gal, s_gid=s_gid)
