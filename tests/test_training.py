@@ -266,18 +266,20 @@ def test_triton_presence_is_a_constant_under_compile_without_importing_dynamo():
     assert out.stdout.splitlines() == ["dynamo at import: False", "called: 1"], out.stdout + out.stderr[-3000:]
 
 
+@pytest.mark.parametrize("config", ["chunked", "chunked_centroids"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_the_traced_launches_compute_what_eager_launches_do(dtype):
+def test_the_traced_launches_compute_what_eager_launches_do(dtype, config):
     """The chunked backward with the launch layer in its traced mode (as inside the compiled
     operators: the products through `matmul.traced_products`) gives eager's numbers; several
-    column chunks. On the CPU the kernels themselves still run interpreted."""
+    column chunks; the centroids path's kernels too. On the CPU the kernels themselves still
+    run interpreted."""
     from sdm_triton import launch
 
     case = _case(n=20, m=37, d=24, dtype=dtype, device="cuda" if CUDA else "cpu")
 
     def step(q, g, qi, gi, ls, qm):
         return sdm_triton.sdm_loss(q, g, qi, gi, logit_scale=ls, q_mask=qm, backend="triton",
-                                   kernel_config="chunked", workspace_bytes=1)
+                                   kernel_config=config, workspace_bytes=1)
 
     eager = _grads(step, *case)
     with launch.traceable_launches():

@@ -17,12 +17,14 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from sdm_triton.kernels import finish, grad, prep, stats  # noqa: E402
+from sdm_triton.kernels import centroids, finish, grad, prep, stats  # noqa: E402
 
 FEAT = {"q_ptr", "g_ptr", "a_ptr", "b_ptr", "x_ptr"}
 F32_PTRS = {"pre_ptr", "lab_ptr", "out_ptr", "part_ptr", "rows_ptr", "saved_ptr", "red_ptr", "value_ptr",
             "scale_ptr", "dv_ptr", "drows_ptr", "dscale_ptr", "w_ptr", "gmax_ptr", "u_ptr", "u2_ptr",
-            "a_r_ptr", "b_r_ptr"}
+            "a_r_ptr", "b_r_ptr", "r_ptr", "lin_ptr"}
+F64_PTRS = {"c_ptr"}
+I64_PTRS = {"grp_ptr"}
 BOOL_PTRS = {"q_msk", "g_msk", "msk", "valid_ptr", "a_msk", "b_msk"}
 #: The ids' pointer type: "*i64", or the job's ``consts["_ids"]`` (not a kernel parameter): "*i32",
 #: the ranks of launch/positives.py.
@@ -55,6 +57,10 @@ def signature(kernel, dtype: str, consts: dict, nones=(), scalars: str = "eager"
             sig[name] = "*" + ("fp32" if dtype == "fp32" else dtype)
         elif name in F32_PTRS:
             sig[name] = "*fp32"
+        elif name in F64_PTRS:
+            sig[name] = "*fp64"
+        elif name in I64_PTRS:
+            sig[name] = "*i64"
         elif name in BOOL_PTRS:
             sig[name] = "*i1"
         elif name in ID_PTRS:
@@ -151,6 +157,13 @@ def main():
              IS_FP32=dtype == "fp32", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3, nones + ("q_msk", "g_msk", "gmax_ptr",
                                                                                         "scale_ptr")),
         ]
+        if not dense and not reverse:   # forward KL's positives' logit sums from identity centroids
+            # (name suffixes: m, a mask given; s, a scale tensor given)
+            jobs += [("centroid_sums" + ("" if nn else "m"), centroids._centroid_sums_kernel,
+                      dict(BLOCK_M=32, BLOCK_D=64), 4, 1, nn) for nn in (("msk",), ())]
+            jobs += [("centroid_dots" + ("" if "msk" in nn else "m") + ("" if "scale_ptr" in nn else "s"),
+                      centroids._centroid_dots_kernel, dict(BLOCK_M=32, BLOCK_D=64), 4, 1, nn)
+                     for nn in (("msk", "scale_ptr"), ("scale_ptr",), ())]
         if not dense:   # the centroid path (issue 27): no label terms in the loop; reverse KL's
             # negatives' mass from a compare of int32 ranks
             jobs += [(name + "c", kernel, dict(consts, LOOP_IDS=reverse, LOOP_TERMS=False, _ids="*i32"), w, s, nn)
@@ -215,6 +228,8 @@ def scalar_jobs(dtype: str, reverse: bool, dense: bool):
         ("chunk_ls", grad._grad_chunk_kernel, dict(bwd, WANT_DSCALE=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 4, 2,
          labels + ("q_msk", "g_msk", "dscale_ptr")),
         ("weights", grad._weights_kernel, dict(MEAN=True, BLOCK=256), 4, 1, ("drows_ptr",)),
+        ("centroid_sums", centroids._centroid_sums_kernel, dict(BLOCK_M=16, BLOCK_D=16), 4, 1, ()),
+        ("centroid_dots", centroids._centroid_dots_kernel, dict(BLOCK_M=16, BLOCK_D=16), 4, 1, ("scale_ptr",)),
         ("operand", grad._operand_kernel, dict(BLOCK_M=32, BLOCK_D=64), 4, 1, ()),
         ("input_grad", grad._input_grad_kernel, dict(NORMALIZE=True, BLOCK_M=32, BLOCK_D=64), 4, 1,
          ("u2_ptr", "scale_ptr")),

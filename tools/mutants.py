@@ -123,6 +123,11 @@ MUTANTS = [
            "tests/test_positives.py::test_centroids_match_float64",
            "ids one apart share a rank: the centroids path's compare takes neighbours' samples for positives "
            "(reverse KL's negatives' mass)"),
+    Mutant("centroids_take_absent_rows", "sdm_triton/kernels/centroids.py",
+           [("    keep = present(msk, k * s_msk_gal, s_msk, rows, row_in)\n    r = ",
+             "    keep = row_in\n    r = ")],
+           "tests/test_positives.py::test_centroids_match_float64",
+           "the identity centroids sum absent samples' features too: forward KL's positives' logit sums off"),
     Mutant("ids_kept_narrow", "sdm_triton/kernels/tiles.py",
            [("    if ids_ptr.dtype.element_ty != tl.int32:\n        ids = ids.to(tl.int64)",
              "    if ids_ptr.dtype.element_ty == tl.int64:\n        ids = ids.to(tl.int64)")],

@@ -10,11 +10,12 @@ logits (`kernels/stats.py`, slots cnt and lin):
 (x the raw features, r the inverse norms of the preparation pass): O((N + K M) D)
 work beside the N x M loop, which then computes the log-sum-exps alone. Identities are
 grouped by sorting (ids are any integers, int64 ones included: no hashing, no torch.unique
-and no host synchronisation); each column side's centroids are sums over its group, each row
-looks its identity up by binary search.
+and no host synchronisation) and counted here; each row looks its identity's group up by
+binary search; the centroids (sums over each group) and the rows' dots with them are two
+kernels (`kernels/centroids.py`), one pass over each side's features.
 
 Rounding: the centroids and the dots are accumulated in float64 and lin rounded to fp32 once
-before the scale (so that the order of the scatter's additions, an atomic one on a GPU, changes
+before the scale (so that the order of the centroids' additions, atomic ones on a GPU, changes
 no bit but at a rounding tie, ~2^-29 of the values). lin_i is thus a different evaluation of
 sum_j t_ij than the tiles' (a few units of fp32 roundoff times |t| apart, the error the float64
 comparison allows a logit, `testing._compare`); the loss clamp of `finish.py` keeps forward KL
@@ -29,27 +30,15 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional, Tuple
 
-import numpy as np
 import torch
 
-from ..kernels.tiles import LOG2E
+from ..kernels.centroids import _centroid_dots_kernel, _centroid_sums_kernel
 from ..problem import Problem, _gallery_row_strides
-from .tiles import _per_problem
-
-
-def _scale_log2e(p: Problem):
-    """s log2 e as the statistics kernel forms it: the fp32 scale times fp32 log2 e, rounded."""
-    if p.scale is not None:
-        return p.scale.detach().to(torch.float32) * np.float32(LOG2E.value).item()
-    return float(np.float32(p.scale_value) * np.float32(LOG2E.value))
+from .policy import table_tiles
+from .tiles import _cdiv, _per_problem, _traceable
 
 
 F64 = torch.float64
-
-
-def _present(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """``x`` in float64 with absent samples' rows 0 (they may hold anything, NaN included)."""
-    return torch.where(keep[..., None], x.to(F64), 0.0)
 
 
 class _Order(NamedTuple):
@@ -70,12 +59,19 @@ def _order(p: Problem) -> _Order:
     return _Order(q_ids, g_ids, torch.sort(g_ids, dim=-1), torch.sort(q_ids[None], dim=-1))
 
 
-def _groups(sorted_ids: torch.Tensor, perm: torch.Tensor, col_x, col_keep: torch.Tensor):
-    """The identity groups of a column side, batched over galleries: its ids sorted, ``sorted_ids``
-    and ``perm`` [B, C] (`_Order`), ``col_x`` [B, C, D] float64 (rows x_j r_j, 0 where absent;
-    None: no centroids wanted), ``col_keep`` [B, C] bool. Returns (sorted ids [B, C], group of
-    each sorted position [B, C] (global: b C + local), present count per group [B C], centroid
-    per group [B C, D] or None)."""
+class _Groups(NamedTuple):
+    """The identity groups of a column side, batched over galleries (`_groups`): its ids sorted
+    [B, C], the group of each sorted position and of each column as given [B, C] (global
+    numbers: b C + local), the present count per group [B C]."""
+    sorted_ids: torch.Tensor
+    group_sorted: torch.Tensor
+    group: torch.Tensor
+    counts: torch.Tensor
+
+
+def _groups(sorted_ids: torch.Tensor, perm: torch.Tensor, col_keep: torch.Tensor) -> _Groups:
+    """`_Groups` of a column side from its ids sorted, ``sorted_ids`` and ``perm`` [B, C]
+    (`_Order`), and its presence ``col_keep`` [B, C] bool."""
     b, c = sorted_ids.shape
     first = torch.ones_like(sorted_ids, dtype=torch.bool)
     first[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
@@ -84,28 +80,59 @@ def _groups(sorted_ids: torch.Tensor, perm: torch.Tensor, col_x, col_keep: torch
     group = torch.empty_like(group_sorted).scatter_(-1, perm, group_sorted)   # of each column as given
     counts = torch.zeros(b * c, dtype=torch.float32, device=sorted_ids.device)
     counts.index_add_(0, group.reshape(-1), col_keep.reshape(-1).to(torch.float32))
-    centroids = None
-    if col_x is not None:
-        d = col_x.shape[-1]
-        centroids = torch.zeros(b * c, d, dtype=F64, device=sorted_ids.device)
-        centroids.index_add_(0, group.reshape(-1), col_x.reshape(b * c, d))
-    return sorted_ids, group_sorted, counts, centroids
+    return _Groups(sorted_ids, group_sorted, group, counts)
 
 
-def _rows_against(row_ids, row_x, row_r, sorted_ids, group_sorted, counts, centroids, s_log2e):
-    """(lin, cnt) [B, R] fp32 of rows with ids ``row_ids`` [B, R], raw rows ``row_x`` [B, R, D]
-    (float64) and inverse norms ``row_r`` [B, R] against the column groups of `_groups`; lin None
-    (and ``row_x``, ``row_r`` unread: None) where the groups have no centroids."""
-    c = sorted_ids.shape[-1]
-    at = torch.searchsorted(sorted_ids, row_ids.contiguous()).clamp_(max=c - 1)   # the first column id >= the row's
-    found = sorted_ids.gather(-1, at) == row_ids
-    group = group_sorted.gather(-1, at)
-    cnt = torch.where(found, counts[group], 0.0)
-    if centroids is None:
-        return None, cnt
-    cos = ((row_x * centroids[group]).sum(dim=-1) * row_r).to(torch.float32)   # <x_i, c_id(i)> r_i
-    lin = torch.where(found & (cnt > 0), cos * s_log2e, 0.0)
-    return lin, cnt
+def _rows_against(row_ids: torch.Tensor, groups: _Groups) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(group, cnt) [B, R] of rows with ids ``row_ids`` [B, R] against a column side's `_Groups`:
+    each row's group (int64; -1 where it has no present positive) and its count (fp32)."""
+    c = groups.sorted_ids.shape[-1]
+    at = torch.searchsorted(groups.sorted_ids, row_ids.contiguous()).clamp_(max=c - 1)   # the first id >= the row's
+    found = groups.sorted_ids.gather(-1, at) == row_ids
+    group = groups.group_sorted.gather(-1, at)
+    cnt = torch.where(found, groups.counts[group], 0.0)
+    return torch.where(found & (cnt > 0), group, -1), cnt
+
+
+class _Side(NamedTuple):
+    """One side's features, presence and inverse norms as `kernels/centroids.py` reads them,
+    each with its stride between galleries first (0 where the side is shared: the queries)."""
+    x: torch.Tensor
+    sx: Tuple[int, int, int]
+    msk: Optional[torch.Tensor]
+    s_msk: Tuple[int, int]
+    r: torch.Tensor
+    s_r_gal: int
+
+
+def _sides(p: Problem, r: torch.Tensor) -> Tuple[_Side, _Side]:
+    """(queries, galleries) as `_Side`s; ``r`` [NR] the preparation pass's inverse norms."""
+    s_qmsk = p.q_mask.stride(0) if p.q_mask is not None else 0
+    return (_Side(p.q, (0, *p.q.stride()), p.q_mask, (0, s_qmsk), r[:p.n], 0),
+            _Side(p.g, p.g_strides(), p.g_mask, p.g_mask_strides(), r[p.n:], p.m))
+
+
+def _centroids(side: _Side, group: torch.Tensor, n_groups: int, d: int, rows: int, galleries: int) -> torch.Tensor:
+    """c [n_groups, D] float64: each group's sum of x_j r_j over the present rows of ``side``
+    (``rows`` per gallery), ``group`` [galleries, rows] (`_Groups.group`)."""
+    t = table_tiles("centroids")
+    c = torch.zeros(n_groups, d, dtype=F64, device=side.x.device)
+    _traceable(_centroid_sums_kernel)[(_cdiv(rows, t.block_m), galleries)](
+        x_ptr=side.x, sx_gal=side.sx[0], sx_row=side.sx[1], sx_d=side.sx[2], msk=side.msk, s_msk_gal=side.s_msk[0],
+        s_msk=side.s_msk[1], r_ptr=side.r, s_r_gal=side.s_r_gal, grp_ptr=group, c_ptr=c, n_rows=rows, D=d,
+        BLOCK_M=t.block_m, BLOCK_D=t.block_k, num_warps=t.num_warps)
+    return c
+
+
+def _dots(p: Problem, side: _Side, group: torch.Tensor, c: torch.Tensor, lin: torch.Tensor, rows: int) -> None:
+    """``lin`` [K rows] = fp32(<x_i, c_group(i)> r_i) s log2 e of ``side``'s rows of each gallery,
+    ``group`` [K, rows] (`_rows_against`), 0 where a row has no group or is absent."""
+    t = table_tiles("centroids")
+    _traceable(_centroid_dots_kernel)[(_cdiv(rows, t.block_m), p.galleries)](
+        x_ptr=side.x, sx_gal=side.sx[0], sx_row=side.sx[1], sx_d=side.sx[2], msk=side.msk, s_msk_gal=side.s_msk[0],
+        s_msk=side.s_msk[1], r_ptr=side.r, s_r_gal=side.s_r_gal, grp_ptr=group, c_ptr=c, lin_ptr=lin, n_rows=rows,
+        D=p.d, scale_ptr=p.scale, scale_value=p.scale_value, BLOCK_M=t.block_m, BLOCK_D=t.block_k,
+        num_warps=t.num_warps)
 
 
 def positives(p: Problem, r: torch.Tensor, want_lin: bool = True) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
@@ -115,34 +142,27 @@ def positives(p: Problem, r: torch.Tensor, want_lin: bool = True) -> Tuple[Optio
     centroid is formed, the counts alone."""
     n, m, k, d = p.n, p.m, p.galleries, p.d
     dev = p.q.device
-    s_log2e = _scale_log2e(p)
     q_keep = p.q_mask.to(torch.bool) if p.q_mask is not None else torch.ones(n, dtype=torch.bool, device=dev)
     g_keep = (p.g_mask.to(torch.bool) if p.g_mask is not None
               else torch.ones(m, dtype=torch.bool, device=dev)).expand(k, m)
-    g = p.g if p.g.dim() == 3 else p.g.unsqueeze(0)
     order = _order(p)
-    q_ids, g_ids = order.q_ids, order.g_ids
-    if want_lin:    # the features in float64, 0 where absent (the counts alone need none of it)
-        r_q, r_g = r[:n].to(F64), r[n:].view(k, m).to(F64)
-        qx = _present(p.q, q_keep)                                       # [N, D]
-        gx = _present(g, g_keep).expand(k, m, d)                         # [K, M, D]
-        g_cols, q_cols = gx * r_g[..., None], (qx * r_q[:, None])[None]
-        q_rows = (qx.expand(k, n, d), r_q.expand(k, n))
-        g_rows = (gx.reshape(1, k * m, d), r_g.reshape(1, k * m))
-    else:
-        g_cols = q_cols = None
-        q_rows = g_rows = (None, None)
-
-    # q rows against each gallery: the galleries' identity centroids
-    g_groups = _groups(*order.g_sorted, g_cols, g_keep)
-    lin_q, cnt_q = _rows_against(q_ids.expand(k, n), *q_rows, *g_groups, s_log2e)
-    # each gallery's rows against the queries: the queries' centroids, once
-    q_groups = _groups(*order.q_sorted, q_cols, q_keep[None])
-    lin_g, cnt_g = _rows_against(g_ids.reshape(1, k * m), *g_rows, *q_groups, s_log2e)
+    # q rows against each gallery's identity groups; each gallery's rows against the queries'
+    g_groups = _groups(*order.g_sorted, g_keep)
+    grp_q, cnt_q = _rows_against(order.q_ids.expand(k, n), g_groups)
+    q_groups = _groups(*order.q_sorted, q_keep[None])
+    grp_g, cnt_g = _rows_against(order.g_ids.reshape(1, k * m), q_groups)
     cnt = torch.cat([cnt_q.reshape(-1), cnt_g.reshape(-1)])
     if not want_lin:
         return None, cnt
-    return torch.cat([lin_q.reshape(-1), lin_g.reshape(-1)]), cnt
+    q_side, g_side = _sides(p, r)
+    lin = torch.empty(p.num_rows, dtype=torch.float32, device=dev)
+    # one side's float64 centroids at a time (each is [groups, D], 8 bytes an element)
+    c = _centroids(g_side, g_groups.group, k * m, d, m, k)           # each gallery's identity centroids
+    _dots(p, q_side, grp_q, c, lin[:k * n], n)
+    del c
+    c = _centroids(q_side, q_groups.group, n, d, n, 1)               # the queries', once
+    _dots(p, g_side, grp_g, c, lin[k * n:], m)
+    return lin, cnt
 
 
 @_per_problem
