@@ -587,7 +587,7 @@ def test_tile_table_covers_every_pass_size_class_and_dtype():
     from sdm_triton.launch import policy
     classes = {"stats": ("small", "medium", "large"), "chunked": ("small", "medium", "large"),
                "fused": ("narrow", "wide"), "prep": ("any",), "max_weight": ("any",), "finish": ("any",),
-               "weights": ("any",), "operand": ("any",)}
+               "weights": ("any",), "operand": ("any",), "centroids": ("any",)}
     for kind, sizes in classes.items():
         for size in ("interpreter", *sizes):
             for dtype in ("half", "fp32"):
