@@ -518,8 +518,8 @@ def test_reverse_kl_gradients_at_well_separated_fits(config, sigma):
     within 4x of the plain formula's own fp32 error (docs/contract.md; the formula users write,
     bench.methods.formula_sdm, is "PyTorch computing the same formula"). Finish once formed the
     negatives' mass as 1 - P+, which keeps nothing of it here: the gradient 0.3-21x off (mutant
-    neg_as_one_minus_pos; bench/NOTES.md 37); the centroids path formed it as l - pos after
-    the loop, with the same result (mutant neg_as_l_minus_pos; bench/NOTES.md 38)."""
+    neg_as_one_minus_pos; bench/NOTES.md 37); the centroids path's gather, since removed, formed
+    it as l - pos after the loop, with the same result (bench/NOTES.md 38)."""
     n, d = (256, 128) if CUDA else (24, 64)
     gen = torch.Generator().manual_seed(31)
     q = torch.randn(n, d, generator=gen)

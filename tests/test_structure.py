@@ -164,10 +164,9 @@ def test_every_mutant_applies_to_the_code():
     refactor that moves the code must move the mutant with it (tools/mutants.py reports a stale
     one only when that mutant is run, and four had gone stale unnoticed: bench/NOTES.md 38)."""
     import importlib.util
-
-    root = PACKAGE.parent
     import sys
 
+    root = PACKAGE.parent
     spec = importlib.util.spec_from_file_location("_sdm_tools_mutants", root / "tools" / "mutants.py")
     mutants = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mutants          # (its dataclass looks its module up there)

@@ -117,10 +117,11 @@ MUTANTS = [
            "operands swapped: the backward's t is a rounding off the forward's maxima, inf / wrong at huge "
            "logits (issue 26.4)"),
     Mutant("ranks_merge_neighbours", "sdm_triton/launch/positives.py",
-           [("first[1:] = sorted_ids[1:] != sorted_ids[:-1]", "first[1:] = sorted_ids[1:] > sorted_ids[:-1] + 1")],
+           [("first[..., 1:] = sorted_ids[..., 1:] != sorted_ids[..., :-1]",
+             "first[..., 1:] = sorted_ids[..., 1:] > sorted_ids[..., :-1] + 1")],
            "tests/test_positives.py::test_centroids_match_float64",
-           "ids one apart share a rank: the centroids path's compare takes neighbours' samples for positives "
-           "(reverse KL's negatives' mass)"),
+           "ids one apart share a number: the centroids path's rank compare (reverse KL's negatives' mass) "
+           "and its groups (counts, centroids) take neighbours' samples for positives"),
     Mutant("centroids_take_absent_rows", "sdm_triton/kernels/centroids.py",
            [("    keep = present(msk, k * s_msk_gal, s_msk, rows, row_in)\n    r = ",
              "    keep = row_in\n    r = ")],

@@ -59,6 +59,19 @@ def _order(p: Problem) -> _Order:
     return _Order(q_ids, g_ids, torch.sort(g_ids, dim=-1), torch.sort(q_ids[None], dim=-1))
 
 
+def _numbers(sorted_ids: torch.Tensor) -> torch.Tensor:
+    """Ids sorted along the last dimension numbered 0, 1, ... by distinct id along it."""
+    first = torch.ones_like(sorted_ids, dtype=torch.bool)
+    first[..., 1:] = sorted_ids[..., 1:] != sorted_ids[..., :-1]
+    return torch.cumsum(first, dim=-1) - 1
+
+
+def _unsorted(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``x`` in sorted order (``perm``: sorted position -> position as given) put back in the
+    order given, along the last dimension."""
+    return torch.empty_like(x).scatter_(-1, perm, x)
+
+
 class _Groups(NamedTuple):
     """The identity groups of a column side, batched over galleries (`_groups`): its ids sorted
     [B, C], the group of each sorted position and of each column as given [B, C] (global
@@ -73,11 +86,9 @@ def _groups(sorted_ids: torch.Tensor, perm: torch.Tensor, col_keep: torch.Tensor
     """`_Groups` of a column side from its ids sorted, ``sorted_ids`` and ``perm`` [B, C]
     (`_Order`), and its presence ``col_keep`` [B, C] bool."""
     b, c = sorted_ids.shape
-    first = torch.ones_like(sorted_ids, dtype=torch.bool)
-    first[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
-    base = torch.arange(b, device=sorted_ids.device)[:, None] * c
-    group_sorted = torch.cumsum(first, dim=-1) - 1 + base          # [B, C]
-    group = torch.empty_like(group_sorted).scatter_(-1, perm, group_sorted)   # of each column as given
+    base = torch.arange(b, device=sorted_ids.device)[:, None] * c   # global numbers: b C + local
+    group_sorted = _numbers(sorted_ids) + base
+    group = _unsorted(group_sorted, perm)                            # of each column as given
     counts = torch.zeros(b * c, dtype=torch.float32, device=sorted_ids.device)
     counts.index_add_(0, group.reshape(-1), col_keep.reshape(-1).to(torch.float32))
     return _Groups(sorted_ids, group_sorted, group, counts)
@@ -105,6 +116,12 @@ class _Side(NamedTuple):
     s_r_gal: int
 
 
+def _side_args(side: _Side) -> dict:
+    """A `_Side` as both kernels of `kernels/centroids.py` name it."""
+    return dict(x_ptr=side.x, sx_gal=side.sx[0], sx_row=side.sx[1], sx_d=side.sx[2], msk=side.msk,
+                s_msk_gal=side.s_msk[0], s_msk=side.s_msk[1], r_ptr=side.r, s_r_gal=side.s_r_gal)
+
+
 def _sides(p: Problem, r: torch.Tensor) -> Tuple[_Side, _Side]:
     """(queries, galleries) as `_Side`s; ``r`` [NR] the preparation pass's inverse norms."""
     s_qmsk = p.q_mask.stride(0) if p.q_mask is not None else 0
@@ -118,8 +135,7 @@ def _centroids(side: _Side, group: torch.Tensor, n_groups: int, d: int, rows: in
     t = table_tiles("centroids")
     c = torch.zeros(n_groups, d, dtype=F64, device=side.x.device)
     _traceable(_centroid_sums_kernel)[(_cdiv(rows, t.block_m), galleries)](
-        x_ptr=side.x, sx_gal=side.sx[0], sx_row=side.sx[1], sx_d=side.sx[2], msk=side.msk, s_msk_gal=side.s_msk[0],
-        s_msk=side.s_msk[1], r_ptr=side.r, s_r_gal=side.s_r_gal, grp_ptr=group, c_ptr=c, n_rows=rows, D=d,
+        **_side_args(side), grp_ptr=group, c_ptr=c, n_rows=rows, D=d,
         BLOCK_M=t.block_m, BLOCK_D=t.block_k, num_warps=t.num_warps)
     return c
 
@@ -129,10 +145,8 @@ def _dots(p: Problem, side: _Side, group: torch.Tensor, c: torch.Tensor, lin: to
     ``group`` [K, rows] (`_rows_against`), 0 where a row has no group or is absent."""
     t = table_tiles("centroids")
     _traceable(_centroid_dots_kernel)[(_cdiv(rows, t.block_m), p.galleries)](
-        x_ptr=side.x, sx_gal=side.sx[0], sx_row=side.sx[1], sx_d=side.sx[2], msk=side.msk, s_msk_gal=side.s_msk[0],
-        s_msk=side.s_msk[1], r_ptr=side.r, s_r_gal=side.s_r_gal, grp_ptr=group, c_ptr=c, lin_ptr=lin, n_rows=rows,
-        D=p.d, scale_ptr=p.scale, scale_value=p.scale_value, BLOCK_M=t.block_m, BLOCK_D=t.block_k,
-        num_warps=t.num_warps)
+        **_side_args(side), grp_ptr=group, c_ptr=c, lin_ptr=lin, n_rows=rows, D=p.d, scale_ptr=p.scale,
+        scale_value=p.scale_value, BLOCK_M=t.block_m, BLOCK_D=t.block_k, num_warps=t.num_warps)
 
 
 def positives(p: Problem, r: torch.Tensor, want_lin: bool = True) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
@@ -180,10 +194,7 @@ def ranks(p: Problem) -> Tuple[torch.Tensor, torch.Tensor]:
     g_ids = p.g_ids.to(torch.int64)
     ids = torch.cat([q_ids, g_ids.reshape(-1)])
     sorted_ids, perm = torch.sort(ids)
-    first = torch.ones_like(sorted_ids, dtype=torch.bool)
-    first[1:] = sorted_ids[1:] != sorted_ids[:-1]
-    rank_sorted = (torch.cumsum(first, dim=0) - 1).to(torch.int32)
-    rank = torch.empty_like(rank_sorted).scatter_(0, perm, rank_sorted)
+    rank = _unsorted(_numbers(sorted_ids), perm).to(torch.int32)
     return rank[:p.n], rank[p.n:].view(g_ids.shape)
 
 
