@@ -580,17 +580,49 @@ def test_learnable_scale_with_frozen_features(config, frozen):
     assert abs(ls.grad.item() - ls64.grad.item()) <= 1e-5 * abs(ls64.grad.item()), (ls.grad, ls64.grad)
 
 
+def test_statistics_tiles_follow_the_label_terms(monkeypatch):
+    """A large problem whose loop sums label terms (dense labels, or positives="tiles") takes the
+    "stats_labels" tiles, one whose loop does not (the centroids) the "stats" tiles; the
+    backwards' dot step (block_k) is the statistics pass's either way."""
+    from sdm_triton.launch import policy
+    from sdm_triton.launch.tiles import _stats_tiles
+    from sdm_triton.options import KernelConfig, SDMOptions
+    from sdm_triton.problem import Problem
+
+    monkeypatch.setattr(policy, "interpreting", lambda: False)
+    monkeypatch.setattr(policy, "LARGE_LOGITS", 9)
+    monkeypatch.setattr(policy, "CENTROIDS_LOGITS", 9)
+    q = torch.randn(3, 4, dtype=torch.bfloat16)
+
+    def tiles(positives="auto", dense=False):
+        return _stats_tiles(Problem(
+            q=q, g=q, q_ids=None if dense else torch.arange(3), g_ids=None if dense else torch.arange(3),
+            labels=torch.ones(3, 3) if dense else None, q_mask=None, g_mask=None, scale=None, scale_value=1.0,
+            options=SDMOptions(), config=KernelConfig(positives=positives), workspace_bytes=0, galleries=1,
+            scalar_value=True, return_stats=False))
+
+    labels_tiles, plain = policy.TILES[("stats_labels", "large", "half")], policy.TILES[("stats", "large", "half")]
+    assert labels_tiles != plain and labels_tiles.block_k == plain.block_k
+    assert tiles() == plain and tiles("centroids") == plain
+    assert tiles("tiles") == labels_tiles and tiles(dense=True) == labels_tiles
+
+
 def test_tile_table_covers_every_pass_size_class_and_dtype():
     """sdm_triton.launch.policy.TILES answers every (pass, size class, dtype) table_tiles can ask
     for, the GPU's size classes included (a class or pass added without its tiles would fail
     only on a GPU, at that size), and the backwards leave block_k to the statistics pass."""
     from sdm_triton.launch import policy
-    classes = {"stats": ("small", "medium", "large"), "chunked": ("small", "medium", "large"),
+    classes = {"stats": ("small", "medium", "large"), "stats_labels": ("small", "medium", "large"),
+               "chunked": ("small", "medium", "large"),
                "fused": ("narrow", "wide"), "prep": ("any",), "max_weight": ("any",), "finish": ("any",),
                "weights": ("any",), "operand": ("any",), "centroids": ("any",)}
+    def answered(kind, size, dtype):
+        return ((kind, size, dtype) in policy.TILES or (kind, size, "any") in policy.TILES
+                or (kind in policy.TILES_FALLBACK and answered(policy.TILES_FALLBACK[kind], size, dtype)))
+
     for kind, sizes in classes.items():
         for size in ("interpreter", *sizes):
             for dtype in ("half", "fp32"):
-                assert (kind, size, dtype) in policy.TILES or (kind, size, "any") in policy.TILES, (kind, size)
+                assert answered(kind, size, dtype), (kind, size, dtype)
     assert {kind for kind, _, _ in policy.TILES} == set(classes)
     assert all(t.block_k is None for (kind, _, _), t in policy.TILES.items() if kind in ("fused", "chunked"))

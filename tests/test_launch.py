@@ -11,6 +11,7 @@ The prepared buffer's layout: its label masses aligned whatever the sizes."""
 
 from __future__ import annotations
 
+import os
 import types
 
 import pytest
@@ -112,10 +113,27 @@ def test_no_hook_is_seen_until_one_is_registered(hook):
     assert not direct._hooked(kernel)
 
 
+def test_direct_launches_are_on_unless_turned_off():
+    """On by default (where this Triton has what the direct path reads: 3.6 and 3.8 do), off with
+    SDM_TRITON_DIRECT_LAUNCH=0: read once, when the module is imported (a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    def enabled(value):
+        env = {k: v for k, v in os.environ.items() if k != "SDM_TRITON_DIRECT_LAUNCH"}
+        if value is not None:
+            env["SDM_TRITON_DIRECT_LAUNCH"] = value
+        out = subprocess.run([sys.executable, "-c", "from sdm_triton.launch import direct; print(direct.ENABLED)"],
+                             env=env, capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+
+    assert enabled(None) == "True" and enabled("1") == "True" and enabled("0") == "False"
+
+
 def test_only_compiled_kernels_are_wrapped_and_only_when_enabled(monkeypatch):
     """Enabled, a compiled JIT function is wrapped (once, the same launcher every call); the
-    interpreter's kernels come back as they are. Disabled (the default for now), every kernel
-    comes back as it is."""
+    interpreter's kernels come back as they are. Disabled (SDM_TRITON_DIRECT_LAUNCH=0), every
+    kernel comes back as it is."""
     from sdm_triton.kernels import stats
     from sdm_triton.launch.policy import interpreting
 
@@ -152,7 +170,7 @@ def test_direct_launches_give_the_plain_launches_bits(monkeypatch, n, dtype, kl)
         loss.backward()
         return loss.detach().clone(), q.grad.clone(), g.grad.clone()
 
-    monkeypatch.setattr(direct, "ENABLED", True)      # opt-in for now (SDM_TRITON_DIRECT_LAUNCH=1)
+    monkeypatch.setattr(direct, "ENABLED", True)      # as by default (unless SDM_TRITON_DIRECT_LAUNCH=0)
     monkeypatch.setattr(direct, "_LAUNCHERS", {})
     step()                                    # compiles and loads every kernel of the step
     from triton.runtime.jit import JITFunction

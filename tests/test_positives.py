@@ -164,10 +164,11 @@ def test_centroids_with_galleries(config, kl):
             torch.testing.assert_close(a.g2q[j].double(), ref.g2q, rtol=1e-5, atol=1e-5)
 
 
-def test_which_path_runs():
-    """Centroids when asked for, with identity labels ("auto": the loop, until the GPU has run
-    and timed them), forward or reverse KL, statistics or not; the loop for dense labels (their
+def test_which_path_runs(monkeypatch):
+    """Centroids when asked for, with identity labels ("auto": from policy.CENTROIDS_LOGITS
+    logits on), forward or reverse KL, statistics or not; the loop for dense labels (their
     terms need the label values), whatever KernelConfig.positives asks; "tiles" forces the loop."""
+    from sdm_triton.launch import policy
     from sdm_triton.options import KernelConfig, SDMOptions
     from sdm_triton.problem import Problem
 
@@ -181,6 +182,10 @@ def test_which_path_runs():
             scalar_value=True, return_stats=stats))
 
     assert path() == "tiles" and path("centroids") == "centroids" and path("tiles") == "tiles"
+    for threshold, auto in ((10, "tiles"), (9, "centroids")):      # 3 x 3 logits
+        monkeypatch.setattr(policy, "CENTROIDS_LOGITS", threshold)
+        assert path() == auto and path(kl="reverse") == auto and path(dense=True) == "tiles"
+        assert path("tiles") == "tiles" and path("centroids") == "centroids"
     for kw in (dict(kl="reverse"), dict(stats=True)):        # the negatives' mass by the ranks' compare
         assert path("centroids", **kw) == "centroids", kw
     assert path("centroids", dense=True) == "tiles"

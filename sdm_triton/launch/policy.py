@@ -32,6 +32,12 @@ FUSED_MAX_LOGITS = 2**23
 #: tiles grow with the problem: bench/NOTES.md).
 MEDIUM_LOGITS = 2**20
 LARGE_LOGITS = 2**24
+#: Logits (N * K * M) from which "auto" takes the centroids (`positives_path`): at N = 32768 the
+#: loop's compare of ids and its label sums cost more than the matmul (H100, bf16: the forward
+#: 3.2x (forward KL) and 5.4x (reverse) faster with the centroids, bench/NOTES.md 38). Below,
+#: the centroids' own launches and sorts (~10 small operations) may cost more host time than the
+#: loop's terms cost the GPU: N = 8192 is a guess between the two, to be timed.
+CENTROIDS_LOGITS = 2**26
 #: Padded D from which the fused backward is "wide" (a smaller row block: u [BLOCK_M, D] in registers).
 WIDE_D = 256
 
@@ -66,12 +72,12 @@ def positives_path(p) -> str:
     On the centroids path the negatives' softmax mass (reverse KL's loss, ``return_stats``)
     stays a compare inside the loop, of int32 ranks (`positives.ranks`), as do the chunked
     backward's labels; KernelConfig.positives forces either (dense labels always take the
-    tiles). "auto" is "tiles" until the centroids have run the whole GPU suite as the default
-    (timed on an H100, bench/NOTES.md 38: the forward at N = 32768 3.2x (forward KL) and 5.4x
-    (reverse) faster than the loop's compare of int64 ids)."""
+    tiles). "auto" takes the centroids from CENTROIDS_LOGITS on."""
     if p.dense:
         return "tiles"
-    return "centroids" if p.config.positives == "centroids" else "tiles"
+    if p.config.positives != "auto":
+        return p.config.positives
+    return "centroids" if logits(p) >= CENTROIDS_LOGITS else "tiles"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +117,12 @@ TILES = {
     ("stats", "large", "half"): Tiles(128, 256, 64, 8, 3),
     # fp32 at 128 x 256: 196 KiB of shared memory, unmeasured
     ("stats", "large", "fp32"): Tiles(128, 128, 64, 8, 3),
+    # the statistics pass with the label terms in its loop (dense labels; identity labels on the
+    # "tiles" positives path), large half problems: 128 x 256 spills 2.7 KB of registers there
+    # (compile_check, Triton 3.6, sm_90) and 128 x 64 none; H100, bf16, N = 32768, identity
+    # labels: 16.2 / 17.5 ms against 24.2 / 35.3 (forward / reverse KL, bench/NOTES.md 38).
+    # Every other class: the "stats" entry.
+    ("stats_labels", "large", "half"): Tiles(128, 64, 64, 8, 3),
     ("prep", "interpreter", "any"): Tiles(None, None, None, 4, None),
     ("prep", "any", "any"): Tiles(None, None, None, 4, None),
     ("fused", "interpreter", "any"): Tiles(16, 16, None, 1, 1),
@@ -140,21 +152,27 @@ def size_class(kind: str, p=None) -> str:
         return "interpreter"
     if kind == "fused":
         return "wide" if padded_d(p.d) >= WIDE_D else "narrow"
-    if kind in ("stats", "chunked"):
+    if kind in ("stats", "stats_labels", "chunked"):
         n = logits(p)
         return "large" if n >= LARGE_LOGITS else "medium" if n >= MEDIUM_LOGITS else "small"
     return "any"
 
 
+#: A pass whose table entries cover only some size classes and dtypes, and the pass whose entry
+#: stands in for the rest.
+TILES_FALLBACK = {"stats_labels": "stats"}
+
+
 def table_tiles(kind: str, p=None) -> Tiles:
     """`TILES`' entry for pass ``kind`` of problem ``p`` (None for the passes of size class
-    "any"), its dtype's entry before the "any" one."""
+    "any"), its dtype's entry before the "any" one, then the `TILES_FALLBACK` pass's."""
     size = size_class(kind, p)
-    if p is not None:
-        tiles = TILES.get((kind, size, "fp32" if p.q.dtype == torch.float32 else "half"))
-        if tiles is not None:
-            return tiles
-    return TILES[(kind, size, "any")]
+    dtype = None if p is None else "fp32" if p.q.dtype == torch.float32 else "half"
+    while True:
+        for key in ((kind, size, dtype), (kind, size, "any")):
+            if key in TILES:
+                return TILES[key]
+        kind = TILES_FALLBACK[kind]
 
 
 @functools.lru_cache(maxsize=None)

@@ -20,7 +20,7 @@ import triton
 from ..backend import NUM_STATS
 from ..problem import Problem
 from .direct import launcher
-from .policy import Tiles, padded_d, table_tiles
+from .policy import Tiles, padded_d, positives_path, table_tiles
 
 try:
     from torch.library import wrap_triton as _wrap_triton
@@ -92,8 +92,9 @@ def _merge(cfg, default: Tiles, backward: bool = False) -> Tiles:
 
 @_per_problem
 def _stats_tiles(p: Problem) -> Tiles:
-    """The statistics pass's tiles; its block_k is also the backwards' dot step."""
-    return _merge(p.config, table_tiles("stats", p))
+    """The statistics pass's tiles; its block_k is also the backwards' dot step. A loop that
+    sums label terms (`positives_path` "tiles") holds more registers: its own table entries."""
+    return _merge(p.config, table_tiles("stats_labels" if positives_path(p) == "tiles" else "stats", p))
 
 
 @_per_problem
