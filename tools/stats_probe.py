@@ -5,7 +5,8 @@ Issue 27: the statistics kernel's tile shape decides its register spills (`tools
 reads them on the CPU: at 128 x 256 with 8 warps the kernel spills 0.7-2.8 KB with Triton 3.6,
 at 128 x 64 with 8 warps nothing), and the centroids path removes the label terms from the loop.
 This measures which of those the GPU rewards. bf16, D = 512, pk4 identity labels (4 samples
-per identity, the gallery's order shuffled), forward only (no gradient), median of
+per identity, the gallery's order shuffled; ``--labels dense``: the same identities as a dense
+label matrix), forward only (no gradient), median of
 `triton.testing.do_bench`. Each config's loss is checked against the first config's.
 
     python3 tools/stats_probe.py --sizes 16384,32768 --kl forward,reverse \\
@@ -28,6 +29,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kl", default="forward,reverse")
     ap.add_argument("--configs", default="tiles,centroids")
     ap.add_argument("--d", type=int, default=512)
+    ap.add_argument("--labels", default="ids", choices=("ids", "dense"),
+                    help="ids: the pk4 ids; dense: the same identities as a dense fp32 [N, M] label matrix")
     args = ap.parse_args(argv)
     import triton
     import sdm_triton
@@ -44,11 +47,15 @@ def main(argv=None) -> int:
         g = torch.randn(n, args.d, device="cuda", generator=gen).to(torch.bfloat16)
         q_ids = torch.arange(n, device="cuda") // 4
         g_ids = q_ids[torch.randperm(n, device="cuda", generator=gen)]
+        labels = None
+        if args.labels == "dense":          # the same problem, its labels read from an [N, M] matrix
+            labels = (q_ids[:, None] == g_ids[None, :]).float()
+            q_ids = g_ids = None
         for kl in args.kl.split(","):
             base_ms = base_loss = None
             for config in configs:
                 def fwd():
-                    return sdm_triton.sdm_loss(q, g, q_ids, g_ids, kl=kl, kernel_config=config)
+                    return sdm_triton.sdm_loss(q, g, q_ids, g_ids, labels=labels, kl=kl, kernel_config=config)
                 with torch.no_grad():
                     loss = float(fwd())
                     ms = triton.testing.do_bench(fwd, warmup=25, rep=200, return_mode="median")
@@ -56,7 +63,7 @@ def main(argv=None) -> int:
                 base_loss = base_loss if base_loss is not None else loss
                 rel = abs(loss - base_loss) / max(abs(base_loss), 1e-30)
                 rows.append((n, kl, config, ms, ms / base_ms, rel))
-                print(f"N={n} {kl:7s} {config:32s} {ms:8.3f} ms  x{ms / base_ms:5.2f}  loss {loss:.6g} "
+                print(f"N={n} {args.labels} {kl:7s} {config:32s} {ms:8.3f} ms  x{ms / base_ms:5.2f}  loss {loss:.6g} "
                       f"(rel diff {rel:.1e})", flush=True)
     print("\n| N | kl | config | fwd ms | x first | loss rel diff |")
     print("|---|---|---|---|---|---|")
