@@ -1,7 +1,8 @@
 #!/bin/bash
 # One device call for issue 27 (bench/NOTES.md 25, 31, 33, 38): the tests of what the call
 # measures (TESTS_K, a pytest -k expression), the yardsticks (lse_pass for the forward, w_pass
-# for the backward's W pass), a profile of one forward + backward per variant at 32768, then
+# for the backward's W pass), a profile of one forward + backward per variant at 32768 (and of
+# the PROFILE_ONLY variants, which the bench skips), then
 # the bench last (its compiles of the formula take the time): the VARIANTS (kernel_config
 # names; "default" is none) with the floor and the compiled formula (METHODS), bf16, D = 512,
 # pk4, KL directions KLS, under a BENCH_S limit (default 300 s; what it finished comes back,
@@ -16,7 +17,7 @@ python3 -m pytest tests/test_positives.py tests/test_kernels.py tests/test_launc
   -n 14 2>&1 | tail -n 5 > "$out/i27_tests.log"
 (cd .yard && SIZES=16384,32768 python3 lse_pass.py; SIZES=32768 CHUNK=${CHUNK:-4096} python3 w_pass.py) \
   > "$out/i27_yard.log" 2>&1
-VARIANTS=$variants python3 - > "$out/i27_profile.log" 2>&1 <<'PY'
+VARIANTS=$variants${PROFILE_ONLY:+,$PROFILE_ONLY} python3 - > "$out/i27_profile.log" 2>&1 <<'PY'
 import os, torch, sdm_triton
 from torch.profiler import profile
 n = 32768
