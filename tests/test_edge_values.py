@@ -69,6 +69,32 @@ def test_fp16_gradient_overflow_is_inf(backend, config):
         assert _rel(ours[fin], exact[fin]) < 2e-3
 
 
+@pytest.mark.parametrize("backend,config", PATHS)
+@pytest.mark.parametrize("kl", ["forward", "reverse"])
+@pytest.mark.parametrize("norm", [0.05, 8.0, 300.0])
+def test_fp16_unnormalised_features_give_the_right_gradients(backend, config, kl, norm):
+    """fp16 features with normalize=False, rows of norm ~0.05 to 300 (temperatures that keep the
+    logits O(1)-O(10)): gradients right to fp16's rounding. The Triton backward lifts fp16 W by a
+    power of two that assumed the product p_i p_j of the rows' scale factors below 4, true for
+    normalised rows only: unnormalised, p is the norm (up to a power of two), W overflowed fp16
+    and every gradient was NaN (rows of norm 8; found on the CPU, 2026-12-08)."""
+    gen = torch.Generator().manual_seed(int(norm * 100))
+    q = torch.randn(9, 16, generator=gen) * (norm / 4)
+    g = torch.randn(11, 16, generator=gen) * (norm / 4)
+    q[0, 0] = g[1, 1] = 0.0
+    qi, gi = torch.arange(9) % 4, torch.arange(11) % 4
+    q, g, qi, gi = (t.to(DEVICE) for t in (q.half(), g.half(), qi, gi))
+    s = 4.0 / norm**2                                            # logits ~ s |q| |g| cos ~ 4 cos
+    qa, ga = q.clone().requires_grad_(), g.clone().requires_grad_()
+    _loss(backend, config)(qa, ga, qi, gi, kl=kl, normalize=False, logit_scale=s).backward()
+    q64, g64 = q.double().requires_grad_(), g.double().requires_grad_()
+    reference.sdm_loss(q64, g64, qi, gi, kl=kl, normalize=False, logit_scale=s).backward()
+    for ours, exact in ((qa.grad, q64.grad), (ga.grad, g64.grad)):
+        assert torch.isfinite(ours).all()
+        own = _rel(exact.half(), exact)                           # the gradient's own fp16 rounding
+        assert _rel(ours, exact) <= 4 * own + 2**-13, (_rel(ours, exact), own)
+
+
 def test_grad_scaler_skips_the_step_on_fp16_overflow():
     """The issue's training step: a Linear encoder makes the gallery features under fp16
     autocast, GradScaler starts at 65536. The exact dL/dg passes 65504 after scaling: the scaler

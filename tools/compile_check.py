@@ -223,6 +223,9 @@ def scalar_jobs(dtype: str, reverse: bool, dense: bool):
          BLOCK_D=64, BLOCK_W=256), 4, 1, labels + ("drows_ptr", "scale_ptr")),
         ("fused_ls", grad._fused_grad_kernel, dict(bwd, SCALE_W=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32,
          BLOCK_D=64, BLOCK_W=256), 4, 1, labels + ("dv_ptr", "dg_ptr")),
+        # rows not normalised: fp16 W's bound walks the rows' scale factors (grad.scale_product_bound)
+        ("fused_raw", grad._fused_grad_kernel, dict(bwd, NORMALIZE=False, SCALE_W=dtype == "fp16", BLOCK_M=16,
+         BLOCK_N=32, BLOCK_K=32, BLOCK_D=64, BLOCK_W=256), 4, 1, labels + ("drows_ptr", "scale_ptr")),
         ("chunk", grad._grad_chunk_kernel, dict(bwd, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 4, 2,
          labels + ("gmax_ptr", "scale_ptr")),
         ("chunk_ls", grad._grad_chunk_kernel, dict(bwd, WANT_DSCALE=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 4, 2,

@@ -284,6 +284,24 @@ def _max_weight(saved_ptr, NDR, dv_ptr, s_dv, drows_ptr, red_ptr, K, N, M, coef_
     return tl.maximum(tl.max(top, axis=0), FLT_MIN)
 
 
+@triton.jit
+def scale_product_bound(pre_ptr, NR, N, BLOCK: tl.constexpr):
+    """max_i p_i * max_j p_j / 4 (p = r / c, module doc) over the q samples [0, N) and the gallery
+    samples [N, NR): what the bound of fp16 W (`launch.backward.fp16_w_headroom`, which takes
+    p_i p_j < 4) is multiplied by where the rows are not normalised. Normalised, p is in [1, 2);
+    not normalised, p = 1 / c is the row's norm times a factor in (1, 2], unbounded: rows of norm
+    8 overflowed fp16 W, and every gradient was NaN. Absent and zero rows have p ~ 2^-40."""
+    top_q = tl.zeros((BLOCK,), dtype=tl.float32)
+    top_g = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i0 in range(0, NR, BLOCK):
+        i = i0 + tl.arange(0, BLOCK).to(tl.int64)
+        p = (tl.load(pre_ptr + PRE_R * NR + i, mask=i < NR, other=0.0)
+             / tl.load(pre_ptr + PRE_C * NR + i, mask=i < NR, other=1.0))
+        top_q = tl.maximum(top_q, tl.where(i < N, p, 0.0))
+        top_g = tl.maximum(top_g, tl.where(i >= N, p, 0.0))
+    return tl.max(top_q, axis=0) * tl.max(top_g, axis=0) * 0.25
+
+
 @triton.jit(do_not_specialize=["N", "M", "K", "n_q_programs"])
 def _fused_grad_kernel(
     q_ptr, sq_row, sq_d, g_ptr, sg_gal, sg_row, sg_d,
@@ -314,6 +332,8 @@ def _fused_grad_kernel(
     if SCALE_W:
         gmax = _max_weight(saved_ptr=saved_ptr, NDR=NDR, dv_ptr=dv_ptr, s_dv=s_dv, drows_ptr=drows_ptr,
                            red_ptr=red_ptr, K=K, N=N, M=M, coef_q=coef_q, coef_g=coef_g, MEAN=MEAN, BLOCK=BLOCK_W)
+        if not NORMALIZE:
+            gmax = gmax * scale_product_bound(pre_ptr, NR, N, BLOCK_W)
         headroom = as_f32(w_headroom)
         gmax = tl.maximum(gmax / headroom, FLT_MIN)
     inv_gmax = 1.0 / gmax

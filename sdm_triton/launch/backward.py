@@ -23,6 +23,7 @@ from ..kernels.grad import (
     _weights_kernel,
 )
 from .. import matmul
+from ..kernels.slots import PRE_C, PRE_R
 from ..problem import Problem
 from .policy import backward_path, interpreting, padded_d, positives_path, table_tiles
 from .positives import ids_as_ranks
@@ -78,12 +79,21 @@ def fp16_w_headroom(o) -> float:
     """The power of two that fp16 W (kernels/grad.py: dS p_i p_j / gmax) is multiplied by, as
     large as its bound leaves room for: fp16's normal range ends at 2^-14, and a W below it
     keeps only an absolute accuracy, 2^-25 of the largest weight with no headroom (issue 26:
-    one dg row 6.5% off, the hi + lo split's 22 bits lost). |dS| <= 2 gmax |d| and p_i p_j < 4:
+    one dg row 6.5% off, the hi + lo split's 22 bits lost). |dS| <= 2 gmax |d| and p_i p_j < 4
+    (normalised rows; otherwise gmax carries the factor `_scale_product_bound`):
     |W| <= 8 B with B bounding |d_ij|: 1 for forward KL (|P - Y| <= 1), and for reverse KL,
     d = P (ln P - ln(Y + eps) - L): P |ln P| <= 1/e, |ln(Y + eps)| <= |ln eps|, and
     |L| <= max(|ln eps|, ln M) with ln M < 32. W stays below 2^14 (fp16's largest is 65504)."""
     bound = 1.0 if not o.reverse else 1.0 + 2.0 * max(abs(math.log(o.eps)), 32.0)
     return 2.0 ** math.floor(math.log2(2.0**11 / bound))
+
+
+def _scale_product_bound(p: Problem, pre: torch.Tensor) -> torch.Tensor:
+    """kernels/grad.py's `scale_product_bound` (max p_i * max p_j / 4, the factor of fp16 W's bound
+    for rows that are not normalised) from the prepared buffer ``pre``."""
+    nr = p.num_samples
+    scale = pre[PRE_R.value * nr:(PRE_R.value + 1) * nr] / pre[PRE_C.value * nr:(PRE_C.value + 1) * nr]
+    return scale[:p.n].amax() * scale[p.n:].amax() * 0.25
 
 
 def _state_coefficients_flags(p: Problem, out: ForwardOut):
@@ -152,7 +162,10 @@ def _chunked_backward(p: Problem, out: ForwardOut, d_value, d_rows, want, grad_d
     gmax = None
     if dtype == torch.float16:
         headroom = fp16_w_headroom(p.options)
-        gmax = (w.abs().amax().clamp_min(torch.finfo(f32).tiny * headroom) / headroom).reshape(1)
+        top = w.abs().amax()
+        if not p.options.normalize:
+            top = top * _scale_product_bound(p, buf)
+        gmax = (top.clamp_min(torch.finfo(f32).tiny * headroom) / headroom).reshape(1)
 
     gemm_dtype = dtype if split else f32
     q_op = _operand(q_side, pre=buf, nr=nr, dtype=gemm_dtype)
