@@ -77,7 +77,7 @@ def test_fp16_unnormalised_features_give_the_right_gradients(backend, config, kl
     logits O(1)-O(10)): gradients right to fp16's rounding. The Triton backward lifts fp16 W by a
     power of two that assumed the product p_i p_j of the rows' scale factors below 4, true for
     normalised rows only: unnormalised, p is the norm (up to a power of two), W overflowed fp16
-    and every gradient was NaN (rows of norm 8; found on the CPU, 2026-12-08)."""
+    and every gradient was NaN (rows of norm 8; found on the CPU, 2026-12-07)."""
     gen = torch.Generator().manual_seed(int(norm * 100))
     q = torch.randn(9, 16, generator=gen) * (norm / 4)
     g = torch.randn(11, 16, generator=gen) * (norm / 4)

@@ -32,12 +32,13 @@ FUSED_MAX_LOGITS = 2**23
 #: tiles grow with the problem: bench/NOTES.md).
 MEDIUM_LOGITS = 2**20
 LARGE_LOGITS = 2**24
-#: Logits (N * K * M) from which "auto" takes the centroids (`positives_path`): at N = 32768 the
-#: loop's compare of ids and its label sums cost more than the matmul (H100, bf16: the forward
-#: 3.2x (forward KL) and 5.4x (reverse) faster with the centroids, bench/NOTES.md 38). Below,
-#: the centroids' own launches and sorts (~10 small operations) may cost more host time than the
-#: loop's terms cost the GPU: N = 8192 is a guess between the two, to be timed.
-CENTROIDS_LOGITS = 2**26
+#: Logits (N * K * M) from which "auto" takes the centroids (`positives_path`): N = M = 16384.
+#: H100, bf16, D = 512, pk4 ids, forward KL (bench/NOTES.md 39): at 32768 the forward takes
+#: 6.9 ms against the loop's 16.1 (fwd + bwd 30.2 against 39.8); at 16384 2.41 against 4.09
+#: (fwd + bwd 9.11 against 8.88, though the GPU's own time is 7.1 against 8.8 ms a step); at
+#: 8192 2.31 against 1.03: there the centroids' ~25 small operations (sorts, searches, the
+#: counts) cost more host time than the loop's label terms cost the GPU.
+CENTROIDS_LOGITS = 2**28
 #: Padded D from which the fused backward is "wide" (a smaller row block: u [BLOCK_M, D] in registers).
 WIDE_D = 256
 
