@@ -74,6 +74,22 @@ def positives_path(p) -> str:
     return "centroids" if p.config.positives == "centroids" else "tiles"
 
 
+def w_dtype_path(p) -> str:
+    """How the backward's products hold W = dS p_i p_j / gmax (kernels/grad.py): "fp32" for fp32
+    inputs (one fp32 product, whatever KernelConfig.w_dtype says); for bf16 / fp16 inputs
+    "split" (hi + lo halves of the input dtype, two products per side: ~16 bits of W) or "fp16"
+    (W rounded once to fp16 and the operands in fp16: one product per side, issue 27).
+    KernelConfig.w_dtype forces either; "auto" is "split" until a GPU bench shows fp16 W
+    within the SPEC's allowance (4x the gradient's own rounding up to positive cosines of 0.99,
+    no worse than the compiled formula beyond: ../shared/yardsticks/w_rounding.py emulates it)
+    and faster. normalize=False keeps "split" whatever was asked: there p_i p_j is the product
+    of two feature norms, unbounded, and fp16 W (its scale, `launch.backward.fp16_w_headroom`,
+    assumes p_i p_j < 4) overflows: bf16 features of norm 4 gave NaN gradients."""
+    if p.q.dtype == torch.float32:
+        return "fp32"
+    return "fp16" if p.config.w_dtype == "fp16" and p.options.normalize else "split"
+
+
 @dataclasses.dataclass(frozen=True)
 class Tiles:
     """A launch's tile shape: a program's rows (block_m) and columns (block_n), its step along
