@@ -185,6 +185,12 @@ MUTANTS = [
              '    return "split"')],
            "tests/test_kernels.py::test_w_dtype_changes_only_the_half_inputs_backward",
            "KernelConfig.w_dtype parsed but never reaching the kernels: fp16 W runs as hi + lo"),
+    Mutant("fp16_w_unnormalised", "sdm_triton/launch/policy.py",
+           [('    return "fp16" if p.config.w_dtype == "fp16" and p.options.normalize else "split"',
+             '    return "fp16" if p.config.w_dtype == "fp16" else "split"')],
+           "tests/test_edge_values.py::test_huge_logits_give_the_right_gradients",
+           "fp16 W with normalize=False, where p_i p_j is a product of feature norms: W overflows fp16's "
+           "range, NaN gradients"),
 ]
 
 
