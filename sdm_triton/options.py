@@ -46,6 +46,11 @@ BACKWARD_CHOICES = ("auto", "fused", "chunked")
 #: KernelConfig.positives: how the forward gets the positives' terms of identity labels
 #: (launch/policy.positives_path).
 POSITIVES_CHOICES = ("auto", "tiles", "centroids")
+#: KernelConfig.w_dtype: how the backward's products hold W = dS p_i p_j / gmax for bf16 / fp16
+#: inputs (launch/policy.w_dtype_path; fp32 inputs: one fp32 product whatever it says). "split":
+#: hi + lo halves of the input dtype (two products per side, exact to ~16 bits); "fp16": W
+#: rounded once to fp16 and the features' operands cast to fp16 (one product per side).
+W_DTYPE_CHOICES = ("auto", "split", "fp16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,11 +151,17 @@ class KernelConfig:
     multiplied with cuBLAS: large problems); positives: "tiles" (identity labels compared and
     summed inside the forward's N x M loop) or "centroids" (identity labels: counts and logit
     sums from identity centroids outside it; the negatives' softmax mass of reverse KL and the
-    statistics from a compare of int32 ranks inside it; dense labels: tiles).
+    statistics from a compare of int32 ranks inside it; dense labels: tiles); w_dtype, for
+    bf16 / fp16 inputs only (fp32 inputs ignore it): "split" (the backward's products take dL/dS
+    as hi + lo halves of the input dtype: two products per side, the exact form) or "fp16"
+    (dL/dS rounded once to fp16, scaled into its range, and the features' operands in fp16: one
+    product per side, an error of up to a few roundings of the gradient at near-perfect fits:
+    docs/contract.md, precision; normalize=False runs "split"); "auto" is "split"
+    (`launch.policy.w_dtype_path`).
 
-    ``KernelConfig.parse("chunked_m128n128k64w8s3_bm128bn64bw8")`` reads the same fields from
-    a name (tokens ``fused``, ``chunked``, ``tiles``, ``centroids``, ``auto`` (sets nothing), and
-    ``m n k w s seg bm bn bw bs`` + number).
+    ``KernelConfig.parse("chunked_wfp16_m128n128k64w8s3_bm128bn64bw8")`` reads the same fields
+    from a name (tokens ``fused``, ``chunked``, ``tiles``, ``centroids``, ``wsplit``, ``wfp16``,
+    ``auto`` (sets nothing), and ``m n k w s seg bm bn bw bs`` + number: ``w8`` is num_warps).
     """
 
     block_m: Optional[int] = None
@@ -161,6 +172,7 @@ class KernelConfig:
     segments: Optional[int] = None
     backward: str = "auto"
     positives: str = "auto"
+    w_dtype: str = "auto"
     bwd_block_m: Optional[int] = None
     bwd_block_n: Optional[int] = None
     bwd_num_warps: Optional[int] = None
@@ -169,6 +181,7 @@ class KernelConfig:
     def __post_init__(self):
         check_choice("backward", self.backward, BACKWARD_CHOICES)
         check_choice("positives", self.positives, POSITIVES_CHOICES)
+        check_choice("KernelConfig.w_dtype", self.w_dtype, W_DTYPE_CHOICES)
         for name in ("block_m", "block_n", "block_k", "bwd_block_m", "bwd_block_n"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 16 or v & (v - 1)):
@@ -181,6 +194,7 @@ class KernelConfig:
     def name(self) -> str:
         """The canonical name: ``KernelConfig.parse(c.name()) == c``."""
         parts = [v for v in (self.backward, self.positives) if v != "auto"]
+        parts += [_W_DTYPE_TOKENS[self.w_dtype]] if self.w_dtype != "auto" else []
         sizes = "".join(f"{token}{getattr(self, field)}" for token, field in self._TOKENS.items()
                         if getattr(self, field) is not None)
         return "_".join(parts + ([sizes] if sizes else [])) or "auto"
@@ -221,6 +235,10 @@ _OPTION_FIELDS = {"kl": str, "eps": float, "direction": str, "combine": str, "re
                   "normalize": _bool_text}
 
 
+#: KernelConfig.w_dtype's name tokens: a "w" and a word, never "w" + digits (num_warps).
+_W_DTYPE_TOKENS = {"split": "wsplit", "fp16": "wfp16"}
+
+
 @functools.lru_cache(maxsize=256)
 def _parse_kernel_config(name: str) -> KernelConfig:
     fields, rest = {}, name.strip().lower()
@@ -234,6 +252,9 @@ def _parse_kernel_config(name: str) -> KernelConfig:
             continue
         if token in ("tiles", "centroids"):
             fields["positives"] = token
+            continue
+        if token in _W_DTYPE_TOKENS.values():
+            fields["w_dtype"] = token[1:]
             continue
         parts = re.findall(r"(seg|b[mnws]|[mnkws])(\d+)", token)
         if not parts or "".join(a + b for a, b in parts) != token:

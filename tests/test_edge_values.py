@@ -33,6 +33,8 @@ DEVICE = "cuda" if CUDA else "cpu"
 BACKENDS = ("torch", "triton")
 # the Triton backend's two backward paths
 PATHS = (("torch", None), ("triton", "fused"), ("triton", "chunked"))
+# ... and their fp16 W (KernelConfig.w_dtype="fp16", issue 27) where W's scale is what is tested
+W_PATHS = PATHS + (("triton", "fused_wfp16"), ("triton", "chunked_wfp16"))
 
 
 def _loss(backend, config=None):
@@ -69,21 +71,23 @@ def test_fp16_gradient_overflow_is_inf(backend, config):
         assert _rel(ours[fin], exact[fin]) < 2e-3
 
 
-@pytest.mark.parametrize("backend,config", PATHS)
+@pytest.mark.parametrize("backend,config", W_PATHS)
 @pytest.mark.parametrize("kl", ["forward", "reverse"])
 @pytest.mark.parametrize("norm", [0.05, 8.0, 300.0])
-def test_fp16_unnormalised_features_give_the_right_gradients(backend, config, kl, norm):
-    """fp16 features with normalize=False, rows of norm ~0.05 to 300 (temperatures that keep the
-    logits O(1)-O(10)): gradients right to fp16's rounding. The Triton backward lifts fp16 W by a
-    power of two that assumed the product p_i p_j of the rows' scale factors below 4, true for
-    normalised rows only: unnormalised, p is the norm (up to a power of two), W overflowed fp16
-    and every gradient was NaN (rows of norm 8; found on the CPU, 2026-12-07)."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fp16_unnormalised_features_give_the_right_gradients(backend, config, kl, norm, dtype):
+    """Half features with normalize=False, rows of norm ~0.05 to 300 (temperatures that keep the
+    logits O(1)-O(10)): gradients right to the dtype's rounding. The Triton backward lifts fp16 W
+    (fp16 inputs' hi + lo halves; the fp16 W of KernelConfig.w_dtype="fp16") by a power of two
+    that assumed the product p_i p_j of the rows' scale factors below 4, true for normalised rows
+    only: unnormalised, p is the norm (up to a power of two), W overflowed fp16 and every gradient
+    was NaN (rows of norm 8; found on the CPU, 2026-12-07)."""
     gen = torch.Generator().manual_seed(int(norm * 100))
     q = torch.randn(9, 16, generator=gen) * (norm / 4)
     g = torch.randn(11, 16, generator=gen) * (norm / 4)
     q[0, 0] = g[1, 1] = 0.0
     qi, gi = torch.arange(9) % 4, torch.arange(11) % 4
-    q, g, qi, gi = (t.to(DEVICE) for t in (q.half(), g.half(), qi, gi))
+    q, g, qi, gi = (t.to(DEVICE) for t in (q.to(dtype), g.to(dtype), qi, gi))
     s = 4.0 / norm**2                                            # logits ~ s |q| |g| cos ~ 4 cos
     qa, ga = q.clone().requires_grad_(), g.clone().requires_grad_()
     _loss(backend, config)(qa, ga, qi, gi, kl=kl, normalize=False, logit_scale=s).backward()
@@ -91,7 +95,7 @@ def test_fp16_unnormalised_features_give_the_right_gradients(backend, config, kl
     reference.sdm_loss(q64, g64, qi, gi, kl=kl, normalize=False, logit_scale=s).backward()
     for ours, exact in ((qa.grad, q64.grad), (ga.grad, g64.grad)):
         assert torch.isfinite(ours).all()
-        own = _rel(exact.half(), exact)                           # the gradient's own fp16 rounding
+        own = _rel(exact.to(dtype), exact)                        # the gradient's own rounding
         assert _rel(ours, exact) <= 4 * own + 2**-13, (_rel(ours, exact), own)
 
 
@@ -269,7 +273,7 @@ def _huge_logit_case(case, dtype):
     return q.to(DEVICE, dtype), g.to(DEVICE, dtype), qi.to(DEVICE), gi.to(DEVICE), kw, s
 
 
-@pytest.mark.parametrize("backend,config", PATHS)
+@pytest.mark.parametrize("backend,config", W_PATHS)
 @pytest.mark.parametrize("kl", ["forward", "reverse"])
 @pytest.mark.parametrize("case", ["features_1e20_unnormalised", "temperature_1e-6"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -280,7 +284,8 @@ def test_huge_logits_give_the_right_gradients(backend, config, kl, case, dtype):
     forward's row maxima m of the other direction, computed on tiles with the operands swapped,
     which numpy's matmul sums in another order: one rounding of t at |t| ~ 1e22 is 1e15 in the
     exponent (`tiles.logit_dot`). Now as exact as the fp32 formula (float64 truth on the same
-    inputs; bf16: the gradients' own rounding)."""
+    inputs; bf16: the gradients' own rounding). fp16 W too: normalize=False runs hi + lo there
+    (`policy.w_dtype_path`: W's fp16 scale assumes unit rows; with it, NaN gradients)."""
     q, g, qi, gi, kw, s = _huge_logit_case(case, dtype)
     qa, ga = q.clone().requires_grad_(), g.clone().requires_grad_()
     loss = _loss(backend, config)(qa, ga, qi, gi, kl=kl, **kw)
@@ -364,7 +369,7 @@ def test_dense_label_terms_are_as_accurate_as_the_reference(backend):
     assert worst[backend] < 0.25, worst
 
 
-@pytest.mark.parametrize("backend,config", PATHS)
+@pytest.mark.parametrize("backend,config", W_PATHS)
 def test_fp16_w_keeps_its_accuracy_below_the_normal_range(backend, config):
     """fp16 inputs: W = dS p_i p_j / gmax is split into fp16 hi + lo halves; below fp16's normal
     range (2^-14) they keep only an absolute accuracy. In this problem (the GPU suite's, issue 26)

@@ -51,24 +51,28 @@ def _weighted(out, wq, wg):
     return (out.q2g.double() * wq).sum() + (out.g2q.double() * wg).sum()
 
 
-def _errors_vs_float64(q, g, kw, kl, fn, scale=20.0):
-    """Relative errors of loss / dq / dg / dscale of ``fn`` against float64 on the same inputs
-    (random weights on the per-row losses: grad_output != 1)."""
+def _weighted_run(q, g, kw, kl, fn, scale=20.0, dtype=None):
+    """(total, dq, dg, dscale) of ``fn`` with random weights on the per-row losses (grad_output
+    != 1) and a learnable scale; ``dtype`` torch.float64: on float64 copies of the inputs."""
     n, m = q.shape[0], g.shape[0]
     gen = torch.Generator(device="cpu").manual_seed(n * 7 + m)
     wq = torch.rand(n, generator=gen, dtype=torch.float64).to(q.device)
     wg = torch.rand(m, generator=gen, dtype=torch.float64).to(q.device)
-    qa, ga = q.clone().requires_grad_(), g.clone().requires_grad_()
-    ls = torch.tensor(scale, device=q.device, requires_grad=True)
+    qa, ga = q.to(dtype or q.dtype, copy=True).requires_grad_(), g.to(dtype or g.dtype, copy=True).requires_grad_()
+    ls = torch.tensor(scale, device=q.device, dtype=dtype or torch.float32, requires_grad=True)
+    if dtype is not None:
+        kw = {k: (v.to(dtype) if k == "labels" else v) for k, v in kw.items()}
     tot = _weighted(fn(qa, ga, kl=kl, logit_scale=ls, reduction="none", **kw), wq, wg)
     tot.backward()
-    q64, g64 = q.double().requires_grad_(), g.double().requires_grad_()
-    ls64 = torch.tensor(scale, device=q.device, dtype=torch.float64, requires_grad=True)
-    kw64 = {k: (v.double() if k == "labels" else v) for k, v in kw.items()}
-    ref = _weighted(reference.sdm_loss(q64, g64, kl=kl, logit_scale=ls64, reduction="none", **kw64), wq, wg)
-    ref.backward()
-    return dict(loss=_rel(tot.detach(), ref.detach()), dq=_rel(qa.grad, q64.grad),
-                dg=_rel(ga.grad, g64.grad), ds=_rel(ls.grad, ls64.grad))
+    return tot.detach(), qa.grad, ga.grad, ls.grad
+
+
+def _errors_vs_float64(q, g, kw, kl, fn, scale=20.0):
+    """Relative errors of loss / dq / dg / dscale of ``fn`` against float64 on the same inputs
+    (random weights on the per-row losses: grad_output != 1)."""
+    ours = _weighted_run(q, g, kw, kl, fn, scale)
+    ref = _weighted_run(q, g, kw, kl, reference.sdm_loss, scale, dtype=torch.float64)
+    return {key: _rel(o, r) for key, o, r in zip(("loss", "dq", "dg", "ds"), ours, ref)}
 
 
 def _triton(config):
@@ -507,6 +511,107 @@ def test_half_gradients_of_near_perfect_fits(dtype, config, fit):
     for o, e in zip(ours, exact):
         rounding = _rel(e.to(dtype), e)
         assert _rel(o, e) <= 4 * rounding, (_rel(o, e), rounding)
+
+
+# --------------------------------------------------------------------------- issue 27: fp16 W
+# KernelConfig.w_dtype="fp16" ("wfp16"): the backward's W rounded once to fp16 and the operands in
+# fp16, one product per side, where "split" ("wsplit", what "auto" is) keeps hi + lo halves.
+
+def _unrounded_grads(q, g, ids, config, scale, kl="forward"):
+    """(dq, dg) of the Triton backend in fp32, before the rounding to the input dtype (the
+    backward's ``partial_grads``, which the distributed strategies sum): the error of the
+    products alone, which the rounding to bf16 (truncating in the interpreter) would hide."""
+    from sdm_triton.launch import TritonBackend
+    from sdm_triton.options import KernelConfig, SDMOptions
+    from sdm_triton.problem import Problem
+    p = Problem(q=q, g=g, q_ids=ids, g_ids=ids, labels=None, q_mask=None, g_mask=None, scale=None, scale_value=scale,
+                options=SDMOptions(kl=kl), config=KernelConfig.parse(config), workspace_bytes=1 << 26, galleries=1,
+                scalar_value=True, return_stats=False)
+    be = TritonBackend()
+    out = be.forward(p)
+    dq, dg, _ = be.backward(p, out, torch.ones((), device=q.device), None, (True, True, False), partial_grads=True)
+    assert dq.dtype == dg.dtype == torch.float32
+    return dq, dg
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda t: str(t)[6:])
+@pytest.mark.parametrize("config", ["chunked_wfp16", "fused_wfp16"])
+@pytest.mark.parametrize("kl", ["forward", "reverse"])
+@pytest.mark.parametrize("dense,masks", [(False, False), (True, True)])
+def test_fp16_w_gradients_match_float64(dtype, config, kl, dense, masks):
+    """fp16 W, random features (positive cosines ~0, where one rounding of W costs a fraction of
+    the gradient's own rounding: ../shared/yardsticks/w_rounding.py): the gradients are within
+    4x of rounding the exact gradient to the input dtype (SPEC, precision), ids or dense labels,
+    masks, both divergences, both backward paths; dL/ds (which W does not enter) to fp32 accuracy."""
+    n, m, d = (300, 457, 512) if CUDA else (37, 45, 33)
+    q, g, kw = _problem(n, m, d, dtype, seed=27, dense=dense, masks=masks)
+    ours = _weighted_run(q, g, kw, kl, _triton(config))
+    exact = _weighted_run(q, g, kw, kl, reference.sdm_loss, dtype=torch.float64)
+    assert _rel(ours[3], exact[3]) <= 1e-5, (ours[3], exact[3])            # dL/ds: fp32 accuracy
+    for o, e in zip(ours[1:3], exact[1:3]):
+        rounding = _rel(e.to(dtype), e)
+        assert _rel(o, e) <= 4 * rounding, (_rel(o, e), rounding)
+
+
+@pytest.mark.parametrize("dtype,fits", [(torch.bfloat16, (0.5, 0.9)), (torch.float16, (0.0, 0.5))],
+                         ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("path", ["chunked", "fused"])
+def test_fp16_w_is_one_rounding_of_w(dtype, fits, path):
+    """The products' own error (fp32 gradients, before their rounding to the input dtype), s = 50:
+    fp16 W errs by one rounding of W carried through the products, within 4x of rounding the
+    exact gradient to the input dtype (SPEC's allowance: bf16 up to positive cosines of 0.99, fit
+    0.9 here; fp16 inputs, whose own rounding is 8x finer, at moderate fits only), and at least
+    4x the error of hi + lo (~16 bits of W; interpreter: 10-40x less): the option is in effect
+    (mutant fp16_w_unrounded: W left in fp32 errs as hi + lo does)."""
+    n, d = (256, 128) if CUDA else (24, 40)
+    for fit in fits:
+        q, g, ids = _near_fits(n, d, fit, dtype, seed=27)
+        exact = _grads(reference.sdm_loss, q.double(), g.double(), ids, logit_scale=50.0)
+        ours = _unrounded_grads(q, g, ids, f"{path}_wfp16", 50.0)
+        split = _unrounded_grads(q, g, ids, f"{path}_wsplit", 50.0)
+        for o, s, e in zip(ours, split, exact):
+            rounding = _rel(e.to(dtype), e)
+            assert 4 * _rel(s, e) <= _rel(o, e) <= 4 * rounding, (fit, _rel(o, e), _rel(s, e), rounding)
+
+
+@pytest.mark.parametrize("path", ["chunked", "fused"])
+def test_w_dtype_changes_only_the_half_inputs_backward(path):
+    """KernelConfig.w_dtype touches the backward of half inputs alone: the loss is the same bits
+    whatever it says, fp32 inputs get the same gradients bit for bit (one fp32 W product either
+    way), half inputs' "auto" is "split" bit for bit and "fp16" differs (so that the tests above
+    cannot pass with the option ignored). `launch.policy.w_dtype_path` says which form runs
+    (normalize=False too: fp16 W's scale carries the rows' norms there,
+    tests/test_edge_values.py's unnormalised tests)."""
+    from sdm_triton.launch.policy import w_dtype_path
+    from sdm_triton.options import KernelConfig
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        q, g, kw = _problem(21, 35, 16, dtype, seed=28, masks=True)
+        runs = {}
+        for w in ("auto", "split", "fp16"):
+            qa, ga = q.clone().requires_grad_(), g.clone().requires_grad_()
+            config = f"{path}_w{w}" if w != "auto" else path
+            loss = _triton(config)(qa, ga, logit_scale=20.0, **kw)
+            loss.backward()
+            runs[w] = (loss.detach(), qa.grad, ga.grad)
+            path_of = w_dtype_path(_policy_problem(q, KernelConfig.parse(config)))
+            assert path_of == ("fp32" if dtype == torch.float32 else "fp16" if w == "fp16" else "split"), (dtype, w)
+        for w in ("split", "fp16"):
+            assert torch.equal(runs[w][0], runs["auto"][0]), (dtype, w)
+        assert all(torch.equal(a, b) for a, b in zip(runs["split"], runs["auto"])), dtype
+        same = [torch.equal(a, b) for a, b in zip(runs["fp16"][1:], runs["split"][1:])]
+        assert same == ([True, True] if dtype == torch.float32 else [False, False]), (dtype, same)
+        unnormalised = _policy_problem(q, KernelConfig(w_dtype="fp16"), normalize=False)
+        assert w_dtype_path(unnormalised) == ("fp32" if dtype == torch.float32 else "fp16"), dtype
+
+
+def _policy_problem(q, config, **options):
+    """A Problem of features ``q`` and ``config`` for the policy's choices (no kernel runs)."""
+    from sdm_triton.options import SDMOptions
+    from sdm_triton.problem import Problem
+    ids = torch.arange(q.shape[0], device=q.device)
+    return Problem(q=q, g=q, q_ids=ids, g_ids=ids, labels=None, q_mask=None, g_mask=None, scale=None, scale_value=1.0,
+                   options=SDMOptions(**options), config=config, workspace_bytes=1, galleries=1, scalar_value=True,
+                   return_stats=False)
 
 
 @pytest.mark.parametrize("config", ["fused_tiles", "chunked_tiles", "fused_centroids", "chunked_centroids"])

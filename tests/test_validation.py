@@ -202,8 +202,18 @@ def test_options_and_kernel_config_names_round_trip(fields):
     back = SDMOptions.parse(o.name())
     assert back == o and float(back.eps).hex() == float(o.eps).hex()
     for config in (KernelConfig(), KernelConfig(block_m=32, backward="chunked", bwd_num_warps=8, segments=2),
-                   KernelConfig(positives="tiles"), KernelConfig(backward="fused", positives="centroids", block_n=64)):
+                   KernelConfig(positives="tiles"), KernelConfig(backward="fused", positives="centroids", block_n=64),
+                   KernelConfig(w_dtype="fp16", num_warps=16, bwd_num_warps=8), KernelConfig(w_dtype="split"),
+                   KernelConfig(backward="chunked", positives="centroids", w_dtype="fp16", block_m=128)):
         assert KernelConfig.parse(config.name()) == config
+    # w_dtype's tokens are words: "w16" stays num_warps, whatever order the tokens come in
+    assert KernelConfig.parse("w16_wfp16") == KernelConfig.parse("wfp16_w16") == KernelConfig(w_dtype="fp16",
+                                                                                           num_warps=16)
+    assert KernelConfig.parse("chunked_wsplit_m64w4").name() == "chunked_wsplit_m64w4"
+    with pytest.raises(ValueError, match=r"\bw_dtype\b.*'auto', 'split', 'fp16'"):
+        KernelConfig(w_dtype="bf16")
+    with pytest.raises(ValueError, match="cannot read 'wbf16'"):
+        KernelConfig.parse("chunked_wbf16")
     with pytest.raises(ValueError, match="cannot read 'x=1'"):
         SDMOptions.parse(o.name() + ",x=1")
     with pytest.raises(ValueError, match="kl must be one of"):

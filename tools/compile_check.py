@@ -53,8 +53,8 @@ def signature(kernel, dtype: str, consts: dict, nones=(), scalars: str = "eager"
             cx[name] = None
         elif name in FEAT or name in ("dq_ptr", "dg_ptr") or (name == "out_ptr" and kernel.fn.__name__ != "_stats_kernel"):
             sig[name] = "*" + dtype
-        elif name == "ws_ptr":
-            sig[name] = "*" + ("fp32" if dtype == "fp32" else dtype)
+        elif name == "ws_ptr":     # W's workspace: the input dtype (fp32 W, hi + lo), or fp16 W (W_FP16)
+            sig[name] = "*fp16" if consts.get("W_FP16") else "*" + dtype
         elif name in F32_PTRS:
             sig[name] = "*fp32"
         elif name in F64_PTRS:
@@ -143,20 +143,28 @@ def main():
              COMBINE_MEAN=True, STATS=True, WANT_POS=True, INTERPRETED=False, BLOCK=1024), 4, 1,
              ("q_msk", "g_msk", "scale_ptr")),
             ("fused_d512", grad._fused_grad_kernel, dict(common, MEAN=True, NORMALIZE=True, WANT_DSCALE=True,
-             SCALE_W=False, HALF=half[dtype], IS_FP32=dtype == "fp32", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, BLOCK_D=512,
-             BLOCK_W=256), 4, 1,
+             SCALE_W=False, HALF=half[dtype], IS_FP32=dtype == "fp32", W_FP16=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64,
+             BLOCK_D=512, BLOCK_W=256), 4, 1,
              nones + ("drows_ptr",)),
             # a gradient not asked for: its pointer is None and its branch must still compile
             ("fused_nodg", grad._fused_grad_kernel, dict(common, MEAN=True, NORMALIZE=True, WANT_DSCALE=True,
-             SCALE_W=False, HALF=half[dtype], IS_FP32=dtype == "fp32", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64,
-             BLOCK_D=128, BLOCK_W=256), 4, 1, nones + ("drows_ptr", "dg_ptr")),
+             SCALE_W=False, HALF=half[dtype], IS_FP32=dtype == "fp32", W_FP16=False, BLOCK_M=16, BLOCK_N=32,
+             BLOCK_K=64, BLOCK_D=128, BLOCK_W=256), 4, 1, nones + ("drows_ptr", "dg_ptr")),
             ("fused_nodq", grad._fused_grad_kernel, dict(common, MEAN=True, NORMALIZE=True, WANT_DSCALE=False,
-             SCALE_W=dtype == "fp16", HALF=half[dtype], IS_FP32=dtype == "fp32", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64,
-             BLOCK_D=128, BLOCK_W=256), 4, 1, nones + ("dv_ptr", "dq_ptr", "dscale_ptr")),
+             SCALE_W=dtype == "fp16", HALF=half[dtype], IS_FP32=dtype == "fp32", W_FP16=False, BLOCK_M=16,
+             BLOCK_N=32, BLOCK_K=64, BLOCK_D=128, BLOCK_W=256), 4, 1, nones + ("dv_ptr", "dq_ptr", "dscale_ptr")),
             ("chunk128", grad._grad_chunk_kernel, dict(common, WANT_DSCALE=False, HALF=half[dtype],
-             IS_FP32=dtype == "fp32", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3, nones + ("q_msk", "g_msk", "gmax_ptr",
-                                                                                        "scale_ptr")),
+             IS_FP32=dtype == "fp32", W_FP16=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3,
+             nones + ("q_msk", "g_msk", "gmax_ptr", "scale_ptr")),
         ]
+        if dtype != "fp32":   # KernelConfig.w_dtype="fp16" (issue 27): W rounded once to fp16, one
+            # product per side, gmax scaling it (SCALE_W; the chunked kernel's gmax_ptr given)
+            jobs += [("fused_d512_wfp16", grad._fused_grad_kernel, dict(common, MEAN=True, NORMALIZE=True,
+                      WANT_DSCALE=True, SCALE_W=True, HALF=half[dtype], IS_FP32=False, W_FP16=True, BLOCK_M=16,
+                      BLOCK_N=32, BLOCK_K=64, BLOCK_D=512, BLOCK_W=256), 4, 1, nones + ("drows_ptr",)),
+                     ("chunk128_wfp16", grad._grad_chunk_kernel, dict(common, WANT_DSCALE=False, HALF=half[dtype],
+                      IS_FP32=False, W_FP16=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3,
+                      nones + ("q_msk", "g_msk", "scale_ptr"))]
         if not dense and not reverse:   # forward KL's positives' logit sums from identity centroids
             # (name suffixes: m, a mask given; s, a scale tensor given)
             jobs += [("centroid_sums" + ("" if nn else "m"), centroids._centroid_sums_kernel,
@@ -188,9 +196,9 @@ def main():
         except Exception as exc:  # noqa: BLE001
             rows.append((name, "bf16", "-", "-", "-", "-", "-", "FAILED " + root_cause(exc)))
     print(f"triton {triton.__version__}, sm_{args.arch}")
-    print(f"{'kernel':12s} {'dtype':5s} {'rev':5s} {'dense':5s} {'regs':>5s} {'stack':>5s} {'smem':>7s}  status")
+    print(f"{'kernel':16s} {'dtype':5s} {'rev':5s} {'dense':5s} {'regs':>5s} {'stack':>5s} {'smem':>7s}  status")
     for r in rows:
-        print(f"{r[0]:12s} {r[1]:5s} {str(r[2]):5s} {str(r[3]):5s} {str(r[4]):>5s} {str(r[5]):>5s} {str(r[6]):>7s}  {r[7]}")
+        print(f"{r[0]:16s} {r[1]:5s} {str(r[2]):5s} {str(r[3]):5s} {str(r[4]):>5s} {str(r[5]):>5s} {str(r[6]):>7s}  {r[7]}")
     return 1 if any(r[7] != "ok" for r in rows) else 0
 
 
@@ -203,8 +211,15 @@ def scalar_jobs(dtype: str, reverse: bool, dense: bool):
     half = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[dtype]
     common = dict(REVERSE=reverse, DENSE=dense, UPCAST=False, DOT_PRECISION="ieee", INDEX=tl.int32)
     labels = ("lab",) if not dense else ("q_ids", "g_ids")
-    bwd = dict(common, MEAN=True, NORMALIZE=True, WANT_DSCALE=True, HALF=half, IS_FP32=dtype == "fp32")
-    return [
+    bwd = dict(common, MEAN=True, NORMALIZE=True, WANT_DSCALE=True, HALF=half, IS_FP32=dtype == "fp32", W_FP16=False)
+    # KernelConfig.w_dtype="fp16" (half inputs only): W rounded once to fp16, scaled by gmax
+    wfp16 = [] if dtype == "fp32" else [
+        ("fused_wfp16", grad._fused_grad_kernel, dict(bwd, W_FP16=True, SCALE_W=True, BLOCK_M=16, BLOCK_N=32,
+         BLOCK_K=32, BLOCK_D=64, BLOCK_W=256), 4, 1, labels + ("drows_ptr", "scale_ptr")),
+        ("chunk_wfp16", grad._grad_chunk_kernel, dict(bwd, W_FP16=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 4, 2,
+         labels + ("scale_ptr",)),
+    ]
+    return wfp16 + [
         ("prep", prep._prep_kernel, dict(NORMALIZE=True, DENSE=dense, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16), 4, 1,
          labels),
         ("stats", stats._stats_kernel, dict(common, WANT_POS=True, LOOP_IDS=True, LOOP_TERMS=True, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32),
@@ -279,17 +294,20 @@ def sweep(target):
     for cfg in [(128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3),
                 (64, 64, 64, 4, 3), (128, 128, 64, 8, 2), (64, 128, 64, 8, 3)]:
         bm, bn, bk, w, s = cfg
-        k = compile_one(grad._grad_chunk_kernel, "bf16", dict(common, WANT_DSCALE=False, HALF=tl.bfloat16,
-                        IS_FP32=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), nones + ("gmax_ptr",), target, w, s)
-        print("chunk", cfg, resources(k))
+        for w_fp16 in (False, True):     # hi + lo halves, or W rounded once to fp16 (KernelConfig.w_dtype)
+            k = compile_one(grad._grad_chunk_kernel, "bf16", dict(common, WANT_DSCALE=False, HALF=tl.bfloat16,
+                            IS_FP32=False, W_FP16=w_fp16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
+                            nones + (() if w_fp16 else ("gmax_ptr",)), target, w, s)
+            print("chunk" + ("_wfp16" if w_fp16 else ""), cfg, resources(k))
     for cfg in [(16, 32, 512, 4, 1), (16, 64, 512, 4, 1), (32, 32, 512, 4, 1), (16, 32, 512, 4, 2), (32, 32, 512, 8, 1),
                 (64, 32, 128, 4, 1), (32, 64, 128, 4, 2)]:
         bm, bn, bd, w, s = cfg
-        k = compile_one(grad._fused_grad_kernel, "bf16", dict(common, MEAN=True, NORMALIZE=True, WANT_DSCALE=False,
-                        SCALE_W=False, HALF=tl.bfloat16, IS_FP32=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, BLOCK_D=bd,
-                        BLOCK_W=256),
-                        ("lab", "q_msk", "g_msk", "scale_ptr", "drows_ptr"), target, w, s)
-        print("fused", cfg, resources(k))
+        for w_fp16 in (False, True):
+            k = compile_one(grad._fused_grad_kernel, "bf16", dict(common, MEAN=True, NORMALIZE=True, WANT_DSCALE=False,
+                            SCALE_W=w_fp16, HALF=tl.bfloat16, IS_FP32=False, W_FP16=w_fp16, BLOCK_M=bm, BLOCK_N=bn,
+                            BLOCK_K=64, BLOCK_D=bd, BLOCK_W=256),
+                            ("lab", "q_msk", "g_msk", "scale_ptr", "drows_ptr"), target, w, s)
+            print("fused" + ("_wfp16" if w_fp16 else ""), cfg, resources(k))
 
 
 if __name__ == "__main__":

@@ -96,7 +96,8 @@ MUTANTS = [
     Mutant("fp16_w_bound_normalised", "sdm_triton/launch/backward.py",
            [("top = top * _scale_product_bound(p, buf)", "top = top")],
            "tests/test_edge_values.py::test_fp16_unnormalised_features_give_the_right_gradients",
-           "the chunked fp16 W's scale assumes normalised rows (p_i p_j < 4): unnormalised, W overflows"),
+           "the chunked fp16 W's scale assumes normalised rows (p_i p_j < 4): unnormalised, W overflows "
+           "(fp16 inputs' hi + lo and KernelConfig.w_dtype='fp16' alike)"),
     Mutant("fp16_w_bound_normalised_fused", "sdm_triton/kernels/grad.py",
            [("gmax = gmax * scale_product_bound(pre_ptr, NR, N, BLOCK_W)", "gmax = gmax")],
            "tests/test_edge_values.py::test_fp16_unnormalised_features_give_the_right_gradients",
@@ -181,6 +182,18 @@ MUTANTS = [
            "tests/test_edge_values.py::test_fp16_w_keeps_its_accuracy_below_the_normal_range",
            "fp16 W divided by the largest weight only: below fp16's normal range it keeps an absolute "
            "accuracy, one dg row 6.5% off (issue 26)"),
+    # issue 27: KernelConfig.w_dtype="fp16"
+    Mutant("fp16_w_unrounded", "sdm_triton/kernels/grad.py",
+           [("        acc = tl.dot(W.to(tl.float16), b_op, acc)",
+             '        acc = tl.dot(W, b_op.to(tl.float32), acc, input_precision="ieee")')],
+           "tests/test_kernels.py::test_fp16_w_is_one_rounding_of_w",
+           "the fused backward's fp16 W mode multiplies fp32 W (no rounding of W): it errs as hi + lo does, "
+           "and the option would measure nothing"),
+    Mutant("w_dtype_ignored", "sdm_triton/launch/policy.py",
+           [('    return "fp16" if p.config.w_dtype == "fp16" else "split"',
+             '    return "split"')],
+           "tests/test_kernels.py::test_w_dtype_changes_only_the_half_inputs_backward",
+           "KernelConfig.w_dtype parsed but never reaching the kernels: fp16 W runs as hi + lo"),
 ]
 
 

@@ -37,6 +37,18 @@ multiplied by a power of two that its bound leaves room for (`launch.backward.fp
 a W below fp16's normal range keeps only an absolute accuracy, and a gradient that the
 projection off x_hat leaves small lost it (issue 26: 6.5% of a dg row, where fp32 inputs err 0.7%).
 
+W_FP16 (KernelConfig.w_dtype="fp16", half inputs; `launch.policy.w_dtype_path`): W is rounded
+once to fp16, scaled as fp16 W above (gmax, fp16_w_headroom), and the operands x' = c x are
+cast to fp16, so each side is one fp16 product with fp32 accumulation instead of two: half the
+tensor-core work and half the workspace. The price is one rounding of W, 2^-11 |W|, which the
+products carry into the gradient; where the normalisation's projection cancels most of it (a
+near-perfect fit) that is several roundings of the gradient itself (SPEC, precision: the
+allowance; ../shared/yardsticks/w_rounding.py). x' is exact in fp16 for fp16 inputs; for bf16
+inputs |x'| < 1 (rows of norm [0.5, 1)), so the cast cannot overflow, and only entries below
+2^-17 (fp16's subnormals) lose bits: an absolute error of at most 2^-25 in a row of norm ~1.
+Under the CPU interpreter fp16 is numpy's own float16 (its conversions round to nearest, its
+fp16 dot multiplies exactly and accumulates in fp32), so the CPU tests see the GPU's numbers.
+
 Two ways to run the products:
     _fused_grad_kernel   one launch: a program owns BLOCK_M rows of one side, walks every
                          column of the other side, accumulates u in registers (all of D) and
@@ -143,19 +155,29 @@ def scale_grad_rows(g_r, g_c, cos, m_r, m_c, inv_s_log2e):
 
 
 @triton.jit
-def half_operand(x, HALF: tl.constexpr, UPCAST: tl.constexpr):
-    """A product operand exact in the input dtype: itself (fp32 values of bf16 in the interpreter)."""
-    if UPCAST:
-        return x.to(tl.float32)
-    return x.to(HALF)
+def half_operand(x, HALF: tl.constexpr, W_FP16: tl.constexpr, UPCAST: tl.constexpr):
+    """A product operand (fp32 ``x``, exact in the input dtype): in the input dtype (fp32 values
+    of bf16 in the interpreter), or rounded to fp16 for W_FP16 (module doc: |x| < 1). (One
+    return: the compiler requires every return of a function to have one type, constexpr
+    branches or not.)"""
+    if W_FP16:
+        op = x.to(tl.float16)
+    elif UPCAST:
+        op = x.to(tl.float32)
+    else:
+        op = x.to(HALF)
+    return op
 
 
 @triton.jit
-def accumulate_product(acc, W, b_op, HALF: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
-    """acc += W @ b_op: fp32 W as one product (fp32 inputs) or hi + lo halves (half inputs)."""
+def accumulate_product(acc, W, b_op, HALF: tl.constexpr, IS_FP32: tl.constexpr, W_FP16: tl.constexpr,
+                       UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc += W @ b_op: fp32 W as one product (fp32 inputs), W rounded once to fp16 as one
+    product with an fp16 ``b_op`` (W_FP16), or hi + lo halves (half inputs)."""
     if IS_FP32:
         acc = tl.dot(W, b_op, acc, input_precision=DOT_PRECISION)
+    elif W_FP16:     # the one rounding of W (module doc); fp32 accumulation, in the interpreter too
+        acc = tl.dot(W.to(tl.float16), b_op, acc)
     else:
         hi, lo = split_hi_lo(W, HALF, UPCAST)
         if UPCAST:   # interpreter, bf16: the same hi + lo values, as fp32
@@ -175,8 +197,8 @@ def _fused_rows(
     dv_ptr, s_dv, drows_ptr, red_ptr, K, k, coef_a, coef_b, cnt_a, cnt_b,
     rows, row_in, n_cols, D, s_log2e, eps, ln_eps, inv_gmax,
     REVERSE: tl.constexpr, DENSE: tl.constexpr, MEAN: tl.constexpr, WANT_DSCALE: tl.constexpr,
-    HALF: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HALF: tl.constexpr, IS_FP32: tl.constexpr, W_FP16: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """acc += sum_j W_ij b'_j over every column of one softmax block (gallery k or the queries).
@@ -223,8 +245,8 @@ def _fused_rows(
         if WANT_DSCALE:
             ds_acc += scale_grad_rows(g_r, g_c, cos, m_r, m_c, 1.0 / s_log2e)
         W = scaled_w(dS, pa, rb, cb, inv_gmax)
-        b_op = half_operand(b_tile.to(tl.float32) * cb[:, None], HALF, UPCAST)          # c_j b_j: exact
-        acc = accumulate_product(acc, W, b_op, HALF, IS_FP32, UPCAST, DOT_PRECISION)
+        b_op = half_operand(b_tile.to(tl.float32) * cb[:, None], HALF, W_FP16, UPCAST)   # c_j b_j
+        acc = accumulate_product(acc, W, b_op, HALF, IS_FP32, W_FP16, UPCAST, DOT_PRECISION)
     return acc, ds_acc
 
 
@@ -313,14 +335,15 @@ def _fused_grad_kernel(
     N, M, K, n_q_programs, D, scale_value, eps, coef_q, coef_g, w_headroom,
     REVERSE: tl.constexpr, DENSE: tl.constexpr, MEAN: tl.constexpr, NORMALIZE: tl.constexpr,
     WANT_DSCALE: tl.constexpr, SCALE_W: tl.constexpr,
-    HALF: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
+    HALF: tl.constexpr, IS_FP32: tl.constexpr, W_FP16: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """Programs [0, n_q_programs): BLOCK_M q rows against every gallery -> dq rows (and the
     dL/ds partial); the rest: BLOCK_M rows of one gallery against the queries -> dg rows.
     ``dg`` is [K * M, D] (contiguous rows per gallery). BLOCK_W: rows per step of the fp16
-    scale's walk over every weight (SCALE_W); ``w_headroom``: launch.backward.fp16_w_headroom."""
+    scale's walk over every weight (SCALE_W: W goes through fp16, as fp16 hi + lo or W_FP16's
+    one fp16 W); ``w_headroom``: launch.backward.fp16_w_headroom."""
     pid = tl.program_id(0)
     NR = N + K * M
     NDR = K * N + K * M
@@ -361,7 +384,7 @@ def _fused_grad_kernel(
                 coef_a=coef_q, coef_b=coef_g, cnt_a=RED_VALID_Q2G, cnt_b=RED_VALID_G2Q,
                 rows=rows, row_in=row_in, n_cols=M, D=D, s_log2e=s_log2e, eps=eps, ln_eps=ln_eps, inv_gmax=inv_gmax,
                 REVERSE=REVERSE, DENSE=DENSE, MEAN=MEAN, WANT_DSCALE=WANT_DSCALE,
-                HALF=HALF, IS_FP32=IS_FP32, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
+                HALF=HALF, IS_FP32=IS_FP32, W_FP16=W_FP16, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
                 INDEX=INDEX, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D)
         norm = tl.load(pre_ptr + PRE_NORM * NR + rows, mask=row_in, other=0.0)
         x = tl.load(q_ptr + rows[:, None] * sq_row + offs_d[None, :] * sq_d,
@@ -396,7 +419,7 @@ def _fused_grad_kernel(
             coef_a=coef_g, coef_b=coef_q, cnt_a=RED_VALID_G2Q, cnt_b=RED_VALID_Q2G,
             rows=rows, row_in=row_in, n_cols=N, D=D, s_log2e=s_log2e, eps=eps, ln_eps=ln_eps, inv_gmax=inv_gmax,
             REVERSE=REVERSE, DENSE=DENSE, MEAN=MEAN, WANT_DSCALE=False,
-            HALF=HALF, IS_FP32=IS_FP32, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
+            HALF=HALF, IS_FP32=IS_FP32, W_FP16=W_FP16, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
             INDEX=INDEX, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D)
         norm = tl.load(pre_ptr + PRE_NORM * NR + srow, mask=row_in, other=0.0)
         x = tl.load(gk + rows[:, None] * sg_row + offs_d[None, :] * sg_d,
@@ -425,7 +448,8 @@ def _weights_kernel(saved_ptr, dv_ptr, s_dv, drows_ptr, red_ptr, w_ptr, N, M, K,
 @triton.jit(do_not_specialize=["M", "s0", "NR"])
 def _operand_kernel(x_ptr, sx_gal, sx_row, sx_d, msk, s_msk_gal, s_msk, pre_ptr, NR, s0, out_ptr,
                     M, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """x' = c x in the input dtype (exact), 0 for absent rows: the cuBLAS products' operand.
+    """x' = c x in the input dtype (exact), or in fp16 for W_FP16 (module doc), 0 for absent rows:
+    the cuBLAS products' operand (its dtype is ``out_ptr``'s).
     Grid (row blocks, galleries) over a [K, M, D] side (K = 1, M = N for q); output [K * M, D]."""
     k = tl.program_id(1).to(tl.int64)
     j = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -453,12 +477,14 @@ def _grad_chunk_kernel(
     ws_ptr, s_ws_row, dscale_ptr,
     N, M, K, k, col0, col1, D, scale_value, eps,
     REVERSE: tl.constexpr, DENSE: tl.constexpr, WANT_DSCALE: tl.constexpr,
-    HALF: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HALF: tl.constexpr, IS_FP32: tl.constexpr, W_FP16: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """W = dS p_i p_j / gmax for q rows x columns [col0, col1) of gallery k, into the workspace:
-    ws[:, 0:w] (hi, or W for fp32) and ws[:, w:2w] (lo) with w = col1 - col0; grid (row
-    blocks, column tiles). WANT_DSCALE: dscale[tile, row] = sum over the tile of dS cos."""
+    ws[:, 0:w] (hi; W itself for fp32 and, rounded to fp16, for W_FP16) and, for hi + lo only,
+    ws[:, w:2w] (lo) with w = col1 - col0; grid (row blocks, column tiles). WANT_DSCALE:
+    dscale[tile, row] = sum over the tile of dS cos."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
     NR = N + K * M
@@ -512,6 +538,8 @@ def _grad_chunk_kernel(
     tile_in = row_in[:, None] & col_in[None, :]
     if IS_FP32:
         tl.store(ws_ptr + offs, W, mask=tile_in)
+    elif W_FP16:     # the one rounding of W (module doc): an fp16 workspace, one product per side
+        tl.store(ws_ptr + offs, W.to(tl.float16), mask=tile_in)
     else:
         hi, lo = split_hi_lo(W, HALF, UPCAST)
         tl.store(ws_ptr + offs, hi.to(HALF), mask=tile_in)
@@ -523,8 +551,9 @@ def _input_grad_kernel(u_ptr, su_row, u2_ptr, x_ptr, sx_gal, sx_row, sx_d, msk, 
                        pre_ptr, NR, s0, gal, r0, scale_ptr, scale_value, gmax_ptr, out_ptr, so_row, so_d,
                        n_rows, M, D, NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """dL/dx for rows r0 .. r0 + n_rows of gallery ``gal`` (rows j of a [K, M, D] side; K = 1 and
-    M = N for q) from u (+ u2: the lo half's product) = sum_j W_ij y'_j, whose rows start at r0
-    (`input_gradient`, in two sweeps over D: the radial part first)."""
+    M = N for q) from u (+ u2: the lo half's product; None where W is one product) =
+    sum_j W_ij y'_j, whose rows start at r0 (`input_gradient`, in two sweeps over D: the radial
+    part first)."""
     k = tl.cast(gal, tl.int64)
     loc = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_in = loc < n_rows

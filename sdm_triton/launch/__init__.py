@@ -25,7 +25,7 @@ from ..backend import ForwardOut
 from ..problem import Problem
 from . import backward as _backward
 from . import forward as _forward
-from .policy import backward_path, interpreting
+from .policy import backward_path, interpreting, w_dtype_path
 from .tiles import _stats_tiles, traceable_launches
 
 
@@ -65,10 +65,11 @@ class TritonBackend:
 
 
 def describe_path(p: Problem) -> str:
-    """Which kernels a call runs, for benchmark notes."""
+    """Which kernels a call runs, for benchmark notes (W: the backward products' form,
+    `policy.w_dtype_path`)."""
     t = _stats_tiles(p)
     return (f"triton: stats m{t.block_m}n{t.block_n}k{t.block_k}w{t.num_warps}s{t.num_stages}, "
-            f"backward {backward_path(p)}")
+            f"backward {backward_path(p)}, W {w_dtype_path(p)}")
 
 
 __all__ = ["TritonBackend", "describe_path", "traceable_launches"]

@@ -25,13 +25,14 @@ from ..kernels.grad import (
 from .. import matmul
 from ..kernels.slots import PRE_C, PRE_R
 from ..problem import Problem
-from .policy import backward_path, interpreting, padded_d, positives_path, table_tiles
+from .policy import backward_path, interpreting, padded_d, positives_path, table_tiles, w_dtype_path
 from .positives import ids_as_ranks
 from .tiles import (_cdiv, _chunk_tiles, _dot_precision, _fused_tiles, _per_problem, _problem_index, _side_args, _span,
                     _stats_tiles, _traceable, tracing)
 
 #: The input dtype as Triton names it: the kernels' HALF, the dtype of W's hi and lo halves and of
-#: the product operands (for fp32 inputs, IS_FP32, W is one fp32 product and HALF goes unused).
+#: the product operands (for fp32 inputs, IS_FP32, W is one fp32 product and HALF goes unused;
+#: with W_FP16, W and the operands are fp16 whatever the half dtype).
 _TL_DTYPE = {torch.float16: triton.language.float16, torch.bfloat16: triton.language.bfloat16,
              torch.float32: triton.language.float32}
 
@@ -96,17 +97,33 @@ def _scale_product_bound(p: Problem, pre: torch.Tensor) -> torch.Tensor:
     return scale[:p.n].amax() * scale[p.n:].amax() * 0.25
 
 
+def _gemm_dtype_parts(p: Problem):
+    """(dtype, parts) of the chunked backward's products by `w_dtype_path`: the dtype of W (or
+    of its halves) and of the operands x' = c x, and how many W blocks a chunk holds side by
+    side: hi | lo halves of the input dtype (2), one fp16 W, or one fp32 W (fp32 inputs)."""
+    path = w_dtype_path(p)
+    if path == "split":
+        return p.q.dtype, 2
+    return (torch.float16 if path == "fp16" else torch.float32), 1
+
+
+def _scales_w(p: Problem) -> bool:
+    """Whether W goes through fp16 (fp16 hi + lo, or W rounded to fp16): then it is divided by
+    gmax and lifted by `fp16_w_headroom` into fp16's range (bf16 has fp32's range)."""
+    return p.q.dtype == torch.float16 or w_dtype_path(p) == "fp16"
+
+
 def _state_coefficients_flags(p: Problem, out: ForwardOut):
     """What both backwards hand their kernels: the forward's state (the prepared per-sample
     buffer and the saved per-row statistics), the reduction coefficients of the two
-    directions, and the kernels' constexpr flags."""
+    directions, and the kernels' constexpr flags (W_FP16: `w_dtype_path` is "fp16")."""
     buf, saved = out.state
     o = p.options
     coef_q, coef_g = option_coefficients(o)
     dtype = p.q.dtype
     upcast = interpreting() and dtype == torch.bfloat16
     flags = dict(REVERSE=o.reverse, DENSE=p.dense, HALF=_TL_DTYPE[dtype], IS_FP32=dtype == torch.float32,
-                 UPCAST=upcast, DOT_PRECISION=_dot_precision(dtype))
+                 W_FP16=w_dtype_path(p) == "fp16", UPCAST=upcast, DOT_PRECISION=_dot_precision(dtype))
     return buf, saved, coef_q, coef_g, flags
 
 
@@ -129,7 +146,7 @@ def _fused_backward(p: Problem, out: ForwardOut, d_value, d_rows, want, grad_dty
         N=n, M=m, K=k, n_q_programs=n_qp, D=d, scale_value=p.scale_value, eps=p.options.eps,
         coef_q=coef_q, coef_g=coef_g, w_headroom=fp16_w_headroom(p.options),
         MEAN=p.options.reduction == "mean", NORMALIZE=p.options.normalize,
-        WANT_DSCALE=want_scale, SCALE_W=p.q.dtype == torch.float16, INDEX=_problem_index(p), **flags,
+        WANT_DSCALE=want_scale, SCALE_W=_scales_w(p), INDEX=_problem_index(p), **flags,
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=_stats_tiles(p).block_k, BLOCK_D=block_d,
         BLOCK_W=table_tiles("max_weight").block_m,
         num_warps=t.num_warps,
@@ -141,13 +158,14 @@ def _chunked_backward(p: Problem, out: ForwardOut, d_value, d_rows, want, grad_d
     want_q, want_g, want_scale = want
     n, m, k, d = p.n, p.m, p.galleries, p.d
     nr, ndr = p.num_samples, p.num_rows
-    dev, f32, dtype = p.q.device, torch.float32, p.q.dtype
+    dev, f32 = p.q.device, torch.float32
     buf, saved, coef_q, coef_g, flags = _state_coefficients_flags(p, out)
     args = _side_args(p)
     if positives_path(p) == "centroids":      # the W pass compares identity labels as int32 ranks
         args = ids_as_ranks(p, args)
     q_side, g_side = _sides(p)
-    split = dtype != torch.float32
+    gemm_dtype, parts = _gemm_dtype_parts(p)
+    split = parts == 2
     t = _chunk_tiles(p)
     mm_f32, addmm_f32 = matmul.traced_products() if tracing() else (matmul.mm_f32, matmul.addmm_f32)
 
@@ -156,29 +174,29 @@ def _chunked_backward(p: Problem, out: ForwardOut, d_value, d_rows, want, grad_d
                                       red_ptr=out.red, w_ptr=w,
                                       N=n, M=m, K=k, coef_q=coef_q, coef_g=coef_g, MEAN=p.options.reduction == "mean",
                                       BLOCK=table_tiles("weights").block_m)
-    # fp16 workspaces: divide W by the largest weight (dS stays O(1), inside fp16's range), then
-    # lift it by fp16_w_headroom; the weights are in memory here, so torch takes their maximum
-    # (the fused kernel, which keeps none, recomputes them: kernels/grad.py's _max_weight)
+    # fp16 workspaces (fp16 hi + lo, or fp16 W): divide W by the largest weight (dS stays O(1),
+    # inside fp16's range), then lift it by fp16_w_headroom; the weights are in memory here, so
+    # torch takes their maximum (the fused kernel, which keeps none, recomputes them:
+    # kernels/grad.py's _max_weight)
     gmax = None
-    if dtype == torch.float16:
+    if _scales_w(p):
         headroom = fp16_w_headroom(p.options)
         top = w.abs().amax()
         if not p.options.normalize:
             top = top * _scale_product_bound(p, buf)
         gmax = (top.clamp_min(torch.finfo(f32).tiny * headroom) / headroom).reshape(1)
 
-    gemm_dtype = dtype if split else f32
     q_op = _operand(q_side, pre=buf, nr=nr, dtype=gemm_dtype)
     g_op = _operand(g_side, pre=buf, nr=nr, dtype=gemm_dtype)
 
     u_q = torch.zeros((n, d), dtype=f32, device=dev) if want_q else None
     dg = torch.empty(p.g.shape, dtype=grad_dtype, device=dev) if want_g else None
     d_scale = torch.zeros((), dtype=f32, device=dev) if want_scale else None
-    # bytes per column of the workspace: n rows of W in fp32, or of its hi and lo halves (2 + 2 bytes)
-    column_bytes = n * 4
+    # bytes per column of the workspace: n rows of W in fp32, of its hi and lo halves (2 + 2
+    # bytes), or of fp16 W (2 bytes: chunks twice as wide, half the launches)
+    column_bytes = n * parts * gemm_dtype.itemsize
     width = max(t.block_n, min(_cdiv(m, t.block_n) * t.block_n,
                                p.workspace_bytes // column_bytes // t.block_n * t.block_n))
-    parts = 2 if split else 1
     ws = torch.empty((n, parts * width), dtype=gemm_dtype, device=dev)
     index = _problem_index(p, _span(ws), _cdiv(width, t.block_n) * n)
     n_tiles = _cdiv(width, t.block_n)

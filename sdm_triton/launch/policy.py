@@ -81,6 +81,21 @@ def positives_path(p) -> str:
     return "centroids" if logits(p) >= CENTROIDS_LOGITS else "tiles"
 
 
+def w_dtype_path(p) -> str:
+    """How the backward's products hold W = dS p_i p_j / gmax (kernels/grad.py): "fp32" for fp32
+    inputs (one fp32 product, whatever KernelConfig.w_dtype says); for bf16 / fp16 inputs
+    "split" (hi + lo halves of the input dtype, two products per side: ~16 bits of W) or "fp16"
+    (W rounded once to fp16 and the operands in fp16: one product per side, issue 27).
+    KernelConfig.w_dtype forces either; "auto" is "split" until a GPU bench shows fp16 W
+    within the SPEC's allowance (4x the gradient's own rounding up to positive cosines of 0.99,
+    no worse than the compiled formula beyond: ../shared/yardsticks/w_rounding.py emulates it)
+    and faster. (Rows not normalised: fp16 W's scale carries their norms' bound,
+    kernels/grad.py's `scale_product_bound`, for fp16 inputs' hi + lo and fp16 W alike.)"""
+    if p.q.dtype == torch.float32:
+        return "fp32"
+    return "fp16" if p.config.w_dtype == "fp16" else "split"
+
+
 @dataclasses.dataclass(frozen=True)
 class Tiles:
     """A launch's tile shape: a program's rows (block_m) and columns (block_n), its step along
