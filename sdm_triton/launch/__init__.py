@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import ForwardOut
 from ..problem import Problem
 from . import backward as _backward
 from . import forward as _forward
@@ -47,10 +46,7 @@ class TritonBackend:
     #: prepare() needs no label masses for identity labels: the statistics pass counts the positives
     needs_id_masses = False
 
-    def forward(self, p: Problem) -> ForwardOut:
-        prepared = self.prepare(p)
-        st = self.statistics(p, prepared)
-        return self.finish(p, st.partial, st.segments_q, st.segments_g, prepared)
+    forward = staticmethod(_forward.forward)      # prepare -> statistics -> finish, one allocation
 
     prepare = staticmethod(_forward.prepare)
     statistics = staticmethod(_forward.statistics)

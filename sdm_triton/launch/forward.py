@@ -6,7 +6,7 @@ directions, column segments when the row blocks alone would leave the GPU idle) 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -64,14 +64,18 @@ def _want_pos(p: Problem) -> bool:
     return p.return_stats or (p.options.reverse and not p.dense)
 
 
-def prepare(p: Problem, label_masses: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _prepared_size(p: Problem) -> int:
+    return _label_offset(p) + len(LABEL_MASS_FIELDS) * p.num_rows
+
+
+def prepare(p: Problem, label_masses: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``buf`` fp32: per sample r, c, norm (kernels/prep.py) [3 NR], then from the next multiple
     of 32 floats per softmax row ysum, ylny (dense labels; from ``label_masses`` [2, NDR] when
-    given)."""
+    given). ``out``: where to put it (`_prepared_size` floats, 128-byte aligned), else allocated."""
     n, m, k, d = p.n, p.m, p.galleries, p.d
     nr, ndr = p.num_samples, p.num_rows
     t = _prep_tiles(p)
-    buf = torch.empty(_label_offset(p) + len(LABEL_MASS_FIELDS) * ndr, dtype=torch.float32, device=p.q.device)
+    buf = out if out is not None else torch.empty(_prepared_size(p), dtype=torch.float32, device=p.q.device)
     pre, lab = _parts(p, buf)
     n_qp = _cdiv(n, t.block_m) * k
     n_gp = k * _cdiv(m, t.block_m)
@@ -85,33 +89,43 @@ def prepare(p: Problem, label_masses: Optional[torch.Tensor] = None) -> torch.Te
     return buf
 
 
-def statistics(p: Problem, prepared: torch.Tensor) -> Statistics:
+@_per_problem
+def _segments(p: Problem) -> Tuple[int, int, int, int]:
+    """(s_q, s_g, seg_q, seg_g): the q rows' and the gallery rows' numbers of column segments
+    (`policy.column_segments`) and the columns a segment spans on each side."""
+    t = _stats_tiles(p)
+    base = _cdiv(p.n, t.block_m) * p.galleries + p.galleries * _cdiv(p.m, t.block_m)
+    segs = column_segments(p, base, t.block_n)
+    seg_q = _cdiv(_cdiv(p.m, segs), t.block_n) * t.block_n
+    seg_g = _cdiv(_cdiv(p.n, segs), t.block_n) * t.block_n
+    return _cdiv(p.m, seg_q), _cdiv(p.n, seg_g), seg_q, seg_g
+
+
+def _partial_shape(p: Problem) -> Tuple[int, int, int]:
+    s_q, s_g, _, _ = _segments(p)
+    return max(s_q, s_g), NUM_STATS, p.num_rows
+
+
+def statistics(p: Problem, prepared: torch.Tensor, out: Optional[torch.Tensor] = None) -> Statistics:
     """part [S, NUM_STATS, NDR] fp32 (kernels/stats.py), in column segments
     (`policy.column_segments`). With `policy.positives_path` "centroids" the loop sums no label
     terms: the positives' lin and cnt (`positives.positives`) go into segment 0 (forward KL
     merges them by plain sums; the kernel wrote 0 in every segment), and the loop compares ids
-    only for the negatives' softmax mass, when it is wanted, as int32 ranks (`positives.ranks`)."""
+    only for the negatives' softmax mass, when it is wanted, as int32 ranks (`positives.ranks`).
+    ``out``: where to put part (`_partial_shape`, contiguous fp32), else allocated."""
     n, m, k, d = p.n, p.m, p.galleries, p.d
-    ndr = p.num_rows
-    dev = p.q.device
     o = p.options
     t = _stats_tiles(p)
     pre, lab = _parts(p, prepared)
     n_qp = _cdiv(n, t.block_m) * k
     n_gp = k * _cdiv(m, t.block_m)
-    base = n_qp + n_gp
-    segs = column_segments(p, base, t.block_n)
-    seg_q = _cdiv(_cdiv(m, segs), t.block_n) * t.block_n
-    seg_g = _cdiv(_cdiv(n, segs), t.block_n) * t.block_n
-    s_q, s_g = _cdiv(m, seg_q), _cdiv(n, seg_g)
+    s_q, s_g, seg_q, seg_g = _segments(p)
+    part = out if out is not None else torch.empty(_partial_shape(p), dtype=torch.float32, device=p.q.device)
     # the q rows have s_q segments, the gallery rows s_g: the rest of a side's slots is never
     # written. Under the interpreter (the CPU tests) it holds +inf, so that a read of one shows
     # (NaN would not: tl.maximum ignores it).
-    shape = (max(s_q, s_g), NUM_STATS, ndr)
     if interpreting():
-        part = torch.full(shape, math.inf, dtype=torch.float32, device=dev)
-    else:
-        part = torch.empty(shape, dtype=torch.float32, device=dev)
+        part.fill_(math.inf)
     loop_terms = positives_path(p) == "tiles"
     loop_ids = loop_terms or _want_pos(p)
     args = _side_args(p)
@@ -133,10 +147,16 @@ def statistics(p: Problem, prepared: torch.Tensor) -> Statistics:
     return Statistics(part, s_q, s_g)
 
 
+def _finish_sizes(p: Problem) -> Tuple[int, int, int]:
+    """Floats of finish's fp32 outputs: the row losses, the saved state, the reduction buffer."""
+    return p.num_rows, len(STATE_FIELDS) * p.num_rows, NUM_RED * p.galleries
+
+
 def finish(p: Problem, partial: torch.Tensor, segments_q: int, segments_g: int,
-           prepared: torch.Tensor) -> ForwardOut:
+           prepared: torch.Tensor, out: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> ForwardOut:
     """kernels/finish.py over the first segments_q (q rows) / segments_g (gallery rows)
-    segments of ``partial`` [S, NUM_STATS, NDR] (contiguous fp32)."""
+    segments of ``partial`` [S, NUM_STATS, NDR] (contiguous fp32). ``out``: where to put the row
+    losses, the saved state and the reduction buffer (`_finish_sizes`, flat fp32), else allocated."""
     n, m, k = p.n, p.m, p.galleries
     ndr = p.num_rows
     dev, f32 = p.q.device, torch.float32
@@ -146,10 +166,13 @@ def finish(p: Problem, partial: torch.Tensor, segments_q: int, segments_g: int,
                          f"{partial.dtype} {tuple(partial.shape)}")
     args = _side_args(p)
     value = torch.empty(() if p.scalar_value else (k,), dtype=f32, device=dev)
-    rows = torch.empty(ndr, dtype=f32, device=dev)
     valid = torch.empty(ndr, dtype=torch.bool, device=dev)
-    saved = torch.empty(len(STATE_FIELDS) * ndr, dtype=f32, device=dev)
-    red = torch.empty((NUM_RED, k), dtype=f32, device=dev)
+    if out is not None:
+        rows, saved, red = out
+        red = red.view(NUM_RED, k)
+    else:
+        rows, saved, red = (torch.empty(size, dtype=f32, device=dev) for size in _finish_sizes(p))
+        red = red.view(NUM_RED, k)
     ft = table_tiles("finish")
     pre, lab = _parts(p, prepared)
     _traceable(_finish_kernel)[(1,)](
@@ -161,6 +184,31 @@ def finish(p: Problem, partial: torch.Tensor, segments_q: int, segments_g: int,
         MEAN=o.reduction == "mean", COMBINE_MEAN=o.combine == "mean", STATS=p.return_stats,
         WANT_POS=_want_pos(p), BLOCK=ft.block_m, num_warps=ft.num_warps)
     return ForwardOut(value, rows, valid, red, (prepared, saved))
+
+
+#: The forward's fp32 buffers start at multiples of this many floats (128 bytes) in its one
+#: allocation: every pointer keeps the 16-byte alignment Triton specialises on (and the prepared
+#: buffer's label masses, `_LABEL_MASS_ALIGN`, theirs).
+_ARENA_ALIGN = 32
+
+
+def forward(p: Problem) -> ForwardOut:
+    """prepare -> statistics -> finish with their fp32 buffers (the prepared buffer, the partial
+    statistics, the row losses, the saved state, the reduction buffer) carved from one
+    allocation (issue 28: each allocation costs 6-10 us of host time on an H100 host, and a small
+    step made seven). The buffers the backward reads (prepared, saved) keep it alive until then:
+    the partial statistics with them, S x NUM_STATS x NDR floats (1.5 MiB at N = M = 32768)."""
+    part_shape = _partial_shape(p)
+    sizes = (_prepared_size(p), math.prod(part_shape), *_finish_sizes(p))
+    starts, total = [], 0
+    for size in sizes:
+        starts.append(total)
+        total += -(-size // _ARENA_ALIGN) * _ARENA_ALIGN
+    arena = torch.empty(total, dtype=torch.float32, device=p.q.device)
+    prepared_buf, part, rows, saved, red = (arena[a:a + size] for a, size in zip(starts, sizes))
+    prepared = prepare(p, out=prepared_buf)
+    st = statistics(p, prepared, out=part.view(part_shape))
+    return finish(p, st.partial, st.segments_q, st.segments_g, prepared, out=(rows, saved, red))
 
 
 def row_state(p: Problem, out: ForwardOut) -> torch.Tensor:
