@@ -3,6 +3,7 @@
 # measures (TESTS_K, a pytest -k expression), the yardsticks (lse_pass for the forward, w_pass
 # for the backward's W pass), a profile of one forward + backward per variant at 32768 (and of
 # the PROFILE_ONLY variants, which the bench skips), then
+# the bf16 gradient error of the W forms by fit beside the compiled formula (tools/w_fit_check.py),
 # the bench last (its compiles of the formula take the time): the VARIANTS (kernel_config
 # names; "default" is none) with the floor and the compiled formula (METHODS), bf16, D = 512,
 # pk4, KL directions KLS, under a BENCH_S limit (default 300 s; what it finished comes back,
@@ -15,6 +16,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 python3 -m pytest tests/test_positives.py tests/test_kernels.py tests/test_launch.py tests/test_edge_values.py \
   -k "${TESTS_K:-centroids or positives or launch}" -q -p no:cacheprovider \
   -n 14 2>&1 | tail -n 5 > "$out/i27_tests.log"
+timeout ${FIT_S:-150} python3 tools/w_fit_check.py --n 1024 --d 512 > "$out/i27_wfit.log" 2>&1
 (cd .yard && SIZES=16384,32768 python3 lse_pass.py; SIZES=32768 CHUNK=${CHUNK:-4096} python3 w_pass.py) \
   > "$out/i27_yard.log" 2>&1
 VARIANTS=$variants${PROFILE_ONLY:+,$PROFILE_ONLY} python3 - > "$out/i27_profile.log" 2>&1 <<'PY'
@@ -35,5 +37,5 @@ PY
 timeout ${BENCH_S:-300} python3 -m bench --preset gpu-throughput --methods ${METHODS:-floor,sdm_triton,formula_compiled} \
   --variants "$variants" --sizes ${SIZES:-16384,32768} --labels pk4 --kl ${KLS:-forward} --dtypes bf16 \
   --modes fwd,fwd+bwd --no-plots --out "$out/bench27" > "$out/i27_bench.log" 2>&1
-cat "$out/i27_tests.log"; tail -n 30 "$out/i27_bench.log"; tail -n 16 "$out/i27_yard.log"
+cat "$out/i27_tests.log"; grep -v -i warn "$out/i27_wfit.log" | tail -n 10; tail -n 30 "$out/i27_bench.log"; tail -n 16 "$out/i27_yard.log"
 grep -E "^[a-z0-9_]+$|_kernel|gemm|Self CUDA time total" "$out/i27_profile.log" | cut -c1-60,100-200 | head -n 40
