@@ -34,8 +34,26 @@ for v in os.environ["VARIANTS"].split(","):
         step(); torch.cuda.synchronize()
     print(v); print(p.key_averages().table(sort_by="cuda_time_total", row_limit=14))
 PY
+# the chunked backward's workspace (workspace_bytes: its chunks' width) against time and peak, 32768
+VARIANTS=$variants timeout 120 python3 - > "$out/i27_workspace.log" 2>&1 <<'PY'
+import os, torch, triton, sdm_triton
+n = 32768
+q = torch.randn(n, 512, device="cuda", dtype=torch.bfloat16).requires_grad_()
+g = torch.randn(n, 512, device="cuda", dtype=torch.bfloat16).requires_grad_()
+i = torch.arange(n, device="cuda") // 4
+for v in [x for x in os.environ["VARIANTS"].split(",") if x in ("default", "wfp16")]:
+    for mib in (64, 128, 256):
+        cfg = None if v == "default" else v
+        def step():
+            q.grad = g.grad = None
+            sdm_triton.sdm_loss(q, g, i, i, kernel_config=cfg, workspace_bytes=mib << 20).backward()
+        step(); torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
+        step(); torch.cuda.synchronize(); peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        print(f"{v} workspace {mib} MiB: fwd+bwd {triton.testing.do_bench(step, rep=150, return_mode='median'):.2f} ms, "
+              f"peak +{peak:.0f} MiB", flush=True)
+PY
 timeout ${BENCH_S:-300} python3 -m bench --preset gpu-throughput --methods ${METHODS:-floor,sdm_triton,formula_compiled} \
   --variants "$variants" --sizes ${SIZES:-16384,32768} --labels pk4 --kl ${KLS:-forward} --dtypes bf16 \
   --modes fwd,fwd+bwd --no-plots --out "$out/bench27" > "$out/i27_bench.log" 2>&1
-cat "$out/i27_tests.log"; grep -v -i warn "$out/i27_wfit.log" | tail -n 10; tail -n 30 "$out/i27_bench.log"; tail -n 16 "$out/i27_yard.log"
+cat "$out/i27_tests.log"; grep -v -i warn "$out/i27_wfit.log" | tail -n 10; cat "$out/i27_workspace.log"; tail -n 30 "$out/i27_bench.log"; tail -n 16 "$out/i27_yard.log"
 grep -E "^[a-z0-9_]+$|_kernel|gemm|Self CUDA time total" "$out/i27_profile.log" | cut -c1-60,100-200 | head -n 40
