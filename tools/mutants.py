@@ -41,8 +41,8 @@ class Mutant:
 
 MUTANTS = [
     Mutant("grid_block_swap", "sdm_triton/launch/forward.py",
-           [("    n_qp = _cdiv(n, t.block_m) * k\n    n_gp = k * _cdiv(m, t.block_m)\n    base = n_qp + n_gp",
-             "    n_qp = _cdiv(n, t.block_n) * k\n    n_gp = k * _cdiv(m, t.block_m)\n    base = n_qp + n_gp")],
+           [("    n_qp = _cdiv(n, t.block_m) * k\n    n_gp = k * _cdiv(m, t.block_m)\n    s_q, s_g, seg_q, seg_g",
+             "    n_qp = _cdiv(n, t.block_n) * k\n    n_gp = k * _cdiv(m, t.block_m)\n    s_q, s_g, seg_q, seg_g")],
            "tests/test_kernels.py::test_kernels_match_float64_no_worse_than_pytorch",
            "block_m / block_n swapped in the statistics grid: only non-square tiles show it"),
     Mutant("neg_rescale_dropped", "sdm_triton/kernels/stats.py",
