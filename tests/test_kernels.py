@@ -522,11 +522,8 @@ def _unrounded_grads(q, g, ids, config, scale, kl="forward"):
     backward's ``partial_grads``, which the distributed strategies sum): the error of the
     products alone, which the rounding to bf16 (truncating in the interpreter) would hide."""
     from sdm_triton.launch import TritonBackend
-    from sdm_triton.options import KernelConfig, SDMOptions
-    from sdm_triton.problem import Problem
-    p = Problem(q=q, g=g, q_ids=ids, g_ids=ids, labels=None, q_mask=None, g_mask=None, scale=None, scale_value=scale,
-                options=SDMOptions(kl=kl), config=KernelConfig.parse(config), workspace_bytes=1 << 26, galleries=1,
-                scalar_value=True, return_stats=False)
+    from sdm_triton.options import KernelConfig
+    p = _problem_object(q, KernelConfig.parse(config), g=g, ids=ids, scale_value=scale, workspace_bytes=1 << 26, kl=kl)
     be = TritonBackend()
     out = be.forward(p)
     dq, dg, _ = be.backward(p, out, torch.ones((), device=q.device), None, (True, True, False), partial_grads=True)
@@ -593,25 +590,29 @@ def test_w_dtype_changes_only_the_half_inputs_backward(path):
             loss = _triton(config)(qa, ga, logit_scale=20.0, **kw)
             loss.backward()
             runs[w] = (loss.detach(), qa.grad, ga.grad)
-            path_of = w_dtype_path(_policy_problem(q, KernelConfig.parse(config)))
+            path_of = w_dtype_path(_problem_object(q, KernelConfig.parse(config)))
             assert path_of == ("fp32" if dtype == torch.float32 else "fp16" if w == "fp16" else "split"), (dtype, w)
         for w in ("split", "fp16"):
             assert torch.equal(runs[w][0], runs["auto"][0]), (dtype, w)
         assert all(torch.equal(a, b) for a, b in zip(runs["split"], runs["auto"])), dtype
         same = [torch.equal(a, b) for a, b in zip(runs["fp16"][1:], runs["split"][1:])]
         assert same == ([True, True] if dtype == torch.float32 else [False, False]), (dtype, same)
-        unnormalised = _policy_problem(q, KernelConfig(w_dtype="fp16"), normalize=False)
+        unnormalised = _problem_object(q, KernelConfig(w_dtype="fp16"), normalize=False)
         assert w_dtype_path(unnormalised) == ("fp32" if dtype == torch.float32 else "fp16"), dtype
 
 
-def _policy_problem(q, config, **options):
-    """A Problem of features ``q`` and ``config`` for the policy's choices (no kernel runs)."""
+def _problem_object(q, config, g=None, ids=None, dense=False, scale_value=1.0, workspace_bytes=1, **options):
+    """A Problem of features ``q`` (and ``g``, else q again) and ``config`` as the API builds it,
+    for the launch layer's choices and calls: identity labels ``ids`` (else one identity per
+    row), or dense labels of ones."""
     from sdm_triton.options import SDMOptions
     from sdm_triton.problem import Problem
-    ids = torch.arange(q.shape[0], device=q.device)
-    return Problem(q=q, g=q, q_ids=ids, g_ids=ids, labels=None, q_mask=None, g_mask=None, scale=None, scale_value=1.0,
-                   options=SDMOptions(**options), config=config, workspace_bytes=1, galleries=1, scalar_value=True,
-                   return_stats=False)
+    g = q if g is None else g
+    ids = torch.arange(q.shape[0], device=q.device) if ids is None else ids
+    return Problem(q=q, g=g, q_ids=None if dense else ids, g_ids=None if dense else ids,
+                   labels=torch.ones(q.shape[0], g.shape[0], device=q.device) if dense else None, q_mask=None,
+                   g_mask=None, scale=None, scale_value=scale_value, options=SDMOptions(**options), config=config,
+                   workspace_bytes=workspace_bytes, galleries=1, scalar_value=True, return_stats=False)
 
 
 @pytest.mark.parametrize("config", ["fused_tiles", "chunked_tiles", "fused_centroids", "chunked_centroids"])
@@ -691,8 +692,7 @@ def test_statistics_tiles_follow_the_label_terms(monkeypatch):
     backwards' dot step (block_k) is the statistics pass's either way."""
     from sdm_triton.launch import policy
     from sdm_triton.launch.tiles import _stats_tiles
-    from sdm_triton.options import KernelConfig, SDMOptions
-    from sdm_triton.problem import Problem
+    from sdm_triton.options import KernelConfig
 
     monkeypatch.setattr(policy, "interpreting", lambda: False)
     monkeypatch.setattr(policy, "LARGE_LOGITS", 9)
@@ -700,11 +700,7 @@ def test_statistics_tiles_follow_the_label_terms(monkeypatch):
     q = torch.randn(3, 4, dtype=torch.bfloat16)
 
     def tiles(positives="auto", dense=False):
-        return _stats_tiles(Problem(
-            q=q, g=q, q_ids=None if dense else torch.arange(3), g_ids=None if dense else torch.arange(3),
-            labels=torch.ones(3, 3) if dense else None, q_mask=None, g_mask=None, scale=None, scale_value=1.0,
-            options=SDMOptions(), config=KernelConfig(positives=positives), workspace_bytes=0, galleries=1,
-            scalar_value=True, return_stats=False))
+        return _stats_tiles(_problem_object(q, KernelConfig(positives=positives), dense=dense))
 
     labels_tiles, plain = policy.TILES[("stats_labels", "large", "half")], policy.TILES[("stats", "large", "half")]
     assert labels_tiles != plain and labels_tiles.block_k == plain.block_k

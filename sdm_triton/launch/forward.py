@@ -49,8 +49,14 @@ def _prep_args(p: Problem) -> dict:
 _LABEL_MASS_ALIGN = 32
 
 
+def _aligned(floats: int) -> int:
+    """``floats`` rounded up to a multiple of _LABEL_MASS_ALIGN (128 bytes): where a buffer that
+    follows others in one allocation starts (the label masses, `forward`'s buffers)."""
+    return -(-floats // _LABEL_MASS_ALIGN) * _LABEL_MASS_ALIGN
+
+
 def _label_offset(p: Problem) -> int:
-    return -(-len(PREPARED_FIELDS) * p.num_samples // _LABEL_MASS_ALIGN) * _LABEL_MASS_ALIGN
+    return _aligned(len(PREPARED_FIELDS) * p.num_samples)
 
 
 def _parts(p: Problem, prepared: torch.Tensor):
@@ -167,12 +173,9 @@ def finish(p: Problem, partial: torch.Tensor, segments_q: int, segments_g: int,
     args = _side_args(p)
     value = torch.empty(() if p.scalar_value else (k,), dtype=f32, device=dev)
     valid = torch.empty(ndr, dtype=torch.bool, device=dev)
-    if out is not None:
-        rows, saved, red = out
-        red = red.view(NUM_RED, k)
-    else:
-        rows, saved, red = (torch.empty(size, dtype=f32, device=dev) for size in _finish_sizes(p))
-        red = red.view(NUM_RED, k)
+    rows, saved, red = out if out is not None else (torch.empty(size, dtype=f32, device=dev)
+                                                    for size in _finish_sizes(p))
+    red = red.view(NUM_RED, k)
     ft = table_tiles("finish")
     pre, lab = _parts(p, prepared)
     _traceable(_finish_kernel)[(1,)](
@@ -186,24 +189,20 @@ def finish(p: Problem, partial: torch.Tensor, segments_q: int, segments_g: int,
     return ForwardOut(value, rows, valid, red, (prepared, saved))
 
 
-#: The forward's fp32 buffers start at multiples of this many floats (128 bytes) in its one
-#: allocation: every pointer keeps the 16-byte alignment Triton specialises on (and the prepared
-#: buffer's label masses, `_LABEL_MASS_ALIGN`, theirs).
-_ARENA_ALIGN = 32
-
-
 def forward(p: Problem) -> ForwardOut:
     """prepare -> statistics -> finish with their fp32 buffers (the prepared buffer, the partial
     statistics, the row losses, the saved state, the reduction buffer) carved from one
     allocation (issue 28: each allocation costs 6-10 us of host time on an H100 host, and a small
     step made seven). The buffers the backward reads (prepared, saved) keep it alive until then:
-    the partial statistics with them, S x NUM_STATS x NDR floats (1.5 MiB at N = M = 32768)."""
+    the partial statistics with them, S x NUM_STATS x NDR floats (1.5 MiB at N = M = 32768).
+    Each buffer starts at a multiple of 128 bytes (`_aligned`): every pointer keeps the 16-byte
+    alignment Triton specialises on, and the prepared buffer's label masses theirs."""
     part_shape = _partial_shape(p)
     sizes = (_prepared_size(p), math.prod(part_shape), *_finish_sizes(p))
     starts, total = [], 0
     for size in sizes:
         starts.append(total)
-        total += -(-size // _ARENA_ALIGN) * _ARENA_ALIGN
+        total += _aligned(size)
     arena = torch.empty(total, dtype=torch.float32, device=p.q.device)
     prepared_buf, part, rows, saved, red = (arena[a:a + size] for a, size in zip(starts, sizes))
     prepared = prepare(p, out=prepared_buf)
