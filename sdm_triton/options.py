@@ -156,7 +156,7 @@ class KernelConfig:
     as hi + lo halves of the input dtype: two products per side, the exact form) or "fp16"
     (dL/dS rounded once to fp16, scaled into its range, and the features' operands in fp16: one
     product per side, an error of up to a few roundings of the gradient at near-perfect fits:
-    docs/contract.md, precision; normalize=False runs "split"); "auto" is "split"
+    docs/contract.md, precision); "auto" is "split"
     (`launch.policy.w_dtype_path`).
 
     ``KernelConfig.parse("chunked_wfp16_m128n128k64w8s3_bm128bn64bw8")`` reads the same fields

@@ -284,8 +284,8 @@ def test_huge_logits_give_the_right_gradients(backend, config, kl, case, dtype):
     forward's row maxima m of the other direction, computed on tiles with the operands swapped,
     which numpy's matmul sums in another order: one rounding of t at |t| ~ 1e22 is 1e15 in the
     exponent (`tiles.logit_dot`). Now as exact as the fp32 formula (float64 truth on the same
-    inputs; bf16: the gradients' own rounding). fp16 W too: normalize=False runs hi + lo there
-    (`policy.w_dtype_path`: W's fp16 scale assumes unit rows; with it, NaN gradients)."""
+    inputs; bf16: the gradients' own rounding). fp16 W too: unnormalised, its scale carries the
+    rows' norms (`grad.scale_product_bound`; without it, NaN gradients)."""
     q, g, qi, gi, kw, s = _huge_logit_case(case, dtype)
     qa, ga = q.clone().requires_grad_(), g.clone().requires_grad_()
     loss = _loss(backend, config)(qa, ga, qi, gi, kl=kl, **kw)
