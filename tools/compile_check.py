@@ -22,9 +22,10 @@ from sdm_triton.kernels import centroids, finish, grad, prep, stats  # noqa: E40
 FEAT = {"q_ptr", "g_ptr", "a_ptr", "b_ptr", "x_ptr"}
 F32_PTRS = {"pre_ptr", "lab_ptr", "out_ptr", "part_ptr", "rows_ptr", "saved_ptr", "red_ptr", "value_ptr",
             "scale_ptr", "dv_ptr", "drows_ptr", "dscale_ptr", "w_ptr", "gmax_ptr", "u_ptr", "u2_ptr",
-            "a_r_ptr", "b_r_ptr", "r_ptr", "lin_ptr"}
+            "a_r_ptr", "b_r_ptr", "r_ptr", "lin_ptr", "cnt_ptr"}
 F64_PTRS = {"c_ptr"}
-I64_PTRS = {"grp_ptr"}
+I64_PTRS = {"ids_ptr", "srt_ptr"}      # launch/positives.py: ids as int64, sorted
+I32_PTRS = {"before_ptr", "rank_ptr"}
 BOOL_PTRS = {"q_msk", "g_msk", "msk", "valid_ptr", "a_msk", "b_msk"}
 #: The ids' pointer type: "*i64", or the job's ``consts["_ids"]`` (not a kernel parameter): "*i32",
 #: the ranks of launch/positives.py.
@@ -61,6 +62,8 @@ def signature(kernel, dtype: str, consts: dict, nones=(), scalars: str = "eager"
             sig[name] = "*fp64"
         elif name in I64_PTRS:
             sig[name] = "*i64"
+        elif name in I32_PTRS:
+            sig[name] = "*i32"
         elif name in BOOL_PTRS:
             sig[name] = "*i1"
         elif name in ID_PTRS:
@@ -164,14 +167,24 @@ def main():
                       BLOCK_N=32, BLOCK_K=64, BLOCK_D=512, BLOCK_W=256), 4, 1, nones + ("drows_ptr",)),
                      ("chunk128_wfp16", grad._grad_chunk_kernel, dict(common, WANT_DSCALE=False, HALF=half[dtype],
                       IS_FP32=False, W_FP16=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3,
-                      nones + ("q_msk", "g_msk", "scale_ptr"))]
+                      nones + ("q_msk", "g_msk", "scale_ptr")),
+                     # the tile table's shape for large half problems (launch/policy.py)
+                     ("chunk64x128", grad._grad_chunk_kernel, dict(common, WANT_DSCALE=False, HALF=half[dtype],
+                      IS_FP32=False, W_FP16=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), 4, 4,
+                      nones + ("q_msk", "g_msk", "gmax_ptr", "scale_ptr"))]
         if not dense and not reverse:   # forward KL's positives' logit sums from identity centroids
             # (name suffixes: m, a mask given; s, a scale tensor given)
             jobs += [("centroid_sums" + ("" if nn else "m"), centroids._centroid_sums_kernel,
                       dict(BLOCK_M=32, BLOCK_D=64), 4, 1, nn) for nn in (("msk",), ())]
-            jobs += [("centroid_dots" + ("" if "msk" in nn else "m") + ("" if "scale_ptr" in nn else "s"),
-                      centroids._centroid_dots_kernel, dict(BLOCK_M=32, BLOCK_D=64), 4, 1, nn)
-                     for nn in (("msk", "scale_ptr"), ("scale_ptr",), ())]
+            # positives: m, a row mask; s, a scale tensor; b, a column mask (present counts before
+            # each sorted position); c, counts alone (reverse KL)
+            jobs += [("positives" + ("" if "msk" in nn else "m") + ("" if "scale_ptr" in nn else "s")
+                      + ("" if "before_ptr" in nn else "b"),
+                      centroids._positives_kernel, dict(WANT_LIN=True, BLOCK_M=32, BLOCK_D=64), 4, 1, nn)
+                     for nn in (("msk", "scale_ptr", "before_ptr"), ("scale_ptr", "before_ptr"), ())]
+            jobs += [("positives_c", centroids._positives_kernel, dict(WANT_LIN=False, BLOCK_M=32, BLOCK_D=64), 4, 1,
+                      ("x_ptr", "msk", "r_ptr", "c_ptr", "lin_ptr", "scale_ptr", "before_ptr")),
+                     ("ranks", centroids._ranks_kernel, dict(BLOCK=1024), 4, 1, ())]
         if not dense:   # the centroid path (issue 27): no label terms in the loop; reverse KL's
             # negatives' mass from a compare of int32 ranks
             jobs += [(name + "c", kernel, dict(consts, LOOP_IDS=reverse, LOOP_TERMS=False, _ids="*i32"), w, s, nn)
@@ -247,7 +260,9 @@ def scalar_jobs(dtype: str, reverse: bool, dense: bool):
          labels + ("q_msk", "g_msk", "dscale_ptr")),
         ("weights", grad._weights_kernel, dict(MEAN=True, BLOCK=256), 4, 1, ("drows_ptr",)),
         ("centroid_sums", centroids._centroid_sums_kernel, dict(BLOCK_M=16, BLOCK_D=16), 4, 1, ()),
-        ("centroid_dots", centroids._centroid_dots_kernel, dict(BLOCK_M=16, BLOCK_D=16), 4, 1, ("scale_ptr",)),
+        ("positives", centroids._positives_kernel, dict(WANT_LIN=True, BLOCK_M=16, BLOCK_D=16), 4, 1,
+         ("scale_ptr", "before_ptr")),
+        ("ranks", centroids._ranks_kernel, dict(BLOCK=16), 4, 1, ()),
         ("operand", grad._operand_kernel, dict(BLOCK_M=32, BLOCK_D=64), 4, 1, ()),
         ("input_grad", grad._input_grad_kernel, dict(NORMALIZE=True, BLOCK_M=32, BLOCK_D=64), 4, 1,
          ("u2_ptr", "scale_ptr")),

@@ -149,6 +149,11 @@ TILES = {
     ("chunked", "interpreter", "any"): Tiles(16, 16, None, 1, 1),
     ("chunked", "small", "any"): Tiles(128, 64, None, 8, 3),
     ("chunked", "medium", "any"): Tiles(128, 64, None, 8, 3),
+    # H100, bf16, N = 16384 / 32768, W kernel ms per step (tools/w_tiles_sweep.py, bench/NOTES.md 40):
+    # split 1.88 / 8.71 and fp16 W 1.55 / 7.13 against 2.55 / 12.81 and 2.26 / 10.50 at
+    # 128 x 64 w8 s3; 64 x 256 w8 s3 ties, 128 x 128 spills (w8) or worse (w4), gradients bit-identical.
+    # fp32 keeps 128 x 64 (unmeasured: four stages of fp32 64 x 128 operands take 192 KiB of shared memory)
+    ("chunked", "large", "half"): Tiles(64, 128, None, 4, 4),
     ("chunked", "large", "any"): Tiles(128, 64, None, 8, 3),
     ("finish", "interpreter", "any"): Tiles(16, None, None, 4, None),
     ("finish", "any", "any"): Tiles(1024, None, None, 4, None),
