@@ -225,6 +225,8 @@ def main(argv=None):
     p.add_argument("--combine", choices=("mean", "sum"), default="mean")
     p.add_argument("--backend", choices=("triton", "auto", "torch"), default="triton",
                    help="sdm_loss backend (default triton: on CPU 'auto' would pick the torch backend)")
+    p.add_argument("--kernel-config", default=None,
+                   help="KernelConfig name, e.g. 'centroids' (the identity centroids' path at any size)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
@@ -237,6 +239,8 @@ def main(argv=None):
     gs = [feats() for _ in range(args.galleries)]
     ids = (torch.arange(args.n) // 4)[torch.randperm(args.n, generator=gen)].to(device)
     kw = dict(temperature=0.02, kl=args.kl, combine=args.combine, backend=args.backend)
+    if args.kernel_config:
+        kw["kernel_config"] = args.kernel_config
     steps = {
         "sdm_loss": (lambda: sdm_triton.sdm_loss(q, g, ids, ids, **kw).backward(), [q, g]),
         f"sdm_loss_multi K={args.galleries}":

@@ -34,6 +34,23 @@ for v in os.environ["VARIANTS"].split(","):
         step(); torch.cuda.synchronize()
     print(v); print(p.key_averages().table(sort_by="cuda_time_total", row_limit=14))
 PY
+# the idle gap at 16384 (NOTES 39): any host sync the centroids step makes, warned by CUDA's sync debug mode
+timeout 60 python3 - > "$out/i27_sync.log" 2>&1 <<'PY'
+import warnings, torch, sdm_triton
+n = 16384
+q = torch.randn(n, 512, device="cuda", dtype=torch.bfloat16).requires_grad_()
+g = torch.randn(n, 512, device="cuda", dtype=torch.bfloat16).requires_grad_()
+i = torch.arange(n, device="cuda") // 4
+sdm_triton.sdm_loss(q, g, i, i).backward(); torch.cuda.synchronize()
+torch.cuda.set_sync_debug_mode("warn")
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    sdm_triton.sdm_loss(q, g, i, i).backward()
+torch.cuda.set_sync_debug_mode(0); torch.cuda.synchronize()
+print(f"syncs in one centroids step at {n}: {len(w)}")
+for x in w[:8]:
+    print(" ", str(x.message)[:160], x.filename, x.lineno)
+PY
 # the chunked backward's workspace (workspace_bytes: its chunks' width) against time and peak, 32768
 VARIANTS=$variants timeout 120 python3 - > "$out/i27_workspace.log" 2>&1 <<'PY'
 import os, torch, triton, sdm_triton
@@ -55,5 +72,5 @@ PY
 timeout ${BENCH_S:-300} python3 -m bench --preset gpu-throughput --methods ${METHODS:-floor,sdm_triton,formula_compiled} \
   --variants "$variants" --sizes ${SIZES:-16384,32768} --labels pk4 --kl ${KLS:-forward} --dtypes bf16 \
   --modes fwd,fwd+bwd --no-plots --out "$out/bench27" > "$out/i27_bench.log" 2>&1
-cat "$out/i27_tests.log"; grep -v -i warn "$out/i27_wfit.log" | tail -n 10; cat "$out/i27_workspace.log"; tail -n 30 "$out/i27_bench.log"; tail -n 16 "$out/i27_yard.log"
+cat "$out/i27_tests.log" "$out/i27_sync.log"; grep -v -i warn "$out/i27_wfit.log" | tail -n 10; cat "$out/i27_workspace.log"; tail -n 30 "$out/i27_bench.log"; tail -n 16 "$out/i27_yard.log"
 grep -E "^[a-z0-9_]+$|_kernel|gemm|Self CUDA time total" "$out/i27_profile.log" | cut -c1-60,100-200 | head -n 40

@@ -125,9 +125,9 @@ MUTANTS = [
            "the interpreter's logit tiles by numpy's matmul, which rounds a product differently with the "
            "operands swapped: the backward's t is a rounding off the forward's maxima, inf / wrong at huge "
            "logits (issue 26.4)"),
-    Mutant("ranks_merge_neighbours", "sdm_triton/launch/positives.py",
-           [("first[..., 1:] = sorted_ids[..., 1:] != sorted_ids[..., :-1]",
-             "first[..., 1:] = sorted_ids[..., 1:] > sorted_ids[..., :-1] + 1")],
+    Mutant("ranks_merge_neighbours", "sdm_triton/kernels/centroids.py",
+           [("right = (v <= value) if STRICT else (v < value)",
+             "right = (v <= value) if STRICT else (v < value - 1)")],
            "tests/test_positives.py::test_centroids_match_float64",
            "ids one apart share a number: the centroids path's rank compare (reverse KL's negatives' mass) "
            "and its groups (counts, centroids) take neighbours' samples for positives"),
@@ -136,6 +136,11 @@ MUTANTS = [
              "    keep = row_in\n    r = ")],
            "tests/test_positives.py::test_centroids_match_float64",
            "the identity centroids sum absent samples' features too: forward KL's positives' logit sums off"),
+    Mutant("positives_count_absent_columns", "sdm_triton/kernels/centroids.py",
+           [("    if before_ptr is not None:\n        before = ", "    if False:\n        before = ")],
+           "tests/test_positives.py::test_centroids_match_float64",
+           "a row's positives counted over every column of its id, absent ones included: forward KL's "
+           "mean over the positives and the rows without a present positive off"),
     Mutant("ids_kept_narrow", "sdm_triton/kernels/tiles.py",
            [("    if ids_ptr.dtype.element_ty != tl.int32:\n        ids = ids.to(tl.int64)",
              "    if ids_ptr.dtype.element_ty == tl.int64:\n        ids = ids.to(tl.int64)")],

@@ -146,10 +146,8 @@ def statistics(p: Problem, prepared: torch.Tensor, out: Optional[torch.Tensor] =
         INDEX=_problem_index(p), BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
         num_warps=t.num_warps, num_stages=t.num_stages)
     if not loop_terms:
-        lin, cnt = positives(p, pre[:p.num_samples], want_lin=not o.reverse)   # reverse KL's lin is the loop's
-        if lin is not None:
-            part[0, _SLOT_LIN].copy_(lin)
-        part[0, _SLOT_CNT].copy_(cnt)
+        # into segment 0's slots; reverse KL's lin is the loop's
+        positives(p, pre[:p.num_samples], cnt=part[0, _SLOT_CNT], lin=None if o.reverse else part[0, _SLOT_LIN])
     return Statistics(part, s_q, s_g)
 
 
