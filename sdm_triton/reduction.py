@@ -140,14 +140,15 @@ def cast_gradient(x: Optional[torch.Tensor], dtype: torch.dtype, factor: float =
     return x.to(dtype)
 
 
-def row_norms(x: torch.Tensor) -> torch.Tensor:
+def row_norms(x: torch.Tensor, norm: Optional[torch.Tensor] = None) -> torch.Tensor:
     """|x_i| of each row of ``x`` [R, D] in x's dtype, also where the square sum passes the dtype's
     range (fp32: norms from 2^64, say 3.5e20 with ``normalize=False``): there again with the row
     scaled by 2^-100 (exact), as kernels/prep.py does; the components this takes below the normal
     range are < 2^-90 of such a norm. On a GPU both are computed (no host synchronisation); on
     the CPU the second only where a norm overflowed (`may_apply`). Inf and NaN features stay inf
-    and NaN."""
-    norm = torch.linalg.vector_norm(x, dim=1)
+    and NaN. ``norm``: ``vector_norm(x, dim=1)`` when the caller has it."""
+    if norm is None:
+        norm = torch.linalg.vector_norm(x, dim=1)
     overflowed = torch.isinf(norm)
     if not may_apply(overflowed):
         return norm

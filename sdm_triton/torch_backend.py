@@ -67,18 +67,34 @@ def _masked_rows(x: torch.Tensor, keep: Optional[torch.Tensor], ct) -> torch.Ten
     return x if keep is None else torch.where(keep[:, None], x, 0)
 
 
+def _norm_range(norm: torch.Tensor) -> Tuple[bool, bool]:
+    """(large, tiny): whether some row norm may be >= NORM_LIMIT (inf and NaN included: the
+    overflow and NaN guards of `_normalised`), and whether some may be <= NORM_EPS (NaN included:
+    the normalisation backward's radial guard). On the CPU one read of (min, max) answers both
+    (`reduction.may_apply`: no device to wait for; the guards are rare, and skipping one that
+    applies nowhere changes no bit). Elsewhere (True, True): every guard is computed."""
+    if norm.device.type != "cpu" or torch.compiler.is_compiling():
+        return True, True
+    lo, hi = torch.stack(torch.aminmax(norm)).tolist()        # NaN propagates: both guards
+    return not hi < NORM_LIMIT, not lo > NORM_EPS
+
+
 def _normalised(x: torch.Tensor, keep: Optional[torch.Tensor], normalize: bool, ct):
-    """(x_hat, norm) of rows x [R, D], absent rows 0 (`_masked_rows`). In fp32 a row of norm >=
-    2^64 (its square sum overflows) is NaN, as in the kernels (prep.py); its norm, reported by the
-    statistics, is right (`row_norms`)."""
+    """(x_hat, norm, r, tiny) of rows x [R, D], absent rows 0 (`_masked_rows`): r = 1 / max(norm,
+    NORM_EPS) (None without normalisation), ``tiny`` `_norm_range`'s second flag (for the
+    backward). In fp32 a row of norm >= 2^64 (its square sum overflows) is NaN, as in the kernels
+    (prep.py); its norm, reported by the statistics, is right (`row_norms`)."""
     x = _masked_rows(x, keep, ct)
-    norm = row_norms(x)
+    norm = torch.linalg.vector_norm(x, dim=1)
+    large, tiny = _norm_range(norm)
+    if large:                      # the guard for norms whose square sum overflowed
+        norm = row_norms(x, norm)
     if not normalize:
-        return x, norm
+        return x, norm, None, tiny
     r = 1 / norm.clamp_min(NORM_EPS)
-    if ct == torch.float32:
+    if ct == torch.float32 and large:
         r = r.masked_fill(norm >= NORM_LIMIT, math.nan)
-    return x * r[:, None], norm
+    return x * r[:, None], norm, r, tiny
 
 
 def _max_sum(S, bounded=False):
@@ -107,14 +123,14 @@ def _safe_m_logl(m, l, bounded=False):
     return m.masked_fill(empty, 0), torch.log(l.masked_fill(empty, 1)).masked_fill(empty, 0)
 
 
-def _row_sums(S, m, logl, y, iy, o, bounded=False, pairs=None, shifted=None):
+def _row_sums(S, m, logl, y, iy, o, bounded=False, pairs=None, shifted=None, want_pos=True):
     """(x, pos, Y) of `TorchBackend.statistics` for a block S [..., R, C] (softmax over the last
     axis, absent columns -inf), with the rows' (m, log l) [..., R], labels y and 1 / ysum iy [..., R].
     ln P = (S - m) - log l: S - m is exact near the row's maximum, where the small differences of
     P - Y live. ``bounded`` (`_bounded`): no -inf in S, no column outside the softmax. ``pairs``: a
     list that receives the block's (P, ln P - ln(Y + eps)) (reverse) or (P, Y) (forward), the pair
     terms `_pair_grad` would rebuild. ``shifted``: S - m when the caller has it (`_max_sum`, bounded:
-    the same m)."""
+    the same m). ``want_pos``: False gives pos None (a statistic only `SDMStats` reads)."""
     if shifted is None:
         shifted = S - m[..., None]
     log_p = shifted - logl[..., None]
@@ -131,7 +147,7 @@ def _row_sums(S, m, logl, y, iy, o, bounded=False, pairs=None, shifted=None):
         x = (Y * shifted).sum(-1)
     if pairs is not None:
         pairs.append((p, ratio if o.reverse else Y))
-    pos = p.masked_fill(~(y > 0), 0).sum(-1)
+    pos = p.masked_fill(~(y > 0), 0).sum(-1) if want_pos else None
     return x, pos, Y
 
 
@@ -184,15 +200,16 @@ class Prepared(NamedTuple):
 
 class DenseRows(NamedTuple):
     """`TorchBackend._dense_statistics`: each softmax row's statistics [NDR] over all its columns,
-    the blocks' Y = y / ysum, and (`_bounded` problems) their pair terms for the backward."""
-    m: torch.Tensor          # max_j S_ij as it is (-inf: no present column)
-    l: torch.Tensor          # sum_j exp(S_ij - m)
+    the blocks' Y = y / ysum, and their pair terms for the backward (`_dense_backward`). m, l and
+    pos are None unless asked for (``partial``: `statistics`; pos also for ``return_stats``)."""
+    m: Optional[torch.Tensor]          # max_j S_ij as it is (-inf: no present column)
+    l: Optional[torch.Tensor]          # sum_j exp(S_ij - m)
     safe_m: torch.Tensor     # m, 0 for a row without a present column (`_safe_m_logl`)
     logl: torch.Tensor       # ln l, likewise
     x: torch.Tensor          # forward: sum_j Y (S - m); reverse: sum_j P (ln P - ln(Y + eps))
-    pos: torch.Tensor        # sum_{j: y_ij > 0} P_ij
+    pos: Optional[torch.Tensor]        # sum_{j: y_ij > 0} P_ij
     Y: Tuple[torch.Tensor, ...]
-    pairs: Optional[list]
+    pairs: list
 
 
 class TorchBackend:
@@ -271,8 +288,8 @@ class TorchBackend:
         keep = None if q_mask is None and g_mask is None else torch.cat([
             q_mask if q_mask is not None else torch.ones(n, dtype=torch.bool, device=dev),
             g_mask.reshape(-1) if g_mask is not None else torch.ones(k_count * m, dtype=torch.bool, device=dev)])
-        x_hat, norm = _normalised(x, keep, o.normalize, ct)
-        p.derived["torch_x_hat"] = (x_hat, norm)      # the backward's, when its q_hat is this one's view
+        x_hat, norm, r, tiny = _normalised(x, keep, o.normalize, ct)
+        p.derived["torch_x_hat"] = (x_hat, norm, r, tiny)    # the backward's, when its q_hat is this one's view
         q_hat, g_hat = x_hat[:n], x_hat[n:].view(k_count, m, p.d)
         q_norm, g_norm = norm[:n], norm[n:].view(k_count, m)
         q_keep, g_keep = q_mask, g_mask      # the dense path reads None as "every sample present"
@@ -339,7 +356,7 @@ class TorchBackend:
         first, then the sums with them); a gallery row's softmax over the queries is complete
         within a chunk."""
         if prep.labels is not None:
-            r = self._dense_statistics(p, prep)
+            r = self._dense_statistics(p, prep, partial=True)
             ysum_s = self._rows_of(Y.sum(-1) for Y in r.Y)
             return Statistics(torch.stack([r.m, r.l, r.x, r.pos, ysum_s])[None], 1, 1)
         o = p.options
@@ -386,24 +403,31 @@ class TorchBackend:
         return pair_labels(None if labels is None else labels[k], p.q_ids, None if g_ids is None else g_ids[k],
                            q_keep, g_keep, c0, c1, ct)
 
-    def _dense_statistics(self, p: Problem, prep: Prepared) -> DenseRows:
+    def _dense_statistics(self, p: Problem, prep: Prepared, partial: bool = False) -> DenseRows:
         """`statistics` in one pass: S [K, N, M] once, its blocks (absent columns -inf), every
-        row complete (`DenseRows`)."""
+        row complete (`DenseRows`). ``partial``: for `statistics` (m, l and pos too); else for
+        `forward`, which reads (m, log l) made safe, x, pos for ``return_stats`` only, and keeps
+        the pair terms for the backward."""
         o = p.options
         S = prep.s * _products(prep.q_hat, prep.g_hat)                              # [K, N, M]
         rows_dir = S if p.g_mask is None else S.masked_fill(~prep.g_keep[:, None, :], -math.inf)
         cols_dir = S if p.q_mask is None else S.masked_fill(~p.q_mask[None, :, None], -math.inf)
         blocks = self._blocks(p, rows_dir, cols_dir)
         bounded = self._bounded(p)
-        pairs = [] if bounded else None
+        want_pos = partial or p.return_stats
+        pairs = []
         parts, Ys = [], []
         for T, y, iy in zip(blocks, prep.labels, self._split_rows(p, prep.inv_y, len(blocks))):
             mx, l, shifted = _max_sum(T, bounded)
             m_safe, logl = _safe_m_logl(mx, l, bounded)
-            x, pos, Y = _row_sums(T, m_safe, logl, y, iy, o, bounded, pairs, shifted if bounded else None)
-            parts.append((mx, l, m_safe, logl, x, pos))
+            x, pos, Y = _row_sums(T, m_safe, logl, y, iy, o, bounded, pairs, shifted if bounded else None, want_pos)
+            parts.append((mx, l, m_safe, logl, x, pos) if partial else (m_safe, logl, x, pos))
             Ys.append(Y)
-        return DenseRows(*(self._rows_of(v) for v in zip(*parts)), tuple(Ys), pairs)
+        # (two blocks, N != M: each row vector is a cat of the two; only those read are made)
+        fields = [None if v[0] is None else self._rows_of(v) for v in zip(*parts)]
+        if not partial:
+            fields = [None, None] + fields
+        return DenseRows(*fields, tuple(Ys), pairs)
 
     def finish(self, p: Problem, partial: torch.Tensor, segments_q: int, segments_g: int,
                prepared: Prepared) -> ForwardOut:
@@ -428,10 +452,11 @@ class TorchBackend:
 
     def _losses(self, p: Problem, prep: Prepared, row_m, row_logl, body, pos, pairs=None) -> ForwardOut:
         """The ForwardOut of rows with their merged (m, log l) ((0, 0) for a row without a present
-        column), body (the sums of `finish`'s doc) and positive mass: the losses, the reduction and
-        the backward's state, every invalid row's entries 0. ``pairs``: the dense blocks' pair terms
-        (`_dense_statistics` of a `_bounded` problem), which hold for this state: kept for its
-        backward (`_saved_pairs`)."""
+        column), body (the sums of `finish`'s doc) and positive mass (None: not computed, its
+        reduction rows 0; `_dense_statistics` without ``return_stats``): the losses, the reduction
+        and the backward's state, every invalid row's entries 0. ``pairs``: the dense blocks' pair
+        terms (`_dense_statistics`), which hold for this state: kept for its backward
+        (`_saved_pairs`)."""
         o = p.options
         n, m, k_count = p.n, p.m, p.galleries
         ct = compute_dtype(p.q.dtype)
@@ -439,29 +464,36 @@ class TorchBackend:
         if o.reverse:
             loss = body
         else:
+            # an invalid row (ysum 0) gets inf or NaN here (ln 0, 0 / 0): the stack below sets it to 0
             ysum = prep.ysum
-            safe = torch.where(ysum > 0, ysum, 1)
-            ln_ysum = torch.log(safe) if p.labels is None else ln_unscaled(safe)   # (reduction.label_ylny)
+            ln_ysum = torch.log(ysum) if p.labels is None else ln_unscaled(ysum)   # (reduction.label_ylny)
             loss = row_logl - body
             if prep.ylny is not None:                                # (None: sum y ln y = 0)
-                loss = loss + prep.ylny / safe
-            loss = loss - ln_ysum
-            loss = torch.where(loss < 0, 0, loss)                    # KL >= 0; NaN stays
-        if p.scale is not None:                                      # a float scale was checked on the host
-            loss = torch.where(torch.isfinite(s) & (s > 0), loss, math.nan)
-        # rows, state and the reduction's per-row terms (loss, valid, pos): 0 in invalid rows, one op
-        per_row = torch.stack([loss, prep.valid.to(ct), pos, row_m, row_logl]).masked_fill(prep.invalid, 0)
-        rows, row_m, row_logl = per_row[0], per_row[3], per_row[4]
+                loss = loss + prep.ylny / ysum
+            loss = (loss - ln_ysum).clamp_min(0)                     # KL >= 0; NaN stays
+        scale_ok = None
+        if p.scale is not None:       # a float scale was checked on the host; NaN fails both tests
+            scale_ok = (s > 0) & (s < math.inf)
+            loss = torch.where(scale_ok, loss, math.nan)
+        # rows, state and the reduction's per-row terms: 0 in invalid rows, one op
+        fields = [loss, prep.valid.to(ct), row_m, row_logl] + ([] if pos is None else [pos])
+        per_row = torch.stack(fields).masked_fill(prep.invalid, 0)
+        rows, row_m, row_logl = per_row[0], per_row[2], per_row[3]
         if pairs is not None:
             p.derived["torch_pairs_state"] = (row_m, row_logl, pairs)
 
-        # the reduction [NUM_RED, K], every gallery at once: sums [3 (loss, valid, pos), 2 (q, g rows), K]
+        # the reduction, every gallery at once: sums [2 (q rows, gallery rows), 2 (loss, valid), K],
+        # RED's first four rows as they are (the sum of a transposed view is made contiguous)
+        sums_of = per_row[:2] if pos is None else per_row[[0, 1, 4]]
         if n == m:
-            sums = per_row[:3].unflatten(1, (2, k_count, n)).sum(-1)
+            sums = sums_of.unflatten(1, (2, k_count, n)).transpose(0, 1).sum(-1)
         else:
             kn = k_count * n
-            sums = torch.stack([per_row[:3, :kn].unflatten(1, (k_count, n)).sum(-1),
-                                per_row[:3, kn:].unflatten(1, (k_count, m)).sum(-1)], 1)
+            sums = torch.stack([sums_of[:, :kn].unflatten(1, (k_count, n)).sum(-1),
+                                sums_of[:, kn:].unflatten(1, (k_count, m)).sum(-1)])
+        red_rows = [sums[:, :2].reshape(4, k_count)]
+        if pos is not None:
+            red_rows.append(sums[:, 2])                             # pos of the q rows, of the gallery rows
         if p.return_stats:            # the norm rows are read by SDMStats only (api._stats); else 0
             q_kept, g_kept = prep.q_norm, prep.g_norm                                    # [N], [K, M]
             q_count, g_count = n, m
@@ -471,21 +503,21 @@ class TorchBackend:
             if prep.g_keep is not None:
                 g_kept = torch.where(prep.g_keep, g_kept, 0)
                 g_count = prep.g_keep.sum(-1).clamp_min(1).to(ct)
-            norms = torch.stack([(q_kept.sum() / q_count).expand(k_count), q_kept.max().expand(k_count),
-                                 g_kept.sum(-1) / g_count, g_kept.amax(-1)])
-        else:
-            norms = sums.new_zeros((NUM_RED - RED.q_norm_mean, k_count))                   # the last rows
+            red_rows.append(torch.stack([(q_kept.sum() / q_count).expand(k_count), q_kept.max().expand(k_count),
+                                         g_kept.sum(-1) / g_count, g_kept.amax(-1)]))
         # RED's order: (sum, valid) of the q rows, of the gallery rows, then pos of both, the norms
-        red = torch.cat([sums[:2].transpose(0, 1).reshape(4, k_count), sums[2], norms])
+        red = red_rows[0] if len(red_rows) == 1 else torch.cat(red_rows)
+        if red.shape[0] < NUM_RED:
+            red = torch.nn.functional.pad(red, (0, 0, 0, NUM_RED - red.shape[0]))
         # the value (`reduction.reduced_value`, from the sums): each direction's [K], weighted
         coef_q, coef_g = option_coefficients(o)
-        part = sums[0] / sums[1].clamp_min(1) if o.reduction == "mean" else sums[0]    # [2, K]
+        part = sums[:, 0] / sums[:, 1].clamp_min(1) if o.reduction == "mean" else sums[:, 0]    # [2, K]
         if coef_q == coef_g:
             value = (part if coef_q == 1 else part * coef_q).sum(0)
         else:
             value = coef_q * part[0] + coef_g * part[1]
-        if p.scale is not None:
-            value = torch.where(torch.isfinite(s) & (s > 0), value, math.nan)
+        if scale_ok is not None:
+            value = torch.where(scale_ok, value, math.nan)
         if p.scalar_value:
             value = value[0]
         return ForwardOut(value, rows, prep.valid, red, (row_m, row_logl, prep.inv_y, prep.g_hat, prep.q_hat, s))
