@@ -102,11 +102,12 @@ def reduced_value(o: SDMOptions, red: torch.Tensor) -> torch.Tensor:
 
 
 def gradient_weights(o: SDMOptions, red: torch.Tensor, valid: torch.Tensor, n: int, d_value, d_rows,
-                     ct) -> torch.Tensor:
+                     ct, masked: bool = True) -> torch.Tensor:
     """w [K (n + m)] of softmax rows laid out as a problem's (the n q rows of each of the K
     galleries, then each gallery's m rows): ``d_value[k] * coefficient / (gallery k's valid
     count in red [., K] if reduction="mean") + d_rows``, 0 for an invalid row (``valid``).
-    ``d_value`` [K] (or 0-dim for K = 1) and ``d_rows`` may be None: no gradient."""
+    ``d_value`` [K] (or 0-dim for K = 1) and ``d_rows`` may be None: no gradient. ``masked=False``:
+    an invalid row's weight is left as computed, for a caller that zeroes its pairs itself."""
     k = red.shape[-1]
     m = valid.shape[0] // k - n
     w = None
@@ -126,7 +127,7 @@ def gradient_weights(o: SDMOptions, red: torch.Tensor, valid: torch.Tensor, n: i
         w = d_rows.to(ct) if w is None else w + d_rows.to(ct)
     if w is None:
         return torch.zeros(valid.shape[0], dtype=ct, device=valid.device)
-    return w.masked_fill(~valid, 0)
+    return w.masked_fill(~valid, 0) if masked else w
 
 
 def cast_gradient(x: Optional[torch.Tensor], dtype: torch.dtype, factor: float = 1.0) -> Optional[torch.Tensor]:

@@ -91,7 +91,7 @@ def _normalised(x: torch.Tensor, keep: Optional[torch.Tensor], normalize: bool, 
         norm = row_norms(x, norm)
     if not normalize:
         return x, norm, None, tiny
-    r = 1 / norm.clamp_min(NORM_EPS)
+    r = torch.reciprocal(norm.clamp_min(NORM_EPS))      # (1 / x: two ops, reciprocal and mul)
     if ct == torch.float32 and large:
         r = r.masked_fill(norm >= NORM_LIMIT, math.nan)
     return x * r[:, None], norm, r, tiny
@@ -565,6 +565,9 @@ class TorchBackend:
         kn = k_count * n
         ct = compute_dtype(p.q.dtype)
         row_m, row_logl, inv_y, g_hats, q_hat, s = out.state
+        pairs = self._saved_pairs(p, row_m, row_logl)
+        if pairs is not None:
+            return self._dense_backward(p, out, d_value, d_rows, want, partial_grads, pairs)
         g3, g_ids, g_mask, labels = _views(p)
         q_mask = p.q_mask
         w = gradient_weights(o, out.red, out.valid, n, d_value, d_rows, ct)
@@ -572,7 +575,6 @@ class TorchBackend:
         state = torch.stack([row_m, row_logl, out.rows.to(ct), w, inv_y])
         q_state, g_state = state[:, :kn].unflatten(1, (k_count, n)), state[:, kn:].unflatten(1, (k_count, m))
         stacked = self.dense(p) and n == m
-        pairs = self._saved_pairs(p, row_m, row_logl)
         if self.dense(p):
             blocks = [(slice(0, k_count), 0, m)]
         else:
@@ -583,12 +585,11 @@ class TorchBackend:
         d_s = torch.zeros((), dtype=ct, device=p.q.device) if want_scale else None
         for ks, c0, c1 in blocks:
             g_blk = g_hats[ks, c0:c1]                                               # [Kb, C, D]
-            cos = _products(q_hat, g_blk) if pairs is None or want_scale else None  # [Kb, N, C]
-            if pairs is None:
-                S = s * cos
-                y = pair_labels(None if labels is None else labels[ks], p.q_ids,
-                                None if g_ids is None else g_ids[ks], q_mask, None if g_mask is None else g_mask[ks],
-                                c0, c1, ct)
+            cos = _products(q_hat, g_blk)                                           # [Kb, N, C]
+            S = s * cos
+            y = pair_labels(None if labels is None else labels[ks], p.q_ids,
+                            None if g_ids is None else g_ids[ks], q_mask, None if g_mask is None else g_mask[ks],
+                            c0, c1, ct)
             absent = None        # pairs with an absent sample (None: none)
             if q_mask is not None:
                 absent = ~q_mask[:, None]
@@ -606,17 +607,12 @@ class TorchBackend:
                 if absent is not None:
                     absent_k = absent.expand(k_count, n, m)
                     off = off | torch.cat([absent_k, absent_k.mT])
-                if pairs is None:
-                    y_k = y.expand(k_count, n, m)
-                    d = _pair_grad(torch.cat([S, S.mT]), torch.cat([y_k, y_k.mT]),
-                                   state.unflatten(1, (2 * k_count, n)), off, o)
-                else:
-                    d = _pair_grad(None, None, state.unflatten(1, (2 * k_count, n)), off, o, pairs[0])
+                y_k = y.expand(k_count, n, m)
+                d = _pair_grad(torch.cat([S, S.mT]), torch.cat([y_k, y_k.mT]),
+                               state.unflatten(1, (2 * k_count, n)), off, o)
                 dS = d[:k_count] + d[k_count:].mT
-            elif pairs is None:
-                dS = _pair_grad(S, y, qs, off_r, o) + _pair_grad(S.mT, y.mT, gs, off_c.mT, o).mT    # [Kb, N, C]
             else:
-                dS = _pair_grad(None, None, qs, off_r, o, pairs[0]) + _pair_grad(None, None, gs, off_c.mT, o, pairs[1]).mT
+                dS = _pair_grad(S, y, qs, off_r, o) + _pair_grad(S.mT, y.mT, gs, off_c.mT, o).mT    # [Kb, N, C]
             if want_q:
                 part = (dS @ g_blk).sum(0) if dS.shape[0] > 1 else dS[0] @ g_blk[0]
                 dq_hat = s * part if dq_hat is None else dq_hat + s * part
@@ -655,6 +651,101 @@ class TorchBackend:
                                       None if g_mask is None else g_mask.reshape(-1),
                                       dg_hat.reshape(k_count * m, p.d), o.normalize, partial_grads).reshape(p.g.shape)
         return dq, dg, (d_s if want_scale else None)
+
+    def _dense_backward(self, p: Problem, out: ForwardOut, d_value, d_rows, want, partial_grads, pairs):
+        """`backward` of a dense forward from its pair terms (`_row_sums`: (P, Y) forward, (P, ln P -
+        ln(Y + eps)) reverse): per block w_i (P - Y) or w_i P (ln P - ln(Y + eps) - L_i), 0 on the
+        pairs of an invalid row or an absent sample; dS = the q rows' block plus the gallery rows'
+        transposed; the two products written into one [N + K M, D] buffer, whose rows take the
+        normalisation's backward together (times s / max(|x|, eps), one factor per row)."""
+        want_q, want_g, want_scale = want
+        o = p.options
+        n, m, k = p.n, p.m, p.galleries
+        ct = compute_dtype(p.q.dtype)
+        _, _, _, g_hats, q_hat, s = out.state
+        # each row's weight; an invalid row's is not read (its pairs are set to 0 below)
+        w = gradient_weights(o, out.red, out.valid, n, d_value, d_rows, ct, masked=False)
+        nb = len(pairs)
+        blocks = zip(pairs, self._split_rows(p, w, nb), self._split_rows(p, out.valid, nb),
+                     self._split_rows(p, out.rows, nb), self._present_columns(p, nb))
+        d = []
+        for (P, t), wb, valid, loss, present in blocks:
+            keep = valid[..., None] if present is None else valid[..., None] & present
+            term = P * (t - loss[..., None]) if o.reverse else P - t
+            d.append(torch.where(keep, term * wb[..., None], 0))
+        dS = d[0][:k] + d[0][k:].mT if nb == 1 else d[0] + d[1].mT                  # [K, N, M]
+        d_x = torch.empty((n + k * m, p.d), dtype=ct, device=p.q.device)
+        if want_q:
+            if k == 1:
+                torch.mm(dS[0], g_hats[0], out=d_x[:n])
+            else:
+                torch.sum(torch.bmm(dS, g_hats), 0, out=d_x[:n])
+        if want_g:
+            if k == 1:
+                torch.mm(dS[0].T, q_hat, out=d_x[n:])
+            else:
+                torch.bmm(dS.mT, q_hat.expand(k, n, p.d), out=d_x[n:].view(k, m, p.d))
+        d_s = None
+        if want_scale:
+            prod = dS * _products(q_hat, g_hats)
+            absent = self._absent_pairs(p)
+            d_s = (prod if absent is None else prod.masked_fill(absent, 0)).sum()
+        rows = slice(0 if want_q else n, None if want_g else n)
+        grad = self._normalise_backward(p, d_x[rows], rows, s)
+        if not partial_grads:
+            grad = cast_gradient(grad, p.q.dtype)
+        dq = grad[:n] if want_q else None
+        dg = grad[n - rows.start:].view(p.g.shape) if want_g else None
+        return dq, dg, d_s
+
+    @staticmethod
+    def _present_columns(p: Problem, blocks: int):
+        """Per dense block (`_blocks`), whether each column's sample is present, broadcasting over
+        its rows ([..., 1, C] bool); None for each block when every sample is present."""
+        if p.q_mask is None and p.g_mask is None:
+            return (None,) * blocks
+        k, n, m = p.galleries, p.n, p.m
+        dev = p.q.device
+        g_keep = _views(p)[2]
+        g_keep = g_keep if g_keep is not None else torch.ones((k, m), dtype=torch.bool, device=dev)
+        q_keep = p.q_mask if p.q_mask is not None else torch.ones(n, dtype=torch.bool, device=dev)
+        rows_dir, cols_dir = g_keep[:, None, :], q_keep.expand(k, 1, n)        # [K, 1, M], [K, 1, N]
+        return (torch.cat([rows_dir, cols_dir]),) if blocks == 1 else (rows_dir, cols_dir)
+
+    @staticmethod
+    def _absent_pairs(p: Problem):
+        """[K, N, M] bool (broadcast): pairs with an absent sample; None when every sample is present."""
+        absent = None
+        if p.q_mask is not None:
+            absent = ~p.q_mask[:, None]
+        g_mask = _views(p)[2]
+        if g_mask is not None:
+            absent_g = ~g_mask[:, None, :]
+            absent = absent_g if absent is None else absent | absent_g
+        return absent
+
+    def _normalise_backward(self, p: Problem, d_hat, rows: slice, s):
+        """s times F.normalize's backward of the samples ``rows`` (q's, then the galleries') from
+        d_hat = dL/d(x_hat) / s, with the forward's normalised rows and norms (`prepare`): d_hat
+        projected off x_hat, over max(|x|, eps); a row of norm <= eps (or NaN) is not projected
+        (the guard only where `_norm_range` saw one); 0 for absent samples. In the compute dtype."""
+        x_hat, norm, r, tiny = p.derived["torch_x_hat"]
+        if p.options.normalize:
+            x_hat = x_hat[rows]
+            radial = (x_hat * d_hat).sum(1, keepdim=True)
+            grad = torch.addcmul(d_hat, x_hat, radial, value=-1)              # d - x_hat (x_hat . d)
+            if tiny:
+                grad = torch.where(~(norm[rows] > NORM_EPS)[:, None], d_hat, grad)
+            grad = grad * (r[rows] * s)[:, None]
+        else:
+            grad = d_hat * s
+        if p.q_mask is not None or p.g_mask is not None:
+            keep = _views(p)[2]
+            keep = torch.cat([p.q_mask if p.q_mask is not None else torch.ones(p.n, dtype=torch.bool, device=grad.device),
+                              keep.reshape(-1) if keep is not None else
+                              torch.ones(p.galleries * p.m, dtype=torch.bool, device=grad.device)])
+            grad = torch.where(keep[rows, None], grad, 0)
+        return grad
 
     def _saved_pairs(self, p: Problem, row_m, row_logl):
         """The forward's pair terms of the dense blocks (`_row_sums`), when this backward's state is
