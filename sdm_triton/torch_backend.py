@@ -67,34 +67,39 @@ def _masked_rows(x: torch.Tensor, keep: Optional[torch.Tensor], ct) -> torch.Ten
     return x if keep is None else torch.where(keep[:, None], x, 0)
 
 
-def _norm_range(norm: torch.Tensor) -> Tuple[bool, bool]:
-    """(large, tiny): whether some row norm may be >= NORM_LIMIT (inf and NaN included: the
-    overflow and NaN guards of `_normalised`), and whether some may be <= NORM_EPS (NaN included:
-    the normalisation backward's radial guard). On the CPU one read of (min, max) answers both
-    (`reduction.may_apply`: no device to wait for; the guards are rare, and skipping one that
-    applies nowhere changes no bit). Elsewhere (True, True): every guard is computed."""
+def _host_flags(norm: torch.Tensor, invalid: Optional[torch.Tensor] = None) -> Tuple[bool, bool, bool]:
+    """(large, tiny, some_invalid): whether some row norm may be >= NORM_LIMIT (inf and NaN
+    included: the overflow and NaN guards of `_normalised`), whether some may be <= NORM_EPS (NaN
+    included: the normalisation backward's radial guard), and whether some softmax row may be
+    invalid (``invalid`` [NDR]; None: assume so), which a dense call's masks of invalid rows then
+    skip. On the CPU one read of (min, max, any) answers all three (`reduction.may_apply`: no
+    device to wait for; these guards rarely apply, and skipping one that applies nowhere changes
+    no bit). Elsewhere (True, True, True): every guard is computed."""
     if norm.device.type != "cpu" or torch.compiler.is_compiling():
-        return True, True
-    lo, hi = torch.stack(torch.aminmax(norm)).tolist()        # NaN propagates: both guards
-    return not hi < NORM_LIMIT, not lo > NORM_EPS
+        return True, True, True
+    flags = [*torch.aminmax(norm)] + ([] if invalid is None else [invalid.any()])
+    read = torch.stack(flags).tolist()                     # NaN propagates to both guards
+    return not read[1] < NORM_LIMIT, not read[0] > NORM_EPS, invalid is None or read[2] != 0
 
 
-def _normalised(x: torch.Tensor, keep: Optional[torch.Tensor], normalize: bool, ct):
-    """(x_hat, norm, r, tiny) of rows x [R, D], absent rows 0 (`_masked_rows`): r = 1 / max(norm,
-    NORM_EPS) (None without normalisation), ``tiny`` `_norm_range`'s second flag (for the
-    backward). In fp32 a row of norm >= 2^64 (its square sum overflows) is NaN, as in the kernels
-    (prep.py); its norm, reported by the statistics, is right (`row_norms`)."""
+def _normalised(x: torch.Tensor, keep: Optional[torch.Tensor], normalize: bool, ct,
+                invalid: Optional[torch.Tensor] = None):
+    """(x_hat, norm, r, tiny, some_invalid) of rows x [R, D], absent rows 0 (`_masked_rows`):
+    r = 1 / max(norm, NORM_EPS) (None without normalisation); ``tiny``, ``some_invalid``
+    `_host_flags`' (for the backward, and for the softmax rows ``invalid``). In fp32 a row of norm
+    >= 2^64 (its square sum overflows) is NaN, as in the kernels (prep.py); its norm, reported by
+    the statistics, is right (`row_norms`)."""
     x = _masked_rows(x, keep, ct)
     norm = torch.linalg.vector_norm(x, dim=1)
-    large, tiny = _norm_range(norm)
+    large, tiny, some_invalid = _host_flags(norm, invalid)
     if large:                      # the guard for norms whose square sum overflowed
         norm = row_norms(x, norm)
     if not normalize:
-        return x, norm, None, tiny
+        return x, norm, None, tiny, some_invalid
     r = torch.reciprocal(norm.clamp_min(NORM_EPS))      # (1 / x: two ops, reciprocal and mul)
     if ct == torch.float32 and large:
         r = r.masked_fill(norm >= NORM_LIMIT, math.nan)
-    return x * r[:, None], norm, r, tiny
+    return x * r[:, None], norm, r, tiny, some_invalid
 
 
 def _max_sum(S, bounded=False):
@@ -196,6 +201,7 @@ class Prepared(NamedTuple):
     invalid: torch.Tensor    # [NDR] bool, ~valid
     inv_y: torch.Tensor      # [NDR]
     labels: Optional[Tuple[torch.Tensor, ...]] = None   # dense path: y of each block
+    some_invalid: bool = True      # False: no softmax row is invalid (`_host_flags`: the CPU's dense path)
 
 
 class DenseRows(NamedTuple):
@@ -283,15 +289,6 @@ class TorchBackend:
         # on a GPU, a host synchronisation each call: pytorch/pytorch#190217)
         s = p.scale.to(ct) if p.scale is not None else torch.full((), p.scale_value, dtype=ct, device=dev)
         q_mask = p.q_mask
-        # both sides normalised together: one set of ops for N + K M rows
-        x = torch.cat([p.q, g3.reshape(k_count * m, p.d)])
-        keep = None if q_mask is None and g_mask is None else torch.cat([
-            q_mask if q_mask is not None else torch.ones(n, dtype=torch.bool, device=dev),
-            g_mask.reshape(-1) if g_mask is not None else torch.ones(k_count * m, dtype=torch.bool, device=dev)])
-        x_hat, norm, r, tiny = _normalised(x, keep, o.normalize, ct)
-        p.derived["torch_x_hat"] = (x_hat, norm, r, tiny)    # the backward's, when its q_hat is this one's view
-        q_hat, g_hat = x_hat[:n], x_hat[n:].view(k_count, m, p.d)
-        q_norm, g_norm = norm[:n], norm[n:].view(k_count, m)
         q_keep, g_keep = q_mask, g_mask      # the dense path reads None as "every sample present"
         blocks = None
         if self.dense(p):
@@ -317,8 +314,24 @@ class TorchBackend:
                 add_label_masses(masses[:, q0:q0 + n], masses[:, g0:g0 + m], None if labels is None else labels[k],
                                  p.q_ids, None if g_ids is None else g_ids[k], q_keep, g_keep[k], width, ct)
             ysum, ylny = masses
-        valid, invalid, inv_y = self._valid_inv_y(p, ysum, q_mask, g_mask)
-        return Prepared(q_hat, q_norm, q_keep, g_hat, g_norm, g_keep, ysum, ylny, s, valid, invalid, inv_y, blocks)
+        invalid = self._invalid(p, ysum, q_mask, g_mask)
+        # both sides normalised together: one set of ops for N + K M rows; on the dense path the
+        # host read of the norms' range also tells whether any softmax row is invalid
+        x = torch.cat([p.q, g3.reshape(k_count * m, p.d)])
+        keep = None if q_mask is None and g_mask is None else torch.cat([
+            q_mask if q_mask is not None else torch.ones(n, dtype=torch.bool, device=dev),
+            g_mask.reshape(-1) if g_mask is not None else torch.ones(k_count * m, dtype=torch.bool, device=dev)])
+        x_hat, norm, r, tiny, some_invalid = _normalised(x, keep, o.normalize, ct,
+                                                         invalid if blocks is not None else None)
+        p.derived["torch_x_hat"] = (x_hat, norm, r, tiny)    # the backward's, when its q_hat is this one's view
+        q_hat, g_hat = x_hat[:n], x_hat[n:].view(k_count, m, p.d)
+        q_norm = g_norm = None           # read by the statistics' norm rows only (`_losses`)
+        if p.return_stats:
+            q_norm, g_norm = norm[:n], norm[n:].view(k_count, m)
+        # 1 / inf = 0 for an invalid row; the others' reciprocal is that of 1 / ysum bit for bit
+        inv_y = (ysum.masked_fill(invalid, math.inf) if some_invalid else ysum).reciprocal()
+        return Prepared(q_hat, q_norm, q_keep, g_hat, g_norm, g_keep, ysum, ylny, s, ~invalid, invalid, inv_y, blocks,
+                        some_invalid)
 
     @staticmethod
     def _rows_of(block_rows) -> torch.Tensor:
@@ -327,9 +340,9 @@ class TorchBackend:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     @staticmethod
-    def _valid_inv_y(p: Problem, ysum, q_mask, g_mask):
-        """(valid [NDR], ~valid, 1 / ysum [NDR], 0 for invalid rows): a row is valid when its sample is
-        present and its label mass > 0 (NaN, from bad labels, counts: its NaN reaches the loss)."""
+    def _invalid(p: Problem, ysum, q_mask, g_mask):
+        """[NDR] bool: the softmax rows that are not valid. A row is valid when its sample is present
+        and its label mass > 0 (NaN, from bad labels, counts: its NaN reaches the loss)."""
         invalid = ysum <= 0              # NaN is not: it is valid
         if q_mask is not None or g_mask is not None:
             k, n, m = p.galleries, p.n, p.m
@@ -337,8 +350,7 @@ class TorchBackend:
             keep = torch.cat([q_mask.repeat(k) if q_mask is not None else ones(k * n),
                               g_mask.reshape(-1) if g_mask is not None else ones(k * m)])
             invalid = invalid | ~keep
-        # 1 / inf = 0 for an invalid row; the others' reciprocal is that of 1 / ysum bit for bit
-        return ~invalid, invalid, ysum.masked_fill(invalid, math.inf).reciprocal()
+        return invalid
 
     def statistics(self, p: Problem, prep: Prepared) -> Statistics:
         """One segment per side: [1, NUM_STATS, NDR] (module doc). Per softmax row, over this
@@ -477,10 +489,12 @@ class TorchBackend:
             loss = torch.where(scale_ok, loss, math.nan)
         # rows, state and the reduction's per-row terms: 0 in invalid rows, one op
         fields = [loss, prep.valid.to(ct), row_m, row_logl] + ([] if pos is None else [pos])
-        per_row = torch.stack(fields).masked_fill(prep.invalid, 0)
+        per_row = torch.stack(fields)
+        if prep.some_invalid:
+            per_row = per_row.masked_fill(prep.invalid, 0)
         rows, row_m, row_logl = per_row[0], per_row[2], per_row[3]
         if pairs is not None:
-            p.derived["torch_pairs_state"] = (row_m, row_logl, pairs)
+            p.derived["torch_pairs_state"] = (row_m, row_logl, pairs, prep.some_invalid)
 
         # the reduction, every gallery at once: sums [2 (q rows, gallery rows), 2 (loss, valid), K],
         # RED's first four rows as they are (the sum of a transposed view is made contiguous)
@@ -565,9 +579,9 @@ class TorchBackend:
         kn = k_count * n
         ct = compute_dtype(p.q.dtype)
         row_m, row_logl, inv_y, g_hats, q_hat, s = out.state
-        pairs = self._saved_pairs(p, row_m, row_logl)
-        if pairs is not None:
-            return self._dense_backward(p, out, d_value, d_rows, want, partial_grads, pairs)
+        saved = self._saved_pairs(p, row_m, row_logl)
+        if saved is not None:
+            return self._dense_backward(p, out, d_value, d_rows, want, partial_grads, *saved)
         g3, g_ids, g_mask, labels = _views(p)
         q_mask = p.q_mask
         w = gradient_weights(o, out.red, out.valid, n, d_value, d_rows, ct)
@@ -652,12 +666,14 @@ class TorchBackend:
                                       dg_hat.reshape(k_count * m, p.d), o.normalize, partial_grads).reshape(p.g.shape)
         return dq, dg, (d_s if want_scale else None)
 
-    def _dense_backward(self, p: Problem, out: ForwardOut, d_value, d_rows, want, partial_grads, pairs):
+    def _dense_backward(self, p: Problem, out: ForwardOut, d_value, d_rows, want, partial_grads, pairs,
+                        some_invalid=True):
         """`backward` of a dense forward from its pair terms (`_row_sums`: (P, Y) forward, (P, ln P -
         ln(Y + eps)) reverse): per block w_i (P - Y) or w_i P (ln P - ln(Y + eps) - L_i), 0 on the
         pairs of an invalid row or an absent sample; dS = the q rows' block plus the gallery rows'
         transposed; the two products written into one [N + K M, D] buffer, whose rows take the
-        normalisation's backward together (times s / max(|x|, eps), one factor per row)."""
+        normalisation's backward together (times s / max(|x|, eps), one factor per row).
+        ``some_invalid`` False (`_host_flags`): no invalid row, and then no mask without absent samples."""
         want_q, want_g, want_scale = want
         o = p.options
         n, m, k = p.n, p.m, p.galleries
@@ -670,9 +686,12 @@ class TorchBackend:
                      self._split_rows(p, out.rows, nb), self._present_columns(p, nb))
         d = []
         for (P, t), wb, valid, loss, present in blocks:
-            keep = valid[..., None] if present is None else valid[..., None] & present
             term = P * (t - loss[..., None]) if o.reverse else P - t
-            d.append(torch.where(keep, term * wb[..., None], 0))
+            term = term * wb[..., None]
+            if some_invalid or present is not None:
+                keep = valid[..., None] if present is None else valid[..., None] & present
+                term = torch.where(keep, term, 0)
+            d.append(term)
         dS = d[0][:k] + d[0][k:].mT if nb == 1 else d[0] + d[1].mT                  # [K, N, M]
         d_x = torch.empty((n + k * m, p.d), dtype=ct, device=p.q.device)
         if want_q:
@@ -728,7 +747,7 @@ class TorchBackend:
         """s times F.normalize's backward of the samples ``rows`` (q's, then the galleries') from
         d_hat = dL/d(x_hat) / s, with the forward's normalised rows and norms (`prepare`): d_hat
         projected off x_hat, over max(|x|, eps); a row of norm <= eps (or NaN) is not projected
-        (the guard only where `_norm_range` saw one); 0 for absent samples. In the compute dtype."""
+        (the guard only where `_host_flags` saw one); 0 for absent samples. In the compute dtype."""
         x_hat, norm, r, tiny = p.derived["torch_x_hat"]
         if p.options.normalize:
             x_hat = x_hat[rows]
@@ -750,11 +769,12 @@ class TorchBackend:
     def _saved_pairs(self, p: Problem, row_m, row_logl):
         """The forward's pair terms of the dense blocks (`_row_sums`), when this backward's state is
         the one `finish` made from them (the same tensors: not a state merged across ranks or rebuilt
-        by `state_from_rows`); else None (the backward rebuilds S and the labels)."""
+        by `state_from_rows`), with the forward's ``some_invalid`` (`Prepared`); else None (the
+        backward rebuilds S and the labels)."""
         saved = p.derived.get("torch_pairs_state")
         if saved is None or not self.dense(p) or saved[0] is not row_m or saved[1] is not row_logl:
             return None
-        return saved[2]
+        return saved[2], saved[3]
 
     @staticmethod
     def _input_gradient(x, x_hat, keep, d_hat, normalize, partial=False, norm=None):
