@@ -112,13 +112,7 @@ def gradient_weights(o: SDMOptions, red: torch.Tensor, valid: torch.Tensor, n: i
     m = valid.shape[0] // k - n
     w = None
     if d_value is not None:
-        coef_q, coef_g = option_coefficients(o)
-        dv = d_value.reshape(1, k, 1).to(ct)
-        # c [2 (q rows, gallery rows), K, 1]; one product when the directions' coefficients agree
-        c = coef_q * dv if coef_q == coef_g else torch.cat([coef_q * dv, coef_g * dv])
-        if o.reduction == "mean":
-            c = c / red[VALID_ROWS, :, None].clamp_min(1).to(ct)
-        c = c.expand(2, k, 1)
+        c = direction_weights(o, red, d_value, ct)
         if n == m:
             w = c.expand(2, k, n).reshape(-1)
         else:
@@ -128,6 +122,20 @@ def gradient_weights(o: SDMOptions, red: torch.Tensor, valid: torch.Tensor, n: i
     if w is None:
         return torch.zeros(valid.shape[0], dtype=ct, device=valid.device)
     return w.masked_fill(~valid, 0) if masked else w
+
+
+def direction_weights(o: SDMOptions, red: torch.Tensor, d_value, ct) -> torch.Tensor:
+    """c [2 (q rows, gallery rows), K, 1] (broadcast): the weight of every row of a direction and
+    gallery from the value's gradient ``d_value`` [K] (or 0-dim), `gradient_weights` without the
+    rows' own gradients."""
+    k = red.shape[-1]
+    coef_q, coef_g = option_coefficients(o)
+    dv = d_value.reshape(1, k, 1).to(ct)
+    # one product when the directions' coefficients agree
+    c = coef_q * dv if coef_q == coef_g else torch.cat([coef_q * dv, coef_g * dv])
+    if o.reduction == "mean":
+        c = c / red[VALID_ROWS, :, None].clamp_min(1).to(ct)
+    return c.expand(2, k, 1)
 
 
 def cast_gradient(x: Optional[torch.Tensor], dtype: torch.dtype, factor: float = 1.0) -> Optional[torch.Tensor]:

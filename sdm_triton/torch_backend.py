@@ -41,8 +41,8 @@ import torch
 from .backend import NUM_RED, NUM_STATS, RED, ForwardOut, Statistics, option_coefficients
 from .options import NORM_EPS, NORM_LIMIT, compute_dtype
 from .problem import Problem
-from .reduction import (add_label_masses, cast_gradient, gradient_weights, label_ylny, ln_unscaled, may_apply,
-                        pair_labels, row_norms)
+from .reduction import (add_label_masses, cast_gradient, direction_weights, gradient_weights, label_ylny,
+                        ln_unscaled, may_apply, pair_labels, row_norms)
 
 
 #: [K, N, M] temporaries of the compute dtype the dense path holds at once (S, both directions'
@@ -317,7 +317,7 @@ class TorchBackend:
         invalid = self._invalid(p, ysum, q_mask, g_mask)
         # both sides normalised together: one set of ops for N + K M rows; on the dense path the
         # host read of the norms' range also tells whether any softmax row is invalid
-        x = torch.cat([p.q, g3.reshape(k_count * m, p.d)])
+        x = torch.cat([p.q, p.g if p.g.dim() == 2 else p.g.flatten(0, 1)])
         keep = None if q_mask is None and g_mask is None else torch.cat([
             q_mask if q_mask is not None else torch.ones(n, dtype=torch.bool, device=dev),
             g_mask.reshape(-1) if g_mask is not None else torch.ones(k_count * m, dtype=torch.bool, device=dev)])
@@ -679,11 +679,17 @@ class TorchBackend:
         n, m, k = p.n, p.m, p.galleries
         ct = compute_dtype(p.q.dtype)
         _, _, _, g_hats, q_hat, s = out.state
-        # each row's weight; an invalid row's is not read (its pairs are set to 0 below)
-        w = gradient_weights(o, out.red, out.valid, n, d_value, d_rows, ct, masked=False)
         nb = len(pairs)
-        blocks = zip(pairs, self._split_rows(p, w, nb), self._split_rows(p, out.valid, nb),
-                     self._split_rows(p, out.rows, nb), self._present_columns(p, nb))
+        # each row's weight; an invalid row's is not read (its pairs are set to 0 below). Without
+        # the rows' own gradients it is one number per direction and gallery, broadcast.
+        if d_rows is None and d_value is not None:
+            c = direction_weights(o, out.red, d_value, ct)                          # [2, K, 1]
+            ws = (c.reshape(2 * k, 1),) if nb == 1 else (c[0], c[1])
+        else:
+            w = gradient_weights(o, out.red, out.valid, n, d_value, d_rows, ct, masked=False)
+            ws = self._split_rows(p, w, nb)
+        blocks = zip(pairs, ws, self._split_rows(p, out.valid, nb), self._split_rows(p, out.rows, nb),
+                     self._present_columns(p, nb))
         d = []
         for (P, t), wb, valid, loss, present in blocks:
             term = P * (t - loss[..., None]) if o.reverse else P - t
