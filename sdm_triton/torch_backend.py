@@ -8,9 +8,12 @@ for the tests. Two paths, one decision (`TorchBackend.dense`):
              built once for every gallery, every softmax row is complete in it, so the
              statistics take one pass with both directions side by side ([2K, N, N] when
              N = M, the q rows' block and the gallery rows' block otherwise), the labels are
-             built once (prepare) and the backward is one block. At small N M (training batch
-             sizes on the CPU, N = 64 on a GPU) a call is a fixed number of tensor ops, about
-             as many as the plain formula does (bench/NOTES.md, section 24).
+             built once (prepare) and the backward is one block, made from the forward's
+             pair terms (P and Y, or P and ln P - ln(Y + eps): `_dense_backward`). At small N M
+             (training batch sizes on the CPU, N = 64 on a GPU) a call is a fixed number of
+             tensor ops, fewer than the plain formula's forward and backward (bench/NOTES.md,
+             section 24); on the CPU one host read of the norms' range and of the rows'
+             validity lets it skip the guards that apply nowhere (`_host_flags`).
     chunked  S for all N query rows and a chunk of C gallery columns of one gallery at a time
              ([N, C] in the compute dtype, C from ``workspace_bytes``), so memory stays
              O((N + M) D + N C); the query rows take two passes (their softmax's (max, sum
