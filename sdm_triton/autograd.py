@@ -65,11 +65,14 @@ class SDMFunction(torch.autograd.Function):
         q, g, scale, _q_ids, _g_ids, _labels, _q_mask, _g_mask, rows, valid, red, *state = ctx.saved_tensors
         out = ForwardOut(None, rows, valid, red, tuple(state))
         want = tuple(ctx.needs_input_grad[:3])
-        with torch.no_grad(), without_autocast(q.device.type):
+        # autograd runs a backward with grad mode off unless create_graph=True: only then is a
+        # no_grad context needed (entering one costs a few us of a small call's host time)
+        create_graph = torch.is_grad_enabled()
+        with (torch.no_grad() if create_graph else contextlib.nullcontext()), without_autocast(q.device.type):
             dq, dg, d_scale = ctx.backend.backward(ctx.problem, out, d_value, d_rows, want)
         if d_scale is not None:
             d_scale = d_scale.to(scale.dtype)
-        if torch.is_grad_enabled():          # create_graph=True: the gradients may be differentiated
+        if create_graph:                     # the gradients may be differentiated
             grads = [(_RefuseDoubleBackward.apply(x, anchor) if x is not None else None)
                      for x, anchor in ((dq, q), (dg, g), (d_scale, scale))]
             dq, dg, d_scale = grads

@@ -102,22 +102,17 @@ def reduced_value(o: SDMOptions, red: torch.Tensor) -> torch.Tensor:
 
 
 def gradient_weights(o: SDMOptions, red: torch.Tensor, valid: torch.Tensor, n: int, d_value, d_rows,
-                     ct) -> torch.Tensor:
+                     ct, masked: bool = True) -> torch.Tensor:
     """w [K (n + m)] of softmax rows laid out as a problem's (the n q rows of each of the K
     galleries, then each gallery's m rows): ``d_value[k] * coefficient / (gallery k's valid
     count in red [., K] if reduction="mean") + d_rows``, 0 for an invalid row (``valid``).
-    ``d_value`` [K] (or 0-dim for K = 1) and ``d_rows`` may be None: no gradient."""
+    ``d_value`` [K] (or 0-dim for K = 1) and ``d_rows`` may be None: no gradient. ``masked=False``:
+    an invalid row's weight is left as computed, for a caller that zeroes its pairs itself."""
     k = red.shape[-1]
     m = valid.shape[0] // k - n
     w = None
     if d_value is not None:
-        coef_q, coef_g = option_coefficients(o)
-        dv = d_value.reshape(1, k, 1).to(ct)
-        # c [2 (q rows, gallery rows), K, 1]; one product when the directions' coefficients agree
-        c = coef_q * dv if coef_q == coef_g else torch.cat([coef_q * dv, coef_g * dv])
-        if o.reduction == "mean":
-            c = c / red[VALID_ROWS, :, None].clamp_min(1).to(ct)
-        c = c.expand(2, k, 1)
+        c = direction_weights(o, red, d_value, ct)
         if n == m:
             w = c.expand(2, k, n).reshape(-1)
         else:
@@ -126,7 +121,21 @@ def gradient_weights(o: SDMOptions, red: torch.Tensor, valid: torch.Tensor, n: i
         w = d_rows.to(ct) if w is None else w + d_rows.to(ct)
     if w is None:
         return torch.zeros(valid.shape[0], dtype=ct, device=valid.device)
-    return w.masked_fill(~valid, 0)
+    return w.masked_fill(~valid, 0) if masked else w
+
+
+def direction_weights(o: SDMOptions, red: torch.Tensor, d_value, ct) -> torch.Tensor:
+    """c [2 (q rows, gallery rows), K, 1] (broadcast): the weight of every row of a direction and
+    gallery from the value's gradient ``d_value`` [K] (or 0-dim), `gradient_weights` without the
+    rows' own gradients."""
+    k = red.shape[-1]
+    coef_q, coef_g = option_coefficients(o)
+    dv = d_value.reshape(1, k, 1).to(ct)
+    # one product when the directions' coefficients agree
+    c = coef_q * dv if coef_q == coef_g else torch.cat([coef_q * dv, coef_g * dv])
+    if o.reduction == "mean":
+        c = c / red[VALID_ROWS, :, None].clamp_min(1).to(ct)
+    return c.expand(2, k, 1)
 
 
 def cast_gradient(x: Optional[torch.Tensor], dtype: torch.dtype, factor: float = 1.0) -> Optional[torch.Tensor]:
@@ -140,14 +149,15 @@ def cast_gradient(x: Optional[torch.Tensor], dtype: torch.dtype, factor: float =
     return x.to(dtype)
 
 
-def row_norms(x: torch.Tensor) -> torch.Tensor:
+def row_norms(x: torch.Tensor, norm: Optional[torch.Tensor] = None) -> torch.Tensor:
     """|x_i| of each row of ``x`` [R, D] in x's dtype, also where the square sum passes the dtype's
     range (fp32: norms from 2^64, say 3.5e20 with ``normalize=False``): there again with the row
     scaled by 2^-100 (exact), as kernels/prep.py does; the components this takes below the normal
     range are < 2^-90 of such a norm. On a GPU both are computed (no host synchronisation); on
     the CPU the second only where a norm overflowed (`may_apply`). Inf and NaN features stay inf
-    and NaN."""
-    norm = torch.linalg.vector_norm(x, dim=1)
+    and NaN. ``norm``: ``vector_norm(x, dim=1)`` when the caller has it."""
+    if norm is None:
+        norm = torch.linalg.vector_norm(x, dim=1)
     overflowed = torch.isinf(norm)
     if not may_apply(overflowed):
         return norm

@@ -8,9 +8,12 @@ for the tests. Two paths, one decision (`TorchBackend.dense`):
              built once for every gallery, every softmax row is complete in it, so the
              statistics take one pass with both directions side by side ([2K, N, N] when
              N = M, the q rows' block and the gallery rows' block otherwise), the labels are
-             built once (prepare) and the backward is one block. At small N M (training batch
-             sizes on the CPU, N = 64 on a GPU) a call is a fixed number of tensor ops, about
-             as many as the plain formula does (bench/NOTES.md, section 24).
+             built once (prepare) and the backward is one block, made from the forward's
+             pair terms (P and Y, or P and ln P - ln(Y + eps): `_dense_backward`). At small N M
+             (training batch sizes on the CPU, N = 64 on a GPU) a call is a fixed number of
+             tensor ops, fewer than the plain formula's forward and backward (bench/NOTES.md,
+             section 24); on the CPU one host read of the norms' range and of the rows'
+             validity lets it skip the guards that apply nowhere (`_host_flags`).
     chunked  S for all N query rows and a chunk of C gallery columns of one gallery at a time
              ([N, C] in the compute dtype, C from ``workspace_bytes``), so memory stays
              O((N + M) D + N C); the query rows take two passes (their softmax's (max, sum
@@ -41,8 +44,8 @@ import torch
 from .backend import NUM_RED, NUM_STATS, RED, ForwardOut, Statistics, option_coefficients
 from .options import NORM_EPS, NORM_LIMIT, compute_dtype
 from .problem import Problem
-from .reduction import (add_label_masses, cast_gradient, gradient_weights, label_ylny, ln_unscaled, may_apply,
-                        pair_labels, row_norms)
+from .reduction import (add_label_masses, cast_gradient, direction_weights, gradient_weights, label_ylny,
+                        ln_unscaled, may_apply, pair_labels, row_norms)
 
 
 #: [K, N, M] temporaries of the compute dtype the dense path holds at once (S, both directions'
@@ -67,18 +70,39 @@ def _masked_rows(x: torch.Tensor, keep: Optional[torch.Tensor], ct) -> torch.Ten
     return x if keep is None else torch.where(keep[:, None], x, 0)
 
 
-def _normalised(x: torch.Tensor, keep: Optional[torch.Tensor], normalize: bool, ct):
-    """(x_hat, norm) of rows x [R, D], absent rows 0 (`_masked_rows`). In fp32 a row of norm >=
-    2^64 (its square sum overflows) is NaN, as in the kernels (prep.py); its norm, reported by the
-    statistics, is right (`row_norms`)."""
+def _host_flags(norm: torch.Tensor, invalid: Optional[torch.Tensor] = None) -> Tuple[bool, bool, bool]:
+    """(large, tiny, some_invalid): whether some row norm may be >= NORM_LIMIT (inf and NaN
+    included: the overflow and NaN guards of `_normalised`), whether some may be <= NORM_EPS (NaN
+    included: the normalisation backward's radial guard), and whether some softmax row may be
+    invalid (``invalid`` [NDR]; None: assume so), which a dense call's masks of invalid rows then
+    skip. On the CPU one read of (min, max, any) answers all three (`reduction.may_apply`: no
+    device to wait for; these guards rarely apply, and skipping one that applies nowhere changes
+    no bit). Elsewhere (True, True, True): every guard is computed."""
+    if norm.device.type != "cpu" or torch.compiler.is_compiling():
+        return True, True, True
+    flags = [*torch.aminmax(norm)] + ([] if invalid is None else [invalid.any()])
+    read = torch.stack(flags).tolist()                     # NaN propagates to both guards
+    return not read[1] < NORM_LIMIT, not read[0] > NORM_EPS, invalid is None or read[2] != 0
+
+
+def _normalised(x: torch.Tensor, keep: Optional[torch.Tensor], normalize: bool, ct,
+                invalid: Optional[torch.Tensor] = None):
+    """(x_hat, norm, r, tiny, some_invalid) of rows x [R, D], absent rows 0 (`_masked_rows`):
+    r = 1 / max(norm, NORM_EPS) (None without normalisation); ``tiny``, ``some_invalid``
+    `_host_flags`' (for the backward, and for the softmax rows ``invalid``). In fp32 a row of norm
+    >= 2^64 (its square sum overflows) is NaN, as in the kernels (prep.py); its norm, reported by
+    the statistics, is right (`row_norms`)."""
     x = _masked_rows(x, keep, ct)
-    norm = row_norms(x)
+    norm = torch.linalg.vector_norm(x, dim=1)
+    large, tiny, some_invalid = _host_flags(norm, invalid)
+    if large:                      # the guard for norms whose square sum overflowed
+        norm = row_norms(x, norm)
     if not normalize:
-        return x, norm
-    r = 1 / norm.clamp_min(NORM_EPS)
-    if ct == torch.float32:
+        return x, norm, None, tiny, some_invalid
+    r = torch.reciprocal(norm.clamp_min(NORM_EPS))      # (1 / x: two ops, reciprocal and mul)
+    if ct == torch.float32 and large:
         r = r.masked_fill(norm >= NORM_LIMIT, math.nan)
-    return x * r[:, None], norm
+    return x * r[:, None], norm, r, tiny, some_invalid
 
 
 def _max_sum(S, bounded=False):
@@ -107,14 +131,14 @@ def _safe_m_logl(m, l, bounded=False):
     return m.masked_fill(empty, 0), torch.log(l.masked_fill(empty, 1)).masked_fill(empty, 0)
 
 
-def _row_sums(S, m, logl, y, iy, o, bounded=False, pairs=None, shifted=None):
+def _row_sums(S, m, logl, y, iy, o, bounded=False, pairs=None, shifted=None, want_pos=True):
     """(x, pos, Y) of `TorchBackend.statistics` for a block S [..., R, C] (softmax over the last
     axis, absent columns -inf), with the rows' (m, log l) [..., R], labels y and 1 / ysum iy [..., R].
     ln P = (S - m) - log l: S - m is exact near the row's maximum, where the small differences of
     P - Y live. ``bounded`` (`_bounded`): no -inf in S, no column outside the softmax. ``pairs``: a
     list that receives the block's (P, ln P - ln(Y + eps)) (reverse) or (P, Y) (forward), the pair
     terms `_pair_grad` would rebuild. ``shifted``: S - m when the caller has it (`_max_sum`, bounded:
-    the same m)."""
+    the same m). ``want_pos``: False gives pos None (a statistic only `SDMStats` reads)."""
     if shifted is None:
         shifted = S - m[..., None]
     log_p = shifted - logl[..., None]
@@ -131,7 +155,7 @@ def _row_sums(S, m, logl, y, iy, o, bounded=False, pairs=None, shifted=None):
         x = (Y * shifted).sum(-1)
     if pairs is not None:
         pairs.append((p, ratio if o.reverse else Y))
-    pos = p.masked_fill(~(y > 0), 0).sum(-1)
+    pos = p.masked_fill(~(y > 0), 0).sum(-1) if want_pos else None
     return x, pos, Y
 
 
@@ -180,19 +204,21 @@ class Prepared(NamedTuple):
     invalid: torch.Tensor    # [NDR] bool, ~valid
     inv_y: torch.Tensor      # [NDR]
     labels: Optional[Tuple[torch.Tensor, ...]] = None   # dense path: y of each block
+    some_invalid: bool = True      # False: no softmax row is invalid (`_host_flags`: the CPU's dense path)
 
 
 class DenseRows(NamedTuple):
     """`TorchBackend._dense_statistics`: each softmax row's statistics [NDR] over all its columns,
-    the blocks' Y = y / ysum, and (`_bounded` problems) their pair terms for the backward."""
-    m: torch.Tensor          # max_j S_ij as it is (-inf: no present column)
-    l: torch.Tensor          # sum_j exp(S_ij - m)
+    the blocks' Y = y / ysum, and their pair terms for the backward (`_dense_backward`). m, l and
+    pos are None unless asked for (``partial``: `statistics`; pos also for ``return_stats``)."""
+    m: Optional[torch.Tensor]          # max_j S_ij as it is (-inf: no present column)
+    l: Optional[torch.Tensor]          # sum_j exp(S_ij - m)
     safe_m: torch.Tensor     # m, 0 for a row without a present column (`_safe_m_logl`)
     logl: torch.Tensor       # ln l, likewise
     x: torch.Tensor          # forward: sum_j Y (S - m); reverse: sum_j P (ln P - ln(Y + eps))
-    pos: torch.Tensor        # sum_{j: y_ij > 0} P_ij
+    pos: Optional[torch.Tensor]        # sum_{j: y_ij > 0} P_ij
     Y: Tuple[torch.Tensor, ...]
-    pairs: Optional[list]
+    pairs: list
 
 
 class TorchBackend:
@@ -266,15 +292,6 @@ class TorchBackend:
         # on a GPU, a host synchronisation each call: pytorch/pytorch#190217)
         s = p.scale.to(ct) if p.scale is not None else torch.full((), p.scale_value, dtype=ct, device=dev)
         q_mask = p.q_mask
-        # both sides normalised together: one set of ops for N + K M rows
-        x = torch.cat([p.q, g3.reshape(k_count * m, p.d)])
-        keep = None if q_mask is None and g_mask is None else torch.cat([
-            q_mask if q_mask is not None else torch.ones(n, dtype=torch.bool, device=dev),
-            g_mask.reshape(-1) if g_mask is not None else torch.ones(k_count * m, dtype=torch.bool, device=dev)])
-        x_hat, norm = _normalised(x, keep, o.normalize, ct)
-        p.derived["torch_x_hat"] = (x_hat, norm)      # the backward's, when its q_hat is this one's view
-        q_hat, g_hat = x_hat[:n], x_hat[n:].view(k_count, m, p.d)
-        q_norm, g_norm = norm[:n], norm[n:].view(k_count, m)
         q_keep, g_keep = q_mask, g_mask      # the dense path reads None as "every sample present"
         blocks = None
         if self.dense(p):
@@ -300,8 +317,24 @@ class TorchBackend:
                 add_label_masses(masses[:, q0:q0 + n], masses[:, g0:g0 + m], None if labels is None else labels[k],
                                  p.q_ids, None if g_ids is None else g_ids[k], q_keep, g_keep[k], width, ct)
             ysum, ylny = masses
-        valid, invalid, inv_y = self._valid_inv_y(p, ysum, q_mask, g_mask)
-        return Prepared(q_hat, q_norm, q_keep, g_hat, g_norm, g_keep, ysum, ylny, s, valid, invalid, inv_y, blocks)
+        invalid = self._invalid(p, ysum, q_mask, g_mask)
+        # both sides normalised together: one set of ops for N + K M rows; on the dense path the
+        # host read of the norms' range also tells whether any softmax row is invalid
+        x = torch.cat([p.q, p.g if p.g.dim() == 2 else p.g.flatten(0, 1)])
+        keep = None if q_mask is None and g_mask is None else torch.cat([
+            q_mask if q_mask is not None else torch.ones(n, dtype=torch.bool, device=dev),
+            g_mask.reshape(-1) if g_mask is not None else torch.ones(k_count * m, dtype=torch.bool, device=dev)])
+        x_hat, norm, r, tiny, some_invalid = _normalised(x, keep, o.normalize, ct,
+                                                         invalid if blocks is not None else None)
+        p.derived["torch_x_hat"] = (x_hat, norm, r, tiny)    # the backward's, when its q_hat is this one's view
+        q_hat, g_hat = x_hat[:n], x_hat[n:].view(k_count, m, p.d)
+        q_norm = g_norm = None           # read by the statistics' norm rows only (`_losses`)
+        if p.return_stats:
+            q_norm, g_norm = norm[:n], norm[n:].view(k_count, m)
+        # 1 / inf = 0 for an invalid row; the others' reciprocal is that of 1 / ysum bit for bit
+        inv_y = (ysum.masked_fill(invalid, math.inf) if some_invalid else ysum).reciprocal()
+        return Prepared(q_hat, q_norm, q_keep, g_hat, g_norm, g_keep, ysum, ylny, s, ~invalid, invalid, inv_y, blocks,
+                        some_invalid)
 
     @staticmethod
     def _rows_of(block_rows) -> torch.Tensor:
@@ -310,9 +343,9 @@ class TorchBackend:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     @staticmethod
-    def _valid_inv_y(p: Problem, ysum, q_mask, g_mask):
-        """(valid [NDR], ~valid, 1 / ysum [NDR], 0 for invalid rows): a row is valid when its sample is
-        present and its label mass > 0 (NaN, from bad labels, counts: its NaN reaches the loss)."""
+    def _invalid(p: Problem, ysum, q_mask, g_mask):
+        """[NDR] bool: the softmax rows that are not valid. A row is valid when its sample is present
+        and its label mass > 0 (NaN, from bad labels, counts: its NaN reaches the loss)."""
         invalid = ysum <= 0              # NaN is not: it is valid
         if q_mask is not None or g_mask is not None:
             k, n, m = p.galleries, p.n, p.m
@@ -320,8 +353,7 @@ class TorchBackend:
             keep = torch.cat([q_mask.repeat(k) if q_mask is not None else ones(k * n),
                               g_mask.reshape(-1) if g_mask is not None else ones(k * m)])
             invalid = invalid | ~keep
-        # 1 / inf = 0 for an invalid row; the others' reciprocal is that of 1 / ysum bit for bit
-        return ~invalid, invalid, ysum.masked_fill(invalid, math.inf).reciprocal()
+        return invalid
 
     def statistics(self, p: Problem, prep: Prepared) -> Statistics:
         """One segment per side: [1, NUM_STATS, NDR] (module doc). Per softmax row, over this
@@ -339,7 +371,7 @@ class TorchBackend:
         first, then the sums with them); a gallery row's softmax over the queries is complete
         within a chunk."""
         if prep.labels is not None:
-            r = self._dense_statistics(p, prep)
+            r = self._dense_statistics(p, prep, partial=True)
             ysum_s = self._rows_of(Y.sum(-1) for Y in r.Y)
             return Statistics(torch.stack([r.m, r.l, r.x, r.pos, ysum_s])[None], 1, 1)
         o = p.options
@@ -386,24 +418,31 @@ class TorchBackend:
         return pair_labels(None if labels is None else labels[k], p.q_ids, None if g_ids is None else g_ids[k],
                            q_keep, g_keep, c0, c1, ct)
 
-    def _dense_statistics(self, p: Problem, prep: Prepared) -> DenseRows:
+    def _dense_statistics(self, p: Problem, prep: Prepared, partial: bool = False) -> DenseRows:
         """`statistics` in one pass: S [K, N, M] once, its blocks (absent columns -inf), every
-        row complete (`DenseRows`)."""
+        row complete (`DenseRows`). ``partial``: for `statistics` (m, l and pos too); else for
+        `forward`, which reads (m, log l) made safe, x, pos for ``return_stats`` only, and keeps
+        the pair terms for the backward."""
         o = p.options
         S = prep.s * _products(prep.q_hat, prep.g_hat)                              # [K, N, M]
         rows_dir = S if p.g_mask is None else S.masked_fill(~prep.g_keep[:, None, :], -math.inf)
         cols_dir = S if p.q_mask is None else S.masked_fill(~p.q_mask[None, :, None], -math.inf)
         blocks = self._blocks(p, rows_dir, cols_dir)
         bounded = self._bounded(p)
-        pairs = [] if bounded else None
+        want_pos = partial or p.return_stats
+        pairs = []
         parts, Ys = [], []
         for T, y, iy in zip(blocks, prep.labels, self._split_rows(p, prep.inv_y, len(blocks))):
             mx, l, shifted = _max_sum(T, bounded)
             m_safe, logl = _safe_m_logl(mx, l, bounded)
-            x, pos, Y = _row_sums(T, m_safe, logl, y, iy, o, bounded, pairs, shifted if bounded else None)
-            parts.append((mx, l, m_safe, logl, x, pos))
+            x, pos, Y = _row_sums(T, m_safe, logl, y, iy, o, bounded, pairs, shifted if bounded else None, want_pos)
+            parts.append((mx, l, m_safe, logl, x, pos) if partial else (m_safe, logl, x, pos))
             Ys.append(Y)
-        return DenseRows(*(self._rows_of(v) for v in zip(*parts)), tuple(Ys), pairs)
+        # (two blocks, N != M: each row vector is a cat of the two; only those read are made)
+        fields = [None if v[0] is None else self._rows_of(v) for v in zip(*parts)]
+        if not partial:
+            fields = [None, None] + fields
+        return DenseRows(*fields, tuple(Ys), pairs)
 
     def finish(self, p: Problem, partial: torch.Tensor, segments_q: int, segments_g: int,
                prepared: Prepared) -> ForwardOut:
@@ -428,10 +467,11 @@ class TorchBackend:
 
     def _losses(self, p: Problem, prep: Prepared, row_m, row_logl, body, pos, pairs=None) -> ForwardOut:
         """The ForwardOut of rows with their merged (m, log l) ((0, 0) for a row without a present
-        column), body (the sums of `finish`'s doc) and positive mass: the losses, the reduction and
-        the backward's state, every invalid row's entries 0. ``pairs``: the dense blocks' pair terms
-        (`_dense_statistics` of a `_bounded` problem), which hold for this state: kept for its
-        backward (`_saved_pairs`)."""
+        column), body (the sums of `finish`'s doc) and positive mass (None: not computed, its
+        reduction rows 0; `_dense_statistics` without ``return_stats``): the losses, the reduction
+        and the backward's state, every invalid row's entries 0. ``pairs``: the dense blocks' pair
+        terms (`_dense_statistics`), which hold for this state: kept for its backward
+        (`_saved_pairs`)."""
         o = p.options
         n, m, k_count = p.n, p.m, p.galleries
         ct = compute_dtype(p.q.dtype)
@@ -439,29 +479,38 @@ class TorchBackend:
         if o.reverse:
             loss = body
         else:
+            # an invalid row (ysum 0) gets inf or NaN here (ln 0, 0 / 0): the stack below sets it to 0
             ysum = prep.ysum
-            safe = torch.where(ysum > 0, ysum, 1)
-            ln_ysum = torch.log(safe) if p.labels is None else ln_unscaled(safe)   # (reduction.label_ylny)
+            ln_ysum = torch.log(ysum) if p.labels is None else ln_unscaled(ysum)   # (reduction.label_ylny)
             loss = row_logl - body
             if prep.ylny is not None:                                # (None: sum y ln y = 0)
-                loss = loss + prep.ylny / safe
-            loss = loss - ln_ysum
-            loss = torch.where(loss < 0, 0, loss)                    # KL >= 0; NaN stays
-        if p.scale is not None:                                      # a float scale was checked on the host
-            loss = torch.where(torch.isfinite(s) & (s > 0), loss, math.nan)
-        # rows, state and the reduction's per-row terms (loss, valid, pos): 0 in invalid rows, one op
-        per_row = torch.stack([loss, prep.valid.to(ct), pos, row_m, row_logl]).masked_fill(prep.invalid, 0)
-        rows, row_m, row_logl = per_row[0], per_row[3], per_row[4]
+                loss = loss + prep.ylny / ysum
+            loss = (loss - ln_ysum).clamp_min(0)                     # KL >= 0; NaN stays
+        scale_ok = None
+        if p.scale is not None:       # a float scale was checked on the host; NaN fails both tests
+            scale_ok = (s > 0) & (s < math.inf)
+            loss = torch.where(scale_ok, loss, math.nan)
+        # rows, state and the reduction's per-row terms: 0 in invalid rows, one op
+        fields = [loss, prep.valid.to(ct), row_m, row_logl] + ([] if pos is None else [pos])
+        per_row = torch.stack(fields)
+        if prep.some_invalid:
+            per_row = per_row.masked_fill(prep.invalid, 0)
+        rows, row_m, row_logl = per_row[0], per_row[2], per_row[3]
         if pairs is not None:
-            p.derived["torch_pairs_state"] = (row_m, row_logl, pairs)
+            p.derived["torch_pairs_state"] = (row_m, row_logl, pairs, prep.some_invalid)
 
-        # the reduction [NUM_RED, K], every gallery at once: sums [3 (loss, valid, pos), 2 (q, g rows), K]
+        # the reduction, every gallery at once: sums [2 (q rows, gallery rows), 2 (loss, valid), K],
+        # RED's first four rows as they are (the sum of a transposed view is made contiguous)
+        sums_of = per_row[:2] if pos is None else per_row[[0, 1, 4]]
         if n == m:
-            sums = per_row[:3].unflatten(1, (2, k_count, n)).sum(-1)
+            sums = sums_of.unflatten(1, (2, k_count, n)).transpose(0, 1).sum(-1)
         else:
             kn = k_count * n
-            sums = torch.stack([per_row[:3, :kn].unflatten(1, (k_count, n)).sum(-1),
-                                per_row[:3, kn:].unflatten(1, (k_count, m)).sum(-1)], 1)
+            sums = torch.stack([sums_of[:, :kn].unflatten(1, (k_count, n)).sum(-1),
+                                sums_of[:, kn:].unflatten(1, (k_count, m)).sum(-1)])
+        red_rows = [sums[:, :2].reshape(4, k_count)]
+        if pos is not None:
+            red_rows.append(sums[:, 2])                             # pos of the q rows, of the gallery rows
         if p.return_stats:            # the norm rows are read by SDMStats only (api._stats); else 0
             q_kept, g_kept = prep.q_norm, prep.g_norm                                    # [N], [K, M]
             q_count, g_count = n, m
@@ -471,21 +520,21 @@ class TorchBackend:
             if prep.g_keep is not None:
                 g_kept = torch.where(prep.g_keep, g_kept, 0)
                 g_count = prep.g_keep.sum(-1).clamp_min(1).to(ct)
-            norms = torch.stack([(q_kept.sum() / q_count).expand(k_count), q_kept.max().expand(k_count),
-                                 g_kept.sum(-1) / g_count, g_kept.amax(-1)])
-        else:
-            norms = sums.new_zeros((NUM_RED - RED.q_norm_mean, k_count))                   # the last rows
+            red_rows.append(torch.stack([(q_kept.sum() / q_count).expand(k_count), q_kept.max().expand(k_count),
+                                         g_kept.sum(-1) / g_count, g_kept.amax(-1)]))
         # RED's order: (sum, valid) of the q rows, of the gallery rows, then pos of both, the norms
-        red = torch.cat([sums[:2].transpose(0, 1).reshape(4, k_count), sums[2], norms])
+        red = red_rows[0] if len(red_rows) == 1 else torch.cat(red_rows)
+        if red.shape[0] < NUM_RED:
+            red = torch.nn.functional.pad(red, (0, 0, 0, NUM_RED - red.shape[0]))
         # the value (`reduction.reduced_value`, from the sums): each direction's [K], weighted
         coef_q, coef_g = option_coefficients(o)
-        part = sums[0] / sums[1].clamp_min(1) if o.reduction == "mean" else sums[0]    # [2, K]
+        part = sums[:, 0] / sums[:, 1].clamp_min(1) if o.reduction == "mean" else sums[:, 0]    # [2, K]
         if coef_q == coef_g:
             value = (part if coef_q == 1 else part * coef_q).sum(0)
         else:
             value = coef_q * part[0] + coef_g * part[1]
-        if p.scale is not None:
-            value = torch.where(torch.isfinite(s) & (s > 0), value, math.nan)
+        if scale_ok is not None:
+            value = torch.where(scale_ok, value, math.nan)
         if p.scalar_value:
             value = value[0]
         return ForwardOut(value, rows, prep.valid, red, (row_m, row_logl, prep.inv_y, prep.g_hat, prep.q_hat, s))
@@ -533,6 +582,9 @@ class TorchBackend:
         kn = k_count * n
         ct = compute_dtype(p.q.dtype)
         row_m, row_logl, inv_y, g_hats, q_hat, s = out.state
+        saved = self._saved_pairs(p, row_m, row_logl)
+        if saved is not None:
+            return self._dense_backward(p, out, d_value, d_rows, want, partial_grads, *saved)
         g3, g_ids, g_mask, labels = _views(p)
         q_mask = p.q_mask
         w = gradient_weights(o, out.red, out.valid, n, d_value, d_rows, ct)
@@ -540,7 +592,6 @@ class TorchBackend:
         state = torch.stack([row_m, row_logl, out.rows.to(ct), w, inv_y])
         q_state, g_state = state[:, :kn].unflatten(1, (k_count, n)), state[:, kn:].unflatten(1, (k_count, m))
         stacked = self.dense(p) and n == m
-        pairs = self._saved_pairs(p, row_m, row_logl)
         if self.dense(p):
             blocks = [(slice(0, k_count), 0, m)]
         else:
@@ -551,12 +602,11 @@ class TorchBackend:
         d_s = torch.zeros((), dtype=ct, device=p.q.device) if want_scale else None
         for ks, c0, c1 in blocks:
             g_blk = g_hats[ks, c0:c1]                                               # [Kb, C, D]
-            cos = _products(q_hat, g_blk) if pairs is None or want_scale else None  # [Kb, N, C]
-            if pairs is None:
-                S = s * cos
-                y = pair_labels(None if labels is None else labels[ks], p.q_ids,
-                                None if g_ids is None else g_ids[ks], q_mask, None if g_mask is None else g_mask[ks],
-                                c0, c1, ct)
+            cos = _products(q_hat, g_blk)                                           # [Kb, N, C]
+            S = s * cos
+            y = pair_labels(None if labels is None else labels[ks], p.q_ids,
+                            None if g_ids is None else g_ids[ks], q_mask, None if g_mask is None else g_mask[ks],
+                            c0, c1, ct)
             absent = None        # pairs with an absent sample (None: none)
             if q_mask is not None:
                 absent = ~q_mask[:, None]
@@ -574,17 +624,12 @@ class TorchBackend:
                 if absent is not None:
                     absent_k = absent.expand(k_count, n, m)
                     off = off | torch.cat([absent_k, absent_k.mT])
-                if pairs is None:
-                    y_k = y.expand(k_count, n, m)
-                    d = _pair_grad(torch.cat([S, S.mT]), torch.cat([y_k, y_k.mT]),
-                                   state.unflatten(1, (2 * k_count, n)), off, o)
-                else:
-                    d = _pair_grad(None, None, state.unflatten(1, (2 * k_count, n)), off, o, pairs[0])
+                y_k = y.expand(k_count, n, m)
+                d = _pair_grad(torch.cat([S, S.mT]), torch.cat([y_k, y_k.mT]),
+                               state.unflatten(1, (2 * k_count, n)), off, o)
                 dS = d[:k_count] + d[k_count:].mT
-            elif pairs is None:
-                dS = _pair_grad(S, y, qs, off_r, o) + _pair_grad(S.mT, y.mT, gs, off_c.mT, o).mT    # [Kb, N, C]
             else:
-                dS = _pair_grad(None, None, qs, off_r, o, pairs[0]) + _pair_grad(None, None, gs, off_c.mT, o, pairs[1]).mT
+                dS = _pair_grad(S, y, qs, off_r, o) + _pair_grad(S.mT, y.mT, gs, off_c.mT, o).mT    # [Kb, N, C]
             if want_q:
                 part = (dS @ g_blk).sum(0) if dS.shape[0] > 1 else dS[0] @ g_blk[0]
                 dq_hat = s * part if dq_hat is None else dq_hat + s * part
@@ -624,14 +669,121 @@ class TorchBackend:
                                       dg_hat.reshape(k_count * m, p.d), o.normalize, partial_grads).reshape(p.g.shape)
         return dq, dg, (d_s if want_scale else None)
 
+    def _dense_backward(self, p: Problem, out: ForwardOut, d_value, d_rows, want, partial_grads, pairs,
+                        some_invalid=True):
+        """`backward` of a dense forward from its pair terms (`_row_sums`: (P, Y) forward, (P, ln P -
+        ln(Y + eps)) reverse): per block w_i (P - Y) or w_i P (ln P - ln(Y + eps) - L_i), 0 on the
+        pairs of an invalid row or an absent sample; dS = the q rows' block plus the gallery rows'
+        transposed; the two products written into one [N + K M, D] buffer, whose rows take the
+        normalisation's backward together (times s / max(|x|, eps), one factor per row).
+        ``some_invalid`` False (`_host_flags`): no invalid row, and then no mask without absent samples."""
+        want_q, want_g, want_scale = want
+        o = p.options
+        n, m, k = p.n, p.m, p.galleries
+        ct = compute_dtype(p.q.dtype)
+        _, _, _, g_hats, q_hat, s = out.state
+        nb = len(pairs)
+        # each row's weight; an invalid row's is not read (its pairs are set to 0 below). Without
+        # the rows' own gradients it is one number per direction and gallery, broadcast.
+        if d_rows is None and d_value is not None:
+            c = direction_weights(o, out.red, d_value, ct)                          # [2, K, 1]
+            ws = (c.reshape(2 * k, 1),) if nb == 1 else (c[0], c[1])
+        else:
+            w = gradient_weights(o, out.red, out.valid, n, d_value, d_rows, ct, masked=False)
+            ws = self._split_rows(p, w, nb)
+        blocks = zip(pairs, ws, self._split_rows(p, out.valid, nb), self._split_rows(p, out.rows, nb),
+                     self._present_columns(p, nb))
+        d = []
+        for (P, t), wb, valid, loss, present in blocks:
+            term = P * (t - loss[..., None]) if o.reverse else P - t
+            term = term * wb[..., None]
+            if some_invalid or present is not None:
+                keep = valid[..., None] if present is None else valid[..., None] & present
+                term = torch.where(keep, term, 0)
+            d.append(term)
+        dS = d[0][:k] + d[0][k:].mT if nb == 1 else d[0] + d[1].mT                  # [K, N, M]
+        d_x = torch.empty((n + k * m, p.d), dtype=ct, device=p.q.device)
+        if want_q:
+            if k == 1:
+                torch.mm(dS[0], g_hats[0], out=d_x[:n])
+            else:
+                torch.sum(torch.bmm(dS, g_hats), 0, out=d_x[:n])
+        if want_g:
+            if k == 1:
+                torch.mm(dS[0].T, q_hat, out=d_x[n:])
+            else:
+                torch.bmm(dS.mT, q_hat.expand(k, n, p.d), out=d_x[n:].view(k, m, p.d))
+        d_s = None
+        if want_scale:
+            prod = dS * _products(q_hat, g_hats)
+            absent = self._absent_pairs(p)
+            d_s = (prod if absent is None else prod.masked_fill(absent, 0)).sum()
+        rows = slice(0 if want_q else n, None if want_g else n)
+        grad = self._normalise_backward(p, d_x[rows], rows, s)
+        if not partial_grads:
+            grad = cast_gradient(grad, p.q.dtype)
+        dq = grad[:n] if want_q else None
+        dg = grad[n - rows.start:].view(p.g.shape) if want_g else None
+        return dq, dg, d_s
+
+    @staticmethod
+    def _present_columns(p: Problem, blocks: int):
+        """Per dense block (`_blocks`), whether each column's sample is present, broadcasting over
+        its rows ([..., 1, C] bool); None for each block when every sample is present."""
+        if p.q_mask is None and p.g_mask is None:
+            return (None,) * blocks
+        k, n, m = p.galleries, p.n, p.m
+        dev = p.q.device
+        g_keep = _views(p)[2]
+        g_keep = g_keep if g_keep is not None else torch.ones((k, m), dtype=torch.bool, device=dev)
+        q_keep = p.q_mask if p.q_mask is not None else torch.ones(n, dtype=torch.bool, device=dev)
+        rows_dir, cols_dir = g_keep[:, None, :], q_keep.expand(k, 1, n)        # [K, 1, M], [K, 1, N]
+        return (torch.cat([rows_dir, cols_dir]),) if blocks == 1 else (rows_dir, cols_dir)
+
+    @staticmethod
+    def _absent_pairs(p: Problem):
+        """[K, N, M] bool (broadcast): pairs with an absent sample; None when every sample is present."""
+        absent = None
+        if p.q_mask is not None:
+            absent = ~p.q_mask[:, None]
+        g_mask = _views(p)[2]
+        if g_mask is not None:
+            absent_g = ~g_mask[:, None, :]
+            absent = absent_g if absent is None else absent | absent_g
+        return absent
+
+    def _normalise_backward(self, p: Problem, d_hat, rows: slice, s):
+        """s times F.normalize's backward of the samples ``rows`` (q's, then the galleries') from
+        d_hat = dL/d(x_hat) / s, with the forward's normalised rows and norms (`prepare`): d_hat
+        projected off x_hat, over max(|x|, eps); a row of norm <= eps (or NaN) is not projected
+        (the guard only where `_host_flags` saw one); 0 for absent samples. In the compute dtype."""
+        x_hat, norm, r, tiny = p.derived["torch_x_hat"]
+        if p.options.normalize:
+            x_hat = x_hat[rows]
+            radial = (x_hat * d_hat).sum(1, keepdim=True)
+            grad = torch.addcmul(d_hat, x_hat, radial, value=-1)              # d - x_hat (x_hat . d)
+            if tiny:
+                grad = torch.where(~(norm[rows] > NORM_EPS)[:, None], d_hat, grad)
+            grad = grad * (r[rows] * s)[:, None]
+        else:
+            grad = d_hat * s
+        if p.q_mask is not None or p.g_mask is not None:
+            keep = _views(p)[2]
+            keep = torch.cat([p.q_mask if p.q_mask is not None else torch.ones(p.n, dtype=torch.bool, device=grad.device),
+                              keep.reshape(-1) if keep is not None else
+                              torch.ones(p.galleries * p.m, dtype=torch.bool, device=grad.device)])
+            grad = torch.where(keep[rows, None], grad, 0)
+        return grad
+
     def _saved_pairs(self, p: Problem, row_m, row_logl):
         """The forward's pair terms of the dense blocks (`_row_sums`), when this backward's state is
         the one `finish` made from them (the same tensors: not a state merged across ranks or rebuilt
-        by `state_from_rows`); else None (the backward rebuilds S and the labels)."""
+        by `state_from_rows`), with the forward's ``some_invalid`` (`Prepared`); else None (the
+        backward rebuilds S and the labels)."""
         saved = p.derived.get("torch_pairs_state")
         if saved is None or not self.dense(p) or saved[0] is not row_m or saved[1] is not row_logl:
             return None
-        return saved[2]
+        return saved[2], saved[3]
 
     @staticmethod
     def _input_gradient(x, x_hat, keep, d_hat, normalize, partial=False, norm=None):
