@@ -74,9 +74,8 @@ def _present_before(keep: Optional[torch.Tensor], perm: torch.Tensor) -> Optiona
     holds before[hi] - before[lo] present columns; None without a mask (every column is present)."""
     if keep is None:
         return None
-    before = torch.zeros((perm.shape[0], perm.shape[1] + 1), dtype=torch.int32, device=perm.device)
-    torch.cumsum(keep.expand(perm.shape).gather(-1, perm), dim=-1, dtype=torch.int32, out=before[:, 1:])
-    return before
+    counts = torch.cumsum(keep.expand(perm.shape).gather(-1, perm), dim=-1, dtype=torch.int32)
+    return torch.nn.functional.pad(counts, (1, 0))          # (no out= into a view: torch.compile)
 
 
 def _steps(n: int) -> int:
