@@ -1,6 +1,7 @@
 """Identity labels with the positives' terms outside the statistics loop
-(``KernelConfig.positives="centroids"``: launch/positives.py, issue 27; opt-in until timed on a
-GPU): the count and logit sum from identity centroids, and the negatives' softmax mass (reverse
+(``KernelConfig.positives="centroids"``: launch/positives.py, issue 27; the default from
+policy.CENTROIDS_LOGITS logits): the count and logit sum from identity centroids (groups found
+by binary search in each side's ids sorted), and the negatives' softmax mass (reverse
 KL, statistics) from a compare of int32 ranks inside the loop, against the same terms compared
 and summed inside the statistics loop ("tiles") and against SPEC's definition in float64 (the
 testing kit's rule), forward and reverse KL.
