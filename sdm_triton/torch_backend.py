@@ -306,9 +306,14 @@ class TorchBackend:
             ysum, ylny = torch.where(torch.isinf(masses), math.nan, masses)
         elif blocks is not None:
             ysum = self._rows_of(b.sum(-1) for b in blocks)
-            if labels is not None:       # (identity labels: y ln y = 0, and the counts cannot overflow)
+            # (identity labels: y ln y = 0, and the counts cannot overflow.) Only forward KL reads
+            # sum y ln y: reverse KL guards the mass alone (a mass past the compute dtype's range
+            # is NaN, never a finite loss), ~12 ops fewer
+            if labels is not None and not o.reverse:
                 masses = torch.stack([ysum, self._rows_of(label_ylny(b).sum(-1) for b in blocks)])
                 ysum, ylny = masses.masked_fill(torch.isinf(masses), math.nan)
+            elif labels is not None:
+                ysum = ysum.masked_fill(torch.isinf(ysum), math.nan)
         else:
             masses = torch.zeros((2, p.num_rows), dtype=ct, device=dev)
             width = self._chunk_width(p, ct)
