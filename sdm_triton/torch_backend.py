@@ -63,6 +63,17 @@ def _views(p: Problem):
     return g, g_ids, g_mask, labels
 
 
+def _sample_keep(p: Problem, g_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """[N + K M] bool: whether each sample (the q rows, then each gallery's rows; ``g_mask`` [K, M]
+    from `_views`) is present, in the order the normalised rows are stacked; None without masks."""
+    if p.q_mask is None and g_mask is None:
+        return None
+    dev = p.q.device
+    return torch.cat([p.q_mask if p.q_mask is not None else torch.ones(p.n, dtype=torch.bool, device=dev),
+                      g_mask.reshape(-1) if g_mask is not None else
+                      torch.ones(p.galleries * p.m, dtype=torch.bool, device=dev)])
+
+
 def _masked_rows(x: torch.Tensor, keep: Optional[torch.Tensor], ct) -> torch.Tensor:
     """x [R, D] in the compute dtype with absent rows (``keep`` False; None: none) set to 0 before
     anything touches them (they may hold NaN)."""
@@ -326,9 +337,7 @@ class TorchBackend:
         # both sides normalised together: one set of ops for N + K M rows; on the dense path the
         # host read of the norms' range also tells whether any softmax row is invalid
         x = torch.cat([p.q, p.g if p.g.dim() == 2 else p.g.flatten(0, 1)])
-        keep = None if q_mask is None and g_mask is None else torch.cat([
-            q_mask if q_mask is not None else torch.ones(n, dtype=torch.bool, device=dev),
-            g_mask.reshape(-1) if g_mask is not None else torch.ones(k_count * m, dtype=torch.bool, device=dev)])
+        keep = _sample_keep(p, g_mask)
         x_hat, norm, r, tiny, some_invalid = _normalised(x, keep, o.normalize, ct,
                                                          invalid if blocks is not None else None)
         p.derived["torch_x_hat"] = (x_hat, norm, r, tiny)    # the backward's, when its q_hat is this one's view
@@ -612,12 +621,7 @@ class TorchBackend:
             y = pair_labels(None if labels is None else labels[ks], p.q_ids,
                             None if g_ids is None else g_ids[ks], q_mask, None if g_mask is None else g_mask[ks],
                             c0, c1, ct)
-            absent = None        # pairs with an absent sample (None: none)
-            if q_mask is not None:
-                absent = ~q_mask[:, None]
-            if g_mask is not None:
-                absent_g = ~g_mask[ks, None, c0:c1]
-                absent = absent_g if absent is None else absent | absent_g
+            absent = self._absent_pairs(p, ks, c0, c1)
             # off: pairs of invalid rows (1 / ysum = 0) or of an absent sample
             if not stacked:
                 qs, gs = q_state[:, ks], g_state[:, ks, c0:c1]                       # [5, Kb, N], [5, Kb, C]
@@ -649,10 +653,7 @@ class TorchBackend:
                 d_s = d_s + (prod if absent is None else prod.masked_fill(absent, 0)).sum()
         dq = dg = None
         if want_q and want_g:
-            keep = None if q_mask is None and g_mask is None else torch.cat([
-                q_mask if q_mask is not None else torch.ones(n, dtype=torch.bool, device=p.q.device),
-                g_mask.reshape(-1) if g_mask is not None else torch.ones(k_count * m, dtype=torch.bool,
-                                                                          device=p.q.device)])
+            keep = _sample_keep(p, g_mask)
             saved = p.derived.get("torch_x_hat")
             if saved is not None and saved[0].shape[0] == n + k_count * m and q_hat._base is saved[0] \
                     and g_hats._base is saved[0]:
@@ -746,14 +747,15 @@ class TorchBackend:
         return (torch.cat([rows_dir, cols_dir]),) if blocks == 1 else (rows_dir, cols_dir)
 
     @staticmethod
-    def _absent_pairs(p: Problem):
-        """[K, N, M] bool (broadcast): pairs with an absent sample; None when every sample is present."""
+    def _absent_pairs(p: Problem, ks: slice = slice(None), c0: int = 0, c1: Optional[int] = None):
+        """[Kb, N, C] bool (broadcast): the pairs of galleries ``ks``, columns c0:c1 with an absent
+        sample; None when every sample is present."""
         absent = None
         if p.q_mask is not None:
             absent = ~p.q_mask[:, None]
         g_mask = _views(p)[2]
         if g_mask is not None:
-            absent_g = ~g_mask[:, None, :]
+            absent_g = ~g_mask[ks, None, c0:c1]
             absent = absent_g if absent is None else absent | absent_g
         return absent
 
@@ -772,11 +774,8 @@ class TorchBackend:
             grad = grad * (r[rows] * s)[:, None]
         else:
             grad = d_hat * s
-        if p.q_mask is not None or p.g_mask is not None:
-            keep = _views(p)[2]
-            keep = torch.cat([p.q_mask if p.q_mask is not None else torch.ones(p.n, dtype=torch.bool, device=grad.device),
-                              keep.reshape(-1) if keep is not None else
-                              torch.ones(p.galleries * p.m, dtype=torch.bool, device=grad.device)])
+        keep = _sample_keep(p, _views(p)[2])
+        if keep is not None:
             grad = torch.where(keep[rows, None], grad, 0)
         return grad
 
