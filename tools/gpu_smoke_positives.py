@@ -9,12 +9,11 @@ host time at 16384 (bf16, D = 512, pk4, forward KL), centroids against tiles.
 
 from __future__ import annotations
 
-import time
-
 import torch
 import triton
 
 import sdm_triton
+from step_gap import wall_and_host     # tools/ (run from the repository root: python3 tools/...)
 
 
 def _run(cfg, q, g, qi, gi, multi=False, **kw):
@@ -75,22 +74,13 @@ def main():
     i = torch.arange(n, device=dev) // 4
     for cfg in ("centroids", "tiles"):
         fwd = lambda: sdm_triton.sdm_loss(q, g, i, i, kernel_config=cfg)
-        fwd()
-        torch.cuda.synchronize()
-        wall = triton.testing.do_bench(fwd, warmup=10, rep=200, return_mode="median")
-        host = []
-        for _ in range(7):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fwd()
-            host.append((time.perf_counter() - t0) * 1e3)
-        torch.cuda.synchronize()
+        wall, host = wall_and_host(fwd)
 
         def both():
             q.grad = g.grad = None
             fwd().backward()
         step = triton.testing.do_bench(both, warmup=5, rep=200, return_mode="median")
-        print(f"N={n} {cfg}: fwd wall {wall:.3f} ms, fwd host {sorted(host)[3]:.3f} ms, fwd+bwd {step:.3f} ms")
+        print(f"N={n} {cfg}: fwd wall {wall:.3f} ms, fwd host {host:.3f} ms, fwd+bwd {step:.3f} ms")
     print("smoke:", "ok" if not bad else f"{bad} BAD")
 
 

@@ -22,6 +22,22 @@ from torch.profiler import ProfilerActivity, profile
 import sdm_triton
 
 
+def wall_and_host(step, reps=7):
+    """(wall, host) ms of ``step``: the median of do_bench, and the median time to return from one
+    call with the GPU idle before it and left to run (what the host spends enqueuing)."""
+    step()
+    torch.cuda.synchronize()
+    wall = triton.testing.do_bench(step, warmup=10, rep=200, return_mode="median")
+    host = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        host.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return wall, sorted(host)[reps // 2]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="16384")
@@ -41,16 +57,7 @@ def main():
                 q.grad = g.grad = None
                 fwd().backward()
             for label, step in (("fwd", fwd), ("fwd+bwd", both)):
-                step()
-                torch.cuda.synchronize()
-                wall = triton.testing.do_bench(step, warmup=10, rep=200, return_mode="median")
-                host = []
-                for _ in range(5):
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    step()
-                    host.append((time.perf_counter() - t0) * 1e3)
-                    torch.cuda.synchronize()
+                wall, host = wall_and_host(step)
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     step()
                     torch.cuda.synchronize()
@@ -58,7 +65,7 @@ def main():
                 busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e3
                 names = collections.Counter(e.name[:48] for e in kernels)
                 print(f"N={n} {cfg} {label}: wall {wall:.3f} ms, GPU busy {busy:.3f} ms, {len(kernels)} kernels,"
-                      f" host enqueue {sorted(host)[2]:.3f} ms", flush=True)
+                      f" host enqueue {host:.3f} ms", flush=True)
                 print("   ", ", ".join(f"{k} x{c}" for k, c in names.most_common(12)), flush=True)
 
 
