@@ -4,10 +4,12 @@ For each W form (``--variants``: kernel_config names, "default" = none) and each
 (``--tiles``: bm/bn/bw/bs tokens of `KernelConfig`), at each size: the gradients against those
 of the table's tiles (W is elementwise and the products are cuBLAS', so any tile shape must give
 the same bits: a difference is a bug, printed as one) and the median ms of one forward + backward
-(do_bench) and of the W kernel alone (torch.profiler, per step). bf16, D = 512, pk4 ids, forward
-KL. The last lines: one table, ms per step, the table's tiles first.
+(do_bench) and of the W kernel alone (torch.profiler, per step). bf16, D = 512; pk4 ids or the
+same labels as a dense [N, M] matrix (``--labels``), forward or reverse KL (``--kl``). The last
+lines: one table, ms per step, the table's tiles first.
 
     python3 tools/w_tiles_sweep.py --sizes 16384,32768 --variants default,wfp16
+    python3 tools/w_tiles_sweep.py --sizes 16384 --kl reverse --labels dense --tiles ,bm128bn64bw8bs3
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ def main():
     ap.add_argument("--variants", default="default,wfp16")
     ap.add_argument("--tiles", default=",".join(TILES), help="bm/bn/bw/bs tokens; empty: the table's")
     ap.add_argument("--d", type=int, default=512)
+    ap.add_argument("--kl", choices=("forward", "reverse"), default="forward")
+    ap.add_argument("--labels", choices=("pk4", "dense"), default="pk4",
+                    help="pk4: identity ids (4 rows an identity); dense: the same as an [N, M] matrix")
     args = ap.parse_args()
     torch.manual_seed(0)
     rows = []
@@ -46,6 +51,10 @@ def main():
         q = torch.randn(n, args.d, device="cuda", dtype=torch.bfloat16).requires_grad_()
         g = torch.randn(n, args.d, device="cuda", dtype=torch.bfloat16).requires_grad_()
         ids = torch.arange(n, device="cuda") // 4
+        if args.labels == "dense":
+            label_kw = dict(labels=ids[:, None] == ids[None, :])          # bool
+        else:
+            label_kw = dict(q_ids=ids, g_ids=ids)
         for variant in args.variants.split(","):
             base = None
             for tiles in args.tiles.split(","):
@@ -53,7 +62,7 @@ def main():
 
                 def step():
                     q.grad = g.grad = None
-                    sdm_triton.sdm_loss(q, g, ids, ids, kernel_config=name).backward()
+                    sdm_triton.sdm_loss(q, g, kl=args.kl, kernel_config=name, **label_kw).backward()
                 try:
                     step()
                     grads = (q.grad.clone(), g.grad.clone())
@@ -68,6 +77,7 @@ def main():
                 rows.append((n, variant, tiles or "table", ms, w_ms, same))
                 print(f"N={n} {variant} {tiles or 'table'}: fwd+bwd {ms:.2f} ms, W kernel {w_ms:.2f} ms/step,"
                       f" grads {'identical' if same else 'DIFFER from the table tiles'}", flush=True)
+    print(f"\nkl={args.kl}, labels={args.labels}")
     print("\n| N | W form | tiles | fwd+bwd ms | W kernel ms/step | grads vs table tiles |")
     print("|---|---|---|---|---|---|")
     for n, v, t, ms, w_ms, same in rows:
