@@ -201,18 +201,23 @@ def _chunked_backward(p: Problem, out: ForwardOut, d_value, d_rows, want, grad_d
     index = _problem_index(p, _span(ws), _cdiv(width, t.block_n) * n)
     n_tiles = _cdiv(width, t.block_n)
     dsp = torch.empty((n_tiles, n), dtype=f32, device=dev) if want_scale else None
+    # the launch arguments are built once; a chunk sets its gallery and columns (at N = 16384 the
+    # step's host time exceeds its GPU time, and the loop runs 16 chunks a side: bench/NOTES.md 40)
+    w_chunk = _traceable(_grad_chunk_kernel)
+    w_kw = dict(**args, pre_ptr=buf, saved_ptr=saved, rows_ptr=out.rows, w_ptr=w, scale_ptr=p.scale,
+                gmax_ptr=gmax, ws_ptr=ws, s_ws_row=ws.stride(0), dscale_ptr=dsp,
+                N=n, M=m, K=k, D=d, scale_value=p.scale_value, eps=p.options.eps,
+                WANT_DSCALE=want_scale, **flags, INDEX=index, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                BLOCK_K=_stats_tiles(p).block_k,     # the forward's dot, step for step (see grad.py)
+                num_warps=t.num_warps, num_stages=t.num_stages)
+    row_blocks = _cdiv(n, t.block_m)
+    g_grad = _input_grad_launcher(p, side=g_side, pre=buf, gmax=gmax, out=dg) if want_g else None
     for gal in range(k):
         for c0 in range(0, m, width):
             c1 = min(m, c0 + width)
             cw = c1 - c0
             tiles_n = _cdiv(cw, t.block_n)
-            _traceable(_grad_chunk_kernel)[(_cdiv(n, t.block_m), tiles_n)](
-                **args, pre_ptr=buf, saved_ptr=saved, rows_ptr=out.rows, w_ptr=w, scale_ptr=p.scale,
-                gmax_ptr=gmax, ws_ptr=ws, s_ws_row=ws.stride(0), dscale_ptr=dsp,
-                N=n, M=m, K=k, k=gal, col0=c0, col1=c1, D=d, scale_value=p.scale_value, eps=p.options.eps,
-                WANT_DSCALE=want_scale, **flags, INDEX=index, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-                BLOCK_K=_stats_tiles(p).block_k,     # the forward's dot, step for step (see grad.py)
-                num_warps=t.num_warps, num_stages=t.num_stages)
+            w_chunk[(row_blocks, tiles_n)](k=gal, col0=c0, col1=c1, **w_kw)
             chunk = ws[:, :parts * cw]
             b0 = gal * m + c0
             if want_q:
@@ -220,14 +225,13 @@ def _chunked_backward(p: Problem, out: ForwardOut, d_value, d_rows, want, grad_d
                 addmm_f32(u_q, chunk, torch.cat([g_c, g_c]) if split else g_c)
             if want_g:
                 u_g = mm_f32(chunk.T, q_op)                                   # [parts * cw, D]
-                _input_grad(p, u=u_g[:cw], u2=u_g[cw:] if split else None, side=g_side, pre=buf, gal=gal, r0=c0,
-                            n_rows=cw, gmax=gmax, out=dg)
+                g_grad(u_g[:cw], u_g[cw:] if split else None, gal, c0, cw)
             if want_scale:
                 d_scale += dsp[:tiles_n].sum()
     dq = None
     if want_q:
         dq = torch.empty(p.q.shape, dtype=grad_dtype, device=dev)
-        _input_grad(p, u=u_q, u2=None, side=q_side, pre=buf, gal=0, r0=0, n_rows=n, gmax=gmax, out=dq)
+        _input_grad_launcher(p, side=q_side, pre=buf, gmax=gmax, out=dq)(u_q, None, 0, 0, n)
     return dq, dg, d_scale
 
 
@@ -244,15 +248,21 @@ def _operand(side: Side, pre, nr: int, dtype) -> torch.Tensor:
     return out
 
 
-def _input_grad(p: Problem, u, u2, side: Side, pre, gal: int, r0: int, n_rows: int, gmax, out) -> None:
-    """dL/dx of rows r0 .. r0 + n_rows of gallery ``gal`` of a side into ``out``, from its
-    products u (+ u2, the lo half's); ``pre``: the prepared per-sample buffer."""
+def _input_grad_launcher(p: Problem, side: Side, pre, gmax, out):
+    """``launch(u, u2, gal, r0, n_rows)``: dL/dx of rows r0 .. r0 + n_rows of gallery ``gal`` of a
+    side into ``out``, from its products u (+ u2, the lo half's); ``pre``: the prepared
+    per-sample buffer. The arguments that are the same for every chunk are built once."""
     x = side.x
     d = x.shape[-1]
     t = table_tiles("operand")
-    _traceable(_input_grad_kernel)[(_cdiv(n_rows, t.block_m),)](
-        u_ptr=u, su_row=u.stride(0), u2_ptr=u2, x_ptr=x, sx_gal=side.strides[0], sx_row=side.strides[1],
-        sx_d=side.strides[2], msk=side.msk, s_msk_gal=side.msk_strides[0], s_msk=side.msk_strides[1], pre_ptr=pre,
-        NR=p.num_samples, s0=side.s0, gal=gal, r0=r0, scale_ptr=p.scale, scale_value=p.scale_value, gmax_ptr=gmax,
-        out_ptr=out, so_row=d, so_d=1, n_rows=n_rows, M=side.rows, D=d, NORMALIZE=p.options.normalize,
-        BLOCK_M=t.block_m, BLOCK_D=t.block_k, num_warps=t.num_warps)
+    kernel = _traceable(_input_grad_kernel)
+    kw = dict(x_ptr=x, sx_gal=side.strides[0], sx_row=side.strides[1], sx_d=side.strides[2], msk=side.msk,
+              s_msk_gal=side.msk_strides[0], s_msk=side.msk_strides[1], pre_ptr=pre, NR=p.num_samples, s0=side.s0,
+              scale_ptr=p.scale, scale_value=p.scale_value, gmax_ptr=gmax, out_ptr=out, so_row=d, so_d=1,
+              M=side.rows, D=d, NORMALIZE=p.options.normalize, BLOCK_M=t.block_m, BLOCK_D=t.block_k,
+              num_warps=t.num_warps)
+
+    def launch(u, u2, gal: int, r0: int, n_rows: int) -> None:
+        kernel[(_cdiv(n_rows, t.block_m),)](u_ptr=u, su_row=u.stride(0), u2_ptr=u2, gal=gal, r0=r0, n_rows=n_rows,
+                                           **kw)
+    return launch
