@@ -71,6 +71,15 @@ class Problem:
     def dense(self) -> bool:
         return self.labels is not None
 
+    def signature(self) -> tuple:
+        """Everything but the tensors' data and the logit scale's value: what a launch's grid,
+        tiles, sizes and non-tensor arguments are derived from (`launch.tiles._per_shape`
+        keeps them across calls by this key). Shapes, strides, dtypes and devices of every
+        tensor (None where absent), the options, the kernel config, the workspace bound."""
+        return (_meta(self.q), _meta(self.g), _meta(self.q_ids), _meta(self.g_ids), _meta(self.labels),
+                _meta(self.q_mask), _meta(self.g_mask), _meta(self.scale), self.options, self.config,
+                self.workspace_bytes, self.galleries, self.scalar_value, self.return_stats)
+
     # ------------------------------------------------------------------ strides
     def g_strides(self):
         """(gallery, row, d) strides of g."""
@@ -91,6 +100,10 @@ class Problem:
         if lab.dim() == 2:
             return (lab.stride(0), 0, lab.stride(1))
         return (lab.stride(1), lab.stride(0), lab.stride(2))
+
+
+def _meta(t: Optional[torch.Tensor]):
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
 
 
 def _gallery_row_strides(t: Optional[torch.Tensor]):

@@ -21,6 +21,10 @@ import os
 
 import torch
 
+# every value the Triton backend keeps per problem signature is recomputed and compared
+# (launch/tiles.py `_per_shape`): a derivation that reads what the signature lacks fails a test
+os.environ.setdefault("SDM_TRITON_CHECK_SHAPE_CACHE", "1")
+
 CUDA = torch.cuda.is_available()
 if not CUDA:
     # Must happen before the first `import triton` anywhere (sdm_triton imports it).

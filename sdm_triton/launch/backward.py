@@ -27,8 +27,8 @@ from ..kernels.slots import PRE_C, PRE_R
 from ..problem import Problem
 from .policy import backward_path, interpreting, padded_d, positives_path, table_tiles, w_dtype_path
 from .positives import ids_as_ranks
-from .tiles import (_cdiv, _chunk_tiles, _dot_precision, _fused_tiles, _per_problem, _problem_index, _side_args, _span,
-                    _stats_tiles, _traceable, tracing)
+from .tiles import (_cdiv, _chunk_tiles, _dot_precision, _fused_tiles, _per_problem, _per_shape, _problem_index,
+                    _side_args, _span, _stats_tiles, _traceable, tracing)
 
 #: The input dtype as Triton names it: the kernels' HALF, the dtype of W's hi and lo halves and of
 #: the product operands (for fp32 inputs, IS_FP32, W is one fp32 product and HALF goes unused;
@@ -113,44 +113,59 @@ def _scales_w(p: Problem) -> bool:
     return p.q.dtype == torch.float16 or w_dtype_path(p) == "fp16"
 
 
-def _state_coefficients_flags(p: Problem, out: ForwardOut):
-    """What both backwards hand their kernels: the forward's state (the prepared per-sample
-    buffer and the saved per-row statistics), the reduction coefficients of the two
-    directions, and the kernels' constexpr flags (W_FP16: `w_dtype_path` is "fp16")."""
-    buf, saved = out.state
+@_per_shape
+def _coefficients_flags(p: Problem):
+    """What both backwards hand their kernels beyond the forward's state: the reduction
+    coefficients of the two directions, and the kernels' constexpr flags (W_FP16:
+    `w_dtype_path` is "fp16")."""
     o = p.options
     coef_q, coef_g = option_coefficients(o)
     dtype = p.q.dtype
     upcast = interpreting() and dtype == torch.bfloat16
     flags = dict(REVERSE=o.reverse, DENSE=p.dense, HALF=_TL_DTYPE[dtype], IS_FP32=dtype == torch.float32,
                  W_FP16=w_dtype_path(p) == "fp16", UPCAST=upcast, DOT_PRECISION=_dot_precision(dtype))
-    return buf, saved, coef_q, coef_g, flags
+    return coef_q, coef_g, flags
+
+
+def _state_coefficients_flags(p: Problem, out: ForwardOut):
+    """The forward's state (the prepared per-sample buffer and the saved per-row statistics),
+    then `_coefficients_flags`."""
+    buf, saved = out.state
+    return (buf, saved, *_coefficients_flags(p))
+
+
+@_per_shape
+def _fused_launch(p: Problem):
+    """(q programs, gallery programs, the fused kernel's arguments other than tensors and the
+    scale's value): every program when both gradients are wanted."""
+    n, m, k, d = p.n, p.m, p.galleries, p.d
+    coef_q, coef_g, flags = _coefficients_flags(p)
+    t = _fused_tiles(p)
+    static = dict(
+        sdq_row=d, sdq_d=1, sdg_row=d, sdg_d=1, N=n, M=m, K=k, D=d, eps=p.options.eps,
+        coef_q=coef_q, coef_g=coef_g, w_headroom=fp16_w_headroom(p.options),
+        MEAN=p.options.reduction == "mean", NORMALIZE=p.options.normalize,
+        SCALE_W=_scales_w(p), INDEX=_problem_index(p), **flags,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=_stats_tiles(p).block_k, BLOCK_D=padded_d(d),
+        BLOCK_W=table_tiles("max_weight").block_m, num_warps=t.num_warps, num_stages=t.num_stages)
+    return _cdiv(n, t.block_m), k * _cdiv(m, t.block_m), static
 
 
 def _fused_backward(p: Problem, out: ForwardOut, d_value, d_rows, want, grad_dtype):
     want_q, want_g, want_scale = want
-    n, m, k, d = p.n, p.m, p.galleries, p.d
     dev = p.q.device
-    buf, saved, coef_q, coef_g, flags = _state_coefficients_flags(p, out)
-    block_d = padded_d(d)
-    t = _fused_tiles(p)
-    n_qp = _cdiv(n, t.block_m) if (want_q or want_scale) else 0
-    n_gp = k * _cdiv(m, t.block_m) if want_g else 0
+    buf, saved = out.state
+    q_programs, g_programs, static = _fused_launch(p)
+    n_qp = q_programs if (want_q or want_scale) else 0
+    n_gp = g_programs if want_g else 0
     dq = torch.empty(p.q.shape, dtype=grad_dtype, device=dev) if n_qp else None
     dg = torch.empty(p.g.shape, dtype=grad_dtype, device=dev) if n_gp else None
     dsp = torch.empty(n_qp, dtype=torch.float32, device=dev) if want_scale else None
     _traceable(_fused_grad_kernel)[(n_qp + n_gp,)](
         **_side_args(p), pre_ptr=buf, saved_ptr=saved, rows_ptr=out.rows, red_ptr=out.red,
         scale_ptr=p.scale, dv_ptr=d_value, s_dv=_dv_stride(d_value), drows_ptr=d_rows,
-        dq_ptr=dq, sdq_row=d, sdq_d=1, dg_ptr=dg, sdg_row=d, sdg_d=1, dscale_ptr=dsp,
-        N=n, M=m, K=k, n_q_programs=n_qp, D=d, scale_value=p.scale_value, eps=p.options.eps,
-        coef_q=coef_q, coef_g=coef_g, w_headroom=fp16_w_headroom(p.options),
-        MEAN=p.options.reduction == "mean", NORMALIZE=p.options.normalize,
-        WANT_DSCALE=want_scale, SCALE_W=_scales_w(p), INDEX=_problem_index(p), **flags,
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=_stats_tiles(p).block_k, BLOCK_D=block_d,
-        BLOCK_W=table_tiles("max_weight").block_m,
-        num_warps=t.num_warps,
-        num_stages=t.num_stages)
+        dq_ptr=dq, dg_ptr=dg, dscale_ptr=dsp, n_q_programs=n_qp, scale_value=p.scale_value,
+        WANT_DSCALE=want_scale, **static)
     return (dq if want_q else None), dg, (dsp.sum() if want_scale else None)
 
 

@@ -19,8 +19,8 @@ from ..kernels.stats import _stats_kernel
 from ..problem import Problem
 from .policy import column_segments, interpreting, positives_path, table_tiles
 from .positives import ids_as_ranks, positives
-from .tiles import (_cdiv, _dot_precision, _per_problem, _prep_tiles, _problem_index, _side_args, _stats_tiles,
-                    _traceable)
+from .tiles import (_cdiv, _dot_precision, _per_problem, _per_shape, _prep_tiles, _problem_index, _side_args,
+                    _side_strides, _stats_tiles, _traceable)
 
 assert _KERNEL_NUM_STATS.value == NUM_STATS, "kernels/stats.py and backend.py disagree on NUM_STATS"
 _SLOT_LIN, _SLOT_CNT = SLOT_LIN.value, SLOT_CNT.value
@@ -61,7 +61,14 @@ def _label_offset(p: Problem) -> int:
 
 def _parts(p: Problem, prepared: torch.Tensor):
     """(per-sample slots, label masses) of the prepared buffer."""
-    return prepared[:len(PREPARED_FIELDS) * p.num_samples], prepared[_label_offset(p):]
+    slots, masses = _part_offsets(p)
+    return prepared[:slots], prepared[masses:]
+
+
+@_per_shape
+def _part_offsets(p: Problem) -> Tuple[int, int]:
+    """(end of the per-sample slots, start of the label masses) in the prepared buffer."""
+    return len(PREPARED_FIELDS) * p.num_samples, _label_offset(p)
 
 
 def _want_pos(p: Problem) -> bool:
@@ -74,28 +81,34 @@ def _prepared_size(p: Problem) -> int:
     return _label_offset(p) + len(LABEL_MASS_FIELDS) * p.num_rows
 
 
+@_per_shape
+def _prep_launch(p: Problem) -> Tuple[tuple, dict]:
+    """(grid, the preparation kernel's arguments other than tensors and DENSE)."""
+    t = _prep_tiles(p)
+    n_qp = _cdiv(p.n, t.block_m) * p.galleries
+    n_gp = p.galleries * _cdiv(p.m, t.block_m)
+    return (n_qp + n_gp,), dict(N=p.n, M=p.m, K=p.galleries, n_q_programs=n_qp, D=p.d,
+                                NORMALIZE=p.options.normalize, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                                BLOCK_K=t.block_k, num_warps=t.num_warps)
+
+
 def prepare(p: Problem, label_masses: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``buf`` fp32: per sample r, c, norm (kernels/prep.py) [3 NR], then from the next multiple
     of 32 floats per softmax row ysum, ylny (dense labels; from ``label_masses`` [2, NDR] when
     given). ``out``: where to put it (`_prepared_size` floats, 128-byte aligned), else allocated."""
-    n, m, k, d = p.n, p.m, p.galleries, p.d
-    nr, ndr = p.num_samples, p.num_rows
-    t = _prep_tiles(p)
     buf = out if out is not None else torch.empty(_prepared_size(p), dtype=torch.float32, device=p.q.device)
     pre, lab = _parts(p, buf)
-    n_qp = _cdiv(n, t.block_m) * k
-    n_gp = k * _cdiv(m, t.block_m)
     masses_given = p.dense and label_masses is not None
-    _traceable(_prep_kernel)[(n_qp + n_gp,)](
-        **_prep_args(p), pre_ptr=pre, lab_ptr=lab, N=n, M=m, K=k, n_q_programs=n_qp, D=d,
-        NORMALIZE=p.options.normalize, DENSE=p.dense and not masses_given, BLOCK_M=t.block_m,
-        BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps)
+    grid, static = _prep_launch(p)
+    _traceable(_prep_kernel)[grid](**_prep_args(p), pre_ptr=pre, lab_ptr=lab, DENSE=p.dense and not masses_given,
+                                   **static)
     if masses_given:      # summed over blocks or ranks: a mass that overflowed there is NaN
-        lab.view(len(LABEL_MASS_FIELDS), ndr).copy_(torch.where(torch.isinf(label_masses), float("nan"), label_masses))
+        lab.view(len(LABEL_MASS_FIELDS), p.num_rows).copy_(
+            torch.where(torch.isinf(label_masses), float("nan"), label_masses))
     return buf
 
 
-@_per_problem
+@_per_shape
 def _segments(p: Problem) -> Tuple[int, int, int, int]:
     """(s_q, s_g, seg_q, seg_g): the q rows' and the gallery rows' numbers of column segments
     (`policy.column_segments`) and the columns a segment spans on each side."""
@@ -112,6 +125,26 @@ def _partial_shape(p: Problem) -> Tuple[int, int, int]:
     return max(s_q, s_g), NUM_STATS, p.num_rows
 
 
+@_per_shape
+def _stats_launch(p: Problem):
+    """(grid, the statistics kernel's arguments other than tensors and the scale's value,
+    (s_q, s_g), whether the loop sums the label terms, whether it compares ids)."""
+    n, m, k = p.n, p.m, p.galleries
+    o = p.options
+    t = _stats_tiles(p)
+    n_qp = _cdiv(n, t.block_m) * k
+    n_gp = k * _cdiv(m, t.block_m)
+    s_q, s_g, seg_q, seg_g = _segments(p)
+    loop_terms = positives_path(p) == "tiles"
+    loop_ids = loop_terms or _want_pos(p)
+    static = dict(N=n, M=m, K=k, n_q_programs=n_qp * s_q, seg_cols_q=seg_q, seg_cols_g=seg_g, D=p.d, eps=o.eps,
+                  REVERSE=o.reverse, DENSE=p.dense, WANT_POS=_want_pos(p), LOOP_IDS=loop_ids, LOOP_TERMS=loop_terms,
+                  UPCAST=interpreting() and p.q.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(p.q.dtype),
+                  INDEX=_problem_index(p), BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+                  num_warps=t.num_warps, num_stages=t.num_stages)
+    return (n_qp * s_q + n_gp * s_g,), static, (s_q, s_g), loop_terms, loop_ids
+
+
 def statistics(p: Problem, prepared: torch.Tensor, out: Optional[torch.Tensor] = None) -> Statistics:
     """part [S, NUM_STATS, NDR] fp32 (kernels/stats.py), in column segments
     (`policy.column_segments`). With `policy.positives_path` "centroids" the loop sums no label
@@ -119,35 +152,24 @@ def statistics(p: Problem, prepared: torch.Tensor, out: Optional[torch.Tensor] =
     merges them by plain sums; the kernel wrote 0 in every segment), and the loop compares ids
     only for the negatives' softmax mass, when it is wanted, as int32 ranks (`positives.ranks`).
     ``out``: where to put part (`_partial_shape`, contiguous fp32), else allocated."""
-    n, m, k, d = p.n, p.m, p.galleries, p.d
-    o = p.options
-    t = _stats_tiles(p)
     pre, lab = _parts(p, prepared)
-    n_qp = _cdiv(n, t.block_m) * k
-    n_gp = k * _cdiv(m, t.block_m)
-    s_q, s_g, seg_q, seg_g = _segments(p)
+    grid, static, segs, loop_terms, loop_ids = _stats_launch(p)
     part = out if out is not None else torch.empty(_partial_shape(p), dtype=torch.float32, device=p.q.device)
     # the q rows have s_q segments, the gallery rows s_g: the rest of a side's slots is never
     # written. Under the interpreter (the CPU tests) it holds +inf, so that a read of one shows
     # (NaN would not: tl.maximum ignores it).
     if interpreting():
         part.fill_(math.inf)
-    loop_terms = positives_path(p) == "tiles"
-    loop_ids = loop_terms or _want_pos(p)
     args = _side_args(p)
     if loop_ids and not loop_terms:       # the negatives' mass alone: compare int32 ranks
         args = ids_as_ranks(p, args)
-    _traceable(_stats_kernel)[(n_qp * s_q + n_gp * s_g,)](
-        **args, pre_ptr=pre, lab_ptr=lab, scale_ptr=p.scale, out_ptr=part,
-        N=n, M=m, K=k, n_q_programs=n_qp * s_q, seg_cols_q=seg_q, seg_cols_g=seg_g, D=d,
-        scale_value=p.scale_value, eps=o.eps, REVERSE=o.reverse, DENSE=p.dense, WANT_POS=_want_pos(p),
-        LOOP_IDS=loop_ids, LOOP_TERMS=loop_terms,
-        UPCAST=interpreting() and p.q.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(p.q.dtype),
-        INDEX=_problem_index(p), BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-        num_warps=t.num_warps, num_stages=t.num_stages)
+    _traceable(_stats_kernel)[grid](**args, pre_ptr=pre, lab_ptr=lab, scale_ptr=p.scale, out_ptr=part,
+                                    scale_value=p.scale_value, **static)
     if not loop_terms:
         # into segment 0's slots; reverse KL's lin is the loop's
-        positives(p, pre[:p.num_samples], cnt=part[0, _SLOT_CNT], lin=None if o.reverse else part[0, _SLOT_LIN])
+        positives(p, pre[:p.num_samples], cnt=part[0, _SLOT_CNT],
+                  lin=None if p.options.reverse else part[0, _SLOT_LIN])
+    s_q, s_g = segs
     return Statistics(part, s_q, s_g)
 
 
@@ -156,35 +178,52 @@ def _finish_sizes(p: Problem) -> Tuple[int, int, int]:
     return p.num_rows, len(STATE_FIELDS) * p.num_rows, NUM_RED * p.galleries
 
 
+@_per_shape
+def _finish_launch(p: Problem) -> dict:
+    """The finish kernel's arguments other than tensors, segments and the scale's value."""
+    o = p.options
+    st = _side_strides(p)
+    ft = table_tiles("finish")
+    return dict(s_qmsk=st["s_qmsk"], s_gmsk_gal=st["s_gmsk_gal"], s_gmsk=st["s_gmsk"], N=p.n, M=p.m, K=p.galleries,
+                eps=o.eps, REVERSE=o.reverse, DENSE=p.dense, WANT_Q2G=o.wants_q2g, WANT_G2Q=o.wants_g2q,
+                MEAN=o.reduction == "mean", COMBINE_MEAN=o.combine == "mean", STATS=p.return_stats,
+                WANT_POS=_want_pos(p), BLOCK=ft.block_m, num_warps=ft.num_warps)
+
+
 def finish(p: Problem, partial: torch.Tensor, segments_q: int, segments_g: int,
            prepared: torch.Tensor, out: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> ForwardOut:
     """kernels/finish.py over the first segments_q (q rows) / segments_g (gallery rows)
     segments of ``partial`` [S, NUM_STATS, NDR] (contiguous fp32). ``out``: where to put the row
     losses, the saved state and the reduction buffer (`_finish_sizes`, flat fp32), else allocated."""
-    n, m, k = p.n, p.m, p.galleries
-    ndr = p.num_rows
+    k, ndr = p.galleries, p.num_rows
     dev, f32 = p.q.device, torch.float32
-    o = p.options
     if partial.dtype != f32 or not partial.is_contiguous() or tuple(partial.shape[1:]) != (NUM_STATS, ndr):
         raise ValueError(f"finish: partial must be a contiguous fp32 [S, {NUM_STATS}, {ndr}] tensor, got "
                          f"{partial.dtype} {tuple(partial.shape)}")
-    args = _side_args(p)
     value = torch.empty(() if p.scalar_value else (k,), dtype=f32, device=dev)
     valid = torch.empty(ndr, dtype=torch.bool, device=dev)
     rows, saved, red = out if out is not None else (torch.empty(size, dtype=f32, device=dev)
                                                     for size in _finish_sizes(p))
     red = red.view(NUM_RED, k)
-    ft = table_tiles("finish")
     pre, lab = _parts(p, prepared)
     _traceable(_finish_kernel)[(1,)](
-        part_ptr=partial, pre_ptr=pre, lab_ptr=lab, q_msk=args["q_msk"],
-        s_qmsk=args["s_qmsk"], g_msk=args["g_msk"], s_gmsk_gal=args["s_gmsk_gal"], s_gmsk=args["s_gmsk"],
-        scale_ptr=p.scale, rows_ptr=rows, valid_ptr=valid, saved_ptr=saved, red_ptr=red, value_ptr=value,
-        N=n, M=m, K=k, S_q=segments_q, S_g=segments_g, scale_value=p.scale_value, eps=o.eps,
-        REVERSE=o.reverse, DENSE=p.dense, WANT_Q2G=o.wants_q2g, WANT_G2Q=o.wants_g2q,
-        MEAN=o.reduction == "mean", COMBINE_MEAN=o.combine == "mean", STATS=p.return_stats,
-        WANT_POS=_want_pos(p), BLOCK=ft.block_m, num_warps=ft.num_warps)
+        part_ptr=partial, pre_ptr=pre, lab_ptr=lab, q_msk=p.q_mask, g_msk=p.g_mask, scale_ptr=p.scale, rows_ptr=rows,
+        valid_ptr=valid, saved_ptr=saved, red_ptr=red, value_ptr=value, S_q=segments_q, S_g=segments_g,
+        scale_value=p.scale_value, **_finish_launch(p))
     return ForwardOut(value, rows, valid, red, (prepared, saved))
+
+
+@_per_shape
+def _arena_layout(p: Problem):
+    """(the partial statistics' shape, the arena's floats, each buffer's (start, end)): the
+    prepared buffer, the partial statistics, the row losses, the saved state, the reduction
+    buffer, each from a multiple of 128 bytes."""
+    part_shape = _partial_shape(p)
+    spans, total = [], 0
+    for size in (_prepared_size(p), math.prod(part_shape), *_finish_sizes(p)):
+        spans.append((total, total + size))
+        total += _aligned(size)
+    return part_shape, total, tuple(spans)
 
 
 def forward(p: Problem) -> ForwardOut:
@@ -195,14 +234,9 @@ def forward(p: Problem) -> ForwardOut:
     the partial statistics with them, S x NUM_STATS x NDR floats (1.5 MiB at N = M = 32768).
     Each buffer starts at a multiple of 128 bytes (`_aligned`): every pointer keeps the 16-byte
     alignment Triton specialises on, and the prepared buffer's label masses theirs."""
-    part_shape = _partial_shape(p)
-    sizes = (_prepared_size(p), math.prod(part_shape), *_finish_sizes(p))
-    starts, total = [], 0
-    for size in sizes:
-        starts.append(total)
-        total += _aligned(size)
+    part_shape, total, spans = _arena_layout(p)
     arena = torch.empty(total, dtype=torch.float32, device=p.q.device)
-    prepared_buf, part, rows, saved, red = (arena[a:a + size] for a, size in zip(starts, sizes))
+    prepared_buf, part, rows, saved, red = (arena[a:b] for a, b in spans)
     prepared = prepare(p, out=prepared_buf)
     st = statistics(p, prepared, out=part.view(part_shape))
     return finish(p, st.partial, st.segments_q, st.segments_g, prepared, out=(rows, saved, red))
