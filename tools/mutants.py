@@ -107,7 +107,7 @@ MUTANTS = [
            "tests/test_kernels.py::test_learnable_scale_over_chunks_of_unequal_width",
            "dL/ds summed over stale tile rows of an earlier, wider chunk"),
     Mutant("no_q_programs", "sdm_triton/launch/backward.py",
-           [("n_qp = _cdiv(n, t.block_m) if (want_q or want_scale) else 0", "n_qp = _cdiv(n, t.block_m) if want_q else 0")],
+           [("n_qp = q_programs if (want_q or want_scale) else 0", "n_qp = q_programs if want_q else 0")],
            "tests/test_kernels.py::test_learnable_scale_with_frozen_features",
            "no q programs in the fused backward when q needs no gradient: dL/ds = 0"),
     # (fused_block_k, the fused backward rebuilding S with its own BLOCK_K, was retired on
