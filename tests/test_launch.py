@@ -210,3 +210,77 @@ def test_the_label_masses_are_aligned_whatever_the_sizes(n, m, k):
     assert lab.numel() == len(LABEL_MASS_FIELDS) * p.num_rows
     assert (lab.data_ptr() - buf.data_ptr()) % 128 == 0
     assert lab.data_ptr() >= pre.data_ptr() + pre.numel() * 4
+
+
+def _problem(q, g, ids, **kw):
+    from sdm_triton.options import KernelConfig, SDMOptions
+    from sdm_triton.problem import Problem
+    fields = dict(q=q, g=g, q_ids=ids, g_ids=ids, labels=None, q_mask=None, g_mask=None, scale=None, scale_value=50.0,
+                  options=SDMOptions(), config=KernelConfig(), workspace_bytes=2**26, galleries=1, scalar_value=True,
+                  return_stats=False)
+    fields.update(kw)
+    return Problem(**fields)
+
+
+def test_what_a_shape_derives_is_kept_across_calls_by_signature(monkeypatch):
+    """`tiles._per_shape` (issue 28): two calls with the same signature share the derived values
+    (computed once); new data, ids or a new logit-scale value keep the signature; a new shape,
+    stride, dtype, option or fp32 matmul precision makes a new one."""
+    from sdm_triton.launch import tiles
+    from sdm_triton.options import SDMOptions
+
+    monkeypatch.setattr(tiles, "_SHAPES", {})
+    monkeypatch.setattr(tiles, "CHECK_SHAPE_CACHE", False)      # (the check recomputes every value)
+    calls = []
+
+    @tiles._per_shape
+    def probe(p):
+        calls.append(1)
+        return (p.n, p.m, p.d)
+
+    q, g, ids = torch.randn(6, 4), torch.randn(6, 4), torch.arange(6)
+    assert probe(_problem(q, g, ids)) == (6, 6, 4)
+    same = [_problem(torch.randn(6, 4), torch.randn(6, 4), torch.arange(6) // 2),
+            _problem(q, g, ids, scale_value=7.0)]
+    for p in same:
+        assert probe(p) == (6, 6, 4)
+    assert len(calls) == 1
+    other = [_problem(torch.randn(7, 4), g, torch.arange(7), g_ids=ids),
+             _problem(q, torch.randn(4, 6).T, ids),                                 # strides
+             _problem(q.double(), g.double(), ids),
+             _problem(q, g, ids, options=SDMOptions(kl="reverse")),
+             _problem(q, g, ids, workspace_bytes=2**20)]
+    keys = {(p.signature(), torch.get_float32_matmul_precision()) for p in other}
+    assert len(keys) == len(other) and not keys & set(tiles._SHAPES)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high" if before == "highest" else "highest")
+        probe(_problem(q, g, ids))
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert len(calls) == 2
+    tiles._SHAPES.clear()
+    for _ in range(tiles._MAX_SHAPES + 5):                  # bounded: the oldest go first
+        probe(_problem(torch.randn(len(tiles._SHAPES) + 1, 4), g, torch.arange(len(tiles._SHAPES) + 1), g_ids=ids))
+    assert len(tiles._SHAPES) == tiles._MAX_SHAPES
+
+
+def test_a_derivation_that_reads_past_the_signature_fails_under_the_check(monkeypatch):
+    """SDM_TRITON_CHECK_SHAPE_CACHE (the suite sets it, tests/conftest.py): a `_per_shape`
+    value is recomputed and compared, so one that reads what the signature lacks (here the
+    logit scale's value, a kernel argument that changes between calls) raises instead of
+    handing a later call an earlier call's value."""
+    from sdm_triton.launch import tiles
+
+    assert tiles.CHECK_SHAPE_CACHE, "the suite runs with SDM_TRITON_CHECK_SHAPE_CACHE=1"
+    monkeypatch.setattr(tiles, "_SHAPES", {})
+
+    @tiles._per_shape
+    def reads_the_scale(p):
+        return p.scale_value
+
+    q, g, ids = torch.randn(6, 4), torch.randn(6, 4), torch.arange(6)
+    assert reads_the_scale(_problem(q, g, ids, scale_value=50.0)) == 50.0
+    assert reads_the_scale(_problem(q, g, ids, scale_value=50.0)) == 50.0
+    with pytest.raises(AssertionError, match="reads_the_scale"):
+        reads_the_scale(_problem(q, g, ids, scale_value=10.0))
