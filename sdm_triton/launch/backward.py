@@ -170,21 +170,15 @@ def _fused_backward(p: Problem, out: ForwardOut, d_value, d_rows, want, grad_dty
 
 
 def _chunked_backward(p: Problem, out: ForwardOut, d_value, d_rows, want, grad_dtype):
-    want_q, want_g, want_scale = want
-    n, m, k, d = p.n, p.m, p.galleries, p.d
-    nr, ndr = p.num_samples, p.num_rows
+    want_q, want_g, _ = want
+    n, m, k = p.n, p.m, p.galleries
     dev, f32 = p.q.device, torch.float32
     buf, saved, coef_q, coef_g, flags = _state_coefficients_flags(p, out)
     args = _side_args(p)
     if positives_path(p) == "centroids":      # the W pass compares identity labels as int32 ranks
         args = ids_as_ranks(p, args)
-    q_side, g_side = _sides(p)
-    gemm_dtype, parts = _gemm_dtype_parts(p)
-    split = parts == 2
-    t = _chunk_tiles(p)
-    mm_f32, addmm_f32 = matmul.traced_products() if tracing() else (matmul.mm_f32, matmul.addmm_f32)
 
-    w = torch.empty(ndr, dtype=f32, device=dev)
+    w = torch.empty(p.num_rows, dtype=f32, device=dev)
     _traceable(_weights_kernel)[(k,)](saved_ptr=saved, dv_ptr=d_value, s_dv=_dv_stride(d_value), drows_ptr=d_rows,
                                       red_ptr=out.red, w_ptr=w,
                                       N=n, M=m, K=k, coef_q=coef_q, coef_g=coef_g, MEAN=p.options.reduction == "mean",
@@ -201,11 +195,36 @@ def _chunked_backward(p: Problem, out: ForwardOut, d_value, d_rows, want, grad_d
             top = top * _scale_product_bound(p, buf)
         gmax = (top.clamp_min(torch.finfo(f32).tiny * headroom) / headroom).reshape(1)
 
+    dg = torch.empty(p.g.shape, dtype=grad_dtype, device=dev) if want_g else None
+    # the products' operands and the workspace are the chunk loop's own: freed when it returns,
+    # before dq is allocated (at N = 32768 the step's peak memory was the end of the backward:
+    # u_q, both operands, the workspace, dg and dq together, 263 MiB beyond the inputs and their
+    # gradients against the issue's 256: bench/NOTES.md 41)
+    u_q, d_scale = _column_chunks(p, out, args, buf, saved, w, gmax, flags, want, dg)
+    dq = None
+    if want_q:
+        dq = torch.empty(p.q.shape, dtype=grad_dtype, device=dev)
+        _input_grad_launcher(p, side=_sides(p)[0], pre=buf, gmax=gmax, out=dq)(u_q, None, 0, 0, n)
+    return dq, dg, d_scale
+
+
+def _column_chunks(p: Problem, out: ForwardOut, args: dict, buf, saved, w, gmax, flags: dict, want, dg):
+    """The chunked backward's loop over column chunks: per chunk the W kernel into the workspace,
+    the cuBLAS products, dg of the chunk's gallery rows (into ``dg``); returns (u_q, the fp32
+    products of the q side, accumulated over all chunks; dL/ds)."""
+    want_q, want_g, want_scale = want
+    n, m, k, d = p.n, p.m, p.galleries, p.d
+    nr = p.num_samples
+    dev, f32 = p.q.device, torch.float32
+    q_side, g_side = _sides(p)
+    gemm_dtype, parts = _gemm_dtype_parts(p)
+    split = parts == 2
+    t = _chunk_tiles(p)
+    mm_f32, addmm_f32 = matmul.traced_products() if tracing() else (matmul.mm_f32, matmul.addmm_f32)
     q_op = _operand(q_side, pre=buf, nr=nr, dtype=gemm_dtype)
     g_op = _operand(g_side, pre=buf, nr=nr, dtype=gemm_dtype)
 
     u_q = torch.zeros((n, d), dtype=f32, device=dev) if want_q else None
-    dg = torch.empty(p.g.shape, dtype=grad_dtype, device=dev) if want_g else None
     d_scale = torch.zeros((), dtype=f32, device=dev) if want_scale else None
     # bytes per column of the workspace: n rows of W in fp32, of its hi and lo halves (2 + 2
     # bytes), or of fp16 W (2 bytes: chunks twice as wide, half the launches)
@@ -243,11 +262,7 @@ def _chunked_backward(p: Problem, out: ForwardOut, d_value, d_rows, want, grad_d
                 g_grad(u_g[:cw], u_g[cw:] if split else None, gal, c0, cw)
             if want_scale:
                 d_scale += dsp[:tiles_n].sum()
-    dq = None
-    if want_q:
-        dq = torch.empty(p.q.shape, dtype=grad_dtype, device=dev)
-        _input_grad_launcher(p, side=q_side, pre=buf, gmax=gmax, out=dq)(u_q, None, 0, 0, n)
-    return dq, dg, d_scale
+    return u_q, d_scale
 
 
 def _operand(side: Side, pre, nr: int, dtype) -> torch.Tensor:
