@@ -22,6 +22,14 @@ from torch.profiler import ProfilerActivity, profile
 import sdm_triton
 
 
+def bf16_pk4(n, d):
+    """The large-batch benchmarks' problem (issue 27): q and g [n, d] bf16 on the GPU, requiring
+    grad, and pk4 ids (4 rows an identity)."""
+    q = torch.randn(n, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    g = torch.randn(n, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    return q, g, torch.arange(n, device="cuda") // 4
+
+
 def wall_and_host(step, reps=7):
     """(wall, host) ms of ``step``: the median of do_bench, and the median time to return from one
     call with the GPU idle before it and left to run (what the host spends enqueuing)."""
@@ -46,9 +54,7 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(0)
     for n in map(int, args.sizes.split(",")):
-        q = torch.randn(n, args.d, device="cuda", dtype=torch.bfloat16).requires_grad_()
-        g = torch.randn(n, args.d, device="cuda", dtype=torch.bfloat16).requires_grad_()
-        ids = torch.arange(n, device="cuda") // 4
+        q, g, ids = bf16_pk4(n, args.d)
         for cfg in args.configs.split(","):
             name = None if cfg == "default" else cfg
             fwd = lambda: sdm_triton.sdm_loss(q, g, ids, ids, kernel_config=name)

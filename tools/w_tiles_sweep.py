@@ -21,6 +21,7 @@ import triton
 from torch.profiler import ProfilerActivity, profile
 
 import sdm_triton
+from step_gap import bf16_pk4     # tools/ (run from the repository root: python3 tools/...)
 
 TILES = ["", "bm64bn64bw4bs4", "bm64bn64bw4bs3", "bm128bn64bw4bs4", "bm64bn128bw4bs4",
          "bm128bn128bw8bs3", "bm128bn128bw4bs3", "bm64bn64bw8bs4"]
@@ -48,9 +49,7 @@ def main():
     torch.manual_seed(0)
     rows = []
     for n in map(int, args.sizes.split(",")):
-        q = torch.randn(n, args.d, device="cuda", dtype=torch.bfloat16).requires_grad_()
-        g = torch.randn(n, args.d, device="cuda", dtype=torch.bfloat16).requires_grad_()
-        ids = torch.arange(n, device="cuda") // 4
+        q, g, ids = bf16_pk4(n, args.d)
         if args.labels == "dense":
             label_kw = dict(labels=ids[:, None] == ids[None, :])          # bool
         else:

@@ -19,7 +19,7 @@ import argparse
 import torch
 
 import sdm_triton
-from step_gap import wall_and_host     # tools/ (run from the repository root: python3 tools/...)
+from step_gap import bf16_pk4, wall_and_host     # tools/ (run from the repository root: python3 tools/...)
 
 MIB = 2**20
 
@@ -34,9 +34,7 @@ def main():
     torch.manual_seed(0)
     rows = []
     for n in map(int, args.sizes.split(",")):
-        q = torch.randn(n, args.d, device="cuda", dtype=torch.bfloat16).requires_grad_()
-        g = torch.randn(n, args.d, device="cuda", dtype=torch.bfloat16).requires_grad_()
-        ids = torch.arange(n, device="cuda") // 4
+        q, g, ids = bf16_pk4(n, args.d)
         for cfg in args.configs.split(","):
             name = None if cfg == "default" else cfg
             base = None
