@@ -284,3 +284,23 @@ def test_a_derivation_that_reads_past_the_signature_fails_under_the_check(monkey
     assert reads_the_scale(_problem(q, g, ids, scale_value=50.0)) == 50.0
     with pytest.raises(AssertionError, match="reads_the_scale"):
         reads_the_scale(_problem(q, g, ids, scale_value=10.0))
+
+
+def test_traced_launches_keep_nothing_across_calls(monkeypatch):
+    """While torch.compile traces the launches (ops.py, `traceable_launches`), sizes may be
+    symbols of that trace: the per-shape values are then kept for the problem alone, never in
+    the cache that later calls read."""
+    from sdm_triton.launch import tiles
+
+    monkeypatch.setattr(tiles, "_SHAPES", {})
+
+    @tiles._per_shape
+    def probe(p):
+        return p.n
+
+    q, g, ids = torch.randn(6, 4), torch.randn(6, 4), torch.arange(6)
+    with tiles.traceable_launches():
+        p = _problem(q, g, ids)
+        assert probe(p) == 6 and probe(p) == 6
+    assert tiles._SHAPES == {}
+    assert probe(_problem(q, g, ids)) == 6 and len(tiles._SHAPES) == 1

@@ -85,6 +85,10 @@ CHECK_SHAPE_CACHE = os.environ.get("SDM_TRITON_CHECK_SHAPE_CACHE", "0") == "1"
 def _shape_values(p: Problem) -> dict:
     """The `_per_shape` values of problems with ``p``'s signature (looked up once per call)."""
     values = p.derived.get(_SHAPE_KEY)
+    if values is None and _TRACING.get():
+        # torch.compile traces the launches (ops.py): the sizes may be symbols of this trace
+        # (a recompile for dynamic shapes), which must not outlive it; kept for this problem only
+        values = p.derived[_SHAPE_KEY] = {}
     if values is None:
         sig = (p.signature(), torch.get_float32_matmul_precision())
         values = _SHAPES.get(sig)
