@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import functools
 import os
+import threading
 from typing import Dict, Tuple
 
 import torch
@@ -74,6 +75,7 @@ def _per_problem(fn):
 #: and a small step's host time is made of such small pieces (issue 28). Bounded: a process that
 #: sees many shapes (tests, variable batch sizes) recomputes rather than grows.
 _SHAPES: Dict[tuple, dict] = {}
+_SHAPES_LOCK = threading.Lock()
 _MAX_SHAPES = 64
 _SHAPE_KEY = "_per_shape"
 #: ``SDM_TRITON_CHECK_SHAPE_CACHE=1`` (the test suite sets it): every `_per_shape` value is also
@@ -93,9 +95,12 @@ def _shape_values(p: Problem) -> dict:
         sig = (p.signature(), torch.get_float32_matmul_precision())
         values = _SHAPES.get(sig)
         if values is None:
-            if len(_SHAPES) >= _MAX_SHAPES:
-                _SHAPES.pop(next(iter(_SHAPES)), None)
-            values = _SHAPES[sig] = {}
+            with _SHAPES_LOCK:       # threads (DataParallel's replicas) may add signatures at once
+                values = _SHAPES.get(sig)
+                if values is None:
+                    if len(_SHAPES) >= _MAX_SHAPES:
+                        _SHAPES.pop(next(iter(_SHAPES)))
+                    values = _SHAPES[sig] = {}
         p.derived[_SHAPE_KEY] = values
     return values
 
