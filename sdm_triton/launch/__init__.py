@@ -3,7 +3,9 @@ one module per role as there:
 
     tiles.py     what every launch shares: tile shapes (`_stats_tiles`, `_fused_tiles`,
                  `_chunk_tiles`), index dtypes, the problem's tensors as the kernels name
-                 them (`_side_args`), eager or traced launches (`traceable_launches`).
+                 them (`_side_args`), eager or traced launches (`traceable_launches`), and the
+                 two caches: `_per_problem` (one call's forward and backward) and `_per_shape`
+                 (what the shapes alone decide, kept across calls by the problem's signature).
     forward.py   prep (norms, label masses) -> stats (online softmax statistics, both
                  directions, column segments when the row blocks alone would leave the GPU
                  idle) -> finish (merge, per-row losses, reduction): 3 launches, whatever the size.
