@@ -5,7 +5,7 @@ what is timed is sdm_loss's Python (validation, the problem, tile choices, launc
 allocations, autograd) without Triton's launcher or any kernel. Compare with
 tools/host_floor.py's numbers on a GPU: the difference is the launches themselves.
 
-    python3 tools/host_stubbed.py [--n 64] [--d 32] [--reps 300] [--profile]
+    python3 tools/host_stubbed.py [--n 64] [--d 32] [--reps 300] [--profile] [--calls]
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ def main():
     ap.add_argument("--reps", type=int, default=300)
     ap.add_argument("--profile", action="store_true", help="print the cProfile of 200 steps")
     ap.add_argument("--sort", default="cumulative", help="cProfile order: cumulative or tottime")
+    ap.add_argument("--calls", action="store_true",
+                    help="print the Python function calls a step makes (cProfile's count over 100 steps): a "
+                         "measure of the host work that this VM's +-30%% timing noise does not move")
     args = ap.parse_args()
     launches = [0]
 
@@ -56,6 +59,14 @@ def main():
     per_step = (time.perf_counter() - t0) / args.reps
     print(f"N = {args.n}, D = {args.d}, fp32, ids, forward + backward: {per_step * 1e6:.0f} us per step "
           f"with the launches stubbed ({launches[0] / args.reps:.0f} launches a step)")
+    if args.calls:
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(100):
+            step()
+        pr.disable()
+        stats = pstats.Stats(pr).stats
+        print(f"Python function calls a step: {sum(v[1] for v in stats.values()) / 100:.0f}")
     if args.profile:
         pr = cProfile.Profile()
         pr.enable()
