@@ -716,7 +716,7 @@ def test_tile_table_covers_every_pass_size_class_and_dtype():
     classes = {"stats": ("small", "medium", "large"), "stats_labels": ("small", "medium", "large"),
                "chunked": ("small", "medium", "large"),
                "fused": ("narrow", "wide"), "prep": ("any",), "max_weight": ("any",), "finish": ("any",),
-               "weights": ("any",), "operand": ("any",), "centroids": ("any",)}
+               "weights": ("any",), "operand": ("any",), "centroids": ("any",), "ranks": ("any",)}
     def answered(kind, size, dtype):
         return ((kind, size, dtype) in policy.TILES or (kind, size, "any") in policy.TILES
                 or (kind in policy.TILES_FALLBACK and answered(policy.TILES_FALLBACK[kind], size, dtype)))

@@ -117,7 +117,8 @@ class Tiles:
 #: every row's weight, block_m at a time, in each program), "finish" and "weights" (one row
 #: per lane, block_m rows at a time), "operand" (the chunked backward's operand and
 #: input-gradient kernels: block_m rows, block_k features at a time), "centroids" (the identity
-#: centroids' sums and the rows' dots with them: the same).
+#: centroids' sums and the rows' dots with them: the same), "ranks" (each id's rank, one id per
+#: lane, block_m at a time).
 #: size class (`size_class`): "interpreter" under the CPU interpreter, whatever the size;
 #: otherwise "small" / "medium" / "large" by logits (MEDIUM_LOGITS, LARGE_LOGITS) for
 #: "stats" and "chunked", "narrow" / "wide" by padded D (WIDE_D) for "fused", "any" for the
@@ -164,6 +165,8 @@ TILES = {
     # float64 sums and dots of rows (kernels/centroids.py): unmeasured
     ("centroids", "interpreter", "any"): Tiles(16, None, 16, 4, None),
     ("centroids", "any", "any"): Tiles(32, None, 64, 4, None),
+    ("ranks", "interpreter", "any"): Tiles(16, None, None, None, None),
+    ("ranks", "any", "any"): Tiles(1024, None, None, None, None),
 }
 
 

@@ -175,7 +175,7 @@ def ranks(p: Problem) -> Tuple[torch.Tensor, torch.Tensor]:
     ids = torch.cat([p.q_ids.to(torch.int64), g_ids.to(torch.int64).reshape(-1)])
     sorted_ids = torch.sort(ids).values
     rank = torch.empty(ids.shape, dtype=torch.int32, device=ids.device)
-    block = table_tiles("finish").block_m
+    block = table_tiles("ranks").block_m
     _traceable(_ranks_kernel)[(_cdiv(ids.numel(), block),)](
         ids_ptr=ids, srt_ptr=sorted_ids, rank_ptr=rank, n=ids.numel(), steps=_steps(ids.numel()), BLOCK=block)
     return rank[:p.n], rank[p.n:].view(g_ids.shape)
