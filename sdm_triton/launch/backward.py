@@ -127,13 +127,6 @@ def _coefficients_flags(p: Problem):
     return coef_q, coef_g, flags
 
 
-def _state_coefficients_flags(p: Problem, out: ForwardOut):
-    """The forward's state (the prepared per-sample buffer and the saved per-row statistics),
-    then `_coefficients_flags`."""
-    buf, saved = out.state
-    return (buf, saved, *_coefficients_flags(p))
-
-
 @_per_shape
 def _fused_launch(p: Problem):
     """(q programs, gallery programs, the fused kernel's arguments other than tensors and the
@@ -173,7 +166,8 @@ def _chunked_backward(p: Problem, out: ForwardOut, d_value, d_rows, want, grad_d
     want_q, want_g, _ = want
     n, m, k = p.n, p.m, p.galleries
     dev, f32 = p.q.device, torch.float32
-    buf, saved, coef_q, coef_g, flags = _state_coefficients_flags(p, out)
+    buf, saved = out.state           # the prepared per-sample buffer, the saved per-row statistics
+    coef_q, coef_g, flags = _coefficients_flags(p)
     args = _side_args(p)
     if positives_path(p) == "centroids":      # the W pass compares identity labels as int32 ranks
         args = ids_as_ranks(p, args)
