@@ -32,7 +32,7 @@ def main():
     ap.add_argument("--profile", action="store_true", help="print the cProfile of 200 steps")
     ap.add_argument("--sort", default="cumulative", help="cProfile order: cumulative or tottime")
     ap.add_argument("--calls", action="store_true",
-                    help="print the Python function calls a step makes (cProfile's count over 100 steps): a "
+                    help="print the Python function calls a step makes (cProfile's count over 200 steps): a "
                          "measure of the host work that this VM's +-30%% timing noise does not move")
     args = ap.parse_args()
     launches = [0]
@@ -59,22 +59,18 @@ def main():
     per_step = (time.perf_counter() - t0) / args.reps
     print(f"N = {args.n}, D = {args.d}, fp32, ids, forward + backward: {per_step * 1e6:.0f} us per step "
           f"with the launches stubbed ({launches[0] / args.reps:.0f} launches a step)")
-    if args.calls:
+    if args.calls or args.profile:
+        steps = 200
         pr = cProfile.Profile()
         pr.enable()
-        for _ in range(100):
+        for _ in range(steps):
             step()
         pr.disable()
-        stats = pstats.Stats(pr).stats
-        print(f"Python function calls a step: {sum(v[1] for v in stats.values()) / 100:.0f}")
-    if args.profile:
-        pr = cProfile.Profile()
-        pr.enable()
-        for _ in range(200):
-            step()
-        pr.disable()
-        pstats.Stats(pr).sort_stats(args.sort).print_stats(30)
-
+        stats = pstats.Stats(pr)
+        if args.calls:
+            print(f"Python function calls a step: {sum(v[1] for v in stats.stats.values()) / steps:.0f}")
+        if args.profile:
+            stats.sort_stats(args.sort).print_stats(30)
 
 if __name__ == "__main__":
     main()
