@@ -124,17 +124,22 @@ def gradient_weights(o: SDMOptions, red: torch.Tensor, valid: torch.Tensor, n: i
     return w.masked_fill(~valid, 0) if masked else w
 
 
-def direction_weights(o: SDMOptions, red: torch.Tensor, d_value, ct) -> torch.Tensor:
+def direction_weights(o: SDMOptions, red: torch.Tensor, d_value, ct,
+                      counts: Optional[torch.Tensor] = None) -> torch.Tensor:
     """c [2 (q rows, gallery rows), K, 1] (broadcast): the weight of every row of a direction and
     gallery from the value's gradient ``d_value`` [K] (or 0-dim), `gradient_weights` without the
-    rows' own gradients."""
+    rows' own gradients. ``counts``: red's valid counts clamped at 1, [2, K, 1] in ``ct``, when the
+    caller kept them (the torch backend's forward divided by them): the same numbers."""
     k = red.shape[-1]
     coef_q, coef_g = option_coefficients(o)
-    dv = d_value.reshape(1, k, 1).to(ct)
-    # one product when the directions' coefficients agree
-    c = coef_q * dv if coef_q == coef_g else torch.cat([coef_q * dv, coef_g * dv])
+    c = d_value.reshape(1, k, 1).to(ct)
+    # one product when the directions' coefficients agree, none when both are 1
+    if coef_q != coef_g:
+        c = torch.cat([coef_q * c, coef_g * c])
+    elif coef_q != 1:
+        c = coef_q * c
     if o.reduction == "mean":
-        c = c / red[VALID_ROWS, :, None].clamp_min(1).to(ct)
+        c = c / (counts if counts is not None else red[VALID_ROWS, :, None].clamp_min(1).to(ct))
     return c.expand(2, k, 1)
 
 

@@ -54,24 +54,33 @@ DENSE_TEMPORARIES = 16
 
 
 def _views(p: Problem):
-    """Uniform [K, ...] views of the gallery-side tensors (expanded where shared)."""
-    k, m = p.galleries, p.m
-    g = p.g if p.g.dim() == 3 else p.g.unsqueeze(0)
-    g_ids = None if p.g_ids is None else (p.g_ids if p.g_ids.dim() == 2 else p.g_ids.expand(k, m))
-    g_mask = None if p.g_mask is None else (p.g_mask if p.g_mask.dim() == 2 else p.g_mask.expand(k, m))
-    labels = None if p.labels is None else (p.labels if p.labels.dim() == 3 else p.labels.expand(k, *p.labels.shape))
-    return g, g_ids, g_mask, labels
+    """Uniform [K, ...] views of the gallery-side tensors (expanded where shared), made once per
+    call (the forward and the backward of a call share ``p.derived``)."""
+    views = p.derived.get("torch_views")
+    if views is None:
+        k, m = p.galleries, p.m
+        g = p.g if p.g.dim() == 3 else p.g.unsqueeze(0)
+        g_ids = None if p.g_ids is None else (p.g_ids if p.g_ids.dim() == 2 else p.g_ids.expand(k, m))
+        g_mask = None if p.g_mask is None else (p.g_mask if p.g_mask.dim() == 2 else p.g_mask.expand(k, m))
+        labels = None if p.labels is None else (p.labels if p.labels.dim() == 3 else
+                                                p.labels.expand(k, *p.labels.shape))
+        views = p.derived["torch_views"] = (g, g_ids, g_mask, labels)
+    return views
 
 
-def _sample_keep(p: Problem, g_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """[N + K M] bool: whether each sample (the q rows, then each gallery's rows; ``g_mask`` [K, M]
-    from `_views`) is present, in the order the normalised rows are stacked; None without masks."""
-    if p.q_mask is None and g_mask is None:
+def _sample_keep(p: Problem) -> Optional[torch.Tensor]:
+    """[N + K M] bool: whether each sample (the q rows, then each gallery's rows) is present, in
+    the order the normalised rows are stacked; None without masks. Made once per call."""
+    if p.q_mask is None and p.g_mask is None:
         return None
-    dev = p.q.device
-    return torch.cat([p.q_mask if p.q_mask is not None else torch.ones(p.n, dtype=torch.bool, device=dev),
-                      g_mask.reshape(-1) if g_mask is not None else
-                      torch.ones(p.galleries * p.m, dtype=torch.bool, device=dev)])
+    keep = p.derived.get("torch_keep")
+    if keep is None:
+        dev = p.q.device
+        g_mask = _views(p)[2]
+        keep = p.derived["torch_keep"] = torch.cat([
+            p.q_mask if p.q_mask is not None else torch.ones(p.n, dtype=torch.bool, device=dev),
+            g_mask.reshape(-1) if g_mask is not None else torch.ones(p.galleries * p.m, dtype=torch.bool, device=dev)])
+    return keep
 
 
 def _masked_rows(x: torch.Tensor, keep: Optional[torch.Tensor], ct) -> torch.Tensor:
@@ -85,22 +94,32 @@ def _host_flags(norm: torch.Tensor, invalid: Optional[torch.Tensor] = None) -> T
     """(large, tiny, some_invalid): whether some row norm may be >= NORM_LIMIT (inf and NaN
     included: the overflow and NaN guards of `_normalised`), whether some may be <= NORM_EPS (NaN
     included: the normalisation backward's radial guard), and whether some softmax row may be
-    invalid (``invalid`` [NDR]; None: assume so), which a dense call's masks of invalid rows then
-    skip. On the CPU one read of (min, max, any) answers all three (`reduction.may_apply`: no
-    device to wait for; these guards rarely apply, and skipping one that applies nowhere changes
-    no bit). Elsewhere (True, True, True): every guard is computed."""
+    invalid (``invalid`` [NDR] bool, or the label masses ysum [NDR] of a problem without masks,
+    whose invalid rows are those of ysum <= 0; None: assume so), which a dense call's masks of
+    invalid rows then skip. On the CPU one read of (min, max, any | min) answers all three
+    (`reduction.may_apply`: no device to wait for; these guards rarely apply, and skipping one that
+    applies nowhere changes no bit). Elsewhere (True, True, True): every guard is computed."""
     if norm.device.type != "cpu" or torch.compiler.is_compiling():
         return True, True, True
-    flags = [*torch.aminmax(norm)] + ([] if invalid is None else [invalid.any()])
+    flags = [*torch.aminmax(norm)]
+    if invalid is not None:
+        # ysum: its least; a NaN mass (a bad label, a valid row) reads as "maybe invalid" (safe)
+        flags.append(invalid.amin() if invalid.dtype == norm.dtype else invalid.any().to(norm.dtype))
     read = torch.stack(flags).tolist()                     # NaN propagates to both guards
-    return not read[1] < NORM_LIMIT, not read[0] > NORM_EPS, invalid is None or read[2] != 0
+    if invalid is None:
+        some_invalid = True
+    elif invalid.dtype == torch.bool:
+        some_invalid = read[2] != 0
+    else:
+        some_invalid = not read[2] > 0
+    return not read[1] < NORM_LIMIT, not read[0] > NORM_EPS, some_invalid
 
 
 def _normalised(x: torch.Tensor, keep: Optional[torch.Tensor], normalize: bool, ct,
                 invalid: Optional[torch.Tensor] = None):
     """(x_hat, norm, r, tiny, some_invalid) of rows x [R, D], absent rows 0 (`_masked_rows`):
     r = 1 / max(norm, NORM_EPS) (None without normalisation); ``tiny``, ``some_invalid``
-    `_host_flags`' (for the backward, and for the softmax rows ``invalid``). In fp32 a row of norm
+    `_host_flags`' (for the backward, and for the softmax rows ``invalid``: `_host_flags`). In fp32 a row of norm
     >= 2^64 (its square sum overflows) is NaN, as in the kernels (prep.py); its norm, reported by
     the statistics, is right (`row_norms`)."""
     x = _masked_rows(x, keep, ct)
@@ -337,9 +356,10 @@ class TorchBackend:
         # both sides normalised together: one set of ops for N + K M rows; on the dense path the
         # host read of the norms' range also tells whether any softmax row is invalid
         x = torch.cat([p.q, p.g if p.g.dim() == 2 else p.g.flatten(0, 1)])
-        keep = _sample_keep(p, g_mask)
-        x_hat, norm, r, tiny, some_invalid = _normalised(x, keep, o.normalize, ct,
-                                                         invalid if blocks is not None else None)
+        keep = _sample_keep(p)
+        # (without masks the invalid rows are those of ysum <= 0: its least answers, no op more)
+        flags_of = None if blocks is None else (invalid if keep is not None else ysum)
+        x_hat, norm, r, tiny, some_invalid = _normalised(x, keep, o.normalize, ct, flags_of)
         p.derived["torch_x_hat"] = (x_hat, norm, r, tiny)    # the backward's, when its q_hat is this one's view
         q_hat, g_hat = x_hat[:n], x_hat[n:].view(k_count, m, p.d)
         q_norm = g_norm = None           # read by the statistics' norm rows only (`_losses`)
@@ -510,8 +530,6 @@ class TorchBackend:
         if prep.some_invalid:
             per_row = per_row.masked_fill(prep.invalid, 0)
         rows, row_m, row_logl = per_row[0], per_row[2], per_row[3]
-        if pairs is not None:
-            p.derived["torch_pairs_state"] = (row_m, row_logl, pairs, prep.some_invalid)
 
         # the reduction, every gallery at once: sums [2 (q rows, gallery rows), 2 (loss, valid), K],
         # RED's first four rows as they are (the sum of a transposed view is made contiguous)
@@ -542,7 +560,11 @@ class TorchBackend:
             red = torch.nn.functional.pad(red, (0, 0, 0, NUM_RED - red.shape[0]))
         # the value (`reduction.reduced_value`, from the sums): each direction's [K], weighted
         coef_q, coef_g = option_coefficients(o)
-        part = sums[:, 0] / sums[:, 1].clamp_min(1) if o.reduction == "mean" else sums[:, 0]    # [2, K]
+        counts = sums[:, 1].clamp_min(1) if o.reduction == "mean" else None                    # [2, K]
+        part = sums[:, 0] / counts if counts is not None else sums[:, 0]
+        if pairs is not None:         # for `_dense_backward`: the pairs, and the counts it divides by
+            p.derived["torch_pairs_state"] = (row_m, row_logl, pairs, prep.some_invalid,
+                                              None if counts is None else counts[..., None])
         if coef_q == coef_g:
             value = (part if coef_q == 1 else part * coef_q).sum(0)
         else:
@@ -653,7 +675,7 @@ class TorchBackend:
                 d_s = d_s + (prod if absent is None else prod.masked_fill(absent, 0)).sum()
         dq = dg = None
         if want_q and want_g:
-            keep = _sample_keep(p, g_mask)
+            keep = _sample_keep(p)
             saved = p.derived.get("torch_x_hat")
             if saved is not None and saved[0].shape[0] == n + k_count * m and q_hat._base is saved[0] \
                     and g_hats._base is saved[0]:
@@ -676,13 +698,14 @@ class TorchBackend:
         return dq, dg, (d_s if want_scale else None)
 
     def _dense_backward(self, p: Problem, out: ForwardOut, d_value, d_rows, want, partial_grads, pairs,
-                        some_invalid=True):
+                        some_invalid=True, counts=None):
         """`backward` of a dense forward from its pair terms (`_row_sums`: (P, Y) forward, (P, ln P -
         ln(Y + eps)) reverse): per block w_i (P - Y) or w_i P (ln P - ln(Y + eps) - L_i), 0 on the
         pairs of an invalid row or an absent sample; dS = the q rows' block plus the gallery rows'
         transposed; the two products written into one [N + K M, D] buffer, whose rows take the
         normalisation's backward together (times s / max(|x|, eps), one factor per row).
-        ``some_invalid`` False (`_host_flags`): no invalid row, and then no mask without absent samples."""
+        ``some_invalid`` False (`_host_flags`): no invalid row, and then no mask without absent samples.
+        ``counts``: the forward's valid counts, clamped ([2, K, 1]; None: red's, or no mean)."""
         want_q, want_g, want_scale = want
         o = p.options
         n, m, k = p.n, p.m, p.galleries
@@ -692,7 +715,7 @@ class TorchBackend:
         # each row's weight; an invalid row's is not read (its pairs are set to 0 below). Without
         # the rows' own gradients it is one number per direction and gallery, broadcast.
         if d_rows is None and d_value is not None:
-            c = direction_weights(o, out.red, d_value, ct)                          # [2, K, 1]
+            c = direction_weights(o, out.red, d_value, ct, counts)                  # [2, K, 1]
             ws = (c.reshape(2 * k, 1),) if nb == 1 else (c[0], c[1])
         else:
             w = gradient_weights(o, out.red, out.valid, n, d_value, d_rows, ct, masked=False)
@@ -774,7 +797,7 @@ class TorchBackend:
             grad = grad * (r[rows] * s)[:, None]
         else:
             grad = d_hat * s
-        keep = _sample_keep(p, _views(p)[2])
+        keep = _sample_keep(p)
         if keep is not None:
             grad = torch.where(keep[rows, None], grad, 0)
         return grad
@@ -782,12 +805,12 @@ class TorchBackend:
     def _saved_pairs(self, p: Problem, row_m, row_logl):
         """The forward's pair terms of the dense blocks (`_row_sums`), when this backward's state is
         the one `finish` made from them (the same tensors: not a state merged across ranks or rebuilt
-        by `state_from_rows`), with the forward's ``some_invalid`` (`Prepared`); else None (the
-        backward rebuilds S and the labels)."""
+        by `state_from_rows`), with the forward's ``some_invalid`` (`Prepared`) and its clamped
+        valid counts (`_losses`); else None (the backward rebuilds S and the labels)."""
         saved = p.derived.get("torch_pairs_state")
         if saved is None or not self.dense(p) or saved[0] is not row_m or saved[1] is not row_logl:
             return None
-        return saved[2], saved[3]
+        return saved[2:]
 
     @staticmethod
     def _input_gradient(x, x_hat, keep, d_hat, normalize, partial=False, norm=None):
