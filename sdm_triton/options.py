@@ -51,6 +51,10 @@ POSITIVES_CHOICES = ("auto", "tiles", "centroids")
 #: hi + lo halves of the input dtype (two products per side, exact to ~16 bits); "fp16": W
 #: rounded once to fp16 and the features' operands cast to fp16 (one product per side).
 W_DTYPE_CHOICES = ("auto", "split", "fp16")
+#: KernelConfig.forward: the Triton forward's launches (launch/policy.forward_path). "staged":
+#: prep, statistics, finish (three launches, column segments); "single": all of it in one launch
+#: (kernels/single.py), a program per row block against every column.
+FORWARD_CHOICES = ("auto", "staged", "single")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +152,8 @@ class KernelConfig:
     block_k (the backward rebuilds S step for step as the forward did); segments: column
     segments per row block in the forward; backward: "fused" (one launch, gradients accumulated in the kernel: small
     problems) or "chunked" (dL/dS written to a bounded workspace chunk by chunk and
-    multiplied with cuBLAS: large problems); positives: "tiles" (identity labels compared and
+    multiplied with cuBLAS: large problems); forward: "staged" (prep, statistics and finish,
+    three launches) or "single" (one launch: training batch sizes, issue 28); positives: "tiles" (identity labels compared and
     summed inside the forward's N x M loop) or "centroids" (identity labels: counts and logit
     sums from identity centroids outside it; the negatives' softmax mass of reverse KL and the
     statistics from a compare of int32 ranks inside it; dense labels: tiles); w_dtype, for
@@ -160,7 +165,7 @@ class KernelConfig:
     (`launch.policy.w_dtype_path`).
 
     ``KernelConfig.parse("chunked_wfp16_m128n128k64w8s3_bm128bn64bw8")`` reads the same fields
-    from a name (tokens ``fused``, ``chunked``, ``tiles``, ``centroids``, ``wsplit``, ``wfp16``,
+    from a name (tokens ``fused``, ``chunked``, ``staged``, ``single``, ``tiles``, ``centroids``, ``wsplit``, ``wfp16``,
     ``auto`` (sets nothing), and ``m n k w s seg bm bn bw bs`` + number: ``w8`` is num_warps).
     """
 
@@ -173,6 +178,7 @@ class KernelConfig:
     backward: str = "auto"
     positives: str = "auto"
     w_dtype: str = "auto"
+    forward: str = "auto"
     bwd_block_m: Optional[int] = None
     bwd_block_n: Optional[int] = None
     bwd_num_warps: Optional[int] = None
@@ -182,6 +188,7 @@ class KernelConfig:
         check_choice("backward", self.backward, BACKWARD_CHOICES)
         check_choice("positives", self.positives, POSITIVES_CHOICES)
         check_choice("KernelConfig.w_dtype", self.w_dtype, W_DTYPE_CHOICES)
+        check_choice("KernelConfig.forward", self.forward, FORWARD_CHOICES)
         for name in ("block_m", "block_n", "block_k", "bwd_block_m", "bwd_block_n"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 16 or v & (v - 1)):
@@ -193,7 +200,7 @@ class KernelConfig:
 
     def name(self) -> str:
         """The canonical name: ``KernelConfig.parse(c.name()) == c``."""
-        parts = [v for v in (self.backward, self.positives) if v != "auto"]
+        parts = [v for v in (self.forward, self.backward, self.positives) if v != "auto"]
         parts += [_W_DTYPE_TOKENS[self.w_dtype]] if self.w_dtype != "auto" else []
         sizes = "".join(f"{token}{getattr(self, field)}" for token, field in self._TOKENS.items()
                         if getattr(self, field) is not None)
@@ -249,6 +256,9 @@ def _parse_kernel_config(name: str) -> KernelConfig:
             continue
         if token in ("fused", "chunked"):
             fields["backward"] = token
+            continue
+        if token in ("staged", "single"):
+            fields["forward"] = token
             continue
         if token in ("tiles", "centroids"):
             fields["positives"] = token

@@ -23,5 +23,5 @@ def test_kernels_compile_with_inductor_scalar_types():
                         "--typings", "inductor,constants"], env=env, capture_output=True, text=True, timeout=600)
     failed = [ln for ln in r.stdout.splitlines() if "FAILED" in ln]
     assert r.returncode == 0 and not failed, "\n".join(failed) or (r.stdout + r.stderr)[-3000:]
-    # 2 typings x (19 kernels x 3 dtype / label cases + the 2 fp16-W variants x 2 half dtypes)
-    assert r.stdout.count(" ok") == 2 * (57 + 4), r.stdout
+    # 2 typings x (21 kernels x 3 dtype / label cases + the 2 fp16-W variants x 2 half dtypes)
+    assert r.stdout.count(" ok") == 2 * (63 + 4), r.stdout

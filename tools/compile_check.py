@@ -17,15 +17,15 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from sdm_triton.kernels import centroids, finish, grad, prep, stats  # noqa: E402
+from sdm_triton.kernels import centroids, finish, grad, prep, single, stats  # noqa: E402
 
 FEAT = {"q_ptr", "g_ptr", "a_ptr", "b_ptr", "x_ptr"}
 F32_PTRS = {"pre_ptr", "lab_ptr", "out_ptr", "part_ptr", "rows_ptr", "saved_ptr", "red_ptr", "value_ptr",
             "scale_ptr", "dv_ptr", "drows_ptr", "dscale_ptr", "w_ptr", "gmax_ptr", "u_ptr", "u2_ptr",
-            "a_r_ptr", "b_r_ptr", "r_ptr", "lin_ptr", "cnt_ptr"}
+            "a_r_ptr", "b_r_ptr", "r_ptr", "lin_ptr", "cnt_ptr", "sums_ptr"}
 F64_PTRS = {"c_ptr"}
 I64_PTRS = {"ids_ptr", "srt_ptr"}      # launch/positives.py: ids as int64, sorted
-I32_PTRS = {"before_ptr", "rank_ptr"}
+I32_PTRS = {"before_ptr", "rank_ptr", "count_ptr"}
 BOOL_PTRS = {"q_msk", "g_msk", "msk", "valid_ptr", "a_msk", "b_msk"}
 #: The ids' pointer type: "*i64", or the job's ``consts["_ids"]`` (not a kernel parameter): "*i32",
 #: the ranks of launch/positives.py.
@@ -145,6 +145,13 @@ def main():
             ("finish", finish._finish_kernel, dict(REVERSE=reverse, DENSE=dense, WANT_Q2G=True, WANT_G2Q=True, MEAN=True,
              COMBINE_MEAN=True, STATS=True, WANT_POS=True, INTERPRETED=False, BLOCK=1024), 4, 1,
              ("q_msk", "g_msk", "scale_ptr")),
+            # the forward in one launch (kernels/single.py) at the "small" statistics tiles
+            ("single32", single._single_forward_kernel, dict(common, WANT_POS=reverse, WANT_Q2G=True, WANT_G2Q=True,
+             MEAN=True, COMBINE_MEAN=True, STATS=True, NORMALIZE=True, BLOCK_M=32, BLOCK_N=32, BLOCK_K=64,
+             BLOCK_KP=64), 4, 2, nones + ("scale_ptr",)),
+            ("single32_nomsk", single._single_forward_kernel, dict(common, WANT_POS=reverse, WANT_Q2G=True,
+             WANT_G2Q=True, MEAN=True, COMBINE_MEAN=True, STATS=False, NORMALIZE=True, BLOCK_M=32, BLOCK_N=32,
+             BLOCK_K=64, BLOCK_KP=64), 4, 2, nones + ("q_msk", "g_msk", "scale_ptr")),
             ("fused_d512", grad._fused_grad_kernel, dict(common, MEAN=True, NORMALIZE=True, WANT_DSCALE=True,
              SCALE_W=False, HALF=half[dtype], IS_FP32=dtype == "fp32", W_FP16=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64,
              BLOCK_D=512, BLOCK_W=256), 4, 1,
@@ -245,6 +252,12 @@ def scalar_jobs(dtype: str, reverse: bool, dense: bool):
          BLOCK_K=32), 4, 2, labels + ("scale_ptr",)),
         ("finish", finish._finish_kernel, dict(REVERSE=reverse, DENSE=dense, WANT_Q2G=True, WANT_G2Q=True, MEAN=True,
          COMBINE_MEAN=True, STATS=True, WANT_POS=True, BLOCK=256), 4, 1, ("scale_ptr",)),
+        ("single", single._single_forward_kernel, dict(common, WANT_POS=True, WANT_Q2G=True, WANT_G2Q=True, MEAN=True,
+         COMBINE_MEAN=True, STATS=True, NORMALIZE=True, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, BLOCK_KP=32), 4, 2,
+         labels + ("scale_ptr",)),
+        ("single_ls", single._single_forward_kernel, dict(common, WANT_POS=False, WANT_Q2G=True, WANT_G2Q=False,
+         MEAN=False, COMBINE_MEAN=False, STATS=False, NORMALIZE=False, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32,
+         BLOCK_KP=32), 4, 2, labels + ("q_msk", "g_msk")),
         ("finish_ls", finish._finish_kernel, dict(REVERSE=reverse, DENSE=dense, WANT_Q2G=True, WANT_G2Q=True,
          MEAN=False, COMBINE_MEAN=False, STATS=False, WANT_POS=False, BLOCK=256), 4, 1, ("q_msk", "g_msk")),
         ("fused", grad._fused_grad_kernel, dict(bwd, SCALE_W=dtype == "fp16", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32,

@@ -3,7 +3,10 @@ GPU has almost nothing to do, for plain PyTorch, for an autograd.Function around
 launches, and for sdm_triton at training batch sizes. Median microseconds per step, the GPU
 synchronised once per step (as a training loop's loss.item() would).
 
-    python3 tools/host_floor.py [--reps 300]
+    python3 tools/host_floor.py [--reps 300] [--kernel-config single,staged]
+
+``--kernel-config``: the sdm_loss rows once per config named (comma separated; "auto": none
+given), interleaved round by round, so that two forward paths compare on one warm machine.
 """
 
 from __future__ import annotations
@@ -62,7 +65,10 @@ def median_us(step, reps):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=300)
+    ap.add_argument("--kernel-config", default="auto",
+                    help="comma-separated kernel_config names for the sdm_loss rows (auto: none given)")
     args = ap.parse_args()
+    configs = args.kernel_config.split(",")
     import sdm_triton
 
     a = torch.randn(64, device="cuda", requires_grad=True)
@@ -76,11 +82,14 @@ def main():
         q = torch.randn(n, 512, device="cuda", dtype=dtype, requires_grad=True)
         g = torch.randn(n, 512, device="cuda", dtype=dtype, requires_grad=True)
         ids = torch.arange(n, device="cuda") // 4
-        rows.append((f"sdm_loss {str(dtype)[6:]} {kl} N={n}",
-                     lambda q=q, g=g, ids=ids, kl=kl: sdm_triton.sdm_loss(q, g, ids, kl=kl, logit_scale=50.0).backward()))
+        for cfg in configs:
+            kc = None if cfg == "auto" else cfg
+            rows.append((f"sdm_loss {str(dtype)[6:]} {kl} N={n} [{cfg}]",
+                         lambda q=q, g=g, ids=ids, kl=kl, kc=kc: sdm_triton.sdm_loss(
+                             q, g, ids, kl=kl, logit_scale=50.0, kernel_config=kc).backward()))
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
     for name, step in rows:
-        print(f"{name:48s} {median_us(step, args.reps):8.1f} us")
+        print(f"{name:56s} {median_us(step, args.reps):8.1f} us")
 
 
 if __name__ == "__main__":

@@ -160,29 +160,49 @@ def _finish_kernel(
             dir0=K * N + k * M, n=M, s_ok=s_ok, eps=eps, ln_eps=ln_eps,
             rows_ptr=rows_ptr, valid_ptr=valid_ptr, saved_ptr=saved_ptr,
             REVERSE=REVERSE, DENSE=DENSE, WANT_POS=WANT_POS, BLOCK=BLOCK)
-        a = sq
-        b = sg
-        if MEAN:
-            a = sq / tl.maximum(cq, 1.0)
-            b = sg / tl.maximum(cg, 1.0)
-        value = 0.0
-        if WANT_Q2G:
-            value += a
-        if WANT_G2Q:
-            value += b
-        if WANT_Q2G and WANT_G2Q and COMBINE_MEAN:
-            value = 0.5 * value
-        tl.store(value_ptr + k, tl.where(s_ok, value, float("nan")))
-        red = red_ptr + k
-        tl.store(red + RED_SUM_Q2G * K, sq)
-        tl.store(red + RED_VALID_Q2G * K, cq)
-        tl.store(red + RED_SUM_G2Q * K, sg)
-        tl.store(red + RED_VALID_G2Q * K, cg)
+        write_reduction(red_ptr, value_ptr, k, K, sq, cq, pq, sg, cg, pg, s_ok,
+                        WANT_Q2G, WANT_G2Q, MEAN, COMBINE_MEAN, STATS)
         if STATS:
-            tl.store(red + RED_POS_Q2G * K, pq)
-            tl.store(red + RED_POS_G2Q * K, pg)
-            g_sum, g_cnt, g_max = _norm_stats(pre_ptr, NR, g_msk, gmoff, s_gmsk, N + k * M, M, BLOCK)
-            tl.store(red + RED_Q_NORM_MEAN * K, q_sum / tl.maximum(q_cnt, 1.0))
-            tl.store(red + RED_Q_NORM_MAX * K, q_max)
-            tl.store(red + RED_G_NORM_MEAN * K, g_sum / tl.maximum(g_cnt, 1.0))
-            tl.store(red + RED_G_NORM_MAX * K, g_max)
+            write_norm_stats(pre_ptr, NR, red_ptr, k, K, q_sum, q_cnt, q_max, g_msk, gmoff, s_gmsk, N + k * M, M, BLOCK)
+
+
+@triton.jit
+def write_reduction(red_ptr, value_ptr, k, K, sq, cq, pq, sg, cg, pg, s_ok,
+                    WANT_Q2G: tl.constexpr, WANT_G2Q: tl.constexpr, MEAN: tl.constexpr,
+                    COMBINE_MEAN: tl.constexpr, STATS: tl.constexpr):
+    """Gallery k's value from its directions' sums of losses (sq, sg) and valid counts (cq, cg),
+    and its reduction rows (the positive masses pq, pg with STATS)."""
+    a = sq
+    b = sg
+    if MEAN:
+        a = sq / tl.maximum(cq, 1.0)
+        b = sg / tl.maximum(cg, 1.0)
+    value = 0.0
+    if WANT_Q2G:
+        value += a
+    if WANT_G2Q:
+        value += b
+    if WANT_Q2G and WANT_G2Q and COMBINE_MEAN:
+        value = 0.5 * value
+    tl.store(value_ptr + k, tl.where(s_ok, value, float("nan")))
+    red = red_ptr + k
+    tl.store(red + RED_SUM_Q2G * K, sq)
+    tl.store(red + RED_VALID_Q2G * K, cq)
+    tl.store(red + RED_SUM_G2Q * K, sg)
+    tl.store(red + RED_VALID_G2Q * K, cg)
+    if STATS:
+        tl.store(red + RED_POS_Q2G * K, pq)
+        tl.store(red + RED_POS_G2Q * K, pg)
+
+
+@triton.jit
+def write_norm_stats(pre_ptr, NR, red_ptr, k, K, q_sum, q_cnt, q_max, g_msk, gmoff, s_gmsk, g0, M,
+                     BLOCK: tl.constexpr):
+    """Gallery k's norm rows of the reduction: the anchor's (summed beforehand, `_norm_stats`)
+    and those of the gallery's present samples g0 .. g0 + M."""
+    g_sum, g_cnt, g_max = _norm_stats(pre_ptr, NR, g_msk, gmoff, s_gmsk, g0, M, BLOCK)
+    red = red_ptr + k
+    tl.store(red + RED_Q_NORM_MEAN * K, q_sum / tl.maximum(q_cnt, 1.0))
+    tl.store(red + RED_Q_NORM_MAX * K, q_max)
+    tl.store(red + RED_G_NORM_MEAN * K, g_sum / tl.maximum(g_cnt, 1.0))
+    tl.store(red + RED_G_NORM_MAX * K, g_max)

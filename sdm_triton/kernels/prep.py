@@ -50,6 +50,64 @@ def _square_sums(a_ptr, sa_row, sa_d, rows, row_ok, D, scale, SCALED: tl.constex
 
 
 @triton.jit
+def write_norms(
+    a_ptr, sa_row, sa_d, a_msk, a_moff, s_amsk, pre_ptr, NR, a_pre, row0, n_rows, D,
+    NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """r, c and the norm of rows row0 .. row0 + BLOCK_M of one side (module doc), into the
+    prepared buffer's per-sample slots from sample a_pre."""
+    rows = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_in = rows < n_rows
+    row_ok = present(a_msk, a_moff, s_amsk, rows, row_in)
+    # absent rows read as zeros (they may hold anything): norm 0, finite r and c, as a zero row
+    sq = _square_sums(a_ptr, sa_row, sa_d, rows, row_ok, D, 1.0, False, BLOCK_M, BLOCK_K)
+    norm = tl.sqrt(sq)
+    if tl.max(tl.where(row_in, sq, 0.0), axis=0) == float("inf"):
+        # rare: some row's square sum overflowed (norm >= 2^64): again, scaled by 2^-100 (exact;
+        # components it takes below the normal range are < 2^-90 of such a norm)
+        sq_scaled = _square_sums(a_ptr, sa_row, sa_d, rows, row_ok, D, 2.0**-100, True, BLOCK_M, BLOCK_K)
+        norm = tl.where(sq == float("inf"), tl.sqrt(sq_scaled) * 2.0**100, norm)
+    safe = tl.maximum(norm, NORM_EPS)
+    r = 1.0 / safe if NORMALIZE else tl.full((BLOCK_M,), 1.0, tl.float32)
+    if NORMALIZE:
+        r = tl.where(norm >= NORM_LIMIT, float("nan"), r)
+    tl.store(pre_ptr + PRE_R * NR + a_pre + rows, r, mask=row_in)
+    tl.store(pre_ptr + PRE_C * NR + a_pre + rows, pow2_below(safe), mask=row_in)
+    tl.store(pre_ptr + PRE_NORM * NR + a_pre + rows, norm, mask=row_in)
+
+
+@triton.jit
+def write_label_masses(
+    a_msk, a_moff, s_amsk, b_msk, b_moff, s_bmsk, lab, lab_off, sl_row, sl_col,
+    lab_ptr, NDR, a_dir, row0, n_rows, n_cols,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Dense labels: ysum and ylny (module doc) of softmax rows row0 .. row0 + BLOCK_M of one
+    side against the other side's n_cols columns, into the label masses from softmax row a_dir."""
+    rows = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_in = rows < n_rows
+    row_ok = present(a_msk, a_moff, s_amsk, rows, row_in)
+    ysum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    ylny = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, n_cols, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_ok = present(b_msk, b_moff, s_bmsk, cols, cols < n_cols)
+        both = row_ok[:, None] & col_ok[None, :]
+        y = load_labels(lab, lab_off, sl_row, sl_col, rows, cols, both)
+        # a bad weight (< 0, NaN, inf) poisons the row: NaN label mass
+        bad = (y < 0) | (y != y) | (y == float("inf"))
+        y = tl.where(bad, float("nan"), y)
+        ysum += tl.sum(y, axis=1)
+        # ln of the unscaled weight, accurate (tl.log is lg2.approx on the GPU)
+        ylny += tl.sum(tl.where(y > 0, y * ln_unscaled(tl.where(y > 0, y, 1.0)), 0.0), axis=1)
+    # a mass past fp32's range (weights near 1e38 / LABEL_SCALE) is NaN, never a finite loss
+    ysum = tl.where(tl.abs(ysum) == float("inf"), float("nan"), ysum)
+    ylny = tl.where(tl.abs(ylny) == float("inf"), float("nan"), ylny)
+    tl.store(lab_ptr + LAB_YSUM * NDR + a_dir + rows, ysum, mask=row_in)
+    tl.store(lab_ptr + LAB_YLNY * NDR + a_dir + rows, ylny, mask=row_in)
+
+
+@triton.jit
 def _prep_rows(
     a_ptr, sa_row, sa_d, a_msk, a_moff, s_amsk,
     b_msk, b_moff, s_bmsk, lab, lab_off, sl_row, sl_col,
@@ -58,45 +116,12 @@ def _prep_rows(
     WRITE_NORMS, NORMALIZE: tl.constexpr, DENSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
-    row_in = rows < n_rows
-    row_ok = present(a_msk, a_moff, s_amsk, rows, row_in)
     if WRITE_NORMS:
-        # absent rows read as zeros (they may hold anything): norm 0, finite r and c, as a zero row
-        sq = _square_sums(a_ptr, sa_row, sa_d, rows, row_ok, D, 1.0, False, BLOCK_M, BLOCK_K)
-        norm = tl.sqrt(sq)
-        if tl.max(tl.where(row_in, sq, 0.0), axis=0) == float("inf"):
-            # rare: some row's square sum overflowed (norm >= 2^64): again, scaled by 2^-100 (exact;
-            # components it takes below the normal range are < 2^-90 of such a norm)
-            sq_scaled = _square_sums(a_ptr, sa_row, sa_d, rows, row_ok, D, 2.0**-100, True, BLOCK_M, BLOCK_K)
-            norm = tl.where(sq == float("inf"), tl.sqrt(sq_scaled) * 2.0**100, norm)
-        safe = tl.maximum(norm, NORM_EPS)
-        r = 1.0 / safe if NORMALIZE else tl.full((BLOCK_M,), 1.0, tl.float32)
-        if NORMALIZE:
-            r = tl.where(norm >= NORM_LIMIT, float("nan"), r)
-        tl.store(pre_ptr + PRE_R * NR + a_pre + rows, r, mask=row_in)
-        tl.store(pre_ptr + PRE_C * NR + a_pre + rows, pow2_below(safe), mask=row_in)
-        tl.store(pre_ptr + PRE_NORM * NR + a_pre + rows, norm, mask=row_in)
-
+        write_norms(a_ptr, sa_row, sa_d, a_msk, a_moff, s_amsk, pre_ptr, NR, a_pre, row0, n_rows, D,
+                    NORMALIZE, BLOCK_M, BLOCK_K)
     if DENSE:   # with ids the statistics pass counts the positives on its tiles (stats.py)
-        ysum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        ylny = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for n0 in range(0, n_cols, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-            col_ok = present(b_msk, b_moff, s_bmsk, cols, cols < n_cols)
-            both = row_ok[:, None] & col_ok[None, :]
-            y = load_labels(lab, lab_off, sl_row, sl_col, rows, cols, both)
-            # a bad weight (< 0, NaN, inf) poisons the row: NaN label mass
-            bad = (y < 0) | (y != y) | (y == float("inf"))
-            y = tl.where(bad, float("nan"), y)
-            ysum += tl.sum(y, axis=1)
-            # ln of the unscaled weight, accurate (tl.log is lg2.approx on the GPU)
-            ylny += tl.sum(tl.where(y > 0, y * ln_unscaled(tl.where(y > 0, y, 1.0)), 0.0), axis=1)
-        # a mass past fp32's range (weights near 1e38 / LABEL_SCALE) is NaN, never a finite loss
-        ysum = tl.where(tl.abs(ysum) == float("inf"), float("nan"), ysum)
-        ylny = tl.where(tl.abs(ylny) == float("inf"), float("nan"), ylny)
-        tl.store(lab_ptr + LAB_YSUM * NDR + a_dir + rows, ysum, mask=row_in)
-        tl.store(lab_ptr + LAB_YLNY * NDR + a_dir + rows, ylny, mask=row_in)
+        write_label_masses(a_msk, a_moff, s_amsk, b_msk, b_moff, s_bmsk, lab, lab_off, sl_row, sl_col,
+                           lab_ptr, NDR, a_dir, row0, n_rows, n_cols, BLOCK_M, BLOCK_N)
 
 
 # Sizes change from batch to batch: no divisibility specialisation on them.

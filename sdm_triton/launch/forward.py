@@ -1,7 +1,14 @@
-"""The forward's launches: prep (norms, label masses) -> stats (online softmax statistics, both
-directions, column segments when the row blocks alone would leave the GPU idle) -> finish
-(merge, per-row losses, reduction): 3 launches, whatever the size (`kernels/prep.py`,
-`kernels/stats.py`, `kernels/finish.py`)."""
+"""The forward's launches, one of two paths (`policy.forward_path`):
+
+    "staged"  prep (norms, label masses) -> stats (online softmax statistics, both directions,
+              column segments when the row blocks alone would leave the GPU idle) -> finish
+              (merge, per-row losses, reduction): 3 launches (`kernels/prep.py`,
+              `kernels/stats.py`, `kernels/finish.py`).
+    "single"  all of it in one launch, a program per row block against every column, the last
+              program to finish doing the reduction (`kernels/single.py`).
+
+Both write the same buffers (the prepared buffer, the saved state, the row losses, the
+reduction), which the backward reads."""
 
 from __future__ import annotations
 
@@ -13,14 +20,16 @@ import torch
 from ..backend import NUM_RED, NUM_STATS, ForwardOut, Statistics
 from ..kernels.finish import _finish_kernel
 from ..kernels.prep import _prep_kernel
+from ..kernels.single import NUM_SUMS as _NUM_SUMS
+from ..kernels.single import _single_forward_kernel
 from ..kernels.stats import NUM_STATS as _KERNEL_NUM_STATS
 from ..kernels.stats import SLOT_CNT, SLOT_LIN
 from ..kernels.stats import _stats_kernel
 from ..problem import Problem
-from .policy import column_segments, interpreting, positives_path, table_tiles
+from .policy import column_segments, forward_path, interpreting, positives_path, table_tiles
 from .positives import ids_as_ranks, positives
 from .tiles import (_cdiv, _dot_precision, _per_problem, _per_shape, _prep_tiles, _problem_index, _side_args,
-                    _side_strides, _stats_tiles, _traceable)
+                    _side_strides, _stats_tiles, _traceable, tracing)
 
 assert _KERNEL_NUM_STATS.value == NUM_STATS, "kernels/stats.py and backend.py disagree on NUM_STATS"
 _SLOT_LIN, _SLOT_CNT = SLOT_LIN.value, SLOT_CNT.value
@@ -227,6 +236,15 @@ def _arena_layout(p: Problem):
 
 
 def forward(p: Problem) -> ForwardOut:
+    """The forward of `policy.forward_path`: "single" (one launch, `_single_forward`; staged while
+    torch.compile traces the launches: its ticket counter is state kept across calls), else
+    `_staged_forward`."""
+    if forward_path(p) == "single" and not tracing():
+        return _single_forward(p)
+    return _staged_forward(p)
+
+
+def _staged_forward(p: Problem) -> ForwardOut:
     """prepare -> statistics -> finish with their fp32 buffers (the prepared buffer, the partial
     statistics, the row losses, the saved state, the reduction buffer) carved from one
     allocation (issue 28: each allocation costs 6-10 us of host time on an H100 host, and a small
@@ -254,3 +272,61 @@ def state_from_rows(p: Problem, prepared: torch.Tensor, rows: torch.Tensor) -> F
     red = torch.zeros((NUM_RED, p.galleries), dtype=torch.float32, device=p.q.device)
     s = len(STATE_FIELDS)
     return ForwardOut(None, rows[s].contiguous(), rows[s + 1] != 0, red, (prepared, rows[:s].contiguous().view(-1)))
+
+
+#: The single forward's ticket counters (kernels/single.py), one int32 per (device, stream): 0
+#: between launches, since the last program of a launch sets it back. Launches on one stream run
+#: one after another; two streams get two counters.
+_TICKETS = {}
+
+
+def _ticket_counter(device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        key = (device.type, device.index, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        key = (device.type, device.index, 0)
+    counter = _TICKETS.get(key)
+    if counter is None:
+        counter = _TICKETS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter
+
+
+@_per_shape
+def _single_launch(p: Problem):
+    """(grid, the arena's floats, each buffer's (start, end), the single forward kernel's
+    arguments other than tensors and the scale's value). The arena: the prepared buffer, the
+    statistics [1, NUM_STATS, NDR], the row losses, the saved state, the reduction buffer and
+    the programs' sums, each from a multiple of 128 bytes (`_arena_layout`)."""
+    o = p.options
+    n, m, k = p.n, p.m, p.galleries
+    t = _stats_tiles(p)
+    n_qp = _cdiv(n, t.block_m) * k
+    programs = n_qp + k * _cdiv(m, t.block_m)
+    spans, total = [], 0
+    for size in (_prepared_size(p), NUM_STATS * p.num_rows, *_finish_sizes(p), _NUM_SUMS.value * programs):
+        spans.append((total, total + size))
+        total += _aligned(size)
+    static = dict(N=n, M=m, K=k, n_q_programs=n_qp, D=p.d, eps=o.eps, REVERSE=o.reverse, DENSE=p.dense,
+                  WANT_POS=_want_pos(p), WANT_Q2G=o.wants_q2g, WANT_G2Q=o.wants_g2q, MEAN=o.reduction == "mean",
+                  COMBINE_MEAN=o.combine == "mean", STATS=p.return_stats, NORMALIZE=o.normalize,
+                  UPCAST=interpreting() and p.q.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(p.q.dtype),
+                  INDEX=_problem_index(p), BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+                  BLOCK_KP=_prep_tiles(p).block_k, num_warps=t.num_warps, num_stages=t.num_stages)
+    return (programs,), total, tuple(spans), static
+
+
+def _single_forward(p: Problem) -> ForwardOut:
+    """The forward in one launch (kernels/single.py), its fp32 buffers carved from one allocation
+    as `_staged_forward`'s, the same ones for the backward."""
+    grid, total, spans, static = _single_launch(p)
+    dev, f32 = p.q.device, torch.float32
+    arena = torch.empty(total, dtype=f32, device=dev)
+    prepared, part, rows, saved, red, sums = (arena[a:b] for a, b in spans)
+    pre, lab = _parts(p, prepared)
+    value = torch.empty(() if p.scalar_value else (p.galleries,), dtype=f32, device=dev)
+    valid = torch.empty(p.num_rows, dtype=torch.bool, device=dev)
+    _traceable(_single_forward_kernel)[grid](
+        **_side_args(p), pre_ptr=pre, lab_ptr=lab, scale_ptr=p.scale, part_ptr=part, rows_ptr=rows,
+        valid_ptr=valid, saved_ptr=saved, sums_ptr=sums, red_ptr=red, value_ptr=value,
+        count_ptr=_ticket_counter(dev), scale_value=p.scale_value, **static)
+    return ForwardOut(value, rows, valid, red.view(NUM_RED, p.galleries), (prepared, saved))

@@ -66,6 +66,19 @@ def backward_path(p) -> str:
     return "fused" if logits(p) <= FUSED_MAX_LOGITS else "chunked"
 
 
+def forward_path(p) -> str:
+    """"staged" or "single" (sdm_triton/launch/forward.py): the caller's KernelConfig.forward
+    ("single" where the positives' terms come from the loop, `positives_path` "tiles"), else
+    "staged". The single launch (kernels/single.py) saves two launches and two programs'
+    worth of host time per step at training batch sizes (issue 28); it becomes "auto"'s choice
+    for small problems once the GPU suite and a latency bench have run it (not yet: no GPU
+    machine since it was written, bench/NOTES.md 42)."""
+    if p.config.forward == "single" and positives_path(p) == "tiles":
+        return "single"
+    # (the single launch sums identity labels' terms in its loop: with the centroids, staged)
+    return "staged"
+
+
 def positives_path(p) -> str:
     """How the statistics pass gets the positives' terms of identity labels: "centroids" (the
     loop sums no label terms: counts and forward KL's logit sums come from identity centroids,
