@@ -2,7 +2,7 @@
 
 It runs wherever PyTorch runs (the CPU path of ``backend="auto"``, float64 included) and is
 an implementation of the loss independent of the Triton kernels, in the natural-log domain,
-for the tests. Two paths, one decision (`TorchBackend.dense`):
+for the tests. Two paths, one decision (`TorchBackend.dense`), and a lane of the first:
 
     dense    the whole S [K, N, M] fits ``workspace_bytes`` (DENSE_TEMPORARIES copies of it):
              built once for every gallery, every softmax row is complete in it, so the
@@ -14,6 +14,9 @@ for the tests. Two paths, one decision (`TorchBackend.dense`):
              tensor ops, fewer than the plain formula's forward and backward (bench/NOTES.md,
              section 24); on the CPU one host read of the norms' range and of the rows'
              validity lets it skip the guards that apply nowhere (`_host_flags`).
+    plain    the dense path of the common training call (`_plain`: `sdm_loss`, N = M, no masks,
+             a float scale, on the CPU) where no guard applies, in fewer operations and little
+             Python (`_plain_forward`); it hands over to the dense path when one does
     chunked  S for all N query rows and a chunk of C gallery columns of one gallery at a time
              ([N, C] in the compute dtype, C from ``workspace_bytes``), so memory stays
              O((N + M) D + N C); the query rows take two passes (their softmax's (max, sum
@@ -300,6 +303,10 @@ class TorchBackend:
     needs_id_masses = True
 
     def forward(self, p: Problem) -> ForwardOut:
+        if self._plain(p):
+            out = self._plain_forward(p)
+            if out is not None:
+                return out
         prepared = self.prepare(p)
         if prepared.labels is not None:
             # dense: one segment per side, complete: its rows go to the losses as they are (what
@@ -308,6 +315,74 @@ class TorchBackend:
             return self._losses(p, prepared, r.safe_m, r.logl, r.x, r.pos, r.pairs)
         st = self.statistics(p, prepared)
         return self.finish(p, st.partial, st.segments_q, st.segments_g, prepared)
+
+    def _plain(self, p: Problem) -> bool:
+        """A plain problem (`_plain_forward`): dense, on the CPU (where `_host_flags` reads the
+        guards' need), one gallery (`sdm_loss`), N = M, no masks, a float scale, normalised
+        features, no statistics asked for: IRRA's and CLIP's training steps."""
+        return (p.scalar_value and p.n == p.m and p.q_mask is None and p.g_mask is None and p.scale is None
+                and p.options.normalize and not p.return_stats and p.q.device.type == "cpu" and self.dense(p))
+
+    def _plain_forward(self, p: Problem) -> Optional[ForwardOut]:
+        """`forward` of a plain problem (`_plain`) where no guard applies: every norm inside
+        (NORM_EPS, NORM_LIMIT) and every softmax row valid, which one host read of the norms' range
+        and the label masses' least tells (`_host_flags`); else None (the general dense path, which
+        computes the guards). The same math as that path (`_max_sum`, `_row_sums`, the losses of
+        `_losses`) in fewer tensor operations and much less Python: no masking, the valid counts
+        known on the host (N per direction), one [2, N, N] block of both directions. At N = 64 a
+        call's host time is its cost (issue 28: the torch backend against the eager formula)."""
+        o = p.options
+        n = p.n
+        ct = compute_dtype(p.q.dtype)
+        y = pair_labels(p.labels, p.q_ids, p.g_ids, None, None, 0, n, ct)     # [N, N]
+        y2 = torch.cat([y[None], y.T[None]])                                  # [2, N, N]: q rows, gallery rows
+        ysum = y2.sum(-1)                                                      # [2, N]
+        ylny = None
+        if p.labels is not None:      # a mass past the compute dtype's range is NaN (`prepare`)
+            if o.reverse:
+                ysum = ysum.masked_fill(torch.isinf(ysum), math.nan)
+            else:
+                masses = torch.stack([ysum, label_ylny(y2).sum(-1)])
+                ysum, ylny = masses.masked_fill(torch.isinf(masses), math.nan)
+        x = torch.cat([p.q, p.g]).to(ct)
+        norm = torch.linalg.vector_norm(x, dim=1)
+        large, tiny, some_invalid = _host_flags(norm, ysum)
+        if large or tiny or some_invalid:
+            return None
+        r = torch.reciprocal(norm)                         # (norm > NORM_EPS: the clamp changes nothing)
+        x_hat = x * r[:, None]
+        p.derived["torch_x_hat"] = (x_hat, norm, r, False)
+        q_hat, g_hat = x_hat[:n], x_hat[n:]
+        s = torch.full((), p.scale_value, dtype=ct, device=x.device)
+        S = torch.mm(q_hat, g_hat.T).mul_(s)
+        T = torch.cat([S[None], S.T[None]])                                    # [2, N, N]
+        m, l, shifted = _max_sum(T, bounded=True)
+        logl = torch.log(l)
+        inv_y = ysum.reciprocal()
+        pairs = []
+        body, _, _ = _row_sums(T, m, logl, y2, inv_y, o, bounded=True, pairs=pairs, shifted=shifted, want_pos=False)
+        if o.reverse:
+            loss = body
+        else:
+            ln_ysum = torch.log(ysum) if p.labels is None else ln_unscaled(ysum)
+            loss = logl - body
+            if ylny is not None:
+                loss = loss + ylny / ysum
+            loss = (loss - ln_ysum).clamp_min(0)                               # KL >= 0; NaN stays
+        # the reduction: every row valid, N of each direction
+        sums = loss.sum(-1)                                                    # [2]: q rows, gallery rows
+        coef_q, coef_g = option_coefficients(o)
+        part = sums / n if o.reduction == "mean" else sums
+        if coef_q == coef_g:
+            value = part.sum() if coef_q == 1 else part.sum() * coef_q
+        else:
+            value = coef_q * part[0] + coef_g * part[1]
+        # RED's first rows (sum, valid count) of the q rows, then of the gallery rows; the rest 0
+        red = torch.nn.functional.pad(torch.stack([sums, sums.new_full((2,), n)], 1).view(4, 1), (0, 0, 0, NUM_RED - 4))
+        rows, m, logl = loss.view(-1), m.view(-1), logl.view(-1)
+        p.derived["torch_pairs_state"] = (m, logl, pairs, False, n if o.reduction == "mean" else None)
+        valid = torch.ones(2 * n, dtype=torch.bool, device=x.device)
+        return ForwardOut(value, rows, valid, red, (m, logl, inv_y.view(-1), g_hat.view(1, n, p.d), q_hat, s))
 
     def prepare(self, p: Problem, label_masses: Optional[torch.Tensor] = None) -> Prepared:
         """Normalised features, norms, presence, the label masses (ysum, ylny) of every softmax
@@ -720,8 +795,11 @@ class TorchBackend:
         else:
             w = gradient_weights(o, out.red, out.valid, n, d_value, d_rows, ct, masked=False)
             ws = self._split_rows(p, w, nb)
-        blocks = zip(pairs, ws, self._split_rows(p, out.valid, nb), self._split_rows(p, out.rows, nb),
-                     self._present_columns(p, nb))
+        # (each block's rows' validity where some pair is masked, their losses for reverse KL)
+        masked = some_invalid or p.q_mask is not None or p.g_mask is not None
+        valids = self._split_rows(p, out.valid, nb) if masked else (None,) * nb
+        losses = self._split_rows(p, out.rows, nb) if o.reverse else (None,) * nb
+        blocks = zip(pairs, ws, valids, losses, self._present_columns(p, nb))
         d = []
         for (P, t), wb, valid, loss, present in blocks:
             term = P * (t - loss[..., None]) if o.reverse else P - t

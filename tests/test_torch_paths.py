@@ -6,6 +6,8 @@ both KL directions, every direction / combine / reduction option, K > 1 gallerie
 N = M (the dense path's stacked block), ``normalize=False``; and in fp32 / bf16 / fp16 to fp32
 rounding. Tens of rows: CPU only, seconds."""
 
+import math
+
 import pytest
 import torch
 
@@ -107,14 +109,23 @@ def _run(n, m, k, kw, q, g, scale, options, fn=None, tensor_scale=True, **call):
 
 @pytest.fixture
 def path_counter(monkeypatch):
-    """Counts the dense statistics' calls (the path a call took)."""
+    """Counts the calls that took the dense path: its statistics, or a plain problem's forward
+    (`TorchBackend._plain_forward`, when it did not hand over to them)."""
     calls = []
     original = TorchBackend._dense_statistics
+    original_plain = TorchBackend._plain_forward
 
     def counted(self, p, prep):
         calls.append((p.n, p.m))
         return original(self, p, prep)
+
+    def counted_plain(self, p):
+        out = original_plain(self, p)
+        if out is not None:
+            calls.append((p.n, p.m))
+        return out
     monkeypatch.setattr(TorchBackend, "_dense_statistics", counted)
+    monkeypatch.setattr(TorchBackend, "_plain_forward", counted_plain)
     return calls
 
 
@@ -203,3 +214,70 @@ def test_bad_features_on_the_unguarded_dense_path(kl, path_counter):
             assert torch.isfinite(losses[0]) and _rel(losses[0], losses[1]) < 1e-12
         else:
             assert torch.isnan(losses[0]) and torch.isnan(losses[1]), (bad, losses)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kl", ["forward", "reverse"])
+@pytest.mark.parametrize("labels", ["ids", "dense"])
+@pytest.mark.parametrize("case", ["plain", "unmatched_row", "zero_row", "huge_norm", "nan_feature", "bad_label"])
+def test_the_plain_lane_is_the_dense_path(case, labels, kl, dtype, monkeypatch):
+    """A plain problem (`TorchBackend._plain`: one gallery, N = M, no masks, a float scale) takes
+    `_plain_forward` where no guard applies, and hands over to the general dense path where one
+    does (an invalid row, a norm at the guards' edges, a NaN feature or label): the same loss
+    and gradients either way, to rounding (float64: 1e-12; fp32: 1e-6)."""
+    n = 9
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(n, 6, generator=gen, dtype=torch.float64)
+    g = torch.randn(n, 6, generator=gen, dtype=torch.float64)
+    ids = torch.arange(n) // 2
+    kw = dict(kl=kl, temperature=0.1)
+    if labels == "ids":
+        kw.update(q_ids=ids, g_ids=ids.flip(0))
+    else:
+        kw["labels"] = (ids[:, None] == ids.flip(0)[None, :]).double() * (0.5 + torch.rand(n, n, generator=gen,
+                                                                                          dtype=torch.float64))
+    if case == "unmatched_row":
+        if labels == "ids":
+            kw["q_ids"] = torch.cat([ids[:-1], torch.tensor([99])])
+        else:
+            kw["labels"][3] = 0
+    elif case == "zero_row":
+        q[2] = 0
+    elif case == "huge_norm":
+        g[4] *= 1e25
+    elif case == "nan_feature":
+        q[1, 0] = math.nan
+    elif case == "bad_label":
+        if labels == "ids":
+            pytest.skip("identity labels have no bad weight")
+        kw["labels"][0, 0] = -1.0
+    q, g = q.to(dtype), g.to(dtype)
+    if "labels" in kw:
+        kw["labels"] = kw["labels"].to(dtype)
+    taken = []
+    original = TorchBackend._plain_forward
+
+    def lane(self, p):
+        out = original(self, p)
+        taken.append(out is not None)
+        return out
+
+    def run():
+        qq, gg = q.clone().requires_grad_(), g.clone().requires_grad_()
+        value = sdm_triton.sdm_loss(qq, gg, backend="torch", **kw)
+        value.backward()
+        return value.detach(), qq.grad, gg.grad
+
+    monkeypatch.setattr(TorchBackend, "_plain_forward", lane)
+    plain = run()
+    assert taken == [case == "plain"], taken
+    monkeypatch.setattr(TorchBackend, "_plain", lambda self, p: False)
+    general = run()
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    for field, a, b in zip(("value", "dq", "dg"), plain, general):
+        # NaN where the contract says so (a NaN feature or label, an fp32 norm from 2^64): alike
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), field
+        if torch.isnan(a).any():
+            assert case in ("nan_feature", "bad_label", "huge_norm"), (field, case)
+            continue
+        assert _rel(a, b) < tol, (field, _rel(a, b))

@@ -199,6 +199,27 @@ MUTANTS = [
              '    return "split"')],
            "tests/test_kernels.py::test_w_dtype_changes_only_the_half_inputs_backward",
            "KernelConfig.w_dtype parsed but never reaching the kernels: fp16 W runs as hi + lo"),
+    # issue 28: the torch backend's plain problems
+    Mutant("plain_lane_keeps_invalid_rows", "sdm_triton/torch_backend.py",
+           [("        if large or tiny or some_invalid:\n            return None", "        if large or tiny:\n            return None")],
+           "tests/test_torch_paths.py::test_the_plain_lane_is_the_dense_path",
+           "the plain lane keeps a problem with an invalid row (no positive): its loss and counts take the row in"),
+    # issue 28: the forward in one launch (kernels/single.py)
+    Mutant("single_ticket_kept", "sdm_triton/kernels/single.py",
+           [("        tl.atomic_xchg(count_ptr, 0)\n", "")],
+           "tests/test_single_forward.py::test_the_single_forward_leaves_the_ticket_at_zero_call_after_call",
+           "the last program leaves the ticket counter where it is: the next launch's last program never "
+           "sees the last ticket, and its value and reduction are never written"),
+    Mutant("single_slots_by_block", "sdm_triton/kernels/single.py",
+           [("_slot_sums(sums_ptr, k, K, 0, q_blocks, BLOCK)", "_slot_sums(sums_ptr, k * q_blocks, 1, 0, q_blocks, BLOCK)")],
+           "tests/test_single_forward.py::test_the_single_forward_of_several_galleries_and_options",
+           "the q programs' slots read gallery-major (program b * K + k is block-major): wrong with K > 1"),
+    Mutant("single_own_columns_only", "sdm_triton/kernels/single.py",
+           [("    g_last = tl.where(is_q, g_blocks, block + 1)", "    g_last = tl.where(is_q, 1, block + 1)")],
+           "tests/test_single_forward.py::test_the_single_forward_is_the_staged_one",
+           "a q program normalises only the first block of gallery rows and reads the other columns' "
+           "norms before anyone stored them (the interpreter runs the q programs first; the converse, "
+           "gallery programs reading q rows' norms the q programs stored, only a GPU can show)"),
 ]
 
 
