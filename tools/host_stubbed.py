@@ -5,7 +5,7 @@ what is timed is sdm_loss's Python (validation, the problem, tile choices, launc
 allocations, autograd) without Triton's launcher or any kernel. Compare with
 tools/host_floor.py's numbers on a GPU: the difference is the launches themselves.
 
-    python3 tools/host_stubbed.py [--n 64] [--d 32] [--reps 300] [--profile] [--calls]
+    python3 tools/host_stubbed.py [--n 64] [--d 32] [--reps 300] [--profile] [--calls] [--kernel-config single]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ def main():
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--d", type=int, default=32)
     ap.add_argument("--reps", type=int, default=300)
+    ap.add_argument("--kernel-config", default=None, help="sdm_loss's kernel_config (default: none)")
     ap.add_argument("--profile", action="store_true", help="print the cProfile of 200 steps")
     ap.add_argument("--sort", default="cumulative", help="cProfile order: cumulative or tottime")
     ap.add_argument("--calls", action="store_true",
@@ -47,7 +48,7 @@ def main():
     ids = torch.arange(args.n) // 2
 
     def step():
-        sdm_triton.sdm_loss(q, g, ids, ids, backend="triton").backward()
+        sdm_triton.sdm_loss(q, g, ids, ids, backend="triton", kernel_config=args.kernel_config).backward()
         q.grad = g.grad = None
 
     for _ in range(20):

@@ -143,11 +143,7 @@ def _finish_kernel(
     s_ok = (s >= FLT_MIN) & (s < float("inf"))
     eps = as_f32(eps)
     ln_eps = tl.log(eps)
-    q_sum = 0.0
-    q_cnt = 0.0
-    q_max = 0.0
-    if STATS:
-        q_sum, q_cnt, q_max = _norm_stats(pre_ptr, NR, q_msk, 0, s_qmsk, 0, N, BLOCK)
+    q_sum, q_cnt, q_max = anchor_norm_stats(pre_ptr, NR, q_msk, s_qmsk, N, STATS, BLOCK)
     for k in range(0, K):
         gmoff = k * s_gmsk_gal
         sq, cq, pq = _finish_rows(
@@ -193,6 +189,18 @@ def write_reduction(red_ptr, value_ptr, k, K, sq, cq, pq, sg, cg, pg, s_ok,
     if STATS:
         tl.store(red + RED_POS_Q2G * K, pq)
         tl.store(red + RED_POS_G2Q * K, pg)
+
+
+@triton.jit
+def anchor_norm_stats(pre_ptr, NR, q_msk, s_qmsk, N, STATS: tl.constexpr, BLOCK: tl.constexpr):
+    """(sum, count, max) of the present q rows' norms with STATS (`write_norm_stats` takes them),
+    else zeros."""
+    q_sum = 0.0
+    q_cnt = 0.0
+    q_max = 0.0
+    if STATS:
+        q_sum, q_cnt, q_max = _norm_stats(pre_ptr, NR, q_msk, 0, s_qmsk, 0, N, BLOCK)
+    return q_sum, q_cnt, q_max
 
 
 @triton.jit

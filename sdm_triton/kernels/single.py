@@ -34,9 +34,9 @@ runs the programs one after another.
 import triton
 import triton.language as tl
 
-from .finish import _finish_rows, _norm_stats, write_norm_stats, write_reduction
+from .finish import _finish_rows, anchor_norm_stats, write_norm_stats, write_reduction
 from .prep import write_label_masses, write_norms
-from .stats import _stats_rows
+from .stats import side_rows
 from .tiles import FLT_MIN, LOG2E, as_f32, load_scale
 
 #: Floats per program in ``sums``: the sum of its rows' losses, their valid count, their positive mass.
@@ -99,27 +99,15 @@ def _single_forward_kernel(
     s_log2e = s * LOG2E
     eps = as_f32(eps)
     if is_q:
-        _stats_rows(
-            a_ptr=q_ptr, sa_row=sq_row, sa_d=sq_d, b_ptr=g_ptr + k * sg_gal, sb_row=sg_row, sb_d=sg_d,
-            a_msk=q_msk, a_moff=0, s_amsk=s_qmsk, b_msk=g_msk, b_moff=k * s_gmsk_gal, s_bmsk=s_gmsk,
-            a_ids=q_ids, a_ioff=0, sa_id=s_qid, b_ids=g_ids, b_ioff=k * s_gid_gal, sb_id=s_gid,
-            lab=lab, lab_off=k * sl_gal, sl_row=sl_q, sl_col=sl_g,
-            pre_ptr=pre_ptr, NR=NR, a_pre=0, b_pre=N + k * M, lab_ptr=lab_ptr, a_dir=k * N,
-            out_ptr=part_ptr, NDR=NDR, row0=row0, n_rows=N, col0=0, col1=M, D=D, scale_log2e=s_log2e, eps=eps,
-            REVERSE=REVERSE, DENSE=DENSE, WANT_POS=WANT_POS, LOOP_IDS=not DENSE, LOOP_TERMS=not DENSE,
-            UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION, INDEX=INDEX, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            BLOCK_K=BLOCK_K)
+        side_rows(q_ptr, sq_row, sq_d, g_ptr, sg_gal, sg_row, sg_d, q_msk, s_qmsk, g_msk, s_gmsk_gal, s_gmsk,
+               q_ids, s_qid, g_ids, s_gid_gal, s_gid, lab, sl_q, sl_gal, sl_g, pre_ptr, lab_ptr, part_ptr,
+               N, M, K, k, row0, 0, M, D, s_log2e, eps, True, REVERSE, DENSE, WANT_POS, not DENSE, not DENSE,
+               UPCAST, DOT_PRECISION, INDEX, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
-        _stats_rows(
-            a_ptr=g_ptr + k * sg_gal, sa_row=sg_row, sa_d=sg_d, b_ptr=q_ptr, sb_row=sq_row, sb_d=sq_d,
-            a_msk=g_msk, a_moff=k * s_gmsk_gal, s_amsk=s_gmsk, b_msk=q_msk, b_moff=0, s_bmsk=s_qmsk,
-            a_ids=g_ids, a_ioff=k * s_gid_gal, sa_id=s_gid, b_ids=q_ids, b_ioff=0, sb_id=s_qid,
-            lab=lab, lab_off=k * sl_gal, sl_row=sl_g, sl_col=sl_q,
-            pre_ptr=pre_ptr, NR=NR, a_pre=N + k * M, b_pre=0, lab_ptr=lab_ptr, a_dir=K * N + k * M,
-            out_ptr=part_ptr, NDR=NDR, row0=row0, n_rows=M, col0=0, col1=N, D=D, scale_log2e=s_log2e, eps=eps,
-            REVERSE=REVERSE, DENSE=DENSE, WANT_POS=WANT_POS, LOOP_IDS=not DENSE, LOOP_TERMS=not DENSE,
-            UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION, INDEX=INDEX, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            BLOCK_K=BLOCK_K)
+        side_rows(q_ptr, sq_row, sq_d, g_ptr, sg_gal, sg_row, sg_d, q_msk, s_qmsk, g_msk, s_gmsk_gal, s_gmsk,
+                     q_ids, s_qid, g_ids, s_gid_gal, s_gid, lab, sl_q, sl_gal, sl_g, pre_ptr, lab_ptr, part_ptr,
+                     N, M, K, k, row0, 0, N, D, s_log2e, eps, False, REVERSE, DENSE, WANT_POS, not DENSE, not DENSE,
+                     UPCAST, DOT_PRECISION, INDEX, BLOCK_M, BLOCK_N, BLOCK_K)
     tl.debug_barrier()
 
     # 3. finish this program's rows (one segment), their sums into its slot
@@ -160,11 +148,7 @@ def _reduce_slots(sums_ptr, pre_ptr, red_ptr, value_ptr, q_msk, s_qmsk, g_msk, s
     """The last program: per gallery, the programs' slots summed in program order (q programs
     b * K + k, then gallery programs), the value and the reduction rows. Volatile loads: the
     slots were stored by other programs (read past this SM's L1)."""
-    q_sum = 0.0
-    q_cnt = 0.0
-    q_max = 0.0
-    if STATS:
-        q_sum, q_cnt, q_max = _norm_stats(pre_ptr, NR, q_msk, 0, s_qmsk, 0, N, BLOCK)
+    q_sum, q_cnt, q_max = anchor_norm_stats(pre_ptr, NR, q_msk, s_qmsk, N, STATS, BLOCK)
     for k in range(0, K):
         sq, cq, pq = _slot_sums(sums_ptr, k, K, 0, q_blocks, BLOCK)
         sg, cg, pg = _slot_sums(sums_ptr, n_q_programs + k * g_blocks, 1, 0, g_blocks, BLOCK)

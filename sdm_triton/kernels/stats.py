@@ -158,16 +158,11 @@ def _stats_kernel(
         k = ((pid // segs) % K).to(tl.int64)
         row0 = (pid // (segs * K)).to(tl.int64) * BLOCK_M
         col0 = seg * seg_cols_q
-        _stats_rows(
-            a_ptr=q_ptr, sa_row=sq_row, sa_d=sq_d, b_ptr=g_ptr + k * sg_gal, sb_row=sg_row, sb_d=sg_d,
-            a_msk=q_msk, a_moff=0, s_amsk=s_qmsk, b_msk=g_msk, b_moff=k * s_gmsk_gal, s_bmsk=s_gmsk,
-            a_ids=q_ids, a_ioff=0, sa_id=s_qid, b_ids=g_ids, b_ioff=k * s_gid_gal, sb_id=s_gid,
-            lab=lab, lab_off=k * sl_gal, sl_row=sl_q, sl_col=sl_g,
-            pre_ptr=pre_ptr, NR=NR, a_pre=0, b_pre=N + k * M, lab_ptr=lab_ptr, a_dir=k * N,
-            out_ptr=out_ptr + seg * (NUM_STATS * NDR), NDR=NDR,
-            row0=row0, n_rows=N, col0=col0, col1=tl.minimum(col0 + seg_cols_q, M), D=D, scale_log2e=s_log2e, eps=eps,
-            REVERSE=REVERSE, DENSE=DENSE, WANT_POS=WANT_POS, LOOP_IDS=LOOP_IDS, LOOP_TERMS=LOOP_TERMS, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
-            INDEX=INDEX, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+        side_rows(q_ptr, sq_row, sq_d, g_ptr, sg_gal, sg_row, sg_d, q_msk, s_qmsk, g_msk, s_gmsk_gal, s_gmsk,
+               q_ids, s_qid, g_ids, s_gid_gal, s_gid, lab, sl_q, sl_gal, sl_g, pre_ptr, lab_ptr,
+               out_ptr + seg * (NUM_STATS * NDR), N, M, K, k, row0, col0, tl.minimum(col0 + seg_cols_q, M), D,
+               s_log2e, eps, True, REVERSE, DENSE, WANT_POS, LOOP_IDS, LOOP_TERMS, UPCAST, DOT_PRECISION, INDEX,
+               BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         p = pid - n_q_programs
         segs = tl.cdiv(N, seg_cols_g)
@@ -176,13 +171,48 @@ def _stats_kernel(
         k = ((p // segs) // m_blocks).to(tl.int64)
         row0 = ((p // segs) % m_blocks).to(tl.int64) * BLOCK_M
         col0 = seg * seg_cols_g
+        side_rows(q_ptr, sq_row, sq_d, g_ptr, sg_gal, sg_row, sg_d, q_msk, s_qmsk, g_msk, s_gmsk_gal, s_gmsk,
+                     q_ids, s_qid, g_ids, s_gid_gal, s_gid, lab, sl_q, sl_gal, sl_g, pre_ptr, lab_ptr,
+                     out_ptr + seg * (NUM_STATS * NDR), N, M, K, k, row0, col0, tl.minimum(col0 + seg_cols_g, N), D,
+                     s_log2e, eps, False, REVERSE, DENSE, WANT_POS, LOOP_IDS, LOOP_TERMS, UPCAST, DOT_PRECISION,
+                     INDEX, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def side_rows(
+    q_ptr, sq_row, sq_d, g_ptr, sg_gal, sg_row, sg_d, q_msk, s_qmsk, g_msk, s_gmsk_gal, s_gmsk,
+    q_ids, s_qid, g_ids, s_gid_gal, s_gid, lab, sl_q, sl_gal, sl_g, pre_ptr, lab_ptr, out_ptr,
+    N, M, K, k, row0, col0, col1, D, scale_log2e, eps,
+    Q_SIDE: tl.constexpr, REVERSE: tl.constexpr, DENSE: tl.constexpr, WANT_POS: tl.constexpr,
+    LOOP_IDS: tl.constexpr, LOOP_TERMS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """`_stats_rows` of rows row0 .. row0 + BLOCK_M of one side against columns col0 .. col1 of
+    the other, into ``out_ptr`` (one segment's [NUM_STATS, NDR]), the problem's tensors wired as a
+    program of that side reads them (this kernel's and the single forward's, kernels/single.py):
+    ``Q_SIDE``, q rows against gallery k; else rows of gallery k against the queries."""
+    NR = N + K * M
+    NDR = K * N + K * M
+    if Q_SIDE:
+        _stats_rows(
+            a_ptr=q_ptr, sa_row=sq_row, sa_d=sq_d, b_ptr=g_ptr + k * sg_gal, sb_row=sg_row, sb_d=sg_d,
+            a_msk=q_msk, a_moff=0, s_amsk=s_qmsk, b_msk=g_msk, b_moff=k * s_gmsk_gal, s_bmsk=s_gmsk,
+            a_ids=q_ids, a_ioff=0, sa_id=s_qid, b_ids=g_ids, b_ioff=k * s_gid_gal, sb_id=s_gid,
+            lab=lab, lab_off=k * sl_gal, sl_row=sl_q, sl_col=sl_g,
+            pre_ptr=pre_ptr, NR=NR, a_pre=0, b_pre=N + k * M, lab_ptr=lab_ptr, a_dir=k * N, out_ptr=out_ptr, NDR=NDR,
+            row0=row0, n_rows=N, col0=col0, col1=col1, D=D, scale_log2e=scale_log2e, eps=eps,
+            REVERSE=REVERSE, DENSE=DENSE, WANT_POS=WANT_POS, LOOP_IDS=LOOP_IDS, LOOP_TERMS=LOOP_TERMS,
+            UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION, INDEX=INDEX, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            BLOCK_K=BLOCK_K)
+    else:
         _stats_rows(
             a_ptr=g_ptr + k * sg_gal, sa_row=sg_row, sa_d=sg_d, b_ptr=q_ptr, sb_row=sq_row, sb_d=sq_d,
             a_msk=g_msk, a_moff=k * s_gmsk_gal, s_amsk=s_gmsk, b_msk=q_msk, b_moff=0, s_bmsk=s_qmsk,
             a_ids=g_ids, a_ioff=k * s_gid_gal, sa_id=s_gid, b_ids=q_ids, b_ioff=0, sb_id=s_qid,
             lab=lab, lab_off=k * sl_gal, sl_row=sl_g, sl_col=sl_q,
             pre_ptr=pre_ptr, NR=NR, a_pre=N + k * M, b_pre=0, lab_ptr=lab_ptr, a_dir=K * N + k * M,
-            out_ptr=out_ptr + seg * (NUM_STATS * NDR), NDR=NDR,
-            row0=row0, n_rows=M, col0=col0, col1=tl.minimum(col0 + seg_cols_g, N), D=D, scale_log2e=s_log2e, eps=eps,
-            REVERSE=REVERSE, DENSE=DENSE, WANT_POS=WANT_POS, LOOP_IDS=LOOP_IDS, LOOP_TERMS=LOOP_TERMS, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
-            INDEX=INDEX, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+            out_ptr=out_ptr, NDR=NDR,
+            row0=row0, n_rows=M, col0=col0, col1=col1, D=D, scale_log2e=scale_log2e, eps=eps,
+            REVERSE=REVERSE, DENSE=DENSE, WANT_POS=WANT_POS, LOOP_IDS=LOOP_IDS, LOOP_TERMS=LOOP_TERMS,
+            UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION, INDEX=INDEX, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            BLOCK_K=BLOCK_K)
