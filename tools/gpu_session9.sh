@@ -20,6 +20,7 @@ for round in 1 2; do
   timeout 90 python3 tools/host_floor.py --reps 200 --kernel-config staged,single 2>&1 | sed "s/^/$round | /"
 done > "$out/s9_floor.log"
 timeout ${BENCH_S:-240} python3 -m bench --preset gpu-latency --variants default,single --modes fwd+bwd \
+  --methods floor,sdm_triton,sdm_triton_multi,formula_eager,formula_compiled \
   --out "$out/s9_latency" --no-plots > "$out/s9_bench.log" 2>&1
 timeout ${SMOKE_S:-90} python3 tools/gpu_smoke_positives.py > "$out/s9_smoke.log" 2>&1
 timeout 40 python3 tools/host_ops.py > "$out/s9_host_ops.log" 2>&1
