@@ -136,3 +136,60 @@ def test_forward_path_reads_the_config():
     with pytest.raises(ValueError, match="forward"):
         KernelConfig(forward="one")
     assert forward_path.__doc__
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_the_single_forward_replays_from_a_cuda_graph():
+    """A step captured in a CUDA graph (its ticket counter created during the capture, on the
+    capture's stream) gives the eager step's loss and gradients at every replay, bit for bit:
+    each replay's last program sets the counter back for the next."""
+    q, g, kw = _inputs(200, 131, "ids", True, seed=3, dtype=torch.bfloat16)
+    q.requires_grad_()
+    g.requires_grad_()
+
+    def step():
+        loss = sdm_triton.sdm_loss(q, g, backend="triton", kernel_config="single", logit_scale=20.0, **kw)
+        loss.backward()
+        return loss
+
+    eager = step().detach().clone()
+    dq, dg = q.grad.clone(), g.grad.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+    for _ in range(3):
+        q.grad.zero_()
+        g.grad.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(loss, eager)
+        assert torch.equal(q.grad, dq) and torch.equal(g.grad, dg)
+    assert _tickets_at_zero()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_the_single_forward_under_torch_compile():
+    """torch.compile traces the staged forward (the single launch's counter is state kept across
+    calls, outside the graph): a compiled step with kernel_config="single" gives the eager
+    (single) step's loss and gradients to the summation order's rounding."""
+    q, g, kw = _inputs(64, 64, "ids", False, seed=4, dtype=torch.bfloat16)
+
+    def step(q, g):
+        return sdm_triton.sdm_loss(q, g, backend="triton", kernel_config="single", logit_scale=20.0, **kw)
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        qq, gg = q.clone().requires_grad_(), g.clone().requires_grad_()
+        loss = fn(qq, gg)
+        loss.backward()
+        results.append((loss.detach(), qq.grad, gg.grad))
+    for a, b in zip(*results):
+        assert _rel(b, a) < 1e-5, _rel(b, a)
