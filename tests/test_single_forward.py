@@ -67,8 +67,8 @@ def _assert_agree(single, staged, exact):
     for name, a, b in (("rows", rows, rows_s), ("dq", dq, dq_s), ("dg", dg, dg_s)):
         if exact:
             assert torch.equal(a, b), (name, _rel(a, b))
-        else:
-            assert _rel(a, b) < 1e-5, (name, _rel(a, b))
+        else:   # two kernels: a half gradient may round the other way (one unit of its last place)
+            assert _rel(a, b) < max(1e-5, 2 * torch.finfo(a.dtype).eps), (name, _rel(a, b))
     for field in ("valid_q2g", "valid_g2q", "q_norm_max", "g_norm_max"):
         assert torch.equal(getattr(stats, field), getattr(stats_s, field)), field
     for field in ("pos_prob_q2g", "pos_prob_g2q", "q_norm_mean", "g_norm_mean"):
