@@ -119,11 +119,14 @@ def test_the_single_forward_leaves_the_ticket_at_zero_call_after_call():
     assert _tickets_at_zero() and launch_forward._TICKETS
 
 
-@pytest.mark.parametrize("config, path", [("single", "single"), ("staged", "staged"), ("auto", "staged"),
+@pytest.mark.parametrize("config, path", [("single", "single"), ("staged", "staged"),
+                                          ("auto", "single" if CUDA else "staged"), ("seg2", "staged"),
                                           ("single_centroids", "staged")])
-def test_the_forward_path_is_the_callers_or_staged(config, path):
+def test_the_forward_path_is_the_callers_or_by_size(config, path):
     """"single" where asked, except with the identity centroids (the single launch sums the
-    positives' terms in its loop); "auto" stays staged until a GPU has run the single launch."""
+    positives' terms in its loop); "auto": single for a small problem on a GPU
+    (`policy.SINGLE_MAX_LOGITS`), staged under the interpreter and where the caller fixes the
+    column segments."""
     q, g, kw = _inputs(8, 8, "ids", False, seed=0)
     described = sdm_triton.describe_path(q, g, kw["q_ids"], kw["g_ids"], backend="triton", kernel_config=config)
     assert f"forward {path}," in described

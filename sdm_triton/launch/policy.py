@@ -66,17 +66,28 @@ def backward_path(p) -> str:
     return "fused" if logits(p) <= FUSED_MAX_LOGITS else "chunked"
 
 
+#: Logits (N * K * M) up to which "auto" takes the single-launch forward on a GPU, by dtype.
+#: H100, D = 512, fwd + bwd ms, staged / single (bench/NOTES.md 42): bf16 forward KL N = 64 0.629
+#: / 0.327, 256 0.574 / 0.429, 1024 0.393 / 0.327; fp32 reverse KL N = 64 0.465 / 0.275, 256
+#: 0.412 / 0.485, 512 0.583 / 0.921, 1024 1.11 / 1.79 (fp32's exact dots make the single launch's
+#: few programs GPU-bound from N = 256 on).
+SINGLE_MAX_LOGITS = {"half": 2**20, "fp32": 2**14}
+
+
 def forward_path(p) -> str:
-    """"staged" or "single" (sdm_triton/launch/forward.py): the caller's KernelConfig.forward
-    ("single" where the positives' terms come from the loop, `positives_path` "tiles"), else
-    "staged". The single launch (kernels/single.py) saves two launches and two programs'
-    worth of host time per step at training batch sizes (issue 28); it becomes "auto"'s choice
-    for small problems once the GPU suite and a latency bench have run it (not yet: no GPU
-    machine since it was written, bench/NOTES.md 42)."""
-    if p.config.forward == "single" and positives_path(p) == "tiles":
+    """"staged" or "single" (sdm_triton/launch/forward.py): the caller's KernelConfig.forward,
+    else by size on a GPU (`SINGLE_MAX_LOGITS`); staged under the interpreter (whose tests of
+    the single launch name it), where the identity centroids are taken (the single launch sums
+    the positives' terms in its loop, `positives_path` "tiles"), and where the caller fixes the
+    column segments (only the staged statistics pass has them)."""
+    if p.config.forward == "staged" or positives_path(p) != "tiles":
+        return "staged"
+    if p.config.forward == "single":
         return "single"
-    # (the single launch sums identity labels' terms in its loop: with the centroids, staged)
-    return "staged"
+    if interpreting() or p.config.segments is not None:
+        return "staged"
+    limit = SINGLE_MAX_LOGITS["fp32" if p.q.dtype == torch.float32 else "half"]
+    return "single" if logits(p) <= limit else "staged"
 
 
 def positives_path(p) -> str:
