@@ -213,6 +213,19 @@ def _pair_grad(S, y, state, off, o, pair=None):
     return (w[..., None] * d).masked_fill(off, 0)
 
 
+def _row_losses(p: Problem, logl, body, ysum, ylny):
+    """Each softmax row's loss from its ln l and body (`_row_sums`' x): reverse KL the body as it
+    is; forward KL ln l - body + sum y ln y / ysum - ln ysum (``ylny`` None: 0, identity labels;
+    dense labels' logarithms unscaled, `reduction.label_ylny`), clamped at 0 (KL >= 0; NaN stays)."""
+    if p.options.reverse:
+        return body
+    ln_ysum = torch.log(ysum) if p.labels is None else ln_unscaled(ysum)
+    loss = logl - body
+    if ylny is not None:
+        loss = loss + ylny / ysum
+    return (loss - ln_ysum).clamp_min(0)
+
+
 def _products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a [N, D] times each b [K, C, D] transposed: [K, N, C] (one mm for K = 1)."""
     if b.shape[0] == 1:
@@ -361,14 +374,7 @@ class TorchBackend:
         inv_y = ysum.reciprocal()
         pairs = []
         body, _, _ = _row_sums(T, m, logl, y2, inv_y, o, bounded=True, pairs=pairs, shifted=shifted, want_pos=False)
-        if o.reverse:
-            loss = body
-        else:
-            ln_ysum = torch.log(ysum) if p.labels is None else ln_unscaled(ysum)
-            loss = logl - body
-            if ylny is not None:
-                loss = loss + ylny / ysum
-            loss = (loss - ln_ysum).clamp_min(0)                               # KL >= 0; NaN stays
+        loss = _row_losses(p, logl, body, ysum, ylny)
         # the reduction: every row valid, N of each direction
         sums = loss.sum(-1)                                                    # [2]: q rows, gallery rows
         coef_q, coef_g = option_coefficients(o)
@@ -585,16 +591,8 @@ class TorchBackend:
         n, m, k_count = p.n, p.m, p.galleries
         ct = compute_dtype(p.q.dtype)
         s = prep.s
-        if o.reverse:
-            loss = body
-        else:
-            # an invalid row (ysum 0) gets inf or NaN here (ln 0, 0 / 0): the stack below sets it to 0
-            ysum = prep.ysum
-            ln_ysum = torch.log(ysum) if p.labels is None else ln_unscaled(ysum)   # (reduction.label_ylny)
-            loss = row_logl - body
-            if prep.ylny is not None:                                # (None: sum y ln y = 0)
-                loss = loss + prep.ylny / ysum
-            loss = (loss - ln_ysum).clamp_min(0)                     # KL >= 0; NaN stays
+        # (forward KL: an invalid row, ysum 0, gets inf or NaN here: the stack below sets it to 0)
+        loss = _row_losses(p, row_logl, body, prep.ysum, prep.ylny)
         scale_ok = None
         if p.scale is not None:       # a float scale was checked on the host; NaN fails both tests
             scale_ok = (s > 0) & (s < math.inf)

@@ -228,11 +228,17 @@ def _arena_layout(p: Problem):
     prepared buffer, the partial statistics, the row losses, the saved state, the reduction
     buffer, each from a multiple of 128 bytes."""
     part_shape = _partial_shape(p)
+    return (part_shape, *_carve(_prepared_size(p), math.prod(part_shape), *_finish_sizes(p)))
+
+
+def _carve(*sizes: int) -> Tuple[int, tuple]:
+    """(floats of one allocation holding buffers of ``sizes`` floats, each buffer's (start, end)),
+    each buffer from a multiple of 128 bytes (`_aligned`)."""
     spans, total = [], 0
-    for size in (_prepared_size(p), math.prod(part_shape), *_finish_sizes(p)):
+    for size in sizes:
         spans.append((total, total + size))
         total += _aligned(size)
-    return part_shape, total, tuple(spans)
+    return total, tuple(spans)
 
 
 def forward(p: Problem) -> ForwardOut:
@@ -302,17 +308,14 @@ def _single_launch(p: Problem):
     t = _stats_tiles(p)
     n_qp = _cdiv(n, t.block_m) * k
     programs = n_qp + k * _cdiv(m, t.block_m)
-    spans, total = [], 0
-    for size in (_prepared_size(p), NUM_STATS * p.num_rows, *_finish_sizes(p), _NUM_SUMS.value * programs):
-        spans.append((total, total + size))
-        total += _aligned(size)
+    total, spans = _carve(_prepared_size(p), NUM_STATS * p.num_rows, *_finish_sizes(p), _NUM_SUMS.value * programs)
     static = dict(N=n, M=m, K=k, n_q_programs=n_qp, D=p.d, eps=o.eps, REVERSE=o.reverse, DENSE=p.dense,
                   WANT_POS=_want_pos(p), WANT_Q2G=o.wants_q2g, WANT_G2Q=o.wants_g2q, MEAN=o.reduction == "mean",
                   COMBINE_MEAN=o.combine == "mean", STATS=p.return_stats, NORMALIZE=o.normalize,
                   UPCAST=interpreting() and p.q.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(p.q.dtype),
                   INDEX=_problem_index(p), BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
                   BLOCK_KP=_prep_tiles(p).block_k, num_warps=t.num_warps, num_stages=t.num_stages)
-    return (programs,), total, tuple(spans), static
+    return (programs,), total, spans, static
 
 
 def _single_forward(p: Problem) -> ForwardOut:
